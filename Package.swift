@@ -1,0 +1,78 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let release: [SwiftSetting] = [
+    .unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release)),
+]
+
+let package = Package(
+    name: "tether",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "tether", targets: ["tether"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-collections.git", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+    ],
+    targets: [
+        .target(name: "TetherConfig", swiftSettings: release),
+        .target(
+            name: "TetherPool",
+            dependencies: [.product(name: "DequeModule", package: "swift-collections")],
+            swiftSettings: release
+        ),
+        .target(
+            name: "TetherCore",
+            dependencies: [
+                "TetherConfig", "TetherPool",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "DequeModule", package: "swift-collections"),
+            ],
+            swiftSettings: release
+        ),
+        .executableTarget(
+            name: "tether",
+            dependencies: [
+                "TetherConfig", "TetherCore",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            swiftSettings: release
+        ),
+        .target(
+            name: "TetherTestSupport",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ],
+            path: "Tests/TetherTestSupport"
+        ),
+        .testTarget(name: "TetherConfigTests", dependencies: ["TetherConfig"]),
+        .testTarget(name: "TetherPoolTests", dependencies: ["TetherPool"]),
+        .testTarget(
+            name: "TetherCoreTests",
+            dependencies: [
+                "TetherCore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+            ]
+        ),
+        .testTarget(
+            name: "TetherIntegrationTests",
+            dependencies: [
+                "TetherCore", "TetherConfig", "TetherTestSupport",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+    ]
+)

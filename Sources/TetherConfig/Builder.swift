@@ -1,0 +1,508 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// Walks the syntax tree against the directive table and builds the typed `Configuration`.
+/// Directive-level errors are collected, so that one run reports every mistake it can find.
+public struct Builder {
+    struct ServerDraft {
+        var location: SourceLocation
+        var listens: [Listen] = []
+        var names: [ServerName] = []
+        var settings = PartialSettings()
+        var locations: [LocationDraft] = []
+        var returnAction: ReturnAction?
+    }
+
+    struct LocationDraft {
+        var match: Location.Match
+        var path: String
+        var settings = PartialSettings()
+        var proxy: (raw: String, scheme: String, host: String, port: Int?, uri: String?, at: SourceLocation)?
+        var returnAction: ReturnAction?
+        var location: SourceLocation
+    }
+
+    enum Cursor {
+        case main, events, http
+        case server(Int)
+        case location(Int, Int)
+        case upstream(Int)
+    }
+
+    var config: Configuration
+    var http = PartialSettings()
+    var servers: [ServerDraft] = []
+    var upstreams: [Upstream] = []
+    var cursor = Cursor.main
+    var errors: [ConfigError] = []
+    var formatUses: [(String, SourceLocation)] = []
+    /// Whether `access_log` / `proxy_set_header` already appeared in the current block (they
+    /// accumulate within a block and replace what is inherited).
+    var accessLogSeenHere = false
+    var proxyHeadersSeenHere = false
+
+    /// Turns a host name into a numeric address; the system's getaddrinfo unless a test gives another.
+    var resolver: @Sendable (String) -> String?
+
+    init(file: String, resolver: @escaping @Sendable (String) -> String?) {
+        config = Configuration(file: file)
+        self.resolver = resolver
+    }
+
+    static let byName: [String: [DirectiveSpec]] = Dictionary(grouping: directiveTable, by: \.name)
+
+    /// The http-level settings of the innermost http, server or location block.
+    var settings: PartialSettings {
+        get {
+            switch cursor {
+            case .http: return http
+            case .server(let s): return servers[s].settings
+            case .location(let s, let l): return servers[s].locations[l].settings
+            default: preconditionFailure("http settings used in \(cursor)")
+            }
+        }
+        set {
+            switch cursor {
+            case .http: http = newValue
+            case .server(let s): servers[s].settings = newValue
+            case .location(let s, let l): servers[s].locations[l].settings = newValue
+            default: preconditionFailure("http settings used in \(cursor)")
+            }
+        }
+    }
+
+    var context: Context {
+        switch cursor {
+        case .main: return .main
+        case .events: return .events
+        case .http: return .http
+        case .server: return .server
+        case .location: return .location
+        case .upstream: return .upstream
+        }
+    }
+
+    mutating func warn(_ message: String, at location: SourceLocation) {
+        config.warnings.append(ConfigWarning(location: location, message: message))
+    }
+
+    // MARK: Walking
+
+    mutating func walk(_ directives: [Directive], in context: Context) {
+        let saved = (cursor, accessLogSeenHere, proxyHeadersSeenHere)
+        switch context {
+        case .events: cursor = .events
+        case .http: cursor = .http
+        default: break  // server, location and upstream set their own cursor
+        }
+        accessLogSeenHere = false
+        proxyHeadersSeenHere = false
+        defer { (cursor, accessLogSeenHere, proxyHeadersSeenHere) = saved }
+
+        var seen = Set<String>()
+        for d in directives {
+            guard let specs = Builder.byName[d.name] else {
+                var message = "unknown directive \"\(d.name)\""
+                if let hint = suggestion(for: d.name) { message += ", did you mean \"\(hint)\"?" }
+                errors.append(ConfigError(message, at: d.location))
+                continue
+            }
+            guard let spec = specs.first(where: { $0.contexts.contains(self.context) }) else {
+                errors.append(ConfigError("\"\(d.name)\" directive is not allowed here", at: d.location))
+                continue
+            }
+            if spec.block && d.block == nil {
+                errors.append(ConfigError("directive \"\(d.name)\" has no opening \"{\"", at: d.location))
+                continue
+            }
+            if !spec.block && d.block != nil {
+                errors.append(ConfigError("directive \"\(d.name)\" is not terminated by \";\"", at: d.location))
+                continue
+            }
+            guard spec.arity.contains(d.args.count) else {
+                errors.append(ConfigError("invalid number of arguments in \"\(d.name)\" directive", at: d.location))
+                continue
+            }
+            if !spec.repeats {
+                if seen.contains(d.name) {
+                    errors.append(ConfigError("\"\(d.name)\" directive is duplicate", at: d.location))
+                    continue
+                }
+                seen.insert(d.name)
+            }
+            do {
+                try spec.apply(&self, d)
+            } catch {
+                errors.append(ConfigError(error.message, at: d.location))
+            }
+        }
+    }
+
+    /// The closest known directive name, for "did you mean".
+    func suggestion(for name: String) -> String? {
+        var best: (String, Int)?
+        for candidate in Builder.byName.keys {
+            let dist = Builder.editDistance(name, candidate)
+            if dist <= max(1, min(3, candidate.count / 4)), best == nil || dist < best!.1 || (dist == best!.1 && candidate < best!.0) {
+                best = (candidate, dist)
+            }
+        }
+        return best?.0
+    }
+
+    static func editDistance(_ a: String, _ b: String) -> Int {
+        let a = Array(a.utf8), b = Array(b.utf8)
+        if a.isEmpty { return b.count }
+        if b.isEmpty { return a.count }
+        var prev = Array(0...b.count)
+        var cur = [Int](repeating: 0, count: b.count + 1)
+        for i in 1...a.count {
+            cur[0] = i
+            for j in 1...b.count {
+                cur[j] = Swift.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1))
+            }
+            swap(&prev, &cur)
+        }
+        return prev[b.count]
+    }
+
+    // MARK: Blocks
+
+    mutating func serverBlock(_ d: Directive) {
+        servers.append(ServerDraft(location: d.location))
+        let saved = cursor
+        cursor = .server(servers.count - 1)
+        walk(d.block!, in: .server)
+        cursor = saved
+    }
+
+    mutating func locationBlock(_ d: Directive) throws(ConfigErrorReason) {
+        guard case .server(let s) = cursor else { preconditionFailure("location outside server: \(cursor)") }
+        var match = Location.Match.prefix
+        var path = d.args[0].text
+        if d.args.count == 2 {
+            switch d.args[0].text {
+            case "=": match = .exact
+            case "^~": match = .prefix
+            case "~", "~*": throw ConfigErrorReason("regular expression locations (\"\(d.args[0].text)\") are not supported; use \"=\" or a prefix")
+            default: throw ConfigErrorReason("invalid location modifier \"\(d.args[0].text)\"")
+            }
+            path = d.args[1].text
+        } else if path.hasPrefix("="), path.count > 1 {
+            match = .exact
+            path.removeFirst()
+        } else if path == "~" || path == "~*" || path == "=" {
+            throw ConfigErrorReason("invalid number of arguments in \"location\" directive")
+        }
+        if path.hasPrefix("@") {
+            throw ConfigErrorReason("named locations (\"\(path)\") are not supported")
+        }
+        if servers[s].locations.contains(where: { $0.path == path && $0.match == match }) {
+            throw ConfigErrorReason("duplicate location \"\(path)\"")
+        }
+        servers[s].locations.append(LocationDraft(match: match, path: path, location: d.location))
+        let saved = cursor
+        cursor = .location(s, servers[s].locations.count - 1)
+        walk(d.block!, in: .location)
+        cursor = saved
+    }
+
+    mutating func upstreamBlock(_ d: Directive) throws(ConfigErrorReason) {
+        let name = d.args[0].text
+        if upstreams.contains(where: { $0.name == name }) {
+            throw ConfigErrorReason("duplicate upstream \"\(name)\"")
+        }
+        upstreams.append(Upstream(name: name, location: d.location))
+        let saved = cursor
+        cursor = .upstream(upstreams.count - 1)
+        walk(d.block!, in: .upstream)
+        cursor = saved
+    }
+
+    // MARK: Directives with structure
+
+    mutating func upstreamServer(_ d: Directive) throws(ConfigErrorReason) {
+        guard case .upstream(let u) = cursor else { preconditionFailure("server outside upstream: \(cursor)") }
+        let (host, port) = try Builder.hostPort(d.args[0].text, defaultPort: 80, what: "upstream")
+        guard port > 0 else { throw ConfigErrorReason("invalid port in upstream \"\(d.args[0].text)\"") }
+        var server = UpstreamServer(host: host, address: host, port: port, location: d.location)
+        for a in d.args.dropFirst() {
+            let (key, value) = Builder.split(a.text)
+            let arg = Argument(text: value ?? "", quoted: false, location: a.location)
+            switch (key, value) {
+            case ("weight", .some): server.weight = try Value.count(arg, d, min: 1, max: 1000)
+            case ("max_fails", .some): server.maxFails = try Value.count(arg, d, min: 0, max: 1000)
+            case ("fail_timeout", .some): server.failTimeoutMs = try Value.time(arg, d)
+            case ("backup", nil): server.backup = true
+            case ("down", nil): server.down = true
+            default: throw ConfigErrorReason("invalid parameter \"\(a.text)\"")
+            }
+        }
+        upstreams[u].servers.append(server)
+    }
+
+    mutating func listen(_ d: Directive) throws(ConfigErrorReason) {
+        guard case .server(let s) = cursor else { preconditionFailure("listen outside server: \(cursor)") }
+        let text = d.args[0].text
+        var host = "0.0.0.0"
+        var port: Int
+        if let p = Int(text), !text.isEmpty, text.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) {
+            port = p
+        } else {
+            (host, port) = try Builder.hostPort(text, defaultPort: 80, what: "listen")
+            if host == "*" { host = "0.0.0.0" }
+        }
+        guard (0...65535).contains(port) else { throw ConfigErrorReason("invalid port in \"\(text)\" of the \"listen\" directive") }
+        var l = Listen(host: host, address: host, port: port, location: d.location)
+        for a in d.args.dropFirst() {
+            let (key, value) = Builder.split(a.text)
+            switch (key, value) {
+            case ("default_server", nil), ("default", nil): l.defaultServer = true
+            case ("reuseport", nil): l.reuseport = true
+            case ("backlog", .some(let v)):
+                guard let n = Int(v), n >= 1, n <= 65535 else { throw ConfigErrorReason("invalid backlog \"\(v)\"") }
+                l.backlog = n
+            default: throw ConfigErrorReason("invalid parameter \"\(a.text)\"")
+            }
+        }
+        servers[s].listens.append(l)
+    }
+
+    mutating func returnDirective(_ d: Directive) throws(ConfigErrorReason) {
+        var action: ReturnAction
+        if let code = Int(d.args[0].text), d.args[0].text.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) {
+            guard (100...599).contains(code) || code == 444 else { throw ConfigErrorReason("invalid return code \"\(d.args[0].text)\"") }
+            action = ReturnAction(code: code, text: d.args.count == 2 ? try Value.template(d.args[1], d) : nil)
+        } else if d.args.count == 1, d.args[0].text.hasPrefix("http://") || d.args[0].text.hasPrefix("https://") || d.args[0].text.hasPrefix("$scheme") {
+            action = ReturnAction(code: 302, text: try Value.template(d.args[0], d))
+        } else {
+            throw ConfigErrorReason("invalid return code \"\(d.args[0].text)\"")
+        }
+        switch cursor {
+        case .server(let s): servers[s].returnAction = action
+        case .location(let s, let l): servers[s].locations[l].returnAction = action
+        default: preconditionFailure("return in \(cursor)")
+        }
+    }
+
+    mutating func proxyPass(_ d: Directive) throws(ConfigErrorReason) {
+        guard case .location(let s, let l) = cursor else { preconditionFailure("proxy_pass in \(cursor)") }
+        let raw = d.args[0].text
+        let scheme: String
+        let rest: Substring
+        if raw.lowercased().hasPrefix("http://") {
+            scheme = "http"; rest = raw.dropFirst(7)
+        } else if raw.lowercased().hasPrefix("https://") {
+            throw ConfigErrorReason("\"proxy_pass https://\" needs upstream TLS, which this version of Tether does not have yet")
+        } else {
+            throw ConfigErrorReason("invalid URL prefix in \"\(raw)\"")
+        }
+        if raw.contains("$") { throw ConfigErrorReason("variables in \"proxy_pass\" are not supported") }
+        let authority = rest.prefix { $0 != "/" }
+        let uri = authority.count < rest.count ? String(rest.dropFirst(authority.count)) : nil
+        guard !authority.isEmpty else { throw ConfigErrorReason("no host in \"\(raw)\" of the \"proxy_pass\" directive") }
+        var host = String(authority)
+        var port: Int?
+        if let colon = authority.lastIndex(of: ":"), !authority.hasSuffix("]") {
+            guard let p = Int(authority[authority.index(after: colon)...]), (1...65535).contains(p) else {
+                throw ConfigErrorReason("invalid port in \"\(raw)\" of the \"proxy_pass\" directive")
+            }
+            host = String(authority[..<colon])
+            port = p
+        }
+        servers[s].locations[l].proxy = (raw, scheme, host, port, uri, d.location)
+    }
+
+    // MARK: Values with structure
+
+    static func split(_ text: String) -> (String, String?) {
+        guard let eq = text.firstIndex(of: "=") else { return (text, nil) }
+        return (String(text[..<eq]), String(text[text.index(after: eq)...]))
+    }
+
+    static func hostPort(_ text: String, defaultPort: Int, what: String) throws(ConfigErrorReason) -> (String, Int) {
+        var host = text
+        var portText: Substring?
+        if text.hasPrefix("[") {
+            guard let close = text.firstIndex(of: "]") else { throw ConfigErrorReason("invalid IPv6 address in \"\(text)\"") }
+            host = String(text[text.index(after: text.startIndex)..<close])
+            let after = text[text.index(after: close)...]
+            if after.hasPrefix(":") { portText = after.dropFirst() } else if !after.isEmpty { throw ConfigErrorReason("invalid address \"\(text)\"") }
+        } else if let colon = text.lastIndex(of: ":") {
+            host = String(text[..<colon])
+            portText = text[text.index(after: colon)...]
+        }
+        guard !host.isEmpty else { throw ConfigErrorReason("no host in \"\(text)\"") }
+        var port = defaultPort
+        if let portText {
+            guard let p = Int(portText), !portText.isEmpty, portText.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }), p <= 65535 else {
+                throw ConfigErrorReason(what == "listen" ? "invalid port in \"\(text)\" of the \"listen\" directive" : "invalid port in upstream \"\(text)\"")
+            }
+            port = p
+        }
+        return (host, port)
+    }
+
+    /// The numeric address of `host`: itself when it is one, otherwise the first that getaddrinfo gives.
+    /// The system resolver: getaddrinfo, preferring IPv4.
+    @Sendable public static func resolve(_ host: String) -> String? {
+        if isNumeric(host) { return host }
+        var hints = addrinfo()
+        hints.ai_family = AF_UNSPEC
+        #if canImport(Glibc)
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        #else
+        hints.ai_socktype = SOCK_STREAM
+        #endif
+        var result: UnsafeMutablePointer<addrinfo>?
+        guard getaddrinfo(host, nil, &hints, &result) == 0, let first = result else { return nil }
+        defer { freeaddrinfo(result) }
+        // Prefer IPv4 where both exist: "localhost" reaching a backend bound to 127.0.0.1 only.
+        var pick = first
+        var p: UnsafeMutablePointer<addrinfo>? = first
+        while let cur = p {
+            if cur.pointee.ai_family == AF_INET { pick = cur; break }
+            p = cur.pointee.ai_next
+        }
+        var buf = [CChar](repeating: 0, count: Int(NI_MAXHOST))
+        guard getnameinfo(pick.pointee.ai_addr, pick.pointee.ai_addrlen, &buf, socklen_t(buf.count), nil, 0, NI_NUMERICHOST) == 0 else { return nil }
+        return String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    public static func isNumeric(_ host: String) -> Bool {
+        var v4 = in_addr(), v6 = in6_addr()
+        return inet_pton(AF_INET, host, &v4) == 1 || inet_pton(AF_INET6, host, &v6) == 1
+    }
+
+    // MARK: Finishing
+
+    /// Resolves references between blocks and addresses, checks what needs the whole file,
+    /// and produces the configuration, or every error found.
+    mutating func finish() -> Result<Configuration, ConfigErrors> {
+        // Upstream blocks.
+        for i in upstreams.indices {
+            if upstreams[i].servers.isEmpty {
+                errors.append(ConfigError("no servers are inside upstream", at: upstreams[i].location))
+            }
+            for j in upstreams[i].servers.indices {
+                let s = upstreams[i].servers[j]
+                if let a = resolver(s.host) {
+                    upstreams[i].servers[j].address = a
+                } else {
+                    errors.append(ConfigError("host not found in upstream \"\(s.host):\(s.port)\"", at: s.location))
+                }
+            }
+        }
+
+        // Log formats used by access_log.
+        for (name, at) in formatUses where name != "combined" && config.logFormats[name] == nil {
+            errors.append(ConfigError("unknown log format \"\(name)\"", at: at))
+        }
+
+        // Servers and locations.
+        var defaults: [String: SourceLocation] = [:]
+        var out: [Server] = []
+        for draft in servers {
+            var server = Server(location: draft.location)
+            server.names = draft.names
+            server.returnAction = draft.returnAction
+            let serverPartial = draft.settings.over(http)
+            server.settings = serverPartial.resolved()
+            var listens = draft.listens.isEmpty ? [Listen(host: "0.0.0.0", address: "0.0.0.0", port: 80, location: draft.location)] : draft.listens
+            for k in listens.indices {
+                if Builder.isNumeric(listens[k].host) { continue }
+                if let a = resolver(listens[k].host) {
+                    listens[k].address = a
+                } else {
+                    errors.append(ConfigError("host not found in \"\(listens[k].host):\(listens[k].port)\" of the \"listen\" directive", at: listens[k].location))
+                }
+            }
+            for l in listens where l.defaultServer {
+                let key = l.addressText
+                if defaults[key] != nil {
+                    errors.append(ConfigError("a duplicate default server for \(key)", at: l.location))
+                } else {
+                    defaults[key] = l.location
+                }
+            }
+            server.listens = listens
+            for loc in draft.locations {
+                var action = Location.Action.none
+                if let r = loc.returnAction {
+                    action = .respond(r)
+                } else if let p = loc.proxy {
+                    if let pass = proxyTarget(p) { action = .proxy(pass) }
+                }
+                server.locations.append(Location(match: loc.match, path: loc.path, settings: loc.settings.over(serverPartial).resolved(), action: action, location: loc.location))
+            }
+            out.append(server)
+        }
+        config.servers = out
+        config.upstreams = upstreams
+        if !errors.isEmpty { return .failure(ConfigErrors(errors)) }
+        return .success(config)
+    }
+
+    /// What a `proxy_pass` points at: a named upstream, or an implicit one for `host:port`.
+    mutating func proxyTarget(_ p: (raw: String, scheme: String, host: String, port: Int?, uri: String?, at: SourceLocation)) -> ProxyPass? {
+        if p.port == nil, upstreams.contains(where: { $0.name == p.host && !$0.implicit }) {
+            return ProxyPass(scheme: p.scheme, upstream: p.host, uri: p.uri, proxyHost: p.host, source: p.raw)
+        }
+        if let port = p.port, upstreams.contains(where: { $0.name == p.host && !$0.implicit }) {
+            errors.append(ConfigError("upstream \"\(p.host)\" may not have port \(port)", at: p.at))
+            return nil
+        }
+        let port = p.port ?? 80
+        let isName = !p.host.contains(".") && !p.host.contains(":") && p.host != "localhost"
+        if p.port == nil && isName {
+            errors.append(ConfigError("unknown upstream \"\(p.host)\" in \"proxy_pass\" directive (no \"upstream \(p.host)\" block)", at: p.at))
+            return nil
+        }
+        let host = p.host.hasPrefix("[") ? String(p.host.dropFirst().dropLast()) : p.host
+        guard let address = resolver(host) else {
+            errors.append(ConfigError("host not found in upstream \"\(p.host)\"", at: p.at))
+            return nil
+        }
+        let name = p.port == nil ? p.host : "\(p.host):\(port)"
+        if !upstreams.contains(where: { $0.name == name }) {
+            var u = Upstream(name: name, location: p.at)
+            u.implicit = true
+            u.servers = [UpstreamServer(host: host, address: address, port: port, location: p.at)]
+            upstreams.append(u)
+        }
+        return ProxyPass(scheme: p.scheme, upstream: name, uri: p.uri, proxyHost: name, source: p.raw)
+    }
+}
+
+extension Configuration {
+    /// Reads, checks and builds the configuration in `path` (with its includes).
+    public static func load(path: String, resolver: @escaping @Sendable (String) -> String? = Builder.resolve) -> Result<Configuration, ConfigErrors> {
+        do {
+            let tree = try Loader().load(path: path)
+            return build(tree, file: path, resolver: resolver)
+        } catch {
+            return .failure(ConfigErrors([error]))
+        }
+    }
+
+    /// Builds a configuration from text, as if read from `file` (includes are relative to it).
+    public static func parse(_ text: String, file: String = "tether.conf", resolver: @escaping @Sendable (String) -> String? = Builder.resolve) -> Result<Configuration, ConfigErrors> {
+        do {
+            let tree = try Loader().load(text: text, file: file)
+            return build(tree, file: file, resolver: resolver)
+        } catch {
+            return .failure(ConfigErrors([error]))
+        }
+    }
+
+    static func build(_ tree: [Directive], file: String, resolver: @escaping @Sendable (String) -> String?) -> Result<Configuration, ConfigErrors> {
+        var b = Builder(file: file, resolver: resolver)
+        b.walk(tree, in: .main)
+        return b.finish()
+    }
+}

@@ -1,0 +1,224 @@
+/// The whole validated configuration: one immutable value, with inheritance
+/// (http → server → location) resolved and every string already parsed.
+public struct Configuration: Sendable {
+    public enum WorkerProcesses: Hashable, Sendable {
+        case auto
+        case count(Int)
+    }
+
+    public enum LogLevel: String, CaseIterable, Sendable, Comparable {
+        case debug, info, notice, warn, error, crit, alert, emerg
+
+        public static func < (a: LogLevel, b: LogLevel) -> Bool {
+            allCases.firstIndex(of: a)! < allCases.firstIndex(of: b)!
+        }
+    }
+
+    public struct ErrorLog: Hashable, Sendable {
+        public var path: String
+        public var level: LogLevel
+    }
+
+    /// The file the configuration was read from.
+    public var file: String
+    public var workerProcesses: WorkerProcesses = .auto
+    public var errorLog = ErrorLog(path: "stderr", level: .error)
+    public var pidFile: String?
+    public var workerRlimitNofile: Int?
+    public var workerConnections = 512
+    public var upstreams: [Upstream] = []
+    public var servers: [Server] = []
+    public var logFormats: [String: LogFormat] = [:]
+    /// Remarks to print at `-t` and start-up; never fatal.
+    public var warnings: [ConfigWarning] = []
+
+    public init(file: String) { self.file = file }
+
+    public func upstream(named name: String) -> Upstream? { upstreams.first { $0.name == name } }
+}
+
+public struct LogFormat: Hashable, Sendable {
+    public var name: String
+    public var template: Template
+
+    public static let combined = LogFormat(
+        name: "combined",
+        template: try! Template.parse(
+            "$remote_addr - $remote_user [$time_local] \"$request\" $status $body_bytes_sent \"$http_referer\" \"$http_user_agent\""
+        ).get()
+    )
+}
+
+/// An `upstream` block, or the implicit one-server upstream that `proxy_pass http://HOST:PORT` makes.
+public struct Upstream: Sendable {
+    public enum Balancing: String, Sendable {
+        case roundRobin = "round_robin"
+        case leastConn = "least_conn"
+    }
+
+    public var name: String
+    public var location: SourceLocation
+    public var servers: [UpstreamServer] = []
+    public var balancing: Balancing = .roundRobin
+    /// `keepalive N`: idle connections kept per event loop without trimming.
+    public var keepalive = 32
+    public var keepaliveTimeoutMs: Int64 = 60_000
+    public var keepaliveRequests = 1000
+    public var keepaliveTimeMs: Int64 = 3_600_000
+    /// True for the upstream made from a `proxy_pass` host, not an `upstream` block.
+    public var implicit = false
+
+    public init(name: String, location: SourceLocation) {
+        self.name = name
+        self.location = location
+    }
+}
+
+public struct UpstreamServer: Hashable, Sendable {
+    /// The host as written, and the numeric address it resolved to at load time.
+    public var host: String
+    public var address: String
+    public var port: Int
+    public var weight = 1
+    public var maxFails = 1
+    public var failTimeoutMs: Int64 = 10_000
+    public var backup = false
+    public var down = false
+    public var location: SourceLocation
+
+    /// `host:port` as nginx's `$upstream_addr` shows it.
+    public var addressText: String { address.contains(":") ? "[\(address)]:\(port)" : "\(address):\(port)" }
+}
+
+public struct Listen: Hashable, Sendable {
+    public var host: String
+    public var address: String
+    public var port: Int
+    public var defaultServer = false
+    public var reuseport = false
+    public var backlog = 511
+    public var location: SourceLocation
+
+    /// The address as nginx prints it in errors: `0.0.0.0:8080`, `[::1]:8080`.
+    public var addressText: String { address.contains(":") ? "[\(address)]:\(port)" : "\(address):\(port)" }
+}
+
+public enum ServerName: Hashable, Sendable, CustomStringConvertible {
+    /// `example.com`
+    case exact(String)
+    /// `*.example.com`: any name ending in `.example.com`.
+    case wildcardPrefix(String)
+    /// `.example.com`: `example.com` itself and any name under it.
+    case domainAndSubdomains(String)
+
+    public init(_ text: String) {
+        let t = text.lowercased()
+        if t.hasPrefix("*.") { self = .wildcardPrefix(String(t.dropFirst(1))) }
+        else if t.hasPrefix("."), t.count > 1 { self = .domainAndSubdomains(String(t.dropFirst(1))) }
+        else { self = .exact(t) }
+    }
+
+    public var description: String {
+        switch self {
+        case .exact(let s): return s
+        case .wildcardPrefix(let s): return "*" + s
+        case .domainAndSubdomains(let s): return "." + s
+        }
+    }
+}
+
+public struct Server: Sendable {
+    public var location: SourceLocation
+    public var listens: [Listen] = []
+    public var names: [ServerName] = []
+    public var locations: [Location] = []
+    /// Settings for the connection and for requests that no location matches.
+    public var settings = HTTPSettings()
+    /// A server-level `return`, answered before locations are looked at.
+    public var returnAction: ReturnAction?
+}
+
+public struct Location: Sendable {
+    public enum Match: Hashable, Sendable {
+        case exact
+        case prefix
+    }
+
+    public enum Action: Sendable {
+        case proxy(ProxyPass)
+        case respond(ReturnAction)
+        /// Nothing handles the request here: 404.
+        case none
+    }
+
+    public var match: Match
+    public var path: String
+    public var settings: HTTPSettings
+    public var action: Action
+    public var location: SourceLocation
+}
+
+public struct ProxyPass: Hashable, Sendable {
+    public var scheme: String
+    /// The upstream's name (explicit or implicit).
+    public var upstream: String
+    /// The URI part of `proxy_pass`, or nil when none was given (the request URI passes unchanged).
+    public var uri: String?
+    /// What `$proxy_host` expands to: the upstream's name, or `host:port` for an explicit address.
+    public var proxyHost: String
+    /// The text as written, for `-T`.
+    public var source: String
+}
+
+public struct ReturnAction: Hashable, Sendable {
+    public var code: Int
+    /// The body text, or the redirect target for 301, 302, 303, 307 and 308.
+    public var text: Template?
+}
+
+public struct HeaderSetting: Hashable, Sendable {
+    public var name: String
+    public var value: Template
+}
+
+public enum NextUpstreamCondition: String, CaseIterable, Hashable, Sendable {
+    case error, timeout
+    case invalidHeader = "invalid_header"
+    case http500 = "http_500", http502 = "http_502", http503 = "http_503", http504 = "http_504"
+    case http403 = "http_403", http404 = "http_404", http429 = "http_429"
+    case nonIdempotent = "non_idempotent"
+}
+
+public enum AccessLog: Hashable, Sendable {
+    case off
+    case file(path: String, format: String)
+}
+
+/// Settings of `http`, inherited by `server` and `location`, resolved to concrete values.
+public struct HTTPSettings: Sendable {
+    public var keepaliveTimeoutMs: Int64 = 75_000
+    /// The `timeout=` advertised in `Keep-Alive:`; nil sends none.
+    public var keepaliveHeaderTimeoutMs: Int64? = 75_000
+    public var keepaliveRequests = 1000
+    public var keepaliveTimeMs: Int64 = 3_600_000
+    public var clientHeaderTimeoutMs: Int64 = 60_000
+    public var clientBodyTimeoutMs: Int64 = 60_000
+    public var sendTimeoutMs: Int64 = 60_000
+    public var clientMaxBodySize: Int64 = 1 << 20
+    public var largeClientHeaderBuffers = (count: 4, size: 8192)
+    public var accessLog: [AccessLog] = [.off]
+    public var serverTokens = true
+    public var proxyConnectTimeoutMs: Int64 = 60_000
+    public var proxyReadTimeoutMs: Int64 = 60_000
+    public var proxySendTimeoutMs: Int64 = 60_000
+    public var proxySetHeaders: [HeaderSetting] = HTTPSettings.defaultProxyHeaders
+    public var proxyHTTPVersion = "1.1"
+    public var proxyNextUpstream: Set<NextUpstreamCondition> = [.error, .timeout]
+    public var proxyNextUpstreamTries = 0
+
+    public init() {}
+
+    /// nginx sends `Host: $proxy_host`; unlike nginx, Tether does not send `Connection: close`,
+    /// so upstream connections are kept alive without any extra directive.
+    public static let defaultProxyHeaders = [HeaderSetting(name: "Host", value: try! Template.parse("$proxy_host").get())]
+}

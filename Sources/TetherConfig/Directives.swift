@@ -1,0 +1,343 @@
+/// The blocks a directive may stand in.
+public struct Context: OptionSet, Hashable, Sendable {
+    public let rawValue: UInt8
+    public init(rawValue: UInt8) { self.rawValue = rawValue }
+
+    public static let main = Context(rawValue: 1 << 0)
+    public static let events = Context(rawValue: 1 << 1)
+    public static let http = Context(rawValue: 1 << 2)
+    public static let server = Context(rawValue: 1 << 3)
+    public static let location = Context(rawValue: 1 << 4)
+    public static let upstream = Context(rawValue: 1 << 5)
+
+    /// The http-level settings that server and location inherit.
+    public static let httpAll: Context = [.http, .server, .location]
+}
+
+/// One row of the directive table: everything the builder needs to check and apply a directive.
+struct DirectiveSpec: Sendable {
+    typealias Apply = @Sendable (inout Builder, Directive) throws(ConfigErrorReason) -> Void
+
+    let name: String
+    let contexts: Context
+    /// How many arguments it takes (after the name).
+    let arity: ClosedRange<Int>
+    /// Whether it opens a `{ }` block.
+    let block: Bool
+    /// Whether it may appear more than once in the same block.
+    let repeats: Bool
+    let apply: Apply
+
+    init(_ name: String, _ contexts: Context, args arity: ClosedRange<Int>, block: Bool = false, repeats: Bool = false, apply: @escaping Apply) {
+        self.name = name
+        self.contexts = contexts
+        self.arity = arity
+        self.block = block
+        self.repeats = repeats
+        self.apply = apply
+    }
+}
+
+let many = Int.max
+
+/// Settings as written at one level; nil where that level says nothing, so the parent's value applies.
+struct PartialSettings {
+    var keepaliveTimeoutMs: Int64?
+    var keepaliveHeaderTimeoutMs: Int64??
+    var keepaliveHeader: Bool?
+    var keepaliveRequests: Int?
+    var keepaliveTimeMs: Int64?
+    var clientHeaderTimeoutMs: Int64?
+    var clientBodyTimeoutMs: Int64?
+    var sendTimeoutMs: Int64?
+    var clientMaxBodySize: Int64?
+    var largeClientHeaderBuffers: (count: Int, size: Int)?
+    var accessLog: [AccessLog]?
+    var serverTokens: Bool?
+    var proxyConnectTimeoutMs: Int64?
+    var proxyReadTimeoutMs: Int64?
+    var proxySendTimeoutMs: Int64?
+    var proxySetHeaders: [HeaderSetting]?
+    var proxyHTTPVersion: String?
+    var proxyNextUpstream: Set<NextUpstreamCondition>?
+    var proxyNextUpstreamTries: Int?
+
+    /// This level's values, with the parent's where this level is silent (nginx's merge rule:
+    /// a list directive such as `proxy_set_header` replaces the inherited list as a whole).
+    func over(_ p: PartialSettings) -> PartialSettings {
+        var r = PartialSettings()
+        r.keepaliveTimeoutMs = keepaliveTimeoutMs ?? p.keepaliveTimeoutMs
+        r.keepaliveHeaderTimeoutMs = keepaliveHeaderTimeoutMs ?? p.keepaliveHeaderTimeoutMs
+        r.keepaliveHeader = keepaliveHeader ?? p.keepaliveHeader
+        r.keepaliveRequests = keepaliveRequests ?? p.keepaliveRequests
+        r.keepaliveTimeMs = keepaliveTimeMs ?? p.keepaliveTimeMs
+        r.clientHeaderTimeoutMs = clientHeaderTimeoutMs ?? p.clientHeaderTimeoutMs
+        r.clientBodyTimeoutMs = clientBodyTimeoutMs ?? p.clientBodyTimeoutMs
+        r.sendTimeoutMs = sendTimeoutMs ?? p.sendTimeoutMs
+        r.clientMaxBodySize = clientMaxBodySize ?? p.clientMaxBodySize
+        r.largeClientHeaderBuffers = largeClientHeaderBuffers ?? p.largeClientHeaderBuffers
+        r.accessLog = accessLog ?? p.accessLog
+        r.serverTokens = serverTokens ?? p.serverTokens
+        r.proxyConnectTimeoutMs = proxyConnectTimeoutMs ?? p.proxyConnectTimeoutMs
+        r.proxyReadTimeoutMs = proxyReadTimeoutMs ?? p.proxyReadTimeoutMs
+        r.proxySendTimeoutMs = proxySendTimeoutMs ?? p.proxySendTimeoutMs
+        r.proxySetHeaders = proxySetHeaders ?? p.proxySetHeaders
+        r.proxyHTTPVersion = proxyHTTPVersion ?? p.proxyHTTPVersion
+        r.proxyNextUpstream = proxyNextUpstream ?? p.proxyNextUpstream
+        r.proxyNextUpstreamTries = proxyNextUpstreamTries ?? p.proxyNextUpstreamTries
+        return r
+    }
+
+    /// Concrete settings, with defaults where nothing was said at any level.
+    func resolved() -> HTTPSettings {
+        var s = HTTPSettings()
+        s.keepaliveTimeoutMs = keepaliveTimeoutMs ?? s.keepaliveTimeoutMs
+        // `Keep-Alive: timeout=` follows keepalive_timeout unless its second argument says otherwise.
+        let header = keepaliveHeaderTimeoutMs ?? s.keepaliveTimeoutMs / 1000 * 1000
+        s.keepaliveHeaderTimeoutMs = (keepaliveHeader ?? true) && s.keepaliveTimeoutMs > 0 ? header : nil
+        s.keepaliveRequests = keepaliveRequests ?? s.keepaliveRequests
+        s.keepaliveTimeMs = keepaliveTimeMs ?? s.keepaliveTimeMs
+        s.clientHeaderTimeoutMs = clientHeaderTimeoutMs ?? s.clientHeaderTimeoutMs
+        s.clientBodyTimeoutMs = clientBodyTimeoutMs ?? s.clientBodyTimeoutMs
+        s.sendTimeoutMs = sendTimeoutMs ?? s.sendTimeoutMs
+        s.clientMaxBodySize = clientMaxBodySize ?? s.clientMaxBodySize
+        s.largeClientHeaderBuffers = largeClientHeaderBuffers ?? s.largeClientHeaderBuffers
+        s.accessLog = accessLog ?? s.accessLog
+        s.serverTokens = serverTokens ?? s.serverTokens
+        s.proxyConnectTimeoutMs = proxyConnectTimeoutMs ?? s.proxyConnectTimeoutMs
+        s.proxyReadTimeoutMs = proxyReadTimeoutMs ?? s.proxyReadTimeoutMs
+        s.proxySendTimeoutMs = proxySendTimeoutMs ?? s.proxySendTimeoutMs
+        s.proxySetHeaders = proxySetHeaders ?? s.proxySetHeaders
+        s.proxyHTTPVersion = proxyHTTPVersion ?? s.proxyHTTPVersion
+        s.proxyNextUpstream = proxyNextUpstream ?? s.proxyNextUpstream
+        s.proxyNextUpstreamTries = proxyNextUpstreamTries ?? s.proxyNextUpstreamTries
+        return s
+    }
+}
+
+// MARK: - Value parsers shared by the rows
+
+enum Value {
+    static func time(_ a: Argument, _ d: Directive) throws(ConfigErrorReason) -> Int64 {
+        switch Units.time(a.text) {
+        case .success(let v): return v
+        case .failure(.overflow): throw ConfigErrorReason("invalid value \"\(a.text)\" in \"\(d.name)\" directive, the time is too large")
+        case .failure(.invalid): throw ConfigErrorReason("invalid value \"\(a.text)\" in \"\(d.name)\" directive, it must be a time (for example 500ms, 30s, 1h30m)")
+        }
+    }
+
+    static func size(_ a: Argument, _ d: Directive) throws(ConfigErrorReason) -> Int64 {
+        switch Units.size(a.text) {
+        case .success(let v): return v
+        case .failure(.overflow): throw ConfigErrorReason("invalid value \"\(a.text)\" in \"\(d.name)\" directive, the size is too large")
+        case .failure(.invalid): throw ConfigErrorReason("invalid value \"\(a.text)\" in \"\(d.name)\" directive, it must be a size (for example 512, 8k, 1m)")
+        }
+    }
+
+    static func count(_ a: Argument, _ d: Directive, min: Int = 0, max: Int = Int(Int32.max)) throws(ConfigErrorReason) -> Int {
+        switch Units.integer(a.text) {
+        case .success(let v) where v >= min && v <= max: return Int(v)
+        case .success, .failure(.overflow):
+            throw ConfigErrorReason("invalid value \"\(a.text)\" in \"\(d.name)\" directive, it must be a number from \(min) to \(max)")
+        case .failure(.invalid):
+            throw ConfigErrorReason("invalid value \"\(a.text)\" in \"\(d.name)\" directive, it must be a number")
+        }
+    }
+
+    static func flag(_ a: Argument, _ d: Directive) throws(ConfigErrorReason) -> Bool {
+        switch a.text.lowercased() {
+        case "on": return true
+        case "off": return false
+        default: throw ConfigErrorReason("invalid value \"\(a.text)\" in \"\(d.name)\" directive, it must be \"on\" or \"off\"")
+        }
+    }
+
+    static func template(_ a: Argument, _ d: Directive) throws(ConfigErrorReason) -> Template {
+        switch Template.parse(a.text) {
+        case .success(let t): return t
+        case .failure(let r): throw r
+        }
+    }
+}
+
+// MARK: - The table
+
+/// Every directive Tether knows. Adding a directive means adding a row here.
+let directiveTable: [DirectiveSpec] = {
+    typealias S = DirectiveSpec
+    func setting(_ name: String, args: ClosedRange<Int> = 1...1, repeats: Bool = false,
+                 _ body: @escaping @Sendable (inout PartialSettings, Directive) throws(ConfigErrorReason) -> Void) -> S {
+        S(name, .httpAll, args: args, repeats: repeats) { (b: inout Builder, d: Directive) throws(ConfigErrorReason) in
+            try body(&b.settings, d)
+        }
+    }
+    func time(_ name: String, _ kp: WritableKeyPath<PartialSettings, Int64?> & Sendable) -> S {
+        setting(name) { (s: inout PartialSettings, d: Directive) throws(ConfigErrorReason) in s[keyPath: kp] = try Value.time(d.args[0], d) }
+    }
+
+    return [
+        // main
+        S("worker_processes", .main, args: 1...1) { b, d throws(ConfigErrorReason) in
+            b.config.workerProcesses = d.args[0].text == "auto" ? .auto : .count(try Value.count(d.args[0], d, min: 1, max: 1024))
+        },
+        S("error_log", [.main, .http], args: 1...2) { b, d throws(ConfigErrorReason) in
+            var level = Configuration.LogLevel.error
+            if d.args.count == 2 {
+                guard let l = Configuration.LogLevel(rawValue: d.args[1].text) else {
+                    throw ConfigErrorReason("invalid log level \"\(d.args[1].text)\"")
+                }
+                level = l
+            }
+            b.config.errorLog = .init(path: d.args[0].text, level: level)
+        },
+        S("pid", .main, args: 1...1) { b, d in b.config.pidFile = d.args[0].text },
+        S("worker_rlimit_nofile", .main, args: 1...1) { b, d throws(ConfigErrorReason) in
+            b.config.workerRlimitNofile = try Value.count(d.args[0], d, min: 1)
+        },
+        S("events", .main, args: 0...0, block: true) { b, d in b.walk(d.block!, in: .events) },
+        S("worker_connections", .events, args: 1...1) { b, d throws(ConfigErrorReason) in
+            b.config.workerConnections = try Value.count(d.args[0], d, min: 1, max: 1 << 20)
+        },
+        S("http", .main, args: 0...0, block: true) { b, d in b.walk(d.block!, in: .http) },
+
+        // http, server, location
+        setting("keepalive_timeout", args: 1...2) { s, d throws(ConfigErrorReason) in
+            s.keepaliveTimeoutMs = try Value.time(d.args[0], d)
+            if d.args.count == 2 { s.keepaliveHeaderTimeoutMs = .some(try Value.time(d.args[1], d) / 1000 * 1000) }
+        },
+        setting("keepalive_header") { s, d throws(ConfigErrorReason) in s.keepaliveHeader = try Value.flag(d.args[0], d) },
+        setting("keepalive_requests") { s, d throws(ConfigErrorReason) in s.keepaliveRequests = try Value.count(d.args[0], d, min: 0) },
+        time("keepalive_time", \.keepaliveTimeMs),
+        time("client_header_timeout", \.clientHeaderTimeoutMs),
+        time("client_body_timeout", \.clientBodyTimeoutMs),
+        time("send_timeout", \.sendTimeoutMs),
+        setting("client_max_body_size") { s, d throws(ConfigErrorReason) in s.clientMaxBodySize = try Value.size(d.args[0], d) },
+        setting("large_client_header_buffers", args: 2...2) { s, d throws(ConfigErrorReason) in
+            let n = try Value.count(d.args[0], d, min: 1, max: 1024)
+            let size = try Value.size(d.args[1], d)
+            guard size >= 64, size <= 1 << 20 else {
+                throw ConfigErrorReason("invalid value \"\(d.args[1].text)\" in \"\(d.name)\" directive, it must be from 64 to 1m")
+            }
+            s.largeClientHeaderBuffers = (n, Int(size))
+        },
+        S("access_log", .httpAll, args: 1...2, repeats: true) { b, d throws(ConfigErrorReason) in
+            let entry: AccessLog
+            if d.args[0].text == "off" {
+                guard d.args.count == 1 else { throw ConfigErrorReason("invalid parameter \"\(d.args[1].text)\"") }
+                entry = .off
+            } else {
+                let format = d.args.count == 2 ? d.args[1].text : "combined"
+                b.formatUses.append((format, d.location))
+                entry = .file(path: d.args[0].text, format: format)
+            }
+            if entry == .off || b.settings.accessLog == [.off] || b.accessLogSeenHere == false {
+                b.settings.accessLog = [entry]
+            } else {
+                b.settings.accessLog!.append(entry)
+            }
+            b.accessLogSeenHere = true
+        },
+        S("log_format", .http, args: 2...many, repeats: true) { b, d throws(ConfigErrorReason) in
+            let name = d.args[0].text
+            if name == "combined" || b.config.logFormats[name] != nil {
+                throw ConfigErrorReason("duplicate \"log_format\" name \"\(name)\"")
+            }
+            let joined = d.args.dropFirst().filter { !$0.text.hasPrefix("escape=") }.map(\.text).joined()
+            b.config.logFormats[name] = LogFormat(name: name, template: try Value.template(Argument(text: joined, quoted: true, location: d.location), d))
+        },
+        setting("server_tokens") { s, d throws(ConfigErrorReason) in s.serverTokens = try Value.flag(d.args[0], d) },
+        time("proxy_connect_timeout", \.proxyConnectTimeoutMs),
+        time("proxy_read_timeout", \.proxyReadTimeoutMs),
+        time("proxy_send_timeout", \.proxySendTimeoutMs),
+        S("proxy_set_header", .httpAll, args: 2...2, repeats: true) { b, d throws(ConfigErrorReason) in
+            let name = d.args[0].text
+            guard !name.isEmpty, name.utf8.allSatisfy(HeaderName.isTokenByte) else {
+                throw ConfigErrorReason("invalid header name \"\(name)\" in \"proxy_set_header\" directive")
+            }
+            let setting = HeaderSetting(name: name, value: try Value.template(d.args[1], d))
+            if !b.proxyHeadersSeenHere {
+                // The first proxy_set_header at a level replaces the inherited list; Host
+                // keeps its default unless this level sets it too.
+                b.settings.proxySetHeaders = HTTPSettings.defaultProxyHeaders
+                b.proxyHeadersSeenHere = true
+            }
+            if let i = b.settings.proxySetHeaders!.firstIndex(where: { $0.name.lowercased() == name.lowercased() }) {
+                b.settings.proxySetHeaders![i] = setting
+            } else {
+                b.settings.proxySetHeaders!.append(setting)
+            }
+        },
+        setting("proxy_http_version") { s, d throws(ConfigErrorReason) in
+            guard ["1.0", "1.1"].contains(d.args[0].text) else {
+                throw ConfigErrorReason("invalid value \"\(d.args[0].text)\" in \"proxy_http_version\" directive, it must be \"1.0\" or \"1.1\"")
+            }
+            s.proxyHTTPVersion = d.args[0].text
+        },
+        setting("proxy_next_upstream", args: 1...many) { s, d throws(ConfigErrorReason) in
+            var set = Set<NextUpstreamCondition>()
+            for a in d.args {
+                if a.text == "off" {
+                    guard d.args.count == 1 else { throw ConfigErrorReason("invalid value \"off\" in \"proxy_next_upstream\" directive, \"off\" cannot be combined with others") }
+                    break
+                }
+                guard let c = NextUpstreamCondition(rawValue: a.text) else {
+                    throw ConfigErrorReason("invalid value \"\(a.text)\" in \"proxy_next_upstream\" directive, it must be one of: off, " + NextUpstreamCondition.allCases.map(\.rawValue).joined(separator: ", "))
+                }
+                set.insert(c)
+            }
+            s.proxyNextUpstream = set
+        },
+        setting("proxy_next_upstream_tries") { s, d throws(ConfigErrorReason) in s.proxyNextUpstreamTries = try Value.count(d.args[0], d) },
+        S("proxy_buffering", .httpAll, args: 1...1) { b, d throws(ConfigErrorReason) in
+            if try Value.flag(d.args[0], d) {
+                b.warn("\"proxy_buffering on\" is not supported: Tether streams responses to the client as they arrive, as with \"proxy_buffering off\"", at: d.location)
+            }
+        },
+        S("proxy_request_buffering", .httpAll, args: 1...1) { b, d throws(ConfigErrorReason) in
+            if try Value.flag(d.args[0], d) {
+                b.warn("\"proxy_request_buffering on\" is not supported: Tether streams request bodies to the upstream as they arrive", at: d.location)
+            }
+        },
+
+        // upstream
+        S("upstream", .http, args: 1...1, block: true, repeats: true) { b, d throws(ConfigErrorReason) in try b.upstreamBlock(d) },
+        S("server", .upstream, args: 1...many, repeats: true) { b, d throws(ConfigErrorReason) in try b.upstreamServer(d) },
+        S("least_conn", .upstream, args: 0...0) { b, _ in b.upstreams[b.upstreams.count - 1].balancing = .leastConn },
+        S("keepalive", .upstream, args: 1...1) { b, d throws(ConfigErrorReason) in
+            b.upstreams[b.upstreams.count - 1].keepalive = try Value.count(d.args[0], d, min: 0, max: 1 << 20)
+        },
+        S("keepalive_timeout", .upstream, args: 1...1) { b, d throws(ConfigErrorReason) in
+            b.upstreams[b.upstreams.count - 1].keepaliveTimeoutMs = try Value.time(d.args[0], d)
+        },
+        S("keepalive_requests", .upstream, args: 1...1) { b, d throws(ConfigErrorReason) in
+            b.upstreams[b.upstreams.count - 1].keepaliveRequests = try Value.count(d.args[0], d, min: 1)
+        },
+        S("keepalive_time", .upstream, args: 1...1) { b, d throws(ConfigErrorReason) in
+            b.upstreams[b.upstreams.count - 1].keepaliveTimeMs = try Value.time(d.args[0], d)
+        },
+
+        // server
+        S("server", .http, args: 0...0, block: true, repeats: true) { b, d in b.serverBlock(d) },
+        S("listen", .server, args: 1...many, repeats: true) { b, d throws(ConfigErrorReason) in try b.listen(d) },
+        S("server_name", .server, args: 1...many, repeats: true) { b, d in
+            b.servers[b.servers.count - 1].names.append(contentsOf: d.args.map { ServerName($0.text) })
+        },
+        S("location", .server, args: 1...2, block: true, repeats: true) { b, d throws(ConfigErrorReason) in try b.locationBlock(d) },
+        S("return", [.server, .location], args: 1...2) { b, d throws(ConfigErrorReason) in try b.returnDirective(d) },
+
+        // location
+        S("proxy_pass", .location, args: 1...1) { b, d throws(ConfigErrorReason) in try b.proxyPass(d) },
+    ]
+}()
+
+/// Header names are RFC 9110 tokens.
+enum HeaderName {
+    static func isTokenByte(_ c: UInt8) -> Bool {
+        switch c {
+        case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"):
+            return true
+        default:
+            return "!#$%&'*+-.^_`|~".utf8.contains(c)
+        }
+    }
+}

@@ -1,0 +1,112 @@
+extension Configuration {
+    /// The effective configuration in nginx syntax, with every default written out (`tether -T`).
+    public func effectiveText() -> String {
+        var out = "# configuration file \(file), with defaults filled in\n"
+        switch workerProcesses {
+        case .auto: out += "worker_processes auto;\n"
+        case .count(let n): out += "worker_processes \(n);\n"
+        }
+        out += "error_log \(errorLog.path) \(errorLog.level.rawValue);\n"
+        if let pidFile { out += "pid \(pidFile);\n" }
+        if let n = workerRlimitNofile { out += "worker_rlimit_nofile \(n);\n" }
+        out += "events {\n    worker_connections \(workerConnections);\n}\n\nhttp {\n"
+        for name in logFormats.keys.sorted() {
+            out += "    log_format \(name) \(Configuration.quote(logFormats[name]!.template.source));\n"
+        }
+        for u in upstreams {
+            out += "\n    upstream \(u.name) {\(u.implicit ? "  # from proxy_pass" : "")\n"
+            if u.balancing == .leastConn { out += "        least_conn;\n" }
+            for s in u.servers {
+                var line = "        server \(s.host == s.address ? s.addressText : "\(s.host):\(s.port)") weight=\(s.weight) max_fails=\(s.maxFails) fail_timeout=\(Units.formatTime(s.failTimeoutMs))"
+                if s.backup { line += " backup" }
+                if s.down { line += " down" }
+                out += line + ";\n"
+            }
+            out += "        keepalive \(u.keepalive);\n"
+            out += "        keepalive_timeout \(Units.formatTime(u.keepaliveTimeoutMs));\n"
+            out += "        keepalive_requests \(u.keepaliveRequests);\n"
+            out += "        keepalive_time \(Units.formatTime(u.keepaliveTimeMs));\n"
+            out += "    }\n"
+        }
+        for s in servers {
+            out += "\n    server {\n"
+            for l in s.listens {
+                var line = "        listen \(l.addressText)"
+                if l.defaultServer { line += " default_server" }
+                if l.reuseport { line += " reuseport" }
+                line += " backlog=\(l.backlog)"
+                out += line + ";\n"
+            }
+            if !s.names.isEmpty { out += "        server_name \(s.names.map(\.description).joined(separator: " "));\n" }
+            out += Configuration.settingsText(s.settings, indent: "        ")
+            if let r = s.returnAction { out += "        return \(Configuration.returnText(r));\n" }
+            for loc in s.locations {
+                out += "\n        location \(loc.match == .exact ? "= " : "")\(loc.path) {\n"
+                out += Configuration.settingsText(loc.settings, indent: "            ")
+                switch loc.action {
+                case .proxy(let p): out += "            proxy_pass \(p.source);\n"
+                case .respond(let r): out += "            return \(Configuration.returnText(r));\n"
+                case .none: break
+                }
+                out += "        }\n"
+            }
+            out += "    }\n"
+        }
+        out += "}\n"
+        return out
+    }
+
+    static func quote(_ s: String) -> String {
+        "\"" + s.replacingOccurrences("\\", "\\\\").replacingOccurrences("\"", "\\\"") + "\""
+    }
+
+    static func returnText(_ r: ReturnAction) -> String {
+        guard let t = r.text else { return "\(r.code)" }
+        return "\(r.code) \(quote(t.source))"
+    }
+
+    static func settingsText(_ s: HTTPSettings, indent: String) -> String {
+        var lines: [String] = []
+        var ka = "keepalive_timeout \(Units.formatTime(s.keepaliveTimeoutMs))"
+        if let h = s.keepaliveHeaderTimeoutMs, h != s.keepaliveTimeoutMs { ka += " \(Units.formatTime(h))" }
+        lines.append(ka)
+        lines.append("keepalive_header \(s.keepaliveHeaderTimeoutMs == nil ? "off" : "on")")
+        lines.append("keepalive_requests \(s.keepaliveRequests)")
+        lines.append("keepalive_time \(Units.formatTime(s.keepaliveTimeMs))")
+        lines.append("client_header_timeout \(Units.formatTime(s.clientHeaderTimeoutMs))")
+        lines.append("client_body_timeout \(Units.formatTime(s.clientBodyTimeoutMs))")
+        lines.append("send_timeout \(Units.formatTime(s.sendTimeoutMs))")
+        lines.append("client_max_body_size \(Units.formatSize(s.clientMaxBodySize))")
+        lines.append("large_client_header_buffers \(s.largeClientHeaderBuffers.count) \(Units.formatSize(Int64(s.largeClientHeaderBuffers.size)))")
+        for a in s.accessLog {
+            switch a {
+            case .off: lines.append("access_log off")
+            case .file(let path, let format): lines.append("access_log \(path) \(format)")
+            }
+        }
+        lines.append("server_tokens \(s.serverTokens ? "on" : "off")")
+        lines.append("proxy_http_version \(s.proxyHTTPVersion)")
+        lines.append("proxy_connect_timeout \(Units.formatTime(s.proxyConnectTimeoutMs))")
+        lines.append("proxy_read_timeout \(Units.formatTime(s.proxyReadTimeoutMs))")
+        lines.append("proxy_send_timeout \(Units.formatTime(s.proxySendTimeoutMs))")
+        for h in s.proxySetHeaders { lines.append("proxy_set_header \(h.name) \(quote(h.value.source))") }
+        let conds = NextUpstreamCondition.allCases.filter { s.proxyNextUpstream.contains($0) }.map(\.rawValue)
+        lines.append("proxy_next_upstream \(conds.isEmpty ? "off" : conds.joined(separator: " "))")
+        lines.append("proxy_next_upstream_tries \(s.proxyNextUpstreamTries)")
+        return lines.map { indent + $0 + ";\n" }.joined()
+    }
+}
+
+extension String {
+    func replacingOccurrences(_ target: String, _ replacement: String) -> String {
+        var out = ""
+        var rest = self[...]
+        while let r = rest.firstRange(of: target) {
+            out += rest[..<r.lowerBound]
+            out += replacement
+            rest = rest[r.upperBound...]
+        }
+        out += rest
+        return out
+    }
+}

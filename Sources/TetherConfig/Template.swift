@@ -1,0 +1,137 @@
+/// A variable that a header value or a log format may use.
+public enum Variable: Hashable, Sendable {
+    case host
+    case remoteAddr
+    case remotePort
+    case scheme
+    case requestURI
+    case uri
+    case args
+    case requestMethod
+    case request
+    case proxyAddXForwardedFor
+    case proxyHost
+    case requestID
+    case serverPort
+    case serverName
+    case serverProtocol
+    case status
+    case bodyBytesSent
+    case bytesSent
+    case requestTime
+    case timeLocal
+    case timeISO8601
+    case msec
+    case remoteUser
+    case upstreamAddr
+    case upstreamStatus
+    case upstreamConnectTime
+    case upstreamResponseTime
+    case upstreamHeaderTime
+    case upstreamReused
+    case connection
+    case connectionRequests
+    /// `$http_NAME`: a request header, with `_` standing for `-`, matched case-insensitively.
+    case httpHeader(String)
+    /// `$sent_http_NAME`: a response header.
+    case sentHTTPHeader(String)
+
+    static let named: [String: Variable] = [
+        "host": .host, "remote_addr": .remoteAddr, "remote_port": .remotePort, "scheme": .scheme,
+        "request_uri": .requestURI, "uri": .uri, "document_uri": .uri, "args": .args, "query_string": .args,
+        "request_method": .requestMethod, "request": .request,
+        "proxy_add_x_forwarded_for": .proxyAddXForwardedFor, "proxy_host": .proxyHost,
+        "request_id": .requestID, "server_port": .serverPort, "server_name": .serverName,
+        "server_protocol": .serverProtocol, "status": .status, "body_bytes_sent": .bodyBytesSent,
+        "bytes_sent": .bytesSent, "request_time": .requestTime, "time_local": .timeLocal,
+        "time_iso8601": .timeISO8601, "msec": .msec, "remote_user": .remoteUser,
+        "upstream_addr": .upstreamAddr, "upstream_status": .upstreamStatus,
+        "upstream_connect_time": .upstreamConnectTime, "upstream_response_time": .upstreamResponseTime,
+        "upstream_header_time": .upstreamHeaderTime, "upstream_reused": .upstreamReused,
+        "connection": .connection, "connection_requests": .connectionRequests,
+    ]
+
+    public var name: String {
+        switch self {
+        case .httpHeader(let h): return "http_" + h
+        case .sentHTTPHeader(let h): return "sent_http_" + h
+        default: return Variable.named.first(where: { $0.value == self })!.key
+        }
+    }
+
+    static func lookup(_ name: String) -> Variable? {
+        if let v = named[name] { return v }
+        if name.hasPrefix("http_"), name.count > 5 { return .httpHeader(String(name.dropFirst(5)).replacingUnderscores()) }
+        if name.hasPrefix("sent_http_"), name.count > 10 { return .sentHTTPHeader(String(name.dropFirst(10)).replacingUnderscores()) }
+        return nil
+    }
+}
+
+extension String {
+    /// `user_agent` → `user-agent`, lowercased, as `$http_user_agent` names the header.
+    func replacingUnderscores() -> String {
+        String(self.lowercased().map { $0 == "_" ? "-" : $0 })
+    }
+}
+
+/// Text with `$variables` in it, parsed once at configuration time.
+public struct Template: Hashable, Sendable, CustomStringConvertible {
+    public enum Part: Hashable, Sendable {
+        case literal(String)
+        case variable(Variable)
+    }
+
+    public var parts: [Part]
+    /// The text as written, for `-T`.
+    public var source: String
+
+    public init(parts: [Part], source: String) {
+        self.parts = parts
+        self.source = source
+    }
+
+    public var isEmpty: Bool { parts.isEmpty }
+    public var description: String { source }
+
+    /// Parses `$name` and `${name}` references; `$` not followed by a name is literal.
+    public static func parse(_ text: String) -> Result<Template, ConfigErrorReason> {
+        var parts: [Part] = []
+        var literal = ""
+        let chars = Array(text.unicodeScalars)
+        var i = 0
+        func isNameChar(_ c: Unicode.Scalar) -> Bool {
+            (c >= "a" && c <= "z") || (c >= "A" && c <= "Z") || (c >= "0" && c <= "9") || c == "_"
+        }
+        while i < chars.count {
+            let c = chars[i]
+            guard c == "$", i + 1 < chars.count else {
+                literal.unicodeScalars.append(c); i += 1; continue
+            }
+            var name = ""
+            var j = i + 1
+            if chars[j] == "{" {
+                j += 1
+                while j < chars.count, chars[j] != "}" { name.unicodeScalars.append(chars[j]); j += 1 }
+                guard j < chars.count else { return .failure(.init("the closing bracket in \"\(name)\" variable is missing")) }
+                j += 1
+            } else {
+                while j < chars.count, isNameChar(chars[j]) { name.unicodeScalars.append(chars[j]); j += 1 }
+            }
+            if name.isEmpty {
+                literal.unicodeScalars.append(c); i += 1; continue
+            }
+            guard let v = Variable.lookup(name) else { return .failure(.init("unknown \"\(name)\" variable")) }
+            if !literal.isEmpty { parts.append(.literal(literal)); literal = "" }
+            parts.append(.variable(v))
+            i = j
+        }
+        if !literal.isEmpty { parts.append(.literal(literal)) }
+        return .success(Template(parts: parts, source: text))
+    }
+}
+
+/// Why a value was refused, to be placed at a location by the caller.
+public struct ConfigErrorReason: Error, Hashable, Sendable {
+    public var message: String
+    public init(_ message: String) { self.message = message }
+}

@@ -1,0 +1,107 @@
+import Testing
+@testable import TetherConfig
+
+/// Every class of configuration error, with the exact place and wording a user sees.
+@Suite struct ErrorTests {
+    struct Case: CustomTestStringConvertible, Sendable {
+        var name: String
+        var text: String
+        var expected: [String]
+        var testDescription: String { name }
+    }
+
+    static let cases: [Case] = [
+        Case(name: "unknown directive with hint", text: """
+            http {
+                keepalive_timout 65;
+            }
+            """, expected: ["t.conf:2: unknown directive \"keepalive_timout\", did you mean \"keepalive_timeout\"?"]),
+        Case(name: "unknown directive without hint", text: "frobnicate on;\n", expected: ["t.conf:1: unknown directive \"frobnicate\""]),
+        Case(name: "not allowed here", text: """
+            http {
+                server {
+                    proxy_pass http://127.0.0.1:9;
+                }
+            }
+            """, expected: ["t.conf:3: \"proxy_pass\" directive is not allowed here"]),
+        Case(name: "arity", text: "http {\n  keepalive_timeout;\n}\n", expected: ["t.conf:2: invalid number of arguments in \"keepalive_timeout\" directive"]),
+        Case(name: "duplicate", text: "worker_processes 1;\nworker_processes 2;\n", expected: ["t.conf:2: \"worker_processes\" directive is duplicate"]),
+        Case(name: "invalid time", text: "http {\n\n  keepalive_timeout 10x;\n}\n",
+             expected: ["t.conf:3: invalid value \"10x\" in \"keepalive_timeout\" directive, it must be a time (for example 500ms, 30s, 1h30m)"]),
+        Case(name: "time overflow", text: "http { send_timeout 99999999999999999999; }\n",
+             expected: ["t.conf:1: invalid value \"99999999999999999999\" in \"send_timeout\" directive, the time is too large"]),
+        Case(name: "negative count", text: "http { keepalive_requests -1; }\n",
+             expected: ["t.conf:1: invalid value \"-1\" in \"keepalive_requests\" directive, it must be a number"]),
+        Case(name: "invalid flag", text: "http { server_tokens yes; }\n",
+             expected: ["t.conf:1: invalid value \"yes\" in \"server_tokens\" directive, it must be \"on\" or \"off\""]),
+        Case(name: "invalid size", text: "http { client_max_body_size 1t; }\n",
+             expected: ["t.conf:1: invalid value \"1t\" in \"client_max_body_size\" directive, it must be a size (for example 512, 8k, 1m)"]),
+        Case(name: "unexpected end of file in block", text: "http {\n  server {\n", expected: ["t.conf:3: unexpected end of file, expecting \"}\""]),
+        Case(name: "unexpected end of file in directive", text: "worker_processes 1", expected: ["t.conf:1: unexpected end of file, expecting \";\" or \"}\""]),
+        Case(name: "unbalanced close", text: "http {\n}\n}\n", expected: ["t.conf:3: unexpected \"}\""]),
+        Case(name: "stray semicolon", text: "http {\n ;\n}\n", expected: ["t.conf:2: unexpected \";\""]),
+        Case(name: "block for simple directive", text: "worker_processes 1 {\n}\n", expected: ["t.conf:1: directive \"worker_processes\" is not terminated by \";\""]),
+        Case(name: "simple for block directive", text: "http;\n", expected: ["t.conf:1: directive \"http\" has no opening \"{\""]),
+        Case(name: "unknown upstream in proxy_pass", text: """
+            http {
+                server {
+                    listen 127.0.0.1:8080;
+                    location / {
+                        proxy_pass http://backend;
+                    }
+                }
+            }
+            """, expected: ["t.conf:5: unknown upstream \"backend\" in \"proxy_pass\" directive (no \"upstream backend\" block)"]),
+        Case(name: "two default servers", text: """
+            http {
+                server { listen 127.0.0.1:8080 default_server; }
+                server { listen 127.0.0.1:8080 default_server; }
+            }
+            """, expected: ["t.conf:3: a duplicate default server for 127.0.0.1:8080"]),
+        Case(name: "include not found", text: "http {\n    include missing.conf;\n}\n",
+             expected: ["t.conf:2: open() \"./missing.conf\" failed (2: No such file or directory)"]),
+        Case(name: "empty upstream", text: "http {\n upstream u {\n }\n}\n", expected: ["t.conf:2: no servers are inside upstream"]),
+        Case(name: "bad listen parameter", text: "http { server { listen 8080 fast; } }\n", expected: ["t.conf:1: invalid parameter \"fast\""]),
+        Case(name: "bad listen port", text: "http { server { listen 70000; } }\n", expected: ["t.conf:1: invalid port in \"70000\" of the \"listen\" directive"]),
+        Case(name: "unknown variable", text: "http { proxy_set_header X-Who $whom; }\n", expected: ["t.conf:1: unknown \"whom\" variable"]),
+        Case(name: "unknown log format", text: "http {\n access_log /tmp/a.log main;\n}\n", expected: ["t.conf:2: unknown log format \"main\""]),
+        Case(name: "upstream with port", text: """
+            http {
+                upstream app { server 127.0.0.1:9000; }
+                server { location / { proxy_pass http://app:80; } }
+            }
+            """, expected: ["t.conf:3: upstream \"app\" may not have port 80"]),
+        Case(name: "every semantic error is reported", text: """
+            http {
+                keepalive_requests lots;
+                server_tokens maybe;
+                server {
+                    listen 127.0.0.1:8080;
+                    location / { proxy_pass http://nowhere; }
+                }
+            }
+            """, expected: [
+                "t.conf:2: invalid value \"lots\" in \"keepalive_requests\" directive, it must be a number",
+                "t.conf:3: invalid value \"maybe\" in \"server_tokens\" directive, it must be \"on\" or \"off\"",
+                "t.conf:6: unknown upstream \"nowhere\" in \"proxy_pass\" directive (no \"upstream nowhere\" block)",
+            ]),
+        Case(name: "quote must be followed by a separator", text: "pid \"a\"b;\n", expected: ["t.conf:1: unexpected \"b\""]),
+        Case(name: "unterminated quote", text: "pid \"abc;\n", expected: ["t.conf:2: unexpected end of file, expecting '\"'"]),
+        Case(name: "regex location", text: "http { server { location ~ \\.php$ { return 404; } } }\n",
+             expected: ["t.conf:1: regular expression locations (\"~\") are not supported; use \"=\" or a prefix"]),
+        Case(name: "keepalive in wrong block", text: "http { keepalive 16; }\n", expected: ["t.conf:1: \"keepalive\" directive is not allowed here"]),
+        Case(name: "invalid return code", text: "http { server { return 99; } }\n", expected: ["t.conf:1: invalid return code \"99\""]),
+        Case(name: "proxy_next_upstream value", text: "http { proxy_next_upstream error never; }\n",
+             expected: ["t.conf:1: invalid value \"never\" in \"proxy_next_upstream\" directive, it must be one of: off, error, timeout, invalid_header, http_500, http_502, http_503, http_504, http_403, http_404, http_429, non_idempotent"]),
+    ]
+
+    @Test(arguments: cases)
+    func reportsError(_ c: Case) {
+        switch Configuration.parse(c.text, file: "t.conf", resolver: offlineResolver) {
+        case .success:
+            Issue.record("expected errors \(c.expected)")
+        case .failure(let errors):
+            #expect(errors.errors.map(\.description) == c.expected)
+        }
+    }
+}
