@@ -103,6 +103,11 @@ public struct ConnectionPool<ID: Hashable & Sendable>: Sendable {
         return (.connect, close)
     }
 
+    /// Starts a connect without looking at idle connections (a retry that must not reuse one).
+    public mutating func connectFresh() {
+        connecting += 1
+    }
+
     /// A connect asked for by `lease` finished: the connection is now leased for its first request.
     public mutating func connected(_ id: ID, now: Int64) {
         precondition(connecting > 0, "connected without a connect under way")

@@ -1,0 +1,85 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import NIOCore
+import NIOPosix
+
+/// Access log files, written by one background thread so that an event loop never blocks on
+/// disk. Loops hand over whole buffers of lines (every 100 ms or 32 KiB), not single lines.
+final class AccessLogSink: Sendable {
+    private let files: [String: Int32]
+    private let writer: NIOThreadPool
+
+    init(paths: Set<String>) throws {
+        var files: [String: Int32] = [:]
+        for path in paths {
+            let fd = path == "stderr" ? 2 : path == "stdout" ? 1 : open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o644)
+            guard fd >= 0 else {
+                throw TetherError.startup("open() \"\(path)\" failed (\(errno): \(String(cString: strerror(errno))))")
+            }
+            files[path] = fd
+        }
+        self.files = files
+        writer = NIOThreadPool(numberOfThreads: 1)
+        writer.start()
+    }
+
+    func submit(path: String, _ buffer: ByteBuffer) {
+        guard let fd = files[path] else { return }
+        writer.submit { state in
+            guard state == .active else { return }
+            buffer.withUnsafeReadableBytes { p in
+                var off = 0
+                while off < p.count {
+                    let n = Glibc.write(fd, p.baseAddress! + off, p.count - off)
+                    if n < 0 { if errno == EINTR { continue }; return }
+                    off += n
+                }
+            }
+        }
+    }
+
+    func shutdown() {
+        try? writer.syncShutdownGracefully()
+        for (_, fd) in files where fd > 2 { close(fd) }
+    }
+}
+
+/// The current time formatted for `Date:` and `$time_local`, recomputed once a second per loop.
+final class DateCache {
+    private var second = -1
+    private(set) var httpDate: [UInt8] = []
+    private(set) var localTime: [UInt8] = []
+    private(set) var iso8601: [UInt8] = []
+
+    func refresh() {
+        var t = time(nil)
+        guard Int(t) != second else { return }
+        second = Int(t)
+        var tmv = tm()
+        gmtime_r(&t, &tmv)
+        httpDate = format(&tmv, "%a, %d %b %Y %H:%M:%S GMT")
+        var local = tm()
+        localtime_r(&t, &local)
+        localTime = format(&local, "%d/%b/%Y:%H:%M:%S %z")
+        iso8601 = format(&local, "%Y-%m-%dT%H:%M:%S%z")
+    }
+
+    private func format(_ t: inout tm, _ f: String) -> [UInt8] {
+        var buf = [Int8](repeating: 0, count: 64)
+        let n = strftime(&buf, 64, f, &t)
+        return buf[0..<n].map { UInt8(bitPattern: $0) }
+    }
+}
+
+public enum TetherError: Error, CustomStringConvertible {
+    case startup(String)
+
+    public var description: String {
+        switch self {
+        case .startup(let m): return m
+        }
+    }
+}

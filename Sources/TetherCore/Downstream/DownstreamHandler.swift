@@ -1,0 +1,1130 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import NIOCore
+import TetherConfig
+import TetherPool
+
+/// A client connection: parses requests, routes them, forwards them over pooled upstream
+/// connections of its own event loop and streams the responses back, in order, keeping the
+/// connection alive as nginx's keep-alive rules allow.
+final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    enum State {
+        /// Waiting for the next request head (idle keep-alive, or part of a head read).
+        case idle
+        case exchange
+        case closed
+    }
+
+    private let loop: LoopContext
+    private let hosts: VirtualHosts
+    private let servers: [CompiledServer]
+    private let serverPort: Int
+    private var context: ChannelHandlerContext!
+    private var state = State.idle
+    private var inbound: ByteBuffer?
+    private var headerStorage: [HeaderField] = []
+    private var ex: Exchange?
+    private var requests = 0
+    private let acceptedAt = NIODeadline.now()
+    private var remoteAddr: [UInt8] = []
+    private var remotePort = 0
+    // Reading is paused (a `read` was held back) for bounded read-ahead or backpressure.
+    private var readPaused = false
+    private var pendingRead = false
+    private var needsFlush = false
+    // Timers: one scheduled task, re-armed only when a deadline moves earlier.
+    private var timer: Scheduled<Void>?
+    private var timerAt: NIODeadline?
+    private var idleSince = NIODeadline.now()
+    private var headStartedAt: NIODeadline?
+    private var lastClientRead = NIODeadline.now()
+    private var unwritableSince: NIODeadline?
+    private var closeReason = "client_close"
+
+    init(loop: LoopContext, hosts: VirtualHosts, servers: [CompiledServer], serverPort: Int) {
+        self.loop = loop
+        self.hosts = hosts
+        self.servers = servers
+        self.serverPort = serverPort
+    }
+
+    private var defaultSettings: HTTPSettings { servers[hosts.defaultIndex].server.settings }
+
+    // MARK: Channel events
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        if let a = context.channel.remoteAddress {
+            remoteAddr = Array((a.ipAddress ?? "").utf8)
+            remotePort = a.port ?? 0
+        }
+        loop.stats.downstreamAccepted += 1
+        loop.stats.downstreamActive += 1
+        loop.connections[ObjectIdentifier(self)] = self
+        armTimer()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        let wasOpen = state != .closed
+        state = .closed
+        timer?.cancel()
+        loop.stats.downstreamActive -= 1
+        loop.connections.removeValue(forKey: ObjectIdentifier(self))
+        if wasOpen { loop.stats.downstreamClosed[closeReason, default: 0] += 1 }
+        if var e = ex, let up = e.upstream {
+            // The client left mid-exchange: the upstream connection is in an unknown state.
+            e.upstream = nil
+            ex = e
+            e.server?.discard(up, reason: .error)
+            e.group?.balancer.ended(e.server!.index)
+        }
+        ex = nil
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let bytes = unwrapInboundIn(data)
+        guard state != .closed else { return }
+        lastClientRead = .now()
+        if inbound == nil || inbound!.readableBytes == 0 {
+            inbound = bytes
+        } else {
+            var b = bytes
+            inbound!.writeBuffer(&b)
+        }
+        drive()
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        flushIfNeeded()
+        ex?.upstream?.flush()
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if readPaused { pendingRead = true } else { context.read() }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable {
+            unwritableSince = nil
+            ex?.upstream?.resumeReading()
+        } else {
+            unwritableSince = .now()
+            ex?.upstream?.pauseReading()
+            armTimer()
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        closeReason = "error"
+        close()
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        context.write(data, promise: promise)
+    }
+
+    // MARK: Driving requests
+
+    /// Processes what the client sent, as far as the current state allows.
+    private func drive() {
+        while state != .closed {
+            switch state {
+            case .idle:
+                guard let buf = inbound, buf.readableBytes > 0 else {
+                    updateReadInterest()
+                    armTimer()
+                    return
+                }
+                if headStartedAt == nil { headStartedAt = .now() }
+                let settings = defaultSettings
+                let (count, size) = settings.largeClientHeaderBuffers
+                let limits = HeadParser.Limits(lineLimit: size, headLimit: count * size)
+                switch HeadParser.parse(buf, kind: .request, limits: limits, headers: &headerStorage) {
+                case .incomplete:
+                    updateReadInterest()
+                    armTimer()
+                    return
+                case .error(let e):
+                    loop.logger.info("client \(String(decoding: remoteAddr, as: UTF8.self)) sent an invalid request: \(e.reason)")
+                    respondAndClose(status: e.status, settings: settings)
+                    return
+                case .complete(let head, let consumed):
+                    inbound!.moveReaderIndex(forwardBy: consumed)
+                    headStartedAt = nil
+                    start(head)
+                }
+            case .exchange:
+                pumpRequestBody()
+                updateReadInterest()
+                return
+            case .closed:
+                return
+            }
+        }
+    }
+
+    private func start(_ head: ParsedHead) {
+        requests += 1
+        loop.stats.downstreamRequests += 1
+        state = .exchange
+        let host = hostValue(head)
+        let server = servers[hosts.server(forHost: host)]
+        let path = pathOf(head)
+        let route = server.route(path: path)
+        let clientKeepAlive = head.minorVersion == 1 ? !head.connectionClose : (head.connectionKeepAlive && !head.connectionClose)
+        var e = Exchange(head: head, route: route, number: requests, clientKeepAlive: clientKeepAlive)
+        let settings = route.settings
+        ex = e
+        if let n = head.contentLength, n > settings.clientMaxBodySize, settings.clientMaxBodySize > 0 {
+            respondLocal(status: 413, closeAfter: true)
+            return
+        }
+        if head.methodIs("CONNECT") {
+            respondLocal(status: 405, closeAfter: true)
+            return
+        }
+        switch route.action {
+        case .respond(let r):
+            e.discardBody = true
+            ex = e
+            if r.code == 444 { closeReason = "error"; close(); return }
+            var text: ByteBuffer?
+            if let t = r.text {
+                var b = context.channel.allocator.buffer(capacity: 64)
+                writeTemplate(t, into: &b)
+                text = b
+            }
+            respondLocal(status: r.code, text: text)
+        case .proxy(let pass):
+            proxy(pass)
+        case .none:
+            e.discardBody = true
+            ex = e
+            respondLocal(status: 404)
+        }
+    }
+
+    // MARK: Upstream
+
+    private func proxy(_ pass: ProxyPass) {
+        guard var e = ex else { return }
+        let group = e.group ?? loop.group(pass.upstream)
+        e.group = group
+        guard let index = group.balancer.select(now: nowMs(), exclude: e.tried) else {
+            ex = e
+            loop.stats.upstreamFailures["no_live_upstreams", default: 0] += 1
+            loop.logger.error("no live upstreams while connecting to upstream \"\(group.name)\"")
+            respondLocal(status: 502)
+            return
+        }
+        e.tried.insert(index)
+        e.tries += 1
+        let server = group.servers[index]
+        e.server = server
+        e.upstreamAddrText = server.spec.addressText
+        e.phase = .head
+        e.responseHeadBuffer = nil
+        group.balancer.started(index)
+        if let (conn, idleMs) = server.lease() {
+            e.reused = true
+            e.idleMsAtLease = idleMs
+            e.connectedAt = .now()
+            ex = e
+            attach(conn)
+        } else {
+            ex = e
+            connect(server, pass: pass)
+        }
+    }
+
+    private func connect(_ server: ServerPool, pass: ProxyPass) {
+        ex?.reused = false
+        ex?.connectStartedAt = .now()
+        let settings = ex!.route.settings
+        let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
+        let exchangeNumber = requests
+        server.connect(timeoutMs: settings.proxyConnectTimeoutMs).assumeIsolated().whenComplete { result in
+            let me = bound.value
+            switch result {
+            case .success(let conn):
+                guard me.state == .exchange, me.requests == exchangeNumber, me.ex?.upstream == nil else {
+                    // The client went away while connecting: keep the new connection warm.
+                    server.release(conn, reusable: true, backend: nil)
+                    return
+                }
+                me.ex?.connectedAt = .now()
+                me.attach(conn)
+            case .failure(let error):
+                guard me.state == .exchange, me.requests == exchangeNumber else { return }
+                let timedOut = (error as? ChannelError).map { if case .connectTimeout = $0 { return true } else { return false } } ?? false
+                me.upstreamFailed(timedOut ? .timeout : .error, detail: "connect() to \(server.spec.addressText) failed: \(error)")
+            }
+        }
+    }
+
+    private func attach(_ conn: UpstreamConnection) {
+        guard var e = ex else { return }
+        conn.delegate = self
+        conn.sawResponseByte = false
+        e.upstream = conn
+        e.lastUpstreamActivity = .now()
+        loop.stats.upstreamRequests += 1
+        if e.reused { loop.stats.upstreamReused += 1 }
+        var head = context.channel.allocator.buffer(capacity: e.head.bytes.readableBytes + 128)
+        writeUpstreamHead(e, into: &head)
+        ex = e
+        conn.write(head)
+        if ex!.head.expectContinue && !ex!.requestBodyDone && (inbound?.readableBytes ?? 0) == 0 && ex!.head.minorVersion == 1 {
+            ex!.sentContinue = true
+            writeClient(ByteBuffer(staticString: "HTTP/1.1 100 Continue\r\n\r\n"))
+            flushIfNeeded()
+        }
+        pumpRequestBody()
+        conn.flush()
+        if !conn.isWritable { updateReadInterest() }
+        armTimer()
+    }
+
+    /// Moves request body bytes from the client's buffer to the upstream (or drops them for a
+    /// local response), as far as the framing says the body goes.
+    private func pumpRequestBody() {
+        guard var e = ex, !e.requestBodyDone else { return }
+        guard var buf = inbound, buf.readableBytes > 0 else { return }
+        let sink = e.discardBody ? nil : e.upstream
+        if !e.discardBody && sink == nil { return }  // still connecting: the bytes wait
+        let limit = e.route.settings.clientMaxBodySize
+        switch e.requestFraming {
+        case .length:
+            let take = Int(min(e.requestRemaining, Int64(buf.readableBytes)))
+            let slice = buf.readSlice(length: take)!
+            e.requestRemaining -= Int64(take)
+            e.requestBodyBytes += Int64(take)
+            if let sink { sink.write(slice); e.bodyStarted = true }
+            if e.requestRemaining == 0 { e.requestBodyDone = true }
+        case .chunked:
+            let consumed: Int
+            do {
+                consumed = try buf.withUnsafeReadableBytes { p in try e.requestChunks.consume(p) { _, _ in } }
+            } catch {
+                ex = e
+                inbound = buf
+                failRequest(status: 400, why: "invalid chunked body: \((error as? ChunkedDecoder.Failure)?.reason ?? "\(error)")")
+                return
+            }
+            e.requestBodyBytes = e.requestChunks.dataBytes
+            if limit > 0 && e.requestBodyBytes > limit {
+                ex = e
+                inbound = buf
+                failRequest(status: 413, why: "client intended to send too large chunked body")
+                return
+            }
+            let slice = buf.readSlice(length: consumed)!
+            if let sink { sink.write(slice); e.bodyStarted = true }
+            if e.requestChunks.isDone { e.requestBodyDone = true }
+        case .none, .untilClose:
+            e.requestBodyDone = true
+        }
+        inbound = buf
+        ex = e
+        if e.requestBodyDone { requestBodyFinished() }
+    }
+
+    private func requestBodyFinished() {
+        guard let e = ex else { return }
+        if e.responseDone { finishExchange() }
+    }
+
+    /// A request can no longer be served: answer if nothing was sent yet, and close.
+    private func failRequest(status: Int, why: String) {
+        loop.logger.info("\(why), client: \(String(decoding: remoteAddr, as: UTF8.self))")
+        if let e = ex, e.responseStarted {
+            closeReason = "error"
+            close()
+            return
+        }
+        respondLocal(status: status, closeAfter: true)
+    }
+
+    enum FailureKind { case error, timeout, invalidHeader }
+
+    /// The upstream failed before the response was complete.
+    private func upstreamFailed(_ kind: FailureKind, detail: String) {
+        guard var e = ex, let server = e.server, let group = e.group else { return }
+        if let up = e.upstream {
+            e.upstream = nil
+            server.discard(up, reason: .error)
+        }
+        group.balancer.ended(server.index)
+        ex = e
+        if e.responseStarted {
+            // Part of the response went out: all we can do is end the connection, so the client
+            // sees an incomplete message rather than a wrong one.
+            loop.logger.error("\(detail) while reading response from upstream \"\(group.name)\"")
+            loop.stats.upstreamFailures[kind == .timeout ? "timeout" : "truncated", default: 0] += 1
+            closeReason = "error"
+            close()
+            return
+        }
+        // A reused connection that failed before any response byte most likely met the backend
+        // closing it: try again on a new connection, without holding it against the server.
+        if kind == .error, e.reused, e.mayRetry, !e.retriedFresh {
+            server.reusedConnectionFailed(idleMs: e.idleMsAtLease)
+            loop.stats.upstreamRetries["reused_connection_closed", default: 0] += 1
+            e.retriedFresh = true
+            e.reused = false
+            ex = e
+            group.balancer.started(server.index)
+            server.state.connectFresh()
+            if case .proxy(let pass) = e.route.action { connect(server, pass: pass) }
+            return
+        }
+        if kind != .invalidHeader || true {
+            group.balancer.failed(server.index, now: nowMs())
+        }
+        let settings = e.route.settings
+        let condition: NextUpstreamCondition = kind == .timeout ? .timeout : kind == .invalidHeader ? .invalidHeader : .error
+        let triesLeft = settings.proxyNextUpstreamTries == 0 || e.tries < settings.proxyNextUpstreamTries
+        if settings.proxyNextUpstream.contains(condition), e.mayRetry, triesLeft,
+           group.balancer.select(now: nowMs(), exclude: e.tried) != nil || false {
+            loop.logger.warning("\(detail) while connecting to upstream \"\(group.name)\", trying the next server")
+            loop.stats.upstreamRetries["next_upstream", default: 0] += 1
+            // `select` above already advanced round robin; undo nothing, `proxy` selects again.
+            if case .proxy(let pass) = e.route.action { proxy(pass) }
+            return
+        }
+        loop.logger.error("\(detail), upstream \"\(group.name)\", request \"\(e.head.method) \(e.head.target)\"")
+        loop.stats.upstreamFailures[kind == .timeout ? "timeout" : kind == .invalidHeader ? "invalid_header" : "error", default: 0] += 1
+        respondLocal(status: kind == .timeout ? 504 : 502, closeAfter: !e.requestBodyDone)
+    }
+
+    // MARK: UpstreamDelegate
+
+    func upstreamRead(_ buffer: ByteBuffer) {
+        guard var e = ex else { return }
+        e.lastUpstreamActivity = .now()
+        switch e.phase {
+        case .head:
+            if e.responseHeadBuffer == nil {
+                e.responseHeadBuffer = buffer
+            } else {
+                var b = buffer
+                e.responseHeadBuffer!.writeBuffer(&b)
+            }
+            ex = e
+            parseResponseHead()
+        case .body:
+            ex = e
+            relayBody(buffer)
+        case .tunnel:
+            ex = e
+            writeClient(buffer)
+            if !context.channel.isWritable { e.upstream?.pauseReading() }
+        case .done:
+            // Bytes after the end of the response: the connection is out of step.
+            ex?.upstreamReusable = false
+        }
+    }
+
+    func upstreamReadComplete() {
+        flushIfNeeded()
+    }
+
+    func upstreamClosed(_ connection: UpstreamConnection, error: Error?) {
+        guard let e = ex, e.upstream === connection else { return }
+        switch e.phase {
+        case .body where e.responseFraming == .untilClose:
+            if e.relay == .chunkify { writeClient(ByteBuffer(staticString: "0\r\n\r\n")) }
+            ex!.upstreamReusable = false
+            ex!.upstream = nil
+            e.server?.discard(connection, reason: .peerClosed)
+            responseFinished()
+        case .tunnel:
+            ex!.upstream = nil
+            e.server?.discard(connection, reason: .peerClosed)
+            closeReason = "client_close"
+            close()
+        case .done:
+            break
+        default:
+            let detail = error.map { "upstream \(e.upstreamAddrText) failed (\($0))" } ?? "upstream \(e.upstreamAddrText) prematurely closed connection"
+            upstreamFailed(.error, detail: detail)
+        }
+    }
+
+    func upstreamWritabilityChanged(_ connection: UpstreamConnection) {
+        updateReadInterest()
+        if connection.isWritable, inbound.map({ $0.readableBytes > 0 }) == true {
+            pumpRequestBody()
+            connection.flush()
+        }
+    }
+
+    // MARK: Response
+
+    private func parseResponseHead() {
+        while var e = ex, e.phase == .head, let buf = e.responseHeadBuffer {
+            var storage: [HeaderField] = []
+            switch HeadParser.parse(buf, kind: .response, limits: .response, headers: &storage) {
+            case .incomplete:
+                return
+            case .error(let err):
+                upstreamFailed(.invalidHeader, detail: "upstream \(e.upstreamAddrText) sent an invalid response: \(err.reason)")
+                return
+            case .complete(let head, let consumed):
+                var rest = buf
+                rest.moveReaderIndex(forwardBy: consumed)
+                e.responseHeadBuffer = nil
+                if head.status < 200 && head.status != 101 {
+                    // 100 Continue and other interim responses: Tether answers Expect itself.
+                    e.responseHeadBuffer = rest.readableBytes > 0 ? rest : nil
+                    ex = e
+                    continue
+                }
+                e.headerAt = .now()
+                e.upstreamStatus = head.status
+                ex = e
+                if shouldTryNext(status: head.status) { return }
+                startResponse(head, rest: rest)
+                return
+            }
+        }
+    }
+
+    /// `proxy_next_upstream http_502` and the like: try another server instead of relaying this.
+    private func shouldTryNext(status: Int) -> Bool {
+        guard var e = ex, let group = e.group, let server = e.server else { return false }
+        let condition: NextUpstreamCondition?
+        switch status {
+        case 500: condition = .http500
+        case 502: condition = .http502
+        case 503: condition = .http503
+        case 504: condition = .http504
+        case 403: condition = .http403
+        case 404: condition = .http404
+        case 429: condition = .http429
+        default: condition = nil
+        }
+        let settings = e.route.settings
+        guard let condition, settings.proxyNextUpstream.contains(condition), e.mayRetry,
+              settings.proxyNextUpstreamTries == 0 || e.tries < settings.proxyNextUpstreamTries,
+              group.balancer.select(now: nowMs(), exclude: e.tried) != nil else { return false }
+        if let up = e.upstream { e.upstream = nil; server.discard(up, reason: .notReusable) }
+        group.balancer.ended(server.index)
+        if condition != .http403 && condition != .http404 { group.balancer.failed(server.index, now: nowMs()) }
+        loop.stats.upstreamRetries["http_\(status)", default: 0] += 1
+        ex = e
+        if case .proxy(let pass) = e.route.action { proxy(pass) }
+        return true
+    }
+
+    private func startResponse(_ head: ParsedHead, rest: ByteBuffer) {
+        guard var e = ex else { return }
+        let upgrading = head.status == 101 && e.head.connectionUpgrade && e.head.upgradeIndex != nil
+        if head.status == 101 && !upgrading {
+            upstreamFailed(.invalidHeader, detail: "upstream \(e.upstreamAddrText) sent 101 to a request that did not ask to upgrade")
+            return
+        }
+        if e.head.isHEAD || head.status == 204 || head.status == 304 || upgrading {
+            e.responseFraming = .none
+        } else if head.chunked {
+            e.responseFraming = .chunked
+        } else if let n = head.contentLength {
+            e.responseFraming = n == 0 ? .none : .length(n)
+            e.responseRemaining = n
+        } else {
+            e.responseFraming = .untilClose
+        }
+        // Whether the upstream connection can serve another request after this one.
+        e.upstreamReusable = !head.connectionClose && (head.minorVersion == 1 || head.connectionKeepAlive)
+            && e.responseFraming != .untilClose && !upgrading && e.route.settings.proxyHTTPVersion == "1.1"
+        if head.keepAliveTimeout != nil || head.keepAliveMax != nil {
+            e.backendKeepAlive = .init(timeoutSeconds: head.keepAliveTimeout, max: head.keepAliveMax)
+        }
+        // The client side's keep-alive decision.
+        let settings = e.route.settings
+        let policy = KeepAlivePolicy(maxRequests: settings.keepaliveRequests, maxLifetimeMs: settings.keepaliveTimeMs, draining: loop.draining)
+        let decision = policy.decide(requestNumber: e.number, clientWantsKeepAlive: e.clientKeepAlive,
+                                     connectionAgeMs: Int64((NIODeadline.now() - acceptedAt).nanoseconds / 1_000_000))
+        var keepAlive = decision == .keepAlive && settings.keepaliveTimeoutMs > 0 && e.requestBodyDone
+        if case .close(let reason) = decision { closeReason = reason.rawValue }
+        switch e.responseFraming {
+        case .chunked:
+            e.relay = e.head.minorVersion == 1 ? .verbatim : .dechunk
+            if e.relay == .dechunk { keepAlive = false }
+        case .untilClose:
+            e.relay = e.head.minorVersion == 1 ? .chunkify : .verbatim
+            if e.relay == .verbatim { keepAlive = false }
+        default:
+            e.relay = .verbatim
+        }
+        if upgrading { keepAlive = false }
+        e.closeAfter = !keepAlive
+        e.status = head.status
+        e.phase = upgrading ? .tunnel : (e.responseFraming == .none ? .done : .body)
+        e.responseStarted = true
+        var out = context.channel.allocator.buffer(capacity: head.bytes.readableBytes + 64)
+        writeClientHead(head, exchange: e, upgrading: upgrading, into: &out)
+        e.bytesSent += out.readableBytes
+        ex = e
+        writeClient(out)
+        if upgrading {
+            // From here on both directions are raw bytes.
+            if rest.readableBytes > 0 { writeClient(rest) }
+            if let b = inbound, b.readableBytes > 0 { ex!.upstream?.write(b); inbound = nil }
+            ex!.upstream?.flush()
+            flushIfNeeded()
+            return
+        }
+        if e.phase == .done {
+            if rest.readableBytes > 0 { ex!.upstreamReusable = false }
+            responseFinished()
+        } else if rest.readableBytes > 0 {
+            relayBody(rest)
+        }
+    }
+
+    private func relayBody(_ buffer: ByteBuffer) {
+        guard var e = ex else { return }
+        var buf = buffer
+        var finished = false
+        switch e.responseFraming {
+        case .length:
+            let take = Int(min(e.responseRemaining, Int64(buf.readableBytes)))
+            let slice = buf.readSlice(length: take)!
+            e.responseRemaining -= Int64(take)
+            e.bodyBytesSent += take
+            writeClient(slice)
+            if e.responseRemaining == 0 { finished = true }
+        case .chunked:
+            let consumed: Int
+            var dataRuns: [(Int, Int)] = []
+            let dechunk = e.relay == .dechunk
+            do {
+                consumed = try buf.withUnsafeReadableBytes { p in
+                    try e.responseChunks.consume(p) { a, b in if dechunk { dataRuns.append((a, b)) } }
+                }
+            } catch {
+                ex = e
+                upstreamFailed(.error, detail: "upstream \(e.upstreamAddrText) sent invalid chunked response: \((error as? ChunkedDecoder.Failure)?.reason ?? "\(error)")")
+                return
+            }
+            if dechunk {
+                for (a, b) in dataRuns where b > a { writeClient(buf.getSlice(at: buf.readerIndex + a, length: b - a)!) }
+            } else {
+                writeClient(buf.getSlice(at: buf.readerIndex, length: consumed)!)
+            }
+            e.bodyBytesSent = Int(e.responseChunks.dataBytes)
+            buf.moveReaderIndex(forwardBy: consumed)
+            if e.responseChunks.isDone { finished = true }
+        case .untilClose:
+            let n = buf.readableBytes
+            if e.relay == .chunkify {
+                var h = context.channel.allocator.buffer(capacity: 12)
+                h.writeString(String(n, radix: 16))
+                h.writeStaticString("\r\n")
+                writeClient(h)
+                writeClient(buf)
+                writeClient(ByteBuffer(staticString: "\r\n"))
+            } else {
+                writeClient(buf)
+            }
+            e.bodyBytesSent += n
+            buf.moveReaderIndex(forwardBy: n)
+        case .none:
+            finished = true
+        }
+        if finished && buf.readableBytes > 0 { e.upstreamReusable = false }
+        ex = e
+        if !context.channel.isWritable { e.upstream?.pauseReading() }
+        if finished { responseFinished() }
+    }
+
+    /// The whole response was read from the upstream.
+    private func responseFinished() {
+        guard var e = ex else { return }
+        e.phase = .done
+        e.responseDone = true
+        if let up = e.upstream, let server = e.server {
+            e.upstream = nil
+            // Not reusable while the request body is still being sent.
+            server.release(up, reusable: e.upstreamReusable && e.requestBodyDone, backend: e.backendKeepAlive)
+        }
+        if let server = e.server {
+            e.group?.balancer.ended(server.index)
+            e.group?.balancer.succeeded(server.index)
+        }
+        ex = e
+        // The upstream's readComplete will not reach us once it is released: flush now.
+        flushIfNeeded()
+        if e.requestBodyDone || e.closeAfter { finishExchange() }
+    }
+
+    /// Both the request and the response are complete: log, then close or wait for the next request.
+    private func finishExchange() {
+        guard let e = ex else { return }
+        loop.stats.responsesByClass[min(5, max(0, e.status / 100))] += 1
+        accessLog(e)
+        ex = nil
+        headerStorage = []
+        if e.closeAfter {
+            state = .closed
+            flushAndClose()
+            return
+        }
+        state = .idle
+        idleSince = .now()
+        if inbound?.readableBytes == 0 { inbound = nil }
+        // A pipelined request may already be waiting.
+        drive()
+    }
+
+    // MARK: Local responses
+
+    private static let reasons: [Int: String] = [
+        100: "Continue", 200: "OK", 201: "Created", 204: "No Content", 301: "Moved Permanently", 302: "Moved Temporarily",
+        303: "See Other", 304: "Not Modified", 307: "Temporary Redirect", 308: "Permanent Redirect", 400: "Bad Request",
+        401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Not Allowed", 408: "Request Time-out",
+        411: "Length Required", 413: "Request Entity Too Large", 414: "Request-URI Too Large", 429: "Too Many Requests",
+        431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
+        503: "Service Temporarily Unavailable", 504: "Gateway Time-out", 505: "HTTP Version Not Supported",
+    ]
+
+    private func respondAndClose(status: Int, settings: HTTPSettings) {
+        ex = nil
+        state = .exchange
+        respond(status: status, text: nil, settings: settings, keepAlive: false, head: nil)
+        closeReason = "error"
+        state = .closed
+        flushAndClose()
+    }
+
+    /// Answers the current request from Tether itself: `return`, or an error page.
+    private func respondLocal(status: Int, text: ByteBuffer? = nil, closeAfter: Bool = false) {
+        guard var e = ex else { return }
+        let settings = e.route.settings
+        let policy = KeepAlivePolicy(maxRequests: settings.keepaliveRequests, maxLifetimeMs: settings.keepaliveTimeMs, draining: loop.draining)
+        let decision = policy.decide(requestNumber: e.number, clientWantsKeepAlive: e.clientKeepAlive,
+                                     connectionAgeMs: Int64((NIODeadline.now() - acceptedAt).nanoseconds / 1_000_000))
+        if case .close(let reason) = decision { closeReason = reason.rawValue }
+        if closeAfter { closeReason = "error" }
+        // An unread body of unknown size makes the connection unusable after an error.
+        let keepAlive = decision == .keepAlive && !closeAfter && settings.keepaliveTimeoutMs > 0
+            && (e.requestBodyDone || e.discardBody)
+        e.status = status
+        e.closeAfter = !keepAlive
+        e.responseStarted = true
+        e.responseDone = true
+        e.phase = .done
+        e.discardBody = true
+        if let up = e.upstream, let server = e.server {
+            e.upstream = nil
+            server.discard(up, reason: .notReusable)
+        }
+        ex = e
+        e.bytesSent = respond(status: status, text: text, settings: settings, keepAlive: keepAlive, head: e.head)
+        ex!.bytesSent = e.bytesSent
+        if !keepAlive {
+            finishExchange()
+            return
+        }
+        pumpRequestBody()
+        if ex?.requestBodyDone == true { finishExchange() }
+    }
+
+    @discardableResult
+    private func respond(status: Int, text: ByteBuffer?, settings: HTTPSettings, keepAlive: Bool, head: ParsedHead?) -> Int {
+        loop.dateCache.refresh()
+        let reason = DownstreamHandler.reasons[status] ?? "Unknown"
+        var out = context.channel.allocator.buffer(capacity: 512)
+        out.writeString("HTTP/1.1 \(status) \(reason)\r\nServer: \(settings.serverTokens ? "tether/\(tetherVersion)" : "tether")\r\nDate: ")
+        out.writeBytes(loop.dateCache.httpDate)
+        out.writeStaticString("\r\n")
+        var body: ByteBuffer?
+        let redirect = [301, 302, 303, 307, 308].contains(status)
+        if let text, !redirect {
+            out.writeStaticString("Content-Type: text/plain\r\n")
+            body = text
+        } else if status >= 300 && status != 304 {
+            if redirect, let text {
+                out.writeStaticString("Location: ")
+                out.writeImmutableBuffer(text)
+                out.writeStaticString("\r\n")
+            }
+            var b = context.channel.allocator.buffer(capacity: 256)
+            b.writeString("<html>\r\n<head><title>\(status) \(reason)</title></head>\r\n<body>\r\n<center><h1>\(status) \(reason)</h1></center>\r\n<hr><center>tether</center>\r\n</body>\r\n</html>\r\n")
+            out.writeStaticString("Content-Type: text/html\r\n")
+            body = b
+        }
+        let bodyless = status == 204 || status == 304 || status < 200
+        if !bodyless { out.writeString("Content-Length: \(body?.readableBytes ?? 0)\r\n") }
+        if !keepAlive {
+            out.writeStaticString("Connection: close\r\n")
+        } else {
+            if head?.minorVersion == 0 { out.writeStaticString("Connection: keep-alive\r\n") }
+            if let ka = ex?.route.keepAliveHeader { out.writeBytes(ka) }
+        }
+        out.writeStaticString("\r\n")
+        if let body, !bodyless, head?.isHEAD != true { out.writeImmutableBuffer(body) }
+        let n = out.readableBytes
+        writeClient(out)
+        return n
+    }
+
+    // MARK: Writing
+
+    private func writeClient(_ buffer: ByteBuffer) {
+        guard state != .closed || ex != nil else { return }
+        context.write(wrapOutboundOut(buffer), promise: nil)
+        needsFlush = true
+    }
+
+    private func flushIfNeeded() {
+        if needsFlush {
+            needsFlush = false
+            context.flush()
+        }
+    }
+
+    private func flushAndClose() {
+        needsFlush = false
+        timer?.cancel()
+        timer = nil
+        let ctx = context!
+        ctx.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: nil)
+        ctx.close(mode: .output, promise: nil)
+        // After our FIN, wait briefly for the client's (lingering close, as nginx), then close.
+        let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
+        timer = loop.eventLoop.assumeIsolated().scheduleTask(in: .seconds(5)) { bound.value.close() }
+    }
+
+    func close() {
+        guard let ctx = context, ctx.channel.isActive else { return }
+        if state != .closed {
+            state = .closed
+            loop.stats.downstreamClosed[closeReason, default: 0] += 1
+        }
+        needsFlush = false
+        ctx.close(promise: nil)
+    }
+
+    /// Ends the connection now if it is between requests; otherwise after the current response.
+    func drainIfIdle() {
+        if state == .idle, (inbound?.readableBytes ?? 0) == 0, headStartedAt == nil {
+            closeReason = "shutdown"
+            close()
+        }
+    }
+
+    // MARK: Read interest and timers
+
+    /// Pauses reading while the upstream cannot take more or too much is buffered; resumes otherwise.
+    private func updateReadInterest() {
+        let buffered = inbound?.readableBytes ?? 0
+        let (count, size) = defaultSettings.largeClientHeaderBuffers
+        var pause = buffered > max(count * size, 65536)
+        if let e = ex, !e.requestBodyDone, let up = e.upstream, !up.isWritable { pause = true }
+        if let e = ex, !e.requestBodyDone, e.upstream == nil, !e.discardBody, buffered > 0 { pause = buffered > 65536 }
+        if pause {
+            readPaused = true
+        } else if readPaused {
+            readPaused = false
+            if pendingRead {
+                pendingRead = false
+                context.read()
+            }
+        }
+    }
+
+    /// The next time something may expire on this connection, and what.
+    private func nextDeadline() -> NIODeadline? {
+        switch state {
+        case .closed:
+            return nil
+        case .idle:
+            let s = defaultSettings
+            if let started = headStartedAt {
+                return started + .milliseconds(s.clientHeaderTimeoutMs)
+            }
+            if requests == 0 { return acceptedAt + .milliseconds(s.clientHeaderTimeoutMs) }
+            return idleSince + .milliseconds(s.keepaliveTimeoutMs)
+        case .exchange:
+            guard let e = ex else { return nil }
+            let s = e.route.settings
+            var d: NIODeadline?
+            func earliest(_ x: NIODeadline) { d = d.map { min($0, x) } ?? x }
+            if !e.requestBodyDone { earliest(lastClientRead + .milliseconds(s.clientBodyTimeoutMs)) }
+            if e.upstream != nil && (e.phase == .head || e.phase == .body) {
+                earliest(e.lastUpstreamActivity + .milliseconds(s.proxyReadTimeoutMs))
+            }
+            if let since = unwritableSince { earliest(since + .milliseconds(s.sendTimeoutMs)) }
+            return d
+        }
+    }
+
+    private func armTimer() {
+        guard let deadline = nextDeadline() else { return }
+        if let at = timerAt, at <= deadline, timer != nil { return }
+        timer?.cancel()
+        timerAt = deadline
+        let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
+        timer = loop.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { bound.value.timerFired() }
+    }
+
+    private func timerFired() {
+        timer = nil
+        timerAt = nil
+        guard state != .closed else { return }
+        let now = NIODeadline.now()
+        guard let deadline = nextDeadline() else { return }
+        guard deadline <= now else { armTimer(); return }
+        switch state {
+        case .idle:
+            if headStartedAt != nil || requests == 0 && (inbound?.readableBytes ?? 0) > 0 {
+                loop.logger.info("client timed out reading request head, client: \(String(decoding: remoteAddr, as: UTF8.self))")
+                respondAndClose(status: 408, settings: defaultSettings)
+            } else {
+                closeReason = requests == 0 ? "client_header_timeout" : "keepalive_timeout"
+                close()
+            }
+        case .exchange:
+            guard let e = ex else { return }
+            let s = e.route.settings
+            if let since = unwritableSince, since + .milliseconds(s.sendTimeoutMs) <= now {
+                loop.logger.info("client timed out receiving the response, client: \(String(decoding: remoteAddr, as: UTF8.self))")
+                closeReason = "error"
+                close()
+            } else if !e.requestBodyDone && lastClientRead + .milliseconds(s.clientBodyTimeoutMs) <= now {
+                failRequest(status: 408, why: "client timed out sending the request body")
+            } else {
+                upstreamFailed(.timeout, detail: "upstream timed out (no data for \(Units.formatTime(s.proxyReadTimeoutMs)))")
+            }
+        case .closed:
+            break
+        }
+        armTimer()
+    }
+
+    // MARK: Head writing
+
+    /// The request head for the upstream: the client's header lines copied as they are, less
+    /// hop-by-hop ones and those `proxy_set_header` replaces, plus the configured ones and framing.
+    private func writeUpstreamHead(_ e: Exchange, into out: inout ByteBuffer) {
+        let h = e.head
+        guard case .proxy(let pass) = e.route.action else { return }
+        h.bytes.withUnsafeReadableBytes { p in
+            out.writeBytes(UnsafeRawBufferPointer(rebasing: p[0..<h.methodEnd]))
+            out.writeStaticString(" ")
+            let target = UnsafeRawBufferPointer(rebasing: p[h.targetStart..<h.targetEnd])
+            if let uri = pass.uri, let loc = e.route.location {
+                // proxy_pass with a URI: the matched location prefix is replaced by it.
+                out.writeString(uri)
+                let drop = min(loc.path.utf8.count, target.count)
+                out.writeBytes(UnsafeRawBufferPointer(rebasing: target[drop...]))
+            } else {
+                out.writeBytes(target)
+            }
+            out.writeStaticString(e.route.settings.proxyHTTPVersion == "1.0" ? " HTTP/1.0\r\n" : " HTTP/1.1\r\n")
+            let names = e.route.setHeaderNames
+            for f in h.headers {
+                if f.kind.isHopByHop || f.droppedByConnection || f.kind == .contentLength || f.kind == .expect { continue }
+                let ls = Int(f.lineStart), ne = Int(f.nameEnd)
+                var replaced = false
+                for n in names where n.count == ne - ls {
+                    var same = true
+                    for k in 0..<n.count where ASCII.lower(p[ls + k]) != n[k] { same = false; break }
+                    if same { replaced = true; break }
+                }
+                if replaced { continue }
+                out.writeBytes(UnsafeRawBufferPointer(rebasing: p[ls..<Int(f.lineEnd)]))
+            }
+        }
+        for s in e.route.settings.proxySetHeaders {
+            let mark = out.writerIndex
+            out.writeString(s.name)
+            out.writeStaticString(": ")
+            let valueStart = out.writerIndex
+            writeTemplate(s.value, into: &out)
+            if out.writerIndex == valueStart {
+                out.moveWriterIndex(to: mark)  // an empty value means the header is not sent
+            } else {
+                out.writeStaticString("\r\n")
+            }
+        }
+        switch e.requestFraming {
+        case .length(let n): out.writeString("Content-Length: \(n)\r\n")
+        case .chunked: out.writeStaticString("Transfer-Encoding: chunked\r\n")
+        default: break
+        }
+        if e.head.connectionUpgrade, let u = e.head.upgradeIndex {
+            out.writeStaticString("Connection: upgrade\r\nUpgrade: ")
+            out.writeString(e.head.value(e.head.headers[u]))
+            out.writeStaticString("\r\n")
+        }
+        out.writeStaticString("\r\n")
+    }
+
+    /// The response head for the client: status and header lines copied, hop-by-hop ones
+    /// dropped, framing and keep-alive headers of this hop added.
+    private func writeClientHead(_ head: ParsedHead, exchange e: Exchange, upgrading: Bool, into out: inout ByteBuffer) {
+        head.bytes.withUnsafeReadableBytes { p in
+            // "HTTP/1.x " is replaced by our own version; the status code and reason are kept.
+            out.writeStaticString("HTTP/1.1")
+            var lineEnd = 0
+            while p[lineEnd] != 0x0D { lineEnd += 1 }
+            out.writeBytes(UnsafeRawBufferPointer(rebasing: p[8..<lineEnd]))
+            out.writeStaticString("\r\n")
+            for f in head.headers {
+                if f.droppedByConnection { continue }
+                if f.kind.isHopByHop && !(upgrading && f.kind == .upgrade) { continue }
+                if f.kind == .contentLength && e.relay != .verbatim { continue }
+                out.writeBytes(UnsafeRawBufferPointer(rebasing: p[Int(f.lineStart)..<Int(f.lineEnd)]))
+            }
+        }
+        if upgrading {
+            out.writeStaticString("Connection: upgrade\r\n")
+        } else {
+            if (e.responseFraming == .chunked && e.relay == .verbatim) || e.relay == .chunkify {
+                out.writeStaticString("Transfer-Encoding: chunked\r\n")
+            }
+            if e.closeAfter {
+                out.writeStaticString("Connection: close\r\n")
+            } else {
+                if e.head.minorVersion == 0 { out.writeStaticString("Connection: keep-alive\r\n") }
+                out.writeBytes(e.route.keepAliveHeader)
+            }
+        }
+        out.writeStaticString("\r\n")
+    }
+
+    // MARK: Variables
+
+    private func hostValue(_ head: ParsedHead) -> String? {
+        guard let i = head.hostIndex else { return nil }
+        let v = head.value(head.headers[i]).lowercased()
+        if v.hasPrefix("[") { return v.firstIndex(of: "]").map { String(v[...$0]) } ?? v }
+        return v.firstIndex(of: ":").map { String(v[..<$0]) } ?? v
+    }
+
+    private func pathOf(_ head: ParsedHead) -> Substring {
+        var t = Substring(head.target)
+        if t.hasPrefix("http://") || t.hasPrefix("https://") || t.hasPrefix("HTTP://") {
+            t = t.dropFirst(t.hasPrefix("https") ? 8 : 7)
+            t = t.firstIndex(of: "/").map { t[$0...] } ?? "/"
+        }
+        return t.firstIndex(of: "?").map { t[..<$0] } ?? t
+    }
+
+    func writeTemplate(_ t: Template, into out: inout ByteBuffer) {
+        for part in t.parts {
+            switch part {
+            case .literal(let s): out.writeString(s)
+            case .variable(let v): writeVariable(v, into: &out)
+            }
+        }
+    }
+
+    private func writeVariable(_ v: Variable, into out: inout ByteBuffer) {
+        guard let e = ex else { return }
+        let h = e.head
+        switch v {
+        case .host:
+            out.writeString(hostValue(h) ?? servers[hosts.defaultIndex].server.names.first?.description ?? "")
+        case .remoteAddr: out.writeBytes(remoteAddr)
+        case .remotePort: out.writeString(String(remotePort))
+        case .scheme: out.writeStaticString("http")
+        case .requestURI: out.writeString(h.target)
+        case .uri: out.writeSubstring(pathOf(h))
+        case .args:
+            let t = h.target
+            if let q = t.firstIndex(of: "?") { out.writeSubstring(t[t.index(after: q)...]) }
+        case .requestMethod: out.writeString(h.method)
+        case .request: out.writeString("\(h.method) \(h.target) HTTP/1.\(h.minorVersion)")
+        case .proxyAddXForwardedFor:
+            if let xff = h.value(named: "x-forwarded-for") {
+                out.writeString(xff)
+                out.writeStaticString(", ")
+            }
+            out.writeBytes(remoteAddr)
+        case .proxyHost:
+            if case .proxy(let p) = e.route.action { out.writeString(p.proxyHost) }
+        case .requestID:
+            if ex!.requestID == nil {
+                var g = SystemRandomNumberGenerator()
+                ex!.requestID = (0..<2).map { _ in String(g.next() as UInt64, radix: 16).leftPad(16) }.joined()
+            }
+            out.writeString(ex!.requestID!)
+        case .serverPort: out.writeString(String(serverPort))
+        case .serverName: out.writeString(servers[hosts.server(forHost: hostValue(h))].server.names.first?.description ?? "")
+        case .serverProtocol: out.writeString("HTTP/1.\(h.minorVersion)")
+        case .status: out.writeString(String(e.status))
+        case .bodyBytesSent: out.writeString(String(e.bodyBytesSent))
+        case .bytesSent: out.writeString(String(e.bytesSent + e.bodyBytesSent))
+        case .requestTime: out.writeString(DownstreamHandler.seconds(NIODeadline.now() - e.startedAt))
+        case .timeLocal: loop.dateCache.refresh(); out.writeBytes(loop.dateCache.localTime)
+        case .timeISO8601: loop.dateCache.refresh(); out.writeBytes(loop.dateCache.iso8601)
+        case .msec:
+            var ts = timespec()
+            clock_gettime(CLOCK_REALTIME, &ts)
+            out.writeString("\(ts.tv_sec).\(String(ts.tv_nsec / 1_000_000).leftPad(3, "0"))")
+        case .remoteUser: out.writeStaticString("-")
+        case .upstreamAddr: out.writeString(e.upstreamAddrText.isEmpty ? "-" : e.upstreamAddrText)
+        case .upstreamStatus: out.writeString(e.upstreamStatus == 0 ? "-" : String(e.upstreamStatus))
+        case .upstreamConnectTime:
+            if let s = e.connectStartedAt, let c = e.connectedAt { out.writeString(DownstreamHandler.seconds(c - s)) }
+            else if e.reused { out.writeStaticString("0.000") } else { out.writeStaticString("-") }
+        case .upstreamHeaderTime:
+            if let a = e.headerAt { out.writeString(DownstreamHandler.seconds(a - e.startedAt)) } else { out.writeStaticString("-") }
+        case .upstreamResponseTime:
+            if e.upstreamStatus != 0 { out.writeString(DownstreamHandler.seconds(NIODeadline.now() - e.startedAt)) } else { out.writeStaticString("-") }
+        case .upstreamReused: out.writeStaticString(e.server == nil ? "-" : e.reused ? "1" : "0")
+        case .connection: out.writeString(String(UInt(bitPattern: ObjectIdentifier(self).hashValue) % 1_000_000_000))
+        case .connectionRequests: out.writeString(String(requests))
+        case .httpHeader(let name):
+            if let v = h.value(named: name) { out.writeString(v) }
+        case .sentHTTPHeader: break
+        }
+    }
+
+    static func seconds(_ t: TimeAmount) -> String {
+        let ms = max(0, t.nanoseconds / 1_000_000)
+        return "\(ms / 1000).\(String(ms % 1000).leftPad(3, "0"))"
+    }
+
+    private func accessLog(_ e: Exchange) {
+        guard let sink = loop.accessLog else { return }
+        for entry in e.route.settings.accessLog {
+            guard case .file(let path, let formatName) = entry else { continue }
+            let format = formatName == "combined" ? LogFormat.combined : loop.setup.configuration.logFormats[formatName]
+            guard let format else { continue }
+            var line = context.channel.allocator.buffer(capacity: 256)
+            for part in format.template.parts {
+                switch part {
+                case .literal(let s): line.writeString(s)
+                case .variable(let v):
+                    let mark = line.writerIndex
+                    writeVariable(v, into: &line)
+                    if line.writerIndex == mark { line.writeStaticString("-") }
+                }
+            }
+            line.writeStaticString("\n")
+            sink.submit(path: path, line)
+        }
+    }
+}
+
+extension String {
+    func leftPad(_ n: Int, _ c: Character = "0") -> String {
+        count >= n ? self : String(repeating: c, count: n - count) + self
+    }
+}
+
+public let tetherVersion = "0.1.0"

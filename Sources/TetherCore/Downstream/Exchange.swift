@@ -1,0 +1,98 @@
+import NIOCore
+import TetherConfig
+import TetherPool
+
+/// One request and its response, from the moment its head is parsed to the last response byte.
+struct Exchange {
+    enum ResponsePhase {
+        /// Waiting for (or reading) the upstream's response head.
+        case head
+        case body
+        /// 101 Switching Protocols: bytes flow both ways untouched until either side closes.
+        case tunnel
+        case done
+    }
+
+    /// How response body bytes are written to the client.
+    enum Relay {
+        /// As they come (Content-Length, or chunked to an HTTP/1.1 client).
+        case verbatim
+        /// Chunked from the upstream, plain to an HTTP/1.0 client that reads until close.
+        case dechunk
+        /// Close-delimited from the upstream, chunked to an HTTP/1.1 client so it can stay alive.
+        case chunkify
+    }
+
+    var head: ParsedHead
+    let route: CompiledLocation
+    let number: Int
+    let startedAt: NIODeadline
+    let clientKeepAlive: Bool
+
+    // Request body.
+    var requestFraming: BodyFraming
+    var requestRemaining: Int64 = 0
+    var requestChunks = ChunkedDecoder()
+    var requestBodyDone = false
+    var requestBodyBytes: Int64 = 0
+    var bodyStarted = false
+    var sentContinue = false
+    /// Local responses (return, errors) read and drop the body.
+    var discardBody = false
+
+    // Upstream.
+    var group: UpstreamGroup?
+    var server: ServerPool?
+    var upstream: UpstreamConnection?
+    var reused = false
+    var idleMsAtLease: Int64 = 0
+    var tried: Set<Int> = []
+    var tries = 0
+    var retriedFresh = false
+    var connectStartedAt: NIODeadline?
+    var connectedAt: NIODeadline?
+    var headerAt: NIODeadline?
+    var lastUpstreamActivity = NIODeadline.now()
+    var upstreamAddrText = ""
+    var upstreamStatus = 0
+
+    // Response.
+    var phase = ResponsePhase.head
+    var responseHeadBuffer: ByteBuffer?
+    var responseFraming = BodyFraming.none
+    var responseRemaining: Int64 = 0
+    var responseChunks = ChunkedDecoder()
+    var relay = Relay.verbatim
+    var responseStarted = false
+    var responseDone = false
+    var upstreamReusable = false
+    var backendKeepAlive: ConnectionPool<ObjectIdentifier>.BackendKeepAlive?
+    var closeAfter = false
+    var status = 0
+    var bytesSent = 0
+    var bodyBytesSent = 0
+    var requestID: String?
+
+    init(head: ParsedHead, route: CompiledLocation, number: Int, clientKeepAlive: Bool) {
+        self.head = head
+        self.route = route
+        self.number = number
+        self.startedAt = .now()
+        self.clientKeepAlive = clientKeepAlive
+        if head.chunked {
+            requestFraming = .chunked
+        } else if let n = head.contentLength, n > 0 {
+            requestFraming = .length(n)
+            requestRemaining = n
+        } else {
+            requestFraming = .none
+            requestBodyDone = true
+        }
+    }
+
+    /// Whether a failure before any response byte may be retried (RFC 9110 §9.2.2, and nginx's
+    /// `non_idempotent` switch): nothing of a body was sent, and the method allows it.
+    var mayRetry: Bool {
+        !bodyStarted && requestFraming == .none && (head.isIdempotent || route.settings.proxyNextUpstream.contains(.nonIdempotent))
+    }
+}

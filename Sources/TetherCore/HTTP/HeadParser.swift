@@ -1,0 +1,437 @@
+import NIOCore
+
+/// Headers the proxy acts on, recognised once while parsing.
+enum HeaderKind: UInt8 {
+    case other
+    case host
+    case contentLength
+    case transferEncoding
+    case connection
+    case keepAlive
+    case proxyConnection
+    case te
+    case trailer
+    case upgrade
+    case expect
+    case xForwardedFor
+
+    /// Hop-by-hop headers: never forwarded as they are (RFC 9110 §7.6.1, plus the de-facto ones).
+    var isHopByHop: Bool {
+        switch self {
+        case .connection, .keepAlive, .proxyConnection, .te, .trailer, .upgrade, .transferEncoding: return true
+        default: return false
+        }
+    }
+}
+
+/// One header line inside a parsed head, as offsets from the head's start.
+struct HeaderField {
+    var lineStart: Int32
+    var nameEnd: Int32
+    var valueStart: Int32
+    var valueEnd: Int32
+    /// Offset just past the line's CRLF.
+    var lineEnd: Int32
+    var kind: HeaderKind
+    /// Set when a `Connection` header names this header: it is hop-by-hop for this message.
+    var droppedByConnection = false
+}
+
+/// Why a head was refused; `status` is what the client gets (or 502 for an upstream).
+struct HeadError: Error, Equatable {
+    var status: Int
+    var reason: String
+}
+
+/// A request or response head, parsed and validated, as offsets into `bytes`.
+struct ParsedHead {
+    /// The head's bytes, from the first line to the blank line's CRLF inclusive.
+    var bytes: ByteBuffer
+    var headers: [HeaderField] = []
+    // Request line.
+    var methodEnd = 0
+    var targetStart = 0
+    var targetEnd = 0
+    // Response line.
+    var status = 0
+    /// The minor HTTP version: 0 or 1.
+    var minorVersion = 1
+    // What the headers say about framing and the connection.
+    var contentLength: Int64?
+    var chunked = false
+    var connectionClose = false
+    var connectionKeepAlive = false
+    var connectionUpgrade = false
+    var expectContinue = false
+    var hostIndex: Int?
+    var upgradeIndex: Int?
+    var keepAliveTimeout: Int?
+    var keepAliveMax: Int?
+
+    init(bytes: ByteBuffer) { self.bytes = bytes }
+
+    func slice(_ start: Int, _ end: Int) -> ByteBuffer {
+        bytes.getSlice(at: bytes.readerIndex + start, length: end - start)!
+    }
+
+    func string(_ start: Int, _ end: Int) -> String {
+        bytes.getString(at: bytes.readerIndex + start, length: end - start) ?? ""
+    }
+
+    var method: String { string(0, methodEnd) }
+    var target: String { string(targetStart, targetEnd) }
+
+    func name(_ h: HeaderField) -> String { string(Int(h.lineStart), Int(h.nameEnd)) }
+    func value(_ h: HeaderField) -> String { string(Int(h.valueStart), Int(h.valueEnd)) }
+
+    /// The value of the first header named `name` (lowercase), if any.
+    func value(named name: String) -> String? {
+        let n = Array(name.utf8)
+        for h in headers where Int(h.nameEnd - h.lineStart) == n.count {
+            let matches = bytes.withUnsafeReadableBytes { p in
+                (0..<n.count).allSatisfy { ASCII.lower(p[Int(h.lineStart) + $0]) == n[$0] }
+            }
+            if matches { return value(h) }
+        }
+        return nil
+    }
+
+    /// Whether the request method is one of those RFC 9110 calls idempotent.
+    var isIdempotent: Bool {
+        switch methodEnd {
+        case 3: return methodIs("GET") || methodIs("PUT")
+        case 4: return methodIs("HEAD")
+        case 5: return methodIs("TRACE")
+        case 6: return methodIs("DELETE")
+        case 7: return methodIs("OPTIONS")
+        default: return false
+        }
+    }
+
+    var isHEAD: Bool { methodEnd == 4 && methodIs("HEAD") }
+
+    func methodIs(_ m: StaticString) -> Bool {
+        guard m.utf8CodeUnitCount == methodEnd else { return false }
+        return bytes.withUnsafeReadableBytes { p in
+            m.withUTF8Buffer { mb in (0..<methodEnd).allSatisfy { p[$0] == mb[$0] } }
+        }
+    }
+}
+
+enum ASCII {
+    @inline(__always) static func lower(_ c: UInt8) -> UInt8 { c >= 0x41 && c <= 0x5A ? c | 0x20 : c }
+
+    @inline(__always) static func isToken(_ c: UInt8) -> Bool { tokenTable[Int(c)] }
+
+    static let tokenTable: [Bool] = (0..<256).map { c in
+        let c = UInt8(c)
+        switch c {
+        case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"): return true
+        default: return "!#$%&'*+-.^_`|~".utf8.contains(c)
+        }
+    }
+
+    /// Field-value bytes: visible ASCII, obs-text, space and tab (no CTLs, no NUL, no bare CR).
+    @inline(__always) static func isFieldByte(_ c: UInt8) -> Bool { c >= 0x20 ? c != 0x7F : c == 0x09 }
+}
+
+/// Parses HTTP/1 heads strictly: a request or response is refused rather than guessed at,
+/// because a proxy and its backend must agree on where each message ends.
+enum HeadParser {
+    enum Kind { case request, response }
+
+    enum Outcome {
+        case incomplete
+        /// The head, and how many bytes of the buffer it took (including skipped leading CRLFs).
+        case complete(ParsedHead, consumed: Int)
+        case error(HeadError)
+    }
+
+    struct Limits {
+        /// The longest single line (request line or header line).
+        var lineLimit: Int
+        /// The longest head in all.
+        var headLimit: Int
+
+        static let response = Limits(lineLimit: 16 * 1024, headLimit: 64 * 1024)
+    }
+
+    /// Parses the head at the start of `buffer`'s readable bytes, reusing `headers`' storage.
+    static func parse(_ buffer: ByteBuffer, kind: Kind, limits: Limits, headers: inout [HeaderField]) -> Outcome {
+        headers.removeAll(keepingCapacity: true)
+        let bad = kind == .request ? 400 : 502
+        let tooLarge = kind == .request ? 431 : 502
+        return buffer.withUnsafeReadableBytes { p -> Outcome in
+            let n = p.count
+            var skip = 0
+            // A server ignores empty lines before a request line (RFC 9112 §2.2).
+            while kind == .request, skip + 1 < n, p[skip] == 0x0D, p[skip + 1] == 0x0A, skip < 64 { skip += 2 }
+            var i = skip
+
+            // Finds the end of the line starting at `i`: the index of its CR, or nil if incomplete.
+            func lineEnd(_ i: Int) -> Result<Int?, HeadError> {
+                var j = i
+                while j < n {
+                    let c = p[j]
+                    if c == 0x0A { return .failure(HeadError(status: bad, reason: "bare LF in head")) }
+                    if c == 0x0D {
+                        if j + 1 >= n { return .success(nil) }
+                        if p[j + 1] != 0x0A { return .failure(HeadError(status: bad, reason: "bare CR in head")) }
+                        return .success(j)
+                    }
+                    j += 1
+                }
+                return .success(nil)
+            }
+
+            // First line.
+            let firstEnd: Int
+            switch lineEnd(i) {
+            case .failure(let e): return .error(e)
+            case .success(nil):
+                if n - i > limits.lineLimit {
+                    return .error(HeadError(status: kind == .request ? 414 : 502, reason: "first line too long"))
+                }
+                return .incomplete
+            case .success(.some(let e)): firstEnd = e
+            }
+            if firstEnd - i > limits.lineLimit {
+                return .error(HeadError(status: kind == .request ? 414 : 502, reason: "first line too long"))
+            }
+            var head = ParsedHead(bytes: ByteBuffer())  // bytes set at the end
+            switch kind {
+            case .request:
+                if let e = parseRequestLine(p, from: i, to: firstEnd, into: &head) { return .error(e) }
+            case .response:
+                if let e = parseStatusLine(p, from: i, to: firstEnd, into: &head) { return .error(e) }
+            }
+            i = firstEnd + 2
+
+            // Header lines, up to the blank line.
+            while true {
+                guard i < n else { return i - skip > limits.headLimit ? .error(HeadError(status: tooLarge, reason: "head too large")) : .incomplete }
+                if p[i] == 0x0D {
+                    guard i + 1 < n else { return .incomplete }
+                    guard p[i + 1] == 0x0A else { return .error(HeadError(status: bad, reason: "bare CR in head")) }
+                    i += 2
+                    break
+                }
+                if p[i] == 0x20 || p[i] == 0x09 {
+                    return .error(HeadError(status: bad, reason: "obsolete line folding"))
+                }
+                let end: Int
+                switch lineEnd(i) {
+                case .failure(let e): return .error(e)
+                case .success(nil):
+                    if n - i > limits.lineLimit || n - skip > limits.headLimit {
+                        return .error(HeadError(status: tooLarge, reason: "header line too long"))
+                    }
+                    return .incomplete
+                case .success(.some(let e)): end = e
+                }
+                if end - i > limits.lineLimit { return .error(HeadError(status: tooLarge, reason: "header line too long")) }
+                if end + 2 - skip > limits.headLimit { return .error(HeadError(status: tooLarge, reason: "head too large")) }
+                // name ":" OWS value OWS
+                var j = i
+                while j < end, ASCII.isToken(p[j]) { j += 1 }
+                guard j > i, j < end, p[j] == UInt8(ascii: ":") else {
+                    return .error(HeadError(status: bad, reason: "invalid header line"))
+                }
+                let nameEnd = j
+                j += 1
+                while j < end, p[j] == 0x20 || p[j] == 0x09 { j += 1 }
+                let valueStart = j
+                var valueEnd = valueStart
+                while j < end {
+                    let c = p[j]
+                    guard ASCII.isFieldByte(c) else { return .error(HeadError(status: bad, reason: "invalid byte in header value")) }
+                    if c != 0x20 && c != 0x09 { valueEnd = j + 1 }
+                    j += 1
+                }
+                let kindOfHeader = classify(p, from: i, to: nameEnd)
+                headers.append(HeaderField(lineStart: Int32(i - skip), nameEnd: Int32(nameEnd - skip), valueStart: Int32(valueStart - skip),
+                                           valueEnd: Int32(valueEnd - skip), lineEnd: Int32(end + 2 - skip), kind: kindOfHeader))
+                if headers.count > 1000 { return .error(HeadError(status: tooLarge, reason: "too many headers")) }
+                i = end + 2
+            }
+            // Offsets so far are relative to `skip`; the first line's too.
+            head.methodEnd -= skip; head.targetStart -= skip; head.targetEnd -= skip
+            head.bytes = buffer.getSlice(at: buffer.readerIndex + skip, length: i - skip)!
+            swap(&head.headers, &headers)
+            if let e = interpret(&head, p: UnsafeRawBufferPointer(rebasing: p[skip...]), kind: kind) {
+                swap(&head.headers, &headers)
+                return .error(e)
+            }
+            return .complete(head, consumed: i)
+        }
+    }
+
+    private static func parseRequestLine(_ p: UnsafeRawBufferPointer, from: Int, to: Int, into head: inout ParsedHead) -> HeadError? {
+        var j = from
+        while j < to, ASCII.isToken(p[j]) { j += 1 }
+        guard j > from, j < to, p[j] == 0x20 else { return HeadError(status: 400, reason: "invalid method") }
+        head.methodEnd = j
+        j += 1
+        let targetStart = j
+        while j < to, p[j] > 0x20, p[j] != 0x7F { j += 1 }
+        guard j > targetStart, j < to, p[j] == 0x20 else { return HeadError(status: 400, reason: "invalid request target") }
+        head.targetStart = targetStart
+        head.targetEnd = j
+        j += 1
+        // "HTTP/1.1"
+        guard to - j == 8, p[j] == UInt8(ascii: "H"), p[j + 1] == UInt8(ascii: "T"), p[j + 2] == UInt8(ascii: "T"),
+              p[j + 3] == UInt8(ascii: "P"), p[j + 4] == UInt8(ascii: "/"), p[j + 6] == UInt8(ascii: "."),
+              (0x30...0x39).contains(p[j + 5]), (0x30...0x39).contains(p[j + 7]) else {
+            return HeadError(status: 400, reason: "invalid HTTP version")
+        }
+        guard p[j + 5] == UInt8(ascii: "1"), p[j + 7] <= UInt8(ascii: "1") else {
+            return HeadError(status: 505, reason: "unsupported HTTP version")
+        }
+        head.minorVersion = Int(p[j + 7] - 0x30)
+        let t = p[targetStart]
+        guard t == UInt8(ascii: "/") || t == UInt8(ascii: "*") || (j - targetStart > 7 && ASCII.lower(t) == UInt8(ascii: "h")) else {
+            return HeadError(status: 400, reason: "invalid request target")
+        }
+        return nil
+    }
+
+    private static func parseStatusLine(_ p: UnsafeRawBufferPointer, from: Int, to: Int, into head: inout ParsedHead) -> HeadError? {
+        let j = from
+        guard to - j >= 12, p[j] == UInt8(ascii: "H"), p[j + 1] == UInt8(ascii: "T"), p[j + 2] == UInt8(ascii: "T"),
+              p[j + 3] == UInt8(ascii: "P"), p[j + 4] == UInt8(ascii: "/"), p[j + 5] == UInt8(ascii: "1"),
+              p[j + 6] == UInt8(ascii: "."), p[j + 7] == UInt8(ascii: "0") || p[j + 7] == UInt8(ascii: "1"), p[j + 8] == 0x20
+        else { return HeadError(status: 502, reason: "invalid status line") }
+        head.minorVersion = Int(p[j + 7] - 0x30)
+        var status = 0
+        for k in 9..<12 {
+            let c = p[j + k]
+            guard c >= 0x30, c <= 0x39 else { return HeadError(status: 502, reason: "invalid status code") }
+            status = status * 10 + Int(c - 0x30)
+        }
+        guard status >= 100, to - j == 12 || p[j + 12] == 0x20 else { return HeadError(status: 502, reason: "invalid status code") }
+        for k in (j + 12)..<to where !ASCII.isFieldByte(p[k]) { return HeadError(status: 502, reason: "invalid reason phrase") }
+        head.status = status
+        return nil
+    }
+
+    private static func classify(_ p: UnsafeRawBufferPointer, from: Int, to: Int) -> HeaderKind {
+        @inline(__always) func eq(_ s: StaticString) -> Bool {
+            guard s.utf8CodeUnitCount == to - from else { return false }
+            return s.withUTF8Buffer { b in
+                for k in 0..<b.count where ASCII.lower(p[from + k]) != b[k] { return false }
+                return true
+            }
+        }
+        switch to - from {
+        case 2: return eq("te") ? .te : .other
+        case 4: return eq("host") ? .host : .other
+        case 6: return eq("expect") ? .expect : .other
+        case 7: return eq("upgrade") ? .upgrade : eq("trailer") ? .trailer : .other
+        case 10: return eq("connection") ? .connection : eq("keep-alive") ? .keepAlive : .other
+        case 14: return eq("content-length") ? .contentLength : .other
+        case 15: return eq("x-forwarded-for") ? .xForwardedFor : .other
+        case 16: return eq("proxy-connection") ? .proxyConnection : .other
+        case 17: return eq("transfer-encoding") ? .transferEncoding : .other
+        default: return .other
+        }
+    }
+
+    /// Reads framing and connection semantics from the headers, refusing what is ambiguous.
+    private static func interpret(_ head: inout ParsedHead, p: UnsafeRawBufferPointer, kind: Kind) -> HeadError? {
+        let bad = kind == .request ? 400 : 502
+        var sawTE = false
+        for idx in head.headers.indices {
+            let h = head.headers[idx]
+            let vs = Int(h.valueStart), ve = Int(h.valueEnd)
+            switch h.kind {
+            case .contentLength:
+                guard head.contentLength == nil else { return HeadError(status: bad, reason: "duplicate Content-Length") }
+                guard ve > vs, ve - vs <= 18 else { return HeadError(status: bad, reason: "invalid Content-Length") }
+                var v: Int64 = 0
+                for k in vs..<ve {
+                    let c = p[k]
+                    guard c >= 0x30, c <= 0x39 else { return HeadError(status: bad, reason: "invalid Content-Length") }
+                    v = v * 10 + Int64(c - 0x30)
+                }
+                head.contentLength = v
+            case .transferEncoding:
+                guard !sawTE else { return HeadError(status: bad, reason: "duplicate Transfer-Encoding") }
+                sawTE = true
+                guard equalsIgnoringCase(p, vs, ve, "chunked") else {
+                    return HeadError(status: kind == .request ? 501 : 502, reason: "unsupported Transfer-Encoding")
+                }
+                head.chunked = true
+            case .host:
+                guard head.hostIndex == nil else { return HeadError(status: bad, reason: "duplicate Host") }
+                head.hostIndex = idx
+            case .connection:
+                var k = vs
+                while k < ve {
+                    while k < ve, p[k] == 0x20 || p[k] == 0x09 || p[k] == UInt8(ascii: ",") { k += 1 }
+                    let ts = k
+                    while k < ve, p[k] != UInt8(ascii: ","), p[k] != 0x20, p[k] != 0x09 { k += 1 }
+                    guard k > ts else { continue }
+                    if equalsIgnoringCase(p, ts, k, "close") { head.connectionClose = true }
+                    else if equalsIgnoringCase(p, ts, k, "keep-alive") { head.connectionKeepAlive = true }
+                    else if equalsIgnoringCase(p, ts, k, "upgrade") { head.connectionUpgrade = true }
+                    else {
+                        // Any other header it names is hop-by-hop for this message.
+                        for m in head.headers.indices where Int(head.headers[m].nameEnd - head.headers[m].lineStart) == k - ts {
+                            let ls = Int(head.headers[m].lineStart)
+                            if (0..<(k - ts)).allSatisfy({ ASCII.lower(p[ls + $0]) == ASCII.lower(p[ts + $0]) }) {
+                                head.headers[m].droppedByConnection = true
+                            }
+                        }
+                    }
+                }
+            case .expect:
+                if equalsIgnoringCase(p, vs, ve, "100-continue") { head.expectContinue = true }
+            case .upgrade:
+                head.upgradeIndex = idx
+            case .keepAlive where kind == .response:
+                // timeout=N, max=M
+                var k = vs
+                while k < ve {
+                    while k < ve, p[k] == 0x20 || p[k] == UInt8(ascii: ",") { k += 1 }
+                    let ks = k
+                    while k < ve, p[k] != UInt8(ascii: "="), p[k] != UInt8(ascii: ",") { k += 1 }
+                    let ke = k
+                    var num: Int?
+                    if k < ve, p[k] == UInt8(ascii: "=") {
+                        k += 1
+                        var v = 0
+                        var digits = 0
+                        while k < ve, p[k] >= 0x30, p[k] <= 0x39, digits < 9 { v = v * 10 + Int(p[k] - 0x30); k += 1; digits += 1 }
+                        if digits > 0 { num = v }
+                        while k < ve, p[k] != UInt8(ascii: ",") { k += 1 }
+                    }
+                    if equalsIgnoringCase(p, ks, ke, "timeout") { head.keepAliveTimeout = num }
+                    else if equalsIgnoringCase(p, ks, ke, "max") { head.keepAliveMax = num }
+                }
+            default:
+                break
+            }
+        }
+        if head.chunked && head.contentLength != nil {
+            return HeadError(status: bad, reason: "both Content-Length and Transfer-Encoding")
+        }
+        if kind == .request {
+            if head.chunked && head.minorVersion == 0 {
+                return HeadError(status: 400, reason: "Transfer-Encoding in an HTTP/1.0 request")
+            }
+            if head.minorVersion == 1 && head.hostIndex == nil {
+                return HeadError(status: 400, reason: "missing Host header")
+            }
+        }
+        return nil
+    }
+
+    @inline(__always)
+    static func equalsIgnoringCase(_ p: UnsafeRawBufferPointer, _ s: Int, _ e: Int, _ lit: StaticString) -> Bool {
+        guard e - s == lit.utf8CodeUnitCount else { return false }
+        return lit.withUTF8Buffer { b in
+            for k in 0..<b.count where ASCII.lower(p[s + k]) != b[k] { return false }
+            return true
+        }
+    }
+}

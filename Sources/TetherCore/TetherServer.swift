@@ -1,0 +1,141 @@
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import TetherConfig
+
+/// A running proxy: event loops, their listeners, and the per-loop state.
+public final class TetherServer: Sendable {
+    public let configuration: Configuration
+    private let group: MultiThreadedEventLoopGroup
+    private let setup: ProxySetup
+    private let loops: [NIOLoopBound<LoopContext>]
+    private let channels: NIOLockedValueBox<[Channel]>
+    private let accessLog: AccessLogSink?
+    private let logger: Logger
+    /// The bound port of each listening address, in configuration order (useful with port 0).
+    public let boundAddresses: NIOLockedValueBox<[(configured: String, port: Int)]>
+
+    public init(configuration: Configuration, logger: Logger) throws {
+        self.configuration = configuration
+        self.logger = logger
+        setup = try ProxySetup(configuration)
+        let threads: Int
+        switch configuration.workerProcesses {
+        case .auto: threads = System.coreCount
+        case .count(let n): threads = n
+        }
+        group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
+        var paths = Set<String>()
+        for s in configuration.servers {
+            for a in s.settings.accessLog { if case .file(let p, _) = a { paths.insert(p) } }
+            for l in s.locations { for a in l.settings.accessLog { if case .file(let p, _) = a { paths.insert(p) } } }
+        }
+        accessLog = paths.isEmpty ? nil : try AccessLogSink(paths: paths)
+        let setup = self.setup
+        let log = self.accessLog
+        loops = try group.makeIterator().map { el in
+            try el.submit { NIOLoopBound(LoopContext(eventLoop: el, setup: setup, logger: logger, accessLog: log), eventLoop: el) }.wait()
+        }
+        channels = NIOLockedValueBox([])
+        boundAddresses = NIOLockedValueBox([])
+    }
+
+    /// Binds every listening address on every loop (one SO_REUSEPORT socket per loop, so each
+    /// loop accepts its own connections and nothing crosses threads).
+    public func start() throws {
+        for (listen, hosts, servers) in setup.virtualHosts() {
+            var port = listen.port
+            for bound in loops {
+                let loopContext = bound
+                let el = bound.eventLoop
+                let maxConnections = configuration.workerConnections
+                let channel = try ServerBootstrap(group: el)
+                    .serverChannelOption(.backlog, value: Int32(listen.backlog))
+                    .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                    .serverChannelOption(ChannelOptions.socket(SocketOptionLevel(SOL_SOCKET), SO_REUSEPORT), value: 1)
+                    .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+                    .childChannelOption(.maxMessagesPerRead, value: 4)
+                    .childChannelInitializer { channel in
+                        channel.eventLoop.makeCompletedFuture {
+                            let lc = loopContext.value
+                            if lc.stats.downstreamActive >= maxConnections || lc.draining {
+                                if !lc.draining { lc.logger.warning("\(maxConnections) worker_connections are not enough") }
+                                channel.close(promise: nil)
+                                return
+                            }
+                            try channel.pipeline.syncOperations.addHandler(
+                                DownstreamHandler(loop: lc, hosts: hosts, servers: servers, serverPort: port))
+                        }
+                    }
+                    .bind(host: listen.address, port: port)
+                    .wait()
+                if port == 0 { port = channel.localAddress?.port ?? 0 }
+                channels.withLockedValue { $0.append(channel) }
+            }
+            let actual = port
+            boundAddresses.withLockedValue { $0.append((listen.addressText, actual)) }
+            logger.info("listening on \(listen.address):\(actual) with \(loops.count) event loops")
+        }
+        for w in configuration.warnings { logger.warning("\(w)") }
+    }
+
+    /// Stops accepting, lets requests in flight finish (their responses say `Connection: close`),
+    /// closes idle connections on both sides, and force-closes what is left after `timeout`.
+    public func shutdown(timeout: TimeAmount = .seconds(10)) {
+        let listeners = channels.withLockedValue { c -> [Channel] in let l = c; c = []; return l }
+        for ch in listeners { try? ch.close().wait() }
+        for bound in loops {
+            try? bound.eventLoop.submit {
+                let lc = bound.value
+                lc.draining = true
+                for c in lc.connections.values { c.drainIfIdle() }
+                for g in lc.allGroups { for s in g.servers { s.drain() } }
+            }.wait()
+        }
+        let deadline = NIODeadline.now() + timeout
+        while NIODeadline.now() < deadline {
+            let active = loops.map { b in (try? b.eventLoop.submit { b.value.connections.count }.wait()) ?? 0 }.reduce(0, +)
+            if active == 0 { break }
+            usleep(20_000)
+        }
+        for bound in loops {
+            try? bound.eventLoop.submit {
+                for c in bound.value.connections.values { c.close() }
+                for g in bound.value.allGroups { for s in g.servers { s.drain() } }
+            }.wait()
+        }
+        try? group.syncShutdownGracefully()
+        accessLog?.shutdown()
+    }
+
+    /// Every loop's counters, summed.
+    public func stats() -> StatsSnapshot {
+        var total = LoopStats()
+        var idle = 0
+        var learned: [String: Int64] = [:]
+        for bound in loops {
+            let (s, i, l) = (try? bound.eventLoop.submit { () -> (LoopStats, Int, [String: Int64]) in
+                var idle = 0
+                var learned: [String: Int64] = [:]
+                for g in bound.value.allGroups {
+                    for s in g.servers {
+                        idle += s.state.idleCount
+                        if let v = s.state.learnedIdleMs { learned["\(g.name) \(s.spec.addressText)"] = v }
+                    }
+                }
+                return (bound.value.stats, idle, learned)
+            }.wait()) ?? (LoopStats(), 0, [:])
+            total.add(s)
+            idle += i
+            learned.merge(l) { min($0, $1) }
+        }
+        return StatsSnapshot(
+            acceptedConnections: total.downstreamAccepted, activeConnections: total.downstreamActive,
+            requests: total.downstreamRequests, upstreamConnects: total.upstreamConnects,
+            upstreamRequests: total.upstreamRequests, upstreamReused: total.upstreamReused,
+            upstreamRetries: total.upstreamRetries, upstreamFailures: total.upstreamFailures,
+            upstreamClosed: total.upstreamClosedByReason, downstreamClosed: total.downstreamClosed,
+            idleUpstreamConnections: idle, learnedIdleMs: learned)
+    }
+}

@@ -1,0 +1,178 @@
+import Logging
+import NIOCore
+import NIOPosix
+import TetherConfig
+import TetherPool
+
+/// Milliseconds on the monotonic clock, as the pool state machines take time.
+@inline(__always) func nowMs() -> Int64 { Int64(NIODeadline.now().uptimeNanoseconds / 1_000_000) }
+
+/// The pool of one upstream server on one event loop: runs the `ConnectionPool` state machine's
+/// answers. Confined to its loop; no locks.
+final class ServerPool {
+    let address: SocketAddress
+    let spec: UpstreamServer
+    let index: Int
+    unowned let group: UpstreamGroup
+    var state: ConnectionPool<ObjectIdentifier>
+    private var connections: [ObjectIdentifier: UpstreamConnection] = [:]
+    private var tickScheduled = false
+
+    init(address: SocketAddress, spec: UpstreamServer, index: Int, group: UpstreamGroup, policy: PoolPolicy) {
+        self.address = address
+        self.spec = spec
+        self.index = index
+        self.group = group
+        self.state = ConnectionPool(policy: policy)
+    }
+
+    var loop: LoopContext { group.loop }
+
+    /// A warm connection, or nil when a new one must be opened (the pool then counts a connect under way).
+    func lease() -> (UpstreamConnection, idleMs: Int64)? {
+        let (lease, expired) = state.lease(now: nowMs())
+        closeAll(expired)
+        switch lease {
+        case .reuse(let id, let idleMs):
+            return (connections[id]!, idleMs)
+        case .connect:
+            return nil
+        }
+    }
+
+    func connect(timeoutMs: Int64) -> EventLoopFuture<UpstreamConnection> {
+        let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
+        let started = NIODeadline.now()
+        return ClientBootstrap(group: loop.eventLoop)
+            .connectTimeout(.milliseconds(timeoutMs))
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(UpstreamConnection(pool: bound.value))
+                }
+            }
+            .connect(to: address)
+            .assumeIsolated()
+            .flatMapThrowing { channel -> UpstreamConnection in
+                let conn = try channel.pipeline.syncOperations.handler(type: UpstreamConnection.self)
+                let pool = bound.value
+                pool.connections[conn.id] = conn
+                pool.state.connected(conn.id, now: nowMs())
+                pool.loop.stats.upstreamConnects += 1
+                pool.loop.stats.upstreamConnectNanos += (NIODeadline.now() - started).nanoseconds
+                return conn
+            }
+            .flatMapErrorThrowing { error in
+                bound.value.state.connectFailed()
+                throw error
+            }
+            .nonisolated()
+    }
+
+    /// The exchange on `conn` ended; keep it warm if the pool's rules allow.
+    func release(_ conn: UpstreamConnection, reusable: Bool, backend: ConnectionPool<ObjectIdentifier>.BackendKeepAlive?) {
+        conn.delegate = nil
+        conn.sawResponseByte = false
+        let (decision, warn) = state.release(conn.id, now: nowMs(), reusable: reusable && conn.isOpen, backend: backend)
+        if let warn {
+            loop.logger.warning("upstream \"\(group.name)\" server \(spec.addressText) advertises Keep-Alive: timeout=\(warn / 1000), shorter than its keepalive_timeout \(Units.formatTime(state.policy.idleTimeoutMs)); Tether expires its connections before the backend does")
+        }
+        switch decision {
+        case .keep:
+            conn.resumeReading()
+            scheduleTick()
+        case .close(let reason):
+            connections.removeValue(forKey: conn.id)
+            loop.stats.upstreamClosed(reason)
+            conn.close()
+        }
+    }
+
+    /// A leased connection failed or was closed while in use.
+    func discard(_ conn: UpstreamConnection, reason: CloseReason) {
+        state.leasedClosed(conn.id)
+        if connections.removeValue(forKey: conn.id) != nil { loop.stats.upstreamClosed(reason) }
+        conn.close()
+    }
+
+    /// An idle connection saw EOF, data or an error.
+    func idleConnectionClosed(_ conn: UpstreamConnection, byPeer: Bool) {
+        guard connections.removeValue(forKey: conn.id) != nil else { return }
+        loop.stats.upstreamClosed(byPeer ? .peerClosed : .error)
+        if let learned = state.idleClosed(conn.id, now: nowMs(), byPeer: byPeer) {
+            loop.logger.notice("upstream \"\(group.name)\" server \(spec.addressText) closed an idle connection; its idle window is now taken as \(Units.formatTime(learned))")
+        }
+    }
+
+    /// A reused connection failed before any response byte: learn that the backend's window is shorter.
+    func reusedConnectionFailed(idleMs: Int64) {
+        if let learned = state.reusedConnectionFailed(idleMs: idleMs) {
+            loop.logger.notice("upstream \"\(group.name)\" server \(spec.addressText) dropped a connection idle for \(Units.formatTime(idleMs)); its idle window is now taken as \(Units.formatTime(learned))")
+        }
+    }
+
+    private func closeAll(_ list: [(ObjectIdentifier, CloseReason)]) {
+        for (id, reason) in list {
+            if let c = connections.removeValue(forKey: id) {
+                loop.stats.upstreamClosed(reason)
+                c.close()
+            }
+        }
+    }
+
+    /// Keeps a timer running while there are idle connections, for expiry and trimming.
+    private func scheduleTick() {
+        guard !tickScheduled, let next = state.nextExpiry() else { return }
+        tickScheduled = true
+        let delay = max(10, next - nowMs())
+        let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
+        loop.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(delay)) {
+            let pool = bound.value
+            pool.tickScheduled = false
+            pool.closeAll(pool.state.tick(now: nowMs()))
+            pool.scheduleTick()
+        }
+    }
+
+    func drain() {
+        for id in state.drainIdle() {
+            if let c = connections.removeValue(forKey: id) {
+                loop.stats.upstreamClosed(.shutdown)
+                c.close()
+            }
+        }
+    }
+}
+
+/// One upstream on one event loop: its balancer and a pool per server.
+final class UpstreamGroup {
+    let name: String
+    unowned let loop: LoopContext
+    var balancer: Balancer
+    var servers: [ServerPool] = []
+
+    init(upstream: ResolvedUpstream, loop: LoopContext) {
+        self.name = upstream.config.name
+        self.loop = loop
+        let u = upstream.config
+        balancer = Balancer(
+            u.servers.map { PeerSpec(weight: $0.weight, maxFails: $0.maxFails, failTimeoutMs: $0.failTimeoutMs, backup: $0.backup, down: $0.down) },
+            method: u.balancing == .leastConn ? .leastConn : .roundRobin
+        )
+        let policy = PoolPolicy(keepalive: u.keepalive, idleTimeoutMs: u.keepaliveTimeoutMs, maxRequests: u.keepaliveRequests, maxLifetimeMs: u.keepaliveTimeMs)
+        for (i, s) in u.servers.enumerated() {
+            servers.append(ServerPool(address: upstream.addresses[i], spec: s, index: i, group: self, policy: policy))
+        }
+    }
+}
+
+/// An upstream with its servers' socket addresses, made once at start-up.
+struct ResolvedUpstream: Sendable {
+    var config: Upstream
+    var addresses: [SocketAddress]
+
+    init(_ u: Upstream) throws {
+        config = u
+        addresses = try u.servers.map { try SocketAddress(ipAddress: $0.address, port: $0.port) }
+    }
+}

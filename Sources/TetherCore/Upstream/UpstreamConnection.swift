@@ -1,0 +1,103 @@
+import NIOCore
+import TetherPool
+
+/// What an upstream connection reports to the exchange that leased it.
+protocol UpstreamDelegate: AnyObject {
+    func upstreamRead(_ buffer: ByteBuffer)
+    func upstreamReadComplete()
+    func upstreamClosed(_ connection: UpstreamConnection, error: Error?)
+    func upstreamWritabilityChanged(_ connection: UpstreamConnection)
+}
+
+/// The one handler of an upstream channel. While leased it hands bytes to its delegate; while
+/// idle in the pool it watches: any byte or EOF closes it at once (no CLOSE_WAIT is left).
+final class UpstreamConnection: ChannelDuplexHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    unowned let pool: ServerPool
+    weak var delegate: UpstreamDelegate?
+    private(set) var context: ChannelHandlerContext?
+    private var readPaused = false
+    private var pendingRead = false
+    private(set) var isOpen = true
+    /// Set once any byte was read on this connection for the current exchange.
+    var sawResponseByte = false
+
+    init(pool: ServerPool) { self.pool = pool }
+
+    var id: ObjectIdentifier { ObjectIdentifier(self) }
+    var isWritable: Bool { context?.channel.isWritable ?? false }
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let buffer = unwrapInboundIn(data)
+        if let delegate {
+            sawResponseByte = true
+            delegate.upstreamRead(buffer)
+        } else {
+            // Bytes on an idle connection: the backend is out of step; never reuse it.
+            pool.idleConnectionClosed(self, byPeer: false)
+            close()
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        delegate?.upstreamReadComplete()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        isOpen = false
+        if let delegate {
+            self.delegate = nil
+            delegate.upstreamClosed(self, error: nil)
+        } else {
+            pool.idleConnectionClosed(self, byPeer: true)
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        if let delegate {
+            self.delegate = nil
+            delegate.upstreamClosed(self, error: error)
+        } else {
+            pool.idleConnectionClosed(self, byPeer: false)
+        }
+        close()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        delegate?.upstreamWritabilityChanged(self)
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if readPaused { pendingRead = true } else { context.read() }
+    }
+
+    /// Stops reading (the client is not keeping up) until `resumeReading`.
+    func pauseReading() { readPaused = true }
+
+    func resumeReading() {
+        guard readPaused else { return }
+        readPaused = false
+        if pendingRead, let context {
+            pendingRead = false
+            context.read()
+        }
+    }
+
+    func write(_ buffer: ByteBuffer) {
+        context?.write(wrapOutboundOut(buffer), promise: nil)
+    }
+
+    func flush() { context?.flush() }
+
+    func close() {
+        guard isOpen, let context else { return }
+        isOpen = false
+        delegate = nil
+        context.close(promise: nil)
+    }
+}
