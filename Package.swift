@@ -52,9 +52,11 @@ let package = Package(
             dependencies: [
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
-                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ],
-            path: "Tests/TetherTestSupport"
+            path: "Tests/TetherTestSupport",
+            // Checksumming hundreds of megabytes must not dominate a debug test run.
+            swiftSettings: [.unsafeFlags(["-O"])]
         ),
         .testTarget(name: "TetherConfigTests", dependencies: ["TetherConfig"]),
         .testTarget(name: "TetherPoolTests", dependencies: ["TetherPool"]),
