@@ -273,8 +273,13 @@ final class BackendHandler: ChannelInboundHandler {
 
     var pending: (total: Int, sent: Int, mode: String, close: Bool)?
 
+    var pumping = false
+
     func pump(_ context: ChannelHandlerContext) {
-        guard var p = pending else { return }
+        // A write can change writability synchronously and call back in here.
+        guard !pumping, var p = pending else { return }
+        pumping = true
+        defer { pumping = false }
         while p.sent < p.total && context.channel.isWritable {
             let n = min(65536, p.total - p.sent)
             var b = context.channel.allocator.buffer(capacity: n + 16)
@@ -285,11 +290,13 @@ final class BackendHandler: ChannelInboundHandler {
             }
             if p.mode == "chunked" { b.writeString("\r\n") }
             p.sent += n
+            pending = p
             context.writeAndFlush(wrapOutboundOut(b), promise: nil)
         }
         pending = p
         if p.sent == p.total {
             pending = nil
+            pumping = false  // the next pipelined request may stream too
             if p.mode == "chunked" { context.write(wrapOutboundOut(ByteBuffer(string: "0\r\n\r\n")), promise: nil) }
             busy = false
             finish(context, close: p.close)
@@ -310,8 +317,9 @@ final class BackendHandler: ChannelInboundHandler {
         lastActivity = .now()
         if close {
             closing = true
-            context.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: nil)
-            context.close(promise: nil)
+            // Close only once everything written has gone out.
+            let ctx = NIOLoopBound(context, eventLoop: context.eventLoop)
+            context.writeAndFlush(wrapOutboundOut(ByteBuffer())).assumeIsolated().whenComplete { _ in ctx.value.close(promise: nil) }
         } else {
             context.flush()
             armIdle(context)

@@ -675,6 +675,8 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         accessLog(e)
         ex = nil
         headerStorage = []
+        // One flush per response, whichever side's event finished it.
+        flushIfNeeded()
         if e.closeAfter {
             state = .closed
             flushAndClose()

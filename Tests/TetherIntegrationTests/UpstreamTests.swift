@@ -1,0 +1,204 @@
+import NIOCore
+import Testing
+import TetherTestSupport
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@Suite struct UpstreamTests {
+    /// A backend that closes idle connections after 1 s, hit about once a second: every GET succeeds.
+    @Test func backendClosingIdleConnectionsCausesNoFailures() throws {
+        var o = TestBackend.Options()
+        o.closeIdleAfterMs = 1_000
+        try withProxy(backend: o, workers: 1) { proxy, backend in
+            let c = try proxy.client()
+            var failures = 0
+            for i in 0..<30 {
+                // Around the backend's window: 0.9 s .. 1.1 s.
+                usleep(UInt32(900_000 + (i % 3) * 100_000))
+                try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                if try c.readResponse().status != 200 { failures += 1 }
+            }
+            #expect(failures == 0)
+            #expect(backend.requestCount == 30)
+            // Closes the backend made were seen on idle connections and counted.
+            #expect(proxy.server.stats().upstreamClosed["peer_closed", default: 0] >= 1)
+        }
+    }
+
+    /// A backend that drops, unanswered, requests on connections idle for 1 s or more: GETs are
+    /// retried on a fresh connection; after the first drop Tether learns the window, so POSTs stop failing.
+    @Test func racingBackendIsRetriedAndLearned() throws {
+        var o = TestBackend.Options()
+        o.dropRequestsIdleForMs = 1_000
+        try withProxy(backend: o, workers: 1) { proxy, backend in
+            let c = try proxy.client()
+            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(try c.readResponse().status == 200)
+            var getFailures = 0
+            for _ in 0..<4 {
+                usleep(1_050_000)
+                try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                if try c.readResponse().status != 200 { getFailures += 1 }
+            }
+            #expect(getFailures == 0)
+            #expect(backend.droppedCount == 1, "only the first stale connection meets the backend's close")
+            let stats = proxy.server.stats()
+            #expect(stats.upstreamRetries["reused_connection_closed"] == 1)
+            #expect(stats.learnedIdleMs.values.first.map { $0 < 1_000 } == true)
+            var postFailures = 0
+            for _ in 0..<3 {
+                usleep(1_050_000)
+                try c.send("POST /sum HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc")
+                if try c.readResponse().status != 200 { postFailures += 1 }
+            }
+            #expect(postFailures == 0)
+            #expect(backend.droppedCount == 1)
+        }
+    }
+
+    /// Without learning, a POST on a stale connection is not retried: it is not idempotent.
+    @Test func nonIdempotentRequestIsNotRetriedOnAStaleConnection() throws {
+        var o = TestBackend.Options()
+        o.dropRequestsIdleForMs = 300
+        try withProxy(backend: o, workers: 1) { proxy, backend in
+            let c = try proxy.client()
+            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(try c.readResponse().status == 200)
+            usleep(400_000)
+            try c.send("POST /sum HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\nx")
+            #expect(try c.readResponse().status == 502)
+            #expect(backend.droppedCount == 1)
+            #expect(proxy.server.stats().upstreamRetries["reused_connection_closed"] == nil)
+        }
+    }
+
+    /// `Keep-Alive: timeout=2` from the backend: Tether never sends on a connection idle for 2 s.
+    @Test func backendKeepAliveTimeoutIsHonoured() throws {
+        var o = TestBackend.Options()
+        o.keepAliveHeader = "timeout=2, max=100"
+        try withProxy(backend: o, workers: 1, upstream: "keepalive_timeout 60s;") { proxy, backend in
+            let c = try proxy.client()
+            for pause in [0, 500_000, 1_200_000, 2_100_000, 300_000, 1_700_000] {
+                usleep(UInt32(pause))
+                try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                #expect(try c.readResponse().status == 200)
+            }
+            #expect(backend.requests.allSatisfy { $0.idleMs < 2_000 }, "\(backend.requests.map(\.idleMs))")
+            #expect(backend.requests.contains { $0.idleMs >= 400 }, "connections are still reused within the window")
+        }
+    }
+
+    /// When the backend closes its side of an idle pooled connection, Tether closes its side at once.
+    @Test func noCloseWaitAfterBackendCloses() throws {
+        var o = TestBackend.Options()
+        o.closeIdleAfterMs = 200
+        try withProxy(backend: o, workers: 1) { proxy, backend in
+            let c = try proxy.client()
+            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(try c.readResponse().status == 200)
+            #expect(eventually { backend.openConnections == 0 })
+            #expect(eventually { proxy.server.stats().idleUpstreamConnections == 0 })
+            #expect(eventually { socketsInState("08", remotePort: backend.port) == 0 })
+            #expect(proxy.server.stats().upstreamClosed["peer_closed"] == 1)
+        }
+    }
+
+    @Test func backendDownGives502() throws {
+        let proxy = try RunningProxy(config: """
+            worker_processes 1;
+            http { server { listen 127.0.0.1:0; location / { proxy_pass http://127.0.0.1:1; } } }
+            """)
+        defer { proxy.stop() }
+        let c = try proxy.client()
+        try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        let r = try c.readResponse()
+        #expect(r.status == 502)
+        #expect(r.bodyText.contains("502 Bad Gateway"))
+        // The client connection stays usable.
+        try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        #expect(try c.readResponse().status == 502)
+        #expect(proxy.server.stats().upstreamFailures["error"] == 2)
+    }
+
+    @Test func slowBackendGives504() throws {
+        try withProxy(location: "proxy_read_timeout 300ms;") { proxy, _ in
+            let c = try proxy.client()
+            let t = NIODeadline.now()
+            try c.send("GET /slow/3000 HTTP/1.1\r\nHost: t\r\n\r\n")
+            let r = try c.readResponse()
+            #expect(r.status == 504)
+            #expect(seconds(since: t) < 2)
+        }
+    }
+
+    @Test func malformedUpstreamResponseGives502() throws {
+        try withProxy { proxy, _ in
+            let c = try proxy.client()
+            try c.send("GET /garbage HTTP/1.1\r\nHost: t\r\n\r\n")
+            let r = try c.readResponse()
+            #expect(r.status == 502)
+            #expect(!r.bodyText.contains("nonsense"))
+        }
+    }
+
+    @Test func nextUpstreamAfterConnectFailure() throws {
+        let backend = try TestBackend()
+        defer { backend.stop() }
+        let proxy = try RunningProxy(config: """
+            worker_processes 1;
+            http {
+                upstream pair { server 127.0.0.1:1; server 127.0.0.1:\(backend.port); }
+                server { listen 127.0.0.1:0; location / { proxy_pass http://pair; } }
+            }
+            """)
+        defer { proxy.stop() }
+        let c = try proxy.client()
+        for _ in 0..<4 {
+            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(try c.readResponse().status == 200)
+        }
+        #expect(backend.requestCount == 4)
+    }
+
+    @Test func upstreamConnectionCloseIsNotReused() throws {
+        var o = TestBackend.Options()
+        o.closeAfterRequests = 1
+        try withProxy(backend: o, workers: 1) { proxy, backend in
+            let c = try proxy.client()
+            for _ in 0..<3 {
+                try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                let r = try c.readResponse()
+                #expect(r.status == 200)
+                // The backend's Connection: close is hop-by-hop: the client connection stays open.
+                #expect(r.header("connection") == nil)
+            }
+            #expect(backend.connectionCount == 3)
+            #expect(proxy.server.stats().upstreamRetries.isEmpty)
+        }
+    }
+
+    @Test func closeDelimitedResponseIsChunkedForHTTP11Clients() throws {
+        try withProxy { proxy, backend in
+            let c = try proxy.client()
+            for _ in 0..<2 {
+                try c.send("GET /bytes/100000?mode=close HTTP/1.1\r\nHost: t\r\n\r\n")
+                let r = try c.readResponse()
+                #expect(r.header("transfer-encoding") == "chunked")
+                #expect(r.bodySum == Pattern.checksum(count: 100_000))
+            }
+            #expect(backend.connectionCount == 2)
+        }
+    }
+
+    @Test func chunkedResponseIsDechunkedForHTTP10Clients() throws {
+        try withProxy { proxy, _ in
+            let c = try proxy.client()
+            try c.send("GET /bytes/70000?mode=chunked HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            let r = try c.readResponse()
+            #expect(r.header("transfer-encoding") == nil)
+            #expect(r.header("connection") == "close")
+            #expect(r.bodySum == Pattern.checksum(count: 70_000))
+        }
+    }
+}
