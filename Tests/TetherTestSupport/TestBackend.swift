@@ -125,6 +125,7 @@ final class BackendHandler: ChannelInboundHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var b = unwrapInboundIn(data)
+        if buffer.readerIndex > 65536 { buffer.discardReadBytes() }
         buffer.writeBuffer(&b)
         idleTimer?.cancel()
         process(context)

@@ -97,6 +97,9 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         if inbound == nil || inbound!.readableBytes == 0 {
             inbound = bytes
         } else {
+            // Leftover bytes (a pipelined request, a partial head): append behind them, without
+            // letting already consumed bytes pile up in front.
+            if inbound!.readerIndex > 16384 { inbound!.discardReadBytes() }
             var b = bytes
             inbound!.writeBuffer(&b)
         }

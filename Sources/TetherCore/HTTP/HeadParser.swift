@@ -289,7 +289,8 @@ enum HeadParser {
         }
         head.minorVersion = Int(p[j + 7] - 0x30)
         let t = p[targetStart]
-        guard t == UInt8(ascii: "/") || t == UInt8(ascii: "*") || (j - targetStart > 7 && ASCII.lower(t) == UInt8(ascii: "h")) else {
+        let isConnect = head.methodEnd - from == 7 && p[from] == UInt8(ascii: "C") && p[from + 1] == UInt8(ascii: "O")
+        guard t == UInt8(ascii: "/") || t == UInt8(ascii: "*") || isConnect || (j - targetStart > 7 && ASCII.lower(t) == UInt8(ascii: "h")) else {
             return HeadError(status: 400, reason: "invalid request target")
         }
         return nil

@@ -1,0 +1,83 @@
+import Foundation
+import Testing
+import TetherTestSupport
+
+/// Runs the built `tether` binary (next to the test bundle in the build folder).
+func runTether(_ args: [String], cwd: String? = nil) throws -> (status: Int32, out: String, err: String) {
+    let exe = URL(fileURLWithPath: try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
+    var dir = exe.deletingLastPathComponent()
+    while !FileManager.default.fileExists(atPath: dir.appendingPathComponent("tether").path) && dir.path != "/" {
+        dir = dir.deletingLastPathComponent()
+    }
+    let p = Process()
+    p.executableURL = dir.appendingPathComponent("tether")
+    p.arguments = args
+    if let cwd { p.currentDirectoryURL = URL(fileURLWithPath: cwd) }
+    let out = Pipe(), err = Pipe()
+    p.standardOutput = out
+    p.standardError = err
+    try p.run()
+    let o = out.fileHandleForReading.readDataToEndOfFile()
+    let e = err.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+}
+
+func packageRoot() -> String {
+    var url = URL(fileURLWithPath: #filePath)
+    while !FileManager.default.fileExists(atPath: url.appendingPathComponent("Package.swift").path) {
+        url = url.deletingLastPathComponent()
+    }
+    return url.path
+}
+
+@Suite struct CommandLineTests {
+    @Test func shippedConfigurationTestsSuccessfully() throws {
+        let r = try runTether(["-t", "-c", "conf/tether.conf"], cwd: packageRoot())
+        #expect(r.status == 0)
+        #expect(r.err.contains("tether: configuration file conf/tether.conf test is successful"))
+    }
+
+    @Test func effectiveConfigurationIsPrinted() throws {
+        let r = try runTether(["-T", "-c", "conf/tether.conf"], cwd: packageRoot())
+        #expect(r.status == 0)
+        #expect(r.out.contains("keepalive_timeout 1m5s;"))
+        #expect(r.out.contains("client_max_body_size 1m;"))
+        #expect(r.out.contains("listen 127.0.0.1:8081 backlog=511;"), "the include of conf.d/ is expanded")
+    }
+
+    @Test func badConfigurationExitsOneWithEveryErrorAndItsPlace() throws {
+        let dir = NSTemporaryDirectory() + "tether-cli-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let file = dir + "/bad.conf"
+        try """
+            http {
+                keepalive_timout 65;
+                server {
+                    listen 127.0.0.1:8080;
+                    location / { proxy_pass http://missing; }
+                }
+            }
+            """.write(toFile: file, atomically: true, encoding: .utf8)
+        let r = try runTether(["-t", "-c", file])
+        #expect(r.status == 1)
+        #expect(r.err.contains("tether: [emerg] \(file):2: unknown directive \"keepalive_timout\", did you mean \"keepalive_timeout\"?"))
+        #expect(r.err.contains("tether: [emerg] \(file):5: unknown upstream \"missing\" in \"proxy_pass\" directive"))
+        #expect(r.err.contains("tether: configuration file \(file) test failed"))
+        // Running (not only testing) a bad file fails the same way.
+        #expect(try runTether(["-c", file]).status == 1)
+    }
+
+    @Test func missingFileExitsOne() throws {
+        let r = try runTether(["-t", "-c", "/nonexistent/tether.conf"])
+        #expect(r.status == 1)
+        #expect(r.err.contains("open() \"/nonexistent/tether.conf\" failed (2: No such file or directory)"))
+    }
+
+    @Test func versionAndHelp() throws {
+        #expect(try runTether(["-v"]).out.hasPrefix("tether version: tether/"))
+        let help = try runTether(["--help"])
+        for flag in ["-c <file>", "-t", "-T", "-v", "-V"] { #expect(help.out.contains(flag), "\(flag) in --help") }
+    }
+}
