@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# Tether against nginx as a reverse proxy, in one run, in front of the same nginx backend.
+#
+#   bench/run.sh                 # 10 s per row
+#   DURATION=5 bench/run.sh      # shorter
+#
+# Each proxy runs one event loop / worker pinned to core 0; the backend and wrk share core 1.
+# Proxy CPU is utime+stime from /proc/PID/stat over each wrk run. Upstream connects are the
+# backend's accepted-connection count (its stub_status) over the run. Idle memory is the RSS
+# growth of the proxy while it holds IDLE keep-alive client connections.
+# Writes bench/out/results.md (a Markdown table with Tether/nginx ratios) and prints it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-10}
+IDLE=${IDLE:-5000}
+OUT=bench/out
+mkdir -p "$OUT"
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need wrk || ! need nginx || ! need taskset; then
+    apt-get update -qq
+    apt-get install -y -qq wrk nginx-light util-linux >/dev/null
+fi
+ulimit -n 65536 || true
+
+swift build -c release --product tether >/dev/null
+TETHER=$PWD/.build/release/tether
+HZ=$(getconf CLK_TCK)
+
+BACKEND_PORT=18081; TETHER_PORT=18080; NGINX_PORT=18082; STATUS_PORT=18083
+WORK=$(mktemp -d)
+cleanup() {
+    for p in $(cat "$WORK"/*.pid 2>/dev/null); do kill "$p" 2>/dev/null || true; done
+    sleep 0.5
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# --- the backend: nginx answering 12 bytes, with stub_status to count accepted connections
+cat > "$WORK/backend.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $WORK/backend.nginxpid;
+error_log $WORK/backend.err;
+worker_rlimit_nofile 65536;
+events { worker_connections 65536; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    server { listen 127.0.0.1:$BACKEND_PORT backlog=4096; location / { return 200 "hello world\n"; } }
+    server { listen 127.0.0.1:$STATUS_PORT; location / { stub_status; } }
+}
+CONF
+taskset -c 1 nginx -c "$WORK/backend.conf" -e "$WORK/backend.err" & echo $! > "$WORK/backend.pid"
+
+# --- Tether, one event loop
+cat > "$WORK/tether.conf" <<CONF
+worker_processes 1;
+error_log $WORK/tether.err error;
+events { worker_connections 65536; }
+http {
+    keepalive_timeout 300s;
+    keepalive_requests 1000000;
+    upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 64; keepalive_requests 1000000; }
+    server {
+        listen 127.0.0.1:$TETHER_PORT backlog=4096;
+        location / { proxy_pass http://backend; }
+    }
+}
+CONF
+taskset -c 0 "$TETHER" -c "$WORK/tether.conf" & echo $! > "$WORK/tether.pid"
+
+# --- nginx as a proxy, one worker, the keep-alive upstream setup its docs recommend
+cat > "$WORK/nginx.conf" <<CONF
+worker_processes 1;
+daemon off;
+master_process off;
+pid $WORK/proxy.nginxpid;
+error_log $WORK/nginx.err;
+worker_rlimit_nofile 65536;
+events { worker_connections 65536; }
+http {
+    access_log off;
+    keepalive_timeout 300s;
+    keepalive_requests 1000000;
+    upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 64; keepalive_requests 1000000; }
+    server {
+        listen 127.0.0.1:$NGINX_PORT backlog=4096;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }
+    }
+}
+CONF
+taskset -c 0 nginx -c "$WORK/nginx.conf" -e "$WORK/nginx.err" & echo $! > "$WORK/nginx.pid"
+
+for port in $BACKEND_PORT $TETHER_PORT $NGINX_PORT $STATUS_PORT; do
+    for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/" >/dev/null 2>&1 && break; sleep 0.1; done
+done
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+accepts() { curl -fs "http://127.0.0.1:$STATUS_PORT/" | awk 'NR==3 {print $1}'; }
+
+# run NAME PID PORT CONNECTIONS -> "rps cpu_us_per_req p99_ms connects"
+run() {
+    local pid=$2 port=$3 c=$4
+    taskset -c 1 wrk -t1 -c"$c" -d2s "http://127.0.0.1:$port/" >/dev/null 2>&1   # warm-up
+    local a0 t0; a0=$(accepts); t0=$(cpu_ticks "$pid")
+    taskset -c 1 wrk -t1 -c"$c" -d"${DURATION}s" --latency "http://127.0.0.1:$port/" > "$OUT/wrk-$1-c$c.txt" 2>&1
+    local a1 t1; a1=$(accepts); t1=$(cpu_ticks "$pid")
+    local reqs p99
+    reqs=$(awk '/requests in/ {print $1}' "$OUT/wrk-$1-c$c.txt")
+    p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' "$OUT/wrk-$1-c$c.txt")
+    echo "$(awk -v r="$reqs" -v d="$DURATION" 'BEGIN{printf "%.0f", r/d}') $(awk -v t=$((t1 - t0)) -v hz="$HZ" -v r="$reqs" 'BEGIN{printf "%.1f", t/hz*1e6/r}') $p99 $((a1 - a0 - 1))"
+}
+
+# idle NAME PID PORT -> KiB per idle keep-alive connection
+idle() {
+    local pid=$2 port=$3
+    local before after
+    before=$(rss_kb "$pid")
+    python3 - "$port" "$IDLE" > "$OUT/idle-$1.txt" <<'PY' &
+import socket, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+socks = []
+for i in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n")
+    socks.append(s)
+for s in socks:
+    data = b""
+    while not data.endswith(b"hello world\n"):
+        data += s.recv(4096)
+print("ready", flush=True)
+time.sleep(4)
+PY
+    local py=$!
+    for _ in $(seq 200); do grep -q ready "$OUT/idle-$1.txt" 2>/dev/null && break; sleep 0.1; done
+    sleep 1
+    after=$(rss_kb "$pid")
+    wait $py || true
+    awk -v a="$after" -v b="$before" -v n="$IDLE" 'BEGIN{printf "%.2f", (a-b)/n}'
+}
+
+TP=$(cat "$WORK/tether.pid"); NP=$(cat "$WORK/nginx.pid")
+{
+echo "Tether $(${TETHER} -v | awk '{print $3}') vs $(nginx -v 2>&1 | sed 's/.*: //'), $(date -u +%Y-%m-%d), $(nproc) cores, ${DURATION}s per row, 12-byte responses, keep-alive both sides."
+echo "Proxy pinned to core 0 (one event loop / one worker); wrk and the nginx backend on core 1."
+echo
+echo "| connections | metric | Tether | nginx | Tether/nginx |"
+echo "|---|---|---|---|---|"
+for c in 50 256; do
+    read -r trps tcpu tp99 tcx <<<"$(run tether "$TP" $TETHER_PORT $c)"
+    read -r nrps ncpu np99 ncx <<<"$(run nginx "$NP" $NGINX_PORT $c)"
+    ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b == 0) print "–"; else printf "%.2f", a/b }'; }
+    echo "| $c | requests/s | $trps | $nrps | $(ratio "$trps" "$nrps") |"
+    echo "| $c | proxy CPU µs/request | $tcpu | $ncpu | $(ratio "$tcpu" "$ncpu") |"
+    echo "| $c | latency p99 (ms) | $tp99 | $np99 | $(ratio "$tp99" "$np99") |"
+    echo "| $c | upstream connects during the run | $tcx | $ncx | – |"
+done
+ti=$(idle tether "$TP" $TETHER_PORT); ni=$(idle nginx "$NP" $NGINX_PORT)
+echo "| $IDLE idle | memory per idle client connection (KiB) | $ti | $ni | $(awk -v a="$ti" -v b="$ni" 'BEGIN{ if (b <= 0) print "–"; else printf "%.2f", a/b }') |"
+} | tee "$OUT/results.md"
