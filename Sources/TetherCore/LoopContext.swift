@@ -46,9 +46,13 @@ final class CompiledLocation: Sendable {
     let setHeaderNames: [[UInt8]]
     /// `Keep-Alive: timeout=N\r\n`, or empty when none is sent.
     let keepAliveHeader: [UInt8]
+    let pathBytes: [UInt8]
+    let match: Location.Match
 
     init(location: Location?, settings: HTTPSettings, action: Location.Action) {
         self.location = location
+        pathBytes = Array((location?.path ?? "").utf8)
+        match = location?.match ?? .prefix
         self.settings = settings
         self.action = action
         setHeaderNames = settings.proxySetHeaders.map { Array($0.name.lowercased().utf8) }
@@ -72,20 +76,42 @@ final class CompiledServer: Sendable {
         fallback = CompiledLocation(location: nil, settings: server.settings, action: server.returnAction.map { .respond($0) } ?? .none)
     }
 
-    func route(path: Substring) -> CompiledLocation {
+    /// nginx's location choice for the request's path (the target up to `?`, past any
+    /// `http://host` prefix): an exact match wins, otherwise the longest matching prefix.
+    func route(_ head: ParsedHead) -> CompiledLocation {
         if server.returnAction != nil { return fallback }
-        var best: CompiledLocation?
-        var bestLength = -1
-        for c in locations {
-            guard let loc = c.location else { continue }
-            switch loc.match {
-            case .exact:
-                if path == loc.path { return c }
-            case .prefix:
-                if loc.path.count > bestLength, path.hasPrefix(loc.path) { best = c; bestLength = loc.path.count }
+        return head.bytes.withUnsafeReadableBytes { p -> CompiledLocation in
+            var start = head.targetStart
+            let end0 = head.targetEnd
+            if p[start] != UInt8(ascii: "/") {
+                // absolute-form: skip "scheme://authority"
+                var i = start
+                var slashes = 0
+                while i < end0 {
+                    if p[i] == UInt8(ascii: "/") { slashes += 1; if slashes == 3 { break } }
+                    i += 1
+                }
+                start = i
             }
+            var end = start
+            while end < end0, p[end] != UInt8(ascii: "?") { end += 1 }
+            let path = UnsafeRawBufferPointer(rebasing: p[start..<end])
+            var best: CompiledLocation?
+            var bestLength = -1
+            for c in locations {
+                let lp = c.pathBytes
+                switch c.match {
+                case .exact:
+                    if path.count == lp.count && path.elementsEqual(lp) { return c }
+                case .prefix:
+                    if lp.count > bestLength && path.count >= lp.count && UnsafeRawBufferPointer(rebasing: path[0..<lp.count]).elementsEqual(lp) {
+                        best = c
+                        bestLength = lp.count
+                    }
+                }
+            }
+            return best ?? fallback
         }
-        return best ?? fallback
     }
 }
 
@@ -106,6 +132,27 @@ final class LoopContext {
         self.setup = setup
         self.logger = logger
         self.accessLog = accessLog
+    }
+
+    /// How often client connections' deadlines (keep-alive, header, body, read, send timeouts)
+    /// are checked: timeouts fire up to this late, never early.
+    static let sweepInterval = TimeAmount.milliseconds(100)
+    private var sweeper: Scheduled<Void>?
+
+    /// Starts the periodic deadline check; called on this loop.
+    func startSweeping() {
+        let bound = NIOLoopBound(self, eventLoop: eventLoop)
+        sweeper = eventLoop.assumeIsolated().scheduleTask(in: Self.sweepInterval) {
+            let me = bound.value
+            let now = NIODeadline.now()
+            for c in me.connections.values { c.sweep(now: now) }
+            me.startSweeping()
+        }
+    }
+
+    func stopSweeping() {
+        sweeper?.cancel()
+        sweeper = nil
     }
 
     func group(_ name: String) -> UpstreamGroup {

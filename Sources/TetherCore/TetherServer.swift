@@ -35,7 +35,11 @@ public final class TetherServer: Sendable {
         let setup = self.setup
         let log = self.accessLog
         loops = try group.makeIterator().map { el in
-            try el.submit { NIOLoopBound(LoopContext(eventLoop: el, setup: setup, logger: logger, accessLog: log), eventLoop: el) }.wait()
+            try el.submit {
+                let lc = LoopContext(eventLoop: el, setup: setup, logger: logger, accessLog: log)
+                lc.startSweeping()
+                return NIOLoopBound(lc, eventLoop: el)
+            }.wait()
         }
         channels = NIOLockedValueBox([])
         boundAddresses = NIOLockedValueBox([])
@@ -101,6 +105,7 @@ public final class TetherServer: Sendable {
         }
         for bound in loops {
             try? bound.eventLoop.submit {
+                bound.value.stopSweeping()
                 for c in bound.value.connections.values { c.close() }
                 for g in bound.value.allGroups { for s in g.servers { s.drain() } }
             }.wait()

@@ -50,32 +50,33 @@ public struct Balancer: Sendable {
     }
 
     /// Chooses a server, skipping those in `exclude` (already tried for this request).
-    /// Nil when none is available: the request gets a 502.
-    public mutating func select(now: Int64, exclude: Set<Int> = []) -> Int? {
+    /// Nil when none is available: the request gets a 502. Allocates nothing.
+    public mutating func select(now: Int64, exclude: PeerSet = PeerSet()) -> Int? {
         if let i = pick(now: now, exclude: exclude, backup: false) { return i }
         return pick(now: now, exclude: exclude, backup: true)
     }
 
-    private mutating func pick(now: Int64, exclude: Set<Int>, backup: Bool) -> Int? {
-        var candidates: [Int] = []
-        for i in peers.indices where peers[i].spec.backup == backup && !exclude.contains(i) && isAvailable(i, now: now) {
-            candidates.append(i)
-        }
-        guard !candidates.isEmpty else { return nil }
+    private func eligible(_ i: Int, _ now: Int64, _ exclude: PeerSet, _ backup: Bool) -> Bool {
+        peers[i].spec.backup == backup && !exclude.contains(i) && isAvailable(i, now: now)
+    }
+
+    private mutating func pick(now: Int64, exclude: PeerSet, backup: Bool) -> Int? {
+        // With least_conn, only the least loaded (active per weight) take part in the round robin.
+        var bestLoad = Double.infinity
         if method == .leastConn {
-            // Fewest active per weight; ties go to round robin among them.
-            func load(_ i: Int) -> Double { Double(peers[i].active) / Double(peers[i].spec.weight) }
-            let best = candidates.map(load).min()!
-            candidates = candidates.filter { load($0) == best }
-            if candidates.count == 1 { return candidates[0] }
+            for i in peers.indices where eligible(i, now, exclude, backup) {
+                bestLoad = min(bestLoad, Double(peers[i].active) / Double(peers[i].spec.weight))
+            }
         }
         var total = 0
-        var chosen = candidates[0]
-        for i in candidates {
+        var chosen = -1
+        for i in peers.indices where eligible(i, now, exclude, backup) {
+            if method == .leastConn && Double(peers[i].active) / Double(peers[i].spec.weight) != bestLoad { continue }
             peers[i].currentWeight += peers[i].spec.weight
             total += peers[i].spec.weight
-            if peers[i].currentWeight > peers[chosen].currentWeight { chosen = i }
+            if chosen < 0 || peers[i].currentWeight > peers[chosen].currentWeight { chosen = i }
         }
+        guard chosen >= 0 else { return nil }
         peers[chosen].currentWeight -= total
         return chosen
     }
@@ -101,4 +102,24 @@ public struct Balancer: Sendable {
     public mutating func started(_ i: Int) { peers[i].active += 1 }
     public mutating func ended(_ i: Int) { peers[i].active -= 1 }
     public func active(_ i: Int) -> Int { peers[i].active }
+}
+
+/// A set of server indexes, kept in one word for the first 64 servers (no allocation per request).
+public struct PeerSet: Sendable, Equatable, ExpressibleByArrayLiteral {
+    private var bits: UInt64 = 0
+    private var more: Set<Int>?
+
+    public init() {}
+
+    public init(arrayLiteral elements: Int...) {
+        for e in elements { insert(e) }
+    }
+
+    public func contains(_ i: Int) -> Bool {
+        i < 64 ? bits & (1 << UInt64(i)) != 0 : more?.contains(i) == true
+    }
+
+    public mutating func insert(_ i: Int) {
+        if i < 64 { bits |= 1 << UInt64(i) } else { more = (more ?? []).union([i]) }
+    }
 }

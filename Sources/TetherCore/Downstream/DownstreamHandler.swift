@@ -38,9 +38,8 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     private var readPaused = false
     private var pendingRead = false
     private var needsFlush = false
-    // Timers: one scheduled task, re-armed only when a deadline moves earlier.
+    /// Only for the lingering close after our FIN; deadlines are swept by the loop.
     private var timer: Scheduled<Void>?
-    private var timerAt: NIODeadline?
     private var idleSince = NIODeadline.now()
     private var headStartedAt: NIODeadline?
     private var lastClientRead = NIODeadline.now()
@@ -70,7 +69,6 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         loop.stats.downstreamAccepted += 1
         loop.stats.downstreamActive += 1
         loop.connections[ObjectIdentifier(self)] = self
-        armTimer()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -80,10 +78,9 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         loop.stats.downstreamActive -= 1
         loop.connections.removeValue(forKey: ObjectIdentifier(self))
         if wasOpen { loop.stats.downstreamClosed[closeReason, default: 0] += 1 }
-        if var e = ex, let up = e.upstream {
+        if let e = ex, let up = e.upstream {
             // The client left mid-exchange: the upstream connection is in an unknown state.
             e.upstream = nil
-            ex = e
             e.server?.discard(up, reason: .error)
             e.group?.balancer.ended(e.server!.index)
         }
@@ -122,7 +119,6 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         } else {
             unwritableSince = .now()
             ex?.upstream?.pauseReading()
-            armTimer()
         }
     }
 
@@ -144,7 +140,6 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             case .idle:
                 guard let buf = inbound, buf.readableBytes > 0 else {
                     updateReadInterest()
-                    armTimer()
                     return
                 }
                 if headStartedAt == nil { headStartedAt = .now() }
@@ -154,7 +149,6 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
                 switch HeadParser.parse(buf, kind: .request, limits: limits, headers: &headerStorage) {
                 case .incomplete:
                     updateReadInterest()
-                    armTimer()
                     return
                 case .error(let e):
                     loop.logger.info("client \(String(decoding: remoteAddr, as: UTF8.self)) sent an invalid request: \(e.reason)")
@@ -179,14 +173,13 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         requests += 1
         loop.stats.downstreamRequests += 1
         state = .exchange
-        let host = hostValue(head)
-        let server = servers[hosts.server(forHost: host)]
-        let path = pathOf(head)
-        let route = server.route(path: path)
+        // With one server on the address there is no Host to look at; routing reads bytes.
+        let server = servers.count == 1 ? servers[0] : servers[hosts.server(forHost: hostValue(head))]
+        let route = server.route(head)
         let clientKeepAlive = head.minorVersion == 1 ? !head.connectionClose : (head.connectionKeepAlive && !head.connectionClose)
-        var e = Exchange(head: head, route: route, number: requests, clientKeepAlive: clientKeepAlive)
-        let settings = route.settings
+        let e = Exchange(head: head, route: route, number: requests, clientKeepAlive: clientKeepAlive)
         ex = e
+        let settings = route.settings
         if let n = head.contentLength, n > settings.clientMaxBodySize, settings.clientMaxBodySize > 0 {
             respondLocal(status: 413, closeAfter: true)
             return
@@ -198,7 +191,6 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         switch route.action {
         case .respond(let r):
             e.discardBody = true
-            ex = e
             if r.code == 444 { closeReason = "error"; close(); return }
             var text: ByteBuffer?
             if let t = r.text {
@@ -211,7 +203,6 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             proxy(pass)
         case .none:
             e.discardBody = true
-            ex = e
             respondLocal(status: 404)
         }
     }
@@ -219,11 +210,10 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     // MARK: Upstream
 
     private func proxy(_ pass: ProxyPass) {
-        guard var e = ex else { return }
+        guard let e = ex else { return }
         let group = e.group ?? loop.group(pass.upstream)
         e.group = group
         guard let index = group.balancer.select(now: nowMs(), exclude: e.tried) else {
-            ex = e
             loop.stats.upstreamFailures["no_live_upstreams", default: 0] += 1
             loop.logger.error("no live upstreams while connecting to upstream \"\(group.name)\"")
             respondLocal(status: 502)
@@ -241,10 +231,8 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             e.reused = true
             e.idleMsAtLease = idleMs
             e.connectedAt = .now()
-            ex = e
             attach(conn)
         } else {
-            ex = e
             connect(server, pass: pass)
         }
     }
@@ -275,7 +263,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     }
 
     private func attach(_ conn: UpstreamConnection) {
-        guard var e = ex else { return }
+        guard let e = ex else { return }
         conn.delegate = self
         conn.sawResponseByte = false
         e.upstream = conn
@@ -284,7 +272,6 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         if e.reused { loop.stats.upstreamReused += 1 }
         var head = context.channel.allocator.buffer(capacity: e.head.bytes.readableBytes + 128)
         writeUpstreamHead(e, into: &head)
-        ex = e
         conn.write(head)
         if ex!.head.expectContinue && !ex!.requestBodyDone && (inbound?.readableBytes ?? 0) == 0 && ex!.head.minorVersion == 1 {
             ex!.sentContinue = true
@@ -294,13 +281,12 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         pumpRequestBody()
         conn.flush()
         if !conn.isWritable { updateReadInterest() }
-        armTimer()
     }
 
     /// Moves request body bytes from the client's buffer to the upstream (or drops them for a
     /// local response), as far as the framing says the body goes.
     private func pumpRequestBody() {
-        guard var e = ex, !e.requestBodyDone else { return }
+        guard let e = ex, !e.requestBodyDone else { return }
         guard var buf = inbound, buf.readableBytes > 0 else { return }
         let sink = e.discardBody ? nil : e.upstream
         if !e.discardBody && sink == nil { return }  // still connecting: the bytes wait
@@ -318,14 +304,12 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             do {
                 consumed = try buf.withUnsafeReadableBytes { p in try e.requestChunks.consume(p) { _, _ in } }
             } catch {
-                ex = e
                 inbound = buf
                 failRequest(status: 400, why: "invalid chunked body: \((error as? ChunkedDecoder.Failure)?.reason ?? "\(error)")")
                 return
             }
             e.requestBodyBytes = e.requestChunks.dataBytes
             if limit > 0 && e.requestBodyBytes > limit {
-                ex = e
                 inbound = buf
                 failRequest(status: 413, why: "client intended to send too large chunked body")
                 return
@@ -337,7 +321,6 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             e.requestBodyDone = true
         }
         inbound = buf
-        ex = e
         if e.requestBodyDone { requestBodyFinished() }
     }
 
@@ -361,13 +344,12 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
 
     /// The upstream failed before the response was complete.
     private func upstreamFailed(_ kind: FailureKind, detail: String) {
-        guard var e = ex, let server = e.server, let group = e.group else { return }
+        guard let e = ex, let server = e.server, let group = e.group else { return }
         if let up = e.upstream {
             e.upstream = nil
             server.discard(up, reason: .error)
         }
         group.balancer.ended(server.index)
-        ex = e
         if e.responseStarted {
             // Part of the response went out: all we can do is end the connection, so the client
             // sees an incomplete message rather than a wrong one.
@@ -384,7 +366,6 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             loop.stats.upstreamRetries["reused_connection_closed", default: 0] += 1
             e.retriedFresh = true
             e.reused = false
-            ex = e
             group.balancer.started(server.index)
             server.state.connectFresh()
             if case .proxy(let pass) = e.route.action { connect(server, pass: pass) }
@@ -412,7 +393,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     // MARK: UpstreamDelegate
 
     func upstreamRead(_ buffer: ByteBuffer) {
-        guard var e = ex else { return }
+        guard let e = ex else { return }
         e.lastUpstreamActivity = .now()
         switch e.phase {
         case .head:
@@ -422,13 +403,10 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
                 var b = buffer
                 e.responseHeadBuffer!.writeBuffer(&b)
             }
-            ex = e
             parseResponseHead()
         case .body:
-            ex = e
             relayBody(buffer)
         case .tunnel:
-            ex = e
             writeClient(buffer)
             if !context.channel.isWritable { e.upstream?.pauseReading() }
         case .done:
@@ -474,7 +452,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     // MARK: Response
 
     private func parseResponseHead() {
-        while var e = ex, e.phase == .head, let buf = e.responseHeadBuffer {
+        while let e = ex, e.phase == .head, let buf = e.responseHeadBuffer {
             var storage: [HeaderField] = []
             switch HeadParser.parse(buf, kind: .response, limits: .response, headers: &storage) {
             case .incomplete:
@@ -489,12 +467,10 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
                 if head.status < 200 && head.status != 101 {
                     // 100 Continue and other interim responses: Tether answers Expect itself.
                     e.responseHeadBuffer = rest.readableBytes > 0 ? rest : nil
-                    ex = e
                     continue
                 }
                 e.headerAt = .now()
                 e.upstreamStatus = head.status
-                ex = e
                 if shouldTryNext(status: head.status) { return }
                 startResponse(head, rest: rest)
                 return
@@ -504,7 +480,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
 
     /// `proxy_next_upstream http_502` and the like: try another server instead of relaying this.
     private func shouldTryNext(status: Int) -> Bool {
-        guard var e = ex, let group = e.group, let server = e.server else { return false }
+        guard let e = ex, let group = e.group, let server = e.server else { return false }
         let condition: NextUpstreamCondition?
         switch status {
         case 500: condition = .http500
@@ -524,13 +500,12 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         group.balancer.ended(server.index)
         if condition != .http403 && condition != .http404 { group.balancer.failed(server.index, now: nowMs()) }
         loop.stats.upstreamRetries["http_\(status)", default: 0] += 1
-        ex = e
         if case .proxy(let pass) = e.route.action { proxy(pass) }
         return true
     }
 
     private func startResponse(_ head: ParsedHead, rest: ByteBuffer) {
-        guard var e = ex else { return }
+        guard let e = ex else { return }
         let upgrading = head.status == 101 && e.head.connectionUpgrade && e.head.upgradeIndex != nil
         if head.status == 101 && !upgrading {
             upstreamFailed(.invalidHeader, detail: "upstream \(e.upstreamAddrText) sent 101 to a request that did not ask to upgrade")
@@ -577,7 +552,6 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         var out = context.channel.allocator.buffer(capacity: head.bytes.readableBytes + 64)
         writeClientHead(head, exchange: e, upgrading: upgrading, into: &out)
         e.bytesSent += out.readableBytes
-        ex = e
         writeClient(out)
         if upgrading {
             // From here on both directions are raw bytes.
@@ -596,7 +570,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     }
 
     private func relayBody(_ buffer: ByteBuffer) {
-        guard var e = ex else { return }
+        guard let e = ex else { return }
         var buf = buffer
         var finished = false
         switch e.responseFraming {
@@ -616,7 +590,6 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
                     try e.responseChunks.consume(p) { a, b in if dechunk { dataRuns.append((a, b)) } }
                 }
             } catch {
-                ex = e
                 upstreamFailed(.error, detail: "upstream \(e.upstreamAddrText) sent invalid chunked response: \((error as? ChunkedDecoder.Failure)?.reason ?? "\(error)")")
                 return
             }
@@ -646,14 +619,13 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             finished = true
         }
         if finished && buf.readableBytes > 0 { e.upstreamReusable = false }
-        ex = e
         if !context.channel.isWritable { e.upstream?.pauseReading() }
         if finished { responseFinished() }
     }
 
     /// The whole response was read from the upstream.
     private func responseFinished() {
-        guard var e = ex else { return }
+        guard let e = ex else { return }
         e.phase = .done
         e.responseDone = true
         if let up = e.upstream, let server = e.server {
@@ -665,7 +637,6 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             e.group?.balancer.ended(server.index)
             e.group?.balancer.succeeded(server.index)
         }
-        ex = e
         // The upstream's readComplete will not reach us once it is released: flush now.
         flushIfNeeded()
         if e.requestBodyDone || e.closeAfter { finishExchange() }
@@ -677,7 +648,8 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         loop.stats.responsesByClass[min(5, max(0, e.status / 100))] += 1
         accessLog(e)
         ex = nil
-        headerStorage = []
+        // Keep the header array's storage for the next request on this connection.
+        swap(&headerStorage, &e.head.headers)
         // One flush per response, whichever side's event finished it.
         flushIfNeeded()
         if e.closeAfter {
@@ -714,7 +686,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
 
     /// Answers the current request from Tether itself: `return`, or an error page.
     private func respondLocal(status: Int, text: ByteBuffer? = nil, closeAfter: Bool = false) {
-        guard var e = ex else { return }
+        guard let e = ex else { return }
         let settings = e.route.settings
         let policy = KeepAlivePolicy(maxRequests: settings.keepaliveRequests, maxLifetimeMs: settings.keepaliveTimeMs, draining: loop.draining)
         let decision = policy.decide(requestNumber: e.number, clientWantsKeepAlive: e.clientKeepAlive,
@@ -734,7 +706,6 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             e.upstream = nil
             server.discard(up, reason: .notReusable)
         }
-        ex = e
         e.bytesSent = respond(status: status, text: text, settings: settings, keepAlive: keepAlive, head: e.head)
         ex!.bytesSent = e.bytesSent
         if !keepAlive {
@@ -875,22 +846,15 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         }
     }
 
-    private func armTimer() {
-        guard let deadline = nextDeadline() else { return }
-        if let at = timerAt, at <= deadline, timer != nil { return }
-        timer?.cancel()
-        timerAt = deadline
-        let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
-        timer = loop.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { bound.value.timerFired() }
+    /// Called by the loop's sweep (every `LoopContext.sweepInterval`): acts on whatever deadline
+    /// has passed. There is no timer per connection, so nothing is scheduled or cancelled per request.
+    func sweep(now: NIODeadline) {
+        guard state != .closed, let deadline = nextDeadline(), deadline <= now else { return }
+        timerFired()
     }
 
     private func timerFired() {
-        timer = nil
-        timerAt = nil
-        guard state != .closed else { return }
         let now = NIODeadline.now()
-        guard let deadline = nextDeadline() else { return }
-        guard deadline <= now else { armTimer(); return }
         switch state {
         case .idle:
             if headStartedAt != nil || requests == 0 && (inbound?.readableBytes ?? 0) > 0 {
@@ -915,7 +879,6 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         case .closed:
             break
         }
-        armTimer()
     }
 
     // MARK: Head writing

@@ -3,7 +3,9 @@ import TetherConfig
 import TetherPool
 
 /// One request and its response, from the moment its head is parsed to the last response byte.
-struct Exchange {
+/// A class: it is mutated in place many times per request, and copying a struct of this many
+/// references cost measurable retain/release traffic.
+final class Exchange {
     enum ResponsePhase {
         /// Waiting for (or reading) the upstream's response head.
         case head
@@ -46,7 +48,7 @@ struct Exchange {
     var upstream: UpstreamConnection?
     var reused = false
     var idleMsAtLease: Int64 = 0
-    var tried: Set<Int> = []
+    var tried = PeerSet()
     var tries = 0
     var retriedFresh = false
     var connectStartedAt: NIODeadline?
