@@ -1,0 +1,92 @@
+import Logging
+import NIOCore
+import NIOEmbedded
+import Testing
+import TetherConfig
+@testable import TetherCore
+
+/// The downstream handler on an `EmbeddedChannel`, for what needs no upstream: local answers,
+/// pipelining order, refusal and closing.
+@Suite struct DownstreamHandlerTests {
+    func channel(_ conf: String) throws -> EmbeddedChannel {
+        let config = try Configuration.parse(conf, file: "t.conf", resolver: { Builder.isNumeric($0) ? $0 : nil }).get()
+        let setup = try ProxySetup(config)
+        let loop = EmbeddedEventLoop()
+        let lc = LoopContext(eventLoop: loop, setup: setup, logger: Logger(label: "test"), accessLog: nil)
+        let (_, hosts, servers) = setup.virtualHosts()[0]
+        let ch = EmbeddedChannel(handler: DownstreamHandler(loop: lc, hosts: hosts, servers: servers, serverPort: 80), loop: loop)
+        try ch.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 80)).wait()
+        return ch
+    }
+
+    func output(_ ch: EmbeddedChannel) throws -> String {
+        var out = ""
+        while let b = try ch.readOutbound(as: ByteBuffer.self) { out += String(buffer: b) }
+        return out
+    }
+
+    static let conf = """
+        http {
+            keepalive_timeout 30s;
+            server {
+                listen 127.0.0.1:80;
+                location = /a { return 200 "A"; }
+                location /b { return 201 "B"; }
+            }
+        }
+        """
+
+    @Test func pipelinedLocalAnswersInOrderInOneRead() throws {
+        let ch = try channel(Self.conf)
+        try ch.writeInbound(ByteBuffer(string: "GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b/1 HTTP/1.1\r\nHost: x\r\n\r\nGET /zzz HTTP/1.1\r\nHost: x\r\n\r\n"))
+        let out = try output(ch)
+        let statuses = out.components(separatedBy: "HTTP/1.1 ").dropFirst().map { $0.prefix(3) }
+        #expect(statuses == ["200", "201", "404"])
+        #expect(out.contains("Keep-Alive: timeout=30\r\n"))
+        #expect(out.contains("\r\n\r\nA"))
+        #expect(ch.isActive)
+    }
+
+    @Test func requestSplitByteByByteIsStillOneRequest() throws {
+        let ch = try channel(Self.conf)
+        for b in "GET /a HTTP/1.1\r\nHost: x\r\n\r\n".utf8 {
+            var buf = ByteBuffer()
+            buf.writeInteger(b)
+            try ch.writeInbound(buf)
+        }
+        let out = try output(ch)
+        #expect(out.hasPrefix("HTTP/1.1 200 OK\r\n"))
+        #expect(out.hasSuffix("\r\n\r\nA"))
+    }
+
+    @Test func malformedRequestIsAnsweredThenTheOutputCloses() throws {
+        let ch = try channel(Self.conf)
+        try ch.writeInbound(ByteBuffer(string: "GET /a HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\nGET /a HTTP/1.1\r\nHost: x\r\n\r\n"))
+        let out = try output(ch)
+        #expect(out.hasPrefix("HTTP/1.1 400 Bad Request\r\n"))
+        #expect(out.contains("Connection: close\r\n"))
+        #expect(!out.contains("200 OK"), "nothing after a refused request is answered")
+    }
+
+    @Test func localAnswerReadsAndDropsTheBody() throws {
+        let ch = try channel(Self.conf)
+        try ch.writeInbound(ByteBuffer(string: "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01234"))
+        try ch.writeInbound(ByteBuffer(string: "56789GET /b HTTP/1.1\r\nHost: x\r\n\r\n"))
+        let out = try output(ch)
+        #expect(out.components(separatedBy: "HTTP/1.1 ").count == 3)
+        #expect(out.contains("HTTP/1.1 201 Created"))
+    }
+}
+
+extension String {
+    func components(separatedBy sep: String) -> [Substring] {
+        var out: [Substring] = []
+        var rest = self[...]
+        while let r = rest.firstRange(of: sep) {
+            out.append(rest[..<r.lowerBound])
+            rest = rest[r.upperBound...]
+        }
+        out.append(rest)
+        return out
+    }
+}

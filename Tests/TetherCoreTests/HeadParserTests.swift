@@ -1,0 +1,173 @@
+import NIOCore
+import Testing
+@testable import TetherCore
+
+@Suite struct HeadParserTests {
+    func parse(_ text: String, kind: HeadParser.Kind = .request, line: Int = 8192, head: Int = 32768) -> HeadParser.Outcome {
+        var storage: [HeaderField] = []
+        return HeadParser.parse(ByteBuffer(string: text), kind: kind, limits: .init(lineLimit: line, headLimit: head), headers: &storage)
+    }
+
+    func complete(_ text: String, kind: HeadParser.Kind = .request) throws -> (ParsedHead, Int) {
+        guard case .complete(let h, let n) = parse(text, kind: kind) else { throw HeadError(status: 0, reason: "not complete: \(parse(text, kind: kind))") }
+        return (h, n)
+    }
+
+    @Test func requestLineHeadersAndFraming() throws {
+        let text = "POST /a/b?c=d HTTP/1.1\r\nHost: Example.com\r\nContent-Length: 12\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nExpect: 100-continue\r\n\r\nbody"
+        let (h, consumed) = try complete(text)
+        #expect(consumed == text.utf8.count - 4)
+        #expect(h.method == "POST" && h.target == "/a/b?c=d" && h.minorVersion == 1)
+        #expect(h.contentLength == 12 && !h.chunked)
+        #expect(h.connectionKeepAlive && !h.connectionClose)
+        #expect(h.expectContinue)
+        #expect(h.headers.count == 5)
+        #expect(h.headers[0].kind == .host && h.value(h.headers[0]) == "Example.com")
+        #expect(h.headers[3].droppedByConnection, "X-Hop is named by Connection")
+        #expect(!h.isIdempotent)
+    }
+
+    @Test func leadingEmptyLinesAreSkipped() throws {
+        let (h, n) = try complete("\r\n\r\nGET / HTTP/1.0\r\n\r\n")
+        #expect(h.method == "GET" && h.minorVersion == 0)
+        #expect(n == 22)
+    }
+
+    @Test func incompleteUntilTheBlankLine() {
+        for cut in ["GET", "GET / HTTP/1.1\r", "GET / HTTP/1.1\r\nHost: a\r\n", "GET / HTTP/1.1\r\nHost: a\r\n\r"] {
+            guard case .incomplete = parse(cut) else { Issue.record("\(cut.debugDescription) should be incomplete"); continue }
+        }
+    }
+
+    @Test(arguments: [
+        ("GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        ("GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n", 400),
+        ("GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n", 400),
+        ("GET / HTTP/1.1\r\nHost: a\r\nContent-Length: +1\r\n\r\n", 400),
+        ("GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1 2\r\n\r\n", 400),
+        ("GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n", 400),
+        ("GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity\r\n\r\n", 501),
+        ("GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        ("GET / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        ("GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n", 400),
+        ("GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n", 400),
+        ("GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n", 400),
+        ("GET / HTTP/1.1\r\nHost: a\u{0}\r\n\r\n", 400),
+        ("GET / HTTP/1.1\r\nHost: a\u{7f}\r\n\r\n", 400),
+        ("GET / HTTP/1.1\r\nHo st: a\r\n\r\n", 400),
+        ("GET / HTTP/1.1\r\n: a\r\n\r\n", 400),
+        ("GET / HTTP/1.1\r\n\r\n", 400),
+        ("GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n", 400),
+        ("GET  / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        ("GET / HTTP/1.1 \r\nHost: a\r\n\r\n", 400),
+        ("GET foo HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        ("GET / HTTP/3.0\r\nHost: a\r\n\r\n", 505),
+        ("GET / HTTP/1.2\r\nHost: a\r\n\r\n", 505),
+        ("GET / HTTX/1.1\r\nHost: a\r\n\r\n", 400),
+        ("G(T / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ] as [(String, Int)])
+    func refusedRequests(text: String, status: Int) {
+        guard case .error(let e) = parse(text) else { Issue.record("accepted: \(text.debugDescription)"); return }
+        #expect(e.status == status, "\(e.reason)")
+    }
+
+    @Test func limits() {
+        let long = "GET /" + String(repeating: "a", count: 100) + " HTTP/1.1\r\nHost: a\r\n\r\n"
+        guard case .error(let e1) = parse(long, line: 64, head: 1024) else { Issue.record("long line accepted"); return }
+        #expect(e1.status == 414)
+        let big = "GET / HTTP/1.1\r\nHost: a\r\nX: " + String(repeating: "b", count: 100) + "\r\n\r\n"
+        guard case .error(let e2) = parse(big, line: 64, head: 1024) else { Issue.record("long header accepted"); return }
+        #expect(e2.status == 431)
+        let many = "GET / HTTP/1.1\r\nHost: a\r\n" + String(repeating: "X: 1234567890\r\n", count: 20) + "\r\n"
+        guard case .error(let e3) = parse(many, line: 64, head: 200) else { Issue.record("big head accepted"); return }
+        #expect(e3.status == 431)
+        // An incomplete head already past the limit is refused without waiting for more.
+        guard case .error(let e4) = parse("GET / HTTP/1.1\r\nHost: a\r\nX: " + String(repeating: "c", count: 300), line: 64, head: 1024) else {
+            Issue.record("incomplete long line not refused"); return
+        }
+        #expect(e4.status == 431)
+    }
+
+    @Test func responses() throws {
+        let (r, _) = try complete("HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5, max=99\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n", kind: .response)
+        #expect(r.status == 200 && r.chunked && r.connectionClose)
+        #expect(r.keepAliveTimeout == 5 && r.keepAliveMax == 99)
+        let (e, _) = try complete("HTTP/1.0 204\r\n\r\n", kind: .response)
+        #expect(e.status == 204 && e.minorVersion == 0)
+        for bad in ["HTP/1.1 200 OK\r\n\r\n", "HTTP/1.1 2000 OK\r\n\r\n", "HTTP/1.1 20 OK\r\n\r\n", "HTTP/2 200\r\n\r\n",
+                    "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"] {
+            guard case .error(let err) = parse(bad, kind: .response) else { Issue.record("accepted \(bad.debugDescription)"); continue }
+            #expect(err.status == 502)
+        }
+    }
+
+    @Test func idempotentMethods() throws {
+        for (m, idem) in [("GET", true), ("HEAD", true), ("PUT", true), ("DELETE", true), ("OPTIONS", true), ("TRACE", true), ("POST", false), ("PATCH", false)] {
+            let (h, _) = try complete("\(m) / HTTP/1.1\r\nHost: a\r\n\r\n")
+            #expect(h.isIdempotent == idem, "\(m)")
+        }
+    }
+
+    /// Random bytes and random cuts of valid heads give an outcome, never a crash.
+    @Test func randomInputNeverCrashes() {
+        var seed: UInt64 = 7
+        func next() -> UInt64 { seed = seed &* 6364136223846793005 &+ 1442695040888963407; return seed >> 33 }
+        let sample = Array("POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close, X\r\nX: y\r\n\r\n".utf8)
+        let alphabet = Array("\r\n :,\tHTP/1.0GETchunked-ContentLength\u{0}\u{7f}".utf8)
+        var outcomes = 0
+        for _ in 0..<5000 {
+            var b = sample
+            for _ in 0..<Int(next() % 5 + 1) {
+                let i = Int(next() % UInt64(b.count))
+                b[i] = alphabet[Int(next() % UInt64(alphabet.count))]
+            }
+            b = Array(b[0..<Int(next() % UInt64(b.count + 1))])
+            var storage: [HeaderField] = []
+            for kind in [HeadParser.Kind.request, .response] {
+                var buf = ByteBuffer()
+                buf.writeBytes(b)
+                switch HeadParser.parse(buf, kind: kind, limits: .init(lineLimit: 64, headLimit: 256), headers: &storage) {
+                case .incomplete, .error: outcomes += 1
+                case .complete(let h, let n):
+                    #expect(n <= b.count && h.bytes.readableBytes <= n)
+                    outcomes += 1
+                }
+            }
+        }
+        #expect(outcomes == 10_000)
+    }
+}
+
+@Suite struct ChunkedDecoderTests {
+    func run(_ text: String, pieces: Int = 1) throws -> (data: String, consumed: Int, done: Bool) {
+        let bytes = Array(text.utf8)
+        var d = ChunkedDecoder()
+        var data: [UInt8] = []
+        var consumed = 0
+        let step = max(1, bytes.count / pieces)
+        var off = 0
+        while off < bytes.count && !d.isDone {
+            let piece = Array(bytes[off..<min(bytes.count, off + step)])
+            let n = try piece.withUnsafeBytes { p in
+                try d.consume(p) { a, b in data.append(contentsOf: p[a..<b]) }
+            }
+            consumed += n
+            off += piece.count
+        }
+        return (String(decoding: data, as: UTF8.self), consumed, d.isDone)
+    }
+
+    @Test func decodesAcrossAnySplit() throws {
+        let body = "5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nTrailer: x\r\n\r\nNEXT"
+        for pieces in [1, 2, 3, 7, body.utf8.count] {
+            let r = try run(body, pieces: pieces)
+            #expect(r.data == "hello world" && r.done)
+            #expect(r.consumed == body.utf8.count - 4, "stops before the next message (\(pieces) pieces)")
+        }
+    }
+
+    @Test(arguments: ["x\r\n", "5\r\nhelloXY", "5\rnhello", "-1\r\n", "1234567890123456\r\n", "0\r\nbad\nline\r\n\r\n", "\r\n"])
+    func refusesMalformed(text: String) {
+        #expect(throws: ChunkedDecoder.Failure.self) { try run(text) }
+    }
+}
