@@ -146,6 +146,7 @@ final class LoopContext {
             let me = bound.value
             let now = NIODeadline.now()
             for c in me.connections.values { c.sweep(now: now) }
+            me.flushAccessLog()
             me.startSweeping()
         }
     }
@@ -153,6 +154,26 @@ final class LoopContext {
     func stopSweeping() {
         sweeper?.cancel()
         sweeper = nil
+        flushAccessLog()
+    }
+
+    /// Access log lines of this loop not yet handed to the writer thread, by file.
+    private var pendingLog: [String: ByteBuffer] = [:]
+
+    /// Queues a line; lines go to the writer thread in batches (every sweep, or at 32 KiB), so the
+    /// request path takes no lock per line.
+    func log(path: String, _ line: ByteBuffer) {
+        var l = line
+        pendingLog[path, default: ByteBuffer()].writeBuffer(&l)
+        if pendingLog[path]!.readableBytes >= 32 * 1024 {
+            accessLog?.submit(path: path, pendingLog.removeValue(forKey: path)!)
+        }
+    }
+
+    func flushAccessLog() {
+        guard !pendingLog.isEmpty else { return }
+        for (path, buffer) in pendingLog { accessLog?.submit(path: path, buffer) }
+        pendingLog.removeAll(keepingCapacity: true)
     }
 
     func group(_ name: String) -> UpstreamGroup {

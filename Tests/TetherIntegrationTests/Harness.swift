@@ -8,7 +8,7 @@ import Glibc
 #endif
 
 /// Tether running in-process on 127.0.0.1 with a port the kernel chose.
-final class RunningProxy {
+final class RunningProxy: Sendable {
     let server: TetherServer
     let port: Int
 

@@ -123,8 +123,14 @@ final class BackendHandler: ChannelInboundHandler {
         idleTimer = context.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(ms)) { ctx.value.close(promise: nil) }
     }
 
+    var tunnel = false
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var b = unwrapInboundIn(data)
+        if tunnel {
+            context.writeAndFlush(wrapOutboundOut(b), promise: nil)
+            return
+        }
         if buffer.readerIndex > 65536 { buffer.discardReadBytes() }
         buffer.writeBuffer(&b)
         idleTimer?.cancel()
@@ -132,7 +138,7 @@ final class BackendHandler: ChannelInboundHandler {
     }
 
     func process(_ context: ChannelHandlerContext) {
-        while !closing && !busy {
+        while !closing && !busy && !tunnel {
             if head == nil {
                 guard let view = buffer.readableBytesView.firstRange(of: "\r\n\r\n".utf8) else { return }
                 let len = view.upperBound - buffer.readerIndex
@@ -225,6 +231,13 @@ final class BackendHandler: ChannelInboundHandler {
                 me.value.send(ctx.value, "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\(extra)\r\nslow", close: close)
                 me.value.process(ctx.value)
             }
+            return
+        }
+        if path == "/upgrade" {
+            // 101, then every byte that arrives is echoed back.
+            context.writeAndFlush(wrapOutboundOut(ByteBuffer(string: "HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n")), promise: nil)
+            tunnel = true
+            if buffer.readableBytes > 0 { context.writeAndFlush(wrapOutboundOut(buffer.readSlice(length: buffer.readableBytes)!), promise: nil) }
             return
         }
         if path == "/garbage" {

@@ -9,7 +9,8 @@ public struct TestError: Error, CustomStringConvertible {
 
 /// A plain blocking HTTP/1.1 client over a real socket, with its own small parser, for tests
 /// that must see exactly what went over the wire.
-public final class TestClient {
+/// Unchecked: a test may send from one thread while it reads on another; sending touches only the socket.
+public final class TestClient: @unchecked Sendable {
     public let fd: Int32
     private var buffer: [UInt8] = []
     private var start = 0

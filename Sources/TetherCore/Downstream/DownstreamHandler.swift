@@ -44,6 +44,8 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     private var headStartedAt: NIODeadline?
     private var lastClientRead = NIODeadline.now()
     private var unwritableSince: NIODeadline?
+    /// Since when the upstream has not been taking the request body (proxy_send_timeout).
+    private var upstreamUnwritableSince: NIODeadline?
     private var closeReason = "client_close"
 
     init(loop: LoopContext, hosts: VirtualHosts, servers: [CompiledServer], serverPort: Int) {
@@ -160,7 +162,13 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
                     start(head)
                 }
             case .exchange:
-                pumpRequestBody()
+                if let e = ex, e.phase == .tunnel, let up = e.upstream, let b = inbound, b.readableBytes > 0 {
+                    // After 101 Switching Protocols the client's bytes go through untouched.
+                    up.write(b)
+                    inbound = nil
+                } else {
+                    pumpRequestBody()
+                }
                 updateReadInterest()
                 return
             case .closed:
@@ -266,6 +274,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         guard let e = ex else { return }
         conn.delegate = self
         conn.sawResponseByte = false
+        upstreamUnwritableSince = nil
         e.upstream = conn
         e.lastUpstreamActivity = .now()
         loop.stats.upstreamRequests += 1
@@ -442,6 +451,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     }
 
     func upstreamWritabilityChanged(_ connection: UpstreamConnection) {
+        upstreamUnwritableSince = connection.isWritable ? nil : .now()
         updateReadInterest()
         if connection.isWritable, inbound.map({ $0.readableBytes > 0 }) == true {
             pumpRequestBody()
@@ -807,7 +817,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         let buffered = inbound?.readableBytes ?? 0
         let (count, size) = defaultSettings.largeClientHeaderBuffers
         var pause = buffered > max(count * size, 65536)
-        if let e = ex, !e.requestBodyDone, let up = e.upstream, !up.isWritable { pause = true }
+        if let e = ex, !e.requestBodyDone || e.phase == .tunnel, let up = e.upstream, !up.isWritable { pause = true }
         if let e = ex, !e.requestBodyDone, e.upstream == nil, !e.discardBody, buffered > 0 { pause = buffered > 65536 }
         if pause {
             readPaused = true
@@ -842,6 +852,9 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
                 earliest(e.lastUpstreamActivity + .milliseconds(s.proxyReadTimeoutMs))
             }
             if let since = unwritableSince { earliest(since + .milliseconds(s.sendTimeoutMs)) }
+            if let since = upstreamUnwritableSince, e.upstream != nil, !e.requestBodyDone {
+                earliest(since + .milliseconds(s.proxySendTimeoutMs))
+            }
             return d
         }
     }
@@ -871,6 +884,9 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
                 loop.logger.info("client timed out receiving the response, client: \(String(decoding: remoteAddr, as: UTF8.self))")
                 closeReason = "error"
                 close()
+            } else if let since = upstreamUnwritableSince, e.upstream != nil, !e.requestBodyDone,
+                      since + .milliseconds(s.proxySendTimeoutMs) <= now {
+                upstreamFailed(.timeout, detail: "upstream timed out (not taking the request body for \(Units.formatTime(s.proxySendTimeoutMs)))")
             } else if !e.requestBodyDone && lastClientRead + .milliseconds(s.clientBodyTimeoutMs) <= now {
                 failRequest(status: 408, why: "client timed out sending the request body")
             } else {
@@ -1068,7 +1084,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     }
 
     private func accessLog(_ e: Exchange) {
-        guard let sink = loop.accessLog else { return }
+        guard loop.accessLog != nil else { return }
         for entry in e.route.settings.accessLog {
             guard case .file(let path, let formatName) = entry else { continue }
             let format = formatName == "combined" ? LogFormat.combined : loop.setup.configuration.logFormats[formatName]
@@ -1084,7 +1100,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
                 }
             }
             line.writeStaticString("\n")
-            sink.submit(path: path, line)
+            loop.log(path: path, line)
         }
     }
 }
