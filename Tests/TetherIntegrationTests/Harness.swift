@@ -1,3 +1,4 @@
+import Foundation
 import Logging
 import NIOCore
 import TetherConfig
@@ -12,10 +13,10 @@ final class RunningProxy: Sendable {
     let server: TetherServer
     let port: Int
 
-    init(config text: String) throws {
+    init(config text: String, logs: LogCapture? = nil) throws {
         let config = try Configuration.parse(text, file: "test.conf", resolver: { Builder.isNumeric($0) ? $0 : ($0 == "localhost" ? "127.0.0.1" : nil) }).get()
-        var logger = Logger(label: "tether-test")
-        logger.logLevel = .critical
+        var logger = logs.map { capture in Logger(label: "tether-test") { _ in capture } } ?? Logger(label: "tether-test")
+        logger.logLevel = logs == nil ? .critical : .info
         server = try TetherServer(configuration: config, logger: logger)
         try server.start()
         port = server.boundAddresses.withLockedValue { $0[0].port }
@@ -96,4 +97,26 @@ func socketsInState(_ state: String, remotePort port: Int) -> Int {
 
 extension String {
     func leftPadded(_ n: Int) -> String { count >= n ? self : String(repeating: "0", count: n - count) + self }
+}
+
+/// Keeps every log message, for tests that check what Tether tells its operator.
+final class LogCapture: LogHandler, @unchecked Sendable {
+    private let lock = NSLock()
+    private var lines: [String] = []
+    var logLevel: Logger.Level = .info
+    var metadata: Logger.Metadata = [:]
+
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    func log(event: LogEvent) {
+        lock.lock(); lines.append("[\(event.level)] \(event.message)"); lock.unlock()
+    }
+
+    var messages: [String] {
+        lock.lock(); defer { lock.unlock() }
+        return lines
+    }
 }

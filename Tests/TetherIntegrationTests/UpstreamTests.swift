@@ -89,6 +89,30 @@ import Glibc
         }
     }
 
+    /// A backend that advertises a shorter keep-alive window than configured is warned about once.
+    @Test func shorterBackendTimeoutIsWarnedAboutOnce() throws {
+        var o = TestBackend.Options()
+        o.keepAliveHeader = "timeout=5"
+        let backend = try TestBackend(options: o)
+        defer { backend.stop() }
+        let logs = LogCapture()
+        let proxy = try RunningProxy(config: """
+            worker_processes 1;
+            http {
+                upstream app { server 127.0.0.1:\(backend.port); keepalive_timeout 60s; }
+                server { listen 127.0.0.1:0; location / { proxy_pass http://app; } }
+            }
+            """, logs: logs)
+        defer { proxy.stop() }
+        let c = try proxy.client()
+        for _ in 0..<3 {
+            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(try c.readResponse().status == 200)
+        }
+        let warnings = logs.messages.filter { $0.contains("advertises Keep-Alive: timeout=5") }
+        #expect(warnings == ["[warning] upstream \"app\" server 127.0.0.1:\(backend.port) advertises Keep-Alive: timeout=5, shorter than its keepalive_timeout 1m; Tether expires its connections before the backend does"])
+    }
+
     /// When the backend closes its side of an idle pooled connection, Tether closes its side at once.
     @Test func noCloseWaitAfterBackendCloses() throws {
         var o = TestBackend.Options()
