@@ -41,6 +41,8 @@ public struct Builder {
     var cursor = Cursor.main
     var errors: [ConfigError] = []
     var formatUses: [(String, SourceLocation)] = []
+    /// Upstreams that had `server` lines, valid or not (an invalid one is reported itself).
+    var upstreamsWithServerLines = Set<Int>()
     /// Whether `access_log` / `proxy_set_header` already appeared in the current block (they
     /// accumulate within a block and replace what is inherited).
     var accessLogSeenHere = false
@@ -228,6 +230,7 @@ public struct Builder {
 
     mutating func upstreamServer(_ d: Directive) throws(ConfigErrorReason) {
         guard case .upstream(let u) = cursor else { preconditionFailure("server outside upstream: \(cursor)") }
+        upstreamsWithServerLines.insert(u)
         let (host, port) = try Builder.hostPort(d.args[0].text, defaultPort: 80, what: "upstream")
         guard port > 0 else { throw ConfigErrorReason("invalid port in upstream \"\(d.args[0].text)\"") }
         var server = UpstreamServer(host: host, address: host, port: port, location: d.location)
@@ -240,6 +243,8 @@ public struct Builder {
             case ("fail_timeout", .some): server.failTimeoutMs = try Value.time(arg, d)
             case ("backup", nil): server.backup = true
             case ("down", nil): server.down = true
+            case ("tcp_keepalive", .some(let v)): server.tcpKeepalive = try Value.tcpKeepalive(v, what: "\"tcp_keepalive=\" value")
+            case ("tcp_user_timeout", .some(let v)): server.tcpUserTimeout = try Value.userTimeout(v, what: "\"tcp_user_timeout=\" value")
             default: throw ConfigErrorReason("invalid parameter \"\(a.text)\"")
             }
         }
@@ -267,6 +272,8 @@ public struct Builder {
             case ("backlog", .some(let v)):
                 guard let n = Int(v), n >= 1, n <= 65535 else { throw ConfigErrorReason("invalid backlog \"\(v)\"") }
                 l.backlog = n
+            case ("so_keepalive", .some(let v)): l.soKeepalive = try Value.tcpKeepalive(v, what: "so_keepalive value")
+            case ("tcp_user_timeout", .some(let v)): l.tcpUserTimeout = try Value.userTimeout(v, what: "tcp_user_timeout value")
             default: throw ConfigErrorReason("invalid parameter \"\(a.text)\"")
             }
         }
@@ -386,7 +393,7 @@ public struct Builder {
     mutating func finish() -> Result<Configuration, ConfigErrors> {
         // Upstream blocks.
         for i in upstreams.indices {
-            if upstreams[i].servers.isEmpty {
+            if upstreams[i].servers.isEmpty && !upstreamsWithServerLines.contains(i) {
                 errors.append(ConfigError("no servers are inside upstream", at: upstreams[i].location))
             }
             for j in upstreams[i].servers.indices {

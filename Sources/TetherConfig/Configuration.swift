@@ -67,6 +67,9 @@ public struct Upstream: Sendable {
     public var keepaliveTimeMs: Int64 = 3_600_000
     /// True for the upstream made from a `proxy_pass` host, not an `upstream` block.
     public var implicit = false
+    /// `tcp_keepalive` for every connection to this upstream's servers.
+    public var tcpKeepalive: TCPKeepalive?
+    public var tcpUserTimeout = UserTimeout.auto
 
     public init(name: String, location: SourceLocation) {
         self.name = name
@@ -84,10 +87,57 @@ public struct UpstreamServer: Hashable, Sendable {
     public var failTimeoutMs: Int64 = 10_000
     public var backup = false
     public var down = false
+    /// `tcp_keepalive=` on the server line, over the upstream block's.
+    public var tcpKeepalive: TCPKeepalive?
+    public var tcpUserTimeout: UserTimeout?
     public var location: SourceLocation
 
     /// `host:port` as nginx's `$upstream_addr` shows it.
     public var addressText: String { address.contains(":") ? "[\(address)]:\(port)" : "\(address):\(port)" }
+}
+
+/// TCP keepalive for a socket: nginx's `so_keepalive=on|off|[IDLE]:[INTVL]:[CNT]`. A nil field
+/// keeps the host's value (`net.ipv4.tcp_keepalive_time`, `_intvl`, `_probes`).
+public struct TCPKeepalive: Hashable, Sendable, CustomStringConvertible {
+    public var enabled: Bool
+    /// Seconds of idleness before the first probe (TCP_KEEPIDLE).
+    public var idle: Int?
+    /// Seconds between probes (TCP_KEEPINTVL).
+    public var interval: Int?
+    /// Unanswered probes before the connection is dropped (TCP_KEEPCNT).
+    public var count: Int?
+
+    public init(enabled: Bool, idle: Int? = nil, interval: Int? = nil, count: Int? = nil) {
+        self.enabled = enabled
+        self.idle = idle
+        self.interval = interval
+        self.count = count
+    }
+
+    public static let off = TCPKeepalive(enabled: false)
+
+    public var description: String {
+        guard enabled else { return "off" }
+        if idle == nil && interval == nil && count == nil { return "on" }
+        return "\(idle.map { Units.formatTime(Int64($0) * 1000) } ?? ""):\(interval.map { Units.formatTime(Int64($0) * 1000) } ?? ""):\(count.map(String.init) ?? "")"
+    }
+}
+
+/// TCP_USER_TIMEOUT: how long sent data may stay unacknowledged before the kernel drops the
+/// connection. `auto` derives it from keepalive (IDLE + INTVL x CNT) so that a connection with
+/// stuck writes dies on the same schedule as an idle one.
+public enum UserTimeout: Hashable, Sendable, CustomStringConvertible {
+    case off
+    case auto
+    case milliseconds(Int64)
+
+    public var description: String {
+        switch self {
+        case .off: return "off"
+        case .auto: return "auto"
+        case .milliseconds(let ms): return Units.formatTime(ms)
+        }
+    }
 }
 
 public struct Listen: Hashable, Sendable {
@@ -97,6 +147,9 @@ public struct Listen: Hashable, Sendable {
     public var defaultServer = false
     public var reuseport = false
     public var backlog = 511
+    /// nil: the socket is left as the host makes it.
+    public var soKeepalive: TCPKeepalive?
+    public var tcpUserTimeout = UserTimeout.auto
     public var location: SourceLocation
 
     /// The address as nginx prints it in errors: `0.0.0.0:8080`, `[::1]:8080`.
@@ -215,6 +268,9 @@ public struct HTTPSettings: Sendable {
     public var proxyHTTPVersion = "1.1"
     public var proxyNextUpstream: Set<NextUpstreamCondition> = [.error, .timeout]
     public var proxyNextUpstreamTries = 0
+    /// nginx's `proxy_socket_keepalive`: SO_KEEPALIVE with the host's timers on upstream
+    /// connections, when the upstream sets no `tcp_keepalive` of its own.
+    public var proxySocketKeepalive = false
 
     public init() {}
 

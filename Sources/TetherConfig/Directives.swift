@@ -61,6 +61,7 @@ struct PartialSettings {
     var proxyHTTPVersion: String?
     var proxyNextUpstream: Set<NextUpstreamCondition>?
     var proxyNextUpstreamTries: Int?
+    var proxySocketKeepalive: Bool?
 
     /// This level's values, with the parent's where this level is silent (nginx's merge rule:
     /// a list directive such as `proxy_set_header` replaces the inherited list as a whole).
@@ -85,6 +86,7 @@ struct PartialSettings {
         r.proxyHTTPVersion = proxyHTTPVersion ?? p.proxyHTTPVersion
         r.proxyNextUpstream = proxyNextUpstream ?? p.proxyNextUpstream
         r.proxyNextUpstreamTries = proxyNextUpstreamTries ?? p.proxyNextUpstreamTries
+        r.proxySocketKeepalive = proxySocketKeepalive ?? p.proxySocketKeepalive
         return r
     }
 
@@ -111,6 +113,7 @@ struct PartialSettings {
         s.proxyHTTPVersion = proxyHTTPVersion ?? s.proxyHTTPVersion
         s.proxyNextUpstream = proxyNextUpstream ?? s.proxyNextUpstream
         s.proxyNextUpstreamTries = proxyNextUpstreamTries ?? s.proxyNextUpstreamTries
+        s.proxySocketKeepalive = proxySocketKeepalive ?? s.proxySocketKeepalive
         return s
     }
 }
@@ -149,6 +152,49 @@ enum Value {
         case "on": return true
         case "off": return false
         default: throw ConfigErrorReason("invalid value \"\(a.text)\" in \"\(d.name)\" directive, it must be \"on\" or \"off\"")
+        }
+    }
+
+    /// `on`, `off`, or `[IDLE]:[INTVL]:[CNT]` with nginx's meaning: an empty field keeps the
+    /// host's value; IDLE and INTVL are times (seconds when bare), within what the kernel accepts.
+    static func tcpKeepalive(_ text: String, what: String) throws(ConfigErrorReason) -> TCPKeepalive {
+        switch text {
+        case "on": return TCPKeepalive(enabled: true)
+        case "off": return .off
+        default: break
+        }
+        let fields = text.split(separator: ":", omittingEmptySubsequences: false).map(String.init)
+        guard fields.count == 3 else {
+            throw ConfigErrorReason("invalid \(what) \"\(text)\", it must be \"on\", \"off\" or \"[IDLE]:[INTVL]:[CNT]\"")
+        }
+        func seconds(_ f: String, _ name: String) throws(ConfigErrorReason) -> Int? {
+            if f.isEmpty { return nil }
+            guard case .success(let ms) = Units.time(f), ms % 1000 == 0, (1...32767).contains(ms / 1000) else {
+                throw ConfigErrorReason("invalid \(name) \"\(f)\" in \(what) \"\(text)\", it must be from 1s to 32767s in whole seconds")
+            }
+            return Int(ms / 1000)
+        }
+        let idle = try seconds(fields[0], "idle time")
+        let interval = try seconds(fields[1], "probe interval")
+        var count: Int?
+        if !fields[2].isEmpty {
+            guard let n = Int(fields[2]), (1...127).contains(n) else {
+                throw ConfigErrorReason("invalid probe count \"\(fields[2])\" in \(what) \"\(text)\", it must be from 1 to 127")
+            }
+            count = n
+        }
+        return TCPKeepalive(enabled: true, idle: idle, interval: interval, count: count)
+    }
+
+    static func userTimeout(_ text: String, what: String) throws(ConfigErrorReason) -> UserTimeout {
+        switch text {
+        case "auto": return .auto
+        case "off": return .off
+        default:
+            guard case .success(let ms) = Units.time(text), ms > 0, ms <= Int64(Int32.max) else {
+                throw ConfigErrorReason("invalid \(what) \"\(text)\", it must be a time, \"auto\" or \"off\"")
+            }
+            return .milliseconds(ms)
         }
     }
 
@@ -315,6 +361,13 @@ let directiveTable: [DirectiveSpec] = {
         S("keepalive_time", .upstream, args: 1...1) { b, d throws(ConfigErrorReason) in
             b.upstreams[b.upstreams.count - 1].keepaliveTimeMs = try Value.time(d.args[0], d)
         },
+        S("tcp_keepalive", .upstream, args: 1...1) { b, d throws(ConfigErrorReason) in
+            b.upstreams[b.upstreams.count - 1].tcpKeepalive = try Value.tcpKeepalive(d.args[0].text, what: "\"tcp_keepalive\" value")
+        },
+        S("tcp_user_timeout", .upstream, args: 1...1) { b, d throws(ConfigErrorReason) in
+            b.upstreams[b.upstreams.count - 1].tcpUserTimeout = try Value.userTimeout(d.args[0].text, what: "\"tcp_user_timeout\" value")
+        },
+        setting("proxy_socket_keepalive") { s, d throws(ConfigErrorReason) in s.proxySocketKeepalive = try Value.flag(d.args[0], d) },
 
         // server
         S("server", .http, args: 0...0, block: true, repeats: true) { b, d in b.serverBlock(d) },

@@ -20,12 +20,16 @@ extension Configuration {
                 var line = "        server \(s.host == s.address ? s.addressText : "\(s.host):\(s.port)") weight=\(s.weight) max_fails=\(s.maxFails) fail_timeout=\(Units.formatTime(s.failTimeoutMs))"
                 if s.backup { line += " backup" }
                 if s.down { line += " down" }
+                if let k = s.tcpKeepalive { line += " tcp_keepalive=\(k)" }
+                if let t = s.tcpUserTimeout { line += " tcp_user_timeout=\(t)" }
                 out += line + ";\n"
             }
             out += "        keepalive \(u.keepalive);\n"
             out += "        keepalive_timeout \(Units.formatTime(u.keepaliveTimeoutMs));\n"
             out += "        keepalive_requests \(u.keepaliveRequests);\n"
             out += "        keepalive_time \(Units.formatTime(u.keepaliveTimeMs));\n"
+            if let k = u.tcpKeepalive { out += "        tcp_keepalive \(k);\n" }
+            out += "        tcp_user_timeout \(u.tcpUserTimeout);\n"
             out += "    }\n"
         }
         for s in servers {
@@ -35,6 +39,8 @@ extension Configuration {
                 if l.defaultServer { line += " default_server" }
                 if l.reuseport { line += " reuseport" }
                 line += " backlog=\(l.backlog)"
+                if let k = l.soKeepalive { line += " so_keepalive=\(k)" }
+                line += " tcp_user_timeout=\(l.tcpUserTimeout)"
                 out += line + ";\n"
             }
             if !s.names.isEmpty { out += "        server_name \(s.names.map(\.description).joined(separator: " "));\n" }
@@ -93,6 +99,7 @@ extension Configuration {
         let conds = NextUpstreamCondition.allCases.filter { s.proxyNextUpstream.contains($0) }.map(\.rawValue)
         lines.append("proxy_next_upstream \(conds.isEmpty ? "off" : conds.joined(separator: " "))")
         lines.append("proxy_next_upstream_tries \(s.proxyNextUpstreamTries)")
+        lines.append("proxy_socket_keepalive \(s.proxySocketKeepalive ? "on" : "off")")
         return lines.map { indent + $0 + ";\n" }.joined()
     }
 }

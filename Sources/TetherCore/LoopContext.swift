@@ -7,9 +7,11 @@ final class ProxySetup: Sendable {
     let configuration: Configuration
     let upstreams: [String: ResolvedUpstream]
     let servers: [CompiledServer]
+    let hostKeepalive: HostKeepalive
 
-    init(_ configuration: Configuration) throws {
+    init(_ configuration: Configuration, hostKeepalive: HostKeepalive = .read()) throws {
         self.configuration = configuration
+        self.hostKeepalive = hostKeepalive
         var ups: [String: ResolvedUpstream] = [:]
         for u in configuration.upstreams { ups[u.name] = try ResolvedUpstream(u) }
         upstreams = ups
@@ -155,6 +157,13 @@ final class LoopContext {
         sweeper?.cancel()
         sweeper = nil
         flushAccessLog()
+    }
+
+    private var warned = Set<String>()
+
+    /// Logs a warning the first time it is seen on this loop.
+    func warnOnce(_ message: String) {
+        if warned.insert(message).inserted { logger.warning("\(message)") }
     }
 
     /// Access log lines of this loop not yet handed to the writer thread, by file.

@@ -59,7 +59,7 @@ public final class TetherServer: Sendable {
                     .serverChannelOption(ChannelOptions.socket(SocketOptionLevel(SOL_SOCKET), SO_REUSEPORT), value: 1)
                     .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
                     .childChannelOption(.maxMessagesPerRead, value: 4)
-                    .childChannelInitializer(childInitializer(hosts: hosts, servers: servers, port: port))
+                    .childChannelInitializer(childInitializer(hosts: hosts, servers: servers, port: port, listen: listen))
                     .bind(host: listen.address, port: port)
                     .wait()
                 if port == 0 { port = channel.localAddress?.port ?? 0 }
@@ -73,9 +73,11 @@ public final class TetherServer: Sendable {
     }
 
     /// Sets up an accepted connection on the loop that accepted it.
-    private func childInitializer(hosts: VirtualHosts, servers: [CompiledServer], port: Int) -> @Sendable (Channel) -> EventLoopFuture<Void> {
+    private func childInitializer(hosts: VirtualHosts, servers: [CompiledServer], port: Int, listen: Listen) -> @Sendable (Channel) -> EventLoopFuture<Void> {
         let loops = self.loops
         let maxConnections = configuration.workerConnections
+        let tuning = SocketTuning(keepalive: listen.soKeepalive, userTimeout: listen.tcpUserTimeout, host: setup.hostKeepalive)
+        let what = "client connection (listen \(listen.addressText))"
         return { channel in
             channel.eventLoop.makeCompletedFuture {
                 guard let bound = loops.first(where: { $0.eventLoop === channel.eventLoop }) else {
@@ -87,6 +89,7 @@ public final class TetherServer: Sendable {
                     channel.close(promise: nil)
                     return
                 }
+                tuning.apply(to: channel, loop: lc, what: what)
                 try channel.pipeline.syncOperations.addHandler(DownstreamHandler(loop: lc, hosts: hosts, servers: servers, serverPort: port))
             }
         }

@@ -125,7 +125,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        closeReason = "error"
+        closeReason = isKernelTimeout(error) ? "tcp_keepalive" : "error"
         close()
     }
 
@@ -251,7 +251,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         let settings = ex!.route.settings
         let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
         let exchangeNumber = requests
-        server.connect(timeoutMs: settings.proxyConnectTimeoutMs).assumeIsolated().whenComplete { result in
+        server.connect(timeoutMs: settings.proxyConnectTimeoutMs, socketKeepalive: settings.proxySocketKeepalive).assumeIsolated().whenComplete { result in
             let me = bound.value
             switch result {
             case .success(let conn):

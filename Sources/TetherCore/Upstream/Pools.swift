@@ -40,14 +40,21 @@ final class ServerPool {
         }
     }
 
-    func connect(timeoutMs: Int64) -> EventLoopFuture<UpstreamConnection> {
+    /// Opens a connection. `socketKeepalive` is the location's `proxy_socket_keepalive`, used when
+    /// neither the server line nor the upstream block sets `tcp_keepalive`.
+    func connect(timeoutMs: Int64, socketKeepalive: Bool) -> EventLoopFuture<UpstreamConnection> {
         let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
         let started = NIODeadline.now()
+        let upstream = group.upstream
+        let keepalive = spec.tcpKeepalive ?? upstream.tcpKeepalive ?? (socketKeepalive ? TCPKeepalive(enabled: true) : nil)
+        let tuning = SocketTuning(keepalive: keepalive, userTimeout: spec.tcpUserTimeout ?? upstream.tcpUserTimeout, host: loop.setup.hostKeepalive)
+        let what = "upstream \"\(group.name)\" server \(spec.addressText)"
         return ClientBootstrap(group: loop.eventLoop)
             .connectTimeout(.milliseconds(timeoutMs))
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    tuning.apply(to: channel, loop: bound.value.loop, what: what)
                     try channel.pipeline.syncOperations.addHandler(UpstreamConnection(pool: bound.value))
                 }
             }
@@ -95,11 +102,14 @@ final class ServerPool {
         conn.close()
     }
 
-    /// An idle connection saw EOF, data or an error.
-    func idleConnectionClosed(_ conn: UpstreamConnection, byPeer: Bool) {
+    /// An idle connection saw EOF (`peerClosed`), data or an error.
+    func idleConnectionClosed(_ conn: UpstreamConnection, reason: CloseReason) {
         guard connections.removeValue(forKey: conn.id) != nil else { return }
-        loop.stats.upstreamClosed(byPeer ? .peerClosed : .error)
-        if let learned = state.idleClosed(conn.id, now: nowMs(), byPeer: byPeer) {
+        loop.stats.upstreamClosed(reason)
+        if reason == .tcpKeepalive {
+            loop.logger.notice("upstream \"\(group.name)\" server \(spec.addressText): an idle connection was dropped by TCP keepalive (the peer stopped answering)")
+        }
+        if let learned = state.idleClosed(conn.id, now: nowMs(), byPeer: reason == .peerClosed) {
             loop.logger.notice("upstream \"\(group.name)\" server \(spec.addressText) closed an idle connection; its idle window is now taken as \(Units.formatTime(learned))")
         }
     }
@@ -147,12 +157,14 @@ final class ServerPool {
 /// One upstream on one event loop: its balancer and a pool per server.
 final class UpstreamGroup {
     let name: String
+    let upstream: Upstream
     unowned let loop: LoopContext
     var balancer: Balancer
     var servers: [ServerPool] = []
 
     init(upstream: ResolvedUpstream, loop: LoopContext) {
         self.name = upstream.config.name
+        self.upstream = upstream.config
         self.loop = loop
         let u = upstream.config
         balancer = Balancer(

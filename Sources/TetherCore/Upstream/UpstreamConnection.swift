@@ -39,7 +39,7 @@ final class UpstreamConnection: ChannelDuplexHandler {
             delegate.upstreamRead(buffer)
         } else {
             // Bytes on an idle connection: the backend is out of step; never reuse it.
-            pool.idleConnectionClosed(self, byPeer: false)
+            pool.idleConnectionClosed(self, reason: .error)
             close()
         }
     }
@@ -54,7 +54,7 @@ final class UpstreamConnection: ChannelDuplexHandler {
             self.delegate = nil
             delegate.upstreamClosed(self, error: nil)
         } else {
-            pool.idleConnectionClosed(self, byPeer: true)
+            pool.idleConnectionClosed(self, reason: .peerClosed)
         }
     }
 
@@ -63,7 +63,7 @@ final class UpstreamConnection: ChannelDuplexHandler {
             self.delegate = nil
             delegate.upstreamClosed(self, error: error)
         } else {
-            pool.idleConnectionClosed(self, byPeer: false)
+            pool.idleConnectionClosed(self, reason: isKernelTimeout(error) ? .tcpKeepalive : .error)
         }
         close()
     }
