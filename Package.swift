@@ -36,10 +36,15 @@ let package = Package(
             ],
             swiftSettings: release
         ),
+        .target(
+            name: "TetherAdmin",
+            dependencies: ["TetherCore", "TetherPool"],
+            swiftSettings: release
+        ),
         .executableTarget(
             name: "tether",
             dependencies: [
-                "TetherConfig", "TetherCore",
+                "TetherConfig", "TetherCore", "TetherAdmin",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -71,7 +76,7 @@ let package = Package(
         .testTarget(
             name: "TetherIntegrationTests",
             dependencies: [
-                "TetherCore", "TetherConfig", "TetherTestSupport",
+                "TetherCore", "TetherConfig", "TetherAdmin", "TetherTestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

@@ -24,6 +24,7 @@ public struct Builder {
         var settings = PartialSettings()
         var proxy: (raw: String, scheme: String, host: String, port: Int?, uri: String?, at: SourceLocation)?
         var returnAction: ReturnAction?
+        var admin: Location.Action?
         var location: SourceLocation
     }
 
@@ -47,6 +48,7 @@ public struct Builder {
     /// accumulate within a block and replace what is inherited).
     var accessLogSeenHere = false
     var proxyHeadersSeenHere = false
+    var accessRulesSeenHere = false
 
     /// Turns a host name into a numeric address; the system's getaddrinfo unless a test gives another.
     var resolver: @Sendable (String) -> String?
@@ -96,7 +98,7 @@ public struct Builder {
     // MARK: Walking
 
     mutating func walk(_ directives: [Directive], in context: Context) {
-        let saved = (cursor, accessLogSeenHere, proxyHeadersSeenHere)
+        let saved = (cursor, accessLogSeenHere, proxyHeadersSeenHere, accessRulesSeenHere)
         switch context {
         case .events: cursor = .events
         case .http: cursor = .http
@@ -104,7 +106,8 @@ public struct Builder {
         }
         accessLogSeenHere = false
         proxyHeadersSeenHere = false
-        defer { (cursor, accessLogSeenHere, proxyHeadersSeenHere) = saved }
+        accessRulesSeenHere = false
+        defer { (cursor, accessLogSeenHere, proxyHeadersSeenHere, accessRulesSeenHere) = saved }
 
         var seen = Set<String>()
         for d in directives {
@@ -297,6 +300,30 @@ public struct Builder {
         }
     }
 
+    mutating func setAdmin(_ action: Location.Action) {
+        guard case .location(let s, let l) = cursor else { preconditionFailure("admin directive in \(cursor)") }
+        servers[s].locations[l].admin = action
+    }
+
+    /// `allow` / `deny` accumulate in order within a block and replace what is inherited.
+    mutating func addAccessRule(_ d: Directive) throws(ConfigErrorReason) {
+        let rule = try Value.accessRule(d)
+        if !accessRulesSeenHere {
+            settings.accessRules = []
+            accessRulesSeenHere = true
+        }
+        settings.accessRules!.append(rule)
+    }
+
+    /// The bytes of a numeric IPv4 (4) or IPv6 (16) address.
+    public static func addressBytes(_ text: String) -> [UInt8]? {
+        var v4 = in_addr()
+        if inet_pton(AF_INET, text, &v4) == 1 { return withUnsafeBytes(of: &v4) { Array($0) } }
+        var v6 = in6_addr()
+        if inet_pton(AF_INET6, text, &v6) == 1 { return withUnsafeBytes(of: &v6) { Array($0) } }
+        return nil
+    }
+
     mutating func proxyPass(_ d: Directive) throws(ConfigErrorReason) {
         guard case .location(let s, let l) = cursor else { preconditionFailure("proxy_pass in \(cursor)") }
         let raw = d.args[0].text
@@ -440,7 +467,9 @@ public struct Builder {
             server.listens = listens
             for loc in draft.locations {
                 var action = Location.Action.none
-                if let r = loc.returnAction {
+                if let admin = loc.admin {
+                    action = admin
+                } else if let r = loc.returnAction {
                     action = .respond(r)
                 } else if let p = loc.proxy {
                     if let pass = proxyTarget(p) { action = .proxy(pass) }

@@ -200,6 +200,10 @@ public struct Location: Sendable {
     public enum Action: Sendable {
         case proxy(ProxyPass)
         case respond(ReturnAction)
+        /// nginx's `stub_status` page.
+        case stubStatus
+        /// `stats prometheus` or `stats json`.
+        case stats(StatsFormat)
         /// Nothing handles the request here: 404.
         case none
     }
@@ -209,6 +213,36 @@ public struct Location: Sendable {
     public var settings: HTTPSettings
     public var action: Action
     public var location: SourceLocation
+}
+
+public enum StatsFormat: String, Hashable, Sendable {
+    case prometheus, json
+}
+
+/// One `allow` or `deny` rule: an address range, or all addresses.
+public struct AccessRule: Hashable, Sendable, CustomStringConvertible {
+    public var allow: Bool
+    /// The network's address bytes (4 or 16) and prefix length; nil for `all`.
+    public var network: (bytes: [UInt8], prefix: Int)?
+    public var source: String
+
+    public static func == (a: AccessRule, b: AccessRule) -> Bool { a.allow == b.allow && a.source == b.source }
+    public func hash(into h: inout Hasher) { h.combine(allow); h.combine(source) }
+
+    /// Whether the rule applies to an address (4 or 16 bytes).
+    public func matches(_ address: [UInt8]) -> Bool {
+        guard let n = network else { return true }
+        guard n.bytes.count == address.count else { return false }
+        var bits = n.prefix
+        for i in 0..<address.count where bits > 0 {
+            let mask: UInt8 = bits >= 8 ? 0xFF : UInt8(0xFF) << UInt8(8 - bits)
+            if address[i] & mask != n.bytes[i] & mask { return false }
+            bits -= 8
+        }
+        return true
+    }
+
+    public var description: String { (allow ? "allow " : "deny ") + source }
 }
 
 public struct ProxyPass: Hashable, Sendable {
@@ -271,6 +305,8 @@ public struct HTTPSettings: Sendable {
     /// nginx's `proxy_socket_keepalive`: SO_KEEPALIVE with the host's timers on upstream
     /// connections, when the upstream sets no `tcp_keepalive` of its own.
     public var proxySocketKeepalive = false
+    /// nginx's `allow` / `deny`, in order; the first that matches decides, none matching allows.
+    public var accessRules: [AccessRule] = []
 
     public init() {}
 

@@ -62,6 +62,7 @@ struct PartialSettings {
     var proxyNextUpstream: Set<NextUpstreamCondition>?
     var proxyNextUpstreamTries: Int?
     var proxySocketKeepalive: Bool?
+    var accessRules: [AccessRule]?
 
     /// This level's values, with the parent's where this level is silent (nginx's merge rule:
     /// a list directive such as `proxy_set_header` replaces the inherited list as a whole).
@@ -87,6 +88,7 @@ struct PartialSettings {
         r.proxyNextUpstream = proxyNextUpstream ?? p.proxyNextUpstream
         r.proxyNextUpstreamTries = proxyNextUpstreamTries ?? p.proxyNextUpstreamTries
         r.proxySocketKeepalive = proxySocketKeepalive ?? p.proxySocketKeepalive
+        r.accessRules = accessRules ?? p.accessRules
         return r
     }
 
@@ -114,6 +116,7 @@ struct PartialSettings {
         s.proxyNextUpstream = proxyNextUpstream ?? s.proxyNextUpstream
         s.proxyNextUpstreamTries = proxyNextUpstreamTries ?? s.proxyNextUpstreamTries
         s.proxySocketKeepalive = proxySocketKeepalive ?? s.proxySocketKeepalive
+        s.accessRules = accessRules ?? s.accessRules
         return s
     }
 }
@@ -196,6 +199,25 @@ enum Value {
             }
             return .milliseconds(ms)
         }
+    }
+
+    /// `all`, an address, or an address with a prefix length (`10.0.0.0/8`, `::1`, `fd00::/8`).
+    static func accessRule(_ d: Directive) throws(ConfigErrorReason) -> AccessRule {
+        let text = d.args[0].text
+        let allow = d.name == "allow"
+        if text == "all" { return AccessRule(allow: allow, network: nil, source: text) }
+        let parts = text.split(separator: "/", maxSplits: 1).map(String.init)
+        guard let bytes = Builder.addressBytes(parts[0]) else {
+            throw ConfigErrorReason("invalid parameter \"\(text)\" in \"\(d.name)\" directive")
+        }
+        var prefix = bytes.count * 8
+        if parts.count == 2 {
+            guard let p = Int(parts[1]), (0...bytes.count * 8).contains(p) else {
+                throw ConfigErrorReason("invalid parameter \"\(text)\" in \"\(d.name)\" directive")
+            }
+            prefix = p
+        }
+        return AccessRule(allow: allow, network: (bytes, prefix), source: text)
     }
 
     static func template(_ a: Argument, _ d: Directive) throws(ConfigErrorReason) -> Template {
@@ -380,6 +402,15 @@ let directiveTable: [DirectiveSpec] = {
 
         // location
         S("proxy_pass", .location, args: 1...1) { b, d throws(ConfigErrorReason) in try b.proxyPass(d) },
+        S("stub_status", .location, args: 0...0) { b, _ in b.setAdmin(.stubStatus) },
+        S("stats", .location, args: 1...1) { b, d throws(ConfigErrorReason) in
+            guard let f = StatsFormat(rawValue: d.args[0].text) else {
+                throw ConfigErrorReason("invalid value \"\(d.args[0].text)\" in \"stats\" directive, it must be \"prometheus\" or \"json\"")
+            }
+            b.setAdmin(.stats(f))
+        },
+        S("allow", .httpAll, args: 1...1, repeats: true) { b, d throws(ConfigErrorReason) in try b.addAccessRule(d) },
+        S("deny", .httpAll, args: 1...1, repeats: true) { b, d throws(ConfigErrorReason) in try b.addAccessRule(d) },
     ]
 }()
 

@@ -52,6 +52,8 @@ extension Configuration {
                 switch loc.action {
                 case .proxy(let p): out += "            proxy_pass \(p.source);\n"
                 case .respond(let r): out += "            return \(Configuration.returnText(r));\n"
+                case .stubStatus: out += "            stub_status;\n"
+                case .stats(let f): out += "            stats \(f.rawValue);\n"
                 case .none: break
                 }
                 out += "        }\n"
@@ -100,6 +102,7 @@ extension Configuration {
         lines.append("proxy_next_upstream \(conds.isEmpty ? "off" : conds.joined(separator: " "))")
         lines.append("proxy_next_upstream_tries \(s.proxyNextUpstreamTries)")
         lines.append("proxy_socket_keepalive \(s.proxySocketKeepalive ? "on" : "off")")
+        for r in s.accessRules { lines.append(r.description) }
         return lines.map { indent + $0 + ";\n" }.joined()
     }
 }

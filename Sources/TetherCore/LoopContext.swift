@@ -128,6 +128,8 @@ final class LoopContext {
     var connections: [ObjectIdentifier: DownstreamHandler] = [:]
     var draining = false
     let dateCache = DateCache()
+    /// Serves `stub_status` and `stats` locations; nil when no renderer was given.
+    var admin: AdminService?
 
     init(eventLoop: EventLoop, setup: ProxySetup, logger: Logger, accessLog: AccessLogSink?) {
         self.eventLoop = eventLoop
@@ -193,4 +195,93 @@ final class LoopContext {
     }
 
     var allGroups: [UpstreamGroup] { Array(groups.values) }
+
+    /// This loop's share of the admin figures.
+    func snapshotPart(index: Int) -> SnapshotPart {
+        var part = SnapshotPart(index: index, stats: stats)
+        for c in connections.values {
+            switch c.activity {
+            case .reading: part.reading += 1
+            case .writing: part.writing += 1
+            case .waiting: part.waiting += 1
+            }
+        }
+        let now = nowMs()
+        for g in groups.values {
+            for s in g.servers {
+                part.servers[ServerKey(upstream: g.name, index: s.index)] = .init(
+                    up: g.balancer.isAvailable(s.index, now: now), active: s.state.leasedCount, idle: s.state.idleCount,
+                    counters: s.counters, learnedIdleMs: s.state.learnedIdleMs, advertisedTimeoutMs: s.state.advertisedTimeoutMs)
+            }
+        }
+        return part
+    }
+}
+
+struct ServerKey: Hashable, Sendable {
+    var upstream: String
+    var index: Int
+}
+
+/// One loop's figures, summed by `StatsSnapshot.combining`.
+struct SnapshotPart: Sendable {
+    struct Server: Sendable {
+        var up: Bool
+        var active: Int
+        var idle: Int
+        var counters: ServerCounters
+        var learnedIdleMs: Int64?
+        var advertisedTimeoutMs: Int64?
+    }
+
+    var index: Int
+    var stats: LoopStats
+    var reading = 0
+    var writing = 0
+    var waiting = 0
+    var servers: [ServerKey: Server] = [:]
+
+    init(index: Int, stats: LoopStats) {
+        self.index = index
+        self.stats = stats
+    }
+}
+
+extension StatsSnapshot {
+    static func combining(_ parts: [SnapshotPart], upstreams: [TetherConfig.Upstream]) -> StatsSnapshot {
+        var s = StatsSnapshot()
+        for p in parts {
+            s.acceptedConnections += p.stats.downstreamAccepted
+            s.handledConnections += p.stats.downstreamHandled
+            s.activeConnections += p.stats.downstreamActive
+            s.requests += p.stats.downstreamRequests
+            s.reading += p.reading
+            s.writing += p.writing
+            s.waiting += p.waiting
+            for i in s.responsesByClass.indices { s.responsesByClass[i] += p.stats.responsesByClass[i] }
+            s.downstreamClosed.merge(p.stats.downstreamClosed, uniquingKeysWith: +)
+            s.otherUpstreamFailures.merge(p.stats.upstreamFailures, uniquingKeysWith: +)
+            let ups = p.servers.values
+            s.loops.append(.init(index: p.index, activeConnections: p.stats.downstreamActive, requests: p.stats.downstreamRequests,
+                                 upstreamIdle: ups.reduce(0) { $0 + $1.idle }, upstreamActive: ups.reduce(0) { $0 + $1.active }))
+        }
+        for u in upstreams {
+            var servers: [Server] = []
+            for (i, spec) in u.servers.enumerated() {
+                var server = Server(address: spec.addressText, up: !spec.down)
+                for p in parts {
+                    guard let x = p.servers[ServerKey(upstream: u.name, index: i)] else { continue }
+                    server.up = server.up && x.up
+                    server.active += x.active
+                    server.idle += x.idle
+                    server.counters.add(x.counters)
+                    if let l = x.learnedIdleMs { server.learnedIdleMs = min(server.learnedIdleMs ?? .max, l) }
+                    if let a = x.advertisedTimeoutMs { server.advertisedTimeoutMs = a }
+                }
+                servers.append(server)
+            }
+            s.upstreams.append(.init(name: u.name, keepalive: u.keepalive, servers: servers))
+        }
+        return s
+    }
 }

@@ -1,53 +1,125 @@
+import NIOCore
 import TetherPool
 
-/// Counters of one event loop: plain integers, touched only on that loop, summed when read.
+/// Latency buckets (seconds) of the upstream connect and response histograms.
+public let histogramBuckets: [Double] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
+
+/// A histogram as Prometheus wants it: a count per bucket (not cumulative), the sum and count.
+public struct Histogram: Sendable, Equatable {
+    public var buckets = [Int](repeating: 0, count: histogramBuckets.count)
+    public var sum: Double = 0
+    public var count = 0
+
+    mutating func observe(nanoseconds: Int64) {
+        let s = Double(nanoseconds) / 1e9
+        sum += s
+        count += 1
+        for (i, b) in histogramBuckets.enumerated() where s <= b {
+            buckets[i] += 1
+            return
+        }
+    }
+
+    mutating func add(_ o: Histogram) {
+        for i in buckets.indices { buckets[i] += o.buckets[i] }
+        sum += o.sum
+        count += o.count
+    }
+}
+
+/// Counters of one upstream server on one loop: plain integers, touched only on that loop.
+public struct ServerCounters: Sendable, Equatable {
+    public var connects = 0
+    public var requests = 0
+    public var reused = 0
+    public var closed: [String: Int] = [:]
+    public var retries: [String: Int] = [:]
+    public var failures: [String: Int] = [:]
+    public var connectTime = Histogram()
+    public var responseTime = Histogram()
+
+    mutating func add(_ o: ServerCounters) {
+        connects += o.connects
+        requests += o.requests
+        reused += o.reused
+        closed.merge(o.closed, uniquingKeysWith: +)
+        retries.merge(o.retries, uniquingKeysWith: +)
+        failures.merge(o.failures, uniquingKeysWith: +)
+        connectTime.add(o.connectTime)
+        responseTime.add(o.responseTime)
+    }
+}
+
+/// Counters of one event loop's client side: plain integers, summed when read.
 struct LoopStats: Sendable {
     var downstreamAccepted = 0
+    var downstreamHandled = 0
     var downstreamActive = 0
     var downstreamRequests = 0
     var responsesByClass = [0, 0, 0, 0, 0, 0]
     var downstreamClosed: [String: Int] = [:]
-    var upstreamConnects = 0
-    var upstreamConnectNanos: Int64 = 0
-    var upstreamRequests = 0
-    var upstreamReused = 0
-    var upstreamRetries: [String: Int] = [:]
+    /// Failures not tied to one server (no live upstreams).
     var upstreamFailures: [String: Int] = [:]
-    var upstreamClosedByReason: [String: Int] = [:]
-
-    mutating func upstreamClosed(_ reason: CloseReason) {
-        upstreamClosedByReason[reason.rawValue, default: 0] += 1
-    }
-
-    mutating func add(_ o: LoopStats) {
-        downstreamAccepted += o.downstreamAccepted
-        downstreamActive += o.downstreamActive
-        downstreamRequests += o.downstreamRequests
-        for i in responsesByClass.indices { responsesByClass[i] += o.responsesByClass[i] }
-        downstreamClosed.merge(o.downstreamClosed, uniquingKeysWith: +)
-        upstreamConnects += o.upstreamConnects
-        upstreamConnectNanos += o.upstreamConnectNanos
-        upstreamRequests += o.upstreamRequests
-        upstreamReused += o.upstreamReused
-        upstreamRetries.merge(o.upstreamRetries, uniquingKeysWith: +)
-        upstreamFailures.merge(o.upstreamFailures, uniquingKeysWith: +)
-        upstreamClosedByReason.merge(o.upstreamClosedByReason, uniquingKeysWith: +)
-    }
 }
 
-/// A snapshot of every loop's counters, summed.
+/// Everything the admin endpoint shows, summed over the event loops at one moment.
 public struct StatsSnapshot: Sendable {
-    public var acceptedConnections: Int
-    public var activeConnections: Int
-    public var requests: Int
-    public var upstreamConnects: Int
-    public var upstreamRequests: Int
-    public var upstreamReused: Int
-    public var upstreamRetries: [String: Int]
-    public var upstreamFailures: [String: Int]
-    public var upstreamClosed: [String: Int]
-    public var downstreamClosed: [String: Int]
-    public var idleUpstreamConnections: Int
-    /// Learned idle windows, by "upstream server" (milliseconds).
-    public var learnedIdleMs: [String: Int64]
+    public struct Server: Sendable {
+        public var address: String
+        /// Configured up and not failed recently, on every loop.
+        public var up: Bool
+        public var active = 0
+        public var idle = 0
+        public var counters = ServerCounters()
+        /// The shortest idle window learned on any loop, milliseconds.
+        public var learnedIdleMs: Int64?
+        /// What the backend advertised in `Keep-Alive: timeout=`, milliseconds.
+        public var advertisedTimeoutMs: Int64?
+    }
+
+    public struct Upstream: Sendable {
+        public var name: String
+        public var keepalive: Int
+        public var servers: [Server]
+    }
+
+    public struct Loop: Sendable {
+        public var index: Int
+        public var activeConnections: Int
+        public var requests: Int
+        public var upstreamIdle: Int
+        public var upstreamActive: Int
+    }
+
+    public var acceptedConnections = 0
+    public var handledConnections = 0
+    public var activeConnections = 0
+    public var reading = 0
+    public var writing = 0
+    public var waiting = 0
+    public var requests = 0
+    /// Responses by class: index 1 is 1xx ... 5 is 5xx.
+    public var responsesByClass = [0, 0, 0, 0, 0, 0]
+    public var downstreamClosed: [String: Int] = [:]
+    public var upstreams: [Upstream] = []
+    public var loops: [Loop] = []
+    public var otherUpstreamFailures: [String: Int] = [:]
+
+    var allServers: [Server] { upstreams.flatMap(\.servers) }
+
+    public var upstreamConnects: Int { allServers.reduce(0) { $0 + $1.counters.connects } }
+    public var upstreamRequests: Int { allServers.reduce(0) { $0 + $1.counters.requests } }
+    public var upstreamReused: Int { allServers.reduce(0) { $0 + $1.counters.reused } }
+    public var idleUpstreamConnections: Int { allServers.reduce(0) { $0 + $1.idle } }
+    public var upstreamClosed: [String: Int] { allServers.reduce(into: [:]) { $0.merge($1.counters.closed, uniquingKeysWith: +) } }
+    public var upstreamRetries: [String: Int] { allServers.reduce(into: [:]) { $0.merge($1.counters.retries, uniquingKeysWith: +) } }
+    public var upstreamFailures: [String: Int] {
+        allServers.reduce(into: otherUpstreamFailures) { $0.merge($1.counters.failures, uniquingKeysWith: +) }
+    }
+    /// Learned idle windows by "upstream server", milliseconds.
+    public var learnedIdleMs: [String: Int64] {
+        var out: [String: Int64] = [:]
+        for u in upstreams { for s in u.servers { if let v = s.learnedIdleMs { out["\(u.name) \(s.address)"] = v } } }
+        return out
+    }
 }

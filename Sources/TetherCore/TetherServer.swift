@@ -15,8 +15,10 @@ public final class TetherServer: Sendable {
     private let logger: Logger
     /// The bound port of each listening address, in configuration order (useful with port 0).
     public let boundAddresses: NIOLockedValueBox<[(configured: String, port: Int)]>
+    /// Reads /proc for the admin endpoint, off the event loops.
+    private let helper: NIOThreadPool
 
-    public init(configuration: Configuration, logger: Logger) throws {
+    public init(configuration: Configuration, logger: Logger, admin: AdminRenderer? = nil) throws {
         self.configuration = configuration
         self.logger = logger
         setup = try ProxySetup(configuration)
@@ -43,6 +45,18 @@ public final class TetherServer: Sendable {
         }
         channels = NIOLockedValueBox([])
         boundAddresses = NIOLockedValueBox([])
+        helper = NIOThreadPool(numberOfThreads: 1)
+        helper.start()
+        if let admin {
+            // Loops reach the whole server's figures through this; it holds the server weakly.
+            let weakSelf = WeakServer(self)
+            let failLoop = group.next()
+            let service = AdminService(renderer: admin) {
+                guard let server = weakSelf.server else { return failLoop.makeFailedFuture(ChannelError.ioOnClosedChannel) }
+                return server.snapshot().and(server.hostSnapshot())
+            }
+            for b in loops { try b.eventLoop.submit { b.value.admin = service }.wait() }
+        }
     }
 
     /// Binds every listening address on every loop: each loop has its own SO_REUSEPORT socket and
@@ -84,6 +98,7 @@ public final class TetherServer: Sendable {
                     preconditionFailure("connection accepted on a loop Tether does not own")
                 }
                 let lc = bound.value
+                lc.stats.downstreamAccepted += 1
                 if lc.stats.downstreamActive >= maxConnections || lc.draining {
                     if !lc.draining { lc.logger.warning("\(maxConnections) worker_connections are not enough") }
                     channel.close(promise: nil)
@@ -122,36 +137,36 @@ public final class TetherServer: Sendable {
             }.wait()
         }
         try? group.syncShutdownGracefully()
+        try? helper.syncShutdownGracefully()
         accessLog?.shutdown()
     }
 
-    /// Every loop's counters, summed.
-    public func stats() -> StatsSnapshot {
-        var total = LoopStats()
-        var idle = 0
-        var learned: [String: Int64] = [:]
-        for bound in loops {
-            let (s, i, l) = (try? bound.eventLoop.submit { () -> (LoopStats, Int, [String: Int64]) in
-                var idle = 0
-                var learned: [String: Int64] = [:]
-                for g in bound.value.allGroups {
-                    for s in g.servers {
-                        idle += s.state.idleCount
-                        if let v = s.state.learnedIdleMs { learned["\(g.name) \(s.spec.addressText)"] = v }
-                    }
-                }
-                return (bound.value.stats, idle, learned)
-            }.wait()) ?? (LoopStats(), 0, [:])
-            total.add(s)
-            idle += i
-            learned.merge(l) { min($0, $1) }
+    /// Every loop's counters, summed, gathered without blocking any loop: one hop to each.
+    public func snapshot() -> EventLoopFuture<StatsSnapshot> {
+        let parts = loops.enumerated().map { (i, b) in b.eventLoop.submit { b.value.snapshotPart(index: i) } }
+        let upstreams = configuration.upstreams
+        return EventLoopFuture.whenAllSucceed(parts, on: loops[0].eventLoop).map { parts in
+            StatsSnapshot.combining(parts, upstreams: upstreams)
         }
-        return StatsSnapshot(
-            acceptedConnections: total.downstreamAccepted, activeConnections: total.downstreamActive,
-            requests: total.downstreamRequests, upstreamConnects: total.upstreamConnects,
-            upstreamRequests: total.upstreamRequests, upstreamReused: total.upstreamReused,
-            upstreamRetries: total.upstreamRetries, upstreamFailures: total.upstreamFailures,
-            upstreamClosed: total.upstreamClosedByReason, downstreamClosed: total.downstreamClosed,
-            idleUpstreamConnections: idle, learnedIdleMs: learned)
     }
+
+    /// `snapshot()`, waited for (for tests and tools off the event loops).
+    public func stats() -> StatsSnapshot {
+        (try? snapshot().wait()) ?? StatsSnapshot()
+    }
+
+    /// The kernel's socket table and the process's own figures, read on a helper thread.
+    public func hostSnapshot() -> EventLoopFuture<HostSnapshot> {
+        let ports = Set(boundAddresses.withLockedValue { $0.map(\.port) })
+        let peers = Set(configuration.upstreams.flatMap { u in u.servers.map { HostProbe.Peer(address: $0.address, port: $0.port) } })
+        return helper.runIfActive(eventLoop: loops[0].eventLoop) {
+            HostProbe.read(listenPorts: ports, upstreamPeers: peers)
+        }
+    }
+}
+
+
+final class WeakServer: @unchecked Sendable {
+    weak var server: TetherServer?
+    init(_ s: TetherServer) { server = s }
 }

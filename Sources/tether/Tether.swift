@@ -2,6 +2,7 @@ import ArgumentParser
 import Dispatch
 import Logging
 import NIOCore
+import TetherAdmin
 import TetherConfig
 import TetherCore
 #if canImport(Glibc)
@@ -98,7 +99,7 @@ struct Tether: ParsableCommand {
         }
         let server: TetherServer
         do {
-            server = try TetherServer(configuration: config, logger: logger)
+            server = try TetherServer(configuration: config, logger: logger, admin: Renderer())
             try server.start()
         } catch {
             logger.critical("\(error)")

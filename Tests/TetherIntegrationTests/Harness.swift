@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import NIOCore
+import TetherAdmin
 import TetherConfig
 import TetherCore
 import TetherTestSupport
@@ -17,7 +18,7 @@ final class RunningProxy: Sendable {
         let config = try Configuration.parse(text, file: "test.conf", resolver: { Builder.isNumeric($0) ? $0 : ($0 == "localhost" ? "127.0.0.1" : nil) }).get()
         var logger = logs.map { capture in Logger(label: "tether-test") { _ in capture } } ?? Logger(label: "tether-test")
         logger.logLevel = logs == nil ? .critical : .info
-        server = try TetherServer(configuration: config, logger: logger)
+        server = try TetherServer(configuration: config, logger: logger, admin: Renderer())
         try server.start()
         port = server.boundAddresses.withLockedValue { $0[0].port }
     }

@@ -33,6 +33,8 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     private var requests = 0
     private let acceptedAt = NIODeadline.now()
     private var remoteAddr: [UInt8] = []
+    /// The client's address as 4 or 16 bytes, for `allow` / `deny`.
+    private var remoteIP: [UInt8] = []
     private var remotePort = 0
     // Reading is paused (a `read` was held back) for bounded read-ahead or backpressure.
     private var readPaused = false
@@ -67,8 +69,13 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         if let a = context.channel.remoteAddress {
             remoteAddr = Array((a.ipAddress ?? "").utf8)
             remotePort = a.port ?? 0
+            switch a {
+            case .v4(let v4): remoteIP = withUnsafeBytes(of: v4.address.sin_addr) { Array($0) }
+            case .v6(let v6): remoteIP = withUnsafeBytes(of: v6.address.sin6_addr) { Array($0) }
+            default: break
+            }
         }
-        loop.stats.downstreamAccepted += 1
+        loop.stats.downstreamHandled += 1
         loop.stats.downstreamActive += 1
         loop.connections[ObjectIdentifier(self)] = self
     }
@@ -196,7 +203,17 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             respondLocal(status: 405, closeAfter: true)
             return
         }
+        if let rule = route.settings.accessRules.first(where: { $0.matches(remoteIP) }), !rule.allow {
+            e.discardBody = true
+            loop.logger.info("access forbidden by rule \"\(rule)\", client: \(String(decoding: remoteAddr, as: UTF8.self))")
+            respondLocal(status: 403)
+            return
+        }
         switch route.action {
+        case .stubStatus:
+            adminPage(.stubStatus)
+        case .stats(let format):
+            adminPage(format == .prometheus ? .prometheus : .json)
         case .respond(let r):
             e.discardBody = true
             if r.code == 444 { closeReason = "error"; close(); return }
@@ -215,6 +232,40 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         }
     }
 
+    /// Answers with an admin page once every loop has given its figures (never blocking this one).
+    private func adminPage(_ page: AdminPage) {
+        guard let e = ex else { return }
+        e.discardBody = true
+        guard let admin = loop.admin else {
+            respondLocal(status: 501)
+            return
+        }
+        let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
+        let number = requests
+        admin.page(page).hop(to: loop.eventLoop).assumeIsolated().whenComplete { result in
+            let me = bound.value
+            guard me.state == .exchange, me.requests == number else { return }
+            switch result {
+            case .success(let (contentType, body)):
+                me.respondLocal(status: 200, text: ByteBuffer(string: body), contentType: contentType)
+            case .failure:
+                me.respondLocal(status: 500)
+            }
+            me.flushIfNeeded()
+        }
+    }
+
+    /// What nginx's stub_status calls this connection: reading a request head, writing a
+    /// response (anything between head and last byte), or waiting idle for the next request.
+    enum Activity { case reading, writing, waiting }
+
+    var activity: Activity {
+        switch state {
+        case .exchange: return .writing
+        case .idle, .closed: return headStartedAt != nil ? .reading : .waiting
+        }
+    }
+
     // MARK: Upstream
 
     private func proxy(_ pass: ProxyPass) {
@@ -222,7 +273,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         let group = e.group ?? loop.group(pass.upstream)
         e.group = group
         guard let index = group.balancer.select(now: nowMs(), exclude: e.tried) else {
-            loop.stats.upstreamFailures["no_live_upstreams", default: 0] += 1
+            loop.stats.upstreamFailures["no_live_upstreams", default: 0] += 1  // no server to charge it to
             loop.logger.error("no live upstreams while connecting to upstream \"\(group.name)\"")
             respondLocal(status: 502)
             return
@@ -277,8 +328,9 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         upstreamUnwritableSince = nil
         e.upstream = conn
         e.lastUpstreamActivity = .now()
-        loop.stats.upstreamRequests += 1
-        if e.reused { loop.stats.upstreamReused += 1 }
+        e.server?.counters.requests += 1
+        if e.reused { e.server?.counters.reused += 1 }
+        e.requestSentAt = .now()
         var head = context.channel.allocator.buffer(capacity: e.head.bytes.readableBytes + 128)
         writeUpstreamHead(e, into: &head)
         conn.write(head)
@@ -363,7 +415,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             // Part of the response went out: all we can do is end the connection, so the client
             // sees an incomplete message rather than a wrong one.
             loop.logger.error("\(detail) while reading response from upstream \"\(group.name)\"")
-            loop.stats.upstreamFailures[kind == .timeout ? "timeout" : "truncated", default: 0] += 1
+            server.counters.failures[kind == .timeout ? "timeout" : "truncated", default: 0] += 1
             closeReason = "error"
             close()
             return
@@ -372,7 +424,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         // closing it: try again on a new connection, without holding it against the server.
         if kind == .error, e.reused, e.mayRetry, !e.retriedFresh {
             server.reusedConnectionFailed(idleMs: e.idleMsAtLease)
-            loop.stats.upstreamRetries["reused_connection_closed", default: 0] += 1
+            server.counters.retries["reused_connection_closed", default: 0] += 1
             e.retriedFresh = true
             e.reused = false
             group.balancer.started(server.index)
@@ -389,13 +441,13 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         if settings.proxyNextUpstream.contains(condition), e.mayRetry, triesLeft,
            group.balancer.select(now: nowMs(), exclude: e.tried) != nil || false {
             loop.logger.warning("\(detail) while connecting to upstream \"\(group.name)\", trying the next server")
-            loop.stats.upstreamRetries["next_upstream", default: 0] += 1
+            server.counters.retries["next_upstream", default: 0] += 1
             // `select` above already advanced round robin; undo nothing, `proxy` selects again.
             if case .proxy(let pass) = e.route.action { proxy(pass) }
             return
         }
         loop.logger.error("\(detail), upstream \"\(group.name)\", request \"\(e.head.method) \(e.head.target)\"")
-        loop.stats.upstreamFailures[kind == .timeout ? "timeout" : kind == .invalidHeader ? "invalid_header" : "error", default: 0] += 1
+        server.counters.failures[kind == .timeout ? "timeout" : kind == .invalidHeader ? "invalid_header" : "error", default: 0] += 1
         respondLocal(status: kind == .timeout ? 504 : 502, closeAfter: !e.requestBodyDone)
     }
 
@@ -509,7 +561,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         if let up = e.upstream { e.upstream = nil; server.discard(up, reason: .notReusable) }
         group.balancer.ended(server.index)
         if condition != .http403 && condition != .http404 { group.balancer.failed(server.index, now: nowMs()) }
-        loop.stats.upstreamRetries["http_\(status)", default: 0] += 1
+        server.counters.retries["http_\(status)", default: 0] += 1
         if case .proxy(let pass) = e.route.action { proxy(pass) }
         return true
     }
@@ -638,6 +690,9 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         guard let e = ex else { return }
         e.phase = .done
         e.responseDone = true
+        if let server = e.server, let sent = e.requestSentAt {
+            server.counters.responseTime.observe(nanoseconds: (NIODeadline.now() - sent).nanoseconds)
+        }
         if let up = e.upstream, let server = e.server {
             e.upstream = nil
             // Not reusable while the request body is still being sent.
@@ -695,7 +750,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     }
 
     /// Answers the current request from Tether itself: `return`, or an error page.
-    private func respondLocal(status: Int, text: ByteBuffer? = nil, closeAfter: Bool = false) {
+    private func respondLocal(status: Int, text: ByteBuffer? = nil, contentType: String = "text/plain", closeAfter: Bool = false) {
         guard let e = ex else { return }
         let settings = e.route.settings
         let policy = KeepAlivePolicy(maxRequests: settings.keepaliveRequests, maxLifetimeMs: settings.keepaliveTimeMs, draining: loop.draining)
@@ -716,7 +771,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             e.upstream = nil
             server.discard(up, reason: .notReusable)
         }
-        e.bytesSent = respond(status: status, text: text, settings: settings, keepAlive: keepAlive, head: e.head)
+        e.bytesSent = respond(status: status, text: text, contentType: contentType, settings: settings, keepAlive: keepAlive, head: e.head)
         ex!.bytesSent = e.bytesSent
         if !keepAlive {
             finishExchange()
@@ -727,7 +782,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     }
 
     @discardableResult
-    private func respond(status: Int, text: ByteBuffer?, settings: HTTPSettings, keepAlive: Bool, head: ParsedHead?) -> Int {
+    private func respond(status: Int, text: ByteBuffer?, contentType: String = "text/plain", settings: HTTPSettings, keepAlive: Bool, head: ParsedHead?) -> Int {
         loop.dateCache.refresh()
         let reason = DownstreamHandler.reasons[status] ?? "Unknown"
         var out = context.channel.allocator.buffer(capacity: 512)
@@ -737,7 +792,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         var body: ByteBuffer?
         let redirect = [301, 302, 303, 307, 308].contains(status)
         if let text, !redirect {
-            out.writeStaticString("Content-Type: text/plain\r\n")
+            out.writeString("Content-Type: \(contentType)\r\n")
             body = text
         } else if status >= 300 && status != 304 {
             if redirect, let text {

@@ -54,6 +54,8 @@ final class Exchange {
     var connectStartedAt: NIODeadline?
     var connectedAt: NIODeadline?
     var headerAt: NIODeadline?
+    /// When the request head went to the upstream (for the response time histogram).
+    var requestSentAt: NIODeadline?
     var lastUpstreamActivity = NIODeadline.now()
     var upstreamAddrText = ""
     var upstreamStatus = 0

@@ -15,6 +15,7 @@ final class ServerPool {
     let index: Int
     unowned let group: UpstreamGroup
     var state: ConnectionPool<ObjectIdentifier>
+    var counters = ServerCounters()
     private var connections: [ObjectIdentifier: UpstreamConnection] = [:]
     private var tickScheduled = false
 
@@ -65,8 +66,8 @@ final class ServerPool {
                 let pool = bound.value
                 pool.connections[conn.id] = conn
                 pool.state.connected(conn.id, now: nowMs())
-                pool.loop.stats.upstreamConnects += 1
-                pool.loop.stats.upstreamConnectNanos += (NIODeadline.now() - started).nanoseconds
+                pool.counters.connects += 1
+                pool.counters.connectTime.observe(nanoseconds: (NIODeadline.now() - started).nanoseconds)
                 return conn
             }
             .flatMapErrorThrowing { error in
@@ -90,7 +91,7 @@ final class ServerPool {
             scheduleTick()
         case .close(let reason):
             connections.removeValue(forKey: conn.id)
-            loop.stats.upstreamClosed(reason)
+            counters.closed[reason.rawValue, default: 0] += 1
             conn.close()
         }
     }
@@ -98,14 +99,14 @@ final class ServerPool {
     /// A leased connection failed or was closed while in use.
     func discard(_ conn: UpstreamConnection, reason: CloseReason) {
         state.leasedClosed(conn.id)
-        if connections.removeValue(forKey: conn.id) != nil { loop.stats.upstreamClosed(reason) }
+        if connections.removeValue(forKey: conn.id) != nil { counters.closed[reason.rawValue, default: 0] += 1 }
         conn.close()
     }
 
     /// An idle connection saw EOF (`peerClosed`), data or an error.
     func idleConnectionClosed(_ conn: UpstreamConnection, reason: CloseReason) {
         guard connections.removeValue(forKey: conn.id) != nil else { return }
-        loop.stats.upstreamClosed(reason)
+        counters.closed[reason.rawValue, default: 0] += 1
         if reason == .tcpKeepalive {
             loop.logger.notice("upstream \"\(group.name)\" server \(spec.addressText): an idle connection was dropped by TCP keepalive (the peer stopped answering)")
         }
@@ -124,7 +125,7 @@ final class ServerPool {
     private func closeAll(_ list: [(ObjectIdentifier, CloseReason)]) {
         for (id, reason) in list {
             if let c = connections.removeValue(forKey: id) {
-                loop.stats.upstreamClosed(reason)
+                counters.closed[reason.rawValue, default: 0] += 1
                 c.close()
             }
         }
@@ -147,7 +148,7 @@ final class ServerPool {
     func drain() {
         for id in state.drainIdle() {
             if let c = connections.removeValue(forKey: id) {
-                loop.stats.upstreamClosed(.shutdown)
+                counters.closed[CloseReason.shutdown.rawValue, default: 0] += 1
                 c.close()
             }
         }

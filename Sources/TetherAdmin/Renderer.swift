@@ -1,0 +1,182 @@
+import Foundation
+import TetherCore
+import TetherPool
+
+/// Renders the admin pages. It runs once per scrape, never on the request path.
+public struct Renderer: AdminRenderer {
+    public init() {}
+
+    public func render(_ page: AdminPage, stats: StatsSnapshot, host: HostSnapshot) -> (contentType: String, body: String) {
+        switch page {
+        case .stubStatus: return ("text/plain", Self.stubStatus(stats))
+        case .prometheus: return ("text/plain; version=0.0.4; charset=utf-8", Self.prometheus(stats, host: host))
+        case .json: return ("application/json", Self.json(stats, host: host))
+        }
+    }
+
+    /// nginx's `stub_status` page, byte for byte in its format (`ngx_http_stub_status_module.c`),
+    /// trailing spaces included, so that nginx exporters and scripts read it unchanged.
+    public static func stubStatus(_ s: StatsSnapshot) -> String {
+        "Active connections: \(s.activeConnections) \n"
+            + "server accepts handled requests\n"
+            + " \(s.acceptedConnections) \(s.handledConnections) \(s.requests) \n"
+            + "Reading: \(s.reading) Writing: \(s.writing) Waiting: \(s.waiting) \n"
+    }
+
+    static let downstreamCloseReasons = ["keepalive_timeout", "keepalive_requests", "keepalive_time", "client_close", "client_header_timeout", "error", "tcp_keepalive", "shutdown"]
+    static let upstreamCloseReasons = CloseReason.allCases.map(\.rawValue)
+
+    /// The Prometheus text exposition format, version 0.0.4.
+    public static func prometheus(_ s: StatsSnapshot, host: HostSnapshot) -> String {
+        var out = ""
+        func family(_ name: String, _ type: String, _ help: String) {
+            out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n"
+        }
+        func sample(_ name: String, _ labels: [(String, String)], _ value: String) {
+            out += name
+            if !labels.isEmpty {
+                out += "{" + labels.map { "\($0.0)=\"\(escape($0.1))\"" }.joined(separator: ",") + "}"
+            }
+            out += " \(value)\n"
+        }
+        func sample(_ name: String, _ labels: [(String, String)], _ value: Int) { sample(name, labels, String(value)) }
+
+        family("tether_downstream_cx_total", "counter", "Client connections accepted.")
+        sample("tether_downstream_cx_total", [], s.acceptedConnections)
+        family("tether_downstream_cx_active", "gauge", "Client connections open.")
+        sample("tether_downstream_cx_active", [], s.activeConnections)
+        family("tether_downstream_cx", "gauge", "Client connections by state: reading a request head, writing a response, or waiting idle (keep-alive).")
+        sample("tether_downstream_cx", [("state", "reading")], s.reading)
+        sample("tether_downstream_cx", [("state", "writing")], s.writing)
+        sample("tether_downstream_cx", [("state", "waiting")], s.waiting)
+        family("tether_downstream_rq_total", "counter", "Requests answered, by status class.")
+        for c in 1...5 { sample("tether_downstream_rq_total", [("code", "\(c)xx")], s.responsesByClass[c]) }
+        family("tether_downstream_cx_closed_total", "counter", "Client connections closed, by reason.")
+        for r in Set(downstreamCloseReasons).union(s.downstreamClosed.keys).sorted() {
+            sample("tether_downstream_cx_closed_total", [("reason", r)], s.downstreamClosed[r] ?? 0)
+        }
+
+        let servers = s.upstreams.flatMap { u in u.servers.map { (u.name, $0) } }
+        func perServer(_ name: String, _ type: String, _ help: String, _ value: (StatsSnapshot.Server) -> Int) {
+            family(name, type, help)
+            for (u, srv) in servers { sample(name, [("upstream", u), ("server", srv.address)], value(srv)) }
+        }
+        func perServerReason(_ name: String, _ help: String, known: [String], _ value: (StatsSnapshot.Server) -> [String: Int]) {
+            family(name, "counter", help)
+            for (u, srv) in servers {
+                let v = value(srv)
+                for r in Set(known).union(v.keys).sorted() {
+                    sample(name, [("upstream", u), ("server", srv.address), ("reason", r)], v[r] ?? 0)
+                }
+            }
+        }
+        perServer("tether_upstream_cx_total", "counter", "Upstream connections opened.") { $0.counters.connects }
+        perServer("tether_upstream_cx_active", "gauge", "Upstream connections in use by a request.") { $0.active }
+        perServer("tether_upstream_cx_idle", "gauge", "Idle upstream connections kept warm in the pools.") { $0.idle }
+        perServer("tether_upstream_rq_total", "counter", "Requests sent upstream.") { $0.counters.requests }
+        perServer("tether_upstream_rq_reused_total", "counter", "Requests sent on a reused (warm) upstream connection.") { $0.counters.reused }
+        perServerReason("tether_upstream_cx_closed_total", "Upstream connections closed, by reason.", known: upstreamCloseReasons) { $0.counters.closed }
+        perServerReason("tether_upstream_rq_retry_total", "Requests sent again, by reason.", known: ["reused_connection_closed", "next_upstream"]) { $0.counters.retries }
+        perServerReason("tether_upstream_rq_failed_total", "Requests that failed upstream, by reason.", known: ["error", "timeout", "invalid_header", "truncated"]) { $0.counters.failures }
+        perServer("tether_upstream_server_up", "gauge", "1 when the server is configured up and not marked failed (max_fails) on any event loop.") { $0.up ? 1 : 0 }
+        family("tether_upstream_learned_idle_seconds", "gauge", "The backend's idle window as Tether learned it from connections the backend closed.")
+        for (u, srv) in servers { if let ms = srv.learnedIdleMs { sample("tether_upstream_learned_idle_seconds", [("upstream", u), ("server", srv.address)], seconds(ms)) } }
+        family("tether_upstream_advertised_keepalive_timeout_seconds", "gauge", "The backend's Keep-Alive: timeout= as last seen.")
+        for (u, srv) in servers { if let ms = srv.advertisedTimeoutMs { sample("tether_upstream_advertised_keepalive_timeout_seconds", [("upstream", u), ("server", srv.address)], seconds(ms)) } }
+        for (name, help, pick) in [
+            ("tether_upstream_connect_seconds", "Time to connect to an upstream server.", { (x: StatsSnapshot.Server) in x.counters.connectTime }),
+            ("tether_upstream_response_seconds", "Time from sending a request upstream to the end of its response.", { (x: StatsSnapshot.Server) in x.counters.responseTime }),
+        ] as [(String, String, (StatsSnapshot.Server) -> Histogram)] {
+            family(name, "histogram", help)
+            for (u, srv) in servers {
+                let h = pick(srv)
+                var cumulative = 0
+                for (i, le) in histogramBuckets.enumerated() {
+                    cumulative += h.buckets[i]
+                    sample(name + "_bucket", [("upstream", u), ("server", srv.address), ("le", number(le))], cumulative)
+                }
+                sample(name + "_bucket", [("upstream", u), ("server", srv.address), ("le", "+Inf")], h.count)
+                sample(name + "_sum", [("upstream", u), ("server", srv.address)], number(h.sum))
+                sample(name + "_count", [("upstream", u), ("server", srv.address)], h.count)
+            }
+        }
+        family("tether_sockets", "gauge", "TCP sockets of Tether's listening ports and upstream servers in the kernel's table, by state.")
+        for state in host.sockets.keys.sorted() { sample("tether_sockets", [("state", state)], host.sockets[state]!) }
+        family("process_open_fds", "gauge", "Number of open file descriptors.")
+        sample("process_open_fds", [], host.openFDs)
+        family("process_max_fds", "gauge", "Maximum number of open file descriptors.")
+        sample("process_max_fds", [], host.maxFDs)
+        family("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.")
+        sample("process_resident_memory_bytes", [], host.residentBytes)
+        family("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.")
+        sample("process_virtual_memory_bytes", [], host.virtualBytes)
+        family("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.")
+        sample("process_cpu_seconds_total", [], number(host.cpuSeconds))
+        family("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.")
+        sample("process_start_time_seconds", [], number(host.startTimeSeconds))
+        return out
+    }
+
+    /// The same figures, structured by upstream, server and event loop, with reuse ratios.
+    public static func json(_ s: StatsSnapshot, host: HostSnapshot) -> String {
+        func ratio(_ reused: Int, _ total: Int) -> Double { total == 0 ? 0 : (Double(reused) / Double(total) * 10000).rounded() / 10000 }
+        func hist(_ h: Histogram) -> [String: Any] { ["count": h.count, "sum_seconds": h.sum] }
+        let upstreams: [[String: Any]] = s.upstreams.map { u in
+            let reqs = u.servers.reduce(0) { $0 + $1.counters.requests }
+            let reused = u.servers.reduce(0) { $0 + $1.counters.reused }
+            return [
+                "name": u.name,
+                "keepalive": u.keepalive,
+                "requests": reqs,
+                "reuse_ratio": ratio(reused, reqs),
+                "servers": u.servers.map { srv -> [String: Any] in
+                    var d: [String: Any] = [
+                        "address": srv.address, "up": srv.up, "active": srv.active, "idle": srv.idle,
+                        "connections_opened": srv.counters.connects, "requests": srv.counters.requests,
+                        "requests_reused": srv.counters.reused, "reuse_ratio": ratio(srv.counters.reused, srv.counters.requests),
+                        "closed": srv.counters.closed, "retries": srv.counters.retries, "failures": srv.counters.failures,
+                        "connect_seconds": hist(srv.counters.connectTime), "response_seconds": hist(srv.counters.responseTime),
+                    ]
+                    if let l = srv.learnedIdleMs { d["learned_idle_seconds"] = Double(l) / 1000 }
+                    if let a = srv.advertisedTimeoutMs { d["advertised_keepalive_timeout_seconds"] = Double(a) / 1000 }
+                    return d
+                },
+            ]
+        }
+        let root: [String: Any] = [
+            "connections": [
+                "accepted": s.acceptedConnections, "handled": s.handledConnections, "active": s.activeConnections,
+                "reading": s.reading, "writing": s.writing, "waiting": s.waiting, "closed": s.downstreamClosed,
+            ],
+            "requests": ["total": s.requests, "by_status": (1...5).reduce(into: [String: Int]()) { $0["\($1)xx"] = s.responsesByClass[$1] }],
+            "upstreams": upstreams,
+            "event_loops": s.loops.map { ["index": $0.index, "active_connections": $0.activeConnections, "requests": $0.requests,
+                                          "upstream_idle": $0.upstreamIdle, "upstream_active": $0.upstreamActive] },
+            "sockets": host.sockets,
+            "process": ["open_fds": host.openFDs, "max_fds": host.maxFDs, "resident_memory_bytes": host.residentBytes,
+                        "cpu_seconds": host.cpuSeconds, "start_time_seconds": host.startTimeSeconds],
+        ]
+        let data = (try? JSONSerialization.data(withJSONObject: root, options: [.prettyPrinted, .sortedKeys])) ?? Data("{}".utf8)
+        return String(decoding: data, as: UTF8.self) + "\n"
+    }
+
+    static func escape(_ s: String) -> String {
+        var out = ""
+        for c in s {
+            switch c {
+            case "\\": out += "\\\\"
+            case "\"": out += "\\\""
+            case "\n": out += "\\n"
+            default: out.append(c)
+            }
+        }
+        return out
+    }
+
+    static func number(_ d: Double) -> String {
+        if d == d.rounded() && abs(d) < 1e15 { return String(Int64(d)) }
+        return String(d)
+    }
+
+    static func seconds(_ ms: Int64) -> String { number(Double(ms) / 1000) }
+}
