@@ -138,3 +138,28 @@ let adminLocations = """
         }
     }
 }
+
+@Suite struct DashboardTests {
+    /// The shipped Grafana dashboard is valid JSON and queries only series Tether exports.
+    @Test func dashboardQueriesExportedSeries() throws {
+        let data = try Data(contentsOf: URL(fileURLWithPath: packageRoot() + "/deploy/grafana/tether-dashboard.json"))
+        let dash = try JSONSerialization.jsonObject(with: data) as! [String: Any]
+        let exprs = (dash["panels"] as! [[String: Any]]).flatMap { ($0["targets"] as! [[String: Any]]).map { $0["expr"] as! String } }
+        #expect(exprs.count >= 12)
+        try withProxy(server: adminLocations) { proxy, _ in
+            let c = try proxy.client()
+            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            _ = try c.readResponse()
+            let text = try scrape(proxy, "/metrics").bodyText
+            let exported = Set(text.split(separator: "\n").filter { $0.hasPrefix("# TYPE ") }.map { String($0.split(separator: " ")[2]) })
+            for e in exprs {
+                let names = e.matches(of: #/(tether|process)_[a-z_]+/#).map { String($0.output.0) }
+                #expect(!names.isEmpty)
+                for n in names {
+                    let family = n.hasSuffix("_bucket") ? String(n.dropLast(7)) : n
+                    #expect(exported.contains(family), "\(n) in \(e)")
+                }
+            }
+        }
+    }
+}
