@@ -150,6 +150,10 @@ public struct Renderer: AdminRenderer {
             ],
             "requests": ["total": s.requests, "by_status": (1...5).reduce(into: [String: Int]()) { $0["\($1)xx"] = s.responsesByClass[$1] }],
             "upstreams": upstreams,
+            "servers": s.servers.map { v -> [String: Any] in
+                ["names": v.names, "listen": v.listen, "requests": v.requests,
+                 "by_status": (1...5).reduce(into: [String: Int]()) { $0["\($1)xx"] = v.responsesByClass[$1] }]
+            },
             "event_loops": s.loops.map { ["index": $0.index, "active_connections": $0.activeConnections, "requests": $0.requests,
                                           "upstream_idle": $0.upstreamIdle, "upstream_active": $0.upstreamActive] },
             "sockets": host.sockets,

@@ -30,15 +30,17 @@ public protocol AdminRenderer: Sendable {
 /// Gathers a snapshot and renders a page, for any loop that serves an admin location.
 final class AdminService: Sendable {
     let renderer: AdminRenderer
-    let snapshot: @Sendable () -> EventLoopFuture<(StatsSnapshot, HostSnapshot)>
+    /// The loops' figures, and with `true` the kernel's and the process's too.
+    let snapshot: @Sendable (_ withHost: Bool) -> EventLoopFuture<(StatsSnapshot, HostSnapshot)>
 
-    init(renderer: AdminRenderer, snapshot: @escaping @Sendable () -> EventLoopFuture<(StatsSnapshot, HostSnapshot)>) {
+    init(renderer: AdminRenderer, snapshot: @escaping @Sendable (_ withHost: Bool) -> EventLoopFuture<(StatsSnapshot, HostSnapshot)>) {
         self.renderer = renderer
         self.snapshot = snapshot
     }
 
     func page(_ page: AdminPage) -> EventLoopFuture<(contentType: String, body: String)> {
         let renderer = self.renderer
-        return snapshot().map { stats, host in renderer.render(page, stats: stats, host: host) }
+        // stub_status shows no socket or process figures: skip reading /proc for it.
+        return snapshot(page != .stubStatus).map { stats, host in renderer.render(page, stats: stats, host: host) }
     }
 }

@@ -15,7 +15,7 @@ final class ProxySetup: Sendable {
         var ups: [String: ResolvedUpstream] = [:]
         for u in configuration.upstreams { ups[u.name] = try ResolvedUpstream(u) }
         upstreams = ups
-        servers = configuration.servers.map(CompiledServer.init)
+        servers = configuration.servers.enumerated().map { CompiledServer($1, index: $0) }
     }
 
     /// The virtual hosts of each listening address, in configuration order.
@@ -51,8 +51,12 @@ final class CompiledLocation: Sendable {
     let pathBytes: [UInt8]
     let match: Location.Match
 
-    init(location: Location?, settings: HTTPSettings, action: Location.Action) {
+    /// The `server` block it belongs to.
+    let serverIndex: Int
+
+    init(location: Location?, settings: HTTPSettings, action: Location.Action, serverIndex: Int) {
         self.location = location
+        self.serverIndex = serverIndex
         pathBytes = Array((location?.path ?? "").utf8)
         match = location?.match ?? .prefix
         self.settings = settings
@@ -68,14 +72,17 @@ final class CompiledLocation: Sendable {
 
 final class CompiledServer: Sendable {
     let server: Server
+    /// Position in the configuration, for per-server counters.
+    let index: Int
     let locations: [CompiledLocation]
     /// For requests no location matches: the server's settings, its `return` or a 404.
     let fallback: CompiledLocation
 
-    init(_ server: Server) {
+    init(_ server: Server, index: Int) {
         self.server = server
-        locations = server.locations.map { CompiledLocation(location: $0, settings: $0.settings, action: $0.action) }
-        fallback = CompiledLocation(location: nil, settings: server.settings, action: server.returnAction.map { .respond($0) } ?? .none)
+        self.index = index
+        locations = server.locations.map { CompiledLocation(location: $0, settings: $0.settings, action: $0.action, serverIndex: index) }
+        fallback = CompiledLocation(location: nil, settings: server.settings, action: server.returnAction.map { .respond($0) } ?? .none, serverIndex: index)
     }
 
     /// nginx's location choice for the request's path (the target up to `?`, past any
@@ -123,7 +130,7 @@ final class LoopContext {
     let setup: ProxySetup
     let logger: Logger
     let accessLog: AccessLogSink?
-    var stats = LoopStats()
+    var stats: LoopStats
     private var groups: [String: UpstreamGroup] = [:]
     var connections: [ObjectIdentifier: DownstreamHandler] = [:]
     var draining = false
@@ -136,6 +143,7 @@ final class LoopContext {
         self.setup = setup
         self.logger = logger
         self.accessLog = accessLog
+        stats = LoopStats(servers: setup.servers.count)
     }
 
     /// How often client connections' deadlines (keep-alive, header, body, read, send timeouts)
@@ -248,8 +256,9 @@ struct SnapshotPart: Sendable {
 }
 
 extension StatsSnapshot {
-    static func combining(_ parts: [SnapshotPart], upstreams: [TetherConfig.Upstream]) -> StatsSnapshot {
+    static func combining(_ parts: [SnapshotPart], upstreams: [TetherConfig.Upstream], servers: [TetherConfig.Server]) -> StatsSnapshot {
         var s = StatsSnapshot()
+        s.servers = servers.map { VirtualServer(names: $0.names.map(\.description), listen: $0.listens.map(\.addressText)) }
         for p in parts {
             s.acceptedConnections += p.stats.downstreamAccepted
             s.handledConnections += p.stats.downstreamHandled
@@ -261,6 +270,10 @@ extension StatsSnapshot {
             for i in s.responsesByClass.indices { s.responsesByClass[i] += p.stats.responsesByClass[i] }
             s.downstreamClosed.merge(p.stats.downstreamClosed, uniquingKeysWith: +)
             s.otherUpstreamFailures.merge(p.stats.upstreamFailures, uniquingKeysWith: +)
+            for i in s.servers.indices {
+                s.servers[i].requests += p.stats.requestsByServer[i]
+                for c in 0..<6 { s.servers[i].responsesByClass[c] += p.stats.responsesByServer[i][c] }
+            }
             let ups = p.servers.values
             s.loops.append(.init(index: p.index, activeConnections: p.stats.downstreamActive, requests: p.stats.downstreamRequests,
                                  upstreamIdle: ups.reduce(0) { $0 + $1.idle }, upstreamActive: ups.reduce(0) { $0 + $1.active }))

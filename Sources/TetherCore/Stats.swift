@@ -60,6 +60,14 @@ struct LoopStats: Sendable {
     var downstreamClosed: [String: Int] = [:]
     /// Failures not tied to one server (no live upstreams).
     var upstreamFailures: [String: Int] = [:]
+    /// Requests by `server` block (configuration order), and their responses by status class.
+    var requestsByServer: [Int]
+    var responsesByServer: [[Int]]
+
+    init(servers: Int) {
+        requestsByServer = [Int](repeating: 0, count: servers)
+        responsesByServer = [[Int]](repeating: [0, 0, 0, 0, 0, 0], count: servers)
+    }
 }
 
 /// Everything the admin endpoint shows, summed over the event loops at one moment.
@@ -83,6 +91,14 @@ public struct StatsSnapshot: Sendable {
         public var servers: [Server]
     }
 
+    /// A `server` block: its names and addresses, and the requests it answered.
+    public struct VirtualServer: Sendable {
+        public var names: [String]
+        public var listen: [String]
+        public var requests = 0
+        public var responsesByClass = [0, 0, 0, 0, 0, 0]
+    }
+
     public struct Loop: Sendable {
         public var index: Int
         public var activeConnections: Int
@@ -102,6 +118,7 @@ public struct StatsSnapshot: Sendable {
     public var responsesByClass = [0, 0, 0, 0, 0, 0]
     public var downstreamClosed: [String: Int] = [:]
     public var upstreams: [Upstream] = []
+    public var servers: [VirtualServer] = []
     public var loops: [Loop] = []
     public var otherUpstreamFailures: [String: Int] = [:]
 

@@ -51,9 +51,9 @@ public final class TetherServer: Sendable {
             // Loops reach the whole server's figures through this; it holds the server weakly.
             let weakSelf = WeakServer(self)
             let failLoop = group.next()
-            let service = AdminService(renderer: admin) {
+            let service = AdminService(renderer: admin) { withHost in
                 guard let server = weakSelf.server else { return failLoop.makeFailedFuture(ChannelError.ioOnClosedChannel) }
-                return server.snapshot().and(server.hostSnapshot())
+                return server.snapshot().and(withHost ? server.hostSnapshot() : failLoop.makeSucceededFuture(HostSnapshot()))
             }
             for b in loops { try b.eventLoop.submit { b.value.admin = service }.wait() }
         }
@@ -145,8 +145,9 @@ public final class TetherServer: Sendable {
     public func snapshot() -> EventLoopFuture<StatsSnapshot> {
         let parts = loops.enumerated().map { (i, b) in b.eventLoop.submit { b.value.snapshotPart(index: i) } }
         let upstreams = configuration.upstreams
+        let servers = configuration.servers
         return EventLoopFuture.whenAllSucceed(parts, on: loops[0].eventLoop).map { parts in
-            StatsSnapshot.combining(parts, upstreams: upstreams)
+            StatsSnapshot.combining(parts, upstreams: upstreams, servers: servers)
         }
     }
 

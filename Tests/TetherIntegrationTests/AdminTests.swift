@@ -61,6 +61,9 @@ let adminLocations = """
             let servers = ups[0]["servers"] as! [[String: Any]]
             #expect(servers[0]["idle"] as? Int == Int(connects))
             #expect((json["event_loops"] as! [Any]).count == 2)
+            let vservers = json["servers"] as! [[String: Any]]
+            #expect(vservers.count == 1)
+            #expect(vservers[0]["requests"] as? Int == 102, "100 proxied and the two scrapes before this one")
         }
     }
 

@@ -710,7 +710,10 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     /// Both the request and the response are complete: log, then close or wait for the next request.
     private func finishExchange() {
         guard let e = ex else { return }
-        loop.stats.responsesByClass[min(5, max(0, e.status / 100))] += 1
+        let statusClass = min(5, max(0, e.status / 100))
+        loop.stats.responsesByClass[statusClass] += 1
+        loop.stats.requestsByServer[e.route.serverIndex] += 1
+        loop.stats.responsesByServer[e.route.serverIndex][statusClass] += 1
         accessLog(e)
         ex = nil
         // Keep the header array's storage for the next request on this connection.
