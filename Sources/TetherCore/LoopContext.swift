@@ -127,9 +127,13 @@ final class CompiledServer: Sendable {
 /// The state of one event loop: its pools, counters and connections. Touched only on that loop.
 final class LoopContext {
     let eventLoop: EventLoop
-    let setup: ProxySetup
+    private(set) var setup: ProxySetup
     let logger: Logger
-    let accessLog: AccessLogSink?
+    private(set) var accessLog: AccessLogSink?
+    /// Each listener's routing, by bound address; replaced whole on reload.
+    private(set) var routes: [String: Route] = [:]
+    /// Bumped on every reload, so connections refresh their routing at their next request.
+    private(set) var generation = 0
     var stats: LoopStats
     private var groups: [String: UpstreamGroup] = [:]
     var connections: [ObjectIdentifier: DownstreamHandler] = [:]
@@ -193,6 +197,27 @@ final class LoopContext {
         guard !pendingLog.isEmpty else { return }
         for (path, buffer) in pendingLog { accessLog?.submit(path: path, buffer) }
         pendingLog.removeAll(keepingCapacity: true)
+    }
+
+    /// Takes a reloaded configuration: new requests route with it; pools of upstreams that changed
+    /// or are gone are retired (idle connections closed now, leased ones when released).
+    func install(setup new: ProxySetup, routes: [String: Route], accessLog: AccessLogSink?) {
+        if new !== setup {
+            for (name, g) in groups where new.upstreams[name].map({ !$0.config.sameDefinition(as: g.upstream) }) ?? true {
+                g.retire()
+                groups.removeValue(forKey: name)
+            }
+            if new.servers.count != setup.servers.count { stats.resizeServers(new.servers.count) }
+            setup = new
+            generation += 1
+        }
+        self.routes = routes
+        swapAccessLog(accessLog)
+    }
+
+    func swapAccessLog(_ sink: AccessLogSink?) {
+        flushAccessLog()
+        accessLog = sink
     }
 
     func group(_ name: String) -> UpstreamGroup {
@@ -296,5 +321,23 @@ extension StatsSnapshot {
             s.upstreams.append(.init(name: u.name, keepalive: u.keepalive, servers: servers))
         }
         return s
+    }
+}
+
+/// What a client connection needs to route its requests: its listener's virtual hosts.
+struct Route: Sendable {
+    var hosts: VirtualHosts
+    var servers: [CompiledServer]
+    var port: Int
+}
+
+extension TetherConfig.Upstream {
+    /// Whether a reloaded upstream can keep the old pools: same servers, same pool settings.
+    func sameDefinition(as o: TetherConfig.Upstream) -> Bool {
+        servers.map { "\($0.address):\($0.port) \($0.weight) \($0.maxFails) \($0.failTimeoutMs) \($0.backup) \($0.down) \(String(describing: $0.tcpKeepalive)) \(String(describing: $0.tcpUserTimeout))" }
+            == o.servers.map { "\($0.address):\($0.port) \($0.weight) \($0.maxFails) \($0.failTimeoutMs) \($0.backup) \($0.down) \(String(describing: $0.tcpKeepalive)) \(String(describing: $0.tcpUserTimeout))" }
+            && balancing == o.balancing && keepalive == o.keepalive && keepaliveTimeoutMs == o.keepaliveTimeoutMs
+            && keepaliveRequests == o.keepaliveRequests && keepaliveTimeMs == o.keepaliveTimeMs
+            && tcpKeepalive == o.tcpKeepalive && tcpUserTimeout == o.tcpUserTimeout
     }
 }

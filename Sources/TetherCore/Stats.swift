@@ -68,6 +68,12 @@ struct LoopStats: Sendable {
         requestsByServer = [Int](repeating: 0, count: servers)
         responsesByServer = [[Int]](repeating: [0, 0, 0, 0, 0, 0], count: servers)
     }
+
+    /// After a reload the `server` blocks are new: their counters start over.
+    mutating func resizeServers(_ n: Int) {
+        requestsByServer = [Int](repeating: 0, count: n)
+        responsesByServer = [[Int]](repeating: [0, 0, 0, 0, 0, 0], count: n)
+    }
 }
 
 /// Everything the admin endpoint shows, summed over the event loops at one moment.

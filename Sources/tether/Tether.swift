@@ -1,6 +1,7 @@
 import ArgumentParser
 import Dispatch
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import TetherAdmin
 import TetherConfig
@@ -16,13 +17,16 @@ struct Tether: ParsableCommand {
         abstract: "A keepalive-aware HTTP/1.1 reverse proxy with an nginx-style configuration.",
         discussion: """
             Runs in the foreground with the configuration file given by -c (default conf/tether.conf,
-            relative to the working directory). SIGTERM, SIGINT and SIGQUIT shut down gracefully:
-            listeners close, requests in flight finish, idle connections close.
+            relative to the working directory). Signals: SIGHUP reloads the configuration (a bad file
+            leaves the running one in place), SIGUSR1 reopens the log files, SIGTERM and SIGQUIT shut
+            down gracefully (listeners close, requests in flight finish within 10 s, idle connections
+            close), SIGINT shuts down fast (1 s).
 
             Examples:
               tether -t -c conf/tether.conf   check a configuration
               tether -T                       check and print the effective configuration
               tether -c conf/tether.conf      run
+              tether -s reload                signal the running Tether (needs a pid directive)
             """
     )
 
@@ -34,6 +38,9 @@ struct Tether: ParsableCommand {
 
     @Flag(name: .customShort("T"), help: "Test the configuration, print the effective configuration with defaults filled in, and exit.")
     var testAndDump = false
+
+    @Option(name: .customShort("s"), help: ArgumentHelp("Send a signal to the running Tether (found through the configuration's pid file): reload, reopen, stop (fast), quit (graceful).", valueName: "signal"))
+    var signalName: String?
 
     @Flag(name: .customShort("v"), help: "Print the version and exit.")
     var version = false
@@ -58,6 +65,10 @@ struct Tether: ParsableCommand {
         case .success(let c):
             config = c
         }
+        if let name = signalName {
+            try sendSignal(name, config: config)
+            return
+        }
         if test || testAndDump {
             for w in config.warnings { printError("tether: [warn] \(w)") }
             printError("tether: the configuration file \(file) syntax is ok")
@@ -66,6 +77,34 @@ struct Tether: ParsableCommand {
             return
         }
         try serve(config)
+    }
+
+    /// `-s NAME`: signals the process whose id the configuration's `pid` file holds, as nginx does.
+    func sendSignal(_ name: String, config: Configuration) throws {
+        let signals: [String: Int32] = ["reload": SIGHUP, "reopen": SIGUSR1, "stop": SIGINT, "quit": SIGQUIT]
+        guard let sig = signals[name] else {
+            printError("tether: [emerg] invalid option: \"-s \(name)\" (use reload, reopen, stop or quit)")
+            throw ExitCode(1)
+        }
+        guard let pidFile = config.pidFile else {
+            printError("tether: [error] no \"pid\" directive in \(file): -s needs it to find the running process")
+            throw ExitCode(1)
+        }
+        let text: String
+        do {
+            text = try Loader.readFile(pidFile, includedAt: nil)
+        } catch {
+            printError("tether: [error] \(error)")
+            throw ExitCode(1)
+        }
+        guard let pid = Int32(text.split(separator: "\n").first ?? ""), pid > 0 else {
+            printError("tether: [error] invalid PID number \"\(text.trimmingWhitespace())\" in \"\(pidFile)\"")
+            throw ExitCode(1)
+        }
+        if kill(pid, sig) != 0 {
+            printError("tether: [error] kill(\(pid), \(name)) failed (\(errno): \(String(cString: strerror(errno))))")
+            throw ExitCode(1)
+        }
     }
 
     func serve(_ config: Configuration) throws {
@@ -116,21 +155,51 @@ struct Tether: ParsableCommand {
                 logger.error("open() \"\(pid)\" failed (\(errno): \(String(cString: strerror(errno))))")
             }
         }
+        // Signals are handled one at a time on one queue: a reload never overlaps another.
+        let signals = DispatchQueue(label: "tether.signals")
         let done = DispatchSemaphore(value: 0)
+        let drainSeconds = NIOLockedValueBox<Int64>(10)
         var sources: [DispatchSourceSignal] = []
-        for sig in [SIGTERM, SIGINT, SIGQUIT] {
+        func on(_ sig: Int32, _ handler: @escaping @Sendable () -> Void) {
             signal(sig, SIG_IGN)
-            let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-            s.setEventHandler {
-                logger.notice("signal \(sig) received, shutting down gracefully")
-                done.signal()
-            }
+            let s = DispatchSource.makeSignalSource(signal: sig, queue: signals)
+            s.setEventHandler(handler: handler)
             s.resume()
             sources.append(s)
         }
+        let path = file
+        on(SIGTERM) { logger.notice("SIGTERM received, shutting down gracefully"); done.signal() }
+        on(SIGQUIT) { logger.notice("SIGQUIT received, shutting down gracefully"); done.signal() }
+        on(SIGINT) {
+            logger.notice("SIGINT received, shutting down fast")
+            drainSeconds.withLockedValue { $0 = 1 }
+            done.signal()
+        }
+        on(SIGHUP) {
+            // The new file is checked first; a bad one leaves the running configuration in place.
+            switch Configuration.load(path: path) {
+            case .failure(let errors):
+                for e in errors.errors { logger.error("\(e)") }
+                logger.error("reload of \(path) failed: the running configuration stays in place")
+            case .success(let new):
+                if new.workerProcesses != server.configuration.workerProcesses {
+                    logger.warning("\"worker_processes\" changes take effect at the next start, not on reload")
+                }
+                do { try server.reload(new) } catch { logger.error("reload of \(path) failed: \(error); the running configuration stays in place") }
+            }
+        }
+        on(SIGUSR1) {
+            do {
+                try sink.reopen()
+                try server.reopenLogs()
+                logger.notice("log files reopened")
+            } catch {
+                logger.error("reopening log files failed: \(error)")
+            }
+        }
         signal(SIGPIPE, SIG_IGN)
         done.wait()
-        server.shutdown(timeout: .seconds(10))
+        server.shutdown(timeout: .seconds(drainSeconds.withLockedValue { $0 }))
         if let pid = config.pidFile { unlink(pid) }
         logger.notice("exiting")
         _ = sources
@@ -142,21 +211,42 @@ func printError(_ s: String) {
     line.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
 }
 
-/// Where error log lines go: stderr, or a file opened for appending.
+/// Where error log lines go: stderr, or a file opened for appending (reopened on SIGUSR1).
 final class FileLogSink: Sendable {
-    let fd: Int32
+    let path: String
+    let fd: NIOLockedValueBox<Int32>
 
     init(path: String) throws {
-        if path == "stderr" { fd = 2; return }
-        if path == "stdout" { fd = 1; return }
-        let fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o644)
+        self.path = path
+        fd = NIOLockedValueBox(try FileLogSink.open(path))
+    }
+
+    static func open(_ path: String) throws -> Int32 {
+        if path == "stderr" { return 2 }
+        if path == "stdout" { return 1 }
+        let fd = Glibc.open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw TetherError.startup("open() \"\(path)\" failed (\(errno): \(String(cString: strerror(errno))))") }
-        self.fd = fd
+        return fd
+    }
+
+    func reopen() throws {
+        let new = try FileLogSink.open(path)
+        let old = fd.withLockedValue { f -> Int32 in let o = f; f = new; return o }
+        if old > 2 { close(old) }
     }
 
     func write(_ line: String) {
         var l = line
-        l.withUTF8 { _ = Glibc.write(fd, $0.baseAddress, $0.count) }
+        fd.withLockedValue { fd in l.withUTF8 { _ = Glibc.write(fd, $0.baseAddress, $0.count) } }
+    }
+}
+
+extension String {
+    func trimmingWhitespace() -> String {
+        var s = Substring(self)
+        while let f = s.first, f.isWhitespace { s = s.dropFirst() }
+        while let l = s.last, l.isWhitespace { s = s.dropLast() }
+        return String(s)
     }
 }
 

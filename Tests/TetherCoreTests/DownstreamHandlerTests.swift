@@ -14,7 +14,7 @@ import TetherConfig
         let loop = EmbeddedEventLoop()
         let lc = LoopContext(eventLoop: loop, setup: setup, logger: Logger(label: "test"), accessLog: nil)
         let (_, hosts, servers) = setup.virtualHosts()[0]
-        let ch = EmbeddedChannel(handler: DownstreamHandler(loop: lc, hosts: hosts, servers: servers, serverPort: 80), loop: loop)
+        let ch = EmbeddedChannel(handler: DownstreamHandler(loop: lc, listenKey: "127.0.0.1:80", route: Route(hosts: hosts, servers: servers, port: 80)), loop: loop)
         try ch.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 80)).wait()
         return ch
     }

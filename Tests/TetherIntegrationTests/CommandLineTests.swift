@@ -3,14 +3,19 @@ import Testing
 import TetherTestSupport
 
 /// Runs the built `tether` binary (next to the test bundle in the build folder).
-func runTether(_ args: [String], cwd: String? = nil) throws -> (status: Int32, out: String, err: String) {
+/// The built `tether` binary, found next to the test bundle in the build folder.
+func tetherExecutable() throws -> URL {
     let exe = URL(fileURLWithPath: try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
     var dir = exe.deletingLastPathComponent()
     while !FileManager.default.fileExists(atPath: dir.appendingPathComponent("tether").path) && dir.path != "/" {
         dir = dir.deletingLastPathComponent()
     }
+    return dir.appendingPathComponent("tether")
+}
+
+func runTether(_ args: [String], cwd: String? = nil) throws -> (status: Int32, out: String, err: String) {
     let p = Process()
-    p.executableURL = dir.appendingPathComponent("tether")
+    p.executableURL = try tetherExecutable()
     p.arguments = args
     if let cwd { p.currentDirectoryURL = URL(fileURLWithPath: cwd) }
     let out = Pipe(), err = Pipe()

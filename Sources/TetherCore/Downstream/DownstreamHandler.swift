@@ -22,9 +22,12 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     }
 
     private let loop: LoopContext
-    private let hosts: VirtualHosts
-    private let servers: [CompiledServer]
-    private let serverPort: Int
+    private var hosts: VirtualHosts
+    private var servers: [CompiledServer]
+    private var serverPort: Int
+    /// The listener this connection came from, and the configuration generation its routing is of.
+    private let listenKey: String
+    private var generation: Int
     private var context: ChannelHandlerContext!
     private var state = State.idle
     private var inbound: ByteBuffer?
@@ -50,11 +53,13 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     private var upstreamUnwritableSince: NIODeadline?
     private var closeReason = "client_close"
 
-    init(loop: LoopContext, hosts: VirtualHosts, servers: [CompiledServer], serverPort: Int) {
+    init(loop: LoopContext, listenKey: String, route: Route) {
         self.loop = loop
-        self.hosts = hosts
-        self.servers = servers
-        self.serverPort = serverPort
+        self.listenKey = listenKey
+        hosts = route.hosts
+        servers = route.servers
+        serverPort = route.port
+        generation = loop.generation
     }
 
     private var defaultSettings: HTTPSettings { servers[hosts.defaultIndex].server.settings }
@@ -185,6 +190,14 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     }
 
     private func start(_ head: ParsedHead) {
+        if generation != loop.generation {
+            // A reload happened: this and later requests use the new configuration.
+            generation = loop.generation
+            if let r = loop.routes[listenKey] {
+                hosts = r.hosts
+                servers = r.servers
+            }
+        }
         requests += 1
         loop.stats.downstreamRequests += 1
         state = .exchange

@@ -81,6 +81,11 @@ final class ServerPool {
     func release(_ conn: UpstreamConnection, reusable: Bool, backend: ConnectionPool<ObjectIdentifier>.BackendKeepAlive?) {
         conn.delegate = nil
         conn.sawResponseByte = false
+        if group.retired {
+            // The upstream changed or vanished in a reload: its connections are not kept.
+            discard(conn, reason: .shutdown)
+            return
+        }
         let (decision, warn) = state.release(conn.id, now: nowMs(), reusable: reusable && conn.isOpen, backend: backend)
         if let warn {
             loop.logger.warning("upstream \"\(group.name)\" server \(spec.addressText) advertises Keep-Alive: timeout=\(warn / 1000), shorter than its keepalive_timeout \(Units.formatTime(state.policy.idleTimeoutMs)); Tether expires its connections before the backend does")
@@ -159,6 +164,14 @@ final class ServerPool {
 final class UpstreamGroup {
     let name: String
     let upstream: Upstream
+    /// Set by a reload that changed or removed this upstream.
+    private(set) var retired = false
+
+    func retire() {
+        retired = true
+        for s in servers { s.drain() }
+    }
+
     unowned let loop: LoopContext
     var balancer: Balancer
     var servers: [ServerPool] = []

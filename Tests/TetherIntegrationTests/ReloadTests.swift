@@ -1,0 +1,202 @@
+import Foundation
+import NIOConcurrencyHelpers
+import NIOCore
+import Testing
+import TetherConfig
+import TetherTestSupport
+
+/// A port that was free a moment ago (bound to 0, read back, released).
+func freePort() -> Int {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(fd) }
+    var a = sockaddr_in()
+    a.sin_family = sa_family_t(AF_INET)
+    a.sin_addr.s_addr = inet_addr("127.0.0.1")
+    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+    _ = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) } }
+    _ = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+    return Int(UInt16(bigEndian: a.sin_port))
+}
+
+func parse(_ text: String) throws -> Configuration {
+    try Configuration.parse(text, file: "reload.conf", resolver: { Builder.isNumeric($0) ? $0 : nil }).get()
+}
+
+@Suite struct ReloadTests {
+    static func config(port: Int, backend: Int, generation: Int, extra: String = "") -> String {
+        """
+        worker_processes 2;
+        http {
+            upstream b { server 127.0.0.1:\(backend); keepalive 16; }
+            server {
+                listen 127.0.0.1:\(port);
+                location / { proxy_pass http://b; proxy_set_header X-Gen \(generation); }
+            }
+            \(extra)
+        }
+        """
+    }
+
+    /// Reloads under steady load: no request fails, no client connection is dropped, the new
+    /// configuration applies to the next request on each kept-alive connection, and the unchanged
+    /// upstream keeps its warm connections.
+    @Test func reloadUnderLoadLosesNothing() throws {
+        let backend = try TestBackend()
+        defer { backend.stop() }
+        let port = freePort()
+        let proxy = try RunningProxy(config: Self.config(port: port, backend: backend.port, generation: 1))
+        defer { proxy.stop() }
+        let stop = NIOLockedValueBox(false)
+        let failures = NIOLockedValueBox(0)
+        let done = DispatchGroup()
+        let clients = try (0..<4).map { _ in try TestClient(port: port) }
+        for c in clients {
+            done.enter()
+            Thread.detachNewThread {
+                defer { done.leave() }
+                while !stop.withLockedValue({ $0 }) {
+                    do {
+                        try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                        if try c.readResponse().status != 200 { failures.withLockedValue { $0 += 1 } }
+                    } catch {
+                        failures.withLockedValue { $0 += 1 }
+                        return
+                    }
+                }
+            }
+        }
+        #expect(eventually { backend.requestCount >= 50 })
+        let connectionsBefore = backend.connectionCount
+        for generation in 2...4 {
+            try proxy.server.reload(try parse(Self.config(port: port, backend: backend.port, generation: generation)))
+            let seen = backend.requestCount
+            #expect(eventually { backend.requestCount >= seen + 50 })
+        }
+        stop.withLockedValue { $0 = true }
+        done.wait()
+        #expect(failures.withLockedValue { $0 } == 0)
+        for c in clients {
+            try c.send("GET /last HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(try c.readResponse().status == 200)
+        }
+        let last = backend.requests.filter { $0.target == "/last" }
+        #expect(last.count == 4 && last.allSatisfy { $0.header("x-gen") == "4" })
+        #expect(backend.connectionCount <= max(connectionsBefore, 8), "unchanged pools stay warm")
+        #expect(proxy.server.stats().acceptedConnections == 4)
+    }
+
+    @Test func removedUpstreamDrainsAndListenersFollowTheConfiguration() throws {
+        let a = try TestBackend(), b = try TestBackend()
+        defer { a.stop(); b.stop() }
+        let port = freePort(), extraPort = freePort()
+        let proxy = try RunningProxy(config: """
+            worker_processes 1;
+            http {
+                upstream a { server 127.0.0.1:\(a.port); }
+                server { listen 127.0.0.1:\(port); location / { proxy_pass http://a; } }
+            }
+            """)
+        defer { proxy.stop() }
+        let c = try TestClient(port: port)
+        try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        #expect(try c.readResponse().status == 200)
+        #expect(a.openConnections == 1)
+
+        try proxy.server.reload(try parse("""
+            worker_processes 1;
+            http {
+                upstream b { server 127.0.0.1:\(b.port); }
+                server { listen 127.0.0.1:\(port); location / { proxy_pass http://b; } }
+                server { listen 127.0.0.1:\(extraPort); location / { return 200 "extra"; } }
+            }
+            """))
+        #expect(eventually { a.openConnections == 0 }, "the removed upstream's idle connection is closed")
+        try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        #expect(try c.readResponse().status == 200)
+        #expect(b.requestCount == 1, "the same client connection now goes to the new upstream")
+        let extra = try TestClient(port: extraPort)
+        try extra.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        #expect(try extra.readResponse().bodyText == "extra")
+
+        try proxy.server.reload(try parse("""
+            worker_processes 1;
+            http {
+                upstream b { server 127.0.0.1:\(b.port); }
+                server { listen 127.0.0.1:\(port); location / { proxy_pass http://b; } }
+            }
+            """))
+        #expect(throws: (any Error).self) { _ = try TestClient(port: extraPort) }
+        #expect(b.connectionCount == 1, "the unchanged upstream kept its warm connection")
+    }
+
+    @Test func shutdownLetsALargeDownloadFinish() throws {
+        try withProxy { proxy, _ in
+            let c = try proxy.client()
+            let size = 100 << 20
+            try c.send("GET /bytes/\(size) HTTP/1.1\r\nHost: t\r\n\r\n")
+            let stopped = DispatchSemaphore(value: 0)
+            Thread.detachNewThread {
+                usleep(50_000)
+                proxy.stop()
+                stopped.signal()
+            }
+            let r = try c.readResponse(keepBody: false)
+            #expect(r.bodySum == Pattern.checksum(count: size))
+            #expect(r.header("connection") == nil || r.header("connection") == "close")
+            #expect(stopped.wait(timeout: .now() + 5) == .success)
+        }
+    }
+}
+
+@Suite struct SignalTests {
+    /// The real binary: SIGHUP with a broken file keeps the old configuration serving and logs
+    /// the error with its place; `tether -s reload` applies a good one.
+    @Test func reloadBySignal() throws {
+        let dir = NSTemporaryDirectory() + "tether-sig-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let port = freePort()
+        let file = dir + "/t.conf"
+        func write(_ body: String) throws {
+            try """
+                pid \(dir)/tether.pid;
+                error_log \(dir)/error.log notice;
+                worker_processes 1;
+                http { server { listen 127.0.0.1:\(port); \(body) } }
+                """.write(toFile: file, atomically: true, encoding: .utf8)
+        }
+        try write("location / { return 200 \"one\"; }")
+        let exe = try tetherExecutable()
+        let p = Process()
+        p.executableURL = exe
+        p.arguments = ["-c", file]
+        try p.run()
+        defer { if p.isRunning { p.terminate(); p.waitUntilExit() } }
+        func get() throws -> String {
+            let c = try TestClient(port: port)
+            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            return try c.readResponse().bodyText
+        }
+        #expect(eventually { (try? get()) == "one" })
+        #expect(eventually { FileManager.default.fileExists(atPath: dir + "/tether.pid") })
+
+        try write("location / { return 200 \"two\"; }\n  bogus_directive on;")
+        kill(p.processIdentifier, SIGHUP)
+        #expect(eventually {
+            ((try? String(contentsOfFile: dir + "/error.log", encoding: .utf8)) ?? "").contains("reload of \(file) failed")
+        })
+        let log = (try? String(contentsOfFile: dir + "/error.log", encoding: .utf8)) ?? ""
+        #expect(log.contains("\(file):5: unknown directive \"bogus_directive\""))
+        #expect(try get() == "one")
+
+        try write("location / { return 200 \"two\"; }")
+        let r = try runTether(["-s", "reload", "-c", file])
+        #expect(r.status == 0, "\(r.err)")
+        #expect(eventually { (try? get()) == "two" })
+
+        #expect(try runTether(["-s", "quit", "-c", file]).status == 0)
+        p.waitUntilExit()
+        #expect(p.terminationStatus == 0)
+        #expect(!FileManager.default.fileExists(atPath: dir + "/tether.pid"))
+    }
+}
