@@ -275,6 +275,7 @@ public struct Builder {
             case ("backlog", .some(let v)):
                 guard let n = Int(v), n >= 1, n <= 65535 else { throw ConfigErrorReason("invalid backlog \"\(v)\"") }
                 l.backlog = n
+            case ("ssl", nil): throw ConfigErrorReason("\"ssl\" needs TLS, which this version of Tether does not have yet")
             case ("so_keepalive", .some(let v)): l.soKeepalive = try Value.tcpKeepalive(v, what: "so_keepalive value")
             case ("tcp_user_timeout", .some(let v)): l.tcpUserTimeout = try Value.userTimeout(v, what: "tcp_user_timeout value")
             default: throw ConfigErrorReason("invalid parameter \"\(a.text)\"")

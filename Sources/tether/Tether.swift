@@ -27,6 +27,7 @@ struct Tether: ParsableCommand {
               tether -T                       check and print the effective configuration
               tether -c conf/tether.conf      run
               tether -s reload                signal the running Tether (needs a pid directive)
+              tether doctor -c conf/tether.conf   check the host's settings for this configuration
             """
     )
 
@@ -41,6 +42,15 @@ struct Tether: ParsableCommand {
 
     @Option(name: .customShort("s"), help: ArgumentHelp("Send a signal to the running Tether (found through the configuration's pid file): reload, reopen, stop (fast), quit (graceful).", valueName: "signal"))
     var signalName: String?
+
+    @ArgumentParser.Argument(help: ArgumentHelp("doctor: check the host's kernel settings and limits against the configuration, a verdict per line; exits 1 only if something is critical.", valueName: "command"))
+    var command: String?
+
+    @Option(name: .long, help: ArgumentHelp("With doctor: where /proc is (for tests).", valueName: "dir"))
+    var proc = "/proc"
+
+    @Option(name: .long, help: ArgumentHelp("With doctor: the open-files limit to check instead of this process's own.", valueName: "n"))
+    var openFiles: Int?
 
     @Flag(name: .customShort("v"), help: "Print the version and exit.")
     var version = false
@@ -64,6 +74,16 @@ struct Tether: ParsableCommand {
             throw ExitCode(1)
         case .success(let c):
             config = c
+        }
+        if let command {
+            guard command == "doctor" else {
+                printError("tether: [emerg] unknown command \"\(command)\" (the only one is \"doctor\")")
+                throw ExitCode(1)
+            }
+            let lines = Doctor.check(config, proc: proc, openFiles: openFiles)
+            for l in lines { print(l) }
+            if lines.contains(where: { $0.verdict == .critical }) { throw ExitCode(1) }
+            return
         }
         if let name = signalName {
             try sendSignal(name, config: config)

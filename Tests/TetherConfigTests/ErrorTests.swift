@@ -62,6 +62,8 @@ import Testing
              expected: ["t.conf:2: open() \"./missing.conf\" failed (2: No such file or directory)"]),
         Case(name: "empty upstream", text: "http {\n upstream u {\n }\n}\n", expected: ["t.conf:2: no servers are inside upstream"]),
         Case(name: "bad listen parameter", text: "http { server { listen 8080 fast; } }\n", expected: ["t.conf:1: invalid parameter \"fast\""]),
+        Case(name: "TLS is not there yet", text: "http { server { listen 443 ssl; } }\n",
+             expected: ["t.conf:1: \"ssl\" needs TLS, which this version of Tether does not have yet"]),
         Case(name: "bad listen port", text: "http { server { listen 70000; } }\n", expected: ["t.conf:1: invalid port in \"70000\" of the \"listen\" directive"]),
         Case(name: "unknown variable", text: "http { proxy_set_header X-Who $whom; }\n", expected: ["t.conf:1: unknown \"whom\" variable"]),
         Case(name: "unknown log format", text: "http {\n access_log /tmp/a.log main;\n}\n", expected: ["t.conf:2: unknown log format \"main\""]),
