@@ -199,4 +199,41 @@ func parse(_ text: String) throws -> Configuration {
         #expect(p.terminationStatus == 0)
         #expect(!FileManager.default.fileExists(atPath: dir + "/tether.pid"))
     }
+
+    /// SIGUSR1 (as logrotate sends it after moving the files) makes Tether write to new files.
+    @Test func reopenLogsBySignal() throws {
+        let dir = NSTemporaryDirectory() + "tether-reopen-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let port = freePort()
+        let file = dir + "/t.conf"
+        try """
+            pid \(dir)/tether.pid;
+            error_log \(dir)/error.log notice;
+            worker_processes 1;
+            http { access_log \(dir)/access.log; server { listen 127.0.0.1:\(port); location / { return 200 "x"; } } }
+            """.write(toFile: file, atomically: true, encoding: .utf8)
+        let p = Process()
+        p.executableURL = try tetherExecutable()
+        p.arguments = ["-c", file]
+        try p.run()
+        defer { if p.isRunning { p.terminate(); p.waitUntilExit() } }
+        func get(_ path: String) throws {
+            let c = try TestClient(port: port)
+            try c.send("GET \(path) HTTP/1.1\r\nHost: t\r\n\r\n")
+            _ = try c.readResponse()
+        }
+        func read(_ name: String) -> String { (try? String(contentsOfFile: dir + "/" + name, encoding: .utf8)) ?? "" }
+        #expect(eventually { (try? get("/before")) != nil })
+        #expect(eventually { read("access.log").contains("GET /before") })
+        try FileManager.default.moveItem(atPath: dir + "/access.log", toPath: dir + "/access.log.1")
+        try FileManager.default.moveItem(atPath: dir + "/error.log", toPath: dir + "/error.log.1")
+        #expect(try runTether(["-s", "reopen", "-c", file]).status == 0)
+        #expect(eventually { read("error.log").contains("log files reopened") })
+        try get("/after")
+        #expect(eventually { read("access.log").contains("GET /after") })
+        #expect(!read("access.log.1").contains("/after"))
+        kill(p.processIdentifier, SIGTERM)
+        p.waitUntilExit()
+    }
 }
