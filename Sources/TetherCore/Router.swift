@@ -35,19 +35,3 @@ struct VirtualHosts: Sendable {
         return defaultIndex
     }
 }
-
-extension Server {
-    /// nginx's location choice: an exact match wins, otherwise the longest matching prefix.
-    func location(forPath path: Substring) -> Location? {
-        var best: Location?
-        for loc in locations {
-            switch loc.match {
-            case .exact:
-                if path == loc.path { return loc }
-            case .prefix:
-                if path.hasPrefix(loc.path), loc.path.count > (best?.path.count ?? -1) { best = loc }
-            }
-        }
-        return best
-    }
-}

@@ -56,6 +56,11 @@ public struct Balancer: Sendable {
         return pick(now: now, exclude: exclude, backup: true)
     }
 
+    /// Whether `select` would find a server, without advancing the round robin.
+    public func hasCandidate(now: Int64, exclude: PeerSet = PeerSet()) -> Bool {
+        peers.indices.contains { i in !exclude.contains(i) && isAvailable(i, now: now) }
+    }
+
     private func eligible(_ i: Int, _ now: Int64, _ exclude: PeerSet, _ backup: Bool) -> Bool {
         peers[i].spec.backup == backup && !exclude.contains(i) && isAvailable(i, now: now)
     }
@@ -101,7 +106,6 @@ public struct Balancer: Sendable {
 
     public mutating func started(_ i: Int) { peers[i].active += 1 }
     public mutating func ended(_ i: Int) { peers[i].active -= 1 }
-    public func active(_ i: Int) -> Int { peers[i].active }
 }
 
 /// A set of server indexes, kept in one word for the first 64 servers (no allocation per request).

@@ -126,6 +126,17 @@ import Testing
         #expect(picks == [0, 0, 1, 0, 2, 0, 0])
     }
 
+    @Test func checkingForACandidateDoesNotAdvanceTheRoundRobin() {
+        var b = Balancer([PeerSpec(weight: 5), PeerSpec(weight: 1), PeerSpec(weight: 1)])
+        var picks: [Int] = []
+        for _ in 0..<7 {
+            #expect(b.hasCandidate(now: 0))
+            picks.append(b.select(now: 0)!)
+        }
+        #expect(picks == [0, 0, 1, 0, 2, 0, 0])
+        #expect(!b.hasCandidate(now: 0, exclude: [0, 1, 2]))
+    }
+
     @Test func failedServerIsSkippedForFailTimeoutThenBack() {
         var b = Balancer([PeerSpec(maxFails: 2, failTimeoutMs: 1_000), PeerSpec()])
         b.failed(0, now: 0)

@@ -141,10 +141,6 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         close()
     }
 
-    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        context.write(data, promise: promise)
-    }
-
     // MARK: Driving requests
 
     /// Processes what the client sent, as far as the current state allows.
@@ -337,7 +333,6 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     private func attach(_ conn: UpstreamConnection) {
         guard let e = ex else { return }
         conn.delegate = self
-        conn.sawResponseByte = false
         upstreamUnwritableSince = nil
         e.upstream = conn
         e.lastUpstreamActivity = .now()
@@ -445,17 +440,14 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             if case .proxy(let pass) = e.route.action { connect(server, pass: pass) }
             return
         }
-        if kind != .invalidHeader || true {
-            group.balancer.failed(server.index, now: nowMs())
-        }
+        group.balancer.failed(server.index, now: nowMs())
         let settings = e.route.settings
         let condition: NextUpstreamCondition = kind == .timeout ? .timeout : kind == .invalidHeader ? .invalidHeader : .error
         let triesLeft = settings.proxyNextUpstreamTries == 0 || e.tries < settings.proxyNextUpstreamTries
         if settings.proxyNextUpstream.contains(condition), e.mayRetry, triesLeft,
-           group.balancer.select(now: nowMs(), exclude: e.tried) != nil || false {
+           group.balancer.hasCandidate(now: nowMs(), exclude: e.tried) {
             loop.logger.warning("\(detail) while connecting to upstream \"\(group.name)\", trying the next server")
             server.counters.retries["next_upstream", default: 0] += 1
-            // `select` above already advanced round robin; undo nothing, `proxy` selects again.
             if case .proxy(let pass) = e.route.action { proxy(pass) }
             return
         }
@@ -570,7 +562,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         let settings = e.route.settings
         guard let condition, settings.proxyNextUpstream.contains(condition), e.mayRetry,
               settings.proxyNextUpstreamTries == 0 || e.tries < settings.proxyNextUpstreamTries,
-              group.balancer.select(now: nowMs(), exclude: e.tried) != nil else { return false }
+              group.balancer.hasCandidate(now: nowMs(), exclude: e.tried) else { return false }
         if let up = e.upstream { e.upstream = nil; server.discard(up, reason: .notReusable) }
         group.balancer.ended(server.index)
         if condition != .http403 && condition != .http404 { group.balancer.failed(server.index, now: nowMs()) }

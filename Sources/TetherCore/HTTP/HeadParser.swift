@@ -70,10 +70,6 @@ struct ParsedHead {
 
     init(bytes: ByteBuffer) { self.bytes = bytes }
 
-    func slice(_ start: Int, _ end: Int) -> ByteBuffer {
-        bytes.getSlice(at: bytes.readerIndex + start, length: end - start)!
-    }
-
     func string(_ start: Int, _ end: Int) -> String {
         bytes.getString(at: bytes.readerIndex + start, length: end - start) ?? ""
     }
@@ -81,7 +77,6 @@ struct ParsedHead {
     var method: String { string(0, methodEnd) }
     var target: String { string(targetStart, targetEnd) }
 
-    func name(_ h: HeaderField) -> String { string(Int(h.lineStart), Int(h.nameEnd)) }
     func value(_ h: HeaderField) -> String { string(Int(h.valueStart), Int(h.valueEnd)) }
 
     /// The value of the first header named `name` (lowercase), if any.

@@ -80,7 +80,6 @@ final class ServerPool {
     /// The exchange on `conn` ended; keep it warm if the pool's rules allow.
     func release(_ conn: UpstreamConnection, reusable: Bool, backend: ConnectionPool<ObjectIdentifier>.BackendKeepAlive?) {
         conn.delegate = nil
-        conn.sawResponseByte = false
         if group.retired {
             // The upstream changed or vanished in a reload: its connections are not kept.
             discard(conn, reason: .shutdown)

@@ -22,8 +22,6 @@ final class UpstreamConnection: ChannelDuplexHandler {
     private var readPaused = false
     private var pendingRead = false
     private(set) var isOpen = true
-    /// Set once any byte was read on this connection for the current exchange.
-    var sawResponseByte = false
 
     init(pool: ServerPool) { self.pool = pool }
 
@@ -35,7 +33,6 @@ final class UpstreamConnection: ChannelDuplexHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let buffer = unwrapInboundIn(data)
         if let delegate {
-            sawResponseByte = true
             delegate.upstreamRead(buffer)
         } else {
             // Bytes on an idle connection: the backend is out of step; never reuse it.
