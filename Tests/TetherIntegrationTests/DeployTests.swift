@@ -1,10 +1,12 @@
 import Foundation
 import Testing
 
-func run(_ exe: String, _ args: [String], stdin: String? = nil) throws -> (status: Int32, out: String, err: String) {
+/// Runs a program to completion, with its output collected.
+func run(_ exe: String, _ args: [String], cwd: String? = nil) throws -> (status: Int32, out: String, err: String) {
     let p = Process()
     p.executableURL = URL(fileURLWithPath: exe)
     p.arguments = args
+    if let cwd { p.currentDirectoryURL = URL(fileURLWithPath: cwd) }
     let out = Pipe(), err = Pipe()
     p.standardOutput = out
     p.standardError = err
