@@ -132,15 +132,16 @@ idle() {
     python3 - "$port" "$IDLE" > "$OUT/idle-$1.txt" <<'PY' &
 import socket, sys, time
 port, n = int(sys.argv[1]), int(sys.argv[2])
+# One request at a time, so each proxy needs a single upstream connection: what is measured is
+# the client side (concurrent requests would make either proxy open upstream connections too).
 socks = []
 for i in range(n):
     s = socket.create_connection(("127.0.0.1", port))
     s.sendall(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n")
-    socks.append(s)
-for s in socks:
     data = b""
     while not data.endswith(b"hello world\n"):
         data += s.recv(4096)
+    socks.append(s)
 print("ready", flush=True)
 time.sleep(4)
 PY
@@ -153,6 +154,23 @@ PY
 }
 
 TP=$(cat "$WORK/tether.pid"); NP=$(cat "$WORK/nginx.pid")
+
+# nginx allocates its connection table for all worker_connections at start, so its RSS barely
+# grows per connection. What a slot costs is measured from a second nginx that differs only in
+# worker_connections, and added to nginx's growth; Tether allocates per connection as it goes.
+cat > "$WORK/nginx-small.conf" <<CONF
+worker_processes 1;
+daemon off;
+master_process off;
+pid $WORK/small.nginxpid;
+error_log $WORK/small.err;
+worker_rlimit_nofile 65536;
+events { worker_connections 1024; }
+http { access_log off; server { listen 127.0.0.1:18084; location / { return 200; } } }
+CONF
+nginx -c "$WORK/nginx-small.conf" -e "$WORK/small.err" & echo $! > "$WORK/small.pid"
+sleep 1
+NGINX_SLOT_KIB=$(awk -v big="$(rss_kb "$NP")" -v small="$(rss_kb "$(cat "$WORK/small.pid")")" 'BEGIN{printf "%.3f", (big - small) / (65536 - 1024)}')
 {
 echo "Tether $(${TETHER} -v | awk '{print $3}') vs $(nginx -v 2>&1 | sed 's/.*: //'), $(date -u +%Y-%m-%d), $(nproc) cores, ${DURATION}s per row, 12-byte responses, keep-alive both sides."
 echo "Proxy pinned to core 0 (one event loop / one worker); wrk and the nginx backend on core 1."
@@ -168,6 +186,7 @@ for c in 50 256; do
     echo "| $c | latency p99 (ms) | $tp99 | $np99 | $(ratio "$tp99" "$np99") |"
     echo "| $c | upstream connects after the first second | $tcx | $ncx | – |"
 done
-ti=$(idle tether "$TP" $TETHER_PORT); ni=$(idle nginx "$NP" $NGINX_PORT)
-echo "| $IDLE idle | memory per idle client connection (KiB) | $ti | $ni | $(awk -v a="$ti" -v b="$ni" 'BEGIN{ if (b <= 0) print "–"; else printf "%.2f", a/b }') |"
+ti=$(idle tether "$TP" $TETHER_PORT); ng=$(idle nginx "$NP" $NGINX_PORT)
+ni=$(awk -v g="$ng" -v s="$NGINX_SLOT_KIB" 'BEGIN{printf "%.2f", g + s}')
+echo "| $IDLE idle | memory per idle client connection (KiB; nginx: growth $ng + preallocated slot $NGINX_SLOT_KIB) | $ti | $ni | $(awk -v a="$ti" -v b="$ni" 'BEGIN{ if (b <= 0) print "–"; else printf "%.2f", a/b }') |"
 } | tee "$OUT/results.md"

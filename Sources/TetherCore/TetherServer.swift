@@ -108,7 +108,11 @@ public final class TetherServer: Sendable {
                     .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                     .serverChannelOption(ChannelOptions.socket(SocketOptionLevel(SOL_SOCKET), SO_REUSEPORT), value: 1)
                     .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
-                    .childChannelOption(.maxMessagesPerRead, value: 4)
+                    // NIO keeps up to maxMessagesPerRead receive buffers per channel for reuse, of
+                    // the adaptive allocator's current size: one buffer, starting small, keeps an
+                    // idle keep-alive connection cheap while bulk transfers still grow it.
+                    .childChannelOption(.maxMessagesPerRead, value: 1)
+                    .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 256, initial: 512, maximum: 65536))
                     .childChannelInitializer(childInitializer(listen: listen, key: keyBox, initial: initial, hostKeepalive: g.setup.hostKeepalive))
                     .bind(host: listen.address, port: port)
                     .wait()
