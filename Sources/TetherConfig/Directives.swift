@@ -98,7 +98,8 @@ struct PartialSettings {
         s.keepaliveTimeoutMs = keepaliveTimeoutMs ?? s.keepaliveTimeoutMs
         // `Keep-Alive: timeout=` follows keepalive_timeout unless its second argument says otherwise.
         let header = keepaliveHeaderTimeoutMs ?? s.keepaliveTimeoutMs / 1000 * 1000
-        s.keepaliveHeaderTimeoutMs = (keepaliveHeader ?? true) && s.keepaliveTimeoutMs > 0 ? header : nil
+        // The header counts whole seconds: below one there is nothing useful to advertise.
+        s.keepaliveHeaderTimeoutMs = (keepaliveHeader ?? true) && s.keepaliveTimeoutMs > 0 && (header ?? 0) >= 1000 ? header : nil
         s.keepaliveRequests = keepaliveRequests ?? s.keepaliveRequests
         s.keepaliveTimeMs = keepaliveTimeMs ?? s.keepaliveTimeMs
         s.clientHeaderTimeoutMs = clientHeaderTimeoutMs ?? s.clientHeaderTimeoutMs

@@ -37,6 +37,19 @@ import Glibc
         }
     }
 
+    /// As in nginx, the location that answered the last request decides how long the connection idles.
+    @Test func keepaliveTimeoutOfTheAnsweringLocationApplies() throws {
+        try withProxy(http: "keepalive_timeout 75s;", server: "location /short { keepalive_timeout 300ms; return 200 short; }") { proxy, _ in
+            let c = try proxy.client()
+            try c.send("GET /short HTTP/1.1\r\nHost: t\r\n\r\n")
+            let r = try c.readResponse()
+            #expect(r.bodyText == "short" && r.header("keep-alive") == nil, "timeout=0 is not advertised for under a second")
+            let t = NIODeadline.now()
+            #expect(c.waitForClose(timeoutMs: 3_000))
+            #expect(seconds(since: t) < 1.5)
+        }
+    }
+
     @Test func keepaliveRequestsLimitsRequestsPerConnection() throws {
         try withProxy(http: "keepalive_requests 3;") { proxy, _ in
             let c = try proxy.client()

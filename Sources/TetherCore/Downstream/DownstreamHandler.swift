@@ -60,9 +60,27 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         servers = route.servers
         serverPort = route.port
         generation = loop.generation
+        adoptDefaults()
     }
 
+    /// The default server's settings: they apply until a request has been routed (head limits,
+    /// header timeout). Read on error paths only; the hot path uses the values cached below.
     private var defaultSettings: HTTPSettings { servers[hosts.defaultIndex].server.settings }
+    /// From the default server, cached so that no read copies the settings.
+    private var headLimits = HeadParser.Limits(lineLimit: 8192, headLimit: 32768)
+    private var readAheadLimit = 65536
+    private var headerTimeoutMs: Int64 = 60_000
+    /// The `keepalive_timeout` of the location that answered the last request (as nginx).
+    private var keepaliveTimeoutMs: Int64 = 75_000
+
+    /// Caches what the read path needs from the default server's settings.
+    private func adoptDefaults() {
+        let s = servers[hosts.defaultIndex].server
+        let (count, size) = s.settings.largeClientHeaderBuffers
+        headLimits = HeadParser.Limits(lineLimit: size, headLimit: count * size)
+        readAheadLimit = max(count * size, 65536)
+        headerTimeoutMs = s.settings.clientHeaderTimeoutMs
+    }
 
     // MARK: Channel events
 
@@ -153,16 +171,13 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
                     return
                 }
                 if headStartedAt == nil { headStartedAt = .now() }
-                let settings = defaultSettings
-                let (count, size) = settings.largeClientHeaderBuffers
-                let limits = HeadParser.Limits(lineLimit: size, headLimit: count * size)
-                switch HeadParser.parse(buf, kind: .request, limits: limits, headers: &headerStorage) {
+                switch HeadParser.parse(buf, kind: .request, limits: headLimits, headers: &headerStorage) {
                 case .incomplete:
                     updateReadInterest()
                     return
                 case .error(let e):
                     loop.logger.info("client \(String(decoding: remoteAddr, as: UTF8.self)) sent an invalid request: \(e.reason)")
-                    respondAndClose(status: e.status, settings: settings)
+                    respondAndClose(status: e.status, settings: defaultSettings)
                     return
                 case .complete(let head, let consumed):
                     inbound!.moveReaderIndex(forwardBy: consumed)
@@ -192,6 +207,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             if let r = loop.routes[listenKey] {
                 hosts = r.hosts
                 servers = r.servers
+                adoptDefaults()
             }
         }
         requests += 1
@@ -559,9 +575,10 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         case 429: condition = .http429
         default: condition = nil
         }
-        let settings = e.route.settings
-        guard let condition, settings.proxyNextUpstream.contains(condition), e.mayRetry,
-              settings.proxyNextUpstreamTries == 0 || e.tries < settings.proxyNextUpstreamTries,
+        guard let condition else { return false }
+        let route = e.route
+        guard route.settings.proxyNextUpstream.contains(condition), e.mayRetry,
+              route.settings.proxyNextUpstreamTries == 0 || e.tries < route.settings.proxyNextUpstreamTries,
               group.balancer.hasCandidate(now: nowMs(), exclude: e.tried) else { return false }
         if let up = e.upstream { e.upstream = nil; server.discard(up, reason: .notReusable) }
         group.balancer.ended(server.index)
@@ -595,11 +612,11 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             e.backendKeepAlive = .init(timeoutSeconds: head.keepAliveTimeout, max: head.keepAliveMax)
         }
         // The client side's keep-alive decision.
-        let settings = e.route.settings
-        let policy = KeepAlivePolicy(maxRequests: settings.keepaliveRequests, maxLifetimeMs: settings.keepaliveTimeMs, draining: loop.draining)
+        let route = e.route
+        let policy = KeepAlivePolicy(maxRequests: route.settings.keepaliveRequests, maxLifetimeMs: route.settings.keepaliveTimeMs, draining: loop.draining)
         let decision = policy.decide(requestNumber: e.number, clientWantsKeepAlive: e.clientKeepAlive,
                                      connectionAgeMs: Int64((NIODeadline.now() - acceptedAt).nanoseconds / 1_000_000))
-        var keepAlive = decision == .keepAlive && settings.keepaliveTimeoutMs > 0 && e.requestBodyDone
+        var keepAlive = decision == .keepAlive && route.settings.keepaliveTimeoutMs > 0 && e.requestBodyDone
         if case .close(let reason) = decision { closeReason = reason.rawValue }
         switch e.responseFraming {
         case .chunked:
@@ -732,6 +749,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         }
         state = .idle
         idleSince = .now()
+        keepaliveTimeoutMs = e.route.settings.keepaliveTimeoutMs
         if inbound?.readableBytes == 0 { inbound = nil }
         // A pipelined request may already be waiting.
         drive()
@@ -878,8 +896,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     /// Pauses reading while the upstream cannot take more or too much is buffered; resumes otherwise.
     private func updateReadInterest() {
         let buffered = inbound?.readableBytes ?? 0
-        let (count, size) = defaultSettings.largeClientHeaderBuffers
-        var pause = buffered > max(count * size, 65536)
+        var pause = buffered > readAheadLimit
         if let e = ex, !e.requestBodyDone || e.phase == .tunnel, let up = e.upstream, !up.isWritable { pause = true }
         if let e = ex, !e.requestBodyDone, e.upstream == nil, !e.discardBody, buffered > 0 { pause = buffered > 65536 }
         if pause {
@@ -899,24 +916,23 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         case .closed:
             return nil
         case .idle:
-            let s = defaultSettings
             if let started = headStartedAt {
-                return started + .milliseconds(s.clientHeaderTimeoutMs)
+                return started + .milliseconds(headerTimeoutMs)
             }
-            if requests == 0 { return acceptedAt + .milliseconds(s.clientHeaderTimeoutMs) }
-            return idleSince + .milliseconds(s.keepaliveTimeoutMs)
+            if requests == 0 { return acceptedAt + .milliseconds(headerTimeoutMs) }
+            return idleSince + .milliseconds(keepaliveTimeoutMs)
         case .exchange:
             guard let e = ex else { return nil }
-            let s = e.route.settings
+            let route = e.route
             var d: NIODeadline?
             func earliest(_ x: NIODeadline) { d = d.map { min($0, x) } ?? x }
-            if !e.requestBodyDone { earliest(lastClientRead + .milliseconds(s.clientBodyTimeoutMs)) }
+            if !e.requestBodyDone { earliest(lastClientRead + .milliseconds(route.settings.clientBodyTimeoutMs)) }
             if e.upstream != nil && (e.phase == .head || e.phase == .body) {
-                earliest(e.lastUpstreamActivity + .milliseconds(s.proxyReadTimeoutMs))
+                earliest(e.lastUpstreamActivity + .milliseconds(route.settings.proxyReadTimeoutMs))
             }
-            if let since = unwritableSince { earliest(since + .milliseconds(s.sendTimeoutMs)) }
+            if let since = unwritableSince { earliest(since + .milliseconds(route.settings.sendTimeoutMs)) }
             if let since = upstreamUnwritableSince, e.upstream != nil, !e.requestBodyDone {
-                earliest(since + .milliseconds(s.proxySendTimeoutMs))
+                earliest(since + .milliseconds(route.settings.proxySendTimeoutMs))
             }
             return d
         }
@@ -942,7 +958,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             }
         case .exchange:
             guard let e = ex else { return }
-            let s = e.route.settings
+            let s = e.route.settings  // only when a deadline passed, not per request
             if let since = unwritableSince, since + .milliseconds(s.sendTimeoutMs) <= now {
                 loop.logger.info("client timed out receiving the response, client: \(String(decoding: remoteAddr, as: UTF8.self))")
                 closeReason = "error"
