@@ -104,23 +104,30 @@ final class CompiledServer: Sendable {
             }
             var end = start
             while end < end0, p[end] != UInt8(ascii: "?") { end += 1 }
-            let path = UnsafeRawBufferPointer(rebasing: p[start..<end])
-            var best: CompiledLocation?
-            var bestLength = -1
-            for c in locations {
-                let lp = c.pathBytes
-                switch c.match {
-                case .exact:
-                    if path.count == lp.count && path.elementsEqual(lp) { return c }
-                case .prefix:
-                    if lp.count > bestLength && path.count >= lp.count && UnsafeRawBufferPointer(rebasing: path[0..<lp.count]).elementsEqual(lp) {
-                        best = c
-                        bestLength = lp.count
-                    }
+            // "http://host" with no path means "/".
+            if start == end { return CompiledServer.slash.withUnsafeBytes { route(path: $0) } }
+            return route(path: UnsafeRawBufferPointer(rebasing: p[start..<end]))
+        }
+    }
+
+    private static let slash: [UInt8] = [UInt8(ascii: "/")]
+
+    private func route(path: UnsafeRawBufferPointer) -> CompiledLocation {
+        var best: CompiledLocation?
+        var bestLength = -1
+        for c in locations {
+            let lp = c.pathBytes
+            switch c.match {
+            case .exact:
+                if path.count == lp.count && path.elementsEqual(lp) { return c }
+            case .prefix:
+                if lp.count > bestLength && path.count >= lp.count && UnsafeRawBufferPointer(rebasing: path[0..<lp.count]).elementsEqual(lp) {
+                    best = c
+                    bestLength = lp.count
                 }
             }
-            return best ?? fallback
         }
+        return best ?? fallback
     }
 }
 

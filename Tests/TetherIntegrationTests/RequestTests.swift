@@ -123,6 +123,26 @@ import Glibc
         }
     }
 
+    @Test func absoluteFormTargetIsForwardedInOriginForm() throws {
+        try withProxy(location: "proxy_set_header Host $host;") { proxy, backend in
+            let c = try proxy.client()
+            try c.send("GET http://example.test/a/b?c=d HTTP/1.1\r\nHost: example.test\r\n\r\n")
+            #expect(try c.readResponse().status == 200)
+            try c.send("GET http://example.test HTTP/1.1\r\nHost: example.test\r\n\r\n")
+            #expect(try c.readResponse().status == 200)
+            #expect(backend.requests.map(\.target) == ["/a/b?c=d", "/"])
+        }
+    }
+
+    @Test func chunkedBodyToAnHTTP10BackendIs411() throws {
+        try withProxy(location: "proxy_http_version 1.0;") { proxy, backend in
+            let c = try proxy.client()
+            try c.send("POST /sum HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+            #expect(try c.readResponse().status == 411)
+            #expect(backend.requestCount == 0)
+        }
+    }
+
     @Test func defaultHostIsTheUpstreamName() throws {
         try withProxy { proxy, backend in
             let c = try proxy.client()

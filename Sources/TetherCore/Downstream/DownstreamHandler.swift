@@ -250,6 +250,12 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             }
             respondLocal(status: r.code, text: text)
         case .proxy(let pass):
+            if head.chunked && route.settings.proxyHTTPVersion == "1.0" {
+                // An HTTP/1.0 backend cannot read a chunked body, and Tether does not buffer
+                // bodies to learn their length.
+                respondLocal(status: 411, closeAfter: true)
+                return
+            }
             proxy(pass)
         case .none:
             e.discardBody = true
@@ -986,7 +992,17 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         h.bytes.withUnsafeReadableBytes { p in
             out.writeBytes(UnsafeRawBufferPointer(rebasing: p[0..<h.methodEnd]))
             out.writeStaticString(" ")
-            let target = UnsafeRawBufferPointer(rebasing: p[h.targetStart..<h.targetEnd])
+            // The origin-form (path and query): an absolute-form target loses its scheme://authority.
+            var start = h.targetStart
+            if p[start] != UInt8(ascii: "/") && p[start] != UInt8(ascii: "*") {
+                var slashes = 0
+                while start < h.targetEnd {
+                    if p[start] == UInt8(ascii: "/") { slashes += 1; if slashes == 3 { break } }
+                    start += 1
+                }
+            }
+            let target = UnsafeRawBufferPointer(rebasing: p[start..<h.targetEnd])
+            if target.isEmpty { out.writeStaticString("/") }
             if let uri = pass.uri, let loc = e.route.location {
                 // proxy_pass with a URI: the matched location prefix is replaced by it.
                 out.writeString(uri)
