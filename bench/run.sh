@@ -36,7 +36,21 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# --- the backend: nginx answering 12 bytes, with stub_status to count accepted connections
+# --- the backend: nginx answering 12 bytes (and 4 KiB / 64 KiB files), with stub_status to count
+# accepted connections
+chmod 755 "$WORK"   # nginx's workers do not run as root: they must be able to read the files
+mkdir -p "$WORK/www/files"
+head -c 4096 /dev/urandom > "$WORK/www/files/4k"
+head -c 65536 /dev/urandom > "$WORK/www/files/64k"
+cat > "$WORK/pipeline.lua" <<'LUA'
+-- 8 requests written at once on each connection (pipelining depth 8)
+init = function(args)
+  local r = {}
+  for i = 1, 8 do r[i] = wrk.format(nil, "/") end
+  req = table.concat(r)
+end
+request = function() return req end
+LUA
 cat > "$WORK/backend.conf" <<CONF
 worker_processes 1;
 daemon off;
@@ -48,7 +62,11 @@ http {
     access_log off;
     keepalive_requests 1000000;
     keepalive_timeout 300s;
-    server { listen 127.0.0.1:$BACKEND_PORT backlog=4096; location / { return 200 "hello world\n"; } }
+    server {
+        listen 127.0.0.1:$BACKEND_PORT backlog=4096;
+        location / { return 200 "hello world\n"; }
+        location /files/ { root $WORK/www; }
+    }
     server { listen 127.0.0.1:$STATUS_PORT; location / { stub_status; } }
 }
 CONF
@@ -71,7 +89,9 @@ http {
 CONF
 taskset -c 0 "$TETHER" -c "$WORK/tether.conf" & echo $! > "$WORK/tether.pid"
 
-# --- nginx as a proxy, one worker, the keep-alive upstream setup its docs recommend
+# --- nginx as a proxy, one worker, the keep-alive upstream setup its docs recommend, and
+# proxy_buffering off so that it streams as Tether does (with buffering on, nginx reads whole
+# responses into larger buffers and would do better on the 64 KiB row)
 cat > "$WORK/nginx.conf" <<CONF
 worker_processes 1;
 daemon off;
@@ -106,21 +126,27 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 accepts() { curl -fs "http://127.0.0.1:$STATUS_PORT/" | awk 'NR==3 {print $1}'; }
 
-# run NAME PID PORT CONNECTIONS -> "rps cpu_us_per_req p99_ms connects"
+# run NAME PID PORT CONNECTIONS [PATH [WRK-ARGS...]] -> "rps cpu_us_per_req p99_ms connects"
 run() {
-    local pid=$2 port=$3 c=$4
-    taskset -c 1 wrk -t1 -c"$c" -d2s "http://127.0.0.1:$port/" >/dev/null 2>&1   # warm-up
+    local pid=$2 port=$3 c=$4 path=${5:-/}
+    local extra=("${@:6}")
+    local out="$OUT/wrk-$1-c$c$(echo "$path${extra[*]:+-pipelined}" | tr -c 'a-zA-Z0-9-\n' _).txt"
+    taskset -c 1 wrk -t1 -c"$c" -d2s "${extra[@]}" "http://127.0.0.1:$port$path" >/dev/null 2>&1   # warm-up
     local a0 t0; t0=$(cpu_ticks "$pid")
-    taskset -c 1 wrk -t1 -c"$c" -d"${DURATION}s" --latency "http://127.0.0.1:$port/" > "$OUT/wrk-$1-c$c.txt" 2>&1 &
+    taskset -c 1 wrk -t1 -c"$c" -d"${DURATION}s" --latency "${extra[@]}" "http://127.0.0.1:$port$path" > "$out" 2>&1 &
     local wrkpid=$!
     # Upstream connects are counted from 1 s into the run: the warm-up's wrk closed client
     # connections mid-request, and a proxy replaces the upstream connections those left unclean.
     sleep 1; a0=$(accepts)
     wait $wrkpid
     local a1 t1; a1=$(accepts); t1=$(cpu_ticks "$pid")
+    if grep -q "Non-2xx" "$out"; then
+        echo "bench: $1 answered with errors, see $out" >&2
+        exit 1
+    fi
     local reqs p99
-    reqs=$(awk '/requests in/ {print $1}' "$OUT/wrk-$1-c$c.txt")
-    p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' "$OUT/wrk-$1-c$c.txt")
+    reqs=$(awk '/requests in/ {print $1}' "$out")
+    p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' "$out")
     echo "$(awk -v r="$reqs" -v d="$DURATION" 'BEGIN{printf "%.0f", r/d}') $(awk -v t=$((t1 - t0)) -v hz="$HZ" -v r="$reqs" 'BEGIN{printf "%.1f", t/hz*1e6/r}') $p99 $((a1 - a0 - 1))"
 }
 
@@ -155,6 +181,7 @@ PY
 
 TP=$(cat "$WORK/tether.pid"); NP=$(cat "$WORK/nginx.pid")
 
+
 # nginx allocates its connection table for all worker_connections at start, so its RSS barely
 # grows per connection. What a slot costs is measured from a second nginx that differs only in
 # worker_connections, and added to nginx's growth; Tether allocates per connection as it goes.
@@ -171,9 +198,14 @@ CONF
 nginx -c "$WORK/nginx-small.conf" -e "$WORK/small.err" & echo $! > "$WORK/small.pid"
 sleep 1
 NGINX_SLOT_KIB=$(awk -v big="$(rss_kb "$NP")" -v small="$(rss_kb "$(cat "$WORK/small.pid")")" 'BEGIN{printf "%.3f", (big - small) / (65536 - 1024)}')
+# Idle memory first, while both proxies are fresh: after the load rows their heaps hold freed
+# memory that new connections would reuse, hiding what a connection costs.
+ti=$(idle tether "$TP" $TETHER_PORT); ng=$(idle nginx "$NP" $NGINX_PORT)
+ni=$(awk -v g="$ng" -v s="$NGINX_SLOT_KIB" 'BEGIN{printf "%.2f", g + s}')
 {
 echo "Tether $(${TETHER} -v | awk '{print $3}') vs $(nginx -v 2>&1 | sed 's/.*: //'), $(date -u +%Y-%m-%d), $(nproc) cores, ${DURATION}s per row, 12-byte responses, keep-alive both sides."
 echo "Proxy pinned to core 0 (one event loop / one worker); wrk and the nginx backend on core 1."
+echo "Rows: connections (and response size or pipelining depth; 12-byte responses otherwise)."
 echo
 echo "| connections | metric | Tether | nginx | Tether/nginx |"
 echo "|---|---|---|---|---|"
@@ -186,7 +218,15 @@ for c in 50 256; do
     echo "| $c | latency p99 (ms) | $tp99 | $np99 | $(ratio "$tp99" "$np99") |"
     echo "| $c | upstream connects after the first second | $tcx | $ncx | – |"
 done
-ti=$(idle tether "$TP" $TETHER_PORT); ng=$(idle nginx "$NP" $NGINX_PORT)
-ni=$(awk -v g="$ng" -v s="$NGINX_SLOT_KIB" 'BEGIN{printf "%.2f", g + s}')
+for row in "50 4 KiB:/files/4k" "50 64 KiB:/files/64k" "50 pipelined x8:/:-s:$WORK/pipeline.lua"; do
+    IFS=: read -r label path opt optval <<<"$row"
+    args=(); [ -n "${opt:-}" ] && args=("$opt" "$optval")
+    read -r trps tcpu tp99 _ <<<"$(run tether "$TP" $TETHER_PORT 50 "$path" "${args[@]}")"
+    read -r nrps ncpu np99 _ <<<"$(run nginx "$NP" $NGINX_PORT 50 "$path" "${args[@]}")"
+    echo "| $label | requests/s | $trps | $nrps | $(ratio "$trps" "$nrps") |"
+    echo "| $label | proxy CPU µs/request | $tcpu | $ncpu | $(ratio "$tcpu" "$ncpu") |"
+    # wrk does not time pipelined requests (it reports 0).
+    [ -n "${opt:-}" ] || echo "| $label | latency p99 (ms) | $tp99 | $np99 | $(ratio "$tp99" "$np99") |"
+done
 echo "| $IDLE idle | memory per idle client connection (KiB; nginx: growth $ng + preallocated slot $NGINX_SLOT_KIB) | $ti | $ni | $(awk -v a="$ti" -v b="$ni" 'BEGIN{ if (b <= 0) print "–"; else printf "%.2f", a/b }') |"
 } | tee "$OUT/results.md"
