@@ -341,8 +341,11 @@ struct Route: Sendable {
 extension TetherConfig.Upstream {
     /// Whether a reloaded upstream can keep the old pools: same servers, same pool settings.
     func sameDefinition(as o: TetherConfig.Upstream) -> Bool {
-        servers.map { "\($0.address):\($0.port) \($0.weight) \($0.maxFails) \($0.failTimeoutMs) \($0.backup) \($0.down) \(String(describing: $0.tcpKeepalive)) \(String(describing: $0.tcpUserTimeout))" }
-            == o.servers.map { "\($0.address):\($0.port) \($0.weight) \($0.maxFails) \($0.failTimeoutMs) \($0.backup) \($0.down) \(String(describing: $0.tcpKeepalive)) \(String(describing: $0.tcpUserTimeout))" }
+        // Where a server line stands in the file does not matter, only what it says.
+        func placeless(_ list: [UpstreamServer]) -> [UpstreamServer] {
+            list.map { var s = $0; s.location = SourceLocation(file: "", line: 0); return s }
+        }
+        return placeless(servers) == placeless(o.servers)
             && balancing == o.balancing && keepalive == o.keepalive && keepaliveTimeoutMs == o.keepaliveTimeoutMs
             && keepaliveRequests == o.keepaliveRequests && keepaliveTimeMs == o.keepaliveTimeMs
             && tcpKeepalive == o.tcpKeepalive && tcpUserTimeout == o.tcpUserTimeout

@@ -28,8 +28,8 @@ public final class TetherServer: Sendable {
     public var configuration: Configuration { current.withLockedValue { $0.configuration } }
 
     /// The bound address of each listening socket, in configuration order (useful with port 0).
-    public var boundAddresses: NIOLockedValueBox<[(configured: String, port: Int)]> {
-        NIOLockedValueBox(current.withLockedValue { g in g.order.map { (g.listeners[$0]!.listen.addressText, Int($0.split(separator: ":").last!)!) } })
+    public var boundAddresses: [(configured: String, port: Int)] {
+        current.withLockedValue { g in g.order.map { (g.listeners[$0]!.listen.addressText, Int($0.split(separator: ":").last!)!) } }
     }
 
     public init(configuration: Configuration, logger: Logger, admin: AdminRenderer? = nil) throws {
@@ -261,7 +261,7 @@ public final class TetherServer: Sendable {
 
     /// The kernel's socket table and the process's own figures, read on a helper thread.
     public func hostSnapshot() -> EventLoopFuture<HostSnapshot> {
-        let ports = Set(boundAddresses.withLockedValue { $0.map(\.port) })
+        let ports = Set(boundAddresses.map(\.port))
         let configuration = self.configuration
         let peers = Set(configuration.upstreams.flatMap { u in u.servers.map { HostProbe.Peer(address: $0.address, port: $0.port) } })
         return helper.runIfActive(eventLoop: loops[0].eventLoop) {

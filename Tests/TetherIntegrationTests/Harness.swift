@@ -20,7 +20,7 @@ final class RunningProxy: Sendable {
         logger.logLevel = logs == nil ? .critical : .info
         server = try TetherServer(configuration: config, logger: logger, admin: Renderer())
         try server.start()
-        port = server.boundAddresses.withLockedValue { $0[0].port }
+        port = server.boundAddresses[0].port
     }
 
     func stop() { server.shutdown(timeout: .seconds(2)) }

@@ -282,7 +282,6 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             case .failure:
                 me.respondLocal(status: 500)
             }
-            me.flushIfNeeded()
         }
     }
 
@@ -730,9 +729,10 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             e.group?.balancer.ended(server.index)
             e.group?.balancer.succeeded(server.index)
         }
-        // The upstream's readComplete will not reach us once it is released: flush now.
-        flushIfNeeded()
-        if e.requestBodyDone || e.closeAfter { finishExchange() }
+        // The response head set closeAfter whenever the request body was not finished, so the
+        // exchange ends here (and finishExchange flushes: the upstream's readComplete will not
+        // reach us once the connection is released).
+        finishExchange()
     }
 
     /// Both the request and the response are complete: log, then close or wait for the next request.
@@ -809,6 +809,8 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             finishExchange()
             return
         }
+        // The answer goes out now, even while the rest of the request body is read and dropped.
+        flushIfNeeded()
         pumpRequestBody()
         if ex?.requestBodyDone == true { finishExchange() }
     }
