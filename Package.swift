@@ -19,6 +19,13 @@ let package = Package(
     ],
     targets: [
         .target(name: "TetherConfig", swiftSettings: release),
+        // The system's OpenSSL 3 (Debian: libssl-dev). Not swift-nio-ssl, which bundles BoringSSL.
+        .systemLibrary(name: "COpenSSL", pkgConfig: "openssl", providers: [.apt(["libssl-dev"])]),
+        .target(
+            name: "TetherTLS",
+            dependencies: ["COpenSSL", .product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: release
+        ),
         .target(
             name: "TetherPool",
             dependencies: [.product(name: "DequeModule", package: "swift-collections")],
@@ -27,7 +34,7 @@ let package = Package(
         .target(
             name: "TetherCore",
             dependencies: [
-                "TetherConfig", "TetherPool",
+                "TetherConfig", "TetherPool", "TetherTLS",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
@@ -56,6 +63,7 @@ let package = Package(
         .target(
             name: "TetherTestSupport",
             dependencies: [
+                "TetherTLS",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
@@ -66,6 +74,14 @@ let package = Package(
         ),
         .testTarget(name: "TetherConfigTests", dependencies: ["TetherConfig"]),
         .testTarget(name: "TetherPoolTests", dependencies: ["TetherPool"]),
+        .testTarget(
+            name: "TetherTLSTests",
+            dependencies: [
+                "TetherTLS", "TetherTestSupport",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+            ]
+        ),
         .testTarget(
             name: "TetherCoreTests",
             dependencies: [

@@ -1,0 +1,250 @@
+import COpenSSL
+
+/// A TLS protocol version as nginx names it in `ssl_protocols`.
+public enum TLSVersion: String, CaseIterable, Sendable, Comparable {
+    case tls1 = "TLSv1", tls1_1 = "TLSv1.1", tls1_2 = "TLSv1.2", tls1_3 = "TLSv1.3"
+
+    var wire: Int32 {
+        switch self {
+        case .tls1: return TLS1_VERSION
+        case .tls1_1: return TLS1_1_VERSION
+        case .tls1_2: return TLS1_2_VERSION
+        case .tls1_3: return TLS1_3_VERSION
+        }
+    }
+
+    init?(wire: Int32) {
+        guard let v = TLSVersion.allCases.first(where: { $0.wire == wire }) else { return nil }
+        self = v
+    }
+
+    public static func < (a: TLSVersion, b: TLSVersion) -> Bool { a.wire < b.wire }
+}
+
+/// The Mozilla "intermediate" profile (v5.7): what `ssl_ciphers` is when not set.
+public let mozillaIntermediateCiphers = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:DHE-RSA-CHACHA20-POLY1305"
+
+/// How a server's TLS is set up (nginx's `ssl_*` directives).
+public struct TLSServerSettings: Hashable, Sendable {
+    /// PEM files: each certificate file may carry its chain after the leaf.
+    public var certificates: [(certificate: String, key: String)]
+    public var protocols: Set<TLSVersion> = [.tls1_2, .tls1_3]
+    public var ciphers = mozillaIntermediateCiphers
+    public var preferServerCiphers = false
+    /// `auto`, or a colon-separated list of groups (`X25519:prime256v1`).
+    public var ecdhCurve = "auto"
+    /// Server-side session cache size in sessions; 0 = none.
+    public var sessionCacheSize = 0
+    public var sessionTimeoutSeconds = 300
+    public var sessionTickets = true
+
+    public init(certificates: [(certificate: String, key: String)]) {
+        self.certificates = certificates
+    }
+
+    public static func == (a: Self, b: Self) -> Bool {
+        a.certificates.map { [$0.certificate, $0.key] } == b.certificates.map { [$0.certificate, $0.key] }
+            && a.protocols == b.protocols && a.ciphers == b.ciphers && a.preferServerCiphers == b.preferServerCiphers
+            && a.ecdhCurve == b.ecdhCurve && a.sessionCacheSize == b.sessionCacheSize
+            && a.sessionTimeoutSeconds == b.sessionTimeoutSeconds && a.sessionTickets == b.sessionTickets
+    }
+
+    public func hash(into h: inout Hasher) {
+        for c in certificates { h.combine(c.certificate); h.combine(c.key) }
+        h.combine(protocols); h.combine(ciphers)
+    }
+}
+
+/// How Tether connects to an upstream over TLS (nginx's `proxy_ssl_*` directives).
+public struct TLSClientSettings: Hashable, Sendable {
+    public var verify = false
+    /// CA certificates (PEM) to verify against; nil = the system's store.
+    public var trustedCertificate: String?
+    /// The name checked in the certificate and sent as SNI.
+    public var name: String
+    public var sendServerName = false
+    public var sessionReuse = true
+    public var protocols: Set<TLSVersion> = [.tls1_2, .tls1_3]
+    public var ciphers = "DEFAULT"
+
+    public init(name: String) { self.name = name }
+
+    /// Everything that makes a connection with these settings different from another: part of
+    /// the upstream pool's key, so connections are reused only under the same settings.
+    public var poolKey: String {
+        "tls|\(verify)|\(trustedCertificate ?? "")|\(name)|\(sendServerName)|\(sessionReuse)|\(protocols.map(\.rawValue).sorted())|\(ciphers)"
+    }
+}
+
+/// One `SSL_CTX`. Immutable once built; shared by every loop (OpenSSL locks what it must).
+public final class TLSContext: @unchecked Sendable {
+    let ctx: OpaquePointer
+    public let isServer: Bool
+    /// Upstream contexts: the name checked in the peer's certificate and sent as SNI.
+    let peerName: String?
+    let verifyPeer: Bool
+    let sendServerName: Bool
+    let sessionReuse: Bool
+    public let handshakeTimeoutMs: Int64
+
+    deinit { SSL_CTX_free(ctx) }
+
+    private init(ctx: OpaquePointer, isServer: Bool, peerName: String?, verifyPeer: Bool, sendServerName: Bool, sessionReuse: Bool, handshakeTimeoutMs: Int64) {
+        self.ctx = ctx
+        self.isServer = isServer
+        self.peerName = peerName
+        self.verifyPeer = verifyPeer
+        self.sendServerName = sendServerName
+        self.sessionReuse = sessionReuse
+        self.handshakeTimeoutMs = handshakeTimeoutMs
+    }
+
+    /// A server context: loads the certificates and keys (checking that each key matches its
+    /// certificate) and applies the protocol, cipher and session settings.
+    public static func server(_ s: TLSServerSettings, handshakeTimeoutMs: Int64 = 60_000) throws -> TLSContext {
+        ERR_clear_error()
+        guard let ctx = SSL_CTX_new(TLS_server_method()) else { throw TLSConfigurationError("SSL_CTX_new() failed: \(OpenSSLErrors.drain())") }
+        let context = TLSContext(ctx: ctx, isServer: true, peerName: nil, verifyPeer: false, sendServerName: false, sessionReuse: false, handshakeTimeoutMs: handshakeTimeoutMs)
+        try applyProtocols(ctx, s.protocols, directive: "ssl_protocols")
+        try applyCiphers(ctx, s.ciphers, directive: "ssl_ciphers")
+        var options = tether_op_all() | tether_op_no_compression() | tether_op_no_renegotiation()
+        if s.preferServerCiphers { options |= tether_op_cipher_server_preference() }
+        if !s.sessionTickets { options |= tether_op_no_ticket() }
+        SSL_CTX_set_options(ctx, options)
+        // Keeps idle keep-alive connections small: OpenSSL frees its record buffers between reads.
+        _ = tether_SSL_CTX_set_mode(ctx, Int(SSL_MODE_RELEASE_BUFFERS))
+        if s.ecdhCurve != "auto" {
+            guard tether_SSL_CTX_set1_groups_list(ctx, s.ecdhCurve) == 1 else {
+                ERR_clear_error()
+                throw TLSConfigurationError("unknown curve in \"ssl_ecdh_curve \(s.ecdhCurve)\"")
+            }
+        }
+        for (i, pair) in s.certificates.enumerated() {
+            guard SSL_CTX_use_certificate_chain_file(ctx, pair.certificate) == 1 else {
+                throw TLSConfigurationError("cannot load certificate \"\(pair.certificate)\": \(OpenSSLErrors.drain())", certificate: i)
+            }
+            guard SSL_CTX_use_PrivateKey_file(ctx, pair.key, SSL_FILETYPE_PEM) == 1 else {
+                let errors = OpenSSLErrors.drain()
+                if errors.messages.contains("key values mismatch") {
+                    throw TLSConfigurationError("certificate key \"\(pair.key)\" does not match certificate \"\(pair.certificate)\"", certificate: i)
+                }
+                throw TLSConfigurationError("cannot load certificate key \"\(pair.key)\": \(errors)", certificate: i)
+            }
+            guard SSL_CTX_check_private_key(ctx) == 1 else {
+                throw TLSConfigurationError("certificate key \"\(pair.key)\" does not match certificate \"\(pair.certificate)\": \(OpenSSLErrors.drain())", certificate: i)
+            }
+        }
+        let sidContext: [UInt8] = Array("tether".utf8)
+        _ = SSL_CTX_set_session_id_context(ctx, sidContext, UInt32(sidContext.count))
+        if s.sessionCacheSize > 0 {
+            _ = tether_SSL_CTX_set_session_cache_mode(ctx, Int(SSL_SESS_CACHE_SERVER))
+            _ = tether_SSL_CTX_sess_set_cache_size(ctx, s.sessionCacheSize)
+        } else {
+            _ = tether_SSL_CTX_set_session_cache_mode(ctx, Int(SSL_SESS_CACHE_OFF))
+        }
+        _ = SSL_CTX_set_timeout(ctx, s.sessionTimeoutSeconds)
+        tether_SSL_CTX_select_http11(ctx)
+        tether_SSL_CTX_set_sni_pick(ctx, sniPick)
+        return context
+    }
+
+    /// A client context for upstream connections.
+    public static func client(_ s: TLSClientSettings, handshakeTimeoutMs: Int64 = 60_000) throws -> TLSContext {
+        ERR_clear_error()
+        guard let ctx = SSL_CTX_new(TLS_client_method()) else { throw TLSConfigurationError("SSL_CTX_new() failed: \(OpenSSLErrors.drain())") }
+        let context = TLSContext(ctx: ctx, isServer: false, peerName: s.name, verifyPeer: s.verify, sendServerName: s.sendServerName,
+                                 sessionReuse: s.sessionReuse, handshakeTimeoutMs: handshakeTimeoutMs)
+        try applyProtocols(ctx, s.protocols, directive: "proxy_ssl_protocols")
+        try applyCiphers(ctx, s.ciphers, directive: "proxy_ssl_ciphers")
+        SSL_CTX_set_options(ctx, tether_op_all() | tether_op_no_compression() | tether_op_no_renegotiation())
+        _ = tether_SSL_CTX_set_mode(ctx, Int(SSL_MODE_RELEASE_BUFFERS))
+        if s.verify {
+            SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, nil)
+            if let ca = s.trustedCertificate {
+                guard SSL_CTX_load_verify_locations(ctx, ca, nil) == 1 else {
+                    throw TLSConfigurationError("cannot load trusted certificate \"\(ca)\": \(OpenSSLErrors.drain())")
+                }
+            } else {
+                _ = SSL_CTX_set_default_verify_paths(ctx)
+            }
+        }
+        _ = tether_SSL_CTX_offer_http11(ctx)
+        if s.sessionReuse { tether_SSL_CTX_set_client_session_store(ctx, storeClientSession) }
+        return context
+    }
+
+    private static func applyProtocols(_ ctx: OpaquePointer, _ protocols: Set<TLSVersion>, directive: String) throws {
+        guard let lo = protocols.min(), let hi = protocols.max() else {
+            throw TLSConfigurationError("\"\(directive)\" enables no protocol")
+        }
+        _ = tether_SSL_CTX_set_min_proto_version(ctx, lo.wire)
+        _ = tether_SSL_CTX_set_max_proto_version(ctx, hi.wire)
+    }
+
+    private static func applyCiphers(_ ctx: OpaquePointer, _ ciphers: String, directive: String) throws {
+        guard SSL_CTX_set_cipher_list(ctx, ciphers) == 1 else {
+            ERR_clear_error()
+            throw TLSConfigurationError("no cipher in \"\(directive) \(ciphers)\" is known to OpenSSL (see `openssl ciphers`)")
+        }
+    }
+}
+
+/// Maps SNI names to contexts for one listening address: each `server` block with its own
+/// certificates has a context; names are matched with the virtual host rules by `pick`.
+public final class TLSServerNames: @unchecked Sendable {
+    /// The default server's context, which every handshake starts with.
+    public let defaultContext: TLSContext
+    private let pick: @Sendable (String) -> TLSContext?
+
+    public init(defaultContext: TLSContext, pick: @escaping @Sendable (String) -> TLSContext?) {
+        self.defaultContext = defaultContext
+        self.pick = pick
+    }
+
+    func context(forName name: String) -> TLSContext? { pick(name) }
+}
+
+/// The servername callback: switches the connection to the context of the `server` block that
+/// the client named; unknown names keep the default server's.
+private let sniPick: tether_sni_pick = { ssl, name in
+    guard let ssl, let name, let raw = tether_SSL_get_app_data(ssl) else { return }
+    let handler = Unmanaged<TLSHandler>.fromOpaque(raw).takeUnretainedValue()
+    guard let names = handler.serverNames else { return }
+    let lowered = String(cString: name).lowercased()
+    if let ctx = names.context(forName: lowered), ctx !== names.defaultContext {
+        SSL_set_SSL_CTX(ssl, ctx.ctx)
+        handler.selectedContext = ctx
+    }
+}
+
+/// OpenSSL hands each new client session here (also TLS 1.3 tickets that arrive after the
+/// handshake); the connection's pool keeps the latest for the next connection.
+private let storeClientSession: tether_new_session = { ssl, session in
+    guard let ssl, let session, let raw = tether_SSL_get_app_data(ssl) else { return 0 }
+    let handler = Unmanaged<TLSHandler>.fromOpaque(raw).takeUnretainedValue()
+    guard let slot = handler.sessionSlot else { return 0 }
+    slot.replace(session)
+    return 1
+}
+
+/// The session an upstream server's pool resumes its next TLS connection with. Confined to the
+/// pool's event loop, as the pool is.
+public final class TLSSessionSlot {
+    private var session: OpaquePointer?
+    public private(set) var stored = 0
+
+    public init() {}
+    deinit { if let session { SSL_SESSION_free(session) } }
+
+    /// Takes over the reference the caller holds.
+    func replace(_ s: OpaquePointer) {
+        if let session { SSL_SESSION_free(session) }
+        session = s
+        stored += 1
+    }
+
+    /// Sets the stored session on `ssl` (which takes its own reference).
+    func apply(to ssl: OpaquePointer) {
+        if let session { _ = SSL_set_session(ssl, session) }
+    }
+}
