@@ -23,7 +23,7 @@ public struct Renderer: AdminRenderer {
             + "Reading: \(s.reading) Writing: \(s.writing) Waiting: \(s.waiting) \n"
     }
 
-    static let downstreamCloseReasons = ["keepalive_timeout", "keepalive_requests", "keepalive_time", "client_close", "client_header_timeout", "error", "tcp_keepalive", "shutdown"]
+    static let downstreamCloseReasons = ["keepalive_timeout", "keepalive_requests", "keepalive_time", "client_close", "client_header_timeout", "error", "tls_error", "tcp_keepalive", "shutdown"]
     static let upstreamCloseReasons = CloseReason.allCases.map(\.rawValue)
 
     /// The Prometheus text exposition format, version 0.0.4.
@@ -56,6 +56,17 @@ public struct Renderer: AdminRenderer {
             sample("tether_downstream_cx_closed_total", [("reason", r)], s.downstreamClosed[r] ?? 0)
         }
 
+        family("tether_tls_handshakes_total", "counter", "Client TLS handshakes completed, by protocol version.")
+        for v in Set(["TLSv1.2", "TLSv1.3"]).union(s.tlsHandshakes.keys).sorted() {
+            sample("tether_tls_handshakes_total", [("result", "ok"), ("protocol", v)], s.tlsHandshakes[v] ?? 0)
+        }
+        family("tether_tls_handshake_failures_total", "counter", "Client TLS handshakes that failed, by reason.")
+        for r in Set(TLSHandshakeFailureReasons.all).union(s.tlsHandshakeFailures.keys).sorted() {
+            sample("tether_tls_handshake_failures_total", [("reason", r)], s.tlsHandshakeFailures[r] ?? 0)
+        }
+        family("tether_tls_sessions_reused_total", "counter", "Client TLS handshakes that resumed a session (ticket or cache).")
+        sample("tether_tls_sessions_reused_total", [], s.tlsSessionsReused)
+
         let servers = s.upstreams.flatMap { u in u.servers.map { (u.name, $0) } }
         func perServer(_ name: String, _ type: String, _ help: String, _ value: (StatsSnapshot.Server) -> Int) {
             family(name, type, help)
@@ -78,6 +89,9 @@ public struct Renderer: AdminRenderer {
         perServerReason("tether_upstream_cx_closed_total", "Upstream connections closed, by reason.", known: upstreamCloseReasons) { $0.counters.closed }
         perServerReason("tether_upstream_rq_retry_total", "Requests sent again, by reason.", known: ["reused_connection_closed", "next_upstream"]) { $0.counters.retries }
         perServerReason("tether_upstream_rq_failed_total", "Requests that failed upstream, by reason.", known: ["error", "timeout", "invalid_header", "truncated"]) { $0.counters.failures }
+        perServer("tether_upstream_tls_handshakes_total", "counter", "TLS handshakes with upstream servers (proxy_pass https://).") { $0.counters.tlsHandshakes }
+        perServer("tether_upstream_tls_sessions_reused_total", "counter", "Upstream TLS handshakes that resumed a session (proxy_ssl_session_reuse).") { $0.counters.tlsResumed }
+        perServer("tether_upstream_tls_handshake_failures_total", "counter", "Upstream TLS handshakes that failed.") { $0.counters.tlsFailures }
         perServer("tether_upstream_server_up", "gauge", "1 when the server is configured up and not marked failed (max_fails) on any event loop.") { $0.up ? 1 : 0 }
         family("tether_upstream_learned_idle_seconds", "gauge", "The backend's idle window as Tether learned it from connections the backend closed.")
         for (u, srv) in servers { if let ms = srv.learnedIdleMs { sample("tether_upstream_learned_idle_seconds", [("upstream", u), ("server", srv.address)], seconds(ms)) } }
@@ -137,6 +151,9 @@ public struct Renderer: AdminRenderer {
                         "closed": srv.counters.closed, "retries": srv.counters.retries, "failures": srv.counters.failures,
                         "connect_seconds": hist(srv.counters.connectTime), "response_seconds": hist(srv.counters.responseTime),
                     ]
+                    if srv.counters.tlsHandshakes + srv.counters.tlsFailures > 0 {
+                        d["tls"] = ["handshakes": srv.counters.tlsHandshakes, "sessions_reused": srv.counters.tlsResumed, "failures": srv.counters.tlsFailures]
+                    }
                     if let l = srv.learnedIdleMs { d["learned_idle_seconds"] = Double(l) / 1000 }
                     if let a = srv.advertisedTimeoutMs { d["advertised_keepalive_timeout_seconds"] = Double(a) / 1000 }
                     return d
@@ -148,6 +165,7 @@ public struct Renderer: AdminRenderer {
                 "accepted": s.acceptedConnections, "handled": s.handledConnections, "active": s.activeConnections,
                 "reading": s.reading, "writing": s.writing, "waiting": s.waiting, "closed": s.downstreamClosed,
             ],
+            "tls": ["handshakes": s.tlsHandshakes, "sessions_reused": s.tlsSessionsReused, "handshake_failures": s.tlsHandshakeFailures],
             "requests": ["total": s.requests, "by_status": (1...5).reduce(into: [String: Int]()) { $0["\($1)xx"] = s.responsesByClass[$1] }],
             "upstreams": upstreams,
             "servers": s.servers.map { v -> [String: Any] in

@@ -275,7 +275,7 @@ public struct Builder {
             case ("backlog", .some(let v)):
                 guard let n = Int(v), n >= 1, n <= 65535 else { throw ConfigErrorReason("invalid backlog \"\(v)\"") }
                 l.backlog = n
-            case ("ssl", nil): throw ConfigErrorReason("\"ssl\" needs TLS, which this version of Tether does not have yet")
+            case ("ssl", nil): l.ssl = true
             case ("so_keepalive", .some(let v)): l.soKeepalive = try Value.tcpKeepalive(v, what: "so_keepalive value")
             case ("tcp_user_timeout", .some(let v)): l.tcpUserTimeout = try Value.userTimeout(v, what: "tcp_user_timeout value")
             default: throw ConfigErrorReason("invalid parameter \"\(a.text)\"")
@@ -333,7 +333,7 @@ public struct Builder {
         if raw.lowercased().hasPrefix("http://") {
             scheme = "http"; rest = raw.dropFirst(7)
         } else if raw.lowercased().hasPrefix("https://") {
-            throw ConfigErrorReason("\"proxy_pass https://\" needs upstream TLS, which this version of Tether does not have yet")
+            scheme = "https"; rest = raw.dropFirst(8)
         } else {
             throw ConfigErrorReason("invalid URL prefix in \"\(raw)\"")
         }
@@ -354,6 +354,14 @@ public struct Builder {
     }
 
     // MARK: Values with structure
+
+    /// A file named in the configuration: relative paths are taken from the main file's folder
+    /// (nginx's configuration prefix), so the server can be started from anywhere.
+    func path(_ p: String) -> String {
+        if p.hasPrefix("/") { return p }
+        guard let slash = config.file.lastIndex(of: "/") else { return p }
+        return String(config.file[..<slash]) + "/" + p
+    }
 
     static func split(_ text: String) -> (String, String?) {
         guard let eq = text.firstIndex(of: "=") else { return (text, nil) }
@@ -466,6 +474,14 @@ public struct Builder {
                 }
             }
             server.listens = listens
+            if let l = listens.first(where: \.ssl) {
+                if server.settings.ssl.certificates.isEmpty {
+                    errors.append(ConfigError("no \"ssl_certificate\" is defined for the \"listen ... ssl\" directive", at: l.location))
+                }
+                for c in server.settings.ssl.certificates where c.key.isEmpty {
+                    errors.append(ConfigError("no \"ssl_certificate_key\" is defined for certificate \"\(c.certificate)\"", at: c.location))
+                }
+            }
             for loc in draft.locations {
                 var action = Location.Action.none
                 if let admin = loc.admin {
@@ -488,13 +504,13 @@ public struct Builder {
     /// What a `proxy_pass` points at: a named upstream, or an implicit one for `host:port`.
     mutating func proxyTarget(_ p: (raw: String, scheme: String, host: String, port: Int?, uri: String?, at: SourceLocation)) -> ProxyPass? {
         if p.port == nil, upstreams.contains(where: { $0.name == p.host && !$0.implicit }) {
-            return ProxyPass(scheme: p.scheme, upstream: p.host, uri: p.uri, proxyHost: p.host, source: p.raw)
+            return ProxyPass(scheme: p.scheme, host: p.host, upstream: p.host, uri: p.uri, proxyHost: p.host, source: p.raw)
         }
         if let port = p.port, upstreams.contains(where: { $0.name == p.host && !$0.implicit }) {
             errors.append(ConfigError("upstream \"\(p.host)\" may not have port \(port)", at: p.at))
             return nil
         }
-        let port = p.port ?? 80
+        let port = p.port ?? (p.scheme == "https" ? 443 : 80)
         let isName = !p.host.contains(".") && !p.host.contains(":") && p.host != "localhost"
         if p.port == nil && isName {
             errors.append(ConfigError("unknown upstream \"\(p.host)\" in \"proxy_pass\" directive (no \"upstream \(p.host)\" block)", at: p.at))
@@ -512,7 +528,7 @@ public struct Builder {
             u.servers = [UpstreamServer(host: host, address: address, port: port, location: p.at)]
             upstreams.append(u)
         }
-        return ProxyPass(scheme: p.scheme, upstream: name, uri: p.uri, proxyHost: name, source: p.raw)
+        return ProxyPass(scheme: p.scheme, host: host, upstream: name, uri: p.uri, proxyHost: name, source: p.raw)
     }
 }
 

@@ -150,6 +150,8 @@ public struct Listen: Hashable, Sendable {
     /// nil: the socket is left as the host makes it.
     public var soKeepalive: TCPKeepalive?
     public var tcpUserTimeout = UserTimeout.auto
+    /// `ssl`: connections on this address speak TLS.
+    public var ssl = false
     public var location: SourceLocation
 
     /// The address as nginx prints it in errors: `0.0.0.0:8080`, `[::1]:8080`.
@@ -246,7 +248,11 @@ public struct AccessRule: Hashable, Sendable, CustomStringConvertible {
 }
 
 public struct ProxyPass: Hashable, Sendable {
+    /// `http` or `https`.
     public var scheme: String
+    public var isTLS: Bool { scheme == "https" }
+    /// The host written in `proxy_pass` (without port): the default `proxy_ssl_name`.
+    public var host: String = ""
     /// The upstream's name (explicit or implicit).
     public var upstream: String
     /// The URI part of `proxy_pass`, or nil when none was given (the request URI passes unchanged).
@@ -307,10 +313,65 @@ public struct HTTPSettings: Sendable {
     public var proxySocketKeepalive = false
     /// nginx's `allow` / `deny`, in order; the first that matches decides, none matching allows.
     public var accessRules: [AccessRule] = []
+    /// TLS termination (`ssl_*`, server level).
+    public var ssl = SSLSettings()
+    /// TLS to upstreams (`proxy_ssl_*`).
+    public var proxySSL = ProxySSLSettings()
 
     public init() {}
 
     /// nginx sends `Host: $proxy_host`; unlike nginx, Tether does not send `Connection: close`,
     /// so upstream connections are kept alive without any extra directive.
     public static let defaultProxyHeaders = [HeaderSetting(name: "Host", value: try! Template.parse("$proxy_host").get())]
+}
+
+/// nginx's `ssl_*` directives, as they apply to one server (TLS termination).
+public struct SSLSettings: Hashable, Sendable {
+    public struct Certificate: Hashable, Sendable {
+        public var certificate: String
+        public var key: String
+        /// Where `ssl_certificate` stands, for errors about this pair.
+        public var location: SourceLocation
+    }
+    public enum SessionCache: Hashable, Sendable {
+        /// `off`: clients are told sessions are not reused.
+        case off
+        /// `none` (nginx's default): no server-side cache; tickets still resume sessions.
+        case none
+        /// `builtin[:N]` and/or `shared:NAME:SIZE`: a cache of this many sessions for the process.
+        case sessions(Int)
+    }
+
+    public var certificates: [Certificate] = []
+    public var protocols: [String] = ["TLSv1.2", "TLSv1.3"]
+    /// nil: the Mozilla "intermediate" list.
+    public var ciphers: String?
+    public var preferServerCiphers = false
+    public var ecdhCurve = "auto"
+    public var sessionCache = SessionCache.none
+    public var sessionTimeoutMs: Int64 = 300_000
+    public var sessionTickets = true
+    public var handshakeTimeoutMs: Int64 = 60_000
+    /// Where each `ssl_*` directive that applies was written, by name (for errors found when
+    /// OpenSSL reads the settings).
+    public var sources: [String: SourceLocation] = [:]
+
+    public init() {}
+}
+
+/// nginx's `proxy_ssl_*` directives: TLS towards `proxy_pass https://` upstreams.
+public struct ProxySSLSettings: Hashable, Sendable {
+    public var verify = false
+    /// PEM file of trusted CA certificates; nil: the system's store.
+    public var trustedCertificate: String?
+    /// `proxy_ssl_server_name`: send SNI.
+    public var serverName = false
+    /// `proxy_ssl_name`; nil: the host of `proxy_pass`.
+    public var name: String?
+    public var sessionReuse = true
+    public var protocols: [String] = ["TLSv1.2", "TLSv1.3"]
+    public var ciphers = "DEFAULT"
+    public var sources: [String: SourceLocation] = [:]
+
+    public init() {}
 }

@@ -63,6 +63,13 @@ struct PartialSettings {
     var proxyNextUpstreamTries: Int?
     var proxySocketKeepalive: Bool?
     var accessRules: [AccessRule]?
+    /// `ssl_certificate` / `ssl_certificate_key` as written at this level, paired in order.
+    var sslCertificates: [(String, SourceLocation)]?
+    var sslCertificateKeys: [(String, SourceLocation)]?
+    /// The other `ssl_*` and `proxy_ssl_*` values written at this level, applied in order of
+    /// the levels (http, server, location) onto the defaults.
+    var ssl: [@Sendable (inout SSLSettings) -> Void]?
+    var proxySSL: [@Sendable (inout ProxySSLSettings) -> Void]?
 
     /// This level's values, with the parent's where this level is silent (nginx's merge rule:
     /// a list directive such as `proxy_set_header` replaces the inherited list as a whole).
@@ -89,6 +96,10 @@ struct PartialSettings {
         r.proxyNextUpstreamTries = proxyNextUpstreamTries ?? p.proxyNextUpstreamTries
         r.proxySocketKeepalive = proxySocketKeepalive ?? p.proxySocketKeepalive
         r.accessRules = accessRules ?? p.accessRules
+        r.sslCertificates = sslCertificates ?? p.sslCertificates
+        r.sslCertificateKeys = sslCertificateKeys ?? p.sslCertificateKeys
+        r.ssl = (p.ssl ?? []) + (ssl ?? [])
+        r.proxySSL = (p.proxySSL ?? []) + (proxySSL ?? [])
         return r
     }
 
@@ -118,6 +129,12 @@ struct PartialSettings {
         s.proxyNextUpstreamTries = proxyNextUpstreamTries ?? s.proxyNextUpstreamTries
         s.proxySocketKeepalive = proxySocketKeepalive ?? s.proxySocketKeepalive
         s.accessRules = accessRules ?? s.accessRules
+        for apply in ssl ?? [] { apply(&s.ssl) }
+        for apply in proxySSL ?? [] { apply(&s.proxySSL) }
+        let keys = sslCertificateKeys ?? []
+        s.ssl.certificates = (sslCertificates ?? []).enumerated().map { i, c in
+            SSLSettings.Certificate(certificate: c.0, key: i < keys.count ? keys[i].0 : "", location: c.1)
+        }
         return s
     }
 }
@@ -221,6 +238,46 @@ enum Value {
         return AccessRule(allow: allow, network: (bytes, prefix), source: text)
     }
 
+    static let tlsProtocolNames = ["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
+
+    static func tlsProtocols(_ d: Directive) throws(ConfigErrorReason) -> [String] {
+        var list: [String] = []
+        for a in d.args {
+            guard tlsProtocolNames.contains(a.text) else {
+                throw ConfigErrorReason("invalid value \"\(a.text)\" in \"\(d.name)\" directive, it must be TLSv1, TLSv1.1, TLSv1.2 or TLSv1.3")
+            }
+            if !list.contains(a.text) { list.append(a.text) }
+        }
+        return list
+    }
+
+    /// `off`, `none`, `builtin[:N]` and/or `shared:NAME:SIZE` (about 4,000 sessions a megabyte, as nginx).
+    static func sessionCache(_ d: Directive) throws(ConfigErrorReason) -> SSLSettings.SessionCache {
+        if d.args.count == 1 && d.args[0].text == "off" { return .off }
+        if d.args.count == 1 && d.args[0].text == "none" { return .none }
+        var sessions = 0
+        for a in d.args {
+            let parts = a.text.split(separator: ":", omittingEmptySubsequences: false).map(String.init)
+            switch parts[0] {
+            case "builtin" where parts.count <= 2:
+                var n = 20480
+                if parts.count == 2 {
+                    guard let v = Int(parts[1]), v > 0 else { throw ConfigErrorReason("invalid session cache size \"\(parts[1])\" in \"\(a.text)\"") }
+                    n = v
+                }
+                sessions = max(sessions, n)
+            case "shared" where parts.count == 3 && !parts[1].isEmpty:
+                guard case .success(let bytes) = Units.size(parts[2]), bytes >= 8192 else {
+                    throw ConfigErrorReason("invalid session cache size \"\(parts[2])\" in \"\(a.text)\", it must be 8k or more")
+                }
+                sessions = max(sessions, Int(bytes / 256))
+            default:
+                throw ConfigErrorReason("invalid session cache \"\(a.text)\" in \"ssl_session_cache\" directive, it must be \"off\", \"none\", \"builtin[:size]\" or \"shared:name:size\"")
+            }
+        }
+        return .sessions(sessions)
+    }
+
     static func template(_ a: Argument, _ d: Directive) throws(ConfigErrorReason) -> Template {
         switch Template.parse(a.text) {
         case .success(let t): return t
@@ -242,6 +299,24 @@ let directiveTable: [DirectiveSpec] = {
     }
     func time(_ name: String, _ kp: WritableKeyPath<PartialSettings, Int64?> & Sendable) -> S {
         setting(name) { (s: inout PartialSettings, d: Directive) throws(ConfigErrorReason) in s[keyPath: kp] = try Value.time(d.args[0], d) }
+    }
+
+    /// An `ssl_*` row (http and server): records the value and where it was written.
+    func ssl(_ name: String, args: ClosedRange<Int> = 1...1,
+             _ parse: @escaping @Sendable (Directive) throws(ConfigErrorReason) -> @Sendable (inout SSLSettings) -> Void) -> S {
+        S(name, [.http, .server], args: args) { (b: inout Builder, d: Directive) throws(ConfigErrorReason) in
+            let set = try parse(d)
+            let at = d.location
+            b.settings.ssl = (b.settings.ssl ?? []) + [{ set(&$0); $0.sources[name] = at }]
+        }
+    }
+    func proxySSL(_ name: String, args: ClosedRange<Int> = 1...1,
+                  _ parse: @escaping @Sendable (Builder, Directive) throws(ConfigErrorReason) -> @Sendable (inout ProxySSLSettings) -> Void) -> S {
+        S(name, .httpAll, args: args) { (b: inout Builder, d: Directive) throws(ConfigErrorReason) in
+            let set = try parse(b, d)
+            let at = d.location
+            b.settings.proxySSL = (b.settings.proxySSL ?? []) + [{ set(&$0); $0.sources[name] = at }]
+        }
     }
 
     return [
@@ -391,6 +466,40 @@ let directiveTable: [DirectiveSpec] = {
             b.upstreams[b.upstreams.count - 1].tcpUserTimeout = try Value.userTimeout(d.args[0].text, what: "\"tcp_user_timeout\" value")
         },
         setting("proxy_socket_keepalive") { s, d throws(ConfigErrorReason) in s.proxySocketKeepalive = try Value.flag(d.args[0], d) },
+
+        // TLS termination (http, server)
+        S("ssl_certificate", [.http, .server], args: 1...1, repeats: true) { b, d in
+            b.settings.sslCertificates = (b.settings.sslCertificates ?? []) + [(b.path(d.args[0].text), d.location)]
+        },
+        S("ssl_certificate_key", [.http, .server], args: 1...1, repeats: true) { b, d in
+            b.settings.sslCertificateKeys = (b.settings.sslCertificateKeys ?? []) + [(b.path(d.args[0].text), d.location)]
+        },
+        ssl("ssl_protocols", args: 1...many) { d throws(ConfigErrorReason) in
+            let list = try Value.tlsProtocols(d)
+            return { $0.protocols = list }
+        },
+        ssl("ssl_ciphers") { d in let v = d.args[0].text; return { $0.ciphers = v } },
+        ssl("ssl_prefer_server_ciphers") { d throws(ConfigErrorReason) in let v = try Value.flag(d.args[0], d); return { $0.preferServerCiphers = v } },
+        ssl("ssl_ecdh_curve") { d in let v = d.args[0].text; return { $0.ecdhCurve = v } },
+        ssl("ssl_session_cache", args: 1...2) { d throws(ConfigErrorReason) in
+            let v = try Value.sessionCache(d)
+            return { $0.sessionCache = v }
+        },
+        ssl("ssl_session_timeout") { d throws(ConfigErrorReason) in let v = try Value.time(d.args[0], d); return { $0.sessionTimeoutMs = v } },
+        ssl("ssl_session_tickets") { d throws(ConfigErrorReason) in let v = try Value.flag(d.args[0], d); return { $0.sessionTickets = v } },
+        ssl("ssl_handshake_timeout") { d throws(ConfigErrorReason) in let v = try Value.time(d.args[0], d); return { $0.handshakeTimeoutMs = v } },
+
+        // TLS to upstreams (http, server, location)
+        proxySSL("proxy_ssl_verify") { _, d throws(ConfigErrorReason) in let v = try Value.flag(d.args[0], d); return { $0.verify = v } },
+        proxySSL("proxy_ssl_trusted_certificate") { b, d in let v = b.path(d.args[0].text); return { $0.trustedCertificate = v } },
+        proxySSL("proxy_ssl_server_name") { _, d throws(ConfigErrorReason) in let v = try Value.flag(d.args[0], d); return { $0.serverName = v } },
+        proxySSL("proxy_ssl_name") { _, d in let v = d.args[0].text; return { $0.name = v } },
+        proxySSL("proxy_ssl_session_reuse") { _, d throws(ConfigErrorReason) in let v = try Value.flag(d.args[0], d); return { $0.sessionReuse = v } },
+        proxySSL("proxy_ssl_protocols", args: 1...many) { _, d throws(ConfigErrorReason) in
+            let list = try Value.tlsProtocols(d)
+            return { $0.protocols = list }
+        },
+        proxySSL("proxy_ssl_ciphers") { _, d in let v = d.args[0].text; return { $0.ciphers = v } },
 
         // server
         S("server", .http, args: 0...0, block: true, repeats: true) { b, d in b.serverBlock(d) },

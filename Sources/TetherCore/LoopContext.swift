@@ -1,6 +1,7 @@
 import Logging
 import NIOCore
 import TetherConfig
+import TetherTLS
 
 /// Everything the proxy derives from a configuration once, shared read-only by every loop.
 final class ProxySetup: Sendable {
@@ -8,6 +9,7 @@ final class ProxySetup: Sendable {
     let upstreams: [String: ResolvedUpstream]
     let servers: [CompiledServer]
     let hostKeepalive: HostKeepalive
+    let tls: TLSSetup
 
     init(_ configuration: Configuration, hostKeepalive: HostKeepalive = .read()) throws {
         self.configuration = configuration
@@ -15,7 +17,9 @@ final class ProxySetup: Sendable {
         var ups: [String: ResolvedUpstream] = [:]
         for u in configuration.upstreams { ups[u.name] = try ResolvedUpstream(u) }
         upstreams = ups
-        servers = configuration.servers.enumerated().map { CompiledServer($1, index: $0) }
+        let tls = try TLSSetup(configuration)
+        self.tls = tls
+        servers = configuration.servers.enumerated().map { CompiledServer($1, index: $0, tls: tls) }
     }
 
     /// The virtual hosts of each listening address, in configuration order.
@@ -53,10 +57,16 @@ final class CompiledLocation: Sendable {
 
     /// The `server` block it belongs to.
     let serverIndex: Int
+    /// The upstream pool this location's requests use: the upstream's name, plus the TLS
+    /// settings for `proxy_pass https://` (connections are reused only under the same ones).
+    let poolKey: String
+    let upstreamTLS: TLSContext?
 
-    init(location: Location?, settings: HTTPSettings, action: Location.Action, serverIndex: Int) {
+    init(location: Location?, settings: HTTPSettings, action: Location.Action, serverIndex: Int, poolKey: String? = nil, upstreamTLS: TLSContext? = nil) {
         self.location = location
         self.serverIndex = serverIndex
+        if case .proxy(let pass) = action { self.poolKey = poolKey ?? pass.upstream } else { self.poolKey = "" }
+        self.upstreamTLS = upstreamTLS
         pathBytes = Array((location?.path ?? "").utf8)
         match = location?.match ?? .prefix
         self.settings = settings
@@ -78,10 +88,14 @@ final class CompiledServer: Sendable {
     /// For requests no location matches: the server's settings, its `return` or a 404.
     let fallback: CompiledLocation
 
-    init(_ server: Server, index: Int) {
+    init(_ server: Server, index: Int, tls: TLSSetup) {
         self.server = server
         self.index = index
-        locations = server.locations.map { CompiledLocation(location: $0, settings: $0.settings, action: $0.action, serverIndex: index) }
+        let keys = tls.locationKeys[index] ?? [:]
+        locations = server.locations.enumerated().map { j, l in
+            CompiledLocation(location: l, settings: l.settings, action: l.action, serverIndex: index,
+                             poolKey: keys[j], upstreamTLS: keys[j].flatMap { tls.upstreams[$0] })
+        }
         fallback = CompiledLocation(location: nil, settings: server.settings, action: server.returnAction.map { .respond($0) } ?? .none, serverIndex: index)
     }
 
@@ -128,6 +142,19 @@ final class CompiledServer: Sendable {
             }
         }
         return best ?? fallback
+    }
+}
+
+extension LoopContext: TLSObserver {
+    func tlsHandshakeCompleted(version: String, resumed: Bool) {
+        stats.tlsHandshakes[version, default: 0] += 1
+        if resumed { stats.tlsResumed += 1 }
+    }
+
+    /// Client handshake failures are the client's business: logged at info, as nginx does.
+    func tlsHandshakeFailed(_ failure: TLSHandshakeFailure, detail: String) {
+        stats.tlsFailures[failure.rawValue, default: 0] += 1
+        logger.info("TLS handshake failed (\(failure.rawValue)): \(detail)")
     }
 }
 
@@ -210,9 +237,10 @@ final class LoopContext {
     /// or are gone are retired (idle connections closed now, leased ones when released).
     func install(setup new: ProxySetup, routes: [String: Route], accessLog: AccessLogSink?) {
         if new !== setup {
-            for (name, g) in groups where new.upstreams[name].map({ !$0.config.sameDefinition(as: g.upstream) }) ?? true {
+            for (key, g) in groups where new.upstreams[g.name].map({ !$0.config.sameDefinition(as: g.upstream) }) ?? true
+                || g.tls != nil && new.tls.upstreams[key] == nil {
                 g.retire()
-                groups.removeValue(forKey: name)
+                groups.removeValue(forKey: key)
             }
             if new.servers.count != setup.servers.count { stats.resizeServers(new.servers.count) }
             setup = new
@@ -227,10 +255,11 @@ final class LoopContext {
         accessLog = sink
     }
 
-    func group(_ name: String) -> UpstreamGroup {
-        if let g = groups[name] { return g }
-        let g = UpstreamGroup(upstream: setup.upstreams[name]!, loop: self)
-        groups[name] = g
+    /// The pools of a location's upstream (one group per pool key: plain, or each TLS variant).
+    func group(for route: CompiledLocation, upstream name: String) -> UpstreamGroup {
+        if let g = groups[route.poolKey] { return g }
+        let g = UpstreamGroup(upstream: setup.upstreams[name]!, loop: self, tls: route.upstreamTLS)
+        groups[route.poolKey] = g
         return g
     }
 
@@ -249,9 +278,20 @@ final class LoopContext {
         let now = nowMs()
         for g in groups.values {
             for s in g.servers {
-                part.servers[ServerKey(upstream: g.name, index: s.index)] = .init(
+                let key = ServerKey(upstream: g.name, index: s.index)
+                var entry = SnapshotPart.Server(
                     up: g.balancer.isAvailable(s.index, now: now), active: s.state.leasedCount, idle: s.state.idleCount,
                     counters: s.counters, learnedIdleMs: s.state.learnedIdleMs, advertisedTimeoutMs: s.state.advertisedTimeoutMs)
+                if let other = part.servers[key] {
+                    // The same upstream reached over plain and TLS, or with other TLS settings: one figure.
+                    entry.up = entry.up && other.up
+                    entry.active += other.active
+                    entry.idle += other.idle
+                    entry.counters.add(other.counters)
+                    entry.learnedIdleMs = [entry.learnedIdleMs, other.learnedIdleMs].compactMap { $0 }.min()
+                    entry.advertisedTimeoutMs = entry.advertisedTimeoutMs ?? other.advertisedTimeoutMs
+                }
+                part.servers[key] = entry
             }
         }
         return part
@@ -302,6 +342,9 @@ extension StatsSnapshot {
             for i in s.responsesByClass.indices { s.responsesByClass[i] += p.stats.responsesByClass[i] }
             s.downstreamClosed.merge(p.stats.downstreamClosed, uniquingKeysWith: +)
             s.otherUpstreamFailures.merge(p.stats.upstreamFailures, uniquingKeysWith: +)
+            s.tlsHandshakes.merge(p.stats.tlsHandshakes, uniquingKeysWith: +)
+            s.tlsSessionsReused += p.stats.tlsResumed
+            s.tlsHandshakeFailures.merge(p.stats.tlsFailures, uniquingKeysWith: +)
             for i in s.servers.indices {
                 s.servers[i].requests += p.stats.requestsByServer[i]
                 for c in 0..<6 { s.servers[i].responsesByClass[c] += p.stats.responsesByServer[i][c] }
@@ -336,6 +379,8 @@ struct Route: Sendable {
     var hosts: VirtualHosts
     var servers: [CompiledServer]
     var port: Int
+    /// The listener's TLS (certificates by SNI), when it listens with `ssl`.
+    var tls: TLSServerNames?
 }
 
 extension TetherConfig.Upstream {

@@ -1,3 +1,4 @@
+import TetherTLS
 import NIOCore
 import TetherPool
 
@@ -37,9 +38,16 @@ public struct ServerCounters: Sendable, Equatable {
     public var failures: [String: Int] = [:]
     public var connectTime = Histogram()
     public var responseTime = Histogram()
+    /// Upstream TLS (`proxy_pass https://`): handshakes done, of which resumed, and failed.
+    public var tlsHandshakes = 0
+    public var tlsResumed = 0
+    public var tlsFailures = 0
 
     mutating func add(_ o: ServerCounters) {
         connects += o.connects
+        tlsHandshakes += o.tlsHandshakes
+        tlsResumed += o.tlsResumed
+        tlsFailures += o.tlsFailures
         requests += o.requests
         reused += o.reused
         closed.merge(o.closed, uniquingKeysWith: +)
@@ -63,6 +71,10 @@ struct LoopStats: Sendable {
     /// Requests by `server` block (configuration order), and their responses by status class.
     var requestsByServer: [Int]
     var responsesByServer: [[Int]]
+    /// Client TLS handshakes by protocol version, resumed sessions, and failures by reason.
+    var tlsHandshakes: [String: Int] = [:]
+    var tlsResumed = 0
+    var tlsFailures: [String: Int] = [:]
 
     init(servers: Int) {
         requestsByServer = [Int](repeating: 0, count: servers)
@@ -127,6 +139,10 @@ public struct StatsSnapshot: Sendable {
     public var servers: [VirtualServer] = []
     public var loops: [Loop] = []
     public var otherUpstreamFailures: [String: Int] = [:]
+    /// Client-side TLS: completed handshakes by protocol, resumed sessions, failures by reason.
+    public var tlsHandshakes: [String: Int] = [:]
+    public var tlsSessionsReused = 0
+    public var tlsHandshakeFailures: [String: Int] = [:]
 
     var allServers: [Server] { upstreams.flatMap(\.servers) }
 
@@ -145,4 +161,9 @@ public struct StatsSnapshot: Sendable {
         for u in upstreams { for s in u.servers { if let v = s.learnedIdleMs { out["\(u.name) \(s.address)"] = v } } }
         return out
     }
+}
+
+/// The reasons `tether_tls_handshake_failures_total` counts, shown at 0 before they happen.
+public enum TLSHandshakeFailureReasons {
+    public static let all = TLSHandshakeFailure.allCases.map(\.rawValue)
 }

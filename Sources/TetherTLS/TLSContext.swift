@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import COpenSSL
 
 /// A TLS protocol version as nginx names it in `ssl_protocols`.
@@ -116,10 +119,12 @@ public final class TLSContext: @unchecked Sendable {
         if s.ecdhCurve != "auto" {
             guard tether_SSL_CTX_set1_groups_list(ctx, s.ecdhCurve) == 1 else {
                 ERR_clear_error()
-                throw TLSConfigurationError("unknown curve in \"ssl_ecdh_curve \(s.ecdhCurve)\"")
+                throw TLSConfigurationError("unknown curve in \"ssl_ecdh_curve \(s.ecdhCurve)\"", directive: "ssl_ecdh_curve")
             }
         }
         for (i, pair) in s.certificates.enumerated() {
+            try readable(pair.certificate, "cannot load certificate", certificate: i)
+            try readable(pair.key, "cannot load certificate key", certificate: i)
             guard SSL_CTX_use_certificate_chain_file(ctx, pair.certificate) == 1 else {
                 throw TLSConfigurationError("cannot load certificate \"\(pair.certificate)\": \(OpenSSLErrors.drain())", certificate: i)
             }
@@ -161,8 +166,9 @@ public final class TLSContext: @unchecked Sendable {
         if s.verify {
             SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, nil)
             if let ca = s.trustedCertificate {
+                try readable(ca, "cannot load trusted certificate", directive: "proxy_ssl_trusted_certificate")
                 guard SSL_CTX_load_verify_locations(ctx, ca, nil) == 1 else {
-                    throw TLSConfigurationError("cannot load trusted certificate \"\(ca)\": \(OpenSSLErrors.drain())")
+                    throw TLSConfigurationError("cannot load trusted certificate \"\(ca)\": \(OpenSSLErrors.drain())", directive: "proxy_ssl_trusted_certificate")
                 }
             } else {
                 _ = SSL_CTX_set_default_verify_paths(ctx)
@@ -173,9 +179,19 @@ public final class TLSContext: @unchecked Sendable {
         return context
     }
 
+    /// A missing or unreadable file, said plainly (OpenSSL's own wording for it is cryptic).
+    private static func readable(_ path: String, _ what: String, certificate: Int? = nil, directive: String? = nil) throws {
+        let f = fopen(path, "r")
+        guard let f else {
+            let reason = String(cString: strerror(errno))
+            throw TLSConfigurationError("\(what) \"\(path)\": \(reason)", certificate: certificate, directive: directive)
+        }
+        fclose(f)
+    }
+
     private static func applyProtocols(_ ctx: OpaquePointer, _ protocols: Set<TLSVersion>, directive: String) throws {
         guard let lo = protocols.min(), let hi = protocols.max() else {
-            throw TLSConfigurationError("\"\(directive)\" enables no protocol")
+            throw TLSConfigurationError("\"\(directive)\" enables no protocol", directive: directive)
         }
         _ = tether_SSL_CTX_set_min_proto_version(ctx, lo.wire)
         _ = tether_SSL_CTX_set_max_proto_version(ctx, hi.wire)
@@ -184,7 +200,7 @@ public final class TLSContext: @unchecked Sendable {
     private static func applyCiphers(_ ctx: OpaquePointer, _ ciphers: String, directive: String) throws {
         guard SSL_CTX_set_cipher_list(ctx, ciphers) == 1 else {
             ERR_clear_error()
-            throw TLSConfigurationError("no cipher in \"\(directive) \(ciphers)\" is known to OpenSSL (see `openssl ciphers`)")
+            throw TLSConfigurationError("no cipher in \"\(directive) \(ciphers)\" is known to OpenSSL (see `openssl ciphers`)", directive: directive)
         }
     }
 }

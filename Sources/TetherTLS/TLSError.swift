@@ -102,9 +102,12 @@ public struct TLSConfigurationError: Error, CustomStringConvertible, Sendable {
     public var message: String
     /// The index of the certificate pair it is about, when it is about one.
     public var certificate: Int?
-    public init(_ message: String, certificate: Int? = nil) {
+    /// The directive whose value was refused, when it is about one.
+    public var directive: String?
+    public init(_ message: String, certificate: Int? = nil, directive: String? = nil) {
         self.message = message
         self.certificate = certificate
+        self.directive = directive
     }
     public var description: String { message }
 }

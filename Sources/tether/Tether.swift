@@ -75,6 +75,13 @@ struct Tether: ParsableCommand {
         case .success(let c):
             config = c
         }
+        do {
+            try TetherServer.validate(config)
+        } catch {
+            for e in error.errors { printError("tether: [emerg] \(e)") }
+            printError("tether: configuration file \(file) test failed")
+            throw ExitCode(1)
+        }
         if let command {
             guard command == "doctor" else {
                 printError("tether: [emerg] unknown command \"\(command)\" (the only one is \"doctor\")")
@@ -202,6 +209,16 @@ struct Tether: ParsableCommand {
                 for e in errors.errors { logger.error("\(e)") }
                 logger.error("reload of \(path) failed: the running configuration stays in place")
             case .success(let new):
+                do {
+                    try TetherServer.validate(new)
+                } catch let errors as ConfigErrors {
+                    for e in errors.errors { logger.error("\(e)") }
+                    logger.error("reload of \(path) failed: the running configuration stays in place")
+                    return
+                } catch {
+                    logger.error("reload of \(path) failed: \(error)")
+                    return
+                }
                 if new.workerProcesses != server.configuration.workerProcesses {
                     logger.warning("\"worker_processes\" changes take effect at the next start, not on reload")
                 }

@@ -5,6 +5,7 @@ import Logging
 import NIOCore
 import TetherConfig
 import TetherPool
+import TetherTLS
 
 /// A client connection: parses requests, routes them, forwards them over pooled upstream
 /// connections of its own event loop and streams the responses back, in order, keeping the
@@ -52,10 +53,13 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     /// Since when the upstream has not been taking the request body (proxy_send_timeout).
     private var upstreamUnwritableSince: NIODeadline?
     private var closeReason = "client_close"
+    /// Whether the client connection is TLS (`$scheme` is `https`).
+    private let isTLS: Bool
 
     init(loop: LoopContext, listenKey: String, route: Route) {
         self.loop = loop
         self.listenKey = listenKey
+        isTLS = route.tls != nil
         hosts = route.hosts
         servers = route.servers
         serverPort = route.port
@@ -155,7 +159,15 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        closeReason = isKernelTimeout(error) ? "tcp_keepalive" : "error"
+        switch error {
+        case TLSError.uncleanShutdown:
+            // A client that leaves without close_notify has left; the close that follows says so.
+            return
+        case is TLSError:
+            closeReason = "tls_error"
+        default:
+            closeReason = isKernelTimeout(error) ? "tcp_keepalive" : "error"
+        }
         close()
     }
 
@@ -300,7 +312,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
 
     private func proxy(_ pass: ProxyPass) {
         guard let e = ex else { return }
-        let group = e.group ?? loop.group(pass.upstream)
+        let group = e.group ?? loop.group(for: e.route, upstream: pass.upstream)
         e.group = group
         guard let index = group.balancer.select(now: nowMs(), exclude: e.tried) else {
             loop.stats.upstreamFailures["no_live_upstreams", default: 0] += 1  // no server to charge it to
@@ -509,6 +521,14 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     func upstreamClosed(_ connection: UpstreamConnection, error: Error?) {
         guard let e = ex, e.upstream === connection else { return }
         switch e.phase {
+        case .body where e.responseFraming == .untilClose && error is TLSError:
+            // The end of this response is the close, and a TLS close without close_notify may
+            // be a truncation: the client must be able to tell, so no end is written.
+            loop.logger.error("upstream \(e.upstreamAddrText) closed its TLS connection without close_notify in a response delimited by the close; the response may be truncated")
+            ex!.upstream = nil
+            e.server?.discard(connection, reason: .error)
+            closeReason = "error"
+            close()
         case .body where e.responseFraming == .untilClose:
             if e.relay == .chunkify { writeClient(ByteBuffer(staticString: "0\r\n\r\n")) }
             ex!.upstreamReusable = false
@@ -1121,7 +1141,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             out.writeString(hostValue(h) ?? servers[hosts.defaultIndex].server.names.first?.description ?? "")
         case .remoteAddr: out.writeBytes(remoteAddr)
         case .remotePort: out.writeString(String(remotePort))
-        case .scheme: out.writeStaticString("http")
+        case .scheme: if isTLS { out.writeStaticString("https") } else { out.writeStaticString("http") }
         case .requestURI: out.writeString(h.target)
         case .uri: out.writeSubstring(pathOf(h))
         case .args:

@@ -3,6 +3,7 @@ import NIOCore
 import NIOPosix
 import TetherConfig
 import TetherPool
+import TetherTLS
 
 /// Milliseconds on the monotonic clock, as the pool state machines take time.
 @inline(__always) func nowMs() -> Int64 { Int64(NIODeadline.now().uptimeNanoseconds / 1_000_000) }
@@ -18,6 +19,8 @@ final class ServerPool {
     var counters = ServerCounters()
     private var connections: [ObjectIdentifier: UpstreamConnection] = [:]
     private var tickScheduled = false
+    /// The TLS session the next connection resumes (`proxy_ssl_session_reuse`).
+    private lazy var tlsSession = TLSSessionSlot()
 
     init(address: SocketAddress, spec: UpstreamServer, index: Int, group: UpstreamGroup, policy: PoolPolicy) {
         self.address = address
@@ -55,8 +58,12 @@ final class ServerPool {
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    tuning.apply(to: channel, loop: bound.value.loop, what: what)
-                    try channel.pipeline.syncOperations.addHandler(UpstreamConnection(pool: bound.value))
+                    let pool = bound.value
+                    tuning.apply(to: channel, loop: pool.loop, what: what)
+                    if let tls = pool.group.tls {
+                        try channel.pipeline.syncOperations.addHandler(TLSHandler(client: tls, session: pool.tlsSession, observer: pool))
+                    }
+                    try channel.pipeline.syncOperations.addHandler(UpstreamConnection(pool: pool))
                 }
             }
             .connect(to: address)
@@ -159,6 +166,18 @@ final class ServerPool {
     }
 }
 
+extension ServerPool: TLSObserver {
+    func tlsHandshakeCompleted(version: String, resumed: Bool) {
+        counters.tlsHandshakes += 1
+        if resumed { counters.tlsResumed += 1 }
+    }
+
+    func tlsHandshakeFailed(_ failure: TLSHandshakeFailure, detail: String) {
+        counters.tlsFailures += 1
+        loop.logger.error("TLS handshake with upstream \"\(group.name)\" server \(spec.addressText) failed (\(failure.rawValue)): \(detail)")
+    }
+}
+
 /// One upstream on one event loop: its balancer and a pool per server.
 final class UpstreamGroup {
     let name: String
@@ -175,10 +194,14 @@ final class UpstreamGroup {
     var balancer: Balancer
     var servers: [ServerPool] = []
 
-    init(upstream: ResolvedUpstream, loop: LoopContext) {
+    /// For `proxy_pass https://`: the TLS every connection of this group speaks.
+    let tls: TLSContext?
+
+    init(upstream: ResolvedUpstream, loop: LoopContext, tls: TLSContext?) {
         self.name = upstream.config.name
         self.upstream = upstream.config
         self.loop = loop
+        self.tls = tls
         let u = upstream.config
         balancer = Balancer(
             u.servers.map { PeerSpec(weight: $0.weight, maxFails: $0.maxFails, failTimeoutMs: $0.failTimeoutMs, backup: $0.backup, down: $0.down) },

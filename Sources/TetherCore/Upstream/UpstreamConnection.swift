@@ -1,5 +1,6 @@
 import NIOCore
 import TetherPool
+import TetherTLS
 
 /// What an upstream connection reports to the exchange that leased it.
 protocol UpstreamDelegate: AnyObject {
@@ -60,7 +61,9 @@ final class UpstreamConnection: ChannelDuplexHandler {
             self.delegate = nil
             delegate.upstreamClosed(self, error: error)
         } else {
-            pool.idleConnectionClosed(self, reason: isKernelTimeout(error) ? .tcpKeepalive : .error)
+            // A TLS backend that closes an idle connection without close_notify has simply closed it.
+            let reason: CloseReason = if case TLSError.uncleanShutdown = error { .peerClosed } else if isKernelTimeout(error) { .tcpKeepalive } else { .error }
+            pool.idleConnectionClosed(self, reason: reason)
         }
         close()
     }
