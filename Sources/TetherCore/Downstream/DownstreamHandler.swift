@@ -92,6 +92,16 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         self.context = context
     }
 
+    /// The context refers to this handler: keeping it past removal would keep both alive for
+    /// ever (one leaked pair per closed connection). Nothing reaches this handler after
+    /// `channelInactive` (upstreams are detached there, the sweep forgets it), and `close()`
+    /// checks for the context.
+    func handlerRemoved(context: ChannelHandlerContext) {
+        timer?.cancel()
+        timer = nil
+        self.context = nil
+    }
+
     func channelActive(context: ChannelHandlerContext) {
         if let a = context.channel.remoteAddress {
             remoteAddr = Array((a.ipAddress ?? "").utf8)

@@ -31,6 +31,12 @@ final class UpstreamConnection: ChannelDuplexHandler {
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
 
+    /// Breaks the handler-context cycle, which would otherwise keep every closed connection.
+    func handlerRemoved(context: ChannelHandlerContext) {
+        isOpen = false
+        self.context = nil
+    }
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let buffer = unwrapInboundIn(data)
         if let delegate {

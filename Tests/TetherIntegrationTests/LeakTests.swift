@@ -1,0 +1,104 @@
+import Foundation
+import Testing
+import TetherTestSupport
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Connection churn against the `tether` binary in a process of its own, so that its resident
+/// size is not disturbed by the tests running beside this one: every closed connection must give
+/// back what it took (handlers, channels, OpenSSL objects).
+@Suite(.serialized) struct LeakTests {
+    /// A port the kernel says is free now.
+    func freePort() -> Int {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var a = sockaddr_in()
+        a.sin_family = sa_family_t(AF_INET)
+        a.sin_addr.s_addr = inet_addr("127.0.0.1")
+        _ = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+        return Int(UInt16(bigEndian: a.sin_port))
+    }
+
+    func residentKiB(_ pid: Int32) -> Int {
+        let text = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
+        let line = text.split(separator: "\n").first { $0.hasPrefix("VmRSS:") } ?? ""
+        return Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0
+    }
+
+    /// Starts the binary on `config`, waits until `port` accepts, runs `body` with its pid.
+    func withTether(config: String, port: Int, _ body: (Int32) throws -> Void) throws {
+        let dir = NSTemporaryDirectory() + "tether-leak-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try config.write(toFile: dir + "/t.conf", atomically: true, encoding: .utf8)
+        let p = Process()
+        p.executableURL = try tetherExecutable()
+        p.arguments = ["-c", dir + "/t.conf"]
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        defer { p.terminate(); p.waitUntilExit() }
+        #expect(eventually(timeoutMs: 10_000) { (try? TestClient(port: port, timeoutMs: 200)) != nil })
+        try body(p.processIdentifier)
+    }
+
+    @Test func tenThousandTLSHandshakesLeaveTheResidentSizeFlat() throws {
+        let port = freePort()
+        let config = """
+            worker_processes 1;
+            http {
+                server {
+                    listen 127.0.0.1:\(port) ssl;
+                    ssl_certificate \(TestPKI.path("localhost.pem"));
+                    ssl_certificate_key \(TestPKI.path("localhost.key"));
+                    location / { return 200 "hi"; }
+                }
+            }
+            """
+        try withTether(config: config, port: port) { pid in
+            // openssl s_time makes a new connection and handshake after another for the given time.
+            func churn(seconds: Int) throws -> Int {
+                let r = try run("/usr/bin/openssl", ["s_time", "-connect", "127.0.0.1:\(port)", "-new", "-time", String(seconds)])
+                let line = r.out.split(separator: "\n").first { $0.contains("connections in") && $0.contains("real seconds") } ?? ""
+                return Int(line.split(separator: " ").first ?? "") ?? 0
+            }
+            var handshakes = try churn(seconds: 2)
+            #expect(handshakes > 200, "s_time made \(handshakes) connections")
+            let warm = residentKiB(pid)
+            var rounds = 0
+            while handshakes < 10_000 && rounds < 20 {
+                handshakes += try churn(seconds: 3)
+                rounds += 1
+            }
+            let grown = residentKiB(pid) - warm
+            #expect(handshakes >= 10_000)
+            #expect(grown < 1024, "resident size grew by \(grown) KiB over \(handshakes) handshakes")
+        }
+    }
+
+    @Test func tenThousandPlainConnectionsLeaveTheResidentSizeFlat() throws {
+        let port = freePort()
+        let config = """
+            worker_processes 1;
+            http { server { listen 127.0.0.1:\(port); location / { return 200 "hi"; } } }
+            """
+        try withTether(config: config, port: port) { pid in
+            func churn(_ n: Int) throws {
+                for _ in 0..<n {
+                    let c = try TestClient(port: port)
+                    try c.send("GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                    #expect(try c.readResponse().status == 200)
+                    _ = c.waitForClose(timeoutMs: 2_000)
+                    c.close()
+                }
+            }
+            try churn(2_000)
+            let warm = residentKiB(pid)
+            try churn(10_000)
+            let grown = residentKiB(pid) - warm
+            #expect(grown < 1024, "resident size grew by \(grown) KiB over 10,000 connections")
+        }
+    }
+}
