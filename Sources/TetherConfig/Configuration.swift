@@ -330,8 +330,9 @@ public struct SSLSettings: Hashable, Sendable {
     public struct Certificate: Hashable, Sendable {
         public var certificate: String
         public var key: String
-        /// Where `ssl_certificate` stands, for errors about this pair.
+        /// Where `ssl_certificate` and its `ssl_certificate_key` stand, for errors about this pair.
         public var location: SourceLocation
+        public var keyLocation: SourceLocation?
     }
     public enum SessionCache: Hashable, Sendable {
         /// `off`: clients are told sessions are not reused.

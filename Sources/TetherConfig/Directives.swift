@@ -133,7 +133,7 @@ struct PartialSettings {
         for apply in proxySSL ?? [] { apply(&s.proxySSL) }
         let keys = sslCertificateKeys ?? []
         s.ssl.certificates = (sslCertificates ?? []).enumerated().map { i, c in
-            SSLSettings.Certificate(certificate: c.0, key: i < keys.count ? keys[i].0 : "", location: c.1)
+            SSLSettings.Certificate(certificate: c.0, key: i < keys.count ? keys[i].0 : "", location: c.1, keyLocation: i < keys.count ? keys[i].1 : nil)
         }
         return s
     }

@@ -84,7 +84,10 @@ struct TLSSetup: Sendable {
     /// Puts an OpenSSL refusal at the directive it is about.
     static func locate(_ error: Error, certificates: [SSLSettings.Certificate], sources: [String: SourceLocation], fallback: SourceLocation) -> ConfigError {
         guard let e = error as? TLSConfigurationError else { return ConfigError("\(error)", at: fallback) }
-        if let i = e.certificate, i < certificates.count { return ConfigError(e.message, at: certificates[i].location) }
+        if let i = e.certificate, i < certificates.count {
+            let c = certificates[i]
+            return ConfigError(e.message, at: e.aboutKey ? c.keyLocation ?? c.location : c.location)
+        }
         if let d = e.directive, let at = sources[d] { return ConfigError(e.message, at: at) }
         return ConfigError(e.message, at: fallback)
     }

@@ -124,19 +124,19 @@ public final class TLSContext: @unchecked Sendable {
         }
         for (i, pair) in s.certificates.enumerated() {
             try readable(pair.certificate, "cannot load certificate", certificate: i)
-            try readable(pair.key, "cannot load certificate key", certificate: i)
+            try readable(pair.key, "cannot load certificate key", certificate: i, aboutKey: true)
             guard SSL_CTX_use_certificate_chain_file(ctx, pair.certificate) == 1 else {
                 throw TLSConfigurationError("cannot load certificate \"\(pair.certificate)\": \(OpenSSLErrors.drain())", certificate: i)
             }
             guard SSL_CTX_use_PrivateKey_file(ctx, pair.key, SSL_FILETYPE_PEM) == 1 else {
                 let errors = OpenSSLErrors.drain()
                 if errors.messages.contains("key values mismatch") {
-                    throw TLSConfigurationError("certificate key \"\(pair.key)\" does not match certificate \"\(pair.certificate)\"", certificate: i)
+                    throw TLSConfigurationError("certificate key \"\(pair.key)\" does not match certificate \"\(pair.certificate)\"", certificate: i, aboutKey: true)
                 }
-                throw TLSConfigurationError("cannot load certificate key \"\(pair.key)\": \(errors)", certificate: i)
+                throw TLSConfigurationError("cannot load certificate key \"\(pair.key)\": \(errors)", certificate: i, aboutKey: true)
             }
             guard SSL_CTX_check_private_key(ctx) == 1 else {
-                throw TLSConfigurationError("certificate key \"\(pair.key)\" does not match certificate \"\(pair.certificate)\": \(OpenSSLErrors.drain())", certificate: i)
+                throw TLSConfigurationError("certificate key \"\(pair.key)\" does not match certificate \"\(pair.certificate)\": \(OpenSSLErrors.drain())", certificate: i, aboutKey: true)
             }
         }
         let sidContext: [UInt8] = Array("tether".utf8)
@@ -163,28 +163,28 @@ public final class TLSContext: @unchecked Sendable {
         try applyCiphers(ctx, s.ciphers, directive: "proxy_ssl_ciphers")
         SSL_CTX_set_options(ctx, tether_op_all() | tether_op_no_compression() | tether_op_no_renegotiation())
         _ = tether_SSL_CTX_set_mode(ctx, Int(SSL_MODE_RELEASE_BUFFERS))
-        if s.verify {
-            SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, nil)
-            if let ca = s.trustedCertificate {
-                try readable(ca, "cannot load trusted certificate", directive: "proxy_ssl_trusted_certificate")
-                guard SSL_CTX_load_verify_locations(ctx, ca, nil) == 1 else {
-                    throw TLSConfigurationError("cannot load trusted certificate \"\(ca)\": \(OpenSSLErrors.drain())", directive: "proxy_ssl_trusted_certificate")
-                }
-            } else {
-                _ = SSL_CTX_set_default_verify_paths(ctx)
+        // The trusted certificates are read even with verification off, so that a wrong path is
+        // found at `tether -t` rather than on the day verification is turned on.
+        if let ca = s.trustedCertificate {
+            try readable(ca, "cannot load trusted certificate", directive: "proxy_ssl_trusted_certificate")
+            guard SSL_CTX_load_verify_locations(ctx, ca, nil) == 1 else {
+                throw TLSConfigurationError("cannot load trusted certificate \"\(ca)\": \(OpenSSLErrors.drain())", directive: "proxy_ssl_trusted_certificate")
             }
+        } else if s.verify {
+            _ = SSL_CTX_set_default_verify_paths(ctx)
         }
+        if s.verify { SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, nil) }
         _ = tether_SSL_CTX_offer_http11(ctx)
         if s.sessionReuse { tether_SSL_CTX_set_client_session_store(ctx, storeClientSession) }
         return context
     }
 
     /// A missing or unreadable file, said plainly (OpenSSL's own wording for it is cryptic).
-    private static func readable(_ path: String, _ what: String, certificate: Int? = nil, directive: String? = nil) throws {
+    private static func readable(_ path: String, _ what: String, certificate: Int? = nil, aboutKey: Bool = false, directive: String? = nil) throws {
         let f = fopen(path, "r")
         guard let f else {
             let reason = String(cString: strerror(errno))
-            throw TLSConfigurationError("\(what) \"\(path)\": \(reason)", certificate: certificate, directive: directive)
+            throw TLSConfigurationError("\(what) \"\(path)\": \(reason)", certificate: certificate, aboutKey: aboutKey, directive: directive)
         }
         fclose(f)
     }

@@ -102,11 +102,14 @@ public struct TLSConfigurationError: Error, CustomStringConvertible, Sendable {
     public var message: String
     /// The index of the certificate pair it is about, when it is about one.
     public var certificate: Int?
+    /// Whether it is about that pair's key rather than its certificate.
+    public var aboutKey: Bool
     /// The directive whose value was refused, when it is about one.
     public var directive: String?
-    public init(_ message: String, certificate: Int? = nil, directive: String? = nil) {
+    public init(_ message: String, certificate: Int? = nil, aboutKey: Bool = false, directive: String? = nil) {
         self.message = message
         self.certificate = certificate
+        self.aboutKey = aboutKey
         self.directive = directive
     }
     public var description: String { message }

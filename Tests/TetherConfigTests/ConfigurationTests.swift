@@ -280,3 +280,46 @@ struct SplitMix {
         return z ^ (z >> 31)
     }
 }
+
+@Suite struct TLSConfigTests {
+    @Test func sslDirectivesInheritFromHTTPToServerAndPairCertificatesWithKeys() throws {
+        let text = """
+            http {
+                ssl_protocols TLSv1.3;
+                ssl_session_cache shared:SSL:10m;
+                ssl_certificate rsa.pem;
+                ssl_certificate_key rsa.key;
+                ssl_certificate ecdsa.pem;
+                ssl_certificate_key ecdsa.key;
+                proxy_ssl_verify on;
+                server {
+                    listen 8443 ssl;
+                    ssl_session_tickets off;
+                    location / { proxy_pass https://127.0.0.1; proxy_ssl_name backend.internal; }
+                }
+                server {
+                    listen 8444 ssl;
+                    ssl_certificate /etc/other.pem;
+                    ssl_certificate_key /etc/other.key;
+                }
+            }
+            """
+        let c = try Configuration.parse(text, file: "/etc/tether/t.conf", resolver: offlineResolver).get()
+        let a = c.servers[0].settings.ssl
+        #expect(a.protocols == ["TLSv1.3"])
+        #expect(a.sessionCache == .sessions(10 * 1024 * 1024 / 256))
+        #expect(a.sessionTickets == false)
+        #expect(a.certificates.map(\.certificate) == ["/etc/tether/rsa.pem", "/etc/tether/ecdsa.pem"], "relative to the main file's folder")
+        #expect(a.certificates.map(\.key) == ["/etc/tether/rsa.key", "/etc/tether/ecdsa.key"])
+        #expect(c.servers[0].listens[0].ssl)
+        let b = c.servers[1].settings.ssl
+        #expect(b.certificates.map(\.certificate) == ["/etc/other.pem"], "a server's own list replaces the inherited one")
+        #expect(b.sessionTickets == true)
+        let loc = c.servers[0].locations[0]
+        #expect(loc.settings.proxySSL.verify)
+        #expect(loc.settings.proxySSL.name == "backend.internal")
+        guard case .proxy(let pass) = loc.action else { Issue.record("no proxy_pass"); return }
+        #expect(pass.isTLS && pass.host == "127.0.0.1")
+        #expect(c.upstreams.first { $0.name == pass.upstream }?.servers[0].port == 443, "https defaults to port 443")
+    }
+}

@@ -62,8 +62,6 @@ import Testing
              expected: ["t.conf:2: open() \"./missing.conf\" failed (2: No such file or directory)"]),
         Case(name: "empty upstream", text: "http {\n upstream u {\n }\n}\n", expected: ["t.conf:2: no servers are inside upstream"]),
         Case(name: "bad listen parameter", text: "http { server { listen 8080 fast; } }\n", expected: ["t.conf:1: invalid parameter \"fast\""]),
-        Case(name: "TLS is not there yet", text: "http { server { listen 443 ssl; } }\n",
-             expected: ["t.conf:1: \"ssl\" needs TLS, which this version of Tether does not have yet"]),
         Case(name: "bad listen port", text: "http { server { listen 70000; } }\n", expected: ["t.conf:1: invalid port in \"70000\" of the \"listen\" directive"]),
         Case(name: "unknown variable", text: "http { proxy_set_header X-Who $whom; }\n", expected: ["t.conf:1: unknown \"whom\" variable"]),
         Case(name: "unknown log format", text: "http {\n access_log /tmp/a.log main;\n}\n", expected: ["t.conf:2: unknown log format \"main\""]),
@@ -95,6 +93,16 @@ import Testing
         Case(name: "invalid return code", text: "http { server { return 99; } }\n", expected: ["t.conf:1: invalid return code \"99\""]),
         Case(name: "proxy_next_upstream value", text: "http { proxy_next_upstream error never; }\n",
              expected: ["t.conf:1: invalid value \"never\" in \"proxy_next_upstream\" directive, it must be one of: off, error, timeout, invalid_header, http_500, http_502, http_503, http_504, http_403, http_404, http_429, non_idempotent"]),
+        Case(name: "listen ssl without a certificate", text: "http {\n  server {\n    listen 8443 ssl;\n  }\n}\n",
+             expected: ["t.conf:3: no \"ssl_certificate\" is defined for the \"listen ... ssl\" directive"]),
+        Case(name: "certificate without key", text: "http {\n  ssl_certificate a.pem;\n  server { listen 8443 ssl; }\n}\n",
+             expected: ["t.conf:2: no \"ssl_certificate_key\" is defined for certificate \"a.pem\""]),
+        Case(name: "unknown TLS protocol", text: "http {\n  ssl_protocols TLSv1.2 SSLv3;\n}\n",
+             expected: ["t.conf:2: invalid value \"SSLv3\" in \"ssl_protocols\" directive, it must be TLSv1, TLSv1.1, TLSv1.2 or TLSv1.3"]),
+        Case(name: "session cache syntax", text: "http { ssl_session_cache shared:1m; }\n",
+             expected: ["t.conf:1: invalid session cache \"shared:1m\" in \"ssl_session_cache\" directive, it must be \"off\", \"none\", \"builtin[:size]\" or \"shared:name:size\""]),
+        Case(name: "ssl directive in a location", text: "http { server { location / { ssl_protocols TLSv1.3; } } }\n",
+             expected: ["t.conf:1: \"ssl_protocols\" directive is not allowed here"]),
     ]
 
     @Test(arguments: cases)

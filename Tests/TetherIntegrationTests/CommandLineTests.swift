@@ -74,4 +74,43 @@ func packageRoot() -> String {
         let help = try runTether(["--help"])
         for flag in ["-c <file>", "-t", "-T", "-v", "-V"] { #expect(help.out.contains(flag), "\(flag) in --help") }
     }
+
+    /// What OpenSSL refuses is found by `tether -t`, at the directive's line.
+    @Test func tlsMistakesAreFileLineErrorsAtTest() throws {
+        let dir = NSTemporaryDirectory() + "tether-cli-tls-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let file = dir + "/tls.conf"
+        try """
+            http {
+                server {
+                    listen 127.0.0.1:8443 ssl;
+                    ssl_certificate \(TestPKI.path("localhost.pem"));
+                    ssl_certificate_key \(TestPKI.path("a.test.key"));
+                }
+                server {
+                    listen 127.0.0.1:8444 ssl;
+                    ssl_certificate \(TestPKI.path("localhost.pem"));
+                    ssl_certificate_key \(TestPKI.path("localhost.key"));
+                    ssl_ciphers NO-SUCH-CIPHER;
+                }
+                server {
+                    listen 127.0.0.1:8445 ssl;
+                    ssl_certificate missing.pem;
+                    ssl_certificate_key \(TestPKI.path("localhost.key"));
+                    location / {
+                        proxy_pass https://127.0.0.1:9443;
+                        proxy_ssl_trusted_certificate /nonexistent/ca.pem;
+                    }
+                }
+            }
+            """.write(toFile: file, atomically: true, encoding: .utf8)
+        let r = try runTether(["-t", "-c", file])
+        #expect(r.status == 1)
+        #expect(r.err.contains("tether: [emerg] \(file):5: certificate key \"\(TestPKI.path("a.test.key"))\" does not match certificate \"\(TestPKI.path("localhost.pem"))\""), "\(r.err)")
+        #expect(r.err.contains("tether: [emerg] \(file):11: no cipher in \"ssl_ciphers NO-SUCH-CIPHER\" is known to OpenSSL"))
+        #expect(r.err.contains("tether: [emerg] \(file):15: cannot load certificate \"\(dir)/missing.pem\": No such file or directory"), "relative to the configuration's folder")
+        #expect(r.err.contains("tether: [emerg] \(file):19: cannot load trusted certificate \"/nonexistent/ca.pem\": No such file or directory"))
+        #expect(r.err.contains("test failed"))
+    }
 }

@@ -1,6 +1,7 @@
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import TetherTLS
 
 /// A scriptable HTTP/1.1 backend for tests, written on raw bytes so that it shares nothing with
 /// Tether's own parser. It counts what it sees and misbehaves on request.
@@ -19,6 +20,8 @@ public final class TestBackend: Sendable {
         public var keepAliveHeader: String?
         /// Close the connection after this many requests (with `Connection: close`).
         public var closeAfterRequests: Int?
+        /// Serve HTTPS with this context (OpenSSL, through Tether's own TLS handler).
+        public var tls: TLSContext?
         public init() {}
     }
 
@@ -61,6 +64,9 @@ public final class TestBackend: Sendable {
             .childChannelInitializer { ch in
                 ch.eventLoop.makeCompletedFuture {
                     let id = state.withLockedValue { s -> Int in s.connections += 1; s.open += 1; return s.connections }
+                    if let tls = opts.tls {
+                        try ch.pipeline.syncOperations.addHandler(TLSHandler(server: TLSServerNames(defaultContext: tls) { _ in nil }, observer: nil))
+                    }
                     try ch.pipeline.syncOperations.addHandler(BackendHandler(id: id, options: opts, state: state))
                 }
             }

@@ -1,0 +1,285 @@
+import Foundation
+import NIOCore
+import Testing
+import TetherCore
+import TetherTLS
+import TetherTestSupport
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// TLS at both ends, with real clients: curl and `openssl s_client` (installed by scripts/test),
+/// and Python's ssl module where a test needs to see how the connection ends.
+@Suite(.serialized) struct TLSTests {
+    static let ca = TestPKI.path("ca.pem")
+
+    /// Tether with a TLS listener (localhost's certificate, and a.test's by SNI) in front of a backend.
+    func withTLSProxy(http: String = "", server: String = "", logs: LogCapture? = nil, _ body: (RunningProxy, TestBackend) throws -> Void) throws {
+        let backend = try TestBackend()
+        defer { backend.stop() }
+        let proxy = try RunningProxy(config: """
+            worker_processes 2;
+            http {
+                \(http)
+                upstream backend { server 127.0.0.1:\(backend.port); }
+                server {
+                    listen 127.0.0.1:0 ssl;
+                    server_name localhost;
+                    ssl_certificate \(TestPKI.path("localhost.pem"));
+                    ssl_certificate_key \(TestPKI.path("localhost.key"));
+                    \(server)
+                    location / { proxy_pass http://backend; }
+                    location = /scheme { return 200 "$scheme"; }
+                }
+                server {
+                    listen 127.0.0.1:0 ssl;
+                    server_name a.test;
+                    ssl_certificate \(TestPKI.path("a.test.pem"));
+                    ssl_certificate_key \(TestPKI.path("a.test.key"));
+                    location / { return 200 "a.test server"; }
+                }
+            }
+            """, logs: logs)
+        defer { proxy.stop() }
+        try body(proxy, backend)
+    }
+
+    func curl(_ args: [String]) throws -> (status: Int32, out: String, err: String) {
+        try run("/usr/bin/curl", ["-sS", "--max-time", "10", "--cacert", TLSTests.ca] + args)
+    }
+
+    /// Runs `openssl s_client` with `input` on its standard input.
+    func sClient(_ args: [String], input: String = "") throws -> (status: Int32, out: String) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
+        p.arguments = ["s_client"] + args
+        let inPipe = Pipe(), out = Pipe()
+        p.standardInput = inPipe
+        p.standardOutput = out
+        p.standardError = out
+        try p.run()
+        inPipe.fileHandleForWriting.write(Data(input.utf8))
+        try inPipe.fileHandleForWriting.close()
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return (p.terminationStatus, String(decoding: data, as: UTF8.self))
+    }
+
+    @Test(arguments: ["1.2", "1.3"])
+    func curlKeepsOneTLSConnectionForSeveralRequests(_ version: String) throws {
+        try withTLSProxy { proxy, backend in
+            let base = "https://localhost:\(proxy.port)"
+            let r = try curl(["-v", "--tlsv\(version)", "--tls-max", version, "--resolve", "localhost:\(proxy.port):127.0.0.1",
+                              "\(base)/one", "\(base)/two", "\(base)/scheme"])
+            #expect(r.status == 0, "\(r.err)")
+            #expect(r.out == "okokhttps")
+            #expect(r.err.contains("SSL connection using TLSv\(version)"))
+            #expect(r.err.contains("ALPN: server accepted http/1.1"))
+            let stats = proxy.server.stats()
+            #expect(stats.acceptedConnections == 1, "three requests on one TLS connection")
+            #expect(stats.tlsHandshakes["TLSv\(version)"] == 1)
+            #expect(backend.requestCount == 2)
+        }
+    }
+
+    @Test func sClientSeesTheProtocolALPNAndAResumedSessionOnTheSecondConnection() throws {
+        try withTLSProxy { proxy, _ in
+            let session = NSTemporaryDirectory() + "tether-session-\(UUID().uuidString)"
+            defer { unlink(session) }
+            let request = "GET /scheme HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+            let common = ["-connect", "127.0.0.1:\(proxy.port)", "-servername", "localhost", "-alpn", "http/1.1", "-CAfile", TLSTests.ca, "-ign_eof"]
+            let first = try sClient(common + ["-sess_out", session], input: request)
+            #expect(first.out.contains("New, TLSv1.3"))
+            #expect(first.out.contains("ALPN protocol: http/1.1"))
+            #expect(first.out.contains("Verify return code: 0 (ok)"))
+            #expect(first.out.contains("https"), "the response came through")
+            let second = try sClient(common + ["-sess_in", session], input: request)
+            #expect(second.out.contains("Reused, TLSv1.3"), "\(second.out)")
+            #expect(proxy.server.stats().tlsSessionsReused == 1)
+        }
+    }
+
+    @Test func sniPicksTheNamedServersCertificateAndUnknownNamesGetTheDefault() throws {
+        try withTLSProxy { proxy, _ in
+            let a = try sClient(["-connect", "127.0.0.1:\(proxy.port)", "-servername", "a.test", "-CAfile", TLSTests.ca, "-verify_hostname", "a.test"])
+            #expect(a.out.contains("subject=CN = a.test"))
+            #expect(a.out.contains("Verify return code: 0 (ok)"))
+            let other = try sClient(["-connect", "127.0.0.1:\(proxy.port)", "-servername", "unknown.test"])
+            #expect(other.out.contains("subject=CN = localhost"))
+            let page = try curl(["--resolve", "a.test:\(proxy.port):127.0.0.1", "https://a.test:\(proxy.port)/"])
+            #expect(page.out == "a.test server")
+        }
+    }
+
+    @Test func tls11IsRefusedAndCountedAndServiceGoesOn() throws {
+        try withTLSProxy { proxy, _ in
+            let r = try sClient(["-connect", "127.0.0.1:\(proxy.port)", "-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0"])
+            #expect(r.status != 0)
+            #expect(r.out.contains("alert protocol version"))
+            #expect(eventually { proxy.server.stats().tlsHandshakeFailures["protocol"] == 1 })
+            let ok = try curl(["--resolve", "localhost:\(proxy.port):127.0.0.1", "https://localhost:\(proxy.port)/scheme"])
+            #expect(ok.out == "https")
+        }
+    }
+
+    @Test func plainHTTPAndGarbageOnTheTLSPortAreClosedCleanly() throws {
+        let logs = LogCapture()
+        try withTLSProxy(logs: logs) { proxy, _ in
+            for input in ["GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", "\u{16}\u{03}\u{01}\u{00}\u{01}xxxxxxxxxxxxxxxxxx", String(repeating: "\u{0}", count: 300)] {
+                let c = try proxy.client()
+                try c.send(input)
+                #expect(c.waitForClose(timeoutMs: 5_000), "closed after \(input.prefix(8))")
+            }
+            #expect(eventually {
+                let s = proxy.server.stats()
+                return s.tlsHandshakeFailures.values.reduce(0, +) == 3 && s.activeConnections == 0
+            })
+            #expect(proxy.server.stats().tlsHandshakeFailures["not_tls"] ?? 0 >= 2)
+            #expect(proxy.server.stats().downstreamClosed["tls_error"] == 3)
+            #expect(logs.messages.contains { $0.contains("TLS handshake failed (not_tls)") })
+            let ok = try curl(["--resolve", "localhost:\(proxy.port):127.0.0.1", "https://localhost:\(proxy.port)/scheme"])
+            #expect(ok.out == "https")
+        }
+    }
+
+    /// Python's ssl module tells a close with close_notify (recv returns b"") from one without
+    /// (it raises): so this sees both that keepalive_timeout applies and how the connection ends.
+    @Test func keepaliveTimeoutClosesAnIdleTLSConnectionWithCloseNotify() throws {
+        try withTLSProxy(http: "keepalive_timeout 1s;") { proxy, _ in
+            let script = """
+                import socket, ssl, sys, time
+                ctx = ssl.create_default_context(cafile=sys.argv[2])
+                s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", int(sys.argv[1]))), server_hostname="localhost")
+                for i in range(3):
+                    s.sendall(b"GET /scheme HTTP/1.1\\r\\nHost: localhost\\r\\n\\r\\n")
+                    data = b""
+                    while not data.endswith(b"https"):
+                        data += s.recv(4096)
+                t = time.monotonic()
+                try:
+                    rest = s.recv(4096)
+                    print("close_notify" if rest == b"" else "data", round(time.monotonic() - t, 2), s.version())
+                except ssl.SSLError as e:
+                    print("unclean", e)
+                """
+            let r = try run("/usr/bin/python3", ["-c", script, String(proxy.port), TLSTests.ca])
+            let words = r.out.split(separator: " ")
+            #expect(words.first == "close_notify", "\(r.out) \(r.err)")
+            if words.count == 3, let waited = Double(words[1]) {
+                #expect(waited >= 0.9 && waited < 2.0, "closed after \(waited) s")
+                #expect(words[2] == "TLSv1.3\n")
+            }
+            #expect(proxy.server.stats().downstreamClosed["keepalive_timeout"] == 1)
+        }
+    }
+
+    @Test func handshakeTimeoutClosesASilentConnection() throws {
+        try withTLSProxy(server: "ssl_handshake_timeout 300ms;") { proxy, _ in
+            let c = try proxy.client()
+            let t = NIODeadline.now()
+            #expect(c.waitForClose(timeoutMs: 3_000))
+            #expect(seconds(since: t) < 1.5)
+            #expect(eventually { proxy.server.stats().tlsHandshakeFailures["timeout"] == 1 })
+        }
+    }
+
+    // MARK: Upstream TLS
+
+    func withTLSBackend(backend options: TestBackend.Options = .init(), location: String, logs: LogCapture? = nil,
+                        _ body: (RunningProxy, TestBackend) throws -> Void) throws {
+        var o = options
+        o.tls = try TLSContext.server(TLSServerSettings(certificates: [(TestPKI.path("localhost.pem"), TestPKI.path("localhost.key"))]))
+        let backend = try TestBackend(options: o)
+        defer { backend.stop() }
+        let proxy = try RunningProxy(config: """
+            worker_processes 1;
+            http {
+                server {
+                    listen 127.0.0.1:0;
+                    location / {
+                        proxy_pass https://localhost:\(backend.port);
+                        \(location)
+                    }
+                }
+            }
+            """, logs: logs)
+        defer { proxy.stop() }
+        try body(proxy, backend)
+    }
+
+    @Test func upstreamTLSConnectionsAreVerifiedAndReused() throws {
+        try withTLSBackend(location: "proxy_ssl_verify on; proxy_ssl_trusted_certificate \(TLSTests.ca); proxy_ssl_server_name on;") { proxy, backend in
+            let clients = try (0..<4).map { _ in try proxy.client() }
+            for i in 0..<200 {
+                let c = clients[i % 4]
+                try c.send("GET /x/\(i) HTTP/1.1\r\nHost: t\r\n\r\n")
+                let r = try c.readResponse()
+                #expect(r.status == 200 && r.bodyText == "ok")
+            }
+            #expect(backend.requestCount == 200)
+            #expect(backend.connectionCount == 1, "requests one after another reuse one warm TLS connection")
+            let s = proxy.server.stats()
+            let srv = s.upstreams[0].servers[0]
+            #expect(srv.counters.tlsHandshakes == 1)
+            #expect(srv.counters.reused == 199)
+        }
+    }
+
+    @Test func aCertificateThatDoesNotVerifyIsA502() throws {
+        let logs = LogCapture()
+        try withTLSBackend(location: "proxy_ssl_verify on; proxy_ssl_trusted_certificate \(TestPKI.path("other-ca.pem"));", logs: logs) { proxy, backend in
+            let c = try proxy.client()
+            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(try c.readResponse().status == 502)
+            #expect(backend.requestCount == 0)
+            #expect(proxy.server.stats().upstreams[0].servers[0].counters.tlsFailures == 1)
+            #expect(logs.messages.contains { $0.contains("TLS handshake with upstream") && $0.contains("certificate verify failed") })
+        }
+        try withTLSBackend(location: "proxy_ssl_verify on; proxy_ssl_trusted_certificate \(TLSTests.ca); proxy_ssl_name b.test;") { proxy, _ in
+            let c = try proxy.client()
+            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(try c.readResponse().status == 502, "localhost's certificate is not b.test's")
+        }
+    }
+
+    @Test func anIdleUpstreamTLSConnectionClosedByTheBackendIsDroppedAndTheNextResumesTheSession() throws {
+        var o = TestBackend.Options()
+        o.closeIdleAfterMs = 200
+        try withTLSBackend(backend: o, location: "proxy_ssl_trusted_certificate \(TLSTests.ca);") { proxy, backend in
+            let c = try proxy.client()
+            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(try c.readResponse().status == 200)
+            #expect(eventually { proxy.server.stats().upstreams[0].servers[0].counters.closed["peer_closed"] == 1 })
+            #expect(proxy.server.stats().upstreams[0].servers[0].idle == 0)
+            #expect(eventually { socketsInState("CLOSE_WAIT", remotePort: backend.port) == 0 })
+            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(try c.readResponse().status == 200)
+            let srv = proxy.server.stats().upstreams[0].servers[0]
+            #expect(srv.counters.tlsHandshakes == 2)
+            #expect(srv.counters.tlsResumed == 1, "proxy_ssl_session_reuse resumes the session")
+            #expect(backend.connectionCount == 2)
+        }
+    }
+
+    @Test func sessionReuseOffMakesFullHandshakes() throws {
+        var o = TestBackend.Options()
+        o.closeAfterRequests = 1
+        try withTLSBackend(backend: o, location: "proxy_ssl_session_reuse off;") { proxy, _ in
+            let c = try proxy.client()
+            for _ in 0..<3 {
+                try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                #expect(try c.readResponse().status == 200)
+            }
+            let srv = proxy.server.stats().upstreams[0].servers[0]
+            #expect(srv.counters.tlsHandshakes == 3)
+            #expect(srv.counters.tlsResumed == 0)
+        }
+    }
+
+    @Test func theReleaseBinaryLinksTheSystemOpenSSL() throws {
+        let r = try run("/usr/bin/ldd", [try tetherExecutable().path])
+        #expect(r.out.contains("libssl.so.3"))
+        #expect(r.out.contains("libcrypto.so.3"))
+        #expect(!r.out.lowercased().contains("boringssl"))
+    }
+}
