@@ -474,14 +474,6 @@ public struct Builder {
                 }
             }
             server.listens = listens
-            if let l = listens.first(where: \.ssl) {
-                if server.settings.ssl.certificates.isEmpty {
-                    errors.append(ConfigError("no \"ssl_certificate\" is defined for the \"listen ... ssl\" directive", at: l.location))
-                }
-                for c in server.settings.ssl.certificates where c.key.isEmpty {
-                    errors.append(ConfigError("no \"ssl_certificate_key\" is defined for certificate \"\(c.certificate)\"", at: c.location))
-                }
-            }
             for loc in draft.locations {
                 var action = Location.Action.none
                 if let admin = loc.admin {
@@ -494,6 +486,19 @@ public struct Builder {
                 server.locations.append(Location(match: loc.match, path: loc.path, settings: loc.settings.over(serverPartial).resolved(), action: action, location: loc.location))
             }
             out.append(server)
+        }
+        // As in nginx, `ssl` belongs to the address: every server on an address that one of them
+        // marks `ssl` speaks TLS there, and needs a certificate.
+        let sslAddresses = Set(out.flatMap { $0.listens.filter(\.ssl).map(\.addressText) })
+        for i in out.indices {
+            for k in out[i].listens.indices where sslAddresses.contains(out[i].listens[k].addressText) { out[i].listens[k].ssl = true }
+            guard let l = out[i].listens.first(where: \.ssl) else { continue }
+            if out[i].settings.ssl.certificates.isEmpty {
+                errors.append(ConfigError("no \"ssl_certificate\" is defined for the \"listen ... ssl\" directive", at: l.location))
+            }
+            for c in out[i].settings.ssl.certificates where c.key.isEmpty {
+                errors.append(ConfigError("no \"ssl_certificate_key\" is defined for certificate \"\(c.certificate)\"", at: c.location))
+            }
         }
         config.servers = out
         config.upstreams = upstreams

@@ -36,6 +36,7 @@ extension Configuration {
             out += "\n    server {\n"
             for l in s.listens {
                 var line = "        listen \(l.addressText)"
+                if l.ssl { line += " ssl" }
                 if l.defaultServer { line += " default_server" }
                 if l.reuseport { line += " reuseport" }
                 line += " backlog=\(l.backlog)"
@@ -45,12 +46,15 @@ extension Configuration {
             }
             if !s.names.isEmpty { out += "        server_name \(s.names.map(\.description).joined(separator: " "));\n" }
             out += Configuration.settingsText(s.settings, indent: "        ")
+            if s.listens.contains(where: \.ssl) { out += Configuration.sslText(s.settings.ssl, indent: "        ") }
             if let r = s.returnAction { out += "        return \(Configuration.returnText(r));\n" }
             for loc in s.locations {
                 out += "\n        location \(loc.match == .exact ? "= " : "")\(loc.path) {\n"
                 out += Configuration.settingsText(loc.settings, indent: "            ")
                 switch loc.action {
-                case .proxy(let p): out += "            proxy_pass \(p.source);\n"
+                case .proxy(let p):
+                    if p.isTLS { out += Configuration.proxySSLText(loc.settings.proxySSL, indent: "            ") }
+                    out += "            proxy_pass \(p.source);\n"
                 case .respond(let r): out += "            return \(Configuration.returnText(r));\n"
                 case .stubStatus: out += "            stub_status;\n"
                 case .stats(let f): out += "            stats \(f.rawValue);\n"
@@ -103,6 +107,42 @@ extension Configuration {
         lines.append("proxy_next_upstream_tries \(s.proxyNextUpstreamTries)")
         lines.append("proxy_socket_keepalive \(s.proxySocketKeepalive ? "on" : "off")")
         for r in s.accessRules { lines.append(r.description) }
+        return lines.map { indent + $0 + ";\n" }.joined()
+    }
+}
+
+extension Configuration {
+    static func sslText(_ s: SSLSettings, indent: String) -> String {
+        var lines: [String] = []
+        for c in s.certificates {
+            lines.append("ssl_certificate \(c.certificate)")
+            lines.append("ssl_certificate_key \(c.key)")
+        }
+        lines.append("ssl_protocols \(s.protocols.joined(separator: " "))")
+        if let c = s.ciphers { lines.append("ssl_ciphers \(c)") }
+        lines.append("ssl_prefer_server_ciphers \(s.preferServerCiphers ? "on" : "off")")
+        lines.append("ssl_ecdh_curve \(s.ecdhCurve)")
+        switch s.sessionCache {
+        case .off: lines.append("ssl_session_cache off")
+        case .none: lines.append("ssl_session_cache none")
+        case .sessions(let n): lines.append("ssl_session_cache builtin:\(n)")
+        }
+        lines.append("ssl_session_timeout \(Units.formatTime(s.sessionTimeoutMs))")
+        lines.append("ssl_session_tickets \(s.sessionTickets ? "on" : "off")")
+        lines.append("ssl_handshake_timeout \(Units.formatTime(s.handshakeTimeoutMs))")
+        // The default cipher list is long: it is named rather than spelled out.
+        let note = s.ciphers == nil ? indent + "# ssl_ciphers: the Mozilla \"intermediate\" list (the default)\n" : ""
+        return lines.map { indent + $0 + ";\n" }.joined() + note
+    }
+
+    static func proxySSLText(_ p: ProxySSLSettings, indent: String) -> String {
+        var lines = ["proxy_ssl_verify \(p.verify ? "on" : "off")"]
+        if let t = p.trustedCertificate { lines.append("proxy_ssl_trusted_certificate \(t)") }
+        lines.append("proxy_ssl_server_name \(p.serverName ? "on" : "off")")
+        if let n = p.name { lines.append("proxy_ssl_name \(n)") }
+        lines.append("proxy_ssl_session_reuse \(p.sessionReuse ? "on" : "off")")
+        lines.append("proxy_ssl_protocols \(p.protocols.joined(separator: " "))")
+        lines.append("proxy_ssl_ciphers \(p.ciphers)")
         return lines.map { indent + $0 + ";\n" }.joined()
     }
 }

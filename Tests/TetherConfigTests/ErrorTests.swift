@@ -95,6 +95,8 @@ import Testing
              expected: ["t.conf:1: invalid value \"never\" in \"proxy_next_upstream\" directive, it must be one of: off, error, timeout, invalid_header, http_500, http_502, http_503, http_504, http_403, http_404, http_429, non_idempotent"]),
         Case(name: "listen ssl without a certificate", text: "http {\n  server {\n    listen 8443 ssl;\n  }\n}\n",
              expected: ["t.conf:3: no \"ssl_certificate\" is defined for the \"listen ... ssl\" directive"]),
+        Case(name: "ssl belongs to the address", text: "http {\n  server { listen 8443 ssl; ssl_certificate a.pem; ssl_certificate_key a.key; }\n  server {\n    listen 8443;\n  }\n}\n",
+             expected: ["t.conf:4: no \"ssl_certificate\" is defined for the \"listen ... ssl\" directive"]),
         Case(name: "certificate without key", text: "http {\n  ssl_certificate a.pem;\n  server { listen 8443 ssl; }\n}\n",
              expected: ["t.conf:2: no \"ssl_certificate_key\" is defined for certificate \"a.pem\""]),
         Case(name: "unknown TLS protocol", text: "http {\n  ssl_protocols TLSv1.2 SSLv3;\n}\n",

@@ -183,6 +183,42 @@ import Glibc
         }
     }
 
+    /// A renewed certificate is picked up by a reload (new handshakes get it; the listening
+    /// socket stays), and the handshake counters reach the Prometheus page.
+    @Test func reloadSwapsTheCertificateAndTheCountersReachTheAdminPage() throws {
+        func config(_ cert: String, admin: Int) -> String {
+            """
+            http {
+                server {
+                    listen 127.0.0.2:\(admin);
+                    location /metrics { stats prometheus; }
+                }
+                server {
+                    listen 127.0.0.1:0 ssl;
+                    ssl_certificate \(TestPKI.path("\(cert).pem"));
+                    ssl_certificate_key \(TestPKI.path("\(cert).key"));
+                    location / { return 200 "hi"; }
+                }
+            }
+            """
+        }
+        let proxy = try RunningProxy(config: config("localhost", admin: 0))
+        defer { proxy.stop() }
+        let admin = proxy.server.boundAddresses[0].port
+        let tls = proxy.server.boundAddresses[1].port
+        let before = try sClient(["-connect", "127.0.0.1:\(tls)"])
+        #expect(before.out.contains("subject=CN = localhost"))
+        try proxy.server.reload(try parse(config("b.test", admin: admin).replacingOccurrences(of: "127.0.0.1:0 ssl", with: "127.0.0.1:\(tls) ssl")))
+        let after = try sClient(["-connect", "127.0.0.1:\(tls)"])
+        #expect(after.out.contains("subject=CN = b.test"))
+        let c = try TestClient(host: "127.0.0.2", port: admin)
+        try c.send("GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n")
+        let page = try c.readResponse().bodyText
+        #expect(page.contains("tether_tls_handshakes_total{result=\"ok\",protocol=\"TLSv1.3\"} 2"))
+        #expect(page.contains("tether_tls_handshake_failures_total{reason=\"not_tls\"} 0"))
+        #expect(page.contains("tether_tls_sessions_reused_total 0"))
+    }
+
     // MARK: Upstream TLS
 
     func withTLSBackend(backend options: TestBackend.Options = .init(), location: String, logs: LogCapture? = nil,

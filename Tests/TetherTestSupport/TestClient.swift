@@ -28,12 +28,12 @@ public final class TestClient: @unchecked Sendable {
         }
     }
 
-    public init(port: Int, timeoutMs: Int = 10_000) throws {
+    public init(host: String = "127.0.0.1", port: Int, timeoutMs: Int = 10_000) throws {
         fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         var addr = sockaddr_in()
         addr.sin_family = sa_family_t(AF_INET)
         addr.sin_port = in_port_t(UInt16(port).bigEndian)
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        addr.sin_addr.s_addr = inet_addr(host)
         let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
         guard rc == 0 else { Glibc.close(fd); throw TestError("connect to \(port) failed: errno \(errno)") }
         setTimeout(ms: timeoutMs)
