@@ -28,6 +28,7 @@ TETHER=$PWD/.build/release/tether
 HZ=$(getconf CLK_TCK)
 
 BACKEND_PORT=18081; TETHER_PORT=18080; NGINX_PORT=18082; STATUS_PORT=18083
+TETHER_TLS_PORT=18443; NGINX_TLS_PORT=18444
 WORK=$(mktemp -d)
 cleanup() {
     for p in $(cat "$WORK"/*.pid 2>/dev/null); do kill "$p" 2>/dev/null || true; done
@@ -35,6 +36,10 @@ cleanup() {
     rm -rf "$WORK"
 }
 trap cleanup EXIT
+
+# --- one ECDSA P-256 certificate for both proxies' TLS listeners
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
+    -keyout "$WORK/tls.key" -out "$WORK/tls.pem" 2>/dev/null
 
 # --- the backend: nginx answering 12 bytes (and 4 KiB / 64 KiB files), with stub_status to count
 # accepted connections
@@ -85,6 +90,12 @@ http {
         listen 127.0.0.1:$TETHER_PORT backlog=4096;
         location / { proxy_pass http://backend; }
     }
+    server {
+        listen 127.0.0.1:$TETHER_TLS_PORT ssl backlog=4096;
+        ssl_certificate $WORK/tls.pem;
+        ssl_certificate_key $WORK/tls.key;
+        location / { proxy_pass http://backend; }
+    }
 }
 CONF
 taskset -c 0 "$TETHER" -c "$WORK/tether.conf" & echo $! > "$WORK/tether.pid"
@@ -114,6 +125,20 @@ http {
             proxy_buffering off;
         }
     }
+    server {
+        listen 127.0.0.1:$NGINX_TLS_PORT ssl backlog=4096;
+        ssl_certificate $WORK/tls.pem;
+        ssl_certificate_key $WORK/tls.key;
+        # nginx 1.22's default stops at TLS 1.2, whose resumed handshakes skip the key exchange;
+        # both proxies offer the same protocols, so both negotiate TLS 1.3 with wrk.
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }
+    }
 }
 CONF
 taskset -c 0 nginx -c "$WORK/nginx.conf" -e "$WORK/nginx.err" & echo $! > "$WORK/nginx.pid"
@@ -121,19 +146,24 @@ taskset -c 0 nginx -c "$WORK/nginx.conf" -e "$WORK/nginx.err" & echo $! > "$WORK
 for port in $BACKEND_PORT $TETHER_PORT $NGINX_PORT $STATUS_PORT; do
     for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/" >/dev/null 2>&1 && break; sleep 0.1; done
 done
+for port in $TETHER_TLS_PORT $NGINX_TLS_PORT; do
+    for _ in $(seq 100); do curl -kfs "https://127.0.0.1:$port/" >/dev/null 2>&1 && break; sleep 0.1; done
+done
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 accepts() { curl -fs "http://127.0.0.1:$STATUS_PORT/" | awk 'NR==3 {print $1}'; }
 
 # run NAME PID PORT CONNECTIONS [PATH [WRK-ARGS...]] -> "rps cpu_us_per_req p99_ms connects"
+# (SCHEME=https for the TLS listeners)
 run() {
     local pid=$2 port=$3 c=$4 path=${5:-/}
     local extra=("${@:6}")
-    local out="$OUT/wrk-$1-c$c$(echo "$path${extra[*]:+-pipelined}" | tr -c 'a-zA-Z0-9-\n' _).txt"
-    taskset -c 1 wrk -t1 -c"$c" -d2s "${extra[@]}" "http://127.0.0.1:$port$path" >/dev/null 2>&1   # warm-up
+    local scheme=${SCHEME:-http}
+    local out="$OUT/wrk-$1-$scheme-c$c$(echo "$path${extra[*]:+-${extra[*]}}" | tr -c 'a-zA-Z0-9-\n' _ | cut -c1-40).txt"
+    taskset -c 1 wrk -t1 -c"$c" -d2s "${extra[@]}" "$scheme://127.0.0.1:$port$path" >/dev/null 2>&1   # warm-up
     local a0 t0; t0=$(cpu_ticks "$pid")
-    taskset -c 1 wrk -t1 -c"$c" -d"${DURATION}s" --latency "${extra[@]}" "http://127.0.0.1:$port$path" > "$out" 2>&1 &
+    taskset -c 1 wrk -t1 -c"$c" -d"${DURATION}s" --latency "${extra[@]}" "$scheme://127.0.0.1:$port$path" > "$out" 2>&1 &
     local wrkpid=$!
     # Upstream connects are counted from 1 s into the run: the warm-up's wrk closed client
     # connections mid-request, and a proxy replaces the upstream connections those left unclean.
@@ -227,6 +257,20 @@ for row in "50 4 KiB:/files/4k" "50 64 KiB:/files/64k" "50 pipelined x8:/:-s:$WO
     echo "| $label | proxy CPU µs/request | $tcpu | $ncpu | $(ratio "$tcpu" "$ncpu") |"
     # wrk does not time pipelined requests (it reports 0).
     [ -n "${opt:-}" ] || echo "| $label | latency p99 (ms) | $tp99 | $np99 | $(ratio "$tp99" "$np99") |"
+done
+# New connections: a connection per request (Connection: close), plain and with TLS (ECDSA P-256,
+# TLS 1.3 as wrk negotiates it with both; wrk resumes sessions with tickets), and keep-alive
+# requests over TLS.
+for row in "50 new connection per request (plain):-H:Connection: close:http:$TETHER_PORT:$NGINX_PORT" \
+           "50 TLS keep-alive:::https:$TETHER_TLS_PORT:$NGINX_TLS_PORT" \
+           "50 TLS new connection per request:-H:Connection: close:https:$TETHER_TLS_PORT:$NGINX_TLS_PORT"; do
+    IFS=: read -r label opt optval scheme tport nport <<<"$row"
+    args=(); [ -n "${opt:-}" ] && args=("$opt" "$optval")
+    read -r trps tcpu tp99 _ <<<"$(SCHEME=$scheme run tether "$TP" "$tport" 50 / "${args[@]}")"
+    read -r nrps ncpu np99 _ <<<"$(SCHEME=$scheme run nginx "$NP" "$nport" 50 / "${args[@]}")"
+    echo "| $label | requests/s | $trps | $nrps | $(ratio "$trps" "$nrps") |"
+    echo "| $label | proxy CPU µs/request | $tcpu | $ncpu | $(ratio "$tcpu" "$ncpu") |"
+    echo "| $label | latency p99 (ms) | $tp99 | $np99 | $(ratio "$tp99" "$np99") |"
 done
 echo "| $IDLE idle | memory per idle client connection (KiB; nginx: growth $ng + preallocated slot $NGINX_SLOT_KIB) | $ti | $ni | $(awk -v a="$ti" -v b="$ni" 'BEGIN{ if (b <= 0) print "–"; else printf "%.2f", a/b }') |"
 } | tee "$OUT/results.md"
