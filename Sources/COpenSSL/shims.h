@@ -29,11 +29,12 @@ static inline long tether_SSL_CTX_set_session_cache_mode(SSL_CTX *ctx, long m) {
 static inline long tether_SSL_CTX_sess_set_cache_size(SSL_CTX *ctx, long n) { return SSL_CTX_sess_set_cache_size(ctx, n); }
 static inline long tether_SSL_CTX_set1_groups_list(SSL_CTX *ctx, const char *list) { return SSL_CTX_set1_groups_list(ctx, list); }
 static inline long tether_SSL_set_tlsext_host_name(SSL *ssl, const char *name) { return SSL_set_tlsext_host_name(ssl, name); }
-static inline long tether_BIO_set_mem_eof_return(BIO *b, long v) { return BIO_set_mem_eof_return(b, v); }
 static inline int tether_SSL_set_app_data(SSL *ssl, void *arg) { return SSL_set_app_data(ssl, arg); }
 static inline void *tether_SSL_get_app_data(const SSL *ssl) { return SSL_get_app_data(ssl); }
 static inline int tether_SSL_CTX_set_app_data(SSL_CTX *ctx, void *arg) { return SSL_CTX_set_app_data(ctx, arg); }
 static inline void *tether_SSL_CTX_get_app_data(const SSL_CTX *ctx) { return SSL_CTX_get_app_data(ctx); }
+static inline void tether_BIO_set_retry_read(BIO *b) { BIO_set_retry_read(b); }
+static inline void tether_BIO_clear_retry_flags(BIO *b) { BIO_clear_retry_flags(b); }
 static inline int tether_ERR_GET_REASON(unsigned long e) { return ERR_GET_REASON(e); }
 static inline int tether_ERR_GET_LIB(unsigned long e) { return ERR_GET_LIB(e); }
 

@@ -18,9 +18,9 @@ public struct TLSHandshakeCompleted: Sendable {
     public var serverName: String?
 }
 
-/// Terminates (server) or originates (client) TLS on one connection through OpenSSL 3, with a
-/// pair of memory BIOs: ciphertext from the socket is written into the read BIO, OpenSSL's output
-/// is taken from the write BIO and written to the socket. Plaintext passes through as `ByteBuffer`s.
+/// Terminates (server) or originates (client) TLS on one connection through OpenSSL 3, over a
+/// `ByteBufferBIO`: OpenSSL reads ciphertext from the buffers the socket delivered and writes its
+/// records into the buffer that goes to the socket. Plaintext passes through as `ByteBuffer`s.
 ///
 /// - Writes made during the handshake are held and sent once it is done.
 /// - `close` (and `close(mode: .output)`) sends `close_notify` first. A `close_notify` from the
@@ -39,8 +39,8 @@ public final class TLSHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     private var state = State.idle
     private let ssl: OpaquePointer
-    private let rbio: OpaquePointer
-    private let wbio: OpaquePointer
+    /// Set in `handlerAdded` (it needs the channel's allocator); the SSL object owns its BIO.
+    private var io: ByteBufferBIO!
     private let context: TLSContext
     /// SNI: the listener's names (server side).
     let serverNames: TLSServerNames?
@@ -73,11 +73,6 @@ public final class TLSHandler: ChannelDuplexHandler, RemovableChannelHandler {
         self.sessionSlot = slot
         self.observer = observer
         ssl = SSL_new(context.ctx)!
-        rbio = BIO_new(BIO_s_mem())!
-        wbio = BIO_new(BIO_s_mem())!
-        // An empty read BIO means "wait for more" (WANT_READ), not EOF.
-        _ = tether_BIO_set_mem_eof_return(rbio, -1)
-        SSL_set_bio(ssl, rbio, wbio)
         if context.isServer {
             SSL_set_accept_state(ssl)
         } else {
@@ -93,7 +88,7 @@ public final class TLSHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     deinit {
-        SSL_free(ssl)  // frees both BIOs too
+        SSL_free(ssl)  // frees the BIO too
     }
 
     /// Called once the handler is in place, to set what needs `self`'s address.
@@ -110,6 +105,10 @@ public final class TLSHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     public func handlerAdded(context: ChannelHandlerContext) {
         ctx = context
+        if io == nil {
+            io = ByteBufferBIO(allocator: context.channel.allocator)
+            SSL_set_bio(ssl, io.bio, io.bio)  // one reference, taken by the SSL object
+        }
         bindSelf()
         if context.channel.isActive { start(context) }
     }
@@ -144,17 +143,13 @@ public final class TLSHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        var bytes = unwrapInboundIn(data)
         guard state != .closed else { return }
-        bytes.withUnsafeReadableBytes { p in
-            if p.count > 0 { _ = BIO_write(rbio, p.baseAddress, Int32(p.count)) }
-        }
+        io.receive(unwrapInboundIn(data))
         switch state {
         case .handshaking: doHandshake(context)
         case .active, .closing: readPlaintext(context)
         case .idle, .closed: break
         }
-        bytes.clear()
     }
 
     public func channelInactive(context: ChannelHandlerContext) {
@@ -276,10 +271,10 @@ public final class TLSHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// Decrypts what the read BIO holds and passes the plaintext on.
     private func readPlaintext(_ context: ChannelHandlerContext) {
         while state == .active || state == .closing {
-            let available = Int(BIO_ctrl_pending(rbio)) + Int(SSL_pending(ssl))
+            let available = io.inboundBytes + Int(SSL_pending(ssl))
             if available == 0 { break }
-            var out = context.channel.allocator.buffer(capacity: min(max(available, 1024), 16384 + 256))
-            ERR_clear_error()
+            var out = io.allocator.buffer(capacity: min(max(available, 1024), 16384 + 256))
+            // The error queue is empty here: every failure below drains it.
             var rc: Int32 = 0
             out.writeWithUnsafeMutableBytes(minimumWritableBytes: 0) { p in
                 rc = SSL_read(ssl, p.baseAddress, Int32(p.count))
@@ -326,7 +321,7 @@ public final class TLSHandler: ChannelDuplexHandler, RemovableChannelHandler {
         var total = 0
         for (b, _) in pending.prefix(count) { total += b.readableBytes }
         if count > 1 && total <= 16384 {
-            var joined = context.channel.allocator.buffer(capacity: total)
+            var joined = io.allocator.buffer(capacity: total)
             while count > 0 {
                 var (b, p) = pending.removeFirst()
                 joined.writeBuffer(&b)
@@ -366,22 +361,16 @@ public final class TLSHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// SSL_write into the memory BIO: it never blocks, so all of `buffer` is taken.
     private func writePlaintext(_ buffer: ByteBuffer) -> Bool {
         guard buffer.readableBytes > 0 else { return true }
-        ERR_clear_error()
         return buffer.withUnsafeReadableBytes { p in
             SSL_write(ssl, p.baseAddress, Int32(p.count)) > 0
         }
     }
 
-    /// Moves what OpenSSL wrote into the write BIO to the socket, flushed.
+    /// Sends the records OpenSSL wrote, flushed.
     private func sendCiphertext(_ context: ChannelHandlerContext, promise: EventLoopPromise<Void>?) {
-        let n = Int(BIO_ctrl_pending(wbio))
-        guard n > 0 else {
+        guard let out = io.takeOutbound() else {
             promise?.succeed(())
             return
-        }
-        var out = context.channel.allocator.buffer(capacity: n)
-        out.writeWithUnsafeMutableBytes(minimumWritableBytes: n) { p in
-            Int(BIO_read(wbio, p.baseAddress, Int32(n)))
         }
         context.writeAndFlush(wrapOutboundOut(out), promise: promise)
     }
