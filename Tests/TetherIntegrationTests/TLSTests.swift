@@ -312,6 +312,59 @@ import Glibc
         }
     }
 
+    /// A TLS backend that marks a response's end by closing: with close_notify the response is
+    /// complete; without it (a ragged EOF) it may be truncated, and the client must be able to tell.
+    @Test(arguments: [true, false])
+    func aCloseDelimitedUpstreamResponseIsCompleteOnlyWithCloseNotify(_ clean: Bool) throws {
+        let script = """
+            import socket, ssl, sys
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+            srv = socket.socket()
+            srv.bind(("127.0.0.1", 0))
+            srv.listen(8)
+            print(srv.getsockname()[1], flush=True)
+            conn = ctx.wrap_socket(srv.accept()[0], server_side=True)
+            data = b""
+            while b"\\r\\n\\r\\n" not in data:
+                data += conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 200 OK\\r\\nConnection: close\\r\\n\\r\\n" + b"x" * 5000)
+            if sys.argv[3] == "clean":
+                conn.unwrap()  # sends close_notify
+            conn.close()       # without unwrap: a TCP close and no close_notify
+            """
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+        p.arguments = ["-c", script, TestPKI.path("localhost.pem"), TestPKI.path("localhost.key"), clean ? "clean" : "ragged"]
+        let out = Pipe()
+        p.standardOutput = out
+        try p.run()
+        defer { p.terminate(); p.waitUntilExit() }
+        var line = Data()
+        while !line.contains(UInt8(ascii: "\n")) {
+            let d = out.fileHandleForReading.availableData
+            if d.isEmpty { break }
+            line.append(d)
+        }
+        let port = Int(String(decoding: line, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+        let logs = LogCapture()
+        let proxy = try RunningProxy(config: """
+            worker_processes 1;
+            http { server { listen 127.0.0.1:0; location / { proxy_pass https://127.0.0.1:\(port); } } }
+            """, logs: logs)
+        defer { proxy.stop() }
+        let c = try proxy.client()
+        try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        if clean {
+            let r = try c.readResponse()
+            #expect(r.status == 200 && r.body.count == 5000 && r.header("transfer-encoding") == "chunked")
+        } else {
+            #expect(throws: (any Error).self, "the chunked body has no end") { try c.readResponse() }
+            #expect(c.waitForClose(timeoutMs: 2_000))
+            #expect(logs.messages.contains { $0.contains("without close_notify") && $0.contains("may be truncated") })
+        }
+    }
+
     @Test func theReleaseBinaryLinksTheSystemOpenSSL() throws {
         let r = try run("/usr/bin/ldd", [try tetherExecutable().path])
         #expect(r.out.contains("libssl.so.3"))
