@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Tether against nginx as a reverse proxy, in one run, in front of the same nginx backend.
+# Tether against nginx and HAProxy as reverse proxies, in one run, in front of the same nginx backend.
 #
 #   bench/run.sh                 # 10 s per row
 #   DURATION=5 bench/run.sh      # shorter
@@ -8,7 +8,7 @@
 # Proxy CPU is utime+stime from /proc/PID/stat over each wrk run. Upstream connects are the
 # backend's accepted-connection count (its stub_status) from 1 s into the run to its end. Idle memory is the RSS
 # growth of the proxy while it holds IDLE keep-alive client connections.
-# Writes bench/out/results.md (a Markdown table with Tether/nginx ratios) and prints it.
+# Writes bench/out/results.md (a Markdown table with Tether/nginx and Tether/HAProxy ratios) and prints it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
@@ -17,9 +17,9 @@ OUT=bench/out
 mkdir -p "$OUT"
 
 need() { command -v "$1" >/dev/null 2>&1; }
-if ! need wrk || ! need nginx || ! need taskset; then
+if ! need wrk || ! need nginx || ! need taskset || ! need haproxy || ! need openssl; then
     apt-get update -qq
-    apt-get install -y -qq wrk nginx-light util-linux >/dev/null
+    apt-get install -y -qq wrk nginx-light haproxy util-linux openssl >/dev/null
 fi
 ulimit -n 65536 || true
 
@@ -29,6 +29,8 @@ HZ=$(getconf CLK_TCK)
 
 BACKEND_PORT=18081; TETHER_PORT=18080; NGINX_PORT=18082; STATUS_PORT=18083
 TETHER_TLS_PORT=18443; NGINX_TLS_PORT=18444
+HAPROXY_PORT=18085; HAPROXY_TLS_PORT=18445
+TETHER2_PORT=18086; NGINX2_PORT=18087
 WORK=$(mktemp -d)
 cleanup() {
     for p in $(cat "$WORK"/*.pid 2>/dev/null); do kill "$p" 2>/dev/null || true; done
@@ -40,6 +42,7 @@ trap cleanup EXIT
 # --- one ECDSA P-256 certificate for both proxies' TLS listeners
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
     -keyout "$WORK/tls.key" -out "$WORK/tls.pem" 2>/dev/null
+cat "$WORK/tls.pem" "$WORK/tls.key" > "$WORK/tls-haproxy.pem"   # HAProxy wants both in one file
 
 # --- the backend: nginx answering 12 bytes (and 4 KiB / 64 KiB files), with stub_status to count
 # accepted connections
@@ -143,10 +146,72 @@ http {
 CONF
 taskset -c 0 nginx -c "$WORK/nginx.conf" -e "$WORK/nginx.err" & echo $! > "$WORK/nginx.pid"
 
-for port in $BACKEND_PORT $TETHER_PORT $NGINX_PORT $STATUS_PORT; do
+# --- HAProxy, one thread, keep-alive both sides and "http-reuse always", the setting that keeps
+# upstream connections shared across client connections
+cat > "$WORK/haproxy.cfg" <<CONF
+global
+    nbthread 1
+    maxconn 9000   # its FD check needs 2 × maxconn + spare under this machine's 20,000 limit
+    tune.ssl.default-dh-param 2048
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+    timeout http-keep-alive 300s
+    option http-keep-alive
+    http-reuse always
+frontend plain
+    bind 127.0.0.1:$HAPROXY_PORT
+    default_backend backend
+frontend tls
+    bind 127.0.0.1:$HAPROXY_TLS_PORT ssl crt $WORK/tls-haproxy.pem alpn http/1.1 ssl-min-ver TLSv1.2
+    default_backend backend
+backend backend
+    server b1 127.0.0.1:$BACKEND_PORT
+CONF
+taskset -c 0 haproxy -db -f "$WORK/haproxy.cfg" 2> "$WORK/haproxy.err" & echo $! > "$WORK/haproxy.pid"
+
+# --- for the scaling row: Tether with 2 event loops and nginx with 2 workers, not pinned
+cat > "$WORK/tether2.conf" <<CONF
+worker_processes 2;
+error_log $WORK/tether2.err error;
+events { worker_connections 65536; }
+http {
+    keepalive_timeout 300s;
+    keepalive_requests 1000000;
+    upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 64; keepalive_requests 1000000; }
+    server {
+        listen 127.0.0.1:$TETHER2_PORT backlog=4096;
+        location / { proxy_pass http://backend; }
+    }
+}
+CONF
+"$TETHER" -c "$WORK/tether2.conf" & echo $! > "$WORK/tether2.pid"
+cat > "$WORK/nginx2.conf" <<CONF
+worker_processes 2;
+daemon off;
+pid $WORK/proxy2.nginxpid;
+error_log $WORK/nginx2.err;
+worker_rlimit_nofile 65536;
+events { worker_connections 65536; }
+http {
+    access_log off;
+    keepalive_timeout 300s;
+    keepalive_requests 1000000;
+    upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 64; keepalive_requests 1000000; }
+    server {
+        listen 127.0.0.1:$NGINX2_PORT backlog=4096 reuseport;
+        location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; }
+    }
+}
+CONF
+nginx -c "$WORK/nginx2.conf" -e "$WORK/nginx2.err" & echo $! > "$WORK/nginx2.pid"
+
+for port in $BACKEND_PORT $TETHER_PORT $NGINX_PORT $STATUS_PORT $HAPROXY_PORT $TETHER2_PORT $NGINX2_PORT; do
     for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/" >/dev/null 2>&1 && break; sleep 0.1; done
 done
-for port in $TETHER_TLS_PORT $NGINX_TLS_PORT; do
+for port in $TETHER_TLS_PORT $NGINX_TLS_PORT $HAPROXY_TLS_PORT; do
     for _ in $(seq 100); do curl -kfs "https://127.0.0.1:$port/" >/dev/null 2>&1 && break; sleep 0.1; done
 done
 
@@ -209,7 +274,7 @@ PY
     awk -v a="$after" -v b="$before" -v n="$IDLE" 'BEGIN{printf "%.2f", (a-b)/n}'
 }
 
-TP=$(cat "$WORK/tether.pid"); NP=$(cat "$WORK/nginx.pid")
+TP=$(cat "$WORK/tether.pid"); NP=$(cat "$WORK/nginx.pid"); HP=$(cat "$WORK/haproxy.pid")
 
 
 # nginx allocates its connection table for all worker_connections at start, so its RSS barely
@@ -230,47 +295,51 @@ sleep 1
 NGINX_SLOT_KIB=$(awk -v big="$(rss_kb "$NP")" -v small="$(rss_kb "$(cat "$WORK/small.pid")")" 'BEGIN{printf "%.3f", (big - small) / (65536 - 1024)}')
 # Idle memory first, while both proxies are fresh: after the load rows their heaps hold freed
 # memory that new connections would reuse, hiding what a connection costs.
-ti=$(idle tether "$TP" $TETHER_PORT); ng=$(idle nginx "$NP" $NGINX_PORT)
+ti=$(idle tether "$TP" $TETHER_PORT); ng=$(idle nginx "$NP" $NGINX_PORT); hi=$(idle haproxy "$HP" $HAPROXY_PORT)
 ni=$(awk -v g="$ng" -v s="$NGINX_SLOT_KIB" 'BEGIN{printf "%.2f", g + s}')
-{
-echo "Tether $(${TETHER} -v | awk '{print $3}') vs $(nginx -v 2>&1 | sed 's/.*: //'), $(date -u +%Y-%m-%d), $(nproc) cores, ${DURATION}s per row, 12-byte responses, keep-alive both sides."
-echo "Proxy pinned to core 0 (one event loop / one worker); wrk and the nginx backend on core 1."
-echo "Rows: connections (and response size or pipelining depth; 12-byte responses otherwise)."
-echo
-echo "| connections | metric | Tether | nginx | Tether/nginx |"
-echo "|---|---|---|---|---|"
-for c in 50 256; do
-    read -r trps tcpu tp99 tcx <<<"$(run tether "$TP" $TETHER_PORT $c)"
-    read -r nrps ncpu np99 ncx <<<"$(run nginx "$NP" $NGINX_PORT $c)"
-    ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b == 0) print "–"; else printf "%.2f", a/b }'; }
-    echo "| $c | requests/s | $trps | $nrps | $(ratio "$trps" "$nrps") |"
-    echo "| $c | proxy CPU µs/request | $tcpu | $ncpu | $(ratio "$tcpu" "$ncpu") |"
-    echo "| $c | latency p99 (ms) | $tp99 | $np99 | $(ratio "$tp99" "$np99") |"
-    echo "| $c | upstream connects after the first second | $tcx | $ncx | – |"
-done
-for row in "50 4 KiB:/files/4k" "50 64 KiB:/files/64k" "50 pipelined x8:/:-s:$WORK/pipeline.lua"; do
-    IFS=: read -r label path opt optval <<<"$row"
-    args=(); [ -n "${opt:-}" ] && args=("$opt" "$optval")
-    read -r trps tcpu tp99 _ <<<"$(run tether "$TP" $TETHER_PORT 50 "$path" "${args[@]}")"
-    read -r nrps ncpu np99 _ <<<"$(run nginx "$NP" $NGINX_PORT 50 "$path" "${args[@]}")"
-    echo "| $label | requests/s | $trps | $nrps | $(ratio "$trps" "$nrps") |"
-    echo "| $label | proxy CPU µs/request | $tcpu | $ncpu | $(ratio "$tcpu" "$ncpu") |"
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b == 0) print "–"; else printf "%.2f", a/b }'; }
+
+# row LABEL CONNECTIONS PATH SCHEME TETHER-PORT NGINX-PORT HAPROXY-PORT [WRK-ARGS...]: prints the rows
+# of one workload measured on the three proxies, one after the other.
+row() {
+    local label=$1 c=$2 path=$3 scheme=$4 tport=$5 nport=$6 hport=$7
+    local args=("${@:8}")
+    local trps tcpu tp99 tcx nrps ncpu np99 ncx hrps hcpu hp99 hcx
+    read -r trps tcpu tp99 tcx <<<"$(SCHEME=$scheme run tether "$TP" "$tport" "$c" "$path" "${args[@]}")"
+    read -r nrps ncpu np99 ncx <<<"$(SCHEME=$scheme run nginx "$NP" "$nport" "$c" "$path" "${args[@]}")"
+    read -r hrps hcpu hp99 hcx <<<"$(SCHEME=$scheme run haproxy "$HP" "$hport" "$c" "$path" "${args[@]}")"
+    echo "| $label | requests/s | $trps | $nrps | $hrps | $(ratio "$trps" "$nrps") | $(ratio "$trps" "$hrps") |"
+    echo "| $label | proxy CPU µs/request | $tcpu | $ncpu | $hcpu | $(ratio "$tcpu" "$ncpu") | $(ratio "$tcpu" "$hcpu") |"
     # wrk does not time pipelined requests (it reports 0).
-    [ -n "${opt:-}" ] || echo "| $label | latency p99 (ms) | $tp99 | $np99 | $(ratio "$tp99" "$np99") |"
-done
-# New connections: a connection per request (Connection: close), plain and with TLS (ECDSA P-256,
-# TLS 1.3 as wrk negotiates it with both; wrk resumes sessions with tickets), and keep-alive
-# requests over TLS.
-for row in "50 new connection per request (plain):-H:Connection: close:http:$TETHER_PORT:$NGINX_PORT" \
-           "50 TLS keep-alive:::https:$TETHER_TLS_PORT:$NGINX_TLS_PORT" \
-           "50 TLS new connection per request:-H:Connection: close:https:$TETHER_TLS_PORT:$NGINX_TLS_PORT"; do
-    IFS=: read -r label opt optval scheme tport nport <<<"$row"
-    args=(); [ -n "${opt:-}" ] && args=("$opt" "$optval")
-    read -r trps tcpu tp99 _ <<<"$(SCHEME=$scheme run tether "$TP" "$tport" 50 / "${args[@]}")"
-    read -r nrps ncpu np99 _ <<<"$(SCHEME=$scheme run nginx "$NP" "$nport" 50 / "${args[@]}")"
-    echo "| $label | requests/s | $trps | $nrps | $(ratio "$trps" "$nrps") |"
-    echo "| $label | proxy CPU µs/request | $tcpu | $ncpu | $(ratio "$tcpu" "$ncpu") |"
-    echo "| $label | latency p99 (ms) | $tp99 | $np99 | $(ratio "$tp99" "$np99") |"
-done
-echo "| $IDLE idle | memory per idle client connection (KiB; nginx: growth $ng + preallocated slot $NGINX_SLOT_KIB) | $ti | $ni | $(awk -v a="$ti" -v b="$ni" 'BEGIN{ if (b <= 0) print "–"; else printf "%.2f", a/b }') |"
+    case "${args[*]}" in *pipeline*) ;; *) echo "| $label | latency p99 (ms) | $tp99 | $np99 | $hp99 | $(ratio "$tp99" "$np99") | $(ratio "$tp99" "$hp99") |" ;; esac
+    case "$label" in *new*|*TLS*|*KiB*|*pipelined*) ;; *) echo "| $label | upstream connects after the first second | $tcx | $ncx | $hcx | – | – |" ;; esac
+}
+
+{
+echo "Tether $(${TETHER} -v | awk '{print $3}') vs $(nginx -v 2>&1 | sed 's/.*: //') and HAProxy $(haproxy -v | awk 'NR==1 {print $3}'), $(date -u +%Y-%m-%d), $(nproc) cores, ${DURATION}s per row, keep-alive both sides."
+echo "Each proxy pinned to core 0 (one event loop / worker / thread); wrk and the nginx backend on core 1."
+echo "Rows: client connections, then response size, pipelining depth, new connections or TLS where it says so (12-byte responses otherwise)."
+echo
+echo "| workload | metric | Tether | nginx | HAProxy | Tether/nginx | Tether/HAProxy |"
+echo "|---|---|---|---|---|---|---|"
+row "50" 50 / http $TETHER_PORT $NGINX_PORT $HAPROXY_PORT
+row "256" 256 / http $TETHER_PORT $NGINX_PORT $HAPROXY_PORT
+row "1000" 1000 / http $TETHER_PORT $NGINX_PORT $HAPROXY_PORT
+row "50, 4 KiB" 50 /files/4k http $TETHER_PORT $NGINX_PORT $HAPROXY_PORT
+row "50, 64 KiB" 50 /files/64k http $TETHER_PORT $NGINX_PORT $HAPROXY_PORT
+row "50, pipelined x8" 50 / http $TETHER_PORT $NGINX_PORT $HAPROXY_PORT -s "$WORK/pipeline.lua"
+row "50, new connection per request" 50 / http $TETHER_PORT $NGINX_PORT $HAPROXY_PORT -H "Connection: close"
+# TLS: ECDSA P-256; all three offer TLS 1.2 and 1.3 and negotiate 1.3 with wrk, which resumes
+# sessions with tickets on new connections.
+row "50, TLS keep-alive" 50 / https $TETHER_TLS_PORT $NGINX_TLS_PORT $HAPROXY_TLS_PORT
+row "50, TLS, new connection per request" 50 / https $TETHER_TLS_PORT $NGINX_TLS_PORT $HAPROXY_TLS_PORT -H "Connection: close"
+echo "| $IDLE idle | memory per idle client connection (KiB; nginx: growth $ng + preallocated slot $NGINX_SLOT_KIB) | $ti | $ni | $hi | $(ratio "$ti" "$ni") | $(ratio "$ti" "$hi") |"
+echo
+# Scaling: the same proxies with 2 event loops / workers on both cores (sharing them with wrk and the
+# backend, so this shows how much a second loop adds on this machine, not linear scaling).
+read -r t2 _ _ _ <<<"$(run tether2 "$(cat "$WORK/tether2.pid")" $TETHER2_PORT 256)"
+read -r n2 _ _ _ <<<"$(run nginx2 "$(cat "$WORK/nginx2.pid")" $NGINX2_PORT 256)"
+read -r t1 _ _ _ <<<"$(run tether "$TP" $TETHER_PORT 256)"
+read -r n1 _ _ _ <<<"$(run nginx "$NP" $NGINX_PORT 256)"
+echo "Scaling at 256 connections, 2 event loops / workers unpinned against 1 pinned: Tether $t2 vs $t1 requests/s ($(ratio "$t2" "$t1")×), nginx $n2 vs $n1 ($(ratio "$n2" "$n1")×). wrk and the backend share the 2 cores."
 } | tee "$OUT/results.md"

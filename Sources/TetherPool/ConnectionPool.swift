@@ -23,8 +23,10 @@ public struct PoolPolicy: Sendable, Equatable {
     public var idleTimeoutMs: Int64
     public var maxRequests: Int
     public var maxLifetimeMs: Int64
-    /// Idle connections beyond `keepalive` are closed once idle this long: surplus is trimmed
-    /// gradually, never at release, so a steady load above `keepalive` does not churn.
+    /// Idle connections beyond `keepalive` are closed once idle this long, and only as many as
+    /// the recent peak of connections in use does not need: surplus is trimmed gradually, never
+    /// at release, so a steady load above `keepalive` does not churn. It is also the length of the
+    /// windows the peak is taken over.
     public var trimAfterMs: Int64 = 2_000
     /// Learned idle windows never go below this.
     public var learnedFloorMs: Int64 = 250
@@ -66,8 +68,25 @@ public struct ConnectionPool<ID: Hashable & Sendable>: Sendable {
     /// What the backend last advertised in `Keep-Alive: timeout=`, in milliseconds.
     public private(set) var advertisedTimeoutMs: Int64?
     private var warnedAboutTimeout = false
+    /// The most connections in use at once in each of the last `peakWindows` windows of
+    /// `trimAfterMs` (the current one first): what a load has recently needed, which trimming
+    /// leaves in place. (HAProxy's idle pool purge works from recent usage in the same way.)
+    /// Taking the peak rather than idle time alone keeps the least recently used connections,
+    /// which a load only reaches at its peaks, from being closed and opened again at every peak.
+    private var windowPeaks = [Int](repeating: 0, count: ConnectionPool.peakWindows)
+    private var windowStart: Int64 = 0
+    /// With 2 s windows, peaks are remembered for 8 to 10 s.
+    static var peakWindows: Int { 5 }
 
     public init(policy: PoolPolicy) { self.policy = policy }
+
+    /// Connections in use now (leased, and being connected for a lease).
+    private mutating func notePeak() {
+        windowPeaks[0] = max(windowPeaks[0], leased.count + connecting)
+    }
+
+    /// The connections recent peaks needed.
+    public var recentPeak: Int { windowPeaks.max()! }
 
     public var idleCount: Int { idle.count }
     public var leasedCount: Int { leased.count }
@@ -97,15 +116,18 @@ public struct ConnectionPool<ID: Hashable & Sendable>: Sendable {
             e.requests += 1
             if let r = e.headerRemaining { e.headerRemaining = r - 1 }
             leased[e.id] = e
+            notePeak()
             return (.reuse(e.id, idleMs: idleMs), close)
         }
         connecting += 1
+        notePeak()
         return (.connect, close)
     }
 
     /// Starts a connect without looking at idle connections (a retry that must not reuse one).
     public mutating func connectFresh() {
         connecting += 1
+        notePeak()
     }
 
     /// A connect asked for by `lease` finished: the connection is now leased for its first request.
@@ -207,13 +229,24 @@ public struct ConnectionPool<ID: Hashable & Sendable>: Sendable {
         return nil
     }
 
-    /// Periodic upkeep: idle connections that expired, and surplus beyond `keepalive` that has sat
-    /// idle for `trimAfterMs`. Returns those to close.
+    /// Periodic upkeep: idle connections that expired, and surplus that has sat idle for
+    /// `trimAfterMs`: beyond `keepalive` idle ones, and beyond what the recent peak needed.
+    /// Returns those to close.
     public mutating func tick(now: Int64) -> [(ID, CloseReason)] {
+        let elapsed = (now - windowStart) / max(1, policy.trimAfterMs)
+        if elapsed > 0 {
+            // Windows without a lease had what is in use now in use throughout.
+            let inUse = leased.count + connecting
+            for _ in 0..<min(Int(elapsed), windowPeaks.count) {
+                windowPeaks.removeLast()
+                windowPeaks.insert(inUse, at: 0)
+            }
+            windowStart += elapsed * max(1, policy.trimAfterMs)
+        }
         var close: [(ID, CloseReason)] = []
         var kept: Deque<Entry> = []
         // Oldest first: the surplus to trim is the least recently used.
-        var surplus = idle.count - policy.keepalive
+        var surplus = min(idle.count - policy.keepalive, idle.count + leased.count + connecting - recentPeak)
         for e in idle {
             if let reason = expiry(of: e, now: now) {
                 close.append((e.id, reason)); surplus -= 1

@@ -26,10 +26,49 @@ import Testing
         #expect(p.idleCount == 4)
         // Still within the trim age: nothing closed, a steady load above keepalive does not churn.
         #expect(p.tick(now: 1_000).isEmpty)
-        let closed = p.tick(now: 2_100)
+        // Idle long enough, but the peak that needed four is recent: kept.
+        #expect(p.tick(now: 2_100).isEmpty)
+        #expect(p.tick(now: 8_000).isEmpty)
+        // Five windows without that peak: the least recently used surplus goes.
+        let closed = p.tick(now: 12_200)
         #expect(closed.map(\.0) == [1, 2, 3])
         #expect(closed.allSatisfy { $0.1 == .trimmed })
         #expect(p.idleCount == 1)
+    }
+
+    /// A load that needs N connections at its peaks and fewer in between keeps N: the least
+    /// recently used ones sit idle between peaks but are not closed and opened again at each.
+    @Test func connectionsTheRecentPeakNeededAreKeptThroughIdleStretches() {
+        var p = pool(keepalive: 2)
+        var now: Int64 = 0
+        var connects = 0
+        var nextID = 0
+        // Every 3 s a burst of 10 at once; in between, one at a time.
+        for _ in 0..<10 {
+            var held: [Int] = []
+            for _ in 0..<10 {
+                switch p.lease(now: now).0 {
+                case .reuse(let id, _): held.append(id)
+                case .connect: nextID += 1; connects += 1; p.connected(nextID, now: now); held.append(nextID)
+                }
+            }
+            now += 10
+            for id in held { _ = p.release(id, now: now, reusable: true) }
+            for _ in 0..<30 {
+                now += 100
+                switch p.lease(now: now).0 {
+                case .reuse(let id, _): _ = p.release(id, now: now + 1, reusable: true)
+                case .connect: nextID += 1; connects += 1; p.connected(nextID, now: now); _ = p.release(nextID, now: now + 1, reusable: true)
+                }
+                _ = p.tick(now: now)
+            }
+        }
+        #expect(connects == 10, "only the first burst connects")
+        // When the bursts stop, the surplus goes once the last peak is out of the remembered windows.
+        for _ in 0..<40 { now += 100; _ = p.tick(now: now) }
+        #expect(p.idleCount == 10, "7 s after the last burst it is still remembered")
+        for _ in 0..<60 { now += 100; _ = p.tick(now: now) }
+        #expect(p.idleCount == 2)
     }
 
     @Test func idleTimeoutExpiresAtLeaseAndTick() {
