@@ -29,7 +29,7 @@ public struct TLSHandshakeCompleted: Sendable {
 ///   OpenSSL 3 never sees that EOF (it would report it as an error unless
 ///   `SSL_OP_IGNORE_UNEXPECTED_EOF` is set), so it is the HTTP layer that decides whether it
 ///   truncated something (a close-delimited upstream response) or is a client simply leaving.
-public final class TLSHandler: ChannelDuplexHandler, RemovableChannelHandler {
+public final class TLSHandler: ChannelDuplexHandler {
     public typealias InboundIn = ByteBuffer
     public typealias InboundOut = ByteBuffer
     public typealias OutboundIn = ByteBuffer
@@ -233,33 +233,26 @@ public final class TLSHandler: ChannelDuplexHandler, RemovableChannelHandler {
             sendCiphertext(context, promise: nil)
         default:
             let errors = OpenSSLErrors.drain()
-            var failure = TLSHandshakeFailure.classify(errors)
-            if failure == .certificate || !context.channel.isActive {
-                // keep as classified
-            } else if errors.codes.isEmpty {
-                failure = .other
-            }
+            let failure = TLSHandshakeFailure.classify(errors)
             var detail = errors.description
             if failure == .certificate {
                 let v = SSL_get_verify_result(ssl)
                 if v != X509_V_OK, let s = X509_verify_cert_error_string(v) { detail += " (\(String(cString: s)))" }
             }
-            fail(context, .handshakeFailed(failure, detail: detail), handshake: failure)
+            fail(context, .handshakeFailed(failure, detail: detail))
         }
     }
 
     private func handshakeTimedOut() {
         guard state == .handshaking, let context = ctx else { return }
         handshakeTimer = nil
-        fail(context, .handshakeFailed(.timeout, detail: "ssl_handshake_timeout passed"), handshake: .timeout)
+        fail(context, .handshakeFailed(.timeout, detail: "ssl_handshake_timeout passed"))
     }
 
     /// Sends whatever alert OpenSSL produced, reports the error and closes.
-    private func fail(_ context: ChannelHandlerContext, _ error: TLSError, handshake: TLSHandshakeFailure?) {
+    private func fail(_ context: ChannelHandlerContext, _ error: TLSError) {
         sendCiphertext(context, promise: nil)
-        if let handshake {
-            if case .handshakeFailed(_, let detail) = error { observer?.tlsHandshakeFailed(handshake, detail: detail) }
-        }
+        if case .handshakeFailed(let failure, let detail) = error { observer?.tlsHandshakeFailed(failure, detail: detail) }
         state = .closed
         handshakeTimer?.cancel()
         handshakeTimer = nil
@@ -268,7 +261,7 @@ public final class TLSHandler: ChannelDuplexHandler, RemovableChannelHandler {
         context.close(promise: nil)
     }
 
-    /// Decrypts what the read BIO holds and passes the plaintext on.
+    /// Decrypts the ciphertext received so far and passes the plaintext on, a record at a time.
     private func readPlaintext(_ context: ChannelHandlerContext) {
         while state == .active || state == .closing {
             let available = io.inboundBytes + Int(SSL_pending(ssl))
@@ -305,7 +298,7 @@ public final class TLSHandler: ChannelDuplexHandler, RemovableChannelHandler {
                 return
             default:
                 let errors = OpenSSLErrors.drain()
-                fail(context, .protocolError(detail: errors.description), handshake: nil)
+                fail(context, .protocolError(detail: errors.description))
                 return
             }
         }
@@ -355,7 +348,7 @@ public final class TLSHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private func failAfterWrite(_ context: ChannelHandlerContext, _ promises: [EventLoopPromise<Void>]) {
         let error = TLSError.protocolError(detail: OpenSSLErrors.drain().description)
         for p in promises { p.fail(error) }
-        fail(context, error, handshake: nil)
+        fail(context, error)
     }
 
     /// SSL_write into the memory BIO: it never blocks, so all of `buffer` is taken.
