@@ -780,7 +780,13 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         flushIfNeeded()
         if e.closeAfter {
             state = .closed
-            flushAndClose()
+            if e.requestBodyDone && (inbound?.readableBytes ?? 0) == 0 {
+                // Nothing more is expected from the client: close once the response is written,
+                // as nginx does, instead of a half-close and a lingering wait.
+                closeWhenWritten()
+            } else {
+                flushAndClose()
+            }
             return
         }
         state = .idle
@@ -909,6 +915,18 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         // After our FIN, wait briefly for the client's (lingering close, as nginx), then close.
         let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
         timer = loop.eventLoop.assumeIsolated().scheduleTask(in: .seconds(5)) { bound.value.close() }
+    }
+
+    /// Closes after what was written reaches the socket (a close at once would drop writes still
+    /// queued). Small responses are written within the flush, so this closes at once then.
+    private func closeWhenWritten() {
+        needsFlush = false
+        timer?.cancel()
+        timer = nil
+        let ctx = context!
+        let written = ctx.eventLoop.makePromise(of: Void.self)
+        ctx.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: written)
+        written.futureResult.assumeIsolated().whenComplete { _ in ctx.close(promise: nil) }
     }
 
     func close() {
