@@ -61,12 +61,15 @@ final class CompiledLocation: Sendable {
     /// settings for `proxy_pass https://` (connections are reused only under the same ones).
     let poolKey: String
     let upstreamTLS: TLSContext?
+    /// `proxy_http_version 1.0` (checked per request, so not a string comparison each time).
+    let proxyHTTP10: Bool
 
     init(location: Location?, settings: HTTPSettings, action: Location.Action, serverIndex: Int, poolKey: String? = nil, upstreamTLS: TLSContext? = nil) {
         self.location = location
         self.serverIndex = serverIndex
         if case .proxy(let pass) = action { self.poolKey = poolKey ?? pass.upstream } else { self.poolKey = "" }
         self.upstreamTLS = upstreamTLS
+        proxyHTTP10 = settings.proxyHTTPVersion == "1.0"
         pathBytes = Array((location?.path ?? "").utf8)
         match = location?.match ?? .prefix
         self.settings = settings

@@ -33,6 +33,8 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     private var state = State.idle
     private var inbound: ByteBuffer?
     private var headerStorage: [HeaderField] = []
+    /// The same for response heads: their header array's storage, kept between responses.
+    private var responseHeaderStorage: [HeaderField] = []
     private var ex: Exchange?
     private var requests = 0
     private let acceptedAt = NIODeadline.now()
@@ -272,7 +274,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             }
             respondLocal(status: r.code, text: text)
         case .proxy(let pass):
-            if head.chunked && route.settings.proxyHTTPVersion == "1.0" {
+            if head.chunked && route.proxyHTTP10 {
                 // An HTTP/1.0 backend cannot read a chunked body, and Tether does not buffer
                 // bodies to learn their length.
                 respondLocal(status: 411, closeAfter: true)
@@ -334,7 +336,6 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         e.tries += 1
         let server = group.servers[index]
         e.server = server
-        e.upstreamAddrText = server.spec.addressText
         e.phase = .head
         e.responseHeadBuffer = nil
         group.balancer.started(index)
@@ -571,14 +572,15 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
 
     private func parseResponseHead() {
         while let e = ex, e.phase == .head, let buf = e.responseHeadBuffer {
-            var storage: [HeaderField] = []
-            switch HeadParser.parse(buf, kind: .response, limits: .response, headers: &storage) {
+            switch HeadParser.parse(buf, kind: .response, limits: .response, headers: &responseHeaderStorage) {
             case .incomplete:
                 return
             case .error(let err):
                 upstreamFailed(.invalidHeader, detail: "upstream \(e.upstreamAddrText) sent an invalid response: \(err.reason)")
                 return
-            case .complete(let head, let consumed):
+            case .complete(var head, let consumed):
+                // The parser moved the storage into the head; it comes back when the head is done.
+                defer { swap(&responseHeaderStorage, &head.headers) }
                 var rest = buf
                 rest.moveReaderIndex(forwardBy: consumed)
                 e.responseHeadBuffer = nil
@@ -642,7 +644,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         }
         // Whether the upstream connection can serve another request after this one.
         e.upstreamReusable = !head.connectionClose && (head.minorVersion == 1 || head.connectionKeepAlive)
-            && e.responseFraming != .untilClose && !upgrading && e.route.settings.proxyHTTPVersion == "1.1"
+            && e.responseFraming != .untilClose && !upgrading && !e.route.proxyHTTP10
         if head.keepAliveTimeout != nil || head.keepAliveMax != nil {
             e.backendKeepAlive = .init(timeoutSeconds: head.keepAliveTimeout, max: head.keepAliveMax)
         }
@@ -1061,7 +1063,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             } else {
                 out.writeBytes(target)
             }
-            out.writeStaticString(e.route.settings.proxyHTTPVersion == "1.0" ? " HTTP/1.0\r\n" : " HTTP/1.1\r\n")
+            out.writeStaticString(e.route.proxyHTTP10 ? " HTTP/1.0\r\n" : " HTTP/1.1\r\n")
             let names = e.route.setHeaderNames
             for f in h.headers {
                 if f.kind.isHopByHop || f.droppedByConnection || f.kind == .contentLength || f.kind == .expect { continue }

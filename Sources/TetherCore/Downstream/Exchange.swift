@@ -57,7 +57,8 @@ final class Exchange {
     /// When the request head went to the upstream (for the response time histogram).
     var requestSentAt: NIODeadline?
     var lastUpstreamActivity = NIODeadline.now()
-    var upstreamAddrText = ""
+    /// The server tried last, as configured (`$upstream_addr`); empty when none was.
+    var upstreamAddrText: String { server?.addressText ?? "" }
     var upstreamStatus = 0
 
     // Response.

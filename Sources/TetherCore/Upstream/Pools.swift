@@ -22,9 +22,13 @@ final class ServerPool {
     /// The TLS session the next connection resumes (`proxy_ssl_session_reuse`).
     private lazy var tlsSession = TLSSessionSlot()
 
+    /// `host:port` as configured, made once (logs and `$upstream_addr` use it per request).
+    let addressText: String
+
     init(address: SocketAddress, spec: UpstreamServer, index: Int, group: UpstreamGroup, policy: PoolPolicy) {
         self.address = address
         self.spec = spec
+        self.addressText = spec.addressText
         self.index = index
         self.group = group
         self.state = ConnectionPool(policy: policy)
