@@ -63,11 +63,23 @@ final class CompiledLocation: Sendable {
     let upstreamTLS: TLSContext?
     /// `proxy_http_version 1.0` (checked per request, so not a string comparison each time).
     let proxyHTTP10: Bool
+    /// From `proxy_pass`, taken out once so that a request does not copy the whole `ProxyPass`
+    /// (several strings to retain and release): the upstream's name and the URI part.
+    let upstreamName: String
+    let proxyURI: String?
 
     init(location: Location?, settings: HTTPSettings, action: Location.Action, serverIndex: Int, poolKey: String? = nil, upstreamTLS: TLSContext? = nil) {
         self.location = location
         self.serverIndex = serverIndex
-        if case .proxy(let pass) = action { self.poolKey = poolKey ?? pass.upstream } else { self.poolKey = "" }
+        if case .proxy(let pass) = action {
+            self.poolKey = poolKey ?? pass.upstream
+            upstreamName = pass.upstream
+            proxyURI = pass.uri
+        } else {
+            self.poolKey = ""
+            upstreamName = ""
+            proxyURI = nil
+        }
         self.upstreamTLS = upstreamTLS
         proxyHTTP10 = settings.proxyHTTPVersion == "1.0"
         pathBytes = Array((location?.path ?? "").utf8)

@@ -273,14 +273,14 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
                 text = b
             }
             respondLocal(status: r.code, text: text)
-        case .proxy(let pass):
+        case .proxy:
             if head.chunked && route.proxyHTTP10 {
                 // An HTTP/1.0 backend cannot read a chunked body, and Tether does not buffer
                 // bodies to learn their length.
                 respondLocal(status: 411, closeAfter: true)
                 return
             }
-            proxy(pass)
+            proxy()
         case .none:
             e.discardBody = true
             respondLocal(status: 404)
@@ -322,9 +322,9 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
 
     // MARK: Upstream
 
-    private func proxy(_ pass: ProxyPass) {
+    private func proxy() {
         guard let e = ex else { return }
-        let group = e.group ?? loop.group(for: e.route, upstream: pass.upstream)
+        let group = e.group ?? loop.group(for: e.route, upstream: e.route.upstreamName)
         e.group = group
         guard let index = group.balancer.select(now: nowMs(), exclude: e.tried) else {
             loop.stats.upstreamFailures["no_live_upstreams", default: 0] += 1  // no server to charge it to
@@ -345,11 +345,11 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             e.connectedAt = .now()
             attach(conn)
         } else {
-            connect(server, pass: pass)
+            connect(server)
         }
     }
 
-    private func connect(_ server: ServerPool, pass: ProxyPass) {
+    private func connect(_ server: ServerPool) {
         ex?.reused = false
         ex?.connectStartedAt = .now()
         let settings = ex!.route.settings
@@ -481,7 +481,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             e.reused = false
             group.balancer.started(server.index)
             server.state.connectFresh()
-            if case .proxy(let pass) = e.route.action { connect(server, pass: pass) }
+            connect(server)
             return
         }
         group.balancer.failed(server.index, now: nowMs())
@@ -492,7 +492,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
            group.balancer.hasCandidate(now: nowMs(), exclude: e.tried) {
             loop.logger.warning("\(detail) while connecting to upstream \"\(group.name)\", trying the next server")
             server.counters.retries["next_upstream", default: 0] += 1
-            if case .proxy(let pass) = e.route.action { proxy(pass) }
+            proxy()
             return
         }
         loop.logger.error("\(detail), upstream \"\(group.name)\", request \"\(e.head.method) \(e.head.target)\"")
@@ -621,7 +621,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         group.balancer.ended(server.index)
         if condition != .http403 && condition != .http404 { group.balancer.failed(server.index, now: nowMs()) }
         server.counters.retries["http_\(status)", default: 0] += 1
-        if case .proxy(let pass) = e.route.action { proxy(pass) }
+        proxy()
         return true
     }
 
@@ -1040,7 +1040,6 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     /// hop-by-hop ones and those `proxy_set_header` replaces, plus the configured ones and framing.
     private func writeUpstreamHead(_ e: Exchange, into out: inout ByteBuffer) {
         let h = e.head
-        guard case .proxy(let pass) = e.route.action else { return }
         h.bytes.withUnsafeReadableBytes { p in
             out.writeBytes(UnsafeRawBufferPointer(rebasing: p[0..<h.methodEnd]))
             out.writeStaticString(" ")
@@ -1055,7 +1054,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             }
             let target = UnsafeRawBufferPointer(rebasing: p[start..<h.targetEnd])
             if target.isEmpty { out.writeStaticString("/") }
-            if let uri = pass.uri, let loc = e.route.location {
+            if let uri = e.route.proxyURI, let loc = e.route.location {
                 // proxy_pass with a URI: the matched location prefix is replaced by it.
                 out.writeString(uri)
                 let drop = min(loc.path.utf8.count, target.count)
