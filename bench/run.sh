@@ -80,38 +80,56 @@ http {
 CONF
 taskset -c 1 nginx -c "$WORK/backend.conf" -e "$WORK/backend.err" & echo $! > "$WORK/backend.pid"
 
-# --- Tether, one event loop
-cat > "$WORK/tether.conf" <<CONF
-worker_processes 1;
-error_log $WORK/tether.err error;
+# --- Tether: tether_conf NAME LOOPS PORT [TLS-PORT] writes $WORK/NAME.conf
+tether_conf() {
+    local tls=""
+    [ -n "${4:-}" ] && tls="server {
+        listen 127.0.0.1:$4 ssl backlog=4096;
+        ssl_certificate $WORK/tls.pem;
+        ssl_certificate_key $WORK/tls.key;
+        location / { proxy_pass http://backend; }
+    }"
+    cat > "$WORK/$1.conf" <<CONF
+worker_processes $2;
+error_log $WORK/$1.err error;
 events { worker_connections 65536; }
 http {
     keepalive_timeout 300s;
     keepalive_requests 1000000;
     upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 64; keepalive_requests 1000000; }
     server {
-        listen 127.0.0.1:$TETHER_PORT backlog=4096;
+        listen 127.0.0.1:$3 backlog=4096;
         location / { proxy_pass http://backend; }
     }
-    server {
-        listen 127.0.0.1:$TETHER_TLS_PORT ssl backlog=4096;
-        ssl_certificate $WORK/tls.pem;
-        ssl_certificate_key $WORK/tls.key;
-        location / { proxy_pass http://backend; }
-    }
+    $tls
 }
 CONF
+}
+tether_conf tether 1 $TETHER_PORT $TETHER_TLS_PORT
 taskset -c 0 "$TETHER" -c "$WORK/tether.conf" & echo $! > "$WORK/tether.pid"
 
 # --- nginx as a proxy, one worker, the keep-alive upstream setup its docs recommend, and
 # proxy_buffering off so that it streams as Tether does (with buffering on, nginx reads whole
-# responses into larger buffers and would do better on the 64 KiB row)
-cat > "$WORK/nginx.conf" <<CONF
-worker_processes 1;
+# responses into larger buffers and would do better on the 64 KiB row).
+# nginx_conf NAME WORKERS PORT [TLS-PORT] writes $WORK/NAME.conf
+nginx_conf() {
+    local proxy='proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off;'
+    local tls=""
+    # nginx 1.22's default stops at TLS 1.2, whose resumed handshakes skip the key exchange;
+    # all proxies offer the same protocols, so all negotiate TLS 1.3 with wrk.
+    [ -n "${4:-}" ] && tls="server {
+        listen 127.0.0.1:$4 ssl backlog=4096;
+        ssl_certificate $WORK/tls.pem;
+        ssl_certificate_key $WORK/tls.key;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location / { $proxy }
+    }"
+    cat > "$WORK/$1.conf" <<CONF
+worker_processes $2;
 daemon off;
-master_process off;
-pid $WORK/proxy.nginxpid;
-error_log $WORK/nginx.err;
+$([ "$2" = 1 ] && echo "master_process off;")
+pid $WORK/$1.nginxpid;
+error_log $WORK/$1.err;
 worker_rlimit_nofile 65536;
 events { worker_connections 65536; }
 http {
@@ -120,30 +138,14 @@ http {
     keepalive_requests 1000000;
     upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 64; keepalive_requests 1000000; }
     server {
-        listen 127.0.0.1:$NGINX_PORT backlog=4096;
-        location / {
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-        }
+        listen 127.0.0.1:$3 backlog=4096 reuseport;
+        location / { $proxy }
     }
-    server {
-        listen 127.0.0.1:$NGINX_TLS_PORT ssl backlog=4096;
-        ssl_certificate $WORK/tls.pem;
-        ssl_certificate_key $WORK/tls.key;
-        # nginx 1.22's default stops at TLS 1.2, whose resumed handshakes skip the key exchange;
-        # both proxies offer the same protocols, so both negotiate TLS 1.3 with wrk.
-        ssl_protocols TLSv1.2 TLSv1.3;
-        location / {
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-        }
-    }
+    $tls
 }
 CONF
+}
+nginx_conf nginx 1 $NGINX_PORT $NGINX_TLS_PORT
 taskset -c 0 nginx -c "$WORK/nginx.conf" -e "$WORK/nginx.err" & echo $! > "$WORK/nginx.pid"
 
 # --- HAProxy, one thread, keep-alive both sides and "http-reuse always", the setting that keeps
@@ -173,39 +175,9 @@ CONF
 taskset -c 0 haproxy -db -f "$WORK/haproxy.cfg" 2> "$WORK/haproxy.err" & echo $! > "$WORK/haproxy.pid"
 
 # --- for the scaling row: Tether with 2 event loops and nginx with 2 workers, not pinned
-cat > "$WORK/tether2.conf" <<CONF
-worker_processes 2;
-error_log $WORK/tether2.err error;
-events { worker_connections 65536; }
-http {
-    keepalive_timeout 300s;
-    keepalive_requests 1000000;
-    upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 64; keepalive_requests 1000000; }
-    server {
-        listen 127.0.0.1:$TETHER2_PORT backlog=4096;
-        location / { proxy_pass http://backend; }
-    }
-}
-CONF
+tether_conf tether2 2 $TETHER2_PORT
 "$TETHER" -c "$WORK/tether2.conf" & echo $! > "$WORK/tether2.pid"
-cat > "$WORK/nginx2.conf" <<CONF
-worker_processes 2;
-daemon off;
-pid $WORK/proxy2.nginxpid;
-error_log $WORK/nginx2.err;
-worker_rlimit_nofile 65536;
-events { worker_connections 65536; }
-http {
-    access_log off;
-    keepalive_timeout 300s;
-    keepalive_requests 1000000;
-    upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 64; keepalive_requests 1000000; }
-    server {
-        listen 127.0.0.1:$NGINX2_PORT backlog=4096 reuseport;
-        location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; }
-    }
-}
-CONF
+nginx_conf nginx2 2 $NGINX2_PORT
 nginx -c "$WORK/nginx2.conf" -e "$WORK/nginx2.err" & echo $! > "$WORK/nginx2.pid"
 
 for port in $BACKEND_PORT $TETHER_PORT $NGINX_PORT $STATUS_PORT $HAPROXY_PORT $TETHER2_PORT $NGINX2_PORT; do
