@@ -190,6 +190,24 @@ final class LoopContext {
     let dateCache = DateCache()
     /// Serves `stub_status` and `stats` locations; nil when no renderer was given.
     var admin: AdminService?
+    /// Header arrays for request heads, lent to connections while they handle a request: no
+    /// request allocates one once the loop has a few, and idle connections keep none.
+    private var spareHeaderArrays: [[HeaderField]] = []
+    /// Response heads are parsed and used within one event, so one array serves the loop.
+    var responseHeaderScratch: [HeaderField] = []
+
+    func borrowHeaderArray() -> [HeaderField] {
+        spareHeaderArrays.popLast() ?? []
+    }
+
+    /// Takes the array back (leaving `array` empty), keeping at most 1,024 spare.
+    func returnHeaderArray(_ array: inout [HeaderField]) {
+        if array.capacity > 0 && spareHeaderArrays.count < 1024 {
+            array.removeAll(keepingCapacity: true)
+            spareHeaderArrays.append(array)
+        }
+        array = []
+    }
 
     init(eventLoop: EventLoop, setup: ProxySetup, logger: Logger, accessLog: AccessLogSink?) {
         self.eventLoop = eventLoop

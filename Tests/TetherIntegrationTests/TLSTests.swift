@@ -99,6 +99,23 @@ import Glibc
         }
     }
 
+    /// Without tickets, resumption needs the server's session cache: on with `ssl_session_cache`,
+    /// and no resumption at all with `off`.
+    @Test(arguments: [true, false])
+    func theSessionCacheResumesSessionsWithoutTickets(_ cache: Bool) throws {
+        let settings = "ssl_session_tickets off; ssl_session_cache \(cache ? "shared:SSL:1m" : "off");"
+        try withTLSProxy(server: settings) { proxy, _ in
+            let session = NSTemporaryDirectory() + "tether-session-\(UUID().uuidString)"
+            defer { unlink(session) }
+            let request = "GET /scheme HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+            let common = ["-connect", "127.0.0.1:\(proxy.port)", "-servername", "localhost", "-CAfile", TLSTests.ca, "-ign_eof"]
+            _ = try sClient(common + ["-sess_out", session], input: request)
+            let second = try sClient(common + ["-sess_in", session], input: request)
+            #expect(second.out.contains(cache ? "Reused, TLSv1.3" : "New, TLSv1.3"), "\(second.out.prefix(2000))")
+            #expect(proxy.server.stats().tlsSessionsReused == (cache ? 1 : 0))
+        }
+    }
+
     @Test func sniPicksTheNamedServersCertificateAndUnknownNamesGetTheDefault() throws {
         try withTLSProxy { proxy, _ in
             let a = try sClient(["-connect", "127.0.0.1:\(proxy.port)", "-servername", "a.test", "-CAfile", TLSTests.ca, "-verify_hostname", "a.test"])
@@ -295,6 +312,37 @@ import Glibc
             #expect(srv.counters.tlsResumed == 1, "proxy_ssl_session_reuse resumes the session")
             #expect(backend.connectionCount == 2)
         }
+    }
+
+    /// Connections made under different TLS settings are never shared: the pool key has them.
+    @Test func locationsWithDifferentTLSSettingsUseSeparatePools() throws {
+        var o = TestBackend.Options()
+        o.tls = try TLSContext.server(TLSServerSettings(certificates: [(TestPKI.path("localhost.pem"), TestPKI.path("localhost.key"))]))
+        let backend = try TestBackend(options: o)
+        defer { backend.stop() }
+        let proxy = try RunningProxy(config: """
+            worker_processes 1;
+            http {
+                upstream tlsbackend { server 127.0.0.1:\(backend.port); }
+                server {
+                    listen 127.0.0.1:0;
+                    location /a { proxy_pass https://tlsbackend; proxy_ssl_server_name on; proxy_ssl_name a.test; }
+                    location /b { proxy_pass https://tlsbackend; proxy_ssl_server_name on; proxy_ssl_name b.test; }
+                    location /c { proxy_pass https://tlsbackend; proxy_ssl_server_name on; proxy_ssl_name a.test; }
+                }
+            }
+            """)
+        defer { proxy.stop() }
+        let c = try proxy.client()
+        for path in ["/a", "/b", "/c", "/a", "/b", "/c"] {
+            try c.send("GET \(path) HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(try c.readResponse().status == 200)
+        }
+        #expect(backend.requestCount == 6)
+        #expect(backend.connectionCount == 2, "one pool for SNI a.test (/a and /c), one for b.test")
+        let srv = proxy.server.stats().upstreams.first { $0.name == "tlsbackend" }!.servers[0]
+        #expect(srv.counters.tlsHandshakes == 2)
+        #expect(srv.counters.reused == 4)
     }
 
     @Test func sessionReuseOffMakesFullHandshakes() throws {

@@ -32,9 +32,9 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     private var context: ChannelHandlerContext!
     private var state = State.idle
     private var inbound: ByteBuffer?
+    /// Storage for the request head's header array, borrowed from the loop while a request is
+    /// read and handled, and given back after: an idle connection holds none.
     private var headerStorage: [HeaderField] = []
-    /// The same for response heads: their header array's storage, kept between responses.
-    private var responseHeaderStorage: [HeaderField] = []
     private var ex: Exchange?
     private var requests = 0
     private let acceptedAt = NIODeadline.now()
@@ -195,6 +195,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
                     return
                 }
                 if headStartedAt == nil { headStartedAt = .now() }
+                if headerStorage.capacity == 0 { headerStorage = loop.borrowHeaderArray() }
                 switch HeadParser.parse(buf, kind: .request, limits: headLimits, headers: &headerStorage) {
                 case .incomplete:
                     updateReadInterest()
@@ -572,15 +573,16 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
 
     private func parseResponseHead() {
         while let e = ex, e.phase == .head, let buf = e.responseHeadBuffer {
-            switch HeadParser.parse(buf, kind: .response, limits: .response, headers: &responseHeaderStorage) {
+            switch HeadParser.parse(buf, kind: .response, limits: .response, headers: &loop.responseHeaderScratch) {
             case .incomplete:
                 return
             case .error(let err):
                 upstreamFailed(.invalidHeader, detail: "upstream \(e.upstreamAddrText) sent an invalid response: \(err.reason)")
                 return
             case .complete(var head, let consumed):
-                // The parser moved the storage into the head; it comes back when the head is done.
-                defer { swap(&responseHeaderStorage, &head.headers) }
+                // The parser moved the loop's scratch storage into the head; it goes back when the
+                // head is done (nothing keeps a response head past this).
+                defer { swap(&loop.responseHeaderScratch, &head.headers) }
                 var rest = buf
                 rest.moveReaderIndex(forwardBy: consumed)
                 e.responseHeadBuffer = nil
@@ -778,6 +780,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         ex = nil
         // Keep the header array's storage for the next request on this connection.
         swap(&headerStorage, &e.head.headers)
+        loop.returnHeaderArray(&headerStorage)
         // One flush per response, whichever side's event finished it.
         flushIfNeeded()
         if e.closeAfter {
