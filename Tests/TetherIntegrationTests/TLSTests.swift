@@ -82,6 +82,29 @@ import Glibc
         }
     }
 
+    /// Bulk both ways through TLS: a 4 MB response (records of 16 KiB, backpressure from the
+    /// client) and a 3 MB upload arrive whole.
+    @Test func largeBodiesCrossTLSIntact() throws {
+        try withTLSProxy(http: "client_max_body_size 0;") { proxy, _ in
+            let file = NSTemporaryDirectory() + "tether-tls-body-\(UUID().uuidString)"
+            defer { unlink(file) }
+            let down = try curl(["--resolve", "localhost:\(proxy.port):127.0.0.1", "-o", file, "https://localhost:\(proxy.port)/bytes/4000000"])
+            #expect(down.status == 0, "\(down.err)")
+            let data = try Data(contentsOf: URL(fileURLWithPath: file))
+            var sum = Checksum()
+            data.withUnsafeBytes { sum.add($0) }
+            #expect(sum == Pattern.checksum(count: 4_000_000))
+            // Upload: the backend answers "<count> <checksum>" of what it received.
+            var body = Data(count: 3_000_000)
+            body.withUnsafeMutableBytes { Pattern.fill($0, offset: 0, count: 3_000_000) }
+            try body.write(to: URL(fileURLWithPath: file))
+            let up = try curl(["--resolve", "localhost:\(proxy.port):127.0.0.1", "--data-binary", "@\(file)", "-H", "Content-Type: application/octet-stream",
+                               "https://localhost:\(proxy.port)/sum"])
+            let expected = Pattern.checksum(count: 3_000_000)
+            #expect(up.out == "\(expected.count) \(expected.value)", "\(up.out) \(up.err)")
+        }
+    }
+
     @Test func sClientSeesTheProtocolALPNAndAResumedSessionOnTheSecondConnection() throws {
         try withTLSProxy { proxy, _ in
             let session = NSTemporaryDirectory() + "tether-session-\(UUID().uuidString)"
