@@ -275,6 +275,9 @@ final class LoopContext {
                 g.retire()
                 groups.removeValue(forKey: key)
             }
+            // Kept TLS pools keep their warm connections; new ones use the reloaded context
+            // (trusted certificates re-read from disk).
+            for (key, g) in groups where g.tls != nil { g.tls = new.tls.upstreams[key] }
             if new.servers.count != setup.servers.count { stats.resizeServers(new.servers.count) }
             setup = new
             generation += 1

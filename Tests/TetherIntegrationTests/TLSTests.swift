@@ -368,6 +368,39 @@ import Glibc
         #expect(srv.counters.reused == 4)
     }
 
+    /// A reload re-reads `proxy_ssl_trusted_certificate` even when the directive is unchanged:
+    /// a CA file replaced on disk applies to the connections opened after the reload.
+    @Test func reloadRereadsTheUpstreamTrustedCertificates() throws {
+        var o = TestBackend.Options()
+        o.tls = try TLSContext.server(TLSServerSettings(certificates: [(TestPKI.path("localhost.pem"), TestPKI.path("localhost.key"))]))
+        let backend = try TestBackend(options: o)
+        defer { backend.stop() }
+        let ca = NSTemporaryDirectory() + "tether-ca-\(UUID().uuidString).pem"
+        defer { unlink(ca) }
+        try FileManager.default.copyItem(atPath: TestPKI.path("other-ca.pem"), toPath: ca)
+        let port = freePort()
+        let config = """
+            worker_processes 1;
+            http {
+                server {
+                    listen 127.0.0.1:\(port);
+                    location / { proxy_pass https://127.0.0.1:\(backend.port); proxy_ssl_verify on; proxy_ssl_trusted_certificate \(ca); proxy_ssl_name localhost; }
+                }
+            }
+            """
+        let proxy = try RunningProxy(config: config)
+        defer { proxy.stop() }
+        let c = try proxy.client()
+        try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        #expect(try c.readResponse().status == 502, "the other CA does not verify the backend")
+        try FileManager.default.removeItem(atPath: ca)
+        try FileManager.default.copyItem(atPath: TestPKI.path("ca.pem"), toPath: ca)
+        try proxy.server.reload(try parse(config))
+        let d = try proxy.client()
+        try d.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        #expect(try d.readResponse().status == 200)
+    }
+
     @Test func sessionReuseOffMakesFullHandshakes() throws {
         var o = TestBackend.Options()
         o.closeAfterRequests = 1

@@ -198,8 +198,9 @@ final class UpstreamGroup {
     var balancer: Balancer
     var servers: [ServerPool] = []
 
-    /// For `proxy_pass https://`: the TLS every connection of this group speaks.
-    let tls: TLSContext?
+    /// For `proxy_pass https://`: the TLS every connection of this group speaks (replaced by a
+    /// reload with the same settings, for the connections opened after it).
+    var tls: TLSContext?
 
     init(upstream: ResolvedUpstream, loop: LoopContext, tls: TLSContext?) {
         self.name = upstream.config.name
