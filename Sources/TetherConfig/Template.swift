@@ -31,6 +31,14 @@ public enum Variable: Hashable, Sendable {
     case upstreamReused
     case connection
     case connectionRequests
+    /// `$https`: `on` on a TLS connection, empty otherwise.
+    case https
+    /// `$ssl_protocol`, `$ssl_cipher`, `$ssl_server_name` (SNI), `$ssl_session_reused` (`r` or `.`):
+    /// empty on plain connections.
+    case sslProtocol
+    case sslCipher
+    case sslServerName
+    case sslSessionReused
     /// `$http_NAME`: a request header, with `_` standing for `-`, matched case-insensitively.
     case httpHeader(String)
     /// `$sent_http_NAME`: a response header.
@@ -49,6 +57,8 @@ public enum Variable: Hashable, Sendable {
         "upstream_connect_time": .upstreamConnectTime, "upstream_response_time": .upstreamResponseTime,
         "upstream_header_time": .upstreamHeaderTime, "upstream_reused": .upstreamReused,
         "connection": .connection, "connection_requests": .connectionRequests,
+        "https": .https, "ssl_protocol": .sslProtocol, "ssl_cipher": .sslCipher,
+        "ssl_server_name": .sslServerName, "ssl_session_reused": .sslSessionReused,
     ]
 
     public var name: String {

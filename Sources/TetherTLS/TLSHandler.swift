@@ -13,6 +13,8 @@ public protocol TLSObserver: AnyObject {
 /// Fired inbound once the handshake is done, before any application data.
 public struct TLSHandshakeCompleted: Sendable {
     public var version: String
+    /// OpenSSL's name for the cipher suite (`TLS_AES_256_GCM_SHA384`).
+    public var cipher: String
     public var alpn: String?
     public var resumed: Bool
     public var serverName: String?
@@ -221,8 +223,9 @@ public final class TLSHandler: ChannelDuplexHandler {
             SSL_get0_alpn_selected(ssl, &alpnData, &alpnLen)
             let alpn = alpnData.map { String(decoding: UnsafeBufferPointer(start: $0, count: Int(alpnLen)), as: UTF8.self) }
             let sni = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name).map { String(cString: $0) }
+            let cipher = SSL_get_current_cipher(ssl).flatMap { SSL_CIPHER_get_name($0) }.map { String(cString: $0) } ?? ""
             sendCiphertext(context, promise: nil)
-            context.fireUserInboundEventTriggered(TLSHandshakeCompleted(version: version, alpn: alpn, resumed: resumed, serverName: sni))
+            context.fireUserInboundEventTriggered(TLSHandshakeCompleted(version: version, cipher: cipher, alpn: alpn, resumed: resumed, serverName: sni))
             // Writes that waited for the handshake, then data that came with its last flight.
             if flushedCount > 0 { encryptPending(context) }
             readPlaintext(context)

@@ -30,6 +30,7 @@ import Glibc
                     \(server)
                     location / { proxy_pass http://backend; }
                     location = /scheme { return 200 "$scheme"; }
+                    location = /tls { return 200 "$https $ssl_protocol $ssl_cipher $ssl_server_name $ssl_session_reused"; }
                 }
                 server {
                     listen 127.0.0.1:0 ssl;
@@ -136,6 +137,16 @@ import Glibc
             let second = try sClient(common + ["-sess_in", session], input: request)
             #expect(second.out.contains(cache ? "Reused, TLSv1.3" : "New, TLSv1.3"), "\(second.out.prefix(2000))")
             #expect(proxy.server.stats().tlsSessionsReused == (cache ? 1 : 0))
+        }
+    }
+
+    @Test func sslVariablesDescribeTheConnection() throws {
+        try withTLSProxy { proxy, _ in
+            let r = try curl(["--tlsv1.2", "--tls-max", "1.2", "--ciphers", "ECDHE-ECDSA-AES128-GCM-SHA256",
+                              "--resolve", "localhost:\(proxy.port):127.0.0.1", "https://localhost:\(proxy.port)/tls"])
+            #expect(r.out == "on TLSv1.2 ECDHE-ECDSA-AES128-GCM-SHA256 localhost .", "\(r.out) \(r.err)")
+            let t = try curl(["--resolve", "localhost:\(proxy.port):127.0.0.1", "https://localhost:\(proxy.port)/tls"])
+            #expect(t.out.hasPrefix("on TLSv1.3 TLS_") && t.out.hasSuffix(" localhost ."), "\(t.out)")
         }
     }
 

@@ -55,8 +55,10 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     /// Since when the upstream has not been taking the request body (proxy_send_timeout).
     private var upstreamUnwritableSince: NIODeadline?
     private var closeReason = "client_close"
-    /// Whether the client connection is TLS (`$scheme` is `https`).
+    /// Whether the client connection is TLS (`$scheme` is `https`), and what its handshake
+    /// settled (for `$ssl_*`).
     private let isTLS: Bool
+    private var tlsInfo: TLSHandshakeCompleted?
 
     init(loop: LoopContext, listenKey: String, route: Route) {
         self.loop = loop
@@ -168,6 +170,11 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             unwritableSince = .now()
             ex?.upstream?.pauseReading()
         }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let info = event as? TLSHandshakeCompleted { tlsInfo = info }
+        context.fireUserInboundEventTriggered(event)
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
@@ -1174,6 +1181,11 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         case .remoteAddr: out.writeBytes(remoteAddr)
         case .remotePort: out.writeString(String(remotePort))
         case .scheme: if isTLS { out.writeStaticString("https") } else { out.writeStaticString("http") }
+        case .https: if isTLS { out.writeStaticString("on") }
+        case .sslProtocol: if let t = tlsInfo { out.writeString(t.version) }
+        case .sslCipher: if let t = tlsInfo { out.writeString(t.cipher) }
+        case .sslServerName: if let n = tlsInfo?.serverName { out.writeString(n) }
+        case .sslSessionReused: if let t = tlsInfo { out.writeStaticString(t.resumed ? "r" : ".") }
         case .requestURI: out.writeString(h.target)
         case .uri: out.writeSubstring(pathOf(h))
         case .args:
