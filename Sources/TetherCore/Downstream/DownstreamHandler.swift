@@ -7,6 +7,13 @@ import TetherConfig
 import TetherPool
 import TetherTLS
 
+/// What a TLS client connection's handshake settled, for `$ssl_*`: boxed, so that plain
+/// connections pay one pointer for it.
+final class TLSInfo {
+    let info: TLSHandshakeCompleted
+    init(_ info: TLSHandshakeCompleted) { self.info = info }
+}
+
 /// A client connection: parses requests, routes them, forwards them over pooled upstream
 /// connections of its own event loop and streams the responses back, in order, keeping the
 /// connection alive as nginx's keep-alive rules allow.
@@ -58,7 +65,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     /// Whether the client connection is TLS (`$scheme` is `https`), and what its handshake
     /// settled (for `$ssl_*`).
     private let isTLS: Bool
-    private var tlsInfo: TLSHandshakeCompleted?
+    private var tlsInfo: TLSInfo?
 
     init(loop: LoopContext, listenKey: String, route: Route) {
         self.loop = loop
@@ -173,7 +180,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if let info = event as? TLSHandshakeCompleted { tlsInfo = info }
+        if let info = event as? TLSHandshakeCompleted { tlsInfo = TLSInfo(info) }
         context.fireUserInboundEventTriggered(event)
     }
 
@@ -1182,10 +1189,10 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         case .remotePort: out.writeString(String(remotePort))
         case .scheme: if isTLS { out.writeStaticString("https") } else { out.writeStaticString("http") }
         case .https: if isTLS { out.writeStaticString("on") }
-        case .sslProtocol: if let t = tlsInfo { out.writeString(t.version) }
-        case .sslCipher: if let t = tlsInfo { out.writeString(t.cipher) }
-        case .sslServerName: if let n = tlsInfo?.serverName { out.writeString(n) }
-        case .sslSessionReused: if let t = tlsInfo { out.writeStaticString(t.resumed ? "r" : ".") }
+        case .sslProtocol: if let t = tlsInfo { out.writeString(t.info.version) }
+        case .sslCipher: if let t = tlsInfo { out.writeString(t.info.cipher) }
+        case .sslServerName: if let n = tlsInfo?.info.serverName { out.writeString(n) }
+        case .sslSessionReused: if let t = tlsInfo { out.writeStaticString(t.info.resumed ? "r" : ".") }
         case .requestURI: out.writeString(h.target)
         case .uri: out.writeSubstring(pathOf(h))
         case .args:
