@@ -16,7 +16,6 @@
 #endif
 
 static inline uint64_t tether_op_no_ticket(void) { return SSL_OP_NO_TICKET; }
-static inline uint64_t tether_op_ignore_unexpected_eof(void) { return SSL_OP_IGNORE_UNEXPECTED_EOF; }
 static inline uint64_t tether_op_cipher_server_preference(void) { return SSL_OP_CIPHER_SERVER_PREFERENCE; }
 static inline uint64_t tether_op_no_renegotiation(void) { return SSL_OP_NO_RENEGOTIATION; }
 static inline uint64_t tether_op_no_compression(void) { return SSL_OP_NO_COMPRESSION; }
@@ -31,12 +30,9 @@ static inline long tether_SSL_CTX_set1_groups_list(SSL_CTX *ctx, const char *lis
 static inline long tether_SSL_set_tlsext_host_name(SSL *ssl, const char *name) { return SSL_set_tlsext_host_name(ssl, name); }
 static inline int tether_SSL_set_app_data(SSL *ssl, void *arg) { return SSL_set_app_data(ssl, arg); }
 static inline void *tether_SSL_get_app_data(const SSL *ssl) { return SSL_get_app_data(ssl); }
-static inline int tether_SSL_CTX_set_app_data(SSL_CTX *ctx, void *arg) { return SSL_CTX_set_app_data(ctx, arg); }
-static inline void *tether_SSL_CTX_get_app_data(const SSL_CTX *ctx) { return SSL_CTX_get_app_data(ctx); }
 static inline void tether_BIO_set_retry_read(BIO *b) { BIO_set_retry_read(b); }
 static inline void tether_BIO_clear_retry_flags(BIO *b) { BIO_clear_retry_flags(b); }
 static inline int tether_ERR_GET_REASON(unsigned long e) { return ERR_GET_REASON(e); }
-static inline int tether_ERR_GET_LIB(unsigned long e) { return ERR_GET_LIB(e); }
 
 /// ALPN on the server: `http/1.1` is selected when the client offers it; a client that offers
 /// only other protocols gets the `no_application_protocol` alert (RFC 7301; nginx does the same).
