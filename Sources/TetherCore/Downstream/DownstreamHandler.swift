@@ -394,10 +394,11 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         conn.delegate = self
         upstreamUnwritableSince = nil
         e.upstream = conn
-        e.lastUpstreamActivity = .now()
+        let now = NIODeadline.now()
+        e.lastUpstreamActivity = now
         e.server?.counters.requests += 1
         if e.reused { e.server?.counters.reused += 1 }
-        e.requestSentAt = .now()
+        e.requestSentAt = now
         var head = context.channel.allocator.buffer(capacity: e.head.bytes.readableBytes + 128)
         writeUpstreamHead(e, into: &head)
         conn.write(head)
@@ -605,7 +606,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
                     e.responseHeadBuffer = rest.readableBytes > 0 ? rest : nil
                     continue
                 }
-                e.headerAt = .now()
+                e.headerAt = e.lastUpstreamActivity  // set by this read
                 e.upstreamStatus = head.status
                 if shouldTryNext(status: head.status) { return }
                 startResponse(head, rest: rest)

@@ -56,7 +56,7 @@ final class Exchange {
     var headerAt: NIODeadline?
     /// When the request head went to the upstream (for the response time histogram).
     var requestSentAt: NIODeadline?
-    var lastUpstreamActivity = NIODeadline.now()
+    var lastUpstreamActivity: NIODeadline
     /// The server tried last, as configured (`$upstream_addr`); empty when none was.
     var upstreamAddrText: String { server?.addressText ?? "" }
     var upstreamStatus = 0
@@ -82,7 +82,9 @@ final class Exchange {
         self.head = head
         self.route = route
         self.number = number
-        self.startedAt = .now()
+        let now = NIODeadline.now()
+        self.startedAt = now
+        self.lastUpstreamActivity = now
         self.clientKeepAlive = clientKeepAlive
         if head.chunked {
             requestFraming = .chunked
