@@ -314,20 +314,11 @@ final class LoopContext {
         let now = nowMs()
         for g in groups.values {
             for s in g.servers {
-                let key = ServerKey(upstream: g.name, index: s.index)
-                var entry = SnapshotPart.Server(
+                let entry = SnapshotPart.Server(
                     up: g.balancer.isAvailable(s.index, now: now), active: s.state.leasedCount, idle: s.state.idleCount,
                     counters: s.counters, learnedIdleMs: s.state.learnedIdleMs, advertisedTimeoutMs: s.state.advertisedTimeoutMs)
-                if let other = part.servers[key] {
-                    // The same upstream reached over plain and TLS, or with other TLS settings: one figure.
-                    entry.up = entry.up && other.up
-                    entry.active += other.active
-                    entry.idle += other.idle
-                    entry.counters.add(other.counters)
-                    entry.learnedIdleMs = [entry.learnedIdleMs, other.learnedIdleMs].compactMap { $0 }.min()
-                    entry.advertisedTimeoutMs = entry.advertisedTimeoutMs ?? other.advertisedTimeoutMs
-                }
-                part.servers[key] = entry
+                // The same upstream reached over plain and TLS, or with other TLS settings: one figure.
+                part.servers[ServerKey(upstream: g.name, index: s.index), default: .none].add(entry)
             }
         }
         return part
@@ -348,6 +339,20 @@ struct SnapshotPart: Sendable {
         var counters: ServerCounters
         var learnedIdleMs: Int64?
         var advertisedTimeoutMs: Int64?
+
+        /// Nothing yet: what `add` starts from.
+        static let none = Server(up: true, active: 0, idle: 0, counters: ServerCounters())
+
+        /// Adds another pool's figures for the same server (another loop's, or another TLS
+        /// variant's): up only if up everywhere, the shortest learned window.
+        mutating func add(_ o: Server) {
+            up = up && o.up
+            active += o.active
+            idle += o.idle
+            counters.add(o.counters)
+            if let l = o.learnedIdleMs { learnedIdleMs = min(learnedIdleMs ?? .max, l) }
+            if let a = o.advertisedTimeoutMs { advertisedTimeoutMs = a }
+        }
     }
 
     var index: Int
@@ -392,17 +397,11 @@ extension StatsSnapshot {
         for u in upstreams {
             var servers: [Server] = []
             for (i, spec) in u.servers.enumerated() {
-                var server = Server(address: spec.addressText, up: !spec.down)
-                for p in parts {
-                    guard let x = p.servers[ServerKey(upstream: u.name, index: i)] else { continue }
-                    server.up = server.up && x.up
-                    server.active += x.active
-                    server.idle += x.idle
-                    server.counters.add(x.counters)
-                    if let l = x.learnedIdleMs { server.learnedIdleMs = min(server.learnedIdleMs ?? .max, l) }
-                    if let a = x.advertisedTimeoutMs { server.advertisedTimeoutMs = a }
-                }
-                servers.append(server)
+                var sum = SnapshotPart.Server.none
+                sum.up = !spec.down
+                for p in parts { if let x = p.servers[ServerKey(upstream: u.name, index: i)] { sum.add(x) } }
+                servers.append(Server(address: spec.addressText, up: sum.up, active: sum.active, idle: sum.idle, counters: sum.counters,
+                                      learnedIdleMs: sum.learnedIdleMs, advertisedTimeoutMs: sum.advertisedTimeoutMs))
             }
             s.upstreams.append(.init(name: u.name, keepalive: u.keepalive, servers: servers))
         }

@@ -28,7 +28,7 @@ public enum TLSVersion: String, CaseIterable, Sendable, Comparable {
 public let mozillaIntermediateCiphers = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:DHE-RSA-CHACHA20-POLY1305"
 
 /// How a server's TLS is set up (nginx's `ssl_*` directives).
-public struct TLSServerSettings: Hashable, Sendable {
+public struct TLSServerSettings: Sendable {
     /// PEM files: each certificate file may carry its chain after the leaf.
     public var certificates: [(certificate: String, key: String)]
     public var protocols: Set<TLSVersion> = [.tls1_2, .tls1_3]
@@ -43,18 +43,6 @@ public struct TLSServerSettings: Hashable, Sendable {
 
     public init(certificates: [(certificate: String, key: String)]) {
         self.certificates = certificates
-    }
-
-    public static func == (a: Self, b: Self) -> Bool {
-        a.certificates.map { [$0.certificate, $0.key] } == b.certificates.map { [$0.certificate, $0.key] }
-            && a.protocols == b.protocols && a.ciphers == b.ciphers && a.preferServerCiphers == b.preferServerCiphers
-            && a.ecdhCurve == b.ecdhCurve && a.sessionCacheSize == b.sessionCacheSize
-            && a.sessionTimeoutSeconds == b.sessionTimeoutSeconds && a.sessionTickets == b.sessionTickets
-    }
-
-    public func hash(into h: inout Hasher) {
-        for c in certificates { h.combine(c.certificate); h.combine(c.key) }
-        h.combine(protocols); h.combine(ciphers)
     }
 }
 
@@ -85,6 +73,9 @@ public final class TLSContext: @unchecked Sendable {
     public let isServer: Bool
     /// Upstream contexts: the name checked in the peer's certificate and sent as SNI.
     let peerName: String?
+    /// Whether `peerName` is an IP literal (checked against the certificate's IP entries, and
+    /// never sent as SNI, RFC 6066), decided once here rather than per connection.
+    let peerNameIsAddress: Bool
     let verifyPeer: Bool
     let sendServerName: Bool
     let sessionReuse: Bool
@@ -96,6 +87,7 @@ public final class TLSContext: @unchecked Sendable {
         self.ctx = ctx
         self.isServer = isServer
         self.peerName = peerName
+        self.peerNameIsAddress = peerName.map(isIPAddress) ?? false
         self.verifyPeer = verifyPeer
         self.sendServerName = sendServerName
         self.sessionReuse = sessionReuse

@@ -80,7 +80,7 @@ public final class TLSHandler: ChannelDuplexHandler {
         } else {
             SSL_set_connect_state(ssl)
             if context.verifyPeer, let name = context.peerName {
-                if isIPAddress(name) {
+                if context.peerNameIsAddress {
                     _ = X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), name)
                 } else {
                     _ = SSL_set1_host(ssl, name)
@@ -96,11 +96,6 @@ public final class TLSHandler: ChannelDuplexHandler {
     /// Called once the handler is in place, to set what needs `self`'s address.
     private func bindSelf() {
         _ = tether_SSL_set_app_data(ssl, Unmanaged.passUnretained(self).toOpaque())
-    }
-
-    /// Sets the name sent as SNI (upstream TLS with `proxy_ssl_server_name on`).
-    private func setServerName(_ name: String) {
-        if !isIPAddress(name) { _ = tether_SSL_set_tlsext_host_name(ssl, name) }
     }
 
     // MARK: Channel events
@@ -130,8 +125,9 @@ public final class TLSHandler: ChannelDuplexHandler {
     private func start(_ context: ChannelHandlerContext) {
         guard state == .idle else { return }
         state = .handshaking
-        if !self.context.isServer, self.context.sendServerName, let name = self.context.peerName {
-            setServerName(name)
+        // SNI for upstream TLS with `proxy_ssl_server_name on` (never for an IP address).
+        if !self.context.isServer, self.context.sendServerName, !self.context.peerNameIsAddress, let name = self.context.peerName {
+            _ = tether_SSL_set_tlsext_host_name(ssl, name)
         }
         sessionSlot?.apply(to: ssl)
         let ms = self.context.handshakeTimeoutMs

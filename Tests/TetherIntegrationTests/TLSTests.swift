@@ -272,11 +272,16 @@ import Glibc
 
     // MARK: Upstream TLS
 
-    func withTLSBackend(backend options: TestBackend.Options = .init(), location: String, logs: LogCapture? = nil,
-                        _ body: (RunningProxy, TestBackend) throws -> Void) throws {
+    /// A TestBackend that serves HTTPS with localhost's certificate.
+    func tlsBackend(_ options: TestBackend.Options = .init()) throws -> TestBackend {
         var o = options
         o.tls = try TLSContext.server(TLSServerSettings(certificates: [(TestPKI.path("localhost.pem"), TestPKI.path("localhost.key"))]))
-        let backend = try TestBackend(options: o)
+        return try TestBackend(options: o)
+    }
+
+    func withTLSBackend(backend options: TestBackend.Options = .init(), location: String, logs: LogCapture? = nil,
+                        _ body: (RunningProxy, TestBackend) throws -> Void) throws {
+        let backend = try tlsBackend(options)
         defer { backend.stop() }
         let proxy = try RunningProxy(config: """
             worker_processes 1;
@@ -350,9 +355,7 @@ import Glibc
 
     /// Connections made under different TLS settings are never shared: the pool key has them.
     @Test func locationsWithDifferentTLSSettingsUseSeparatePools() throws {
-        var o = TestBackend.Options()
-        o.tls = try TLSContext.server(TLSServerSettings(certificates: [(TestPKI.path("localhost.pem"), TestPKI.path("localhost.key"))]))
-        let backend = try TestBackend(options: o)
+        let backend = try tlsBackend()
         defer { backend.stop() }
         let proxy = try RunningProxy(config: """
             worker_processes 1;
@@ -382,9 +385,7 @@ import Glibc
     /// A reload re-reads `proxy_ssl_trusted_certificate` even when the directive is unchanged:
     /// a CA file replaced on disk applies to the connections opened after the reload.
     @Test func reloadRereadsTheUpstreamTrustedCertificates() throws {
-        var o = TestBackend.Options()
-        o.tls = try TLSContext.server(TLSServerSettings(certificates: [(TestPKI.path("localhost.pem"), TestPKI.path("localhost.key"))]))
-        let backend = try TestBackend(options: o)
+        let backend = try tlsBackend()
         defer { backend.stop() }
         let ca = NSTemporaryDirectory() + "tether-ca-\(UUID().uuidString).pem"
         defer { unlink(ca) }

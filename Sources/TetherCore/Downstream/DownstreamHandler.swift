@@ -258,8 +258,8 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         let clientKeepAlive = head.minorVersion == 1 ? !head.connectionClose : (head.connectionKeepAlive && !head.connectionClose)
         let e = Exchange(head: head, route: route, number: requests, clientKeepAlive: clientKeepAlive)
         ex = e
-        let settings = route.settings
-        if let n = head.contentLength, n > settings.clientMaxBodySize, settings.clientMaxBodySize > 0 {
+        let maxBody = route.settings.clientMaxBodySize
+        if let n = head.contentLength, n > maxBody, maxBody > 0 {
             respondLocal(status: 413, closeAfter: true)
             return
         }
@@ -367,10 +367,10 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     private func connect(_ server: ServerPool) {
         ex?.reused = false
         ex?.connectStartedAt = .now()
-        let settings = ex!.route.settings
+        let route = ex!.route
         let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
         let exchangeNumber = requests
-        server.connect(timeoutMs: settings.proxyConnectTimeoutMs, socketKeepalive: settings.proxySocketKeepalive).assumeIsolated().whenComplete { result in
+        server.connect(timeoutMs: route.settings.proxyConnectTimeoutMs, socketKeepalive: route.settings.proxySocketKeepalive).assumeIsolated().whenComplete { result in
             let me = bound.value
             switch result {
             case .success(let conn):
@@ -665,13 +665,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         if head.keepAliveTimeout != nil || head.keepAliveMax != nil {
             e.backendKeepAlive = .init(timeoutSeconds: head.keepAliveTimeout, max: head.keepAliveMax)
         }
-        // The client side's keep-alive decision.
-        let route = e.route
-        let policy = KeepAlivePolicy(maxRequests: route.settings.keepaliveRequests, maxLifetimeMs: route.settings.keepaliveTimeMs, draining: loop.draining)
-        let decision = policy.decide(requestNumber: e.number, clientWantsKeepAlive: e.clientKeepAlive,
-                                     connectionAgeMs: Int64((NIODeadline.now() - acceptedAt).nanoseconds / 1_000_000))
-        var keepAlive = decision == .keepAlive && route.settings.keepaliveTimeoutMs > 0 && e.requestBodyDone
-        if case .close(let reason) = decision { closeReason = reason.rawValue }
+        var keepAlive = clientKeepAliveAllowed(e) && e.requestBodyDone
         switch e.responseFraming {
         case .chunked:
             e.relay = e.head.minorVersion == 1 ? .verbatim : .dechunk
@@ -793,7 +787,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         loop.stats.responsesByServer[e.route.serverIndex][statusClass] += 1
         accessLog(e)
         ex = nil
-        // Keep the header array's storage for the next request on this connection.
+        // The header array goes back to the loop: an idle connection holds none.
         swap(&headerStorage, &e.head.headers)
         loop.returnHeaderArray(&headerStorage)
         // One flush per response, whichever side's event finished it.
@@ -831,24 +825,31 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     private func respondAndClose(status: Int, settings: HTTPSettings) {
         ex = nil
         state = .exchange
-        respond(status: status, text: nil, settings: settings, keepAlive: false, head: nil)
+        respond(status: status, text: nil, serverTokens: settings.serverTokens, keepAlive: false, head: nil)
         closeReason = "error"
         state = .closed
         flushAndClose()
     }
 
-    /// Answers the current request from Tether itself: `return`, or an error page.
-    private func respondLocal(status: Int, text: ByteBuffer? = nil, contentType: String = "text/plain", closeAfter: Bool = false) {
-        guard let e = ex else { return }
-        let settings = e.route.settings
-        let policy = KeepAlivePolicy(maxRequests: settings.keepaliveRequests, maxLifetimeMs: settings.keepaliveTimeMs, draining: loop.draining)
+    /// nginx's client keep-alive rules for the response to `e` (`keepalive_requests`,
+    /// `keepalive_time`, `keepalive_timeout 0`, draining, what the client asked for); when they
+    /// say close, the reason is kept for the close counter.
+    private func clientKeepAliveAllowed(_ e: Exchange) -> Bool {
+        let s = e.route.settings
+        let policy = KeepAlivePolicy(maxRequests: s.keepaliveRequests, maxLifetimeMs: s.keepaliveTimeMs, draining: loop.draining)
         let decision = policy.decide(requestNumber: e.number, clientWantsKeepAlive: e.clientKeepAlive,
                                      connectionAgeMs: Int64((NIODeadline.now() - acceptedAt).nanoseconds / 1_000_000))
         if case .close(let reason) = decision { closeReason = reason.rawValue }
+        return decision == .keepAlive && s.keepaliveTimeoutMs > 0
+    }
+
+    /// Answers the current request from Tether itself: `return`, or an error page.
+    private func respondLocal(status: Int, text: ByteBuffer? = nil, contentType: String = "text/plain", closeAfter: Bool = false) {
+        guard let e = ex else { return }
+        let allowed = clientKeepAliveAllowed(e)
         if closeAfter { closeReason = "error" }
         // An unread body of unknown size makes the connection unusable after an error.
-        let keepAlive = decision == .keepAlive && !closeAfter && settings.keepaliveTimeoutMs > 0
-            && (e.requestBodyDone || e.discardBody)
+        let keepAlive = allowed && !closeAfter && (e.requestBodyDone || e.discardBody)
         e.status = status
         e.closeAfter = !keepAlive
         e.responseStarted = true
@@ -859,7 +860,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             e.upstream = nil
             server.discard(up, reason: .notReusable)
         }
-        e.bytesSent = respond(status: status, text: text, contentType: contentType, settings: settings, keepAlive: keepAlive, head: e.head)
+        e.bytesSent = respond(status: status, text: text, contentType: contentType, serverTokens: e.route.settings.serverTokens, keepAlive: keepAlive, head: e.head)
         ex!.bytesSent = e.bytesSent
         if !keepAlive {
             finishExchange()
@@ -871,18 +872,32 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         if ex?.requestBodyDone == true { finishExchange() }
     }
 
+    private static let serverWithVersion = Array("\r\nServer: tether/\(tetherVersion)\r\nDate: ".utf8)
+    private static let serverWithoutVersion = Array("\r\nServer: tether\r\nDate: ".utf8)
+
     @discardableResult
-    private func respond(status: Int, text: ByteBuffer?, contentType: String = "text/plain", settings: HTTPSettings, keepAlive: Bool, head: ParsedHead?) -> Int {
+    private func respond(status: Int, text: ByteBuffer?, contentType: String = "text/plain", serverTokens: Bool, keepAlive: Bool, head: ParsedHead?) -> Int {
         loop.dateCache.refresh()
         let reason = DownstreamHandler.reasons[status] ?? "Unknown"
         var out = context.channel.allocator.buffer(capacity: 512)
-        out.writeString("HTTP/1.1 \(status) \(reason)\r\nServer: \(settings.serverTokens ? "tether/\(tetherVersion)" : "tether")\r\nDate: ")
+        // Written in pieces: an interpolated string would be built (and allocated) per answer.
+        out.writeStaticString("HTTP/1.1 ")
+        out.writeString(String(status))
+        out.writeStaticString(" ")
+        out.writeString(reason)
+        out.writeBytes(serverTokens ? DownstreamHandler.serverWithVersion : DownstreamHandler.serverWithoutVersion)
         out.writeBytes(loop.dateCache.httpDate)
         out.writeStaticString("\r\n")
         var body: ByteBuffer?
-        let redirect = [301, 302, 303, 307, 308].contains(status)
+        let redirect: Bool
+        switch status {
+        case 301, 302, 303, 307, 308: redirect = true
+        default: redirect = false
+        }
         if let text, !redirect {
-            out.writeString("Content-Type: \(contentType)\r\n")
+            out.writeStaticString("Content-Type: ")
+            out.writeString(contentType)
+            out.writeStaticString("\r\n")
             body = text
         } else if status >= 300 && status != 304 {
             if redirect, let text {
@@ -896,7 +911,11 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             body = b
         }
         let bodyless = status == 204 || status == 304 || status < 200
-        if !bodyless { out.writeString("Content-Length: \(body?.readableBytes ?? 0)\r\n") }
+        if !bodyless {
+            out.writeStaticString("Content-Length: ")
+            out.writeString(String(body?.readableBytes ?? 0))
+            out.writeStaticString("\r\n")
+        }
         if !keepAlive {
             out.writeStaticString("Connection: close\r\n")
         } else {
