@@ -35,7 +35,10 @@ public final class TestClient: @unchecked Sendable {
         addr.sin_port = in_port_t(UInt16(port).bigEndian)
         addr.sin_addr.s_addr = inet_addr(host)
         let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-        guard rc == 0 else { Glibc.close(fd); throw TestError("connect to \(port) failed: errno \(errno)") }
+        // No close here: the object is fully initialized, so deinit closes the socket when the
+        // error is thrown. Closing it twice would close whatever another thread (an event loop's
+        // epoll descriptor, say) had opened under the same number in between.
+        guard rc == 0 else { throw TestError("connect to \(port) failed: errno \(errno)") }
         setTimeout(ms: timeoutMs)
     }
 
