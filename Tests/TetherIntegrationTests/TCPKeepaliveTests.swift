@@ -43,6 +43,14 @@ struct SocketOptions: Equatable, CustomStringConvertible {
     var description: String { "keepalive=\(keepalive) idle=\(idle) intvl=\(interval) cnt=\(count) user_timeout=\(userTimeout)" }
 }
 
+/// TCP_NODELAY on a socket: small responses must not wait behind Nagle's algorithm.
+func tcpNoDelay(fd: Int32) -> Int32 {
+    var v: Int32 = -1
+    var len = socklen_t(4)
+    getsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &v, &len)
+    return v
+}
+
 func hostDefault(_ name: String) -> Int32 {
     Int32((try? String(contentsOfFile: "/proc/sys/net/ipv4/\(name)", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "") ?? -1
 }
@@ -95,6 +103,10 @@ func hostDefault(_ name: String) -> Int32 {
         try #require(accepted.count == 1 && pooled.count == 1)
         #expect(SocketOptions(fd: accepted[0]) == c.client)
         #expect(SocketOptions(fd: pooled[0]) == c.pooled)
+        // Accepted sockets get it from the listening socket (Linux copies it), not from a
+        // setsockopt per connection.
+        #expect(tcpNoDelay(fd: accepted[0]) == 1)
+        #expect(tcpNoDelay(fd: pooled[0]) == 1)
     }
 
     @Test func proxySocketKeepaliveTurnsOnSOKeepaliveUpstream() throws {

@@ -45,10 +45,29 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     private var ex: Exchange?
     private var requests = 0
     private let acceptedAt = NIODeadline.now()
-    private var remoteAddr: [UInt8] = []
-    /// The client's address as 4 or 16 bytes, for `allow` / `deny`.
-    private var remoteIP: [UInt8] = []
-    private var remotePort = 0
+    /// The client's address as text (`$remote_addr`) and as 4 or 16 bytes (`allow` / `deny`),
+    /// made from the channel's address the first time a request needs them: a connection whose
+    /// requests use neither formats nothing and allocates nothing for them.
+    private var remoteAddrCache: [UInt8]?
+    private var remoteIPCache: [UInt8]?
+    private var remoteAddr: [UInt8] {
+        if let a = remoteAddrCache { return a }
+        let a = Array((context?.channel.remoteAddress?.ipAddress ?? "").utf8)
+        remoteAddrCache = a
+        return a
+    }
+    private var remoteIP: [UInt8] {
+        if let a = remoteIPCache { return a }
+        var a: [UInt8] = []
+        switch context?.channel.remoteAddress {
+        case .v4(let v4): a = withUnsafeBytes(of: v4.address.sin_addr) { Array($0) }
+        case .v6(let v6): a = withUnsafeBytes(of: v6.address.sin6_addr) { Array($0) }
+        default: break
+        }
+        remoteIPCache = a
+        return a
+    }
+    private var remotePort: Int { context?.channel.remoteAddress?.port ?? 0 }
     // Reading is paused (a `read` was held back) for bounded read-ahead or backpressure.
     private var readPaused = false
     private var pendingRead = false
@@ -114,15 +133,6 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        if let a = context.channel.remoteAddress {
-            remoteAddr = Array((a.ipAddress ?? "").utf8)
-            remotePort = a.port ?? 0
-            switch a {
-            case .v4(let v4): remoteIP = withUnsafeBytes(of: v4.address.sin_addr) { Array($0) }
-            case .v6(let v6): remoteIP = withUnsafeBytes(of: v6.address.sin6_addr) { Array($0) }
-            default: break
-            }
-        }
         loop.stats.downstreamHandled += 1
         loop.stats.downstreamActive += 1
         loop.connections[ObjectIdentifier(self)] = self
