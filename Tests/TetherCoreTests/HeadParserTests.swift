@@ -101,6 +101,27 @@ import Testing
         }
     }
 
+    @Test func tokenBytesAreRFC9110TChars() {
+        let tchar = Set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-.^_`|~".utf8)
+        for c in 0...255 { #expect(ASCII.isToken(UInt8(c)) == tchar.contains(UInt8(c)), "byte \(c)") }
+    }
+
+    @Test func headerValuesAreTrimmedAndMayCarryObsText() throws {
+        var b = ByteBuffer()
+        b.writeString("GET / HTTP/1.1\r\nHost: a\r\nX-A:\t a b \t\r\nX-B:\r\nX-C: caf")
+        b.writeBytes([0xC3, 0xA9])
+        b.writeString("\r\n\r\n")
+        var storage: [HeaderField] = []
+        guard case .complete(let h, let n) = HeadParser.parse(b, kind: .request, limits: .init(lineLimit: 8192, headLimit: 32768), headers: &storage) else {
+            Issue.record("refused"); return
+        }
+        #expect(n == b.readableBytes)
+        #expect(h.headers.count == 4)
+        #expect(h.value(named: "x-a") == "a b")
+        #expect(h.value(named: "x-b") == "")
+        #expect(h.value(named: "x-c") == "café")
+    }
+
     @Test func idempotentMethods() throws {
         for (m, idem) in [("GET", true), ("HEAD", true), ("PUT", true), ("DELETE", true), ("OPTIONS", true), ("TRACE", true), ("POST", false), ("PATCH", false)] {
             let (h, _) = try complete("\(m) / HTTP/1.1\r\nHost: a\r\n\r\n")

@@ -691,7 +691,9 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         e.status = head.status
         e.phase = upgrading ? .tunnel : (e.responseFraming == .none ? .done : .body)
         e.responseStarted = true
-        var out = context.channel.allocator.buffer(capacity: head.bytes.readableBytes + 64)
+        // Room for a small body that came with the head: it is staged behind it (writeClient).
+        let smallBody = rest.readableBytes <= Self.stageLimit ? rest.readableBytes : 0
+        var out = context.channel.allocator.buffer(capacity: head.bytes.readableBytes + 64 + smallBody)
         writeClientHead(head, exchange: e, upgrading: upgrading, into: &out)
         e.bytesSent += out.readableBytes
         writeClient(out)
@@ -941,25 +943,55 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
 
     // MARK: Writing
 
+    /// Writes to the client are gathered here while they are small and go out at the flush as
+    /// one buffer with one `writeAndFlush`: a response head and a small body (or a local answer)
+    /// take one trip through the pipeline and one write(2) instead of two writes, a flush and a
+    /// writev. Copying up to this many bytes costs less than a second write.
+    private var staged: ByteBuffer?
+    private static let stageLimit = 4096
+
     private func writeClient(_ buffer: ByteBuffer) {
         guard state != .closed || ex != nil else { return }
-        context.write(wrapOutboundOut(buffer), promise: nil)
         needsFlush = true
+        if staged == nil {
+            if buffer.readableBytes <= Self.stageLimit {
+                staged = buffer
+                return
+            }
+        } else if staged!.readableBytes + buffer.readableBytes <= Self.stageLimit {
+            var b = buffer
+            staged!.writeBuffer(&b)
+            return
+        }
+        if let s = staged {
+            staged = nil
+            context.write(wrapOutboundOut(s), promise: nil)
+        }
+        context.write(wrapOutboundOut(buffer), promise: nil)
     }
 
-    private func flushIfNeeded() {
-        if needsFlush {
-            needsFlush = false
+    /// Sends what was written; `promise` completes once all of it reached the socket.
+    private func flushClient(promise: EventLoopPromise<Void>? = nil) {
+        needsFlush = false
+        if let s = staged {
+            staged = nil
+            context.writeAndFlush(wrapOutboundOut(s), promise: promise)
+        } else if let promise {
+            context.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: promise)
+        } else {
             context.flush()
         }
     }
 
+    private func flushIfNeeded() {
+        if needsFlush { flushClient() }
+    }
+
     private func flushAndClose() {
-        needsFlush = false
         timer?.cancel()
         timer = nil
         let ctx = context!
-        ctx.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: nil)
+        flushClient()
         ctx.close(mode: .output, promise: nil)
         // After our FIN, wait briefly for the client's (lingering close, as nginx), then close.
         let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
@@ -969,12 +1001,11 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     /// Closes after what was written reaches the socket (a close at once would drop writes still
     /// queued). Small responses are written within the flush, so this closes at once then.
     private func closeWhenWritten() {
-        needsFlush = false
         timer?.cancel()
         timer = nil
         let ctx = context!
         let written = ctx.eventLoop.makePromise(of: Void.self)
-        ctx.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: written)
+        flushClient(promise: written)
         written.futureResult.assumeIsolated().whenComplete { _ in ctx.close(promise: nil) }
     }
 
@@ -985,6 +1016,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             loop.stats.downstreamClosed[closeReason, default: 0] += 1
         }
         needsFlush = false
+        staged = nil
         ctx.close(promise: nil)
     }
 
@@ -1111,18 +1143,20 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             }
             out.writeStaticString(e.route.proxyHTTP10 ? " HTTP/1.0\r\n" : " HTTP/1.1\r\n")
             let names = e.route.setHeaderNames
+            var run = Self.LineRun(start: 0, end: 0)
             for f in h.headers {
-                if f.kind.isHopByHop || f.droppedByConnection || f.kind == .contentLength || f.kind == .expect { continue }
+                var keep = !(f.kind.isHopByHop || f.droppedByConnection || f.kind == .contentLength || f.kind == .expect)
                 let ls = Int(f.lineStart), ne = Int(f.nameEnd)
-                var replaced = false
-                for n in names where n.count == ne - ls {
-                    var same = true
-                    for k in 0..<n.count where ASCII.lower(p[ls + k]) != n[k] { same = false; break }
-                    if same { replaced = true; break }
+                if keep {
+                    for n in names where n.count == ne - ls {
+                        var same = true
+                        for k in 0..<n.count where ASCII.lower(p[ls + k]) != n[k] { same = false; break }
+                        if same { keep = false; break }
+                    }
                 }
-                if replaced { continue }
-                out.writeBytes(UnsafeRawBufferPointer(rebasing: p[ls..<Int(f.lineEnd)]))
+                run.add(f, keep: keep, from: p, into: &out)
             }
+            run.write(from: p, into: &out)
         }
         for s in e.route.settings.proxySetHeaders {
             let mark = out.writerIndex
@@ -1149,22 +1183,50 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         out.writeStaticString("\r\n")
     }
 
+    /// Consecutive kept lines of a head, written with one copy when a line is dropped or at the end.
+    struct LineRun {
+        var start: Int
+        var end: Int
+
+        @inline(__always)
+        mutating func add(_ f: HeaderField, keep: Bool, from p: UnsafeRawBufferPointer, into out: inout ByteBuffer) {
+            if keep {
+                if end == Int(f.lineStart) {
+                    end = Int(f.lineEnd)
+                    return
+                }
+                write(from: p, into: &out)
+                start = Int(f.lineStart)
+                end = Int(f.lineEnd)
+            } else {
+                write(from: p, into: &out)
+                start = Int(f.lineEnd)
+                end = start
+            }
+        }
+
+        @inline(__always)
+        mutating func write(from p: UnsafeRawBufferPointer, into out: inout ByteBuffer) {
+            if end > start { out.writeBytes(UnsafeRawBufferPointer(rebasing: p[start..<end])) }
+            start = end
+        }
+    }
+
     /// The response head for the client: status and header lines copied, hop-by-hop ones
     /// dropped, framing and keep-alive headers of this hop added.
     private func writeClientHead(_ head: ParsedHead, exchange e: Exchange, upgrading: Bool, into out: inout ByteBuffer) {
         head.bytes.withUnsafeReadableBytes { p in
             // "HTTP/1.x " is replaced by our own version; the status code and reason are kept.
             out.writeStaticString("HTTP/1.1")
-            var lineEnd = 0
-            while p[lineEnd] != 0x0D { lineEnd += 1 }
-            out.writeBytes(UnsafeRawBufferPointer(rebasing: p[8..<lineEnd]))
-            out.writeStaticString("\r\n")
+            // Kept lines are copied in runs: the status line and the header lines up to the
+            // first dropped one in one write, and so on (lines are contiguous in the head).
+            var run = Self.LineRun(start: 8, end: head.headers.first.map { Int($0.lineStart) } ?? p.count - 2)
             for f in head.headers {
-                if f.droppedByConnection { continue }
-                if f.kind.isHopByHop && !(upgrading && f.kind == .upgrade) { continue }
-                if f.kind == .contentLength && e.relay != .verbatim { continue }
-                out.writeBytes(UnsafeRawBufferPointer(rebasing: p[Int(f.lineStart)..<Int(f.lineEnd)]))
+                let drop = f.droppedByConnection || (f.kind.isHopByHop && !(upgrading && f.kind == .upgrade))
+                    || (f.kind == .contentLength && e.relay != .verbatim)
+                run.add(f, keep: !drop, from: p, into: &out)
             }
+            run.write(from: p, into: &out)
         }
         if upgrading {
             out.writeStaticString("Connection: upgrade\r\n")

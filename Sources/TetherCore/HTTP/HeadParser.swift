@@ -116,14 +116,12 @@ struct ParsedHead {
 enum ASCII {
     @inline(__always) static func lower(_ c: UInt8) -> UInt8 { c >= 0x41 && c <= 0x5A ? c | 0x20 : c }
 
-    @inline(__always) static func isToken(_ c: UInt8) -> Bool { tokenTable[Int(c)] }
-
-    static let tokenTable: [Bool] = (0..<256).map { c in
-        let c = UInt8(c)
-        switch c {
-        case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"): return true
-        default: return "!#$%&'*+-.^_`|~".utf8.contains(c)
-        }
+    /// RFC 9110 tchar: ALPHA, DIGIT and "!#$%&'*+-.^_`|~", as two 64-bit masks (bytes 0-63 and
+    /// 64-127) rather than a table: no global to initialise and check on every byte.
+    @inline(__always) static func isToken(_ c: UInt8) -> Bool {
+        if c < 64 { return (0x03FF_6CFA_0000_0000 as UInt64) >> UInt64(c) & 1 != 0 }
+        if c < 128 { return (0x57FF_FFFF_C7FF_FFFE as UInt64) >> UInt64(c - 64) & 1 != 0 }
+        return false
     }
 
     /// Field-value bytes: visible ASCII, obs-text, space and tab (no CTLs, no NUL, no bare CR).
@@ -214,6 +212,16 @@ enum HeadParser {
                 if p[i] == 0x20 || p[i] == 0x09 {
                     return .error(HeadError(status: bad, reason: "obsolete line folding"))
                 }
+                // The usual line in one pass; anything unusual (incomplete, too long, invalid)
+                // takes the careful path below, which says what is wrong.
+                if let f = scanHeaderLine(p, from: i), f.end - i <= limits.lineLimit, f.end + 2 - skip <= limits.headLimit {
+                    headers.append(HeaderField(lineStart: Int32(i - skip), nameEnd: Int32(f.nameEnd - skip), valueStart: Int32(f.valueStart - skip),
+                                               valueEnd: Int32(f.valueEnd - skip), lineEnd: Int32(f.end + 2 - skip),
+                                               kind: classify(p, from: i, to: f.nameEnd)))
+                    if headers.count > 1000 { return .error(HeadError(status: tooLarge, reason: "too many headers")) }
+                    i = f.end + 2
+                    continue
+                }
                 let end: Int
                 switch lineEnd(i) {
                 case .failure(let e): return .error(e)
@@ -259,6 +267,34 @@ enum HeadParser {
             }
             return .complete(head, consumed: i)
         }
+    }
+
+    /// One well-formed header line starting at `i`: `name ":" OWS value OWS CRLF`, with the
+    /// value's bytes valid. nil when the line is incomplete or anything in it is not as expected.
+    @inline(__always)
+    private static func scanHeaderLine(_ p: UnsafeRawBufferPointer, from i: Int) -> (nameEnd: Int, valueStart: Int, valueEnd: Int, end: Int)? {
+        let n = p.count
+        var j = i
+        while j < n, ASCII.isToken(p[j]) { j += 1 }
+        guard j > i, j < n, p[j] == UInt8(ascii: ":") else { return nil }
+        let nameEnd = j
+        j += 1
+        while j < n, p[j] == 0x20 || p[j] == 0x09 { j += 1 }
+        let valueStart = j
+        var valueEnd = j
+        while j < n {
+            let c = p[j]
+            if c > 0x20 && c != 0x7F {
+                valueEnd = j + 1
+            } else if c == 0x0D {
+                guard j + 1 < n, p[j + 1] == 0x0A else { return nil }
+                return (nameEnd, valueStart, valueEnd, j)
+            } else if c != 0x20 && c != 0x09 {
+                return nil
+            }
+            j += 1
+        }
+        return nil
     }
 
     private static func parseRequestLine(_ p: UnsafeRawBufferPointer, from: Int, to: Int, into head: inout ParsedHead) -> HeadError? {
