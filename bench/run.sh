@@ -23,7 +23,7 @@ if ! need wrk || ! need nginx || ! need taskset || ! need haproxy || ! need open
 fi
 ulimit -n 65536 || true
 
-swift build -c release --product tether >/dev/null
+scripts/build >/dev/null
 TETHER=$PWD/.build/release/tether
 HZ=$(getconf CLK_TCK)
 
