@@ -43,6 +43,14 @@ final class ProxySetup: Sendable {
     }
 }
 
+/// One `proxy_set_header` as the upstream request gets it.
+enum SetHeaderLine: Sendable {
+    /// The whole line, CRLF included: the value has no variable that changes per request.
+    case constant([UInt8])
+    /// `Name: ` and the value to expand per request.
+    case template(prefix: [UInt8], value: Template)
+}
+
 /// A location with what the hot path needs precomputed.
 final class CompiledLocation: Sendable {
     let location: Location?
@@ -50,6 +58,8 @@ final class CompiledLocation: Sendable {
     let action: Location.Action
     /// Lowercased names of `proxy_set_header`, to drop the client's headers they replace.
     let setHeaderNames: [[UInt8]]
+    /// The `proxy_set_header` lines, made once where they depend on nothing of the request.
+    let setHeaderLines: [SetHeaderLine]
     /// `Keep-Alive: timeout=N\r\n`, or empty when none is sent.
     let keepAliveHeader: [UInt8]
     let pathBytes: [UInt8]
@@ -87,6 +97,18 @@ final class CompiledLocation: Sendable {
         self.settings = settings
         self.action = action
         setHeaderNames = settings.proxySetHeaders.map { Array($0.name.lowercased().utf8) }
+        setHeaderLines = settings.proxySetHeaders.compactMap { h in
+            var value = ""
+            for part in h.value.parts {
+                switch part {
+                case .literal(let text): value += text
+                case .variable(.proxyHost): if case .proxy(let pass) = action { value += pass.proxyHost }
+                case .variable: return .template(prefix: Array("\(h.name): ".utf8), value: h.value)
+                }
+            }
+            // An empty value means the header is not sent (as nginx).
+            return value.isEmpty ? nil : .constant(Array("\(h.name): \(value)\r\n".utf8))
+        }
         if let t = settings.keepaliveHeaderTimeoutMs {
             keepAliveHeader = Array("Keep-Alive: timeout=\(t / 1000)\r\n".utf8)
         } else {

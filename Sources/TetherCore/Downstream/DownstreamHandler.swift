@@ -1120,30 +1120,14 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     private func writeUpstreamHead(_ e: Exchange, into out: inout ByteBuffer) {
         let h = e.head
         h.bytes.withUnsafeReadableBytes { p in
-            out.writeBytes(UnsafeRawBufferPointer(rebasing: p[0..<h.methodEnd]))
-            out.writeStaticString(" ")
-            // The origin-form (path and query): an absolute-form target loses its scheme://authority.
-            var start = h.targetStart
-            if p[start] != UInt8(ascii: "/") && p[start] != UInt8(ascii: "*") {
-                var slashes = 0
-                while start < h.targetEnd {
-                    if p[start] == UInt8(ascii: "/") { slashes += 1; if slashes == 3 { break } }
-                    start += 1
-                }
-            }
-            let target = UnsafeRawBufferPointer(rebasing: p[start..<h.targetEnd])
-            if target.isEmpty { out.writeStaticString("/") }
-            if let uri = e.route.proxyURI, let loc = e.route.location {
-                // proxy_pass with a URI: the matched location prefix is replaced by it.
-                out.writeString(uri)
-                let drop = min(loc.path.utf8.count, target.count)
-                out.writeBytes(UnsafeRawBufferPointer(rebasing: target[drop...]))
-            } else {
-                out.writeBytes(target)
-            }
-            out.writeStaticString(e.route.proxyHTTP10 ? " HTTP/1.0\r\n" : " HTTP/1.1\r\n")
             let names = e.route.setHeaderNames
             var run = Self.LineRun(start: 0, end: 0)
+            if p[h.targetStart] == UInt8(ascii: "/") && e.route.proxyURI == nil && h.minorVersion == 1 && !e.route.proxyHTTP10 {
+                // The usual request line goes as it came: it starts the first run of lines.
+                run.end = h.targetEnd + 11  // " HTTP/1.1\r\n"
+            } else {
+                writeUpstreamRequestLine(e, p, into: &out)
+            }
             for f in h.headers {
                 var keep = !(f.kind.isHopByHop || f.droppedByConnection || f.kind == .contentLength || f.kind == .expect)
                 let ls = Int(f.lineStart), ne = Int(f.nameEnd)
@@ -1158,16 +1142,20 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             }
             run.write(from: p, into: &out)
         }
-        for s in e.route.settings.proxySetHeaders {
-            let mark = out.writerIndex
-            out.writeString(s.name)
-            out.writeStaticString(": ")
-            let valueStart = out.writerIndex
-            writeTemplate(s.value, into: &out)
-            if out.writerIndex == valueStart {
-                out.moveWriterIndex(to: mark)  // an empty value means the header is not sent
-            } else {
-                out.writeStaticString("\r\n")
+        for line in e.route.setHeaderLines {
+            switch line {
+            case .constant(let bytes):
+                out.writeBytes(bytes)
+            case .template(let prefix, let value):
+                let mark = out.writerIndex
+                out.writeBytes(prefix)
+                let valueStart = out.writerIndex
+                writeTemplate(value, into: &out)
+                if out.writerIndex == valueStart {
+                    out.moveWriterIndex(to: mark)  // an empty value means the header is not sent
+                } else {
+                    out.writeStaticString("\r\n")
+                }
             }
         }
         switch e.requestFraming {
@@ -1181,6 +1169,35 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             out.writeStaticString("\r\n")
         }
         out.writeStaticString("\r\n")
+    }
+
+    /// The request line for the upstream when it cannot go as it came: the origin-form target
+    /// (an absolute-form one loses its scheme and authority; `proxy_pass` with a URI replaces the
+    /// location's prefix) and the HTTP version `proxy_http_version` says.
+    private func writeUpstreamRequestLine(_ e: Exchange, _ p: UnsafeRawBufferPointer, into out: inout ByteBuffer) {
+        let h = e.head
+        out.writeBytes(UnsafeRawBufferPointer(rebasing: p[0..<h.methodEnd]))
+        out.writeStaticString(" ")
+        // The origin-form (path and query): an absolute-form target loses its scheme://authority.
+        var start = h.targetStart
+        if p[start] != UInt8(ascii: "/") && p[start] != UInt8(ascii: "*") {
+            var slashes = 0
+            while start < h.targetEnd {
+                if p[start] == UInt8(ascii: "/") { slashes += 1; if slashes == 3 { break } }
+                start += 1
+            }
+        }
+        let target = UnsafeRawBufferPointer(rebasing: p[start..<h.targetEnd])
+        if target.isEmpty { out.writeStaticString("/") }
+        if let uri = e.route.proxyURI, let loc = e.route.location {
+            // proxy_pass with a URI: the matched location prefix is replaced by it.
+            out.writeString(uri)
+            let drop = min(loc.path.utf8.count, target.count)
+            out.writeBytes(UnsafeRawBufferPointer(rebasing: target[drop...]))
+        } else {
+            out.writeBytes(target)
+        }
+        out.writeStaticString(e.route.proxyHTTP10 ? " HTTP/1.0\r\n" : " HTTP/1.1\r\n")
     }
 
     /// Consecutive kept lines of a head, written with one copy when a line is dropped or at the end.
