@@ -305,6 +305,8 @@ final class LoopContext {
             generation += 1
         }
         self.routes = routes
+        lastRoute = nil
+        lastGroup = nil
         swapAccessLog(accessLog)
     }
 
@@ -315,11 +317,22 @@ final class LoopContext {
 
     /// The pools of a location's upstream (one group per pool key: plain, or each TLS variant).
     func group(for route: CompiledLocation, upstream name: String) -> UpstreamGroup {
-        if let g = groups[route.poolKey] { return g }
-        let g = UpstreamGroup(upstream: setup.upstreams[name]!, loop: self, tls: route.upstreamTLS)
-        groups[route.poolKey] = g
+        // The last location asked about, answered without hashing its pool key (most requests
+        // on a loop go to the same location); `install` forgets it.
+        if route === lastRoute, let g = lastGroup { return g }
+        let g: UpstreamGroup
+        if let existing = groups[route.poolKey] {
+            g = existing
+        } else {
+            g = UpstreamGroup(upstream: setup.upstreams[name]!, loop: self, tls: route.upstreamTLS)
+            groups[route.poolKey] = g
+        }
+        lastRoute = route
+        lastGroup = g
         return g
     }
+    private var lastRoute: CompiledLocation?
+    private var lastGroup: UpstreamGroup?
 
     var allGroups: [UpstreamGroup] { Array(groups.values) }
 
