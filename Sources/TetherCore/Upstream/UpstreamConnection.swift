@@ -94,16 +94,41 @@ final class UpstreamConnection: ChannelDuplexHandler {
         }
     }
 
+    /// The first write since the last flush waits here, so that a request head with nothing
+    /// behind it goes out with one `writeAndFlush`; a flush with nothing written does nothing.
+    private var staged: ByteBuffer?
+    private var written = false
+
     func write(_ buffer: ByteBuffer) {
-        context?.write(wrapOutboundOut(buffer), promise: nil)
+        guard let context else { return }
+        if let s = staged {
+            staged = nil
+            context.write(wrapOutboundOut(s), promise: nil)
+            context.write(wrapOutboundOut(buffer), promise: nil)
+            written = true
+        } else if written {
+            context.write(wrapOutboundOut(buffer), promise: nil)
+        } else {
+            staged = buffer
+        }
     }
 
-    func flush() { context?.flush() }
+    func flush() {
+        guard let context else { return }
+        if let s = staged {
+            staged = nil
+            context.writeAndFlush(wrapOutboundOut(s), promise: nil)
+        } else if written {
+            written = false
+            context.flush()
+        }
+    }
 
     func close() {
         guard isOpen, let context else { return }
         isOpen = false
         delegate = nil
+        staged = nil
         context.close(promise: nil)
     }
 }
