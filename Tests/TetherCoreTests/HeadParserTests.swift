@@ -122,6 +122,40 @@ import Testing
         #expect(h.value(named: "x-c") == "café")
     }
 
+    /// Every byte value at every place of a long header value: accepted exactly when RFC 9110
+    /// allows it in a field value (visible, obs-text, space, tab), and the value is trimmed.
+    @Test func everyByteAtEveryPlaceOfAValue() {
+        var storage: [HeaderField] = []
+        for byte in 0...255 {
+            let c = UInt8(byte)
+            let allowed = c == 0x09 || (c >= 0x20 && c != 0x7F)
+            for place in 0..<20 {
+                var value = Array(repeating: UInt8(ascii: "v"), count: 20)
+                value[place] = c
+                var b = ByteBuffer()
+                b.writeString("GET / HTTP/1.1\r\nHost: a\r\nX: ")
+                b.writeBytes(value)
+                b.writeString("\r\n\r\n")
+                let outcome = HeadParser.parse(b, kind: .request, limits: .init(lineLimit: 8192, headLimit: 32768), headers: &storage)
+                switch outcome {
+                case .complete(let h, _):
+                    #expect(allowed, "byte \(byte) at \(place) accepted")
+                    var trimmed = value[...]
+                    while let f = trimmed.first, f == 0x20 || f == 0x09 { trimmed.removeFirst() }
+                    while let l = trimmed.last, l == 0x20 || l == 0x09 { trimmed.removeLast() }
+                    let x = h.headers[1]
+                    let got = h.bytes.getBytes(at: h.bytes.readerIndex + Int(x.valueStart), length: Int(x.valueEnd - x.valueStart))
+                    #expect(got == Array(trimmed), "byte \(byte) at \(place)")
+                case .error:
+                    // A CR followed by "v" is a bare CR; a LF a bare LF: refused as well.
+                    #expect(!allowed, "byte \(byte) at \(place) refused")
+                case .incomplete:
+                    Issue.record("byte \(byte) at \(place): incomplete")
+                }
+            }
+        }
+    }
+
     @Test func idempotentMethods() throws {
         for (m, idem) in [("GET", true), ("HEAD", true), ("PUT", true), ("DELETE", true), ("OPTIONS", true), ("TRACE", true), ("POST", false), ("PATCH", false)] {
             let (h, _) = try complete("\(m) / HTTP/1.1\r\nHost: a\r\n\r\n")

@@ -283,6 +283,19 @@ enum HeadParser {
         let valueStart = j
         var valueEnd = j
         while j < n {
+            // Eight bytes at a time while they are all visible (no CTL, no DEL; obs-text is
+            // fine) and the last is not a space: the usual run of a value.
+            if j + 8 <= n {
+                let w = p.loadUnaligned(fromByteOffset: j, as: UInt64.self)
+                let ctl = (w &- 0x2020_2020_2020_2020) & ~w & 0x8080_8080_8080_8080
+                let x = w ^ 0x7F7F_7F7F_7F7F_7F7F
+                let del = (x &- 0x0101_0101_0101_0101) & ~x & 0x8080_8080_8080_8080
+                if ctl | del == 0 && p[j + 7] != 0x20 {
+                    j += 8
+                    valueEnd = j
+                    continue
+                }
+            }
             let c = p[j]
             if c > 0x20 && c != 0x7F {
                 valueEnd = j + 1
