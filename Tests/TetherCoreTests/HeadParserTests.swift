@@ -110,13 +110,16 @@ import Testing
         var b = ByteBuffer()
         b.writeString("GET / HTTP/1.1\r\nHost: a\r\nX-A:\t a b \t\r\nX-B:\r\nX-C: caf")
         b.writeBytes([0xC3, 0xA9])
-        b.writeString("\r\n\r\n")
+        b.writeString("\r\nX-D: abc def          \r\nX-E:         \r\nX-F: Wed, 25 Nov 2026 16:30:00 GMT  \r\n\r\n")
         var storage: [HeaderField] = []
         guard case .complete(let h, let n) = HeadParser.parse(b, kind: .request, limits: .init(lineLimit: 8192, headLimit: 32768), headers: &storage) else {
             Issue.record("refused"); return
         }
         #expect(n == b.readableBytes)
-        #expect(h.headers.count == 4)
+        #expect(h.headers.count == 7)
+        #expect(h.value(named: "x-d") == "abc def")
+        #expect(h.value(named: "x-e") == "")
+        #expect(h.value(named: "x-f") == "Wed, 25 Nov 2026 16:30:00 GMT")
         #expect(h.value(named: "x-a") == "a b")
         #expect(h.value(named: "x-b") == "")
         #expect(h.value(named: "x-c") == "café")

@@ -283,29 +283,35 @@ enum HeadParser {
         let valueStart = j
         var valueEnd = j
         while j < n {
-            // Eight bytes at a time while they are all visible (no CTL, no DEL; obs-text is
-            // fine) and the last is not a space: the usual run of a value.
+            // Eight bytes at a time while they hold no control byte or DEL (spaces and obs-text
+            // are fine): the usual run of a value.
             if j + 8 <= n {
                 let w = p.loadUnaligned(fromByteOffset: j, as: UInt64.self)
                 let ctl = (w &- 0x2020_2020_2020_2020) & ~w & 0x8080_8080_8080_8080
                 let x = w ^ 0x7F7F_7F7F_7F7F_7F7F
                 let del = (x &- 0x0101_0101_0101_0101) & ~x & 0x8080_8080_8080_8080
-                if ctl | del == 0 && p[j + 7] != 0x20 {
+                if ctl | del == 0 {
+                    var k = j + 7
+                    while k >= j && p[k] == 0x20 { k -= 1 }
+                    if k >= j { valueEnd = k + 1 }
                     j += 8
-                    valueEnd = j
                     continue
                 }
             }
-            let c = p[j]
-            if c > 0x20 && c != 0x7F {
-                valueEnd = j + 1
-            } else if c == 0x0D {
-                guard j + 1 < n, p[j + 1] == 0x0A else { return nil }
-                return (nameEnd, valueStart, valueEnd, j)
-            } else if c != 0x20 && c != 0x09 {
-                return nil
+            // Otherwise byte by byte through these eight (the line's end is among them).
+            let stop = min(j + 8, n)
+            while j < stop {
+                let c = p[j]
+                if c > 0x20 && c != 0x7F {
+                    valueEnd = j + 1
+                } else if c == 0x0D {
+                    guard j + 1 < n, p[j + 1] == 0x0A else { return nil }
+                    return (nameEnd, valueStart, valueEnd, j)
+                } else if c != 0x20 && c != 0x09 {
+                    return nil
+                }
+                j += 1
             }
-            j += 1
         }
         return nil
     }
