@@ -191,7 +191,9 @@ public final class TetherServer: Sendable {
         let tuning = SocketTuning(keepalive: listen.soKeepalive, userTimeout: listen.tcpUserTimeout, host: hostKeepalive)
         let what = "client connection (listen \(listen.addressText))"
         return { channel in
-            channel.eventLoop.makeCompletedFuture {
+            // Set up synchronously; the loop's cached succeeded future saves a future (and a
+            // Result) per accepted connection.
+            do {
                 guard let bound = loops.first(where: { $0.eventLoop === channel.eventLoop }) else {
                     preconditionFailure("connection accepted on a loop Tether does not own")
                 }
@@ -203,7 +205,7 @@ public final class TetherServer: Sendable {
                 guard lc.stats.downstreamActive < maxConnections, !lc.draining else {
                     if !lc.draining { lc.logger.warning("\(maxConnections) worker_connections are not enough") }
                     channel.close(promise: nil)
-                    return
+                    return channel.eventLoop.makeSucceededVoidFuture()
                 }
                 if let options = channel.syncOptions {
                     // NIO keeps up to maxMessagesPerRead receive buffers per channel for reuse,
@@ -217,6 +219,9 @@ public final class TetherServer: Sendable {
                     try channel.pipeline.syncOperations.addHandler(TLSHandler(server: tls, observer: lc))
                 }
                 try channel.pipeline.syncOperations.addHandler(DownstreamHandler(loop: lc, listenKey: key, route: route))
+                return channel.eventLoop.makeSucceededVoidFuture()
+            } catch {
+                return channel.eventLoop.makeFailedFuture(error)
             }
         }
     }
