@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# User-space instructions per proxied request, Tether against nginx, counted by valgrind's
+# callgrind: repeatable where CPU time is noisy, so it shows what a code change did.
+#
+#   bench/instructions.sh            # keep-alive, pipelined x8, new connection per request
+#
+# Each proxy runs under callgrind with instrumentation off; after a 3 s wrk warm-up (10
+# connections) it is switched on for an 8 s wrk run, and the instructions counted (all threads of
+# the proxy, user space only: the kernel's work is not in these figures) are divided by the
+# requests wrk completed. The backend is an nginx answering 12 bytes, outside valgrind.
+# Writes bench/out/instructions.md and prints it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=bench/out
+mkdir -p "$OUT"
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need wrk || ! need nginx || ! need valgrind || ! need callgrind_control; then
+    apt-get update -qq
+    apt-get install -y -qq wrk nginx-light valgrind >/dev/null
+fi
+scripts/build >/dev/null
+WORK=$(mktemp -d)
+chmod 755 "$WORK"
+cleanup() {
+    for p in $(cat "$WORK"/*.pid 2>/dev/null); do kill "$p" 2>/dev/null || true; done
+    sleep 0.5
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+BACKEND_PORT=18181; TETHER_PORT=18180; NGINX_PORT=18182
+
+# valgrind cannot read the DWARF 5 debug info Swift writes; the symbols are enough.
+strip --strip-debug -o "$WORK/tether" .build/release/tether
+
+cat > "$WORK/backend.conf" <<CONF
+worker_processes 1; daemon off; pid $WORK/backend.nginxpid; error_log $WORK/backend.err;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
+    server { listen 127.0.0.1:$BACKEND_PORT; location / { return 200 "hello world\n"; } } }
+CONF
+cat > "$WORK/tether.conf" <<CONF
+worker_processes 1;
+error_log $WORK/tether.err error;
+http {
+    keepalive_timeout 300s;
+    keepalive_requests 1000000;
+    upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 64; keepalive_requests 1000000; }
+    server { listen 127.0.0.1:$TETHER_PORT; location / { proxy_pass http://backend; } }
+}
+CONF
+cat > "$WORK/nginx.conf" <<CONF
+worker_processes 1; daemon off; master_process off; pid $WORK/nginx.nginxpid; error_log $WORK/nginx.err;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_timeout 300s;
+    keepalive_requests 1000000;
+    upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 64; keepalive_requests 1000000; }
+    server {
+        listen 127.0.0.1:$NGINX_PORT;
+        location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; }
+    }
+}
+CONF
+cat > "$WORK/pipeline.lua" <<'LUA'
+init = function(args)
+  local r = {}
+  for i = 1, 8 do r[i] = wrk.format(nil, "/") end
+  req = table.concat(r)
+end
+request = function() return req end
+LUA
+nginx -c "$WORK/backend.conf" -e "$WORK/backend.err" & echo $! > "$WORK/backend.pid"
+
+# count NAME PORT [WRK-ARGS...] -- COMMAND...: prints instructions per request
+count() {
+    local name=$1 port=$2; shift 2
+    local args=()
+    while [ "$1" != "--" ]; do args+=("$1"); shift; done
+    shift
+    local cg="$WORK/cg.$name.out"
+    valgrind --tool=callgrind --callgrind-out-file="$cg" --instr-atstart=no "$@" > "$WORK/$name.valgrind.log" 2>&1 &
+    local vp=$!
+    for _ in $(seq 300); do curl -fs "http://127.0.0.1:$port/" >/dev/null 2>&1 && break; sleep 0.2; done
+    wrk -t1 -c10 -d3s "${args[@]}" "http://127.0.0.1:$port/" >/dev/null
+    callgrind_control -i on "$vp" >/dev/null 2>&1
+    local out; out=$(wrk -t1 -c10 -d8s "${args[@]}" "http://127.0.0.1:$port/")
+    callgrind_control -i off "$vp" >/dev/null 2>&1
+    callgrind_control -d "$vp" >/dev/null 2>&1
+    sleep 1
+    kill "$vp"; wait "$vp" 2>/dev/null || true
+    if echo "$out" | grep -q "Non-2xx"; then echo "bench: $name answered with errors" >&2; exit 1; fi
+    local reqs ir=0 f
+    reqs=$(echo "$out" | awk '/requests in/ {print $1}')
+    for f in "$cg"*; do
+        # The dump taken after the run; the file written at exit has nothing counted (".").
+        ir=$((ir + $(callgrind_annotate "$f" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",","",$1); print ($1 ~ /^[0-9]+$/) ? $1 : 0}')))
+    done
+    rm -f "$cg"*
+    echo $((ir / reqs))
+}
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", a/b}'; }
+row() {
+    local label=$1; shift
+    local t n
+    t=$(count "tether" $TETHER_PORT "$@" -- "$WORK/tether" -c "$WORK/tether.conf")
+    n=$(count "nginx" $NGINX_PORT "$@" -- nginx -c "$WORK/nginx.conf" -e "$WORK/nginx.err")
+    echo "| $label | $t | $n | $(ratio "$t" "$n") |"
+}
+{
+echo "User-space instructions per proxied request (callgrind, 10 connections, 12-byte responses), $(date -u +%Y-%m-%d)."
+echo
+echo "| workload | Tether | $(nginx -v 2>&1 | sed 's/.*: //') | Tether/nginx |"
+echo "|---|---|---|---|"
+row "keep-alive"
+row "pipelined x8" -s "$WORK/pipeline.lua"
+row "new connection per request" -H "Connection: close"
+} | tee "$OUT/instructions.md"
