@@ -198,6 +198,9 @@ extension LoopContext: TLSObserver {
 /// The state of one event loop: its pools, counters and connections. Touched only on that loop.
 final class LoopContext {
     let eventLoop: EventLoop
+    /// For the buffers handlers build (heads, chunk sizes): asking a channel for its allocator
+    /// is a call through the `Channel` existential and a thread check each time.
+    let allocator = ByteBufferAllocator()
     private(set) var setup: ProxySetup
     let logger: Logger
     private(set) var accessLog: AccessLogSink?

@@ -293,7 +293,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             if r.code == 444 { closeReason = "error"; close(); return }
             var text: ByteBuffer?
             if let t = r.text {
-                var b = context.channel.allocator.buffer(capacity: 64)
+                var b = loop.allocator.buffer(capacity: 64)
                 writeTemplate(t, into: &b)
                 text = b
             }
@@ -409,7 +409,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         e.server?.counters.requests += 1
         if e.reused { e.server?.counters.reused += 1 }
         e.requestSentAt = now
-        var head = context.channel.allocator.buffer(capacity: e.head.bytes.readableBytes + 128)
+        var head = loop.allocator.buffer(capacity: e.head.bytes.readableBytes + 128)
         writeUpstreamHead(e, into: &head)
         conn.write(head)
         if ex!.head.expectContinue && !ex!.requestBodyDone && (inbound?.readableBytes ?? 0) == 0 && ex!.head.minorVersion == 1 {
@@ -693,7 +693,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         e.responseStarted = true
         // Room for a small body that came with the head: it is staged behind it (writeClient).
         let smallBody = rest.readableBytes <= Self.stageLimit ? rest.readableBytes : 0
-        var out = context.channel.allocator.buffer(capacity: head.bytes.readableBytes + 64 + smallBody)
+        var out = loop.allocator.buffer(capacity: head.bytes.readableBytes + 64 + smallBody)
         writeClientHead(head, exchange: e, upgrading: upgrading, into: &out)
         e.bytesSent += out.readableBytes
         writeClient(out)
@@ -748,7 +748,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         case .untilClose:
             let n = buf.readableBytes
             if e.relay == .chunkify {
-                var h = context.channel.allocator.buffer(capacity: 12)
+                var h = loop.allocator.buffer(capacity: 12)
                 h.writeString(String(n, radix: 16))
                 h.writeStaticString("\r\n")
                 writeClient(h)
@@ -891,7 +891,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     private func respond(status: Int, text: ByteBuffer?, contentType: String = "text/plain", serverTokens: Bool, keepAlive: Bool, head: ParsedHead?) -> Int {
         loop.dateCache.refresh()
         let reason = DownstreamHandler.reasons[status] ?? "Unknown"
-        var out = context.channel.allocator.buffer(capacity: 512)
+        var out = loop.allocator.buffer(capacity: 512)
         // Written in pieces: an interpolated string would be built (and allocated) per answer.
         out.writeStaticString("HTTP/1.1 ")
         out.writeString(String(status))
@@ -917,7 +917,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
                 out.writeImmutableBuffer(text)
                 out.writeStaticString("\r\n")
             }
-            var b = context.channel.allocator.buffer(capacity: 256)
+            var b = loop.allocator.buffer(capacity: 256)
             b.writeString("<html>\r\n<head><title>\(status) \(reason)</title></head>\r\n<body>\r\n<center><h1>\(status) \(reason)</h1></center>\r\n<hr><center>tether</center>\r\n</body>\r\n</html>\r\n")
             out.writeStaticString("Content-Type: text/html\r\n")
             body = b
@@ -1366,7 +1366,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             guard case .file(let path, let formatName) = entry else { continue }
             let format = formatName == "combined" ? LogFormat.combined : loop.setup.configuration.logFormats[formatName]
             guard let format else { continue }
-            var line = context.channel.allocator.buffer(capacity: 256)
+            var line = loop.allocator.buffer(capacity: 256)
             for part in format.template.parts {
                 switch part {
                 case .literal(let s): line.writeString(s)
