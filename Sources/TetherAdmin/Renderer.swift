@@ -86,6 +86,7 @@ public struct Renderer: AdminRenderer {
         perServer("tether_upstream_cx_idle", "gauge", "Idle upstream connections kept warm in the pools.") { $0.idle }
         perServer("tether_upstream_rq_total", "counter", "Requests sent upstream.") { $0.counters.requests }
         perServer("tether_upstream_rq_reused_total", "counter", "Requests sent on a reused (warm) upstream connection.") { $0.counters.reused }
+        perServer("tether_upstream_rq_abandoned_drained_total", "counter", "Responses read to their end after the client left, so that the upstream connection was kept.") { $0.counters.drained }
         perServerReason("tether_upstream_cx_closed_total", "Upstream connections closed, by reason.", known: upstreamCloseReasons) { $0.counters.closed }
         perServerReason("tether_upstream_rq_retry_total", "Requests sent again, by reason.", known: ["reused_connection_closed", "next_upstream"]) { $0.counters.retries }
         perServerReason("tether_upstream_rq_failed_total", "Requests that failed upstream, by reason.", known: ["error", "timeout", "invalid_header", "truncated"]) { $0.counters.failures }
@@ -149,6 +150,7 @@ public struct Renderer: AdminRenderer {
                         "connections_opened": srv.counters.connects, "requests": srv.counters.requests,
                         "requests_reused": srv.counters.reused, "reuse_ratio": ratio(srv.counters.reused, srv.counters.requests),
                         "closed": srv.counters.closed, "retries": srv.counters.retries, "failures": srv.counters.failures,
+                        "abandoned_drained": srv.counters.drained,
                         "connect_seconds": hist(srv.counters.connectTime), "response_seconds": hist(srv.counters.responseTime),
                     ]
                     if srv.counters.tlsHandshakes + srv.counters.tlsFailures > 0 {

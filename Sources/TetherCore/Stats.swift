@@ -33,6 +33,8 @@ public struct ServerCounters: Sendable, Equatable {
     public var connects = 0
     public var requests = 0
     public var reused = 0
+    /// Responses read to their end after the client left, their connections kept.
+    public var drained = 0
     public var closed: [String: Int] = [:]
     public var retries: [String: Int] = [:]
     public var failures: [String: Int] = [:]
@@ -50,6 +52,7 @@ public struct ServerCounters: Sendable, Equatable {
         tlsFailures += o.tlsFailures
         requests += o.requests
         reused += o.reused
+        drained += o.drained
         closed.merge(o.closed, uniquingKeysWith: +)
         retries.merge(o.retries, uniquingKeysWith: +)
         failures.merge(o.failures, uniquingKeysWith: +)

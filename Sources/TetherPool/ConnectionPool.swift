@@ -14,6 +14,8 @@ public enum CloseReason: String, Sendable, CaseIterable {
     case tcpKeepalive = "tcp_keepalive"
     case error = "error"
     case shutdown = "shutdown"
+    /// The client left mid-exchange and the rest of the response could not be waited for.
+    case clientAbort = "client_abort"
 }
 
 /// The limits a pool keeps to; times in milliseconds.

@@ -6,6 +6,45 @@ import Glibc
 #endif
 
 @Suite struct UpstreamTests {
+    /// A client that leaves while its response is on the way does not cost an upstream
+    /// connection: the rest of the response is read and dropped, and the next request reuses
+    /// the connection (length-framed and chunked responses).
+    @Test(arguments: ["", "?mode=chunked"])
+    func aClientLeavingMidResponseLeavesTheConnectionPooled(framing: String) throws {
+        try withProxy(workers: 1) { proxy, backend in
+            let a = try proxy.client()
+            try a.send("GET /slow/300\(framing) HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(eventually { backend.requestCount == 1 })
+            a.close()
+            #expect(eventually { proxy.server.stats().upstreams[0].servers[0].counters.drained == 1 })
+            let b = try proxy.client()
+            try b.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(try b.readResponse().status == 200)
+            #expect(backend.connectionCount == 1)
+            let counters = proxy.server.stats().upstreams[0].servers[0].counters
+            #expect(counters.reused == 1)
+            #expect(counters.closed.values.reduce(0, +) == 0)
+        }
+    }
+
+    /// What cannot end soon is not waited for: a response longer than the budget, or one slower
+    /// than proxy_read_timeout. Those connections are closed and counted as client_abort.
+    @Test(arguments: ["/bytes/33554432", "/slow/5000"])
+    func aResponseThatWouldTakeLongIsNotWaitedFor(path: String) throws {
+        try withProxy(workers: 1, location: "proxy_read_timeout 300ms;") { proxy, backend in
+            let a = try proxy.client()
+            try a.send("GET \(path) HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(eventually { backend.requestCount == 1 })
+            a.close()
+            #expect(eventually { proxy.server.stats().upstreams[0].servers[0].counters.closed["client_abort"] == 1 })
+            #expect(proxy.server.stats().upstreams[0].servers[0].counters.drained == 0)
+            let b = try proxy.client()
+            try b.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(try b.readResponse().status == 200)
+            #expect(backend.connectionCount == 2)
+        }
+    }
+
     /// A backend that closes idle connections after 1 s, hit about once a second: every GET succeeds.
     @Test func backendClosingIdleConnectionsCausesNoFailures() throws {
         var o = TestBackend.Options()

@@ -234,7 +234,8 @@ final class BackendHandler: ChannelInboundHandler {
             let me = NIOLoopBound(self, eventLoop: context.eventLoop)
             context.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(ms)) {
                 me.value.busy = false
-                me.value.send(ctx.value, "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\(extra)\r\nslow", close: close)
+                let framed = query == "mode=chunked" ? "Transfer-Encoding: chunked\r\n\(extra)\r\n4\r\nslow\r\n0\r\n\r\n" : "Content-Length: 4\r\n\(extra)\r\nslow"
+                me.value.send(ctx.value, "HTTP/1.1 200 OK\r\n" + framed, close: close)
                 me.value.process(ctx.value)
             }
             return

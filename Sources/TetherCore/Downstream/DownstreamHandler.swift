@@ -145,11 +145,16 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         loop.stats.downstreamActive -= 1
         loop.connections.removeValue(forKey: ObjectIdentifier(self))
         if wasOpen { loop.stats.downstreamClosed[closeReason, default: 0] += 1 }
-        if let e = ex, let up = e.upstream {
-            // The client left mid-exchange: the upstream connection is in an unknown state.
+        if let e = ex, let up = e.upstream, let server = e.server {
+            // The client left mid-exchange. A response that will end soon and cleanly is read
+            // to its end and the connection kept; otherwise it is closed.
             e.upstream = nil
-            e.server?.discard(up, reason: .error)
-            e.group?.balancer.ended(e.server!.index)
+            e.group?.balancer.ended(server.index)
+            if let rest = AbandonedResponse(exchange: e, connection: up, server: server) {
+                rest.start(timeoutMs: e.route.settings.proxyReadTimeoutMs)
+            } else {
+                server.discard(up, reason: .clientAbort)
+            }
         }
         ex = nil
     }
