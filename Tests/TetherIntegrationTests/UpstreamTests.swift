@@ -13,7 +13,7 @@ import Glibc
     func aClientLeavingMidResponseLeavesTheConnectionPooled(framing: String) throws {
         try withProxy(workers: 1) { proxy, backend in
             let a = try proxy.client()
-            try a.send("GET /slow/300\(framing) HTTP/1.1\r\nHost: t\r\n\r\n")
+            try a.send("GET /slow/1000\(framing) HTTP/1.1\r\nHost: t\r\n\r\n")
             #expect(eventually { backend.requestCount == 1 })
             a.close()
             #expect(eventually { proxy.server.stats().upstreams[0].servers[0].counters.drained == 1 })
@@ -31,7 +31,7 @@ import Glibc
     /// than proxy_read_timeout. Those connections are closed and counted as client_abort.
     @Test(arguments: ["/bytes/33554432", "/slow/5000"])
     func aResponseThatWouldTakeLongIsNotWaitedFor(path: String) throws {
-        try withProxy(workers: 1, location: "proxy_read_timeout 300ms;") { proxy, backend in
+        try withProxy(workers: 1, location: "proxy_read_timeout 1s;") { proxy, backend in
             let a = try proxy.client()
             try a.send("GET \(path) HTTP/1.1\r\nHost: t\r\n\r\n")
             #expect(eventually { backend.requestCount == 1 })
