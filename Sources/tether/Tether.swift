@@ -75,13 +75,6 @@ struct Tether: ParsableCommand {
         case .success(let c):
             config = c
         }
-        do {
-            try TetherServer.validate(config)
-        } catch {
-            for e in error.errors { printError("tether: [emerg] \(e)") }
-            printError("tether: configuration file \(file) test failed")
-            throw ExitCode(1)
-        }
         if let command {
             guard command == "doctor" else {
                 printError("tether: [emerg] unknown command \"\(command)\" (the only one is \"doctor\")")
@@ -97,6 +90,7 @@ struct Tether: ParsableCommand {
             return
         }
         if test || testAndDump {
+            do { try TetherServer.validate(config) } catch { throw reportInvalid(error) }
             for w in config.warnings { printError("tether: [warn] \(w)") }
             printError("tether: the configuration file \(file) syntax is ok")
             printError("tether: configuration file \(file) test is successful")
@@ -107,6 +101,14 @@ struct Tether: ParsableCommand {
     }
 
     /// `-s NAME`: signals the process whose id the configuration's `pid` file holds, as nginx does.
+    /// Errors only OpenSSL finds (certificates, keys, ciphers): `-t` asks for them; a start or a
+    /// reload meets them while building the proxy, so the files are read once.
+    func reportInvalid(_ errors: ConfigErrors) -> ExitCode {
+        for e in errors.errors { printError("tether: [emerg] \(e)") }
+        printError("tether: configuration file \(file) test failed")
+        return ExitCode(1)
+    }
+
     func sendSignal(_ name: String, config: Configuration) throws {
         let signals: [String: Int32] = ["reload": SIGHUP, "reopen": SIGUSR1, "stop": SIGINT, "quit": SIGQUIT]
         guard let sig = signals[name] else {
@@ -167,6 +169,9 @@ struct Tether: ParsableCommand {
         do {
             server = try TetherServer(configuration: config, logger: logger, admin: Renderer())
             try server.start()
+        } catch let errors as ConfigErrors {
+            for e in errors.errors { logger.critical("\(e)") }
+            throw reportInvalid(errors)
         } catch {
             logger.critical("\(error)")
             printError("tether: [emerg] \(error)")
@@ -209,20 +214,20 @@ struct Tether: ParsableCommand {
                 for e in errors.errors { logger.error("\(e)") }
                 logger.error("reload of \(path) failed: the running configuration stays in place")
             case .success(let new):
+                let workersBefore = server.configuration.workerProcesses
                 do {
-                    try TetherServer.validate(new)
+                    try server.reload(new)
                 } catch let errors as ConfigErrors {
                     for e in errors.errors { logger.error("\(e)") }
                     logger.error("reload of \(path) failed: the running configuration stays in place")
                     return
                 } catch {
-                    logger.error("reload of \(path) failed: \(error)")
+                    logger.error("reload of \(path) failed: \(error); the running configuration stays in place")
                     return
                 }
-                if new.workerProcesses != server.configuration.workerProcesses {
+                if new.workerProcesses != workersBefore {
                     logger.warning("\"worker_processes\" changes take effect at the next start, not on reload")
                 }
-                do { try server.reload(new) } catch { logger.error("reload of \(path) failed: \(error); the running configuration stays in place") }
             }
         }
         on(SIGUSR1) {

@@ -112,5 +112,9 @@ func packageRoot() -> String {
         #expect(r.err.contains("tether: [emerg] \(file):15: cannot load certificate \"\(dir)/missing.pem\": No such file or directory"), "relative to the configuration's folder")
         #expect(r.err.contains("tether: [emerg] \(file):19: cannot load trusted certificate \"/nonexistent/ca.pem\": No such file or directory"))
         #expect(r.err.contains("test failed"))
+        // Starting with it fails the same way, before listening.
+        let start = try runTether(["-c", file], cwd: dir)
+        #expect(start.status == 1)
+        #expect(start.err.contains("tether: [emerg] \(file):5: certificate key \"\(TestPKI.path("a.test.key"))\" does not match certificate \"\(TestPKI.path("localhost.pem"))\""), "\(start.err)")
     }
 }

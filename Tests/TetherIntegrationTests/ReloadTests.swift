@@ -189,6 +189,14 @@ func parse(_ text: String) throws -> Configuration {
         #expect(log.contains("\(file):5: unknown directive \"bogus_directive\""))
         #expect(try get() == "one")
 
+        // What only OpenSSL can refuse (a certificate that is not there) fails the reload as well.
+        try write("listen 127.0.0.1:\(freePort()) ssl; ssl_certificate \(dir)/missing.pem; ssl_certificate_key \(dir)/missing.key; location / { return 200 \"two\"; }")
+        kill(p.processIdentifier, SIGHUP)
+        #expect(eventually {
+            ((try? String(contentsOfFile: dir + "/error.log", encoding: .utf8)) ?? "").contains("\(file):4: cannot load certificate \"\(dir)/missing.pem\"")
+        })
+        #expect(try get() == "one")
+
         try write("location / { return 200 \"two\"; }")
         let r = try runTether(["-s", "reload", "-c", file])
         #expect(r.status == 0, "\(r.err)")

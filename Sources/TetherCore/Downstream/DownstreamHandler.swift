@@ -664,22 +664,11 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             upstreamFailed(.invalidHeader, detail: "upstream \(e.upstreamAddrText) sent 101 to a request that did not ask to upgrade")
             return
         }
-        if e.head.isHEAD || head.status == 204 || head.status == 304 || upgrading {
-            e.responseFraming = .none
-        } else if head.chunked {
-            e.responseFraming = .chunked
-        } else if let n = head.contentLength {
-            e.responseFraming = n == 0 ? .none : .length(n)
-            e.responseRemaining = n
-        } else {
-            e.responseFraming = .untilClose
-        }
+        e.responseFraming = head.responseFraming(requestIsHEAD: e.head.isHEAD, upgrading: upgrading)
+        if case .length(let n) = e.responseFraming { e.responseRemaining = n }
         // Whether the upstream connection can serve another request after this one.
-        e.upstreamReusable = !head.connectionClose && (head.minorVersion == 1 || head.connectionKeepAlive)
-            && e.responseFraming != .untilClose && !upgrading && !e.route.proxyHTTP10
-        if head.keepAliveTimeout != nil || head.keepAliveMax != nil {
-            e.backendKeepAlive = .init(timeoutSeconds: head.keepAliveTimeout, max: head.keepAliveMax)
-        }
+        e.upstreamReusable = head.keepsConnection && e.responseFraming != .untilClose && !upgrading && !e.route.proxyHTTP10
+        if let ka = head.backendKeepAlive { e.backendKeepAlive = ka }
         var keepAlive = clientKeepAliveAllowed(e) && e.requestBodyDone
         switch e.responseFraming {
         case .chunked:
@@ -1131,7 +1120,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
                 // The usual request line goes as it came: it starts the first run of lines.
                 run.end = h.targetEnd + 11  // " HTTP/1.1\r\n"
             } else {
-                writeUpstreamRequestLine(e, p, into: &out)
+                writeUpstreamRequestLine(h, route: e.route, p, into: &out)
             }
             for f in h.headers {
                 var keep = !(f.kind.isHopByHop || f.droppedByConnection || f.kind == .contentLength || f.kind == .expect)
@@ -1179,8 +1168,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     /// The request line for the upstream when it cannot go as it came: the origin-form target
     /// (an absolute-form one loses its scheme and authority; `proxy_pass` with a URI replaces the
     /// location's prefix) and the HTTP version `proxy_http_version` says.
-    private func writeUpstreamRequestLine(_ e: Exchange, _ p: UnsafeRawBufferPointer, into out: inout ByteBuffer) {
-        let h = e.head
+    private func writeUpstreamRequestLine(_ h: ParsedHead, route: CompiledLocation, _ p: UnsafeRawBufferPointer, into out: inout ByteBuffer) {
         out.writeBytes(UnsafeRawBufferPointer(rebasing: p[0..<h.methodEnd]))
         out.writeStaticString(" ")
         // The origin-form (path and query): an absolute-form target loses its scheme://authority.
@@ -1194,7 +1182,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         }
         let target = UnsafeRawBufferPointer(rebasing: p[start..<h.targetEnd])
         if target.isEmpty { out.writeStaticString("/") }
-        if let uri = e.route.proxyURI, let loc = e.route.location {
+        if let uri = route.proxyURI, let loc = route.location {
             // proxy_pass with a URI: the matched location prefix is replaced by it.
             out.writeString(uri)
             let drop = min(loc.path.utf8.count, target.count)
@@ -1202,7 +1190,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         } else {
             out.writeBytes(target)
         }
-        out.writeStaticString(e.route.proxyHTTP10 ? " HTTP/1.0\r\n" : " HTTP/1.1\r\n")
+        out.writeStaticString(route.proxyHTTP10 ? " HTTP/1.0\r\n" : " HTTP/1.1\r\n")
     }
 
     /// Consecutive kept lines of a head, written with one copy when a line is dropped or at the end.

@@ -1,4 +1,5 @@
 import NIOCore
+import TetherPool
 
 /// Headers the proxy acts on, recognised once while parsing.
 enum HeaderKind: UInt8 {
@@ -110,6 +111,26 @@ struct ParsedHead {
         return bytes.withUnsafeReadableBytes { p in
             m.withUTF8Buffer { mb in (0..<methodEnd).allSatisfy { p[$0] == mb[$0] } }
         }
+    }
+}
+
+extension ParsedHead {
+    /// How this response's body is delimited (RFC 9112 §6.3): none after HEAD, 204, 304 or an
+    /// upgrade; chunked; a length; or the connection's close.
+    func responseFraming(requestIsHEAD: Bool, upgrading: Bool = false) -> BodyFraming {
+        if requestIsHEAD || status == 204 || status == 304 || upgrading { return .none }
+        if chunked { return .chunked }
+        if let n = contentLength { return n == 0 ? .none : .length(n) }
+        return .untilClose
+    }
+
+    /// Whether the backend lets the connection carry another request after this response, as
+    /// far as its headers say (framing aside).
+    var keepsConnection: Bool { !connectionClose && (minorVersion == 1 || connectionKeepAlive) }
+
+    /// The response's `Keep-Alive: timeout=, max=`, for the pool.
+    var backendKeepAlive: ConnectionPool<ObjectIdentifier>.BackendKeepAlive? {
+        keepAliveTimeout == nil && keepAliveMax == nil ? nil : .init(timeoutSeconds: keepAliveTimeout, max: keepAliveMax)
     }
 }
 

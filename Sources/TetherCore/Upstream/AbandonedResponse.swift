@@ -76,14 +76,15 @@ final class AbandonedResponse: UpstreamDelegate {
             switch phase {
             case .head(var got):
                 if got == nil { got = buf } else { got!.writeBuffer(&buf) }
-                var scratch: [HeaderField] = []
-                switch HeadParser.parse(got!, kind: .response, limits: .response, headers: &scratch) {
+                switch HeadParser.parse(got!, kind: .response, limits: .response, headers: &server.loop.responseHeaderScratch) {
                 case .incomplete:
                     phase = .head(got)
                     return
                 case .error:
                     return giveUp()
-                case .complete(let head, let consumed):
+                case .complete(var head, let consumed):
+                    // The loop's scratch storage went into the head; it goes back when this is done.
+                    defer { swap(&server.loop.responseHeaderScratch, &head.headers) }
                     buf = got!
                     buf.moveReaderIndex(forwardBy: consumed)
                     if head.status < 200 && head.status != 101 {
@@ -91,19 +92,13 @@ final class AbandonedResponse: UpstreamDelegate {
                         if buf.readableBytes == 0 { return }
                         continue
                     }
-                    let keepAlive = !head.connectionClose && (head.minorVersion == 1 || head.connectionKeepAlive)
-                    guard head.status != 101, keepAlive else { return giveUp() }
-                    if head.keepAliveTimeout != nil || head.keepAliveMax != nil {
-                        backend = .init(timeoutSeconds: head.keepAliveTimeout, max: head.keepAliveMax)
-                    }
-                    if isHEAD || head.status == 204 || head.status == 304 || head.contentLength == 0 {
-                        phase = .length(0)
-                    } else if head.chunked {
-                        phase = .chunked(ChunkedDecoder())
-                    } else if let n = head.contentLength, n <= Int64(budget) {
-                        phase = .length(n)
-                    } else {
-                        return giveUp()  // too long, or delimited by the close
+                    guard head.status != 101, head.keepsConnection else { return giveUp() }
+                    if let ka = head.backendKeepAlive { backend = ka }
+                    switch head.responseFraming(requestIsHEAD: isHEAD) {
+                    case .none: phase = .length(0)
+                    case .chunked: phase = .chunked(ChunkedDecoder())
+                    case .length(let n) where n <= Int64(budget): phase = .length(n)
+                    default: return giveUp()  // too long, or delimited by the close
                     }
                 }
             case .length(let n):
