@@ -71,7 +71,8 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     // Reading is paused (a `read` was held back) for bounded read-ahead or backpressure.
     private var readPaused = false
     private var pendingRead = false
-    private var needsFlush = false
+    /// What was written to the client since the last flush.
+    private var clientWrites = WriteCoalescer()
     /// Only for the lingering close after our FIN; deadlines are swept by the loop.
     private var timer: Scheduled<Void>?
     private var idleSince = NIODeadline.now()
@@ -685,8 +686,8 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         e.status = head.status
         e.phase = upgrading ? .tunnel : (e.responseFraming == .none ? .done : .body)
         e.responseStarted = true
-        // Room for a small body that came with the head: it is staged behind it (writeClient).
-        let smallBody = rest.readableBytes <= Self.stageLimit ? rest.readableBytes : 0
+        // Room for a small body that came with the head: it is gathered behind it (writeClient).
+        let smallBody = rest.readableBytes <= WriteCoalescer.limit ? rest.readableBytes : 0
         var out = loop.allocator.buffer(capacity: head.bytes.readableBytes + 64 + smallBody)
         writeClientHead(head, exchange: e, upgrading: upgrading, into: &out)
         e.bytesSent += out.readableBytes
@@ -937,48 +938,18 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
 
     // MARK: Writing
 
-    /// Writes to the client are gathered here while they are small and go out at the flush as
-    /// one buffer with one `writeAndFlush`: a response head and a small body (or a local answer)
-    /// take one trip through the pipeline and one write(2) instead of two writes, a flush and a
-    /// writev. Copying up to this many bytes costs less than a second write.
-    private var staged: ByteBuffer?
-    private static let stageLimit = 4096
-
     private func writeClient(_ buffer: ByteBuffer) {
         guard state != .closed || ex != nil else { return }
-        needsFlush = true
-        if staged == nil {
-            if buffer.readableBytes <= Self.stageLimit {
-                staged = buffer
-                return
-            }
-        } else if staged!.readableBytes + buffer.readableBytes <= Self.stageLimit {
-            var b = buffer
-            staged!.writeBuffer(&b)
-            return
-        }
-        if let s = staged {
-            staged = nil
-            context.write(wrapOutboundOut(s), promise: nil)
-        }
-        context.write(wrapOutboundOut(buffer), promise: nil)
+        clientWrites.write(buffer, on: context)
     }
 
     /// Sends what was written; `promise` completes once all of it reached the socket.
     private func flushClient(promise: EventLoopPromise<Void>? = nil) {
-        needsFlush = false
-        if let s = staged {
-            staged = nil
-            context.writeAndFlush(wrapOutboundOut(s), promise: promise)
-        } else if let promise {
-            context.writeAndFlush(wrapOutboundOut(ByteBuffer()), promise: promise)
-        } else {
-            context.flush()
-        }
+        clientWrites.flush(on: context, promise: promise)
     }
 
     private func flushIfNeeded() {
-        if needsFlush { flushClient() }
+        if clientWrites.pending { flushClient() }
     }
 
     private func flushAndClose() {
@@ -1009,8 +980,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             state = .closed
             loop.stats.downstreamClosed[closeReason, default: 0] += 1
         }
-        needsFlush = false
-        staged = nil
+        clientWrites.discard()
         ctx.close(promise: nil)
     }
 

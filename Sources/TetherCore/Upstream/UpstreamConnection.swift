@@ -94,41 +94,25 @@ final class UpstreamConnection: ChannelDuplexHandler {
         }
     }
 
-    /// The first write since the last flush waits here, so that a request head with nothing
-    /// behind it goes out with one `writeAndFlush`; a flush with nothing written does nothing.
-    private var staged: ByteBuffer?
-    private var written = false
+    /// A request head with nothing behind it goes out with one `writeAndFlush`; a flush with
+    /// nothing written does nothing.
+    private var out = WriteCoalescer()
 
     func write(_ buffer: ByteBuffer) {
         guard let context else { return }
-        if let s = staged {
-            staged = nil
-            context.write(wrapOutboundOut(s), promise: nil)
-            context.write(wrapOutboundOut(buffer), promise: nil)
-            written = true
-        } else if written {
-            context.write(wrapOutboundOut(buffer), promise: nil)
-        } else {
-            staged = buffer
-        }
+        out.write(buffer, on: context)
     }
 
     func flush() {
-        guard let context else { return }
-        if let s = staged {
-            staged = nil
-            context.writeAndFlush(wrapOutboundOut(s), promise: nil)
-        } else if written {
-            written = false
-            context.flush()
-        }
+        guard let context, out.pending else { return }
+        out.flush(on: context)
     }
 
     func close() {
         guard isOpen, let context else { return }
         isOpen = false
         delegate = nil
-        staged = nil
+        out.discard()
         context.close(promise: nil)
     }
 }
