@@ -242,20 +242,34 @@ final class LoopContext {
         stats = LoopStats(servers: setup.servers.count)
     }
 
-    /// How often client connections' deadlines (keep-alive, header, body, read, send timeouts)
-    /// are checked: timeouts fire up to this late, never early.
+    /// The longest time between two checks of client connections' deadlines (keep-alive, header,
+    /// body, read, send timeouts). A check also finds the earliest deadline still ahead, and the
+    /// next one runs then if that is sooner (but no sooner than `sweepFloor`): a deadline known at
+    /// a check fires within `sweepFloor` of its time; one set after the last check (a timeout
+    /// shorter than this interval), up to this late. Never early.
     static let sweepInterval = TimeAmount.milliseconds(100)
+    static let sweepFloor = TimeAmount.milliseconds(5)
     private var sweeper: Scheduled<Void>?
 
+    /// When the next check runs, `earliest` being the earliest deadline the last one left ahead.
+    static func nextSweep(now: NIODeadline, earliest: NIODeadline?) -> NIODeadline {
+        let latest = now + sweepInterval
+        guard let earliest, earliest < latest else { return latest }
+        return max(earliest, now + sweepFloor)
+    }
+
     /// Starts the periodic deadline check; called on this loop.
-    func startSweeping() {
+    func startSweeping(at when: NIODeadline = .now() + LoopContext.sweepInterval) {
         let bound = NIOLoopBound(self, eventLoop: eventLoop)
-        sweeper = eventLoop.assumeIsolated().scheduleTask(in: Self.sweepInterval) {
+        sweeper = eventLoop.assumeIsolated().scheduleTask(deadline: when) {
             let me = bound.value
             let now = NIODeadline.now()
-            for c in me.connections.values { c.sweep(now: now) }
+            var earliest: NIODeadline?
+            for c in me.connections.values {
+                if let d = c.sweep(now: now), d < earliest ?? .distantFuture { earliest = d }
+            }
             me.flushAccessLog()
-            me.startSweeping()
+            me.startSweeping(at: Self.nextSweep(now: .now(), earliest: earliest))
         }
     }
 

@@ -8,15 +8,18 @@ import TetherConfig
 /// The downstream handler on an `EmbeddedChannel`, for what needs no upstream: local answers,
 /// pipelining order, refusal and closing.
 @Suite struct DownstreamHandlerTests {
-    func channel(_ conf: String) throws -> EmbeddedChannel {
+    func channel(_ conf: String) throws -> EmbeddedChannel { try handlerOnChannel(conf).channel }
+
+    func handlerOnChannel(_ conf: String) throws -> (channel: EmbeddedChannel, handler: DownstreamHandler, loop: LoopContext) {
         let config = try Configuration.parse(conf, file: "t.conf", resolver: { Builder.isNumeric($0) ? $0 : nil }).get()
         let setup = try ProxySetup(config)
         let loop = EmbeddedEventLoop()
         let lc = LoopContext(eventLoop: loop, setup: setup, logger: Logger(label: "test"), accessLog: nil)
         let (_, hosts, servers) = setup.virtualHosts()[0]
-        let ch = EmbeddedChannel(handler: DownstreamHandler(loop: lc, listenKey: "127.0.0.1:80", route: Route(hosts: hosts, servers: servers, port: 80)), loop: loop)
+        let handler = DownstreamHandler(loop: lc, listenKey: "127.0.0.1:80", route: Route(hosts: hosts, servers: servers, port: 80))
+        let ch = EmbeddedChannel(handler: handler, loop: loop)
         try ch.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 80)).wait()
-        return ch
+        return (ch, handler, lc)
     }
 
     func output(_ ch: EmbeddedChannel) throws -> String {
@@ -66,6 +69,32 @@ import TetherConfig
         #expect(out.hasPrefix("HTTP/1.1 400 Bad Request\r\n"))
         #expect(out.contains("Connection: close\r\n"))
         #expect(!out.contains("200 OK"), "nothing after a refused request is answered")
+    }
+
+    /// The loop's sweep relies on this: before the keep-alive deadline a connection reports it
+    /// (so the next sweep can run then), at the deadline it closes and reports nothing.
+    @Test func sweepReportsTheKeepAliveDeadlineThenClosesAtIt() throws {
+        let (ch, handler, lc) = try handlerOnChannel(Self.conf)
+        let before = NIODeadline.now()
+        try ch.writeInbound(ByteBuffer(string: "GET /a HTTP/1.1\r\nHost: x\r\n\r\n"))
+        let after = NIODeadline.now()
+        #expect(try output(ch).hasPrefix("HTTP/1.1 200 OK\r\n"))
+        let deadline = try #require(handler.sweep(now: after))
+        #expect(deadline >= before + .seconds(30) && deadline <= after + .seconds(30), "keepalive_timeout 30s from the response")
+        #expect(handler.sweep(now: deadline - .milliseconds(1)) == deadline)
+        #expect(ch.isActive)
+        #expect(handler.sweep(now: deadline) == nil)
+        #expect(!ch.isActive)
+        #expect(lc.stats.downstreamClosed["keepalive_timeout"] == 1)
+    }
+
+    @Test func sweepRunsAtTheEarliestDeadlineWithinItsIntervalButNotSoonerThanTheFloor() {
+        let now = NIODeadline.uptimeNanoseconds(10_000_000_000)
+        #expect(LoopContext.nextSweep(now: now, earliest: nil) == now + LoopContext.sweepInterval)
+        #expect(LoopContext.nextSweep(now: now, earliest: now + .seconds(30)) == now + LoopContext.sweepInterval)
+        #expect(LoopContext.nextSweep(now: now, earliest: now + .milliseconds(40)) == now + .milliseconds(40))
+        #expect(LoopContext.nextSweep(now: now, earliest: now + .milliseconds(1)) == now + LoopContext.sweepFloor)
+        #expect(LoopContext.nextSweep(now: now, earliest: now - .seconds(1)) == now + LoopContext.sweepFloor)
     }
 
     @Test func localAnswerReadsAndDropsTheBody() throws {

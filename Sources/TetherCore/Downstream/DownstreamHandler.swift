@@ -1039,11 +1039,15 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         }
     }
 
-    /// Called by the loop's sweep (every `LoopContext.sweepInterval`): acts on whatever deadline
-    /// has passed. There is no timer per connection, so nothing is scheduled or cancelled per request.
-    func sweep(now: NIODeadline) {
-        guard state != .closed, let deadline = nextDeadline(), deadline <= now else { return }
+    /// Called by the loop's sweep (see `LoopContext.sweepInterval`): acts on whatever deadline
+    /// has passed, and returns the next one still ahead. There is no timer per connection, so
+    /// nothing is scheduled or cancelled per request.
+    func sweep(now: NIODeadline) -> NIODeadline? {
+        guard state != .closed, let deadline = nextDeadline() else { return nil }
+        guard deadline <= now else { return deadline }
         timerFired()
+        guard state != .closed, let next = nextDeadline(), next > now else { return nil }
+        return next
     }
 
     private func timerFired() {
