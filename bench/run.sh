@@ -7,7 +7,8 @@
 # Each proxy runs one event loop / worker pinned to core 0; the backend and wrk share core 1.
 # Proxy CPU is utime+stime from /proc/PID/stat over each wrk run. Upstream connects are the
 # backend's accepted-connection count (its stub_status) from 1 s into the run to its end. Idle memory is the RSS
-# growth of the proxy while it holds IDLE keep-alive client connections.
+# growth of the proxy while it holds IDLE keep-alive client connections; idle expiry is how long
+# after its response each of IDLE connections is closed under a 3 s keep-alive timeout.
 # Writes bench/out/results.md (a Markdown table with Tether/nginx and Tether/HAProxy ratios) and prints it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,7 @@ BACKEND_PORT=18081; TETHER_PORT=18080; NGINX_PORT=18082; STATUS_PORT=18083
 TETHER_TLS_PORT=18443; NGINX_TLS_PORT=18444
 HAPROXY_PORT=18085; HAPROXY_TLS_PORT=18445
 TETHER2_PORT=18086; NGINX2_PORT=18087
+TETHER_EXPIRY_PORT=18090; NGINX_EXPIRY_PORT=18091; HAPROXY_EXPIRY_PORT=18092
 WORK=$(mktemp -d)
 cleanup() {
     for p in $(cat "$WORK"/*.pid 2>/dev/null); do kill "$p" 2>/dev/null || true; done
@@ -80,9 +82,14 @@ http {
 CONF
 taskset -c 1 nginx -c "$WORK/backend.conf" -e "$WORK/backend.err" & echo $! > "$WORK/backend.pid"
 
-# --- Tether: tether_conf NAME LOOPS PORT [TLS-PORT] writes $WORK/NAME.conf
+# --- Tether: tether_conf NAME LOOPS PORT [TLS-PORT [EXPIRY-PORT]] writes $WORK/NAME.conf
 tether_conf() {
-    local tls=""
+    local tls="" expiry=""
+    [ -n "${5:-}" ] && expiry="server {
+        listen 127.0.0.1:$5 backlog=4096;
+        keepalive_timeout 3s;
+        location / { proxy_pass http://backend; }
+    }"
     [ -n "${4:-}" ] && tls="server {
         listen 127.0.0.1:$4 ssl backlog=4096;
         ssl_certificate $WORK/tls.pem;
@@ -102,19 +109,25 @@ http {
         location / { proxy_pass http://backend; }
     }
     $tls
+    $expiry
 }
 CONF
 }
-tether_conf tether 1 $TETHER_PORT $TETHER_TLS_PORT
+tether_conf tether 1 $TETHER_PORT $TETHER_TLS_PORT $TETHER_EXPIRY_PORT
 taskset -c 0 "$TETHER" -c "$WORK/tether.conf" & echo $! > "$WORK/tether.pid"
 
 # --- nginx as a proxy, one worker, the keep-alive upstream setup its docs recommend, and
 # proxy_buffering off so that it streams as Tether does (with buffering on, nginx reads whole
 # responses into larger buffers and would do better on the 64 KiB row).
-# nginx_conf NAME WORKERS PORT [TLS-PORT] writes $WORK/NAME.conf
+# nginx_conf NAME WORKERS PORT [TLS-PORT [EXPIRY-PORT]] writes $WORK/NAME.conf
 nginx_conf() {
     local proxy='proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off;'
-    local tls=""
+    local tls="" expiry=""
+    [ -n "${5:-}" ] && expiry="server {
+        listen 127.0.0.1:$5 backlog=4096;
+        keepalive_timeout 3s;
+        location / { $proxy }
+    }"
     # nginx 1.22's default stops at TLS 1.2, whose resumed handshakes skip the key exchange;
     # all proxies offer the same protocols, so all negotiate TLS 1.3 with wrk.
     [ -n "${4:-}" ] && tls="server {
@@ -142,10 +155,11 @@ http {
         location / { $proxy }
     }
     $tls
+    $expiry
 }
 CONF
 }
-nginx_conf nginx 1 $NGINX_PORT $NGINX_TLS_PORT
+nginx_conf nginx 1 $NGINX_PORT $NGINX_TLS_PORT $NGINX_EXPIRY_PORT
 taskset -c 0 nginx -c "$WORK/nginx.conf" -e "$WORK/nginx.err" & echo $! > "$WORK/nginx.pid"
 
 # --- HAProxy, one thread, keep-alive both sides and "http-reuse always", the setting that keeps
@@ -168,6 +182,10 @@ frontend plain
     default_backend backend
 frontend tls
     bind 127.0.0.1:$HAPROXY_TLS_PORT ssl crt $WORK/tls-haproxy.pem alpn http/1.1 ssl-min-ver TLSv1.2
+    default_backend backend
+frontend expiry
+    bind 127.0.0.1:$HAPROXY_EXPIRY_PORT
+    timeout http-keep-alive 3s
     default_backend backend
 backend backend
     server b1 127.0.0.1:$BACKEND_PORT
@@ -198,7 +216,9 @@ run() {
     local extra=("${@:6}")
     local scheme=${SCHEME:-http}
     local out="$OUT/wrk-$1-$scheme-c$c$(echo "$path${extra[*]:+-${extra[*]}}" | tr -c 'a-zA-Z0-9-\n' _ | cut -c1-40).txt"
-    taskset -c 1 wrk -t1 -c"$c" -d2s "${extra[@]}" "$scheme://127.0.0.1:$port$path" >/dev/null 2>&1   # warm-up
+    # Warm-up: WARM seconds (2 by default; the rows that count upstream connects use 6, since at
+    # 1000 connections a pool takes a few seconds to reach the most requests in flight at once).
+    taskset -c 1 wrk -t1 -c"$c" -d"${WARM:-2}s" "${extra[@]}" "$scheme://127.0.0.1:$port$path" >/dev/null 2>&1
     local a0 t0; t0=$(cpu_ticks "$pid")
     taskset -c 1 wrk -t1 -c"$c" -d"${DURATION}s" --latency "${extra[@]}" "$scheme://127.0.0.1:$port$path" > "$out" 2>&1 &
     local wrkpid=$!
@@ -246,6 +266,52 @@ PY
     awk -v a="$after" -v b="$before" -v n="$IDLE" 'BEGIN{printf "%.2f", (a-b)/n}'
 }
 
+# expiry NAME PORT -> "median last closed": seconds from each of IDLE connections' response to its
+# close by the proxy (its listener on PORT has a 3 s keep-alive timeout), and how many closed.
+expiry() {
+    python3 - "$2" "$IDLE" 3 > "$OUT/expiry-$1.txt" <<'PY'
+import selectors, socket, sys, time
+# N keep-alive connections, one request on each; per connection, the time from its response
+# to the proxy closing it. Prints "median last closed" (seconds, seconds, connections).
+port, n, limit = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+req = b"GET / HTTP/1.1\r\nHost: b\r\n\r\n"
+socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+sel = selectors.DefaultSelector()
+state = {}
+for s in socks:
+    s.setblocking(False)
+    s.sendall(req)
+    sel.register(s, selectors.EVENT_READ)
+    state[s] = [b"", None]          # bytes so far, time the response was complete
+after = []
+end = time.monotonic() + limit * 3 + 10
+while len(after) < n and time.monotonic() < end:
+    for key, _ in sel.select(timeout=0.5):
+        s = key.fileobj
+        try:
+            data = s.recv(4096)
+        except ConnectionResetError:
+            data = b""
+        now = time.monotonic()
+        st = state[s]
+        if data:
+            st[0] += data
+            if st[1] is None and st[0].endswith(b"hello world\n"):
+                st[1] = now
+            continue
+        if st[1] is not None:
+            after.append(now - st[1])
+        sel.unregister(s)
+        s.close()
+after.sort()
+if not after:
+    print("- - 0")
+else:
+    print(f"{after[len(after) // 2]:.2f} {after[-1]:.2f} {len(after)}")
+PY
+    cat "$OUT/expiry-$1.txt"
+}
+
 TP=$(cat "$WORK/tether.pid"); NP=$(cat "$WORK/nginx.pid"); HP=$(cat "$WORK/haproxy.pid")
 
 
@@ -269,6 +335,12 @@ NGINX_SLOT_KIB=$(awk -v big="$(rss_kb "$NP")" -v small="$(rss_kb "$(cat "$WORK/s
 # memory that new connections would reuse, hiding what a connection costs.
 ti=$(idle tether "$TP" $TETHER_PORT); ng=$(idle nginx "$NP" $NGINX_PORT); hi=$(idle haproxy "$HP" $HAPROXY_PORT)
 ni=$(awk -v g="$ng" -v s="$NGINX_SLOT_KIB" 'BEGIN{printf "%.2f", g + s}')
+read -r tem tel tec <<<"$(expiry tether $TETHER_EXPIRY_PORT)"
+read -r nem nel nec <<<"$(expiry nginx $NGINX_EXPIRY_PORT)"
+read -r hem hel hec <<<"$(expiry haproxy $HAPROXY_EXPIRY_PORT)"
+for n in "$tec" "$nec" "$hec"; do
+    [ "$n" = "$IDLE" ] || { echo "bench: only $n of $IDLE idle connections were closed by their keep-alive timeout" >&2; exit 1; }
+done
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b == 0) print "–"; else printf "%.2f", a/b }'; }
 
 # row LABEL CONNECTIONS PATH SCHEME TETHER-PORT NGINX-PORT HAPROXY-PORT [WRK-ARGS...]: prints the rows
@@ -277,6 +349,8 @@ row() {
     local label=$1 c=$2 path=$3 scheme=$4 tport=$5 nport=$6 hport=$7
     local args=("${@:8}")
     local trps tcpu tp99 tcx nrps ncpu np99 ncx hrps hcpu hp99 hcx
+    local WARM=2
+    case "$label" in *new*|*TLS*|*KiB*|*pipelined*) ;; *) WARM=6 ;; esac
     read -r trps tcpu tp99 tcx <<<"$(SCHEME=$scheme run tether "$TP" "$tport" "$c" "$path" "${args[@]}")"
     read -r nrps ncpu np99 ncx <<<"$(SCHEME=$scheme run nginx "$NP" "$nport" "$c" "$path" "${args[@]}")"
     read -r hrps hcpu hp99 hcx <<<"$(SCHEME=$scheme run haproxy "$HP" "$hport" "$c" "$path" "${args[@]}")"
@@ -284,7 +358,7 @@ row() {
     echo "| $label | proxy CPU µs/request | $tcpu | $ncpu | $hcpu | $(ratio "$tcpu" "$ncpu") | $(ratio "$tcpu" "$hcpu") |"
     # wrk does not time pipelined requests (it reports 0).
     case "${args[*]}" in *pipeline*) ;; *) echo "| $label | latency p99 (ms) | $tp99 | $np99 | $hp99 | $(ratio "$tp99" "$np99") | $(ratio "$tp99" "$hp99") |" ;; esac
-    case "$label" in *new*|*TLS*|*KiB*|*pipelined*) ;; *) echo "| $label | upstream connects after the first second | $tcx | $ncx | $hcx | – | – |" ;; esac
+    case "$label" in *new*|*TLS*|*KiB*|*pipelined*) ;; *) echo "| $label | upstream connects after warm-up | $tcx | $ncx | $hcx | – | – |" ;; esac
 }
 
 {
@@ -305,6 +379,7 @@ row "50, new connection per request" 50 / http $TETHER_PORT $NGINX_PORT $HAPROXY
 # sessions with tickets on new connections.
 row "50, TLS keep-alive" 50 / https $TETHER_TLS_PORT $NGINX_TLS_PORT $HAPROXY_TLS_PORT
 row "50, TLS, new connection per request" 50 / https $TETHER_TLS_PORT $NGINX_TLS_PORT $HAPROXY_TLS_PORT -H "Connection: close"
+echo "| $IDLE idle, keepalive_timeout 3s | seconds from response to close: median / last | $tem / $tel | $nem / $nel | $hem / $hel | $(ratio "$tel" "$nel") | $(ratio "$tel" "$hel") |"
 echo "| $IDLE idle | memory per idle client connection (KiB; nginx: growth $ng + preallocated slot $NGINX_SLOT_KIB) | $ti | $ni | $hi | $(ratio "$ti" "$ni") | $(ratio "$ti" "$hi") |"
 echo
 # Scaling: the same proxies with 2 event loops / workers on both cores (sharing them with wrk and the
