@@ -255,7 +255,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         }
     }
 
-    private func start(_ head: ParsedHead) {
+    private func start(_ head: consuming ParsedHead) {
         if generation != loop.generation {
             // A reload happened: this and later requests use the new configuration.
             generation = loop.generation
@@ -272,14 +272,17 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         let server = servers.count == 1 ? servers[0] : servers[hosts.server(forHost: hostValue(head))]
         let route = server.route(head)
         let clientKeepAlive = head.minorVersion == 1 ? !head.connectionClose : (head.connectionKeepAlive && !head.connectionClose)
+        let tooLarge = head.contentLength.map { $0 > route.settings.clientMaxBodySize && route.settings.clientMaxBodySize > 0 } ?? false
+        let isCONNECT = head.methodIs("CONNECT")
+        let chunked = head.chunked
+        // The head moves into the exchange (no copy of it per request).
         let e = Exchange(head: head, route: route, number: requests, clientKeepAlive: clientKeepAlive)
         ex = e
-        let maxBody = route.settings.clientMaxBodySize
-        if let n = head.contentLength, n > maxBody, maxBody > 0 {
+        if tooLarge {
             respondLocal(status: 413, closeAfter: true)
             return
         }
-        if head.methodIs("CONNECT") {
+        if isCONNECT {
             respondLocal(status: 405, closeAfter: true)
             return
         }
@@ -305,7 +308,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             }
             respondLocal(status: r.code, text: text)
         case .proxy:
-            if head.chunked && route.proxyHTTP10 {
+            if chunked && route.proxyHTTP10 {
                 // An HTTP/1.0 backend cannot read a chunked body, and Tether does not buffer
                 // bodies to learn their length.
                 respondLocal(status: 411, closeAfter: true)

@@ -78,8 +78,7 @@ final class Exchange {
     var bodyBytesSent = 0
     var requestID: String?
 
-    init(head: ParsedHead, route: CompiledLocation, number: Int, clientKeepAlive: Bool) {
-        self.head = head
+    init(head: consuming ParsedHead, route: CompiledLocation, number: Int, clientKeepAlive: Bool) {
         self.route = route
         self.number = number
         let now = NIODeadline.now()
@@ -95,6 +94,7 @@ final class Exchange {
             requestFraming = .none
             requestBodyDone = true
         }
+        self.head = head
     }
 
     /// Whether a failure before any response byte may be retried (RFC 9110 §9.2.2, and nginx's
