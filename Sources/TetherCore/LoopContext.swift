@@ -242,34 +242,57 @@ final class LoopContext {
         stats = LoopStats(servers: setup.servers.count)
     }
 
-    /// The longest time between two checks of client connections' deadlines (keep-alive, header,
-    /// body, read, send timeouts). A check also finds the earliest deadline still ahead, and the
-    /// next one runs then if that is sooner (but no sooner than `sweepFloor`): a deadline known at
-    /// a check fires within `sweepFloor` of its time; one set after the last check (a timeout
-    /// shorter than this interval), up to this late. Never early.
+    /// Client connections' deadlines (keep-alive, header, body, read, send timeouts) are checked
+    /// by a sweep over all connections every `sweepInterval`. That sweep also notes the
+    /// connections whose deadline falls before the next one, and short sweeps over just those run
+    /// at their deadlines (at most every `sweepFloor`). So a deadline known at a full sweep fires
+    /// within a few ms of its time, and one set after it (a timeout shorter than the interval) up
+    /// to `sweepInterval` late; never early. Work stays one pass over all connections per
+    /// interval, however many expire.
     static let sweepInterval = TimeAmount.milliseconds(100)
     static let sweepFloor = TimeAmount.milliseconds(5)
     private var sweeper: Scheduled<Void>?
+    private var nextFullSweep = NIODeadline.uptimeNanoseconds(0)
+    /// Connections whose deadline falls before `nextFullSweep`, as the last full sweep found.
+    private var dueSoon: [DownstreamHandler] = []
 
-    /// When the next check runs, `earliest` being the earliest deadline the last one left ahead.
-    static func nextSweep(now: NIODeadline, earliest: NIODeadline?) -> NIODeadline {
-        let latest = now + sweepInterval
-        guard let earliest, earliest < latest else { return latest }
-        return max(earliest, now + sweepFloor)
+    /// When the next sweep runs, `earliest` being the earliest deadline the last one left ahead.
+    static func nextSweep(now: NIODeadline, earliest: NIODeadline?, fullSweepAt: NIODeadline) -> NIODeadline {
+        guard let earliest, earliest < fullSweepAt else { return fullSweepAt }
+        return min(fullSweepAt, max(earliest, now + sweepFloor))
     }
 
-    /// Starts the periodic deadline check; called on this loop.
+    /// One sweep at `now` (a full one when it is time): acts on the deadlines that passed and
+    /// returns when the next sweep should run.
+    func sweepConnections(now: NIODeadline) -> NIODeadline {
+        var earliest: NIODeadline?
+        if now >= nextFullSweep {
+            nextFullSweep = now + Self.sweepInterval
+            dueSoon.removeAll(keepingCapacity: true)
+            for c in connections.values {
+                guard let d = c.sweep(now: now), d < nextFullSweep else { continue }
+                dueSoon.append(c)
+                if d < earliest ?? .distantFuture { earliest = d }
+            }
+        } else {
+            let full = nextFullSweep
+            dueSoon.removeAll { c in
+                guard let d = c.sweep(now: now), d < full else { return true }
+                if d < earliest ?? .distantFuture { earliest = d }
+                return false
+            }
+        }
+        return Self.nextSweep(now: now, earliest: earliest, fullSweepAt: nextFullSweep)
+    }
+
+    /// Starts the deadline checks; called on this loop.
     func startSweeping(at when: NIODeadline = .now() + LoopContext.sweepInterval) {
         let bound = NIOLoopBound(self, eventLoop: eventLoop)
         sweeper = eventLoop.assumeIsolated().scheduleTask(deadline: when) {
             let me = bound.value
-            let now = NIODeadline.now()
-            var earliest: NIODeadline?
-            for c in me.connections.values {
-                if let d = c.sweep(now: now), d < earliest ?? .distantFuture { earliest = d }
-            }
+            let next = me.sweepConnections(now: .now())
             me.flushAccessLog()
-            me.startSweeping(at: Self.nextSweep(now: .now(), earliest: earliest))
+            me.startSweeping(at: next)
         }
     }
 

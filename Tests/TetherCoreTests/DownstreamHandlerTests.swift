@@ -88,13 +88,33 @@ import TetherConfig
         #expect(lc.stats.downstreamClosed["keepalive_timeout"] == 1)
     }
 
-    @Test func sweepRunsAtTheEarliestDeadlineWithinItsIntervalButNotSoonerThanTheFloor() {
+    @Test func sweepRunsAtTheEarliestDeadlineBeforeTheNextFullSweepButNotSoonerThanTheFloor() {
         let now = NIODeadline.uptimeNanoseconds(10_000_000_000)
-        #expect(LoopContext.nextSweep(now: now, earliest: nil) == now + LoopContext.sweepInterval)
-        #expect(LoopContext.nextSweep(now: now, earliest: now + .seconds(30)) == now + LoopContext.sweepInterval)
-        #expect(LoopContext.nextSweep(now: now, earliest: now + .milliseconds(40)) == now + .milliseconds(40))
-        #expect(LoopContext.nextSweep(now: now, earliest: now + .milliseconds(1)) == now + LoopContext.sweepFloor)
-        #expect(LoopContext.nextSweep(now: now, earliest: now - .seconds(1)) == now + LoopContext.sweepFloor)
+        let full = now + LoopContext.sweepInterval
+        #expect(LoopContext.nextSweep(now: now, earliest: nil, fullSweepAt: full) == full)
+        #expect(LoopContext.nextSweep(now: now, earliest: now + .seconds(30), fullSweepAt: full) == full)
+        #expect(LoopContext.nextSweep(now: now, earliest: now + .milliseconds(40), fullSweepAt: full) == now + .milliseconds(40))
+        #expect(LoopContext.nextSweep(now: now, earliest: now + .milliseconds(1), fullSweepAt: full) == now + LoopContext.sweepFloor)
+        #expect(LoopContext.nextSweep(now: now, earliest: now - .seconds(1), fullSweepAt: full) == now + LoopContext.sweepFloor)
+        #expect(LoopContext.nextSweep(now: now, earliest: now + .milliseconds(1), fullSweepAt: now + .milliseconds(2)) == now + .milliseconds(2))
+    }
+
+    /// A full sweep shortly before a connection's keep-alive deadline schedules the next sweep at
+    /// that deadline, and that short sweep (over the connections due before the next full one)
+    /// closes it.
+    @Test func loopSweepClosesAnIdleConnectionAtItsDeadline() throws {
+        let (ch, handler, lc) = try handlerOnChannel(Self.conf)
+        try ch.writeInbound(ByteBuffer(string: "GET /a HTTP/1.1\r\nHost: x\r\n\r\n"))
+        _ = try output(ch)
+        let deadline = try #require(handler.sweep(now: .now()))
+        let fullAt = deadline - .milliseconds(60)
+        #expect(lc.sweepConnections(now: fullAt) == deadline)
+        #expect(ch.isActive)
+        #expect(lc.sweepConnections(now: deadline - .milliseconds(10)) == deadline, "a short sweep before it changes nothing")
+        #expect(ch.isActive)
+        #expect(lc.sweepConnections(now: deadline) == fullAt + LoopContext.sweepInterval, "nothing else is due before the next full sweep")
+        #expect(!ch.isActive)
+        #expect(lc.stats.downstreamClosed["keepalive_timeout"] == 1)
     }
 
     @Test func localAnswerReadsAndDropsTheBody() throws {
