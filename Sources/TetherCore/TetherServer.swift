@@ -226,6 +226,11 @@ public final class TetherServer: Sendable {
         }
     }
 
+    /// Runs `body` on every event loop (tests hold the loops still with it while events queue up).
+    func executeOnEachLoop(_ body: @escaping @Sendable () -> Void) {
+        for bound in loops { bound.eventLoop.execute(body) }
+    }
+
     /// Stops accepting, lets requests in flight finish (their responses say `Connection: close`),
     /// closes idle connections on both sides, and force-closes what is left after `timeout`.
     public func shutdown(timeout: TimeAmount = .seconds(10)) {

@@ -1,5 +1,7 @@
+import NIOConcurrencyHelpers
 import NIOCore
 import Testing
+@testable import TetherCore
 import TetherTestSupport
 #if canImport(Glibc)
 import Glibc
@@ -25,6 +27,67 @@ import Glibc
             #expect(counters.reused == 1)
             #expect(counters.closed.values.reduce(0, +) == 0)
         }
+    }
+
+    /// A request that finds every pooled connection busy waits for the end of the loop's batch
+    /// of I/O events before connecting: a response read in the same batch frees its connection,
+    /// which the request then takes. The loop is held still while the second client's request
+    /// and then the backend's answer to the first arrive, so both are in one batch, the request
+    /// first.
+    @Test func aRequestTakesAConnectionReleasedInTheSameLoopIteration() throws {
+        try withProxy(workers: 1) { proxy, backend in
+            let a = try proxy.client(), b = try proxy.client()
+            try b.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(try b.readResponse().status == 200)
+            try a.send("GET /slow/300 HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(eventually { backend.requestCount == 2 })
+            let held = NIOLockedValueBox(false)
+            proxy.server.executeOnEachLoop {
+                held.withLockedValue { $0 = true }
+                usleep(800_000)
+            }
+            #expect(eventually { held.withLockedValue { $0 } })
+            try b.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(try a.readResponse().status == 200)
+            #expect(try b.readResponse().status == 200)
+            #expect(backend.connectionCount == 1, "the second request waited for the first one's connection")
+            let counters = proxy.server.stats().upstreams[0].servers[0].counters
+            #expect(counters.connects == 1 && counters.reused == 2)
+        }
+    }
+
+    /// least_conn counts a request as active on its server until it ends, however it ends: one
+    /// whose client leaves before it has an upstream connection is no longer counted, so equal
+    /// servers keep taking turns afterwards.
+    @Test func aClientLeavingBeforeItsRequestHasAConnectionIsNotLeftActiveForLeastConn() throws {
+        let b1 = try TestBackend(), b2 = try TestBackend()
+        defer { b1.stop(); b2.stop() }
+        let proxy = try RunningProxy(config: """
+            worker_processes 1;
+            http {
+                upstream backend { least_conn; server 127.0.0.1:\(b1.port); server 127.0.0.1:\(b2.port); }
+                server { listen 127.0.0.1:0; location / { proxy_pass http://backend; } }
+            }
+            """)
+        defer { proxy.stop() }
+        let a = try proxy.client()
+        let held = NIOLockedValueBox(false)
+        proxy.server.executeOnEachLoop {
+            held.withLockedValue { $0 = true }
+            usleep(300_000)
+        }
+        #expect(eventually { held.withLockedValue { $0 } })
+        try a.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        a.close()
+        #expect(eventually { proxy.server.stats().downstreamClosed.values.reduce(0, +) == 1 })
+        let c = try proxy.client()
+        for _ in 0..<4 {
+            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(try c.readResponse().status == 200)
+        }
+        let served = (b1.requestCount, b2.requestCount)
+        #expect(served.0 + served.1 <= 5)
+        #expect(abs(served.0 - served.1) <= 1, "the servers took turns: \(served)")
     }
 
     /// What cannot end soon is not waited for: a response longer than the budget, or one slower

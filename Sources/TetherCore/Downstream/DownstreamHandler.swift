@@ -17,7 +17,7 @@ final class TLSInfo {
 /// A client connection: parses requests, routes them, forwards them over pooled upstream
 /// connections of its own event loop and streams the responses back, in order, keeping the
 /// connection alive as nginx's keep-alive rules allow.
-final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
+final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate, PoolWaiter {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -146,11 +146,11 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         loop.stats.downstreamActive -= 1
         loop.connections.removeValue(forKey: ObjectIdentifier(self))
         if wasOpen { loop.stats.downstreamClosed[closeReason, default: 0] += 1 }
+        if let e = ex { balancerEnded(e) }
         if let e = ex, let up = e.upstream, let server = e.server {
             // The client left mid-exchange. A response that will end soon and cleanly is read
             // to its end and the connection kept; otherwise it is closed.
             e.upstream = nil
-            e.group?.balancer.ended(server.index)
             if let rest = AbandonedResponse(exchange: e, connection: up, server: server) {
                 rest.start(timeoutMs: e.route.settings.proxyReadTimeoutMs)
             } else {
@@ -373,14 +373,41 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         e.phase = .head
         e.responseHeadBuffer = nil
         group.balancer.started(index)
-        if let (conn, idleMs) = server.lease() {
-            e.reused = true
-            e.idleMsAtLease = idleMs
-            e.connectedAt = .now()
-            attach(conn)
+        e.balancerActive = true
+        if let (conn, idleMs) = server.leaseOrWait(self, ticket: requests) {
+            attachLeased(conn, idleMs: idleMs)
+        } else {
+            e.waitingForPool = true
+        }
+    }
+
+    private func attachLeased(_ conn: UpstreamConnection, idleMs: Int64) {
+        guard let e = ex else { return }
+        e.reused = true
+        e.idleMsAtLease = idleMs
+        e.connectedAt = .now()
+        attach(conn)
+    }
+
+    func isWaiting(for server: ServerPool, ticket: Int) -> Bool {
+        guard state == .exchange, requests == ticket, let e = ex else { return false }
+        return e.waitingForPool && e.server === server && e.upstream == nil && !e.responseStarted
+    }
+
+    func poolAnswered(_ server: ServerPool, with leased: (UpstreamConnection, idleMs: Int64)?) {
+        ex?.waitingForPool = false
+        if let (conn, idleMs) = leased {
+            attachLeased(conn, idleMs: idleMs)
         } else {
             connect(server)
         }
+    }
+
+    /// The balancer stops counting the exchange as active on its server (once).
+    private func balancerEnded(_ e: Exchange) {
+        guard e.balancerActive, let server = e.server else { return }
+        e.balancerActive = false
+        e.group?.balancer.ended(server.index)
     }
 
     private func connect(_ server: ServerPool) {
@@ -497,7 +524,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             e.upstream = nil
             server.discard(up, reason: .error)
         }
-        group.balancer.ended(server.index)
+        balancerEnded(e)
         if e.responseStarted {
             // Part of the response went out: all we can do is end the connection, so the client
             // sees an incomplete message rather than a wrong one.
@@ -515,6 +542,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             e.retriedFresh = true
             e.reused = false
             group.balancer.started(server.index)
+            e.balancerActive = true
             server.state.connectFresh()
             connect(server)
             return
@@ -654,7 +682,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
               route.settings.proxyNextUpstreamTries == 0 || e.tries < route.settings.proxyNextUpstreamTries,
               group.balancer.hasCandidate(now: nowMs(), exclude: e.tried) else { return false }
         if let up = e.upstream { e.upstream = nil; server.discard(up, reason: .notReusable) }
-        group.balancer.ended(server.index)
+        balancerEnded(e)
         if condition != .http403 && condition != .http404 { group.balancer.failed(server.index, now: nowMs()) }
         server.counters.retries["http_\(status)", default: 0] += 1
         proxy()
@@ -779,7 +807,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             server.release(up, reusable: e.upstreamReusable && e.requestBodyDone, backend: e.backendKeepAlive)
         }
         if let server = e.server {
-            e.group?.balancer.ended(server.index)
+            balancerEnded(e)
             e.group?.balancer.succeeded(server.index)
         }
         // The response head set closeAfter whenever the request body was not finished, so the
@@ -870,6 +898,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             e.upstream = nil
             server.discard(up, reason: .notReusable)
         }
+        balancerEnded(e)
         e.bytesSent = respond(status: status, text: text, contentType: contentType, serverTokens: e.route.settings.serverTokens, keepAlive: keepAlive, head: e.head)
         ex!.bytesSent = e.bytesSent
         if !keepAlive {
