@@ -105,19 +105,8 @@ public struct ConnectionPool<ID: Hashable & Sendable>: Sendable {
         case connect
     }
 
-    /// Takes a warm connection if one is usable now, else counts a connect under way. Expired
-    /// ones met on the way are returned to be closed.
+    /// Takes a warm connection if one is usable now. Expired ones met on the way are returned to be closed.
     public mutating func lease(now: Int64) -> (Lease, close: [(ID, CloseReason)]) {
-        let (reuse, close) = leaseIdle(now: now)
-        if let reuse { return (.reuse(reuse.id, idleMs: reuse.idleMs), close) }
-        connecting += 1
-        notePeak()
-        return (.connect, close)
-    }
-
-    /// Takes a warm connection if one is usable now; with none, nothing changes (no connect is
-    /// counted: the caller may wait for one to be released, then `lease` or `connectFresh`).
-    public mutating func leaseIdle(now: Int64) -> (reuse: (id: ID, idleMs: Int64)?, close: [(ID, CloseReason)]) {
         var close: [(ID, CloseReason)] = []
         while let e = idle.popLast() {
             if let reason = expiry(of: e, now: now) {
@@ -130,9 +119,11 @@ public struct ConnectionPool<ID: Hashable & Sendable>: Sendable {
             if let r = e.headerRemaining { e.headerRemaining = r - 1 }
             leased[e.id] = e
             notePeak()
-            return ((e.id, idleMs), close)
+            return (.reuse(e.id, idleMs: idleMs), close)
         }
-        return (nil, close)
+        connecting += 1
+        notePeak()
+        return (.connect, close)
     }
 
     /// Starts a connect without looking at idle connections (a retry that must not reuse one).

@@ -29,33 +29,6 @@ import Glibc
         }
     }
 
-    /// A request that finds every pooled connection busy waits for the end of the loop's batch
-    /// of I/O events before connecting: a response read in the same batch frees its connection,
-    /// which the request then takes. The loop is held still while the second client's request
-    /// and then the backend's answer to the first arrive, so both are in one batch, the request
-    /// first.
-    @Test func aRequestTakesAConnectionReleasedInTheSameLoopIteration() throws {
-        try withProxy(workers: 1) { proxy, backend in
-            let a = try proxy.client(), b = try proxy.client()
-            try b.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            #expect(try b.readResponse().status == 200)
-            try a.send("GET /slow/300 HTTP/1.1\r\nHost: t\r\n\r\n")
-            #expect(eventually { backend.requestCount == 2 })
-            let held = NIOLockedValueBox(false)
-            proxy.server.executeOnEachLoop {
-                held.withLockedValue { $0 = true }
-                usleep(800_000)
-            }
-            #expect(eventually { held.withLockedValue { $0 } })
-            try b.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            #expect(try a.readResponse().status == 200)
-            #expect(try b.readResponse().status == 200)
-            #expect(backend.connectionCount == 1, "the second request waited for the first one's connection")
-            let counters = proxy.server.stats().upstreams[0].servers[0].counters
-            #expect(counters.connects == 1 && counters.reused == 2)
-        }
-    }
-
     /// least_conn counts a request as active on its server until it ends, however it ends: one
     /// whose client leaves before it has an upstream connection is no longer counted, so equal
     /// servers keep taking turns afterwards.

@@ -19,20 +19,6 @@ import Testing
         #expect(p.leasedCount == 2 && p.idleCount == 0)
     }
 
-    /// What a request that waits for a released connection relies on: with nothing idle,
-    /// `leaseIdle` counts no connect; a connection released meanwhile is then taken.
-    @Test func leaseIdleWithNothingIdleCountsNoConnect() {
-        var p = pool()
-        _ = p.lease(now: 0)
-        p.connected(1, now: 0)
-        #expect(p.leaseIdle(now: 5).reuse == nil)
-        #expect(p.connecting == 0 && p.leasedCount == 1 && p.recentPeak == 1)
-        #expect(p.release(1, now: 10, reusable: true).0 == .keep)
-        let taken = p.leaseIdle(now: 12).reuse
-        #expect(taken?.id == 1 && taken?.idleMs == 2)
-        #expect(p.connecting == 0 && p.leasedCount == 1 && p.idleCount == 0)
-    }
-
     @Test func surplusIsNotClosedAtReleaseButTrimmedWhenIdle() {
         var p = pool(keepalive: 1)
         for id in 1...4 { _ = p.lease(now: 0); p.connected(id, now: 0) }

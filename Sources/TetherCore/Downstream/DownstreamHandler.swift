@@ -17,7 +17,7 @@ final class TLSInfo {
 /// A client connection: parses requests, routes them, forwards them over pooled upstream
 /// connections of its own event loop and streams the responses back, in order, keeping the
 /// connection alive as nginx's keep-alive rules allow.
-final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate, PoolWaiter {
+final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -374,30 +374,11 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate, PoolWaite
         e.responseHeadBuffer = nil
         group.balancer.started(index)
         e.balancerActive = true
-        if let (conn, idleMs) = server.leaseOrWait(self, ticket: requests) {
-            attachLeased(conn, idleMs: idleMs)
-        } else {
-            e.waitingForPool = true
-        }
-    }
-
-    private func attachLeased(_ conn: UpstreamConnection, idleMs: Int64) {
-        guard let e = ex else { return }
-        e.reused = true
-        e.idleMsAtLease = idleMs
-        e.connectedAt = .now()
-        attach(conn)
-    }
-
-    func isWaiting(for server: ServerPool, ticket: Int) -> Bool {
-        guard state == .exchange, requests == ticket, let e = ex else { return false }
-        return e.waitingForPool && e.server === server && e.upstream == nil && !e.responseStarted
-    }
-
-    func poolAnswered(_ server: ServerPool, with leased: (UpstreamConnection, idleMs: Int64)?) {
-        ex?.waitingForPool = false
-        if let (conn, idleMs) = leased {
-            attachLeased(conn, idleMs: idleMs)
+        if let (conn, idleMs) = server.lease() {
+            e.reused = true
+            e.idleMsAtLease = idleMs
+            e.connectedAt = .now()
+            attach(conn)
         } else {
             connect(server)
         }

@@ -47,8 +47,6 @@ final class Exchange {
     var server: ServerPool?
     var upstream: UpstreamConnection?
     var reused = false
-    /// Waiting in `ServerPool.leaseOrWait` for the end of the loop's batch of I/O events.
-    var waitingForPool = false
     /// The balancer counts this exchange as active on `server` (least_conn), until `ended`.
     var balancerActive = false
     var idleMsAtLease: Int64 = 0

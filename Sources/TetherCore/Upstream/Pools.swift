@@ -8,14 +8,6 @@ import TetherTLS
 /// Milliseconds on the monotonic clock, as the pool state machines take time.
 @inline(__always) func nowMs() -> Int64 { Int64(NIODeadline.now().uptimeNanoseconds / 1_000_000) }
 
-/// An exchange waiting in `ServerPool.leaseOrWait`.
-protocol PoolWaiter: AnyObject {
-    /// Whether the exchange `ticket` still waits for a connection of `server`.
-    func isWaiting(for server: ServerPool, ticket: Int) -> Bool
-    /// A warm connection, or nil: connect (the pool has counted the connect).
-    func poolAnswered(_ server: ServerPool, with leased: (UpstreamConnection, idleMs: Int64)?)
-}
-
 /// The pool of one upstream server on one event loop: runs the `ConnectionPool` state machine's
 /// answers. Confined to its loop; no locks.
 final class ServerPool {
@@ -44,40 +36,15 @@ final class ServerPool {
 
     var loop: LoopContext { group.loop }
 
-    /// A warm connection now, or nil: then `waiter` is answered once this loop has handled the
-    /// rest of its current batch of I/O events, with a connection released in that batch if there
-    /// is one, or else told to connect. A connect started now would complete in a later loop
-    /// iteration anyway, so waiting adds no time; when the load reaches a new peak of requests in
-    /// flight, responses read in the same batch often free a connection, and no new one is opened.
-    func leaseOrWait(_ waiter: PoolWaiter, ticket: Int) -> (UpstreamConnection, idleMs: Int64)? {
-        if let leased = leaseIdle() { return leased }
-        waiters.append((waiter, ticket))
-        if waiters.count == 1 {
-            let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
-            // Tasks run after the loop has handled all the I/O events of its current batch.
-            loop.eventLoop.execute { bound.value.answerWaiters() }
-        }
-        return nil
-    }
-
-    private var waiters: [(waiter: PoolWaiter, ticket: Int)] = []
-
-    private func leaseIdle() -> (UpstreamConnection, idleMs: Int64)? {
-        let (reuse, expired) = state.leaseIdle(now: nowMs())
+    /// A warm connection, or nil when a new one must be opened (the pool then counts a connect under way).
+    func lease() -> (UpstreamConnection, idleMs: Int64)? {
+        let (lease, expired) = state.lease(now: nowMs())
         closeAll(expired)
-        return reuse.map { (connections[$0.id]!, $0.idleMs) }
-    }
-
-    private func answerWaiters() {
-        let list = waiters
-        waiters.removeAll(keepingCapacity: true)
-        for (waiter, ticket) in list where waiter.isWaiting(for: self, ticket: ticket) {
-            if let leased = leaseIdle() {
-                waiter.poolAnswered(self, with: leased)
-            } else {
-                state.connectFresh()
-                waiter.poolAnswered(self, with: nil)
-            }
+        switch lease {
+        case .reuse(let id, let idleMs):
+            return (connections[id]!, idleMs)
+        case .connect:
+            return nil
         }
     }
 
