@@ -80,10 +80,9 @@ final class Exchange {
     var bodyBytesSent = 0
     var requestID: String?
 
-    init(head: consuming ParsedHead, route: CompiledLocation, number: Int, clientKeepAlive: Bool) {
+    init(head: consuming ParsedHead, route: CompiledLocation, number: Int, clientKeepAlive: Bool, now: NIODeadline) {
         self.route = route
         self.number = number
-        let now = NIODeadline.now()
         self.startedAt = now
         self.lastUpstreamActivity = now
         self.clientKeepAlive = clientKeepAlive

@@ -37,8 +37,8 @@ final class ServerPool {
     var loop: LoopContext { group.loop }
 
     /// A warm connection, or nil when a new one must be opened (the pool then counts a connect under way).
-    func lease() -> (UpstreamConnection, idleMs: Int64)? {
-        let (lease, expired) = state.lease(now: nowMs())
+    func lease(now: NIODeadline = .now()) -> (UpstreamConnection, idleMs: Int64)? {
+        let (lease, expired) = state.lease(now: Int64(now.uptimeNanoseconds / 1_000_000))
         closeAll(expired)
         switch lease {
         case .reuse(let id, let idleMs):
@@ -89,14 +89,14 @@ final class ServerPool {
     }
 
     /// The exchange on `conn` ended; keep it warm if the pool's rules allow.
-    func release(_ conn: UpstreamConnection, reusable: Bool, backend: ConnectionPool<ObjectIdentifier>.BackendKeepAlive?) {
+    func release(_ conn: UpstreamConnection, reusable: Bool, backend: ConnectionPool<ObjectIdentifier>.BackendKeepAlive?, now: NIODeadline = .now()) {
         conn.delegate = nil
         if group.retired {
             // The upstream changed or vanished in a reload: its connections are not kept.
             discard(conn, reason: .shutdown)
             return
         }
-        let (decision, warn) = state.release(conn.id, now: nowMs(), reusable: reusable && conn.isOpen, backend: backend)
+        let (decision, warn) = state.release(conn.id, now: Int64(now.uptimeNanoseconds / 1_000_000), reusable: reusable && conn.isOpen, backend: backend)
         if let warn {
             loop.logger.warning("upstream \"\(group.name)\" server \(spec.addressText) advertises Keep-Alive: timeout=\(warn / 1000), shorter than its keepalive_timeout \(Units.formatTime(state.policy.idleTimeoutMs)); Tether expires its connections before the backend does")
         }
