@@ -62,14 +62,6 @@ http {
     }
 }
 CONF
-cat > "$WORK/pipeline.lua" <<'LUA'
-init = function(args)
-  local r = {}
-  for i = 1, 8 do r[i] = wrk.format(nil, "/") end
-  req = table.concat(r)
-end
-request = function() return req end
-LUA
 nginx -c "$WORK/backend.conf" -e "$WORK/backend.err" & echo $! > "$WORK/backend.pid"
 
 # count NAME PORT [WRK-ARGS...] -- COMMAND...: prints instructions per request
@@ -114,6 +106,6 @@ echo
 echo "| workload | Tether | $(nginx -v 2>&1 | sed 's/.*: //') | Tether/nginx |"
 echo "|---|---|---|---|"
 row "keep-alive"
-row "pipelined x8" -s "$WORK/pipeline.lua"
+row "pipelined x8" -s bench/pipeline.lua
 row "new connection per request" -H "Connection: close"
 } | tee "$OUT/instructions.md"

@@ -52,15 +52,6 @@ chmod 755 "$WORK"   # nginx's workers do not run as root: they must be able to r
 mkdir -p "$WORK/www/files"
 head -c 4096 /dev/urandom > "$WORK/www/files/4k"
 head -c 65536 /dev/urandom > "$WORK/www/files/64k"
-cat > "$WORK/pipeline.lua" <<'LUA'
--- 8 requests written at once on each connection (pipelining depth 8)
-init = function(args)
-  local r = {}
-  for i = 1, 8 do r[i] = wrk.format(nil, "/") end
-  req = table.concat(r)
-end
-request = function() return req end
-LUA
 cat > "$WORK/backend.conf" <<CONF
 worker_processes 1;
 daemon off;
@@ -373,7 +364,7 @@ row "256" 256 / http $TETHER_PORT $NGINX_PORT $HAPROXY_PORT
 row "1000" 1000 / http $TETHER_PORT $NGINX_PORT $HAPROXY_PORT
 row "50, 4 KiB" 50 /files/4k http $TETHER_PORT $NGINX_PORT $HAPROXY_PORT
 row "50, 64 KiB" 50 /files/64k http $TETHER_PORT $NGINX_PORT $HAPROXY_PORT
-row "50, pipelined x8" 50 / http $TETHER_PORT $NGINX_PORT $HAPROXY_PORT -s "$WORK/pipeline.lua"
+row "50, pipelined x8" 50 / http $TETHER_PORT $NGINX_PORT $HAPROXY_PORT -s bench/pipeline.lua
 row "50, new connection per request" 50 / http $TETHER_PORT $NGINX_PORT $HAPROXY_PORT -H "Connection: close"
 # TLS: ECDSA P-256; all three offer TLS 1.2 and 1.3 and negotiate 1.3 with wrk, which resumes
 # sessions with tickets on new connections.

@@ -370,7 +370,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         let group = e.group ?? loop.group(for: e.route, upstream: e.route.upstreamName)
         e.group = group
         let now = self.now
-        guard let index = group.balancer.select(now: Int64(now.uptimeNanoseconds / 1_000_000), exclude: e.tried) else {
+        guard let index = group.balancer.select(now: ms(now), exclude: e.tried) else {
             loop.stats.upstreamFailures["no_live_upstreams", default: 0] += 1  // no server to charge it to
             loop.logger.error("no live upstreams while connecting to upstream \"\(group.name)\"")
             respondLocal(status: 502)

@@ -256,15 +256,10 @@ enum HeadParser {
                 if end - i > limits.lineLimit { return .error(HeadError(status: tooLarge, reason: "header line too long")) }
                 if end + 2 - skip > limits.headLimit { return .error(HeadError(status: tooLarge, reason: "head too large")) }
                 // name ":" OWS value OWS
-                var j = i
-                while j < end, ASCII.isToken(p[j]) { j += 1 }
-                guard j > i, j < end, p[j] == UInt8(ascii: ":") else {
+                guard let (nameEnd, valueStart) = scanName(p, from: i, limit: end) else {
                     return .error(HeadError(status: bad, reason: "invalid header line"))
                 }
-                let nameEnd = j
-                j += 1
-                while j < end, p[j] == 0x20 || p[j] == 0x09 { j += 1 }
-                let valueStart = j
+                var j = valueStart
                 var valueEnd = valueStart
                 while j < end {
                     let c = p[j]
@@ -290,18 +285,26 @@ enum HeadParser {
         }
     }
 
+    /// `name ":" OWS` starting at `i`, before `limit`: where the name ends and the value starts,
+    /// or nil when there is no token name followed by a colon.
+    @inline(__always)
+    private static func scanName(_ p: UnsafeRawBufferPointer, from i: Int, limit: Int) -> (nameEnd: Int, valueStart: Int)? {
+        var j = i
+        while j < limit, ASCII.isToken(p[j]) { j += 1 }
+        guard j > i, j < limit, p[j] == UInt8(ascii: ":") else { return nil }
+        let nameEnd = j
+        j += 1
+        while j < limit, p[j] == 0x20 || p[j] == 0x09 { j += 1 }
+        return (nameEnd, j)
+    }
+
     /// One well-formed header line starting at `i`: `name ":" OWS value OWS CRLF`, with the
     /// value's bytes valid. nil when the line is incomplete or anything in it is not as expected.
     @inline(__always)
     private static func scanHeaderLine(_ p: UnsafeRawBufferPointer, from i: Int) -> (nameEnd: Int, valueStart: Int, valueEnd: Int, end: Int)? {
         let n = p.count
-        var j = i
-        while j < n, ASCII.isToken(p[j]) { j += 1 }
-        guard j > i, j < n, p[j] == UInt8(ascii: ":") else { return nil }
-        let nameEnd = j
-        j += 1
-        while j < n, p[j] == 0x20 || p[j] == 0x09 { j += 1 }
-        let valueStart = j
+        guard let (nameEnd, valueStart) = scanName(p, from: i, limit: n) else { return nil }
+        var j = valueStart
         var valueEnd = j
         while j < n {
             // Eight bytes at a time while they hold no control byte or DEL (spaces and obs-text

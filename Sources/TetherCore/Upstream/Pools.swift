@@ -6,7 +6,9 @@ import TetherPool
 import TetherTLS
 
 /// Milliseconds on the monotonic clock, as the pool state machines take time.
-@inline(__always) func nowMs() -> Int64 { Int64(NIODeadline.now().uptimeNanoseconds / 1_000_000) }
+@inline(__always) func nowMs() -> Int64 { ms(.now()) }
+/// `time` in the pool state machines' milliseconds.
+@inline(__always) func ms(_ time: NIODeadline) -> Int64 { Int64(time.uptimeNanoseconds / 1_000_000) }
 
 /// The pool of one upstream server on one event loop: runs the `ConnectionPool` state machine's
 /// answers. Confined to its loop; no locks.
@@ -38,7 +40,7 @@ final class ServerPool {
 
     /// A warm connection, or nil when a new one must be opened (the pool then counts a connect under way).
     func lease(now: NIODeadline = .now()) -> (UpstreamConnection, idleMs: Int64)? {
-        let (lease, expired) = state.lease(now: Int64(now.uptimeNanoseconds / 1_000_000))
+        let (lease, expired) = state.lease(now: ms(now))
         closeAll(expired)
         switch lease {
         case .reuse(let id, let idleMs):
@@ -96,7 +98,7 @@ final class ServerPool {
             discard(conn, reason: .shutdown)
             return
         }
-        let (decision, warn) = state.release(conn.id, now: Int64(now.uptimeNanoseconds / 1_000_000), reusable: reusable && conn.isOpen, backend: backend)
+        let (decision, warn) = state.release(conn.id, now: ms(now), reusable: reusable && conn.isOpen, backend: backend)
         if let warn {
             loop.logger.warning("upstream \"\(group.name)\" server \(spec.addressText) advertises Keep-Alive: timeout=\(warn / 1000), shorter than its keepalive_timeout \(Units.formatTime(state.policy.idleTimeoutMs)); Tether expires its connections before the backend does")
         }
