@@ -149,8 +149,9 @@ public final class TetherServer: Sendable {
             routes[key] = Route(hosts: vhosts[i].1, servers: vhosts[i].2, port: Int(key.split(separator: ":").last!)!,
                                 tls: g.setup.tls.names(hosts: vhosts[i].1, servers: vhosts[i].2))
         }
+        let published = routes
         for b in loops {
-            try? b.eventLoop.submit { b.value.install(setup: g.setup, routes: routes, accessLog: g.accessLog) }.wait()
+            try? b.eventLoop.submit { b.value.install(setup: g.setup, routes: published, accessLog: g.accessLog) }.wait()
         }
     }
 
