@@ -38,30 +38,10 @@ events { worker_connections 4096; }
 http { access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
     server { listen 127.0.0.1:$BACKEND_PORT; location / { return 200 "hello world\n"; } } }
 CONF
-cat > "$WORK/tether.conf" <<CONF
-worker_processes 1;
-error_log $WORK/tether.err error;
-http {
-    keepalive_timeout 300s;
-    keepalive_requests 1000000;
-    upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 64; keepalive_requests 1000000; }
-    server { listen 127.0.0.1:$TETHER_PORT; location / { proxy_pass http://backend; } }
-}
-CONF
-cat > "$WORK/nginx.conf" <<CONF
-worker_processes 1; daemon off; master_process off; pid $WORK/nginx.nginxpid; error_log $WORK/nginx.err;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_timeout 300s;
-    keepalive_requests 1000000;
-    upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 64; keepalive_requests 1000000; }
-    server {
-        listen 127.0.0.1:$NGINX_PORT;
-        location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; }
-    }
-}
-CONF
+# The same proxy configurations as bench/run.sh.
+source bench/proxies.sh
+tether_conf tether 1 $TETHER_PORT
+nginx_conf nginx 1 $NGINX_PORT
 nginx -c "$WORK/backend.conf" -e "$WORK/backend.err" & echo $! > "$WORK/backend.pid"
 
 # count NAME PORT [WRK-ARGS...] -- COMMAND...: prints instructions per request

@@ -1,0 +1,78 @@
+# Sourced by bench/run.sh and bench/instructions.sh: the configurations of Tether and of nginx as
+# a proxy, the same in both benches. They expect WORK (a directory) and BACKEND_PORT to be set.
+
+# --- Tether: tether_conf NAME LOOPS PORT [TLS-PORT [EXPIRY-PORT]] writes $WORK/NAME.conf
+tether_conf() {
+    local tls="" expiry=""
+    [ -n "${5:-}" ] && expiry="server {
+        listen 127.0.0.1:$5 backlog=4096;
+        keepalive_timeout 3s;
+        location / { proxy_pass http://backend; }
+    }"
+    [ -n "${4:-}" ] && tls="server {
+        listen 127.0.0.1:$4 ssl backlog=4096;
+        ssl_certificate $WORK/tls.pem;
+        ssl_certificate_key $WORK/tls.key;
+        location / { proxy_pass http://backend; }
+    }"
+    cat > "$WORK/$1.conf" <<CONF
+worker_processes $2;
+error_log $WORK/$1.err error;
+events { worker_connections 65536; }
+http {
+    keepalive_timeout 300s;
+    keepalive_requests 1000000;
+    upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 64; keepalive_requests 1000000; }
+    server {
+        listen 127.0.0.1:$3 backlog=4096;
+        location / { proxy_pass http://backend; }
+    }
+    $tls
+    $expiry
+}
+CONF
+}
+
+# --- nginx as a proxy, one worker, the keep-alive upstream setup its docs recommend, and
+# proxy_buffering off so that it streams as Tether does (with buffering on, nginx reads whole
+# responses into larger buffers and would do better on the 64 KiB row).
+# nginx_conf NAME WORKERS PORT [TLS-PORT [EXPIRY-PORT]] writes $WORK/NAME.conf
+nginx_conf() {
+    local proxy='proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off;'
+    local tls="" expiry=""
+    [ -n "${5:-}" ] && expiry="server {
+        listen 127.0.0.1:$5 backlog=4096;
+        keepalive_timeout 3s;
+        location / { $proxy }
+    }"
+    # nginx 1.22's default stops at TLS 1.2, whose resumed handshakes skip the key exchange;
+    # all proxies offer the same protocols, so all negotiate TLS 1.3 with wrk.
+    [ -n "${4:-}" ] && tls="server {
+        listen 127.0.0.1:$4 ssl backlog=4096;
+        ssl_certificate $WORK/tls.pem;
+        ssl_certificate_key $WORK/tls.key;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location / { $proxy }
+    }"
+    cat > "$WORK/$1.conf" <<CONF
+worker_processes $2;
+daemon off;
+$([ "$2" = 1 ] && echo "master_process off;")
+pid $WORK/$1.nginxpid;
+error_log $WORK/$1.err;
+worker_rlimit_nofile 65536;
+events { worker_connections 65536; }
+http {
+    access_log off;
+    keepalive_timeout 300s;
+    keepalive_requests 1000000;
+    upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 64; keepalive_requests 1000000; }
+    server {
+        listen 127.0.0.1:$3 backlog=4096 reuseport;
+        location / { $proxy }
+    }
+    $tls
+    $expiry
+}
+CONF
+}
