@@ -301,6 +301,12 @@ public struct HTTPSettings: Sendable {
     public var largeClientHeaderBuffers = (count: 4, size: 8192)
     public var accessLog: [AccessLog] = [.off]
     public var serverTokens = true
+    /// `merge_slashes`: runs of slashes in a path count as one when locations are matched
+    /// (server level: it applies before a location is chosen).
+    public var mergeSlashes = true
+    /// `proxy_allow_upgrade`: the protocols a client may ask to switch to (`Upgrade:`) through
+    /// this location; lowercase, `websocket` by default, empty for none. Never `h2c`.
+    public var proxyAllowUpgrade: [String] = ["websocket"]
     public var proxyConnectTimeoutMs: Int64 = 60_000
     public var proxyReadTimeoutMs: Int64 = 60_000
     public var proxySendTimeoutMs: Int64 = 60_000
@@ -348,7 +354,9 @@ public struct SSLSettings: Hashable, Sendable {
     /// nil: the Mozilla "intermediate" list.
     public var ciphers: String?
     public var preferServerCiphers = false
-    public var ecdhCurve = "auto"
+    /// Mozilla's intermediate profile's groups (OpenSSL's own default also offers secp521r1 and
+    /// X448, which that profile does not); `auto` leaves OpenSSL's default.
+    public var ecdhCurve = "X25519:prime256v1:secp384r1"
     public var sessionCache = SessionCache.none
     public var sessionTimeoutMs: Int64 = 300_000
     public var sessionTickets = true

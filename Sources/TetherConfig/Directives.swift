@@ -54,6 +54,8 @@ struct PartialSettings {
     var largeClientHeaderBuffers: (count: Int, size: Int)?
     var accessLog: [AccessLog]?
     var serverTokens: Bool?
+    var mergeSlashes: Bool?
+    var proxyAllowUpgrade: [String]?
     var proxyConnectTimeoutMs: Int64?
     var proxyReadTimeoutMs: Int64?
     var proxySendTimeoutMs: Int64?
@@ -87,6 +89,8 @@ struct PartialSettings {
         r.largeClientHeaderBuffers = largeClientHeaderBuffers ?? p.largeClientHeaderBuffers
         r.accessLog = accessLog ?? p.accessLog
         r.serverTokens = serverTokens ?? p.serverTokens
+        r.mergeSlashes = mergeSlashes ?? p.mergeSlashes
+        r.proxyAllowUpgrade = proxyAllowUpgrade ?? p.proxyAllowUpgrade
         r.proxyConnectTimeoutMs = proxyConnectTimeoutMs ?? p.proxyConnectTimeoutMs
         r.proxyReadTimeoutMs = proxyReadTimeoutMs ?? p.proxyReadTimeoutMs
         r.proxySendTimeoutMs = proxySendTimeoutMs ?? p.proxySendTimeoutMs
@@ -120,6 +124,8 @@ struct PartialSettings {
         s.largeClientHeaderBuffers = largeClientHeaderBuffers ?? s.largeClientHeaderBuffers
         s.accessLog = accessLog ?? s.accessLog
         s.serverTokens = serverTokens ?? s.serverTokens
+        s.mergeSlashes = mergeSlashes ?? s.mergeSlashes
+        s.proxyAllowUpgrade = proxyAllowUpgrade ?? s.proxyAllowUpgrade
         s.proxyConnectTimeoutMs = proxyConnectTimeoutMs ?? s.proxyConnectTimeoutMs
         s.proxyReadTimeoutMs = proxyReadTimeoutMs ?? s.proxyReadTimeoutMs
         s.proxySendTimeoutMs = proxySendTimeoutMs ?? s.proxySendTimeoutMs
@@ -390,6 +396,27 @@ let directiveTable: [DirectiveSpec] = {
             b.config.logFormats[name] = LogFormat(name: name, template: try Value.template(Argument(text: joined, quoted: true, location: d.location), d))
         },
         setting("server_tokens") { s, d throws(ConfigErrorReason) in s.serverTokens = try Value.flag(d.args[0], d) },
+        S("merge_slashes", [.http, .server], args: 1...1) { b, d throws(ConfigErrorReason) in b.settings.mergeSlashes = try Value.flag(d.args[0], d) },
+        setting("proxy_allow_upgrade", args: 1...many) { s, d throws(ConfigErrorReason) in
+            var list: [String] = []
+            for a in d.args {
+                let v = a.text.lowercased()
+                if v == "off" {
+                    guard d.args.count == 1 else { throw ConfigErrorReason("invalid value \"off\" in \"proxy_allow_upgrade\" directive, \"off\" cannot be combined with others") }
+                    break
+                }
+                guard !v.isEmpty, v.utf8.allSatisfy(HeaderName.isTokenByte) else {
+                    throw ConfigErrorReason("invalid protocol \"\(a.text)\" in \"proxy_allow_upgrade\" directive")
+                }
+                // HTTP/2 over cleartext through an upgrade would reach the backend past every
+                // location rule ("h2c smuggling"): never allowed.
+                guard v != "h2c" && !v.hasPrefix("h2c/") else {
+                    throw ConfigErrorReason("\"h2c\" cannot be allowed in \"proxy_allow_upgrade\" directive: an HTTP/2 upgrade would tunnel requests past the locations' rules")
+                }
+                list.append(v)
+            }
+            s.proxyAllowUpgrade = list
+        },
         time("proxy_connect_timeout", \.proxyConnectTimeoutMs),
         time("proxy_read_timeout", \.proxyReadTimeoutMs),
         time("proxy_send_timeout", \.proxySendTimeoutMs),

@@ -45,6 +45,7 @@ extension Configuration {
                 out += line + ";\n"
             }
             if !s.names.isEmpty { out += "        server_name \(s.names.map(\.description).joined(separator: " "));\n" }
+            out += "        merge_slashes \(s.settings.mergeSlashes ? "on" : "off");\n"
             out += Configuration.settingsText(s.settings, indent: "        ")
             if s.listens.contains(where: \.ssl) { out += Configuration.sslText(s.settings.ssl, indent: "        ") }
             if let r = s.returnAction { out += "        return \(Configuration.returnText(r));\n" }
@@ -97,6 +98,7 @@ extension Configuration {
             }
         }
         lines.append("server_tokens \(s.serverTokens ? "on" : "off")")
+        lines.append("proxy_allow_upgrade \(s.proxyAllowUpgrade.isEmpty ? "off" : s.proxyAllowUpgrade.joined(separator: " "))")
         lines.append("proxy_http_version \(s.proxyHTTPVersion)")
         lines.append("proxy_connect_timeout \(Units.formatTime(s.proxyConnectTimeoutMs))")
         lines.append("proxy_read_timeout \(Units.formatTime(s.proxyReadTimeoutMs))")

@@ -136,32 +136,13 @@ final class CompiledServer: Sendable {
         fallback = CompiledLocation(location: nil, settings: server.settings, action: server.returnAction.map { .respond($0) } ?? .none, serverIndex: index)
     }
 
-    /// nginx's location choice for the request's path (the target up to `?`, past any
-    /// `http://host` prefix): an exact match wins, otherwise the longest matching prefix.
+    /// nginx's location choice for the request's normalised path (see `NormalizedPath`): an
+    /// exact match wins, otherwise the longest matching prefix.
     func route(_ head: ParsedHead) -> CompiledLocation {
         if server.returnAction != nil { return fallback }
-        return head.bytes.withUnsafeReadableBytes { p -> CompiledLocation in
-            var start = head.targetStart
-            let end0 = head.targetEnd
-            if p[start] != UInt8(ascii: "/") {
-                // absolute-form: skip "scheme://authority"
-                var i = start
-                var slashes = 0
-                while i < end0 {
-                    if p[i] == UInt8(ascii: "/") { slashes += 1; if slashes == 3 { break } }
-                    i += 1
-                }
-                start = i
-            }
-            var end = start
-            while end < end0, p[end] != UInt8(ascii: "?") { end += 1 }
-            // "http://host" with no path means "/".
-            if start == end { return CompiledServer.slash.withUnsafeBytes { route(path: $0) } }
-            return route(path: UnsafeRawBufferPointer(rebasing: p[start..<end]))
-        }
+        if let m = head.path.match ?? head.path.uri { return m.withUnsafeBytes { route(path: $0) } }
+        return head.bytes.withUnsafeReadableBytes { p in route(path: UnsafeRawBufferPointer(rebasing: p[head.pathStart..<head.pathEnd])) }
     }
-
-    private static let slash: [UInt8] = [UInt8(ascii: "/")]
 
     private func route(path: UnsafeRawBufferPointer) -> CompiledLocation {
         var best: CompiledLocation?

@@ -35,7 +35,7 @@ public struct TLSServerSettings: Sendable {
     public var ciphers = mozillaIntermediateCiphers
     public var preferServerCiphers = false
     /// `auto`, or a colon-separated list of groups (`X25519:prime256v1`).
-    public var ecdhCurve = "auto"
+    public var ecdhCurve = "X25519:prime256v1:secp384r1"
     /// Server-side session cache size in sessions; 0 = none.
     public var sessionCacheSize = 0
     public var sessionTimeoutSeconds = 300

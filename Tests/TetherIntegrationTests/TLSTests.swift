@@ -173,6 +173,23 @@ import Glibc
         }
     }
 
+    /// The shipped default offers Mozilla intermediate's groups only: a client that can only do
+    /// secp521r1 or X448 is refused, X25519, P-256 and P-384 are served.
+    @Test func defaultKeyExchangeGroupsAreMozillaIntermediates() throws {
+        try withTLSProxy { proxy, _ in
+            for group in ["X25519", "prime256v1", "secp384r1"] {
+                let r = try sClient(["-connect", "127.0.0.1:\(proxy.port)", "-servername", "localhost", "-groups", group, "-brief"])
+                #expect(r.status == 0, "\(group): \(r.out)")
+            }
+            for group in ["secp521r1", "X448"] {
+                for version in ["-tls1_2", "-tls1_3"] {
+                    let r = try sClient(["-connect", "127.0.0.1:\(proxy.port)", "-servername", "localhost", "-groups", group, version, "-brief"])
+                    #expect(r.status != 0, "\(group) \(version) was accepted: \(r.out)")
+                }
+            }
+        }
+    }
+
     @Test func plainHTTPAndGarbageOnTheTLSPortAreClosedCleanly() throws {
         let logs = LogCapture()
         try withTLSProxy(logs: logs) { proxy, _ in

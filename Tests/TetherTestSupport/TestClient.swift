@@ -14,6 +14,8 @@ public final class TestClient: @unchecked Sendable {
     public let fd: Int32
     private var buffer: [UInt8] = []
     private var start = 0
+    /// The server ended the connection with a reset (RST) rather than a FIN.
+    public private(set) var sawReset = false
 
     public struct Response {
         public var version: String
@@ -92,7 +94,7 @@ public final class TestClient: @unchecked Sendable {
             if n == 0 { return false }
             if errno == EINTR { continue }
             if errno == EAGAIN || errno == EWOULDBLOCK { throw TestError("timed out reading") }
-            if errno == ECONNRESET { return false }
+            if errno == ECONNRESET { sawReset = true; return false }
             throw TestError("recv failed: errno \(errno)")
         }
     }
@@ -157,6 +159,16 @@ public final class TestClient: @unchecked Sendable {
             }
         }
         return r
+    }
+
+    /// Every byte not yet read, until the server closes the connection or `timeoutMs` passes
+    /// without a byte; unparsed.
+    public func readRawToClose(timeoutMs: Int = 5_000) -> [UInt8] {
+        setTimeout(ms: timeoutMs)
+        defer { setTimeout(ms: 10_000) }
+        while (try? fill()) == true {}
+        defer { start = buffer.count }
+        return Array(buffer[start...])
     }
 
     /// Waits until the server closes the connection; true if it did within the timeout.

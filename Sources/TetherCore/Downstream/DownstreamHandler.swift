@@ -112,7 +112,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     private func adoptDefaults() {
         let s = servers[hosts.defaultIndex].server
         let (count, size) = s.settings.largeClientHeaderBuffers
-        headLimits = HeadParser.Limits(lineLimit: size, headLimit: count * size)
+        headLimits = HeadParser.Limits(lineLimit: size, headLimit: count * size, mergeSlashes: s.settings.mergeSlashes)
         readAheadLimit = max(count * size, 65536)
         headerTimeoutMs = s.settings.clientHeaderTimeoutMs
     }
@@ -440,7 +440,6 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         writeUpstreamHead(e, into: &head)
         conn.write(head)
         if ex!.head.expectContinue && !ex!.requestBodyDone && (inbound?.readableBytes ?? 0) == 0 && ex!.head.minorVersion == 1 {
-            ex!.sentContinue = true
             writeClient(ByteBuffer(staticString: "HTTP/1.1 100 Continue\r\n\r\n"))
             flushIfNeeded()
         }
@@ -466,22 +465,28 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             if let sink { sink.write(slice); e.bodyStarted = true }
             if e.requestRemaining == 0 { e.requestBodyDone = true }
         case .chunked:
+            // Re-framed on the way (never passed on as received); checked for size before any
+            // of it is written.
             let consumed: Int
             do {
-                consumed = try buf.withUnsafeReadableBytes { p in try e.requestChunks.consume(p) { _, _ in } }
+                if let sink {
+                    consumed = try reframeChunked(buf, &e.requestChunks, dechunk: false, limit: limit) { sink.write($0) }
+                    e.bodyStarted = true
+                } else {
+                    consumed = try buf.withUnsafeReadableBytes { p in try e.requestChunks.consume(p, data: { _, _ in }) }
+                }
+                if limit > 0 && e.requestChunks.announcedBytes > limit {
+                    inbound = buf
+                    failRequest(status: 413, why: "client intended to send too large chunked body")
+                    return
+                }
             } catch {
                 inbound = buf
                 failRequest(status: 400, why: "invalid chunked body: \((error as? ChunkedDecoder.Failure)?.reason ?? "\(error)")")
                 return
             }
             e.requestBodyBytes = e.requestChunks.dataBytes
-            if limit > 0 && e.requestBodyBytes > limit {
-                inbound = buf
-                failRequest(status: 413, why: "client intended to send too large chunked body")
-                return
-            }
-            let slice = buf.readSlice(length: consumed)!
-            if let sink { sink.write(slice); e.bodyStarted = true }
+            buf.moveReaderIndex(forwardBy: consumed)
             if e.requestChunks.isDone { e.requestBodyDone = true }
         case .none, .untilClose:
             e.requestBodyDone = true
@@ -698,7 +703,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         var keepAlive = clientKeepAliveAllowed(e) && e.requestBodyDone
         switch e.responseFraming {
         case .chunked:
-            e.relay = e.head.minorVersion == 1 ? .verbatim : .dechunk
+            e.relay = e.head.minorVersion == 1 ? .rechunk : .dechunk
             if e.relay == .dechunk { keepAlive = false }
         case .untilClose:
             e.relay = e.head.minorVersion == 1 ? .chunkify : .verbatim
@@ -747,20 +752,11 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             if e.responseRemaining == 0 { finished = true }
         case .chunked:
             let consumed: Int
-            var dataRuns: [(Int, Int)] = []
-            let dechunk = e.relay == .dechunk
             do {
-                consumed = try buf.withUnsafeReadableBytes { p in
-                    try e.responseChunks.consume(p) { a, b in if dechunk { dataRuns.append((a, b)) } }
-                }
+                consumed = try reframeChunked(buf, &e.responseChunks, dechunk: e.relay == .dechunk) { writeClient($0) }
             } catch {
-                upstreamFailed(.error, detail: "upstream \(e.upstreamAddrText) sent invalid chunked response: \((error as? ChunkedDecoder.Failure)?.reason ?? "\(error)")")
+                upstreamFailed(.error, detail: "upstream \(e.upstreamAddrText) sent invalid chunked response: \(error.reason)")
                 return
-            }
-            if dechunk {
-                for (a, b) in dataRuns where b > a { writeClient(buf.getSlice(at: buf.readerIndex + a, length: b - a)!) }
-            } else {
-                writeClient(buf.getSlice(at: buf.readerIndex, length: consumed)!)
             }
             e.bodyBytesSent = Int(e.responseChunks.dataBytes)
             buf.moveReaderIndex(forwardBy: consumed)
@@ -785,6 +781,47 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         if finished && buf.readableBytes > 0 { e.upstreamReusable = false }
         if !context.channel.isWritable { e.upstream?.pauseReading() }
         if finished { responseFinished() }
+    }
+
+    /// Writes the chunked body bytes at the start of `buf` out again: in canonical framing
+    /// (lowercase hex sizes, no extensions, only the trailers the decoder kept), or only their
+    /// data for an HTTP/1.0 client. Data is passed on as slices, never copied. Returns how many
+    /// bytes of `buf` belong to the body.
+    /// With a `limit`, nothing is written from the chunk that would take the body's data past it on.
+    private func reframeChunked(_ buf: ByteBuffer, _ decoder: inout ChunkedDecoder, dechunk: Bool, limit: Int64 = 0,
+                                write: (ByteBuffer) -> Void) throws(ChunkedDecoder.Failure) -> Int {
+        let base = buf.readerIndex
+        let allocator = loop.allocator
+        var announced = decoder.announcedBytes
+        var over = limit > 0 && announced > limit
+        let consumed = try buf.withUnsafeReadableBytes { p throws(ChunkedDecoder.Failure) in
+            try decoder.consume(p, events: { event in
+                if over { return }
+                switch event {
+                case .chunk(let n):
+                    announced += n
+                    if limit > 0 && announced > limit { over = true; return }
+                    guard !dechunk else { return }
+                    var line = allocator.buffer(capacity: 18)
+                    ChunkedDecoder.writeSize(n, into: &line)
+                    write(line)
+                case .data(let a, let b):
+                    if b > a { write(buf.getSlice(at: base + a, length: b - a)!) }
+                case .chunkEnd:
+                    if !dechunk { write(ByteBuffer(staticString: "\r\n")) }
+                case .end:
+                    break
+                }
+            })
+        }
+        if decoder.isDone && !dechunk && !over {
+            var last = allocator.buffer(capacity: 5 + decoder.trailers.count)
+            last.writeStaticString("0\r\n")
+            last.writeBytes(decoder.trailers)
+            last.writeStaticString("\r\n")
+            write(last)
+        }
+        return consumed
     }
 
     /// The whole response was read from the upstream.
@@ -1172,24 +1209,30 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         out.writeBytes(UnsafeRawBufferPointer(rebasing: p[0..<h.methodEnd]))
         out.writeStaticString(" ")
         // The origin-form (path and query): an absolute-form target loses its scheme://authority.
-        var start = h.targetStart
-        if p[start] != UInt8(ascii: "/") && p[start] != UInt8(ascii: "*") {
-            var slashes = 0
-            while start < h.targetEnd {
-                if p[start] == UInt8(ascii: "/") { slashes += 1; if slashes == 3 { break } }
-                start += 1
-            }
-        }
-        let target = UnsafeRawBufferPointer(rebasing: p[start..<h.targetEnd])
-        if target.isEmpty { out.writeStaticString("/") }
+        let start = h.pathStart
+        let query = UnsafeRawBufferPointer(rebasing: p[h.pathEnd..<h.targetEnd])
         if let uri = route.proxyURI, let loc = route.location {
-            // proxy_pass with a URI: the matched location prefix is replaced by it.
+            // proxy_pass with a URI: the normalised path's location prefix is replaced by it (as
+            // nginx), the rest re-escaped, the query as it came.
             out.writeString(uri)
-            let drop = min(loc.path.utf8.count, target.count)
-            out.writeBytes(UnsafeRawBufferPointer(rebasing: target[drop...]))
+            var rest: [UInt8] = []
+            let prefix = loc.path.utf8.count
+            func tail(_ path: UnsafeRawBufferPointer) {
+                NormalizedPath.escape(UnsafeRawBufferPointer(rebasing: path[min(prefix, path.count)...]), into: &rest)
+            }
+            if let uri = h.path.uri {
+                // Parameters may be why the location matched (`/a;x/b` for `location /a/`): then
+                // the path it was matched by is the one the prefix comes off.
+                if let m = h.path.match, !uri.starts(with: loc.path.utf8) { m.withUnsafeBytes(tail) } else { uri.withUnsafeBytes(tail) }
+            } else {
+                tail(UnsafeRawBufferPointer(rebasing: p[start..<h.pathEnd]))
+            }
+            out.writeBytes(rest)
         } else {
-            out.writeBytes(target)
+            if start == h.pathEnd && h.targetForm == .absolute { out.writeStaticString("/") }
+            out.writeBytes(UnsafeRawBufferPointer(rebasing: p[start..<h.pathEnd]))
         }
+        out.writeBytes(query)
         out.writeStaticString(route.proxyHTTP10 ? " HTTP/1.0\r\n" : " HTTP/1.1\r\n")
     }
 
@@ -1241,7 +1284,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         if upgrading {
             out.writeStaticString("Connection: upgrade\r\n")
         } else {
-            if (e.responseFraming == .chunked && e.relay == .verbatim) || e.relay == .chunkify {
+            if e.relay == .rechunk || e.relay == .chunkify {
                 out.writeStaticString("Transfer-Encoding: chunked\r\n")
             }
             if e.closeAfter {
@@ -1256,20 +1299,20 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
 
     // MARK: Variables
 
+    /// The host the request is for, lowercase and without port: an absolute-form target's
+    /// authority, else the Host field's (both validated by the parser).
     private func hostValue(_ head: ParsedHead) -> String? {
-        guard let i = head.hostIndex else { return nil }
-        let v = head.value(head.headers[i]).lowercased()
-        if v.hasPrefix("[") { return v.firstIndex(of: "]").map { String(v[...$0]) } ?? v }
-        return v.firstIndex(of: ":").map { String(v[..<$0]) } ?? v
+        guard head.hostStart >= 0 else { return nil }
+        return head.string(head.hostStart, head.hostEnd).lowercased()
     }
 
-    private func pathOf(_ head: ParsedHead) -> Substring {
-        var t = Substring(head.target)
-        if t.hasPrefix("http://") || t.hasPrefix("https://") || t.hasPrefix("HTTP://") {
-            t = t.dropFirst(t.hasPrefix("https") ? 8 : 7)
-            t = t.firstIndex(of: "/").map { t[$0...] } ?? "/"
+    /// `$uri`: the normalised path.
+    private func writeURI(_ head: ParsedHead, into out: inout ByteBuffer) {
+        if let uri = head.path.uri {
+            out.writeBytes(uri)
+        } else {
+            out.writeBytes(head.bytes.readableBytesView[head.bytes.readerIndex + head.pathStart ..< head.bytes.readerIndex + head.pathEnd])
         }
-        return t.firstIndex(of: "?").map { t[..<$0] } ?? t
     }
 
     func writeTemplate(_ t: Template, into out: inout ByteBuffer) {
@@ -1296,7 +1339,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         case .sslServerName: if let n = tlsInfo?.info.serverName { out.writeString(n) }
         case .sslSessionReused: if let t = tlsInfo { out.writeStaticString(t.info.resumed ? "r" : ".") }
         case .requestURI: out.writeString(h.target)
-        case .uri: out.writeSubstring(pathOf(h))
+        case .uri: writeURI(h, into: &out)
         case .args:
             let t = h.target
             if let q = t.firstIndex(of: "?") { out.writeSubstring(t[t.index(after: q)...]) }

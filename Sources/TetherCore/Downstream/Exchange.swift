@@ -17,8 +17,10 @@ final class Exchange {
 
     /// How response body bytes are written to the client.
     enum Relay {
-        /// As they come (Content-Length, or chunked to an HTTP/1.1 client).
+        /// As they come (Content-Length).
         case verbatim
+        /// Chunked from the upstream, chunked again (canonically) to an HTTP/1.1 client.
+        case rechunk
         /// Chunked from the upstream, plain to an HTTP/1.0 client that reads until close.
         case dechunk
         /// Close-delimited from the upstream, chunked to an HTTP/1.1 client so it can stay alive.
@@ -38,7 +40,6 @@ final class Exchange {
     var requestBodyDone = false
     var requestBodyBytes: Int64 = 0
     var bodyStarted = false
-    var sentContinue = false
     /// Local responses (return, errors) read and drop the body.
     var discardBody = false
 

@@ -1,12 +1,23 @@
 import NIOCore
 
-/// Follows a chunked body byte by byte to find where it ends, and where its data is.
-/// Used both to forward chunked bodies verbatim (the proxy only needs the end) and to
-/// de-chunk them for HTTP/1.0 clients.
+/// Follows a chunked body (RFC 9112 §7.1) byte by byte, strictly: where its chunks start and end,
+/// where their data is, and its trailer fields. Bodies are never passed on as received: the
+/// consumer writes them out again in canonical form (`ChunkedDecoder.writeSize`), so that nothing
+/// this parser tolerates reaches the other side in a form the other side might read differently.
+///
+/// - chunk-size is hex digits with any number of leading zeros, limited by value (2^60), not digits;
+/// - `chunk-size [ BWS ";" chunk-ext ]`: white space only before a `;`; extensions are tokens,
+///   `=` and quoted strings, and are dropped;
+/// - trailer fields are `token ":" field-value` lines (no obs-fold), kept for the consumer
+///   except those that must not appear in trailers (framing, routing, hop-by-hop).
 struct ChunkedDecoder {
     enum State: Equatable {
         case size(digits: Int)
+        /// White space after the size: only a `;` may follow.
+        case sizeBWS
         case extensions
+        case extensionQuoted
+        case extensionQuotedEscape
         case sizeLF
         case data(remaining: Int64)
         case dataCR
@@ -18,18 +29,47 @@ struct ChunkedDecoder {
         case done
     }
 
+    /// What the body holds, in order.
+    enum Event: Equatable {
+        /// A chunk of this many data bytes starts.
+        case chunk(Int64)
+        /// Data bytes at these offsets of the buffer being consumed.
+        case data(Int, Int)
+        /// The current chunk's data ended.
+        case chunkEnd
+        /// The last chunk and the trailer section were read: the body is complete.
+        case end
+    }
+
     struct Failure: Error, Equatable { var reason: String }
 
     private(set) var state = State.size(digits: 0)
     private var size: Int64 = 0
-    /// Data bytes seen so far.
+    /// Bytes of the current size line (for its bound).
+    private var lineLength = 0
+    /// Data bytes seen so far, and announced by the chunk sizes read so far.
     private(set) var dataBytes: Int64 = 0
+    private(set) var announcedBytes: Int64 = 0
+    /// The trailer line being read, and the kept trailer lines (CRLF-terminated) once read.
+    private var trailerLine: [UInt8] = []
+    private(set) var trailers: [UInt8] = []
+    private var trailerBytes = 0
+
+    /// The longest size line (size and extensions), and all trailer lines together.
+    static let sizeLineLimit = 4096
+    static let trailerLimit = 16 * 1024
 
     var isDone: Bool { state == .done }
 
     /// Consumes bytes from the start of `p`, calling `data` with the offsets of each data run.
     /// Returns how many bytes belong to the body (all of `p`, unless the body ended inside it).
     mutating func consume(_ p: UnsafeRawBufferPointer, data: (Int, Int) -> Void) throws(Failure) -> Int {
+        try consume(p, events: { if case .data(let a, let b) = $0 { data(a, b) } })
+    }
+
+    /// Consumes bytes from the start of `p`, reporting what they hold. Returns how many bytes
+    /// belong to the body (all of `p`, unless the body ended inside it).
+    mutating func consume(_ p: UnsafeRawBufferPointer, events: (Event) -> Void) throws(Failure) -> Int {
         var i = 0
         let n = p.count
         while i < n {
@@ -37,35 +77,67 @@ struct ChunkedDecoder {
             case .size(let digits):
                 let c = p[i]
                 if let v = ChunkedDecoder.hex(c) {
-                    guard digits < 15 else { throw Failure(reason: "chunk size too large") }
+                    guard size < 1 << 56 else { throw Failure(reason: "chunk size too large") }
                     size = size << 4 | Int64(v)
                     state = .size(digits: digits + 1)
-                } else if digits > 0 && (c == UInt8(ascii: ";") || c == 0x20 || c == 0x09) {
+                } else if digits > 0 && c == UInt8(ascii: ";") {
                     state = .extensions
+                } else if digits > 0 && (c == 0x20 || c == 0x09) {
+                    state = .sizeBWS
                 } else if digits > 0 && c == 0x0D {
                     state = .sizeLF
                 } else {
                     throw Failure(reason: "invalid chunk size")
                 }
+                try countLine()
+                i += 1
+            case .sizeBWS:
+                let c = p[i]
+                if c == UInt8(ascii: ";") { state = .extensions } else if c != 0x20 && c != 0x09 {
+                    throw Failure(reason: "invalid chunk size")
+                }
+                try countLine()
                 i += 1
             case .extensions:
+                // chunk-ext: *( BWS ";" BWS name [ BWS "=" BWS ( token / quoted-string ) ] ),
+                // checked by its characters: tokens, ";", "=", white space, quoted strings.
                 let c = p[i]
-                if c == 0x0D { state = .sizeLF } else if c == 0x0A || (c < 0x20 && c != 0x09) {
+                if c == 0x0D {
+                    state = .sizeLF
+                } else if c == UInt8(ascii: "\"") {
+                    state = .extensionQuoted
+                } else if !(ASCII.isToken(c) || c == UInt8(ascii: ";") || c == UInt8(ascii: "=") || c == 0x20 || c == 0x09) {
                     throw Failure(reason: "invalid chunk extension")
                 }
+                try countLine()
+                i += 1
+            case .extensionQuoted:
+                let c = p[i]
+                if c == UInt8(ascii: "\"") { state = .extensions } else if c == UInt8(ascii: "\\") { state = .extensionQuotedEscape } else if !ASCII.isFieldByte(c) {
+                    throw Failure(reason: "invalid chunk extension")
+                }
+                try countLine()
+                i += 1
+            case .extensionQuotedEscape:
+                guard ASCII.isFieldByte(p[i]) else { throw Failure(reason: "invalid chunk extension") }
+                state = .extensionQuoted
+                try countLine()
                 i += 1
             case .sizeLF:
                 guard p[i] == 0x0A else { throw Failure(reason: "bare CR in chunk size line") }
                 i += 1
+                lineLength = 0
                 if size == 0 {
                     state = .trailerStart
                 } else {
+                    announcedBytes += size
+                    events(.chunk(size))
                     state = .data(remaining: size)
                 }
                 size = 0
             case .data(let remaining):
                 let take = Int(min(remaining, Int64(n - i)))
-                data(i, i + take)
+                events(.data(i, i + take))
                 dataBytes += Int64(take)
                 i += take
                 state = remaining == Int64(take) ? .dataCR : .data(remaining: remaining - Int64(take))
@@ -74,20 +146,41 @@ struct ChunkedDecoder {
                 state = .dataLF; i += 1
             case .dataLF:
                 guard p[i] == 0x0A else { throw Failure(reason: "chunk data not followed by CRLF") }
+                events(.chunkEnd)
                 state = .size(digits: 0); i += 1
             case .trailerStart:
-                if p[i] == 0x0D { state = .finalLF } else if p[i] == 0x0A { throw Failure(reason: "bare LF in trailer") } else { state = .trailerLine }
+                let c = p[i]
+                if c == 0x0D {
+                    state = .finalLF
+                } else if c == 0x20 || c == 0x09 {
+                    throw Failure(reason: "obsolete line folding in trailer")
+                } else if c == 0x0A {
+                    throw Failure(reason: "bare LF in trailer")
+                } else {
+                    trailerLine.removeAll(keepingCapacity: true)
+                    trailerLine.append(c)
+                    state = .trailerLine
+                }
+                try countTrailer()
                 i += 1
             case .trailerLine:
                 let c = p[i]
-                if c == 0x0D { state = .trailerLF } else if c == 0x0A || c == 0 { throw Failure(reason: "invalid trailer") }
+                if c == 0x0D {
+                    state = .trailerLF
+                } else {
+                    guard c == 0x09 || (c >= 0x20 && c != 0x7F) else { throw Failure(reason: "invalid byte in trailer") }
+                    trailerLine.append(c)
+                }
+                try countTrailer()
                 i += 1
             case .trailerLF:
                 guard p[i] == 0x0A else { throw Failure(reason: "bare CR in trailer") }
+                try keepTrailerLine()
                 state = .trailerStart; i += 1
             case .finalLF:
                 guard p[i] == 0x0A else { throw Failure(reason: "bare CR after last chunk") }
                 state = .done; i += 1
+                events(.end)
                 return i
             case .done:
                 return i
@@ -96,6 +189,40 @@ struct ChunkedDecoder {
         return i
     }
 
+    private mutating func countLine() throws(Failure) {
+        lineLength += 1
+        if lineLength > Self.sizeLineLimit { throw Failure(reason: "chunk size line too long") }
+    }
+
+    private mutating func countTrailer() throws(Failure) {
+        trailerBytes += 1
+        if trailerBytes > Self.trailerLimit { throw Failure(reason: "trailer section too large") }
+    }
+
+    /// A trailer line must be a field line; those that must not stand in a trailer are dropped.
+    private mutating func keepTrailerLine() throws(Failure) {
+        let ok = trailerLine.withUnsafeBytes { p -> Bool in
+            var j = 0
+            while j < p.count, ASCII.isToken(p[j]) { j += 1 }
+            guard j > 0, j < p.count, p[j] == UInt8(ascii: ":") else { return false }
+            return true
+        }
+        guard ok else { throw Failure(reason: "invalid trailer field") }
+        let name = String(decoding: trailerLine.prefix { $0 != UInt8(ascii: ":") }, as: UTF8.self).lowercased()
+        if !ChunkedDecoder.notInTrailers.contains(name) {
+            trailers.append(contentsOf: trailerLine)
+            trailers.append(0x0D)
+            trailers.append(0x0A)
+        }
+    }
+
+    /// Fields that frame, route or control the connection: meaningless or dangerous in a trailer
+    /// (RFC 9110 §6.5.1), never passed on.
+    static let notInTrailers: Set<String> = [
+        "content-length", "transfer-encoding", "host", "connection", "keep-alive", "proxy-connection", "te", "trailer",
+        "upgrade", "content-type", "content-encoding", "content-range", "expect", "authorization", "cookie", "set-cookie",
+    ]
+
     @inline(__always) static func hex(_ c: UInt8) -> UInt8? {
         switch c {
         case 0x30...0x39: return c - 0x30
@@ -103,6 +230,17 @@ struct ChunkedDecoder {
         case 0x41...0x46: return c - 0x41 + 10
         default: return nil
         }
+    }
+
+    /// A canonical chunk-size line: lowercase hex without leading zeros, no extension, CRLF.
+    static func writeSize(_ n: Int64, into out: inout ByteBuffer) {
+        var digits = 1
+        while digits < 16, n >> (4 * Int64(digits)) != 0 { digits += 1 }
+        for k in stride(from: digits - 1, through: 0, by: -1) {
+            let v = UInt8(truncatingIfNeeded: n >> (4 * Int64(k))) & 15
+            out.writeInteger(v < 10 ? v + 0x30 : v - 10 + 0x61)
+        }
+        out.writeStaticString("\r\n")
     }
 }
 

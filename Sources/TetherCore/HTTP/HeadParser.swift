@@ -65,6 +65,16 @@ struct ParsedHead {
     var connectionUpgrade = false
     var expectContinue = false
     var hostIndex: Int?
+    /// The request target's form and parts (offsets from the head's start).
+    var targetForm = RequestTarget.Form.origin
+    var pathStart = 0
+    var pathEnd = 0
+    /// The host the request is for (without port): an absolute-form target's, else the Host
+    /// field's; both validated. -1 when there is none (HTTP/1.0 without Host).
+    var hostStart = -1
+    var hostEnd = -1
+    /// The normalised path (`$uri`, and what locations match).
+    var path = NormalizedPath()
     var upgradeIndex: Int?
     var keepAliveTimeout: Int?
     var keepAliveMax: Int?
@@ -166,6 +176,9 @@ enum HeadParser {
         var lineLimit: Int
         /// The longest head in all.
         var headLimit: Int
+
+        /// `merge_slashes`: runs of slashes count as one when locations are matched.
+        var mergeSlashes = true
 
         static let response = Limits(lineLimit: 16 * 1024, headLimit: 64 * 1024)
     }
@@ -275,9 +288,11 @@ enum HeadParser {
             }
             // Offsets so far are relative to `skip`; the first line's too.
             head.methodEnd -= skip; head.targetStart -= skip; head.targetEnd -= skip
+            head.pathStart -= skip; head.pathEnd -= skip
+            if head.hostStart >= 0 { head.hostStart -= skip; head.hostEnd -= skip }
             head.bytes = buffer.getSlice(at: buffer.readerIndex + skip, length: i - skip)!
             swap(&head.headers, &headers)
-            if let e = interpret(&head, p: UnsafeRawBufferPointer(rebasing: p[skip...]), kind: kind) {
+            if let e = interpret(&head, p: UnsafeRawBufferPointer(rebasing: p[skip...]), kind: kind, mergeSlashes: limits.mergeSlashes) {
                 swap(&head.headers, &headers)
                 return .error(e)
             }
@@ -347,8 +362,14 @@ enum HeadParser {
         head.methodEnd = j
         j += 1
         let targetStart = j
-        while j < to, p[j] > 0x20, p[j] != 0x7F { j += 1 }
-        guard j > targetStart, j < to, p[j] == 0x20 else { return HeadError(status: 400, reason: "invalid request target") }
+        // Visible ASCII only (raw bytes above 0x7F are not a URI's), and no fragment, which a
+        // client never sends (RFC 9112 §3.2).
+        var fragment = false
+        while j < to, p[j] > 0x20, p[j] < 0x7F { fragment = fragment || p[j] == UInt8(ascii: "#"); j += 1 }
+        guard j > targetStart, j < to, p[j] == 0x20 else {
+            return HeadError(status: 400, reason: j < to && p[j] >= 0x7F ? "invalid byte in request target" : "invalid request target")
+        }
+        guard !fragment else { return HeadError(status: 400, reason: "fragment in request target") }
         head.targetStart = targetStart
         head.targetEnd = j
         j += 1
@@ -362,10 +383,17 @@ enum HeadParser {
             return HeadError(status: 505, reason: "unsupported HTTP version")
         }
         head.minorVersion = Int(p[j + 7] - 0x30)
-        let t = p[targetStart]
-        let isConnect = head.methodEnd - from == 7 && p[from] == UInt8(ascii: "C") && p[from + 1] == UInt8(ascii: "O")
-        guard t == UInt8(ascii: "/") || t == UInt8(ascii: "*") || isConnect || (j - targetStart > 7 && ASCII.lower(t) == UInt8(ascii: "h")) else {
-            return HeadError(status: 400, reason: "invalid request target")
+        let isConnect = equals(p, from, head.methodEnd, "CONNECT")
+        let isOptions = equals(p, from, head.methodEnd, "OPTIONS")
+        switch RequestTarget.parse(p, targetStart, head.targetEnd, isOptions: isOptions, isConnect: isConnect) {
+        case .failure(let e):
+            return HeadError(status: 400, reason: e.reason)
+        case .success(let parts):
+            head.targetForm = parts.form
+            head.pathStart = parts.pathStart
+            head.pathEnd = parts.pathEnd
+            head.hostStart = parts.hostStart
+            head.hostEnd = parts.hostEnd
         }
         return nil
     }
@@ -412,7 +440,7 @@ enum HeadParser {
     }
 
     /// Reads framing and connection semantics from the headers, refusing what is ambiguous.
-    private static func interpret(_ head: inout ParsedHead, p: UnsafeRawBufferPointer, kind: Kind) -> HeadError? {
+    private static func interpret(_ head: inout ParsedHead, p: UnsafeRawBufferPointer, kind: Kind, mergeSlashes: Bool = true) -> HeadError? {
         let bad = kind == .request ? 400 : 502
         var sawTE = false
         for idx in head.headers.indices {
@@ -497,8 +525,30 @@ enum HeadParser {
             if head.minorVersion == 1 && head.hostIndex == nil {
                 return HeadError(status: 400, reason: "missing Host header")
             }
+            if let hi = head.hostIndex {
+                // Validated even when an absolute-form target names the authority: a client
+                // whose Host field is not one is not to be guessed at.
+                let h = head.headers[hi]
+                guard let host = RequestTarget.authorityHost(p, Int(h.valueStart), Int(h.valueEnd)) else {
+                    return HeadError(status: 400, reason: "invalid Host header")
+                }
+                if head.hostStart < 0 { (head.hostStart, head.hostEnd) = host }
+            }
+            switch NormalizedPath.make(p, head.pathStart, head.pathEnd, mergeSlashes: mergeSlashes) {
+            case .success(let path): head.path = path
+            case .failure(let e): return HeadError(status: 400, reason: e.reason)
+            }
         }
         return nil
+    }
+
+    @inline(__always)
+    static func equals(_ p: UnsafeRawBufferPointer, _ s: Int, _ e: Int, _ lit: StaticString) -> Bool {
+        guard e - s == lit.utf8CodeUnitCount else { return false }
+        return lit.withUTF8Buffer { b in
+            for k in 0..<b.count where p[s + k] != b[k] { return false }
+            return true
+        }
     }
 
     @inline(__always)

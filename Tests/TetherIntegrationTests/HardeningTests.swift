@@ -1,0 +1,239 @@
+import Foundation
+import NIOConcurrencyHelpers
+import NIOCore
+import Testing
+import TetherTestSupport
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Requests an attacker would send to get past a location's rules: each must meet the rule.
+@Suite struct PathNormalisationTests {
+    static let adminSpellings = [
+        "/admin/", "/x/../admin/", "/x/./../admin/", "/./admin/", "//admin/", "/%61dmin/", "/admin%2F", "/x/%2e%2e/admin/",
+        "/x/..%2fadmin/", "/x/%2E%2E/admin/",
+        "/x/%2e./admin/", "/x/.%2e/admin/", "/admin/.", "/admin/x/..", "/admin;p=1/", "/x/..;/admin/", "/%61dmin%2f",
+        "/admin/secret", "/x/y/%2e%2e/%2E%2E/admin/secret?q=1", "http://localhost/x/../admin/",
+    ]
+
+    /// `location /admin/ { return 403; }` holds for every spelling; none reaches the backend.
+    @Test(arguments: adminSpellings)
+    func locationRulesHoldForEverySpelling(_ target: String) throws {
+        try withProxy(server: "location /admin/ { return 403; }") { proxy, backend in
+            let c = try proxy.client()
+            try c.send("GET \(target) HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            #expect(try c.readResponse().status == 403, "\(target)")
+            #expect(backend.requestCount == 0, "\(target) reached the backend as \(backend.requests.map(\.target))")
+        }
+    }
+
+    /// `deny` in a location applies to every spelling of its path.
+    @Test func denyHoldsForEverySpelling() throws {
+        try withProxy(server: "location /admin/ { deny 127.0.0.1; proxy_pass http://backend; }") { proxy, backend in
+            for target in PathNormalisationTests.adminSpellings {
+                let c = try proxy.client()
+                try c.send("GET \(target) HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                #expect(try c.readResponse().status == 403, "\(target)")
+            }
+            #expect(backend.requestCount == 0, "reached the backend: \(backend.requests.map(\.target))")
+        }
+    }
+
+    @Test(arguments: ["/../admin/", "/x/../../admin/", "/%2e%2e/admin/", "/x/..%2f..%2fadmin/", "/a%00b", "/a%zz", "/a%4"])
+    func pathsThatClimbAboveTheRootOrDecodeBadlyAre400(_ target: String) throws {
+        try withProxy { proxy, backend in
+            let c = try proxy.client()
+            try c.send("GET \(target) HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            #expect(try c.readResponse().status == 400, "\(target)")
+            #expect(c.waitForClose(timeoutMs: 2_000))
+            #expect(backend.requestCount == 0)
+        }
+    }
+
+    /// Without a URI part, `proxy_pass` sends the target as the client wrote it (as nginx).
+    @Test func theTargetGoesAsItCameWithoutAURIPart() throws {
+        try withProxy { proxy, backend in
+            let c = try proxy.client()
+            for target in ["/x/./y%41?a=%2e", "/a//b", "/p;q/r"] {
+                try c.send("GET \(target) HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                #expect(try c.readResponse().status == 200)
+            }
+            #expect(backend.requests.map(\.target) == ["/x/./y%41?a=%2e", "/a//b", "/p;q/r"])
+        }
+    }
+
+    /// With a URI part, the normalised path's prefix is replaced (re-escaped, as nginx does) and
+    /// the query goes as it came.
+    @Test func aURIPartReplacesThePrefixOfTheNormalisedPath() throws {
+        try withProxy(server: "location /api/ { proxy_pass http://backend/v2/; }") { proxy, backend in
+            let c = try proxy.client()
+            let cases = [
+                ("/api/users", "/v2/users"), ("/api/x/../users?id=%20", "/v2/users?id=%20"), ("/x/../api/%75sers", "/v2/users"),
+                ("//api//a%20b", "/v2/a%20b"), ("/api/%3F%23", "/v2/%3F%23"), ("/api;v=1/z", "/v2/z"),
+            ]
+            for (sent, _) in cases {
+                try c.send("GET \(sent) HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                #expect(try c.readResponse().status == 200, "\(sent)")
+            }
+            #expect(backend.requests.map(\.target) == cases.map(\.1))
+        }
+    }
+
+    @Test func uriIsTheNormalisedPath() throws {
+        try withProxy(server: "location /u/ { return 200 \"$uri|$request_uri\"; }") { proxy, _ in
+            let c = try proxy.client()
+            try c.send("GET /x/../u/%61b?q HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            #expect(try c.readResponse().bodyText == "/u/ab|/x/../u/%61b?q")
+        }
+    }
+}
+
+/// RFC 9112 §3.2 and RFC 9110 §7.2: the authority a request names.
+@Suite struct HostTests {
+    @Test(arguments: [
+        "Host: \r\n", "Host:    \r\n", "Host: \t\r\n", "Host: local host\r\n", "Host: localhost/x\r\n", "Host: user@localhost\r\n",
+        "Host: localhost:abc\r\n", "Host: localhost:65536\r\n", "Host: a\r\nHost: a\r\n", "",
+    ])
+    func invalidOrMissingHostIs400AndClosed(_ hostLines: String) throws {
+        try withProxy(location: "proxy_set_header Host $host;") { proxy, backend in
+            let c = try proxy.client()
+            try c.send("GET / HTTP/1.1\r\n\(hostLines)\r\n")
+            #expect(try c.readResponse().status == 400, "\(hostLines.debugDescription)")
+            #expect(c.waitForClose(timeoutMs: 2_000))
+            #expect(backend.requestCount == 0, "\(hostLines.debugDescription) was forwarded")
+        }
+    }
+
+    /// The absolute-form target's authority is the request's host: for routing, `$host` and the
+    /// Host sent upstream; the connection still goes to the configured upstream only.
+    @Test func absoluteFormAuthorityWinsOverTheHostField() throws {
+        try withProxy(server: "location /abs { proxy_pass http://backend; proxy_set_header Host $host; }") { proxy, backend in
+            let c = try proxy.client()
+            try c.send("GET http://Other.Example:9/abs?x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            #expect(try c.readResponse().status == 200)
+            let r = try #require(backend.requests.first)
+            #expect(r.target == "/abs?x")
+            #expect(r.header("host") == "other.example")
+        }
+    }
+
+    @Test func absoluteFormRoutesByItsAuthority() throws {
+        let backend = try TestBackend()
+        defer { backend.stop() }
+        let proxy = try RunningProxy(config: """
+            http {
+                upstream backend { server 127.0.0.1:\(backend.port); }
+                server { listen 127.0.0.1:0; server_name localhost; location / { return 200 "default"; } }
+                server { listen 127.0.0.1:0; server_name other.example; location / { return 200 "other"; } }
+            }
+            """)
+        defer { proxy.stop() }
+        let c = try proxy.client()
+        try c.send("GET http://other.example/ HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        #expect(try c.readResponse().bodyText == "other")
+        try c.send("GET / HTTP/1.1\r\nHost: other.example\r\n\r\n")
+        #expect(try c.readResponse().bodyText == "other")
+        try c.send("GET http://localhost/ HTTP/1.1\r\nHost: other.example\r\n\r\n")
+        #expect(try c.readResponse().bodyText == "default")
+    }
+
+    @Test(arguments: [
+        "GET http://other.example/abs HTTP/1.1\r\nHost:   \r\n\r\n", "GET http://other.example/abs HTTP/1.1\r\nHost: \t\r\n\r\n",
+        "GET ftp://other.example/ HTTP/1.1\r\nHost: localhost\r\n\r\n", "GET http://u@other.example/ HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        "GET /a#b HTTP/1.1\r\nHost: localhost\r\n\r\n", "GET /\u{e9} HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        "GET * HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    ])
+    func badTargetsAre400(_ wire: String) throws {
+        try withProxy { proxy, backend in
+            let c = try proxy.client()
+            try c.send(wire)
+            #expect(try c.readResponse().status == 400, "\(wire.debugDescription)")
+            #expect(backend.requestCount == 0)
+        }
+    }
+}
+
+/// Starts Tether in front of `backend` (one upstream server, `location /`), runs `body`, stops it.
+func withProxy(scripted backend: ScriptedBackend, http: String = "", location: String = "", _ body: (RunningProxy) throws -> Void) throws {
+    defer { backend.stop() }
+    let proxy = try RunningProxy(config: """
+        worker_processes 1;
+        http {
+            \(http)
+            upstream backend { server 127.0.0.1:\(backend.port); }
+            server {
+                listen 127.0.0.1:0;
+                location / { proxy_pass http://backend; \(location) }
+            }
+        }
+        """)
+    defer { proxy.stop() }
+    try body(proxy)
+}
+
+/// Chunked bodies are parsed strictly and written out again in canonical form, both ways.
+@Suite struct ChunkedFramingTests {
+    @Test func requestBodiesReachTheBackendReframed() throws {
+        let seen = NIOLockedValueBox<String?>(nil)
+        let backend = try ScriptedBackend { c in
+            guard c.read(through: "\r\n\r\n") != nil, let body = c.read(through: "\r\n0\r\n"), let trailers = c.read(through: "\r\n\r\n") ?? c.read(through: "\r\n") else { c.close(); return }
+            seen.withLockedValue { $0 = body + trailers }
+            c.send("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            c.close()
+        }
+        try withProxy(scripted: backend) { proxy in
+            let c = try proxy.client()
+            try c.send("POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0005;ext=\"a b\"\r\nhello\r\n6 ; x\r\n world\r\n00000000000000000000000000000000001\r\n!\r\n0\r\nX-Sum: 12\r\nContent-Length: 99\r\n\r\n")
+            #expect(try c.readResponse().bodyText == "ok")
+            #expect(eventually { seen.withLockedValue { $0 } != nil })
+            #expect(seen.withLockedValue { $0 } == "5\r\nhello\r\n6\r\n world\r\n1\r\n!\r\n0\r\nX-Sum: 12\r\n\r\n")
+        }
+    }
+
+    @Test func aSizeWithManyLeadingZerosIsItsValue() throws {
+        try withProxy { proxy, backend in
+            let c = try proxy.client()
+            try c.send("POST /sum HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + String(repeating: "0", count: 33) + "e3\r\n")
+            try c.send(String(repeating: "z", count: 227) + "\r\n0\r\n\r\n")
+            let r = try c.readResponse()
+            #expect(r.status == 200)
+            #expect(r.bodyText.hasPrefix("227 "))
+            #expect(backend.requests.first?.bodyCount == 227)
+        }
+    }
+
+    @Test func responsesReachTheClientReframed() throws {
+        let backend = try ScriptedBackend { c in
+            guard c.read(through: "\r\n\r\n") != nil else { c.close(); return }
+            c.send("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0005 ;a=b\r\nhello\r\n000\r\nX-Sum: 5\r\nSet-Cookie: evil=1\r\n\r\n")
+            _ = c.readToEOF()
+            c.close()
+        }
+        try withProxy(scripted: backend) { proxy in
+            let c = try proxy.client()
+            try c.send("GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            let raw = String(decoding: c.readRawToClose(), as: UTF8.self)
+            #expect(raw.hasSuffix("\r\n\r\n5\r\nhello\r\n0\r\nX-Sum: 5\r\n\r\n"), "\(raw)")
+        }
+    }
+
+    @Test(arguments: ["5 \r\nhello\r\n0\r\n\r\n", "5\r\nhello\r\n0\r\nNoColon\r\n\r\n", "5\r\nhello\r\n0\r\nX: a\r\n b\r\n\r\n"])
+    func aBadlyChunkedResponseIsNeverPassedOn(_ body: String) throws {
+        let backend = try ScriptedBackend { c in
+            guard c.read(through: "\r\n\r\n") != nil else { c.close(); return }
+            c.send("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+            _ = c.readToEOF()
+            c.close()
+        }
+        try withProxy(scripted: backend) { proxy in
+            let c = try proxy.client()
+            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            let raw = String(decoding: c.readRawToClose(), as: UTF8.self)
+            // A 502; or, when the head had been relayed, a close without the last chunk (here the
+            // head and the body arrive in one read, and nothing of the response goes out).
+            if raw.isEmpty || raw.hasPrefix("HTTP/1.1 502") { return }
+            #expect(raw.hasPrefix("HTTP/1.1 200"), "\(raw)")
+            #expect(!raw.hasSuffix("0\r\n\r\n"), "a broken response looked complete: \(raw.debugDescription)")
+        }
+    }
+}
