@@ -425,6 +425,14 @@ let directiveTable: [DirectiveSpec] = {
             guard !name.isEmpty, name.utf8.allSatisfy(HeaderName.isTokenByte) else {
                 throw ConfigErrorReason("invalid header name \"\(name)\" in \"proxy_set_header\" directive")
             }
+            // `Connection ""` (nginx's idiom for upstream keep-alive) stays: it sends nothing.
+            if ["upgrade", "http2-settings"].contains(name.lowercased()) || (name.lowercased() == "connection" && !d.args[1].text.isEmpty) {
+                // nginx needs these two lines to pass WebSocket upgrades; Tether forwards
+                // Upgrade itself for the protocols proxy_allow_upgrade names, and a templated
+                // Upgrade ($http_upgrade) would let "h2c" through.
+                b.warn("\"proxy_set_header \(name)\" is ignored: Tether forwards Upgrade and Connection itself, for the protocols \"proxy_allow_upgrade\" allows (websocket by default)", at: d.location)
+                return
+            }
             let setting = HeaderSetting(name: name, value: try Value.template(d.args[1], d))
             if !b.proxyHeadersSeenHere {
                 // The first proxy_set_header at a level replaces the inherited list; Host

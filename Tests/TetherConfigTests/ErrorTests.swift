@@ -105,6 +105,10 @@ import Testing
              expected: ["t.conf:1: invalid session cache \"shared:1m\" in \"ssl_session_cache\" directive, it must be \"off\", \"none\", \"builtin[:size]\" or \"shared:name:size\""]),
         Case(name: "ssl directive in a location", text: "http { server { location / { ssl_protocols TLSv1.3; } } }\n",
              expected: ["t.conf:1: \"ssl_protocols\" directive is not allowed here"]),
+        Case(name: "h2c upgrades", text: "http {\n  server { location / {\n    proxy_allow_upgrade websocket H2C;\n  } }\n}\n",
+             expected: ["t.conf:3: \"h2c\" cannot be allowed in \"proxy_allow_upgrade\" directive: an HTTP/2 upgrade would tunnel requests past the locations' rules"]),
+        Case(name: "merge_slashes in a location", text: "http { server { location / { merge_slashes off; } } }\n",
+             expected: ["t.conf:1: \"merge_slashes\" directive is not allowed here"]),
     ]
 
     @Test(arguments: cases)

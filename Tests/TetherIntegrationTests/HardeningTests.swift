@@ -237,3 +237,157 @@ func withProxy(scripted backend: ScriptedBackend, http: String = "", location: S
         }
     }
 }
+
+/// No h2c smuggling: an upgrade is forwarded only for an allowed protocol, and a tunnel opens only
+/// after a 101 to the protocol the request offered.
+@Suite struct UpgradeTests {
+    @Test func h2cAndHTTP2SettingsAreNeverForwarded() throws {
+        try withProxy(location: "proxy_allow_upgrade websocket echo;") { proxy, backend in
+            let c = try proxy.client()
+            try c.send("GET /x HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n")
+            #expect(try c.readResponse().status == 200)
+            try c.send("GET /x HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: h2c, echo\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n")
+            #expect(try c.readResponse().status == 200)
+            let r = backend.requests
+            #expect(r.count == 2)
+            #expect(r.first?.header("upgrade") == nil && r.first?.header("http2-settings") == nil)
+            #expect(r.last?.header("upgrade") == "echo", "only the allowed protocol is offered")
+            #expect(r.last?.header("http2-settings") == nil)
+        }
+    }
+
+    /// The default allows `websocket` only; a 101 to a request whose upgrade was not forwarded is a 502.
+    @Test func unlistedProtocolsAreNotForwardedAndAnUnaskedFor101Is502() throws {
+        try withProxy { proxy, backend in
+            let c = try proxy.client()
+            try c.send("GET /upgrade HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nping")
+            #expect(try c.readResponse().status == 502)
+            #expect(backend.requests.first?.header("upgrade") == nil)
+            #expect(eventually { proxy.server.stats().upstreams.first?.servers.first?.counters.failures["invalid_header"] == 1 })
+        }
+    }
+
+    /// nginx's `proxy_set_header Upgrade $http_upgrade` is ignored (with a warning at load):
+    /// otherwise it would carry `h2c` through.
+    @Test func aTemplatedUpgradeHeaderDoesNotCarryH2C() throws {
+        try withProxy(location: "proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\";") { proxy, backend in
+            #expect(proxy.server.configuration.warnings.contains { $0.description.contains("\"proxy_set_header Upgrade\" is ignored") })
+            let c = try proxy.client()
+            try c.send("GET /x HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+            #expect(try c.readResponse().status == 200)
+            #expect(backend.requests.first?.header("upgrade") == nil)
+            #expect(backend.requests.first?.header("connection") == nil)
+        }
+    }
+
+    /// A WebSocket upgrade works by default, and only a 101 naming it opens the tunnel.
+    @Test(arguments: [("websocket", true), ("WebSocket", true), ("h2c", false), ("", false), ("websocket, h2c", false)])
+    func theTunnelOpensOnlyForTheOfferedProtocol(_ c: (answer: String, opens: Bool)) throws {
+        let tunnelled = NIOLockedValueBox<String?>(nil)
+        let backend = try ScriptedBackend { conn in
+            guard conn.read(through: "\r\n\r\n") != nil else { conn.close(); return }
+            conn.send("HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n" + (c.answer.isEmpty ? "" : "Upgrade: \(c.answer)\r\n") + "\r\n")
+            if let bytes = conn.read(count: 4) {
+                tunnelled.withLockedValue { $0 = String(decoding: bytes, as: UTF8.self) }
+                conn.send(bytes)
+            }
+            conn.close()
+        }
+        try withProxy(scripted: backend) { proxy in
+            let client = try proxy.client()
+            try client.send("GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+            let r = try client.readResponse(head: c.opens)
+            if c.opens {
+                #expect(r.status == 101)
+                try client.send("ping")
+                #expect(String(decoding: client.readRawToClose(), as: UTF8.self) == "ping")
+            } else {
+                #expect(r.status == 502)
+                // What the client sends next is parsed as a request of its own, not tunnelled.
+                try client.send("GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n")
+                #expect(try client.readResponse().status == 502)
+                #expect(backend.accepted.count == 2)
+                #expect(tunnelled.withLockedValue { $0 } == nil, "bytes went through a tunnel that should not exist")
+            }
+        }
+    }
+}
+
+/// A response is complete only when its framing says so: a length reached, a last chunk, or an
+/// orderly close where the close delimits it. Anything else never reaches the client as complete.
+@Suite struct TruncationTests {
+    enum End: String, CaseIterable, Sendable { case fin, reset }
+
+    /// A backend that answers `head` and 1,000 body bytes, then ends as `end` says.
+    func backend(head: String, body: [UInt8], end: End) throws -> ScriptedBackend {
+        try ScriptedBackend { c in
+            guard c.read(through: "\r\n\r\n") != nil else { c.close(); return }
+            c.send(Array(head.utf8) + body)
+            switch end {
+            case .fin: c.close()
+            case .reset: c.reset()
+            }
+        }
+    }
+
+    static let body = [UInt8](repeating: UInt8(ascii: "x"), count: 1000)
+
+    @Test(arguments: End.allCases)
+    func closeDelimitedResponseToAnHTTP11Client(_ end: End) throws {
+        let b = try backend(head: "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", body: Self.body, end: end)
+        try withProxy(scripted: b) { proxy in
+            for _ in 0..<5 {
+                let c = try proxy.client()
+                try c.send("GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                let raw = String(decoding: c.readRawToClose(), as: UTF8.self)
+                let complete = raw.hasSuffix("\r\n0\r\n\r\n")
+                #expect(raw.hasPrefix("HTTP/1.1 200") && raw.contains("Transfer-Encoding: chunked"))
+                #expect(complete == (end == .fin), "\(end): ends \(raw.suffix(12).debugDescription)")
+            }
+            if end == .reset {
+                #expect(eventually { proxy.server.stats().upstreams.first?.servers.first?.counters.failures["truncated"] == 5 })
+            }
+        }
+    }
+
+    /// To an HTTP/1.0 client the close delimits the response, so a truncated one ends with a reset.
+    @Test(arguments: End.allCases)
+    func closeDelimitedResponseToAnHTTP10Client(_ end: End) throws {
+        let b = try backend(head: "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", body: Self.body, end: end)
+        try withProxy(scripted: b) { proxy in
+            for _ in 0..<5 {
+                let c = try proxy.client()
+                try c.send("GET / HTTP/1.0\r\n\r\n")
+                _ = c.readRawToClose()
+                #expect(c.sawReset == (end == .reset), "\(end)")
+            }
+        }
+    }
+
+    /// A chunked response cut short (by a FIN or a reset): no last chunk to an HTTP/1.1 client,
+    /// a reset to an HTTP/1.0 one (it was sent the data only, delimited by the close).
+    @Test(arguments: End.allCases)
+    func chunkedResponseCutShort(_ end: End) throws {
+        let b = try backend(head: "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", body: Array("3e8\r\n".utf8) + Self.body + Array("\r\n3e8\r\nxx".utf8), end: end)
+        try withProxy(scripted: b) { proxy in
+            let c11 = try proxy.client()
+            try c11.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            let raw = String(decoding: c11.readRawToClose(), as: UTF8.self)
+            #expect(!raw.hasSuffix("0\r\n\r\n"))
+            let c10 = try proxy.client()
+            try c10.send("GET / HTTP/1.0\r\n\r\n")
+            _ = c10.readRawToClose()
+            #expect(c10.sawReset)
+        }
+    }
+
+    @Test func aShortLengthDelimitedBodyIsCutNotPadded() throws {
+        let b = try backend(head: "HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n", body: Self.body, end: .reset)
+        try withProxy(scripted: b) { proxy in
+            let c = try proxy.client()
+            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(throws: TestError.self) { try c.readResponse() }
+            #expect(eventually { proxy.server.stats().upstreams.first?.servers.first?.counters.failures["truncated"] == 1 })
+        }
+    }
+}

@@ -66,7 +66,7 @@ import TetherTestSupport
     }
 
     @Test func upgradeIsTunnelled() throws {
-        try withProxy { proxy, backend in
+        try withProxy(location: "proxy_allow_upgrade echo;") { proxy, backend in
             let c = try proxy.client()
             try c.send("GET /upgrade HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
             let r = try c.readResponse(head: true)

@@ -287,6 +287,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         // The head moves into the exchange (no copy of it per request).
         let e = Exchange(head: head, route: route, number: requests, clientKeepAlive: clientKeepAlive, now: now)
         ex = e
+        if e.head.upgradeIndex != nil { e.upgradeOffer = Self.upgradeOffer(e.head, allowed: route.settings.proxyAllowUpgrade) }
         if tooLarge {
             respondLocal(status: 413, closeAfter: true)
             return
@@ -523,11 +524,14 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         balancerEnded(e)
         if e.responseStarted {
             // Part of the response went out: all we can do is end the connection, so the client
-            // sees an incomplete message rather than a wrong one.
+            // sees an incomplete message rather than a wrong one. Where the client's response is
+            // delimited by the close (an HTTP/1.0 client), a FIN would make it look complete:
+            // the connection is reset instead.
             loop.logger.error("\(detail) while reading response from upstream \"\(group.name)\"")
             server.counters.failures[kind == .timeout ? "timeout" : "truncated", default: 0] += 1
             closeReason = "error"
-            close()
+            let closeDelimited = e.relay == .dechunk || (e.relay == .verbatim && e.responseFraming == .untilClose)
+            if closeDelimited { reset() } else { close() }
             return
         }
         // A reused connection that failed before any response byte most likely met the backend
@@ -594,14 +598,13 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     func upstreamClosed(_ connection: UpstreamConnection, error: Error?) {
         guard let e = ex, e.upstream === connection else { return }
         switch e.phase {
-        case .body where e.responseFraming == .untilClose && error is TLSError:
-            // The end of this response is the close, and a TLS close without close_notify may
-            // be a truncation: the client must be able to tell, so no end is written.
-            loop.logger.error("upstream \(e.upstreamAddrText) closed its TLS connection without close_notify in a response delimited by the close; the response may be truncated")
-            ex!.upstream = nil
-            e.server?.discard(connection, reason: .error)
-            closeReason = "error"
-            close()
+        case .body where e.responseFraming == .untilClose && error != nil:
+            // The end of this response is the close, and only an orderly one (a FIN; over TLS,
+            // close_notify) ends it: a reset, a read error or a TLS close without close_notify may
+            // be a truncation, and the client must be able to tell.
+            let why: String
+            if case TLSError.uncleanShutdown = error! { why = "closed its TLS connection without close_notify" } else { why = "failed (\(error!))" }
+            upstreamFailed(.error, detail: "upstream \(e.upstreamAddrText) \(why) in a response delimited by the close; the response may be truncated")
         case .body where e.responseFraming == .untilClose:
             if e.relay == .chunkify { writeClient(ByteBuffer(staticString: "0\r\n\r\n")) }
             ex!.upstreamReusable = false
@@ -690,10 +693,18 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
 
     private func startResponse(_ head: ParsedHead, rest: ByteBuffer) {
         guard let e = ex else { return }
-        let upgrading = head.status == 101 && e.head.connectionUpgrade && e.head.upgradeIndex != nil
-        if head.status == 101 && !upgrading {
-            upstreamFailed(.invalidHeader, detail: "upstream \(e.upstreamAddrText) sent 101 to a request that did not ask to upgrade")
-            return
+        let upgrading = head.status == 101
+        if upgrading {
+            // A tunnel opens only to a protocol this request offered: anything else would let
+            // the client's next bytes reach the backend unparsed.
+            guard let offer = e.upgradeOffer else {
+                upstreamFailed(.invalidHeader, detail: "upstream \(e.upstreamAddrText) sent 101 to a request that did not ask to upgrade")
+                return
+            }
+            guard let u = head.upgradeIndex, Self.offered(offer, includes: head, field: head.headers[u]) else {
+                upstreamFailed(.invalidHeader, detail: "upstream \(e.upstreamAddrText) sent 101 switching to a protocol the request did not offer")
+                return
+            }
         }
         e.responseFraming = head.responseFraming(requestIsHEAD: e.head.isHEAD, upgrading: upgrading)
         if case .length(let n) = e.responseFraming { e.responseRemaining = n }
@@ -1047,6 +1058,18 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         ctx.close(promise: nil)
     }
 
+    /// Ends the connection with a reset (SO_LINGER 0): the client sees an error, not an end.
+    private func reset() {
+        guard let ctx = context, ctx.channel.isActive else { return }
+        guard let provider = ctx.channel as? SocketOptionProvider else { close(); return }
+        if state != .closed {
+            state = .closed
+            loop.stats.downstreamClosed[closeReason, default: 0] += 1
+        }
+        clientWrites.discard()
+        provider.setSoLinger(linger(l_onoff: 1, l_linger: 0)).assumeIsolated().whenComplete { _ in ctx.close(promise: nil) }
+    }
+
     /// Ends the connection now if it is between requests; otherwise after the current response.
     func drainIfIdle() {
         if state == .idle, (inbound?.readableBytes ?? 0) == 0, headStartedAt == nil {
@@ -1194,9 +1217,9 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         case .chunked: out.writeStaticString("Transfer-Encoding: chunked\r\n")
         default: break
         }
-        if e.head.connectionUpgrade, let u = e.head.upgradeIndex {
+        if let offer = e.upgradeOffer {
             out.writeStaticString("Connection: upgrade\r\nUpgrade: ")
-            out.writeString(e.head.value(e.head.headers[u]))
+            out.writeBytes(offer)
             out.writeStaticString("\r\n")
         }
         out.writeStaticString("\r\n")
@@ -1234,6 +1257,41 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         }
         out.writeBytes(query)
         out.writeStaticString(route.proxyHTTP10 ? " HTTP/1.0\r\n" : " HTTP/1.1\r\n")
+    }
+
+    /// The protocols of the request's `Upgrade` (with `Connection: upgrade`) that `allowed` names,
+    /// joined as they go upstream; nil when there are none. `h2c` never is (the configuration
+    /// refuses it), so a client cannot tunnel HTTP/2 past the locations' rules.
+    static func upgradeOffer(_ head: ParsedHead, allowed: [String]) -> [UInt8]? {
+        guard head.connectionUpgrade, let u = head.upgradeIndex, !allowed.isEmpty else { return nil }
+        var offer: [UInt8] = []
+        for item in head.value(head.headers[u]).split(separator: ",") {
+            let p = Self.trimmed(item)
+            let name = p.split(separator: "/", maxSplits: 1).first.map { $0.lowercased() } ?? ""
+            guard !p.isEmpty, name != "h2c", allowed.contains(name),
+                  p.utf8.allSatisfy({ ASCII.isToken($0) || $0 == UInt8(ascii: "/") }) else { continue }
+            if !offer.isEmpty { offer.append(contentsOf: ", ".utf8) }
+            offer.append(contentsOf: p.utf8)
+        }
+        return offer.isEmpty ? nil : offer
+    }
+
+    static func trimmed(_ s: Substring) -> Substring {
+        var a = s.startIndex, b = s.endIndex
+        while a < b, s[a] == " " || s[a] == "\t" { a = s.index(after: a) }
+        while b > a, s[s.index(before: b)] == " " || s[s.index(before: b)] == "\t" { b = s.index(before: b) }
+        return s[a..<b]
+    }
+
+    /// Whether a 101's `Upgrade` names a protocol of the offer (by name, case-insensitively).
+    static func offered(_ offer: [UInt8], includes head: ParsedHead, field: HeaderField) -> Bool {
+        let answer = head.value(field).lowercased()
+        let answerName = answer.split(separator: "/", maxSplits: 1).first.map(String.init) ?? ""
+        guard !answerName.isEmpty, !answer.contains(",") else { return false }
+        return String(decoding: offer, as: UTF8.self).split(separator: ",").contains { item in
+            let name = Self.trimmed(item).lowercased()
+            return name == answer || name.split(separator: "/", maxSplits: 1).first.map(String.init) == answerName
+        }
     }
 
     /// Consecutive kept lines of a head, written with one copy when a line is dropped or at the end.

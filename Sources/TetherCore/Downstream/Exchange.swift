@@ -40,6 +40,9 @@ final class Exchange {
     var requestBodyDone = false
     var requestBodyBytes: Int64 = 0
     var bodyStarted = false
+    /// The protocols of the client's `Upgrade` that the location allows (`proxy_allow_upgrade`),
+    /// as they go upstream: nil when no upgrade is asked for or none is allowed.
+    var upgradeOffer: [UInt8]?
     /// Local responses (return, errors) read and drop the body.
     var discardBody = false
 

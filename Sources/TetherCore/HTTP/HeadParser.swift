@@ -15,11 +15,13 @@ enum HeaderKind: UInt8 {
     case upgrade
     case expect
     case xForwardedFor
+    /// `HTTP2-Settings`: only meaningful with `Upgrade: h2c`, which is never forwarded.
+    case http2Settings
 
     /// Hop-by-hop headers: never forwarded as they are (RFC 9110 §7.6.1, plus the de-facto ones).
     var isHopByHop: Bool {
         switch self {
-        case .connection, .keepAlive, .proxyConnection, .te, .trailer, .upgrade, .transferEncoding: return true
+        case .connection, .keepAlive, .proxyConnection, .te, .trailer, .upgrade, .transferEncoding, .http2Settings: return true
         default: return false
         }
     }
@@ -431,7 +433,7 @@ enum HeadParser {
         case 6: return eq("expect") ? .expect : .other
         case 7: return eq("upgrade") ? .upgrade : eq("trailer") ? .trailer : .other
         case 10: return eq("connection") ? .connection : eq("keep-alive") ? .keepAlive : .other
-        case 14: return eq("content-length") ? .contentLength : .other
+        case 14: return eq("content-length") ? .contentLength : eq("http2-settings") ? .http2Settings : .other
         case 15: return eq("x-forwarded-for") ? .xForwardedFor : .other
         case 16: return eq("proxy-connection") ? .proxyConnection : .other
         case 17: return eq("transfer-encoding") ? .transferEncoding : .other
