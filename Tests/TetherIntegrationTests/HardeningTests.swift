@@ -391,3 +391,87 @@ func withProxy(scripted backend: ScriptedBackend, http: String = "", location: S
         }
     }
 }
+
+/// Each timer measures what it names, and blames that side (scaled-down times: the rules are the
+/// same at 60 s).
+@Suite struct TimerBlameTests {
+    func upstreamTimeouts(_ proxy: RunningProxy) -> Int {
+        proxy.server.stats().upstreams.first?.servers.first?.counters.failures["timeout"] ?? 0
+    }
+
+    /// A steady upload that takes longer than proxy_read_timeout is not the backend's fault.
+    @Test func aSlowUploadIsNotAnUpstreamReadTimeout() throws {
+        try withProxy(location: "proxy_read_timeout 300ms; client_body_timeout 2s;") { proxy, _ in
+            let c = try proxy.client()
+            try c.send("POST /sum HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n")
+            for _ in 0..<10 {
+                try c.send(String(repeating: "u", count: 100))
+                usleep(100_000)  // the scenario: a client that sends 1 kB/s
+            }
+            let r = try c.readResponse()
+            #expect(r.status == 200)
+            #expect(r.bodyText.hasPrefix("1000 "))
+            #expect(upstreamTimeouts(proxy) == 0)
+        }
+    }
+
+    /// A client that stops reading for longer than proxy_read_timeout (but within send_timeout)
+    /// gets the whole response.
+    @Test func aPausingReaderGetsTheWholeResponse() throws {
+        try withProxy(location: "proxy_read_timeout 300ms; send_timeout 5s;") { proxy, _ in
+            let c = try proxy.client()
+            try c.send("GET /bytes/20000000 HTTP/1.1\r\nHost: t\r\n\r\n")
+            usleep(1_000_000)  // the scenario: the client reads nothing for a second
+            let r = try c.readResponse(keepBody: false)
+            #expect(r.status == 200)
+            #expect(r.bodySum == Pattern.checksum(count: 20_000_000))
+            #expect(upstreamTimeouts(proxy) == 0)
+        }
+    }
+
+    /// The backend is still blamed when it is the one that is silent.
+    @Test func aSilentBackendIsStillA504() throws {
+        try withProxy(location: "proxy_read_timeout 300ms;") { proxy, _ in
+            let c = try proxy.client()
+            try c.send("POST /slow/2000 HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc")
+            #expect(try c.readResponse().status == 504)
+            #expect(eventually { upstreamTimeouts(proxy) == 1 })
+        }
+    }
+
+    /// Many clients trickling their bodies within client_body_timeout are all served; when the
+    /// gaps exceed it, every one gets 408 at the timeout, and the backend is not blamed.
+    @Test func clientBodyTimeoutCountsGapsInTheBody() throws {
+        let n = 500
+        try withProxy(workers: 2, http: "client_body_timeout 1s; proxy_read_timeout 300ms;") { proxy, _ in
+            var clients: [TestClient] = []
+            for _ in 0..<n {
+                let c = try proxy.client()
+                // Connection: close, so that the second round finds worker_connections free.
+                try c.send("POST /sum HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nConnection: close\r\n\r\n")
+                clients.append(c)
+            }
+            for _ in 0..<4 {
+                usleep(300_000)  // the scenario: a byte every 300 ms from each client
+                for c in clients { try c.send("b") }
+            }
+            var served = 0
+            for c in clients where (try? c.readResponse())?.bodyText.hasPrefix("4 ") == true { served += 1 }
+            #expect(served == n)
+
+            clients = []
+            for _ in 0..<n {
+                let c = try proxy.client()
+                try c.send("POST /sum HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nb")
+                clients.append(c)
+            }
+            let started = NIODeadline.now()
+            var timedOut = 0
+            for c in clients where (try? c.readResponse())?.status == 408 { timedOut += 1 }
+            let took = seconds(since: started)
+            #expect(timedOut == n)
+            #expect(took >= 0.9 && took < 3, "408s after \(took) s")
+            #expect(upstreamTimeouts(proxy) == 0)
+        }
+    }
+}

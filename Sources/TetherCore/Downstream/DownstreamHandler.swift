@@ -82,6 +82,9 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     /// Since when the upstream has not been taking the request body (proxy_send_timeout).
     private var upstreamUnwritableSince: NIODeadline?
     private var closeReason = "client_close"
+    /// When the upstream read timer last restarted for a reason other than a read from it: the
+    /// request finished or its head went out, the client or the upstream took data again.
+    private var readTimerRestart = NIODeadline.uptimeNanoseconds(0)
     /// Whether the client connection is TLS (`$scheme` is `https`), and what its handshake
     /// settled (for `$ssl_*`).
     private let isTLS: Bool
@@ -197,6 +200,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     func channelWritabilityChanged(context: ChannelHandlerContext) {
         if context.channel.isWritable {
             unwritableSince = nil
+            readTimerRestart = .now()
             ex?.upstream?.resumeReading()
         } else {
             unwritableSince = .now()
@@ -498,6 +502,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
 
     private func requestBodyFinished() {
         guard let e = ex else { return }
+        readTimerRestart = now
         if e.responseDone { finishExchange() }
     }
 
@@ -626,6 +631,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
 
     func upstreamWritabilityChanged(_ connection: UpstreamConnection) {
         upstreamUnwritableSince = connection.isWritable ? nil : .now()
+        if connection.isWritable { readTimerRestart = .now() }
         updateReadInterest()
         if connection.isWritable, inbound.map({ $0.readableBytes > 0 }) == true {
             pumpRequestBody()
@@ -1090,11 +1096,48 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             readPaused = true
         } else if readPaused {
             readPaused = false
+            // The client was not to blame while Tether was not reading.
+            lastClientRead = now
             if pendingRead {
                 pendingRead = false
                 context.read()
             }
         }
+    }
+
+    /// The timers of an exchange, each blaming the side it names.
+    enum ExchangeTimer {
+        /// `send_timeout`: the client does not take the response.
+        case send
+        /// `proxy_send_timeout`: the upstream does not take the request.
+        case proxySend
+        /// `client_body_timeout`: the client sends no body while Tether is ready for it (408).
+        case clientBody
+        /// `proxy_read_timeout`: the request was sent, Tether waits for the upstream with
+        /// nothing to send and the client is taking what comes (504).
+        case proxyRead
+    }
+
+    /// The exchange's earliest deadline and which timer it is. Each timer runs only while its
+    /// side is the one holding things up: none runs against the upstream while the request body
+    /// is still arriving or while the client is slow to read, and none against the client while
+    /// Tether itself has stopped reading from it.
+    private func exchangeDeadline(_ e: Exchange) -> (ExchangeTimer, NIODeadline)? {
+        let s = e.route.settings
+        var best: (ExchangeTimer, NIODeadline)?
+        @inline(__always) func consider(_ t: ExchangeTimer, _ d: NIODeadline) {
+            if best == nil || d < best!.1 { best = (t, d) }
+        }
+        if !e.requestBodyDone && !readPaused { consider(.clientBody, lastClientRead + .milliseconds(s.clientBodyTimeoutMs)) }
+        if let since = unwritableSince { consider(.send, since + .milliseconds(s.sendTimeoutMs)) }
+        let waitingForUpstream = e.upstream != nil && (e.phase == .head || e.phase == .body)
+        if let since = upstreamUnwritableSince, waitingForUpstream {
+            consider(.proxySend, since + .milliseconds(s.proxySendTimeoutMs))
+        }
+        if waitingForUpstream && e.requestBodyDone && unwritableSince == nil && upstreamUnwritableSince == nil {
+            consider(.proxyRead, max(e.lastUpstreamActivity, readTimerRestart) + .milliseconds(s.proxyReadTimeoutMs))
+        }
+        return best
     }
 
     /// The next time something may expire on this connection, and what.
@@ -1110,18 +1153,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             return idleSince + .milliseconds(keepaliveTimeoutMs)
         case .exchange:
             guard let e = ex else { return nil }
-            let route = e.route
-            var d: NIODeadline?
-            func earliest(_ x: NIODeadline) { d = d.map { min($0, x) } ?? x }
-            if !e.requestBodyDone { earliest(lastClientRead + .milliseconds(route.settings.clientBodyTimeoutMs)) }
-            if e.upstream != nil && (e.phase == .head || e.phase == .body) {
-                earliest(e.lastUpstreamActivity + .milliseconds(route.settings.proxyReadTimeoutMs))
-            }
-            if let since = unwritableSince { earliest(since + .milliseconds(route.settings.sendTimeoutMs)) }
-            if let since = upstreamUnwritableSince, e.upstream != nil, !e.requestBodyDone {
-                earliest(since + .milliseconds(route.settings.proxySendTimeoutMs))
-            }
-            return d
+            return exchangeDeadline(e)?.1
         }
     }
 
@@ -1148,18 +1180,18 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
                 close()
             }
         case .exchange:
-            guard let e = ex else { return }
+            guard let e = ex, let (timer, deadline) = exchangeDeadline(e), deadline <= now else { return }
             let s = e.route.settings  // only when a deadline passed, not per request
-            if let since = unwritableSince, since + .milliseconds(s.sendTimeoutMs) <= now {
+            switch timer {
+            case .send:
                 loop.logger.info("client timed out receiving the response, client: \(String(decoding: remoteAddr, as: UTF8.self))")
                 closeReason = "error"
                 close()
-            } else if let since = upstreamUnwritableSince, e.upstream != nil, !e.requestBodyDone,
-                      since + .milliseconds(s.proxySendTimeoutMs) <= now {
-                upstreamFailed(.timeout, detail: "upstream timed out (not taking the request body for \(Units.formatTime(s.proxySendTimeoutMs)))")
-            } else if !e.requestBodyDone && lastClientRead + .milliseconds(s.clientBodyTimeoutMs) <= now {
+            case .proxySend:
+                upstreamFailed(.timeout, detail: "upstream timed out (not taking the request for \(Units.formatTime(s.proxySendTimeoutMs)))")
+            case .clientBody:
                 failRequest(status: 408, why: "client timed out sending the request body")
-            } else {
+            case .proxyRead:
                 upstreamFailed(.timeout, detail: "upstream timed out (no data for \(Units.formatTime(s.proxyReadTimeoutMs)))")
             }
         case .closed:
