@@ -94,44 +94,55 @@ public final class TetherServer: Sendable {
 
     /// Opens the listeners of `g`'s configuration that are not open yet, and closes those it no
     /// longer has. Listeners that stay keep their sockets (and their accept queues).
+    ///
+    /// All or nothing: when one cannot be bound, every socket this call opened is closed again
+    /// before the error is thrown, so a refused reload leaves the listeners as they were.
     private func openListeners(_ g: inout Generation) throws {
         var keep: [String: (listen: Listen, channels: [Channel])] = [:]
         var order: [String] = []
-        for (listen, hosts, servers) in g.setup.virtualHosts() {
-            let wanted = "\(listen.address):\(listen.port)"
-            if listen.port != 0, let existing = g.listeners[wanted] {
-                keep[wanted] = (listen, existing.channels)
-                order.append(wanted)
-                continue
-            }
-            var port = listen.port
-            var channels: [Channel] = []
-            // Known once the first socket is bound when the port is 0.
-            let keyBox = NIOLockedValueBox(wanted)
-            let initial = Route(hosts: hosts, servers: servers, port: port, tls: g.setup.tls.names(hosts: hosts, servers: servers))
-            for el in loops.map(\.eventLoop) {
-                let channel = try ServerBootstrap(group: el)
-                    .serverChannelOption(.backlog, value: Int32(listen.backlog))
-                    .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-                    .serverChannelOption(ChannelOptions.socket(SocketOptionLevel(SOL_SOCKET), SO_REUSEPORT), value: 1)
-                    // No child channel options: NIO applies those through a chain of futures
-                    // per accepted connection (13% of the user CPU of a connection-per-request
-                    // load). TCP_NODELAY is set on the listening socket by NIO and Linux
-                    // copies it to accepted ones; the rest is set in the initializer.
-                    .childChannelInitializer(childInitializer(listen: listen, key: keyBox, initial: initial, hostKeepalive: g.setup.hostKeepalive))
-                    .bind(host: listen.address, port: port)
-                    .wait()
-                if port == 0 {
-                    port = channel.localAddress?.port ?? 0
-                    let bound = "\(listen.address):\(port)"
-                    keyBox.withLockedValue { $0 = bound }
+        var opened: [Channel] = []
+        do {
+            for (listen, hosts, servers) in g.setup.virtualHosts() {
+                let wanted = "\(listen.address):\(listen.port)"
+                if listen.port != 0, let existing = g.listeners[wanted] {
+                    keep[wanted] = (listen, existing.channels)
+                    order.append(wanted)
+                    continue
                 }
-                channels.append(channel)
+                var port = listen.port
+                var channels: [Channel] = []
+                // Known once the first socket is bound when the port is 0.
+                let keyBox = NIOLockedValueBox(wanted)
+                let initial = Route(hosts: hosts, servers: servers, port: port, tls: g.setup.tls.names(hosts: hosts, servers: servers))
+                for el in loops.map(\.eventLoop) {
+                    let channel = try ServerBootstrap(group: el)
+                        .serverChannelOption(.backlog, value: Int32(listen.backlog))
+                        .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                        .serverChannelOption(ChannelOptions.socket(SocketOptionLevel(SOL_SOCKET), SO_REUSEPORT), value: 1)
+                        // No child channel options: NIO applies those through a chain of futures
+                        // per accepted connection (13% of the user CPU of a connection-per-request
+                        // load). TCP_NODELAY is set on the listening socket by NIO and Linux
+                        // copies it to accepted ones; the rest is set in the initializer.
+                        .childChannelInitializer(childInitializer(listen: listen, key: keyBox, initial: initial, hostKeepalive: g.setup.hostKeepalive))
+                        .bind(host: listen.address, port: port)
+                        .wait()
+                    opened.append(channel)
+                    if port == 0 {
+                        port = channel.localAddress?.port ?? 0
+                        let bound = "\(listen.address):\(port)"
+                        keyBox.withLockedValue { $0 = bound }
+                    }
+                    channels.append(channel)
+                }
+                let key = "\(listen.address):\(port)"
+                keep[key] = (listen, channels)
+                order.append(key)
+                logger.info("listening on \(key) with \(loops.count) event loops (a SO_REUSEPORT socket each)")
             }
-            let key = "\(listen.address):\(port)"
-            keep[key] = (listen, channels)
-            order.append(key)
-            logger.info("listening on \(key) with \(loops.count) event loops (a SO_REUSEPORT socket each)")
+        } catch {
+            for ch in opened { try? ch.close().wait() }
+            if !opened.isEmpty { logger.info("closed the \(opened.count) listening sockets opened for the refused configuration") }
+            throw error
         }
         for (key, old) in g.listeners where keep[key] == nil {
             logger.info("no longer listening on \(key)")
@@ -167,7 +178,13 @@ public final class TetherServer: Sendable {
         g.configuration = configuration
         g.setup = setup
         g.accessLog = log
-        try openListeners(&g)
+        do {
+            try openListeners(&g)
+        } catch {
+            // Nothing of the refused configuration stays open: its access log files neither.
+            log?.shutdown()
+            throw error
+        }
         current.withLockedValue { $0 = g }
         publishRoutes(g)
         oldLog?.shutdown()

@@ -79,6 +79,15 @@ func seconds(since t: NIODeadline) -> Double {
 /// TCP sockets of this machine in a state (`/proc/net/tcp` codes: 06 TIME_WAIT, 08 CLOSE_WAIT)
 /// whose remote port is `port`.
 func socketsInState(_ state: String, remotePort port: Int) -> Int {
+    socketsInState(state, port: port, field: 2)
+}
+
+/// TCP sockets of this machine in a state (`0A` LISTEN, ...) whose local port is `port`.
+func socketsInState(_ state: String, localPort port: Int) -> Int {
+    socketsInState(state, port: port, field: 1)
+}
+
+private func socketsInState(_ state: String, port: Int, field: Int) -> Int {
     let fd = open("/proc/net/tcp", O_RDONLY)
     guard fd >= 0 else { return -1 }
     defer { close(fd) }
@@ -92,7 +101,7 @@ func socketsInState(_ state: String, remotePort port: Int) -> Int {
     let hexPort = String(port, radix: 16, uppercase: true).leftPadded(4)
     return String(decoding: data, as: UTF8.self).split(separator: "\n").dropFirst().filter { line in
         let f = line.split(separator: " ")
-        return f.count > 3 && f[2].hasSuffix(":" + hexPort) && f[3] == state
+        return f.count > 3 && f[field].hasSuffix(":" + hexPort) && f[3] == state
     }.count
 }
 

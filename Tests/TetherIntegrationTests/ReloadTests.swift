@@ -129,6 +129,49 @@ func parse(_ text: String) throws -> Configuration {
         #expect(b.connectionCount == 1, "the unchanged upstream kept its warm connection")
     }
 
+    /// A reload that binds two new ports and fails on a third leaves neither open, now or
+    /// after a later successful reload, and the running listener keeps serving.
+    @Test func aRefusedReloadClosesWhatItOpened() throws {
+        let port = freePort(), new1 = freePort(), new2 = freePort()
+        // The third port is taken by a socket of the test's own (no SO_REUSEPORT).
+        let taken = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(taken) }
+        var a = sockaddr_in()
+        a.sin_family = sa_family_t(AF_INET)
+        a.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(taken, $0, len) } }
+        #expect(listen(taken, 1) == 0)
+        _ = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(taken, $0, &len) } }
+        let takenPort = Int(UInt16(bigEndian: a.sin_port))
+
+        let base = """
+            worker_processes 2;
+            http { server { listen 127.0.0.1:\(port); location / { return 200 "base"; } }
+            """
+        let proxy = try RunningProxy(config: base + "}")
+        defer { proxy.stop() }
+        let before = proxy.server.boundAddresses.map(\.port)
+        #expect(throws: (any Error).self) {
+            try proxy.server.reload(try parse(base + """
+                server { listen 127.0.0.1:\(new1); location / { return 200 "1"; } }
+                server { listen 127.0.0.1:\(new2); location / { return 200 "2"; } }
+                server { listen 127.0.0.1:\(takenPort); location / { return 200 "3"; } }
+            }
+            """))
+        }
+        #expect(proxy.server.boundAddresses.map(\.port) == before)
+        // No socket of this process listens on the ports the refused configuration named.
+        #expect(socketsInState("0A", localPort: new1) == 0 && socketsInState("0A", localPort: new2) == 0)
+        #expect(throws: (any Error).self) { _ = try TestClient(port: new1) }
+        #expect(throws: (any Error).self) { _ = try TestClient(port: new2) }
+        try proxy.server.reload(try parse(base + "server { listen 127.0.0.1:\(freePort()); location / { return 200 \"4\"; } } }"))
+        #expect(socketsInState("0A", localPort: new1) == 0 && socketsInState("0A", localPort: new2) == 0)
+        let c = try TestClient(port: port)
+        try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        #expect(try c.readResponse().bodyText == "base")
+    }
+
     @Test func shutdownLetsALargeDownloadFinish() throws {
         try withProxy { proxy, _ in
             let c = try proxy.client()
