@@ -19,6 +19,8 @@ let package = Package(
     ],
     targets: [
         .target(name: "TetherConfig", swiftSettings: release),
+        // glibc functions Swift's Glibc module leaves out (malloc_trim, mallinfo2).
+        .target(name: "CTether"),
         // The system's OpenSSL 3 (Debian: libssl-dev). Not swift-nio-ssl, which bundles BoringSSL.
         .systemLibrary(name: "COpenSSL", pkgConfig: "openssl", providers: [.apt(["libssl-dev"])]),
         .target(
@@ -34,7 +36,7 @@ let package = Package(
         .target(
             name: "TetherCore",
             dependencies: [
-                "TetherConfig", "TetherPool", "TetherTLS",
+                "TetherConfig", "TetherPool", "TetherTLS", "CTether",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),

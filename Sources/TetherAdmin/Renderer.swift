@@ -56,6 +56,11 @@ public struct Renderer: AdminRenderer {
             sample("tether_downstream_cx_closed_total", [("reason", r)], s.downstreamClosed[r] ?? 0)
         }
 
+        family("tether_downstream_cx_accept_failed_total", "counter", "Connections accept4() could not take, by reason (emfile: the process is out of descriptors; enfile: the system is).")
+        for r in Set(StatsSnapshot.acceptFailureReasons).union(s.acceptFailures.keys).sorted() {
+            sample("tether_downstream_cx_accept_failed_total", [("reason", r)], s.acceptFailures[r] ?? 0)
+        }
+
         family("tether_tls_handshakes_total", "counter", "Client TLS handshakes completed, by protocol version.")
         for v in Set(["TLSv1.2", "TLSv1.3"]).union(s.tlsHandshakes.keys).sorted() {
             sample("tether_tls_handshakes_total", [("result", "ok"), ("protocol", v)], s.tlsHandshakes[v] ?? 0)
@@ -166,6 +171,7 @@ public struct Renderer: AdminRenderer {
             "connections": [
                 "accepted": s.acceptedConnections, "handled": s.handledConnections, "active": s.activeConnections,
                 "reading": s.reading, "writing": s.writing, "waiting": s.waiting, "closed": s.downstreamClosed,
+                "accept_failed": StatsSnapshot.acceptFailureReasons.reduce(into: s.acceptFailures) { $0[$1] = $0[$1] ?? 0 },
             ],
             "tls": ["handshakes": s.tlsHandshakes, "sessions_reused": s.tlsSessionsReused, "handshake_failures": s.tlsHandshakeFailures],
             "requests": ["total": s.requests, "by_status": (1...5).reduce(into: [String: Int]()) { $0["\($1)xx"] = s.responsesByClass[$1] }],

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 import NIOCore
 import TetherConfig
@@ -206,6 +209,12 @@ final class LoopContext {
         spareHeaderArrays.popLast() ?? []
     }
 
+    /// Keeps no more spare header arrays than the open connections could borrow (at least 16).
+    func trimSpares() {
+        let keep = max(16, stats.downstreamActive)
+        if spareHeaderArrays.count > keep { spareHeaderArrays.removeLast(spareHeaderArrays.count - keep) }
+    }
+
     /// Takes the array back (leaving `array` empty), keeping at most 1,024 spare.
     func returnHeaderArray(_ array: inout [HeaderField]) {
         if array.capacity > 0 && spareHeaderArrays.count < 1024 {
@@ -282,6 +291,24 @@ final class LoopContext {
         sweeper = nil
         flushAccessLog()
     }
+
+    /// accept4() failed on a listener of this loop: counted, and logged at most once a second (as
+    /// nginx's "accept4() failed (24: Too many open files)"), so that a process out of descriptors
+    /// does not flood its log.
+    func acceptFailed(_ error: IOError, listen: String) {
+        let reason = error.errnoCode == EMFILE ? "emfile" : error.errnoCode == ENFILE ? "enfile" : "other"
+        stats.acceptFailures[reason, default: 0] += 1
+        acceptFailuresUnlogged += 1
+        let now = NIODeadline.now()
+        if now >= nextAcceptLog {
+            let text = String(cString: strerror(error.errnoCode))
+            logger.error("accept4() failed (\(error.errnoCode): \(text)) on \(listen) (\(acceptFailuresUnlogged) failures since the last message)")
+            acceptFailuresUnlogged = 0
+            nextAcceptLog = now + .seconds(1)
+        }
+    }
+    private var nextAcceptLog = NIODeadline.uptimeNanoseconds(0)
+    private var acceptFailuresUnlogged = 0
 
     private var warned = Set<String>()
 
@@ -438,6 +465,7 @@ extension StatsSnapshot {
             s.waiting += p.waiting
             for i in s.responsesByClass.indices { s.responsesByClass[i] += p.stats.responsesByClass[i] }
             s.downstreamClosed.merge(p.stats.downstreamClosed, uniquingKeysWith: +)
+            s.acceptFailures.merge(p.stats.acceptFailures, uniquingKeysWith: +)
             s.otherUpstreamFailures.merge(p.stats.upstreamFailures, uniquingKeysWith: +)
             s.tlsHandshakes.merge(p.stats.tlsHandshakes, uniquingKeysWith: +)
             s.tlsSessionsReused += p.stats.tlsResumed

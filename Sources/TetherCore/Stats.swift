@@ -69,6 +69,8 @@ struct LoopStats: Sendable {
     var downstreamRequests = 0
     var responsesByClass = [0, 0, 0, 0, 0, 0]
     var downstreamClosed: [String: Int] = [:]
+    /// accept4() failures by reason (`emfile`, `enfile`, `other`).
+    var acceptFailures: [String: Int] = [:]
     /// Failures not tied to one server (no live upstreams).
     var upstreamFailures: [String: Int] = [:]
     /// Requests by `server` block (configuration order), and their responses by status class.
@@ -138,6 +140,10 @@ public struct StatsSnapshot: Sendable {
     /// Responses by class: index 1 is 1xx ... 5 is 5xx.
     public var responsesByClass = [0, 0, 0, 0, 0, 0]
     public var downstreamClosed: [String: Int] = [:]
+    /// Connections the kernel had but `accept4()` could not take, by reason: `emfile` (the
+    /// process's descriptor limit), `enfile` (the system's), `other`.
+    public var acceptFailures: [String: Int] = [:]
+    public static let acceptFailureReasons = ["emfile", "enfile", "other"]
     public var upstreams: [Upstream] = []
     public var servers: [VirtualServer] = []
     public var loops: [Loop] = []

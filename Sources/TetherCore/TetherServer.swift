@@ -1,3 +1,4 @@
+import CTether
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -24,6 +25,11 @@ public final class TetherServer: Sendable {
     private let logger: Logger
     /// Reads /proc for the admin endpoint, off the event loops.
     private let helper: NIOThreadPool
+    /// Gives memory back after a burst (see `giveBackMemory`).
+    private let trimmer: RepeatedTask
+    static let trimInterval = TimeAmount.seconds(5)
+    /// Free memory malloc may keep in its arenas before it is asked to give it back.
+    static let trimThreshold = 8 << 20
 
     /// The configuration in force.
     public var configuration: Configuration { current.withLockedValue { $0.configuration } }
@@ -53,6 +59,9 @@ public final class TetherServer: Sendable {
         current = NIOLockedValueBox(Generation(configuration: configuration, setup: setup, accessLog: log))
         helper = NIOThreadPool(numberOfThreads: 1)
         helper.start()
+        trimmer = loops[0].eventLoop.scheduleRepeatedTask(initialDelay: Self.trimInterval, delay: Self.trimInterval) { [loops, helper, logger] _ in
+            TetherServer.giveBackMemory(loops: loops, helper: helper, logger: logger)
+        }
         if let admin {
             // Loops reach the whole server's figures through this; it holds the server weakly.
             let weakSelf = WeakServer(self)
@@ -119,6 +128,7 @@ public final class TetherServer: Sendable {
                         .serverChannelOption(.backlog, value: Int32(listen.backlog))
                         .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                         .serverChannelOption(ChannelOptions.socket(SocketOptionLevel(SOL_SOCKET), SO_REUSEPORT), value: 1)
+                    .serverChannelInitializer(acceptErrors(listen: listen))
                         // No child channel options: NIO applies those through a chain of futures
                         // per accepted connection (13% of the user CPU of a connection-per-request
                         // load). TCP_NODELAY is set on the listening socket by NIO and Linux
@@ -203,6 +213,18 @@ public final class TetherServer: Sendable {
         old?.shutdown()
     }
 
+    /// A listener's accept errors (out of descriptors) go to its loop, to be counted and logged.
+    private func acceptErrors(listen: Listen) -> @Sendable (Channel) -> EventLoopFuture<Void> {
+        let loops = self.loops
+        let name = listen.addressText
+        return { channel in
+            channel.eventLoop.makeCompletedFuture {
+                guard let bound = loops.first(where: { $0.eventLoop === channel.eventLoop }) else { return }
+                try channel.pipeline.syncOperations.addHandler(AcceptErrorHandler(loop: bound.value, listen: name))
+            }
+        }
+    }
+
     /// Sets up an accepted connection on the loop that accepted it.
     private func childInitializer(listen: Listen, key keyBox: NIOLockedValueBox<String>, initial: Route, hostKeepalive: HostKeepalive) -> @Sendable (Channel) -> EventLoopFuture<Void> {
         let loops = self.loops
@@ -282,9 +304,27 @@ public final class TetherServer: Sendable {
                 for g in bound.value.allGroups { for s in g.servers { s.drain() } }
             }.wait()
         }
+        trimmer.cancel()
         try? group.syncShutdownGracefully()
         try? helper.syncShutdownGracefully()
         current.withLockedValue { $0.accessLog }?.shutdown()
+    }
+
+    /// A proxy sized for its steady load should not stay sized for its worst minute. After a
+    /// burst, malloc keeps what the burst's connections freed in its per-thread arenas (the
+    /// resident size stays at its peak, as nginx's does); every `trimInterval` the loops drop
+    /// spare header arrays beyond what their open connections could use, and when more than
+    /// `trimThreshold` bytes lie free in the arenas, `malloc_trim` gives them back to the system.
+    /// Off the loops: the trim runs on the helper thread.
+    static func giveBackMemory(loops: [NIOLoopBound<LoopContext>], helper: NIOThreadPool, logger: Logger) {
+        for b in loops { b.eventLoop.execute { b.value.trimSpares() } }
+        helper.submit { state in
+            guard case .active = state else { return }
+            let free = tether_malloc_free_bytes()
+            guard free > TetherServer.trimThreshold else { return }
+            _ = tether_malloc_trim()
+            logger.debug("gave back \(free >> 10) KiB that malloc held free (\(tether_malloc_free_bytes() >> 10) KiB free after malloc_trim)")
+        }
     }
 
     /// Every loop's counters, summed, gathered without blocking any loop: one hop to each.
@@ -314,6 +354,26 @@ public final class TetherServer: Sendable {
     }
 }
 
+
+/// Counts and logs what accept4() fails with on a listener. SwiftNIO keeps the listener registered
+/// (level-triggered) after a failed accept, so while the process is out of descriptors the loop
+/// retries at once, and NIO's `AcceptBackoffHandler` cannot pause it; pausing accepts needs
+/// Tether's own loop.
+final class AcceptErrorHandler: ChannelInboundHandler {
+    typealias InboundIn = Channel
+    let loop: LoopContext
+    let listen: String
+
+    init(loop: LoopContext, listen: String) {
+        self.loop = loop
+        self.listen = listen
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        guard let e = error as? IOError else { return context.fireErrorCaught(error) }
+        loop.acceptFailed(e, listen: listen)
+    }
+}
 
 final class WeakServer: @unchecked Sendable {
     weak var server: TetherServer?

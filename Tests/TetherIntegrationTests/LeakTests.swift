@@ -8,27 +8,33 @@ import Glibc
 /// Connection churn against the `tether` binary in a process of its own, so that its resident
 /// size is not disturbed by the tests running beside this one: every closed connection must give
 /// back what it took (handlers, channels, OpenSSL objects).
-@Suite(.serialized) struct LeakTests {
-    func residentKiB(_ pid: Int32) -> Int {
-        let text = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
-        let line = text.split(separator: "\n").first { $0.hasPrefix("VmRSS:") } ?? ""
-        return Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0
-    }
+/// The resident size of process `pid`, KiB.
+func residentKiB(_ pid: Int32) -> Int {
+    let text = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
+    let line = text.split(separator: "\n").first { $0.hasPrefix("VmRSS:") } ?? ""
+    return Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0
+}
 
-    /// Starts the binary on `config`, waits until `port` accepts, runs `body` with its pid.
+/// Starts the `tether` binary on `config` (in a directory of its own, given to `config` to put
+/// files in), waits until `port` accepts, runs `body` with its pid, and stops it.
+func withTetherProcess(config: (String) -> String, port: Int, _ body: (Int32, String) throws -> Void) throws {
+    let dir = NSTemporaryDirectory() + "tether-proc-" + UUID().uuidString
+    try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(atPath: dir) }
+    try config(dir).write(toFile: dir + "/t.conf", atomically: true, encoding: .utf8)
+    let p = Process()
+    p.executableURL = try tetherExecutable()
+    p.arguments = ["-c", dir + "/t.conf"]
+    p.standardError = FileHandle.nullDevice
+    try p.run()
+    defer { p.terminate(); p.waitUntilExit() }
+    #expect(eventually(timeoutMs: 10_000) { (try? TestClient(port: port, timeoutMs: 200)) != nil })
+    try body(p.processIdentifier, dir)
+}
+
+@Suite(.serialized) struct LeakTests {
     func withTether(config: String, port: Int, _ body: (Int32) throws -> Void) throws {
-        let dir = NSTemporaryDirectory() + "tether-leak-" + UUID().uuidString
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        try config.write(toFile: dir + "/t.conf", atomically: true, encoding: .utf8)
-        let p = Process()
-        p.executableURL = try tetherExecutable()
-        p.arguments = ["-c", dir + "/t.conf"]
-        p.standardError = FileHandle.nullDevice
-        try p.run()
-        defer { p.terminate(); p.waitUntilExit() }
-        #expect(eventually(timeoutMs: 10_000) { (try? TestClient(port: port, timeoutMs: 200)) != nil })
-        try body(p.processIdentifier)
+        try withTetherProcess(config: { _ in config }, port: port) { pid, _ in try body(pid) }
     }
 
     @Test func tenThousandTLSHandshakesLeaveTheResidentSizeFlat() throws {

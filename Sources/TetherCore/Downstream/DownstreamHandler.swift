@@ -307,10 +307,13 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             return
         }
         switch route.action {
-        case .stubStatus:
-            adminPage(.stubStatus)
-        case .stats(let format):
-            adminPage(format == .prometheus ? .prometheus : .json)
+        case .stubStatus, .stats:
+            guard e.head.methodIs("GET") || e.head.isHEAD else {
+                e.discardBody = true
+                respondLocal(status: 405, allow: true)
+                return
+            }
+            if case .stats(let format) = route.action { adminPage(format == .prometheus ? .prometheus : .json) } else { adminPage(.stubStatus) }
         case .respond(let r):
             e.discardBody = true
             if r.code == 444 { closeReason = "error"; close(); return }
@@ -345,7 +348,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         }
         let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
         let number = requests
-        admin.page(page).hop(to: loop.eventLoop).assumeIsolated().whenComplete { result in
+        admin.page(page, on: loop.eventLoop).assumeIsolated().whenComplete { result in
             let me = bound.value
             guard me.state == .exchange, me.requests == number else { return }
             switch result {
@@ -930,7 +933,8 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     }
 
     /// Answers the current request from Tether itself: `return`, or an error page.
-    private func respondLocal(status: Int, text: ByteBuffer? = nil, contentType: String = "text/plain", closeAfter: Bool = false) {
+    /// `allow`: the answer says `Allow: GET, HEAD` (a 405 from an admin page).
+    private func respondLocal(status: Int, text: ByteBuffer? = nil, contentType: String = "text/plain", closeAfter: Bool = false, allow: Bool = false) {
         guard let e = ex else { return }
         let allowed = clientKeepAliveAllowed(e)
         if closeAfter { closeReason = "error" }
@@ -947,7 +951,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             server.discard(up, reason: .notReusable)
         }
         balancerEnded(e)
-        e.bytesSent = respond(status: status, text: text, contentType: contentType, serverTokens: e.route.settings.serverTokens, keepAlive: keepAlive, head: e.head)
+        e.bytesSent = respond(status: status, text: text, contentType: contentType, serverTokens: e.route.settings.serverTokens, keepAlive: keepAlive, head: e.head, allow: allow)
         ex!.bytesSent = e.bytesSent
         if !keepAlive {
             finishExchange()
@@ -963,7 +967,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     private static let serverWithoutVersion = Array("\r\nServer: tether\r\nDate: ".utf8)
 
     @discardableResult
-    private func respond(status: Int, text: ByteBuffer?, contentType: String = "text/plain", serverTokens: Bool, keepAlive: Bool, head: ParsedHead?) -> Int {
+    private func respond(status: Int, text: ByteBuffer?, contentType: String = "text/plain", serverTokens: Bool, keepAlive: Bool, head: ParsedHead?, allow: Bool = false) -> Int {
         loop.dateCache.refresh()
         let reason = DownstreamHandler.reasons[status] ?? "Unknown"
         var out = loop.allocator.buffer(capacity: 512)
@@ -975,6 +979,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         out.writeBytes(serverTokens ? DownstreamHandler.serverWithVersion : DownstreamHandler.serverWithoutVersion)
         out.writeBytes(loop.dateCache.httpDate)
         out.writeStaticString("\r\n")
+        if allow { out.writeStaticString("Allow: GET, HEAD\r\n") }
         var body: ByteBuffer?
         let redirect: Bool
         switch status {
