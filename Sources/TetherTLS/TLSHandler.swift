@@ -20,6 +20,13 @@ public struct TLSHandshakeCompleted: Sendable {
     public var serverName: String?
 }
 
+/// Sent down the pipeline (`triggerUserOutboundEvent`) before a close that must not look orderly:
+/// the next close sends no `close_notify`, so a peer reading to the end of the stream sees a TCP
+/// close or reset, not a clean end (a response cut short that the close would otherwise complete).
+public struct TLSAbort: Sendable {
+    public init() {}
+}
+
 /// Terminates (server) or originates (client) TLS on one connection through OpenSSL 3, over a
 /// `ByteBufferBIO`: OpenSSL reads ciphertext from the buffers the socket delivered and writes its
 /// records into the buffer that goes to the socket. Plaintext passes through as `ByteBuffer`s.
@@ -181,6 +188,14 @@ public final class TLSHandler: ChannelDuplexHandler {
     public func flush(context: ChannelHandlerContext) {
         flushedCount = pending.count
         if state == .active { encryptPending(context) }
+    }
+
+    public func triggerUserOutboundEvent(context: ChannelHandlerContext, event: Any, promise: EventLoopPromise<Void>?) {
+        guard event is TLSAbort else { return context.triggerUserOutboundEvent(event, promise: promise) }
+        // Nothing more goes out encrypted, close_notify included: what is pending is dropped.
+        state = .closed
+        failPending(ChannelError.ioOnClosedChannel)
+        promise?.succeed()
     }
 
     public func close(context: ChannelHandlerContext, mode: CloseMode, promise: EventLoopPromise<Void>?) {

@@ -498,6 +498,59 @@ import Glibc
         }
     }
 
+    /// To a TLS client that reads until the close (HTTP/1.0), the end of a close-delimited response
+    /// is Tether's close_notify. So when the backend's response was cut short, Tether must not send
+    /// one: the client sees the connection reset (or at least a TCP close without close_notify),
+    /// never an orderly end.
+    @Test(arguments: [true, false])
+    func aTruncatedResponseToATLSClientEndsWithoutCloseNotify(_ orderly: Bool) throws {
+        let backend = try ScriptedBackend { c in
+            guard c.read(through: "\r\n\r\n") != nil else { c.close(); return }
+            c.send(Array("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".utf8) + [UInt8](repeating: 120, count: 1000))
+            if orderly { c.close() } else { c.reset() }
+        }
+        let proxy = try RunningProxy(config: """
+            worker_processes 1;
+            http { server {
+                listen 127.0.0.1:0 ssl;
+                ssl_certificate \(TestPKI.path("localhost.pem"));
+                ssl_certificate_key \(TestPKI.path("localhost.key"));
+                location / { proxy_pass http://127.0.0.1:\(backend.port); }
+            } }
+            """)
+        defer { proxy.stop() }
+        // Prints how the TLS stream ended: "close_notify", "ragged" (a TCP close without it) or "reset".
+        let script = """
+            import socket, ssl, sys
+            ctx = ssl.create_default_context(cafile=sys.argv[2])
+            s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", int(sys.argv[1]))), server_hostname="localhost", suppress_ragged_eofs=False)
+            s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+            data = b""
+            try:
+                while True:
+                    d = s.recv(65536)
+                    if not d:
+                        print("close_notify", len(data)); break
+                    data += d
+            except ssl.SSLEOFError:
+                print("ragged", len(data))
+            except ConnectionResetError:
+                print("reset", len(data))
+            """
+        for _ in 0..<3 {
+            let r = try run("/usr/bin/python3", ["-c", script, String(proxy.port), TLSTests.ca])
+            let words = r.out.split(separator: " ")
+            // A reset may reach Python's ssl module as an EOF without close_notify: either way the
+            // client can tell that the stream did not end as it should.
+            if orderly {
+                #expect(words.first == "close_notify", "\(r.out) \(r.err)")
+            } else {
+                #expect(words.first == "ragged" || words.first == "reset", "\(r.out) \(r.err)")
+            }
+            #expect(words.count == 2 && Int(words[1].trimmingCharacters(in: .whitespacesAndNewlines))! > 1000, "\(r.out)")
+        }
+    }
+
     /// The binary the tests built (and the release one, when bench/ or the README's command built
     /// it: both link the same way) uses the system's libssl.so.3, not a bundled BoringSSL.
     @Test func theBinaryLinksTheSystemOpenSSL() throws {

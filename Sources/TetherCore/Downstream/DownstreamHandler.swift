@@ -1078,6 +1078,8 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             loop.stats.downstreamClosed[closeReason, default: 0] += 1
         }
         clientWrites.discard()
+        // Over TLS, a close_notify would tell the client the stream ended as it should.
+        ctx.triggerUserOutboundEvent(TLSAbort(), promise: nil)
         provider.setSoLinger(linger(l_onoff: 1, l_linger: 0)).assumeIsolated().whenComplete { _ in ctx.close(promise: nil) }
     }
 
