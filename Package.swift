@@ -21,6 +21,9 @@ let package = Package(
         .target(name: "TetherConfig", swiftSettings: release),
         // glibc functions Swift's Glibc module leaves out (malloc_trim, mallinfo2).
         .target(name: "CTether"),
+        // Tether's own event loop: epoll, slab records with generation tags, timer lists, eventfd
+        // wake-ups, accept with back-off. No HTTP, no NIO.
+        .target(name: "TetherIO", dependencies: ["CTether"], swiftSettings: release),
         // The system's OpenSSL 3 (Debian: libssl-dev). Not swift-nio-ssl, which bundles BoringSSL.
         .systemLibrary(name: "COpenSSL", pkgConfig: "openssl", providers: [.apt(["libssl-dev"])]),
         .target(
@@ -76,6 +79,7 @@ let package = Package(
         ),
         .testTarget(name: "TetherConfigTests", dependencies: ["TetherConfig"]),
         .testTarget(name: "TetherPoolTests", dependencies: ["TetherPool"]),
+        .testTarget(name: "TetherIOTests", dependencies: ["TetherIO", "CTether"]),
         .testTarget(
             name: "TetherTLSTests",
             dependencies: [

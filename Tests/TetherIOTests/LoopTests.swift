@@ -1,0 +1,250 @@
+import CTether
+import Synchronization
+import Testing
+@testable import TetherIO
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A connected pair of non-blocking Unix stream sockets.
+func socketPair() -> (Int32, Int32) {
+    var fds: [Int32] = [0, 0]
+    let rc = socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds)
+    precondition(rc == 0)
+    return (fds[0], fds[1])
+}
+
+func send(_ fd: Int32, _ text: String) {
+    let n = text.utf8CString.withUnsafeBufferPointer { Glibc.write(fd, $0.baseAddress, $0.count - 1) }
+    precondition(n == text.utf8.count)
+}
+
+/// Reads what there is until EAGAIN; nil at EOF.
+func drain(_ fd: Int32) -> [UInt8]? {
+    var out: [UInt8] = []
+    var buf = [UInt8](repeating: 0, count: 4096)
+    while true {
+        let n = Glibc.read(fd, &buf, buf.count)
+        if n > 0 { out += buf[0..<n]; continue }
+        if n == 0 { return out.isEmpty ? nil : out }
+        return out
+    }
+}
+
+/// Records what the loop tells it; `onEvent` may act on it.
+final class Recorder: IOHandler {
+    var events: [IOEvents] = []
+    var timers = 0
+    var onEvent: ((IOEvents, Handle, IOLoop) -> Void)?
+    var onTimer: ((Handle, IOLoop) -> Void)?
+    func ioEvent(_ e: IOEvents, handle: Handle, loop: IOLoop) {
+        events.append(e)
+        onEvent?(e, handle, loop)
+    }
+    func timerFired(handle: Handle, loop: IOLoop) {
+        timers += 1
+        onTimer?(handle, loop)
+    }
+    var readableEvents: Int { events.filter { $0.contains(.readable) }.count }
+}
+
+@Suite struct LoopTests {
+    /// Edge-triggered: one event per arrival of bytes; bytes left unread raise no new event until
+    /// more arrive. So a handler must read until EAGAIN, and the loop never spins on data it left.
+    @Test func oneEventPerArrivalUnderEdgeTriggering() throws {
+        let loop = try IOLoop()
+        let (mine, peer) = socketPair()
+        defer { Glibc.close(peer) }
+        let r = Recorder()
+        let h = try loop.register(mine, handler: r)
+        try loop.runOnce(timeoutMs: 1_000)
+        #expect(r.events == [.writable], "a new socket is writable once")
+        send(peer, "hello")
+        try loop.runOnce(timeoutMs: 1_000)
+        #expect(r.readableEvents == 1)
+        var two = [UInt8](repeating: 0, count: 2)
+        #expect(Glibc.read(mine, &two, 2) == 2)  // leave "llo" unread
+        #expect(try loop.runOnce(timeoutMs: 0) == 0, "no new edge for bytes left unread")
+        send(peer, "!")
+        try loop.runOnce(timeoutMs: 1_000)
+        #expect(r.readableEvents == 2)
+        #expect(drain(mine) == Array("llo!".utf8))
+        loop.close(h)
+        #expect(loop.registered == 0 && loop.fd(h) == nil)
+    }
+
+    /// A request that arrives a byte at a time is read whole: each byte raises one event.
+    @Test func aRequestArrivingAByteAtATimeIsReadWhole() throws {
+        let loop = try IOLoop()
+        let (mine, peer) = socketPair()
+        defer { Glibc.close(peer) }
+        let request = "GET /a HTTP/1.1\r\nHost: t\r\n\r\n"
+        var got: [UInt8] = []
+        let r = Recorder()
+        r.onEvent = { e, _, _ in if e.contains(.readable) { got += drain(mine) ?? [] } }
+        _ = try loop.register(mine, handler: r)
+        for byte in request.utf8 {
+            send(peer, String(UnicodeScalar(byte)))
+            try loop.runOnce(timeoutMs: 1_000)
+        }
+        #expect(String(decoding: got, as: UTF8.self) == request)
+        #expect(r.readableEvents == request.utf8.count)
+    }
+
+    /// The peer's FIN is reported (EPOLLRDHUP) with what it sent before it; our own half-close
+    /// leaves the other direction open.
+    @Test func halfCloseInEachDirection() throws {
+        let loop = try IOLoop()
+        let (mine, peer) = socketPair()
+        defer { Glibc.close(peer) }
+        let r = Recorder()
+        _ = try loop.register(mine, handler: r)
+        try loop.runOnce(timeoutMs: 1_000)
+        send(peer, "last words")
+        shutdown(peer, Int32(SHUT_WR))
+        try loop.runOnce(timeoutMs: 1_000)
+        #expect(r.events.last?.contains(.readHangup) == true, "\(r.events)")
+        #expect(r.events.last?.contains(.hangup) == false, "only one direction is closed")
+        #expect(drain(mine) == Array("last words".utf8))
+        var b: UInt8 = 0
+        #expect(Glibc.read(mine, &b, 1) == 0, "then EOF")
+        // We can still write to the peer, and after our own shutdown it sees EOF.
+        send(mine, "reply")
+        shutdown(mine, Int32(SHUT_WR))
+        var buf = [UInt8](repeating: 0, count: 16)
+        #expect(Glibc.read(peer, &buf, 16) == 5)
+        #expect(Glibc.read(peer, &buf, 16) == 0)
+        try loop.runOnce(timeoutMs: 1_000)
+        #expect(r.events.last?.contains(.hangup) == true, "both directions closed: \(r.events)")
+    }
+
+    /// Two connections ready in one batch: handling the first closes the second and registers a
+    /// new socket that takes its slot (and, by the kernel's lowest-number rule, its descriptor
+    /// number). The second's event, still in the batch, must reach neither.
+    @Test func anEventForAClosedDescriptorNeverReachesTheOneThatReusedIt() throws {
+        let loop = try IOLoop()
+        let (a, pa) = socketPair()
+        let (b, pb) = socketPair()
+        defer { Glibc.close(pa); Glibc.close(pb) }
+        let ra = Recorder(), rb = Recorder(), rc = Recorder()
+        let ha = try loop.register(a, handler: ra)
+        let hb = try loop.register(b, handler: rb)
+        try loop.runOnce(timeoutMs: 1_000)  // the first writable events
+        ra.events = []; rb.events = []
+        var newcomer: (fd: Int32, handle: Handle, peer: Int32)?
+        func takeOver(closing victim: Handle, victimFD: Int32) {
+            guard newcomer == nil else { return }
+            loop.close(victim)
+            let (c, pc) = socketPair()
+            let hc = try! loop.register(c, handler: rc)
+            newcomer = (c, hc, pc)
+            #expect(hc.index == victim.index && hc.generation != victim.generation)
+            #expect(c == victimFD || pc == victimFD, "the kernel reused the closed descriptor's number")
+        }
+        ra.onEvent = { _, _, _ in takeOver(closing: hb, victimFD: b) }
+        rb.onEvent = { _, _, _ in takeOver(closing: ha, victimFD: a) }
+        send(pa, "x"); send(pb, "y")
+        try loop.runOnce(timeoutMs: 1_000)
+        #expect(ra.events.count + rb.events.count == 1, "only the first of the two was handled")
+        #expect(rc.events.isEmpty, "the closed one's event reached the newcomer: \(rc.events)")
+        if let n = newcomer { Glibc.close(n.peer) }
+    }
+
+    @Test func timersFireNotBeforeTheirTimeAndCloseCancelsThem() throws {
+        let loop = try IOLoop()
+        let (a, pa) = socketPair()
+        let (b, pb) = socketPair()
+        defer { Glibc.close(pa); Glibc.close(pb) }
+        let ra = Recorder(), rb = Recorder()
+        let ha = try loop.register(a, handler: ra)
+        let hb = try loop.register(b, handler: rb)
+        try loop.runOnce(timeoutMs: 1_000)
+        let armedAt = IOLoop.monotonicNanoseconds()
+        loop.arm(ha, afterNanoseconds: 30_000_000)
+        loop.arm(hb, afterNanoseconds: 30_000_000)
+        loop.close(hb)
+        var firedAt: UInt64 = 0
+        ra.onTimer = { _, _ in firedAt = IOLoop.monotonicNanoseconds() }
+        for _ in 0..<100 where ra.timers == 0 { try loop.runOnce(timeoutMs: 1_000) }
+        #expect(ra.timers == 1 && rb.timers == 0)
+        #expect(firedAt - armedAt >= 30_000_000, "fired \((firedAt - armedAt) / 1_000) µs after arming")
+        #expect(!loop.isTimerArmed(ha))
+        loop.arm(ha, afterNanoseconds: 1_000_000)
+        loop.cancelTimer(ha)
+        #expect(try loop.runOnce(timeoutMs: 20) == 0)
+        #expect(ra.timers == 1)
+    }
+
+    /// Work handed over from another thread wakes a loop that waits without a time limit.
+    @Test func workFromAnotherThreadWakesTheLoop() throws {
+        let loop = try IOLoop()
+        let thread = IOLoopThread(loop: loop, name: "tether-test")
+        let done = Mutex(0)
+        for _ in 0..<1_000 { loop.execute { _ in done.withLock { $0 += 1 } } }
+        var waited = 0
+        while done.withLock({ $0 }) < 1_000 && waited < 5_000 { usleep(1_000); waited += 1 }
+        thread.stopAndJoin()
+        #expect(done.withLock { $0 } == 1_000)
+    }
+}
+
+@Suite struct ListenerTests {
+    func connect(_ port: UInt16) -> Int32 {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var sa = sockaddr_in()
+        sa.sin_family = sa_family_t(AF_INET)
+        sa.sin_port = port.bigEndian
+        sa.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let rc = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        precondition(rc == 0, "connect: \(errno)")
+        return fd
+    }
+
+    /// One readiness edge accepts every queued connection (until EAGAIN).
+    @Test func acceptsEveryQueuedConnectionOnOneEdge() throws {
+        let loop = try IOLoop()
+        let (fd, port) = try Sockets.listenTCP()
+        var accepted: [Int32] = []
+        let listener = Listener(fd: fd, accepted: { c, _ in accepted.append(c) }, failed: { _, _ in })
+        try listener.start(on: loop)
+        let clients = (0..<50).map { _ in connect(port) }
+        defer { for c in clients + accepted { Glibc.close(c) } }
+        for _ in 0..<20 where accepted.count < 50 { try loop.runOnce(timeoutMs: 1_000) }
+        #expect(accepted.count == 50)
+        #expect(accepted.allSatisfy { fcntl($0, F_GETFL) & O_NONBLOCK != 0 }, "accepted sockets are non-blocking")
+        #expect(listener.acceptCalls <= 50 + 20, "\(listener.acceptCalls) accept calls")
+    }
+
+    /// Out of descriptors: the listener reports it, stops accepting for its back-off (no spinning:
+    /// no accept call meanwhile), and accepts the waiting connections once descriptors are back.
+    @Test func outOfDescriptorsBacksOffAndRecovers() throws {
+        let loop = try IOLoop()
+        let (fd, port) = try Sockets.listenTCP()
+        var failuresLeft = 3
+        var reported: [IOError] = []
+        var accepted: [Int32] = []
+        let listener = Listener(fd: fd, backoffNanoseconds: 50_000_000, accept: { l in
+            if failuresLeft > 0 { failuresLeft -= 1; return (-1, EMFILE) }
+            let c = tether_accept(l)
+            return (c, c < 0 ? tether_errno() : 0)
+        }, accepted: { c, _ in accepted.append(c) }, failed: { e, _ in reported.append(e) })
+        try listener.start(on: loop)
+        let clients = (0..<5).map { _ in connect(port) }
+        defer { for c in clients + accepted { Glibc.close(c) } }
+        let started = IOLoop.monotonicNanoseconds()
+        try loop.runOnce(timeoutMs: 1_000)
+        #expect(reported.count == 1 && listener.backingOff && accepted.isEmpty)
+        #expect(reported.first?.description.hasPrefix("accept4() failed (24: Too many open files)") == true)
+        let calls = listener.acceptCalls
+        // While backing off, events and passes do not make it call accept4() again.
+        let extra = connect(port)
+        defer { Glibc.close(extra) }
+        try loop.runOnce(timeoutMs: 10)
+        #expect(listener.acceptCalls == calls, "accept4() called while backing off")
+        for _ in 0..<100 where accepted.count < 6 { try loop.runOnce(timeoutMs: 1_000) }
+        #expect(accepted.count == 6, "every waiting connection accepted once descriptors came back")
+        #expect(reported.count == 3)
+        #expect(IOLoop.monotonicNanoseconds() - started >= 150_000_000, "three back-offs of 50 ms")
+        #expect(listener.acceptCalls == 3 + 6 + 1, "3 failures, 6 accepted, 1 EAGAIN: \(listener.acceptCalls)")
+    }
+}
