@@ -153,11 +153,15 @@ public final class IOLoop: @unchecked Sendable {
             let ms = d <= now ? 0 : Int32(min((d - now + 999_999) / 1_000_000, UInt64(Int32.max)))
             if wait < 0 || ms < wait { wait = ms }
         }
-        var handled = try poller.poll(timeoutMs: wait) { token, events in
-            if token == Self.wakeToken { runJobs(); return }
+        var handled = try poller.wait(timeoutMs: wait)
+        // The time after the wait: timers armed while handling these events count from it.
+        now = Self.monotonicNanoseconds()
+        for i in 0..<handled {
+            let (token, events) = poller.event(i)
+            if token == Self.wakeToken { runJobs(); continue }
             let handle = Handle(token: token)
             // A record closed earlier in this batch (its slot perhaps reused) is not found.
-            guard let r = records[handle] else { return }
+            guard let r = records[handle] else { continue }
             r.handler.ioEvent(events, handle: handle, loop: self)
         }
         now = Self.monotonicNanoseconds()

@@ -38,8 +38,10 @@ public protocol Poller: AnyObject {
     func register(_ fd: Int32, token: UInt64) throws(IOError)
     /// Removes `fd` (closing it does this too, when no other descriptor shares its file).
     func deregister(_ fd: Int32)
-    /// Waits up to `timeoutMs` (-1: without limit, 0: not at all) and calls `body` for each event.
-    func poll(timeoutMs: Int32, _ body: (UInt64, IOEvents) -> Void) throws(IOError) -> Int
+    /// Waits up to `timeoutMs` (-1: without limit, 0: not at all); returns how many events came.
+    func wait(timeoutMs: Int32) throws(IOError) -> Int
+    /// Event `i` of those the last `wait` returned: its descriptor's token and what happened.
+    func event(_ i: Int) -> (token: UInt64, events: IOEvents)
 }
 
 /// A failed system call: its name and errno.
@@ -84,19 +86,20 @@ public final class EpollPoller: Poller {
         _ = tether_epoll_delete(self.fd, fd)
     }
 
-    public func poll(timeoutMs: Int32, _ body: (UInt64, IOEvents) -> Void) throws(IOError) -> Int {
+    public func wait(timeoutMs: Int32) throws(IOError) -> Int {
         let n = tether_epoll_wait(fd, buffer, capacity, timeoutMs)
         guard n >= 0 else { throw IOError("epoll_wait", errno: tether_errno()) }
-        for i in 0..<n {
-            let e = tether_epoll_event_events(buffer, i)
-            var events: IOEvents = []
-            if e & UInt32(truncatingIfNeeded: TETHER_EPOLLIN) != 0 { events.insert(.readable) }
-            if e & UInt32(truncatingIfNeeded: TETHER_EPOLLOUT) != 0 { events.insert(.writable) }
-            if e & UInt32(truncatingIfNeeded: TETHER_EPOLLRDHUP) != 0 { events.insert(.readHangup) }
-            if e & UInt32(truncatingIfNeeded: TETHER_EPOLLHUP) != 0 { events.insert(.hangup) }
-            if e & UInt32(truncatingIfNeeded: TETHER_EPOLLERR) != 0 { events.insert(.error) }
-            body(tether_epoll_event_token(buffer, i), events)
-        }
         return Int(n)
+    }
+
+    public func event(_ i: Int) -> (token: UInt64, events: IOEvents) {
+        let e = tether_epoll_event_events(buffer, Int32(i))
+        var events: IOEvents = []
+        if e & UInt32(truncatingIfNeeded: TETHER_EPOLLIN) != 0 { events.insert(.readable) }
+        if e & UInt32(truncatingIfNeeded: TETHER_EPOLLOUT) != 0 { events.insert(.writable) }
+        if e & UInt32(truncatingIfNeeded: TETHER_EPOLLRDHUP) != 0 { events.insert(.readHangup) }
+        if e & UInt32(truncatingIfNeeded: TETHER_EPOLLHUP) != 0 { events.insert(.hangup) }
+        if e & UInt32(truncatingIfNeeded: TETHER_EPOLLERR) != 0 { events.insert(.error) }
+        return (tether_epoll_event_token(buffer, Int32(i)), events)
     }
 }

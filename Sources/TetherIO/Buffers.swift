@@ -1,0 +1,227 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A fixed-size byte buffer from a loop's `BufferPool`, owned by one holder at a time (it cannot be
+/// copied, only moved), with a read and a write index. Its memory goes back to the pool with
+/// `BufferPool.recycle` (or through an `OutboundQueue` that wrote it); dropped any other way it is
+/// freed, and the pool still counts it as outstanding, which the tests check stays at zero.
+public struct IOBuffer: ~Copyable {
+    @usableFromInline let base: UnsafeMutableRawPointer
+    public let capacity: Int
+    /// Bytes before `readerIndex` were consumed; bytes up to `writerIndex` were filled.
+    public var readerIndex = 0
+    public private(set) var writerIndex = 0
+
+    init(capacity: Int) {
+        base = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 16)
+        self.capacity = capacity
+    }
+
+    deinit { base.deallocate() }
+
+    /// Gives up the memory without freeing it (for the pool).
+    consuming func take() -> UnsafeMutableRawPointer {
+        let p = base
+        discard self
+        return p
+    }
+
+    init(adopting base: UnsafeMutableRawPointer, capacity: Int) {
+        self.base = base
+        self.capacity = capacity
+    }
+
+    public var readableBytes: Int { writerIndex - readerIndex }
+    public var writableBytes: Int { capacity - writerIndex }
+    public var isEmpty: Bool { readerIndex == writerIndex }
+
+    /// The bytes not yet consumed.
+    public func withReadableBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+        try body(UnsafeRawBufferPointer(start: base + readerIndex, count: writerIndex - readerIndex))
+    }
+
+    /// Appends what fits of `bytes`; returns how many were taken.
+    @discardableResult
+    public mutating func append<C: Collection>(contentsOf bytes: C) -> Int where C.Element == UInt8 {
+        let fast = bytes.withContiguousStorageIfAvailable { src -> Int in
+            let n = min(src.count, capacity - writerIndex)
+            if n > 0 { (base + writerIndex).copyMemory(from: src.baseAddress!, byteCount: n) }
+            writerIndex += n
+            return n
+        }
+        if let fast { return fast }
+        var n = 0
+        for b in bytes {
+            guard writerIndex < capacity else { break }
+            base.storeBytes(of: b, toByteOffset: writerIndex, as: UInt8.self)
+            writerIndex += 1
+            n += 1
+        }
+        return n
+    }
+
+    /// Marks `n` readable bytes consumed; an emptied buffer starts again at its front.
+    public mutating func consume(_ n: Int) {
+        precondition(n >= 0 && n <= readableBytes, "consume \(n) of \(readableBytes) readable bytes")
+        readerIndex += n
+        if readerIndex == writerIndex { readerIndex = 0; writerIndex = 0 }
+    }
+
+    /// Moves the unread bytes to the front, making room at the end.
+    public mutating func compact() {
+        guard readerIndex > 0 else { return }
+        let n = readableBytes
+        if n > 0 { (base).copyMemory(from: base + readerIndex, byteCount: n) }
+        readerIndex = 0
+        writerIndex = n
+    }
+
+    /// Reads from `fd` into the free space, until it is full or the socket has nothing more.
+    public mutating func read(from fd: Int32) -> ReadResult {
+        var total = 0
+        while writerIndex < capacity {
+            let n = Glibc.read(fd, base + writerIndex, capacity - writerIndex)
+            if n > 0 { writerIndex += n; total += n; continue }
+            if n == 0 { return total > 0 ? .bytes(total, eof: true) : .eof }
+            let e = errno
+            if e == EINTR { continue }
+            if e == EAGAIN || e == EWOULDBLOCK { return total > 0 ? .bytes(total, eof: false) : .wouldBlock }
+            return .error(e)
+        }
+        return .bytes(total, eof: false)
+    }
+
+}
+
+public enum ReadResult: Equatable, Sendable {
+    /// `n` bytes read; `eof`: the peer then closed its side.
+    case bytes(Int, eof: Bool)
+    /// Nothing to read now (EAGAIN): wait for the next readable event.
+    case wouldBlock
+    /// The peer closed its side and nothing was left to read.
+    case eof
+    case error(Int32)
+}
+
+/// A loop's buffers: taken for a read or a response and given back as soon as they are empty,
+/// so an idle connection holds none. Keeps up to `maximumSpare` for reuse; `trim` frees spares
+/// beyond what the open connections could need (after a burst).
+public final class BufferPool {
+    public let bufferSize: Int
+    public var maximumSpare: Int
+    var spare: [UnsafeMutableRawPointer] = []
+    /// Buffers handed out and not yet given back.
+    public private(set) var outstanding = 0
+    /// Buffers allocated since the start (a new one only when no spare was there).
+    public private(set) var allocations = 0
+
+    public init(bufferSize: Int = 16 * 1024, maximumSpare: Int = 1024) {
+        self.bufferSize = bufferSize
+        self.maximumSpare = maximumSpare
+    }
+
+    deinit { for p in spare { p.deallocate() } }
+
+    public var spareCount: Int { spare.count }
+
+    public func take() -> IOBuffer {
+        outstanding += 1
+        if let p = spare.popLast() { return IOBuffer(adopting: p, capacity: bufferSize) }
+        allocations += 1
+        return IOBuffer(capacity: bufferSize)
+    }
+
+    public func recycle(_ buffer: consuming IOBuffer) {
+        precondition(buffer.capacity == bufferSize, "a buffer of another pool")
+        outstanding -= 1
+        let p = buffer.take()
+        if spare.count < maximumSpare { spare.append(p) } else { p.deallocate() }
+    }
+
+    /// Frees spares beyond `keep`.
+    public func trim(keeping keep: Int) {
+        while spare.count > keep { spare.removeLast().deallocate() }
+    }
+}
+
+/// What a connection has queued to write, as buffers written out with one `writev` per flush,
+/// bounded: `isFull` past `limit` bytes, the signal for the other side to stop reading
+/// (backpressure). Emptied buffers go back to the pool at once.
+public struct OutboundQueue: ~Copyable {
+    var buffers: [UnsafeMutableRawPointer] = []
+    var ranges: [(start: Int, end: Int)] = []
+    public private(set) var queuedBytes = 0
+    public let limit: Int
+    let pool: BufferPool
+
+    public init(pool: BufferPool, limit: Int = 64 * 1024) {
+        self.pool = pool
+        self.limit = limit
+    }
+
+    deinit { for p in buffers { pool.recycle(IOBuffer(adopting: p, capacity: pool.bufferSize)) } }
+
+    public var isEmpty: Bool { queuedBytes == 0 }
+    public var isFull: Bool { queuedBytes >= limit }
+    public var count: Int { buffers.count }
+
+    /// Queues the readable bytes of `buffer` (an empty one goes straight back to the pool).
+    public mutating func enqueue(_ buffer: consuming IOBuffer) {
+        guard !buffer.isEmpty else { return pool.recycle(buffer) }
+        let range = (buffer.readerIndex, buffer.writerIndex)
+        queuedBytes += range.1 - range.0
+        ranges.append(range)
+        buffers.append(buffer.take())
+    }
+
+    public enum FlushResult: Equatable, Sendable {
+        /// Everything went out.
+        case done
+        /// The socket took part (or none): wait for the next writable event.
+        case wouldBlock
+        case error(Int32)
+    }
+
+    /// Writes what is queued with `writev` (up to 64 buffers a call) until done or EAGAIN.
+    public mutating func flush(to fd: Int32) -> FlushResult {
+        while !buffers.isEmpty {
+            let n = min(buffers.count, 64)
+            let written: Int = withUnsafeTemporaryAllocation(of: Glibc.iovec.self, capacity: n) { iov in
+                for i in 0..<n {
+                    iov[i] = Glibc.iovec(iov_base: buffers[i] + ranges[i].start, iov_len: ranges[i].end - ranges[i].start)
+                }
+                return Glibc.writev(fd, iov.baseAddress, Int32(n))
+            }
+            if written < 0 {
+                let e = errno
+                if e == EINTR { continue }
+                if e == EAGAIN || e == EWOULDBLOCK { return .wouldBlock }
+                return .error(e)
+            }
+            consume(written)
+        }
+        return .done
+    }
+
+    mutating func consume(_ written: Int) {
+        var left = written
+        queuedBytes -= written
+        var done = 0
+        while done < buffers.count && left > 0 {
+            let len = ranges[done].end - ranges[done].start
+            if left >= len {
+                left -= len
+                pool.recycle(IOBuffer(adopting: buffers[done], capacity: pool.bufferSize))
+                done += 1
+            } else {
+                ranges[done].start += left
+                left = 0
+            }
+        }
+        if done > 0 {
+            buffers.removeFirst(done)
+            ranges.removeFirst(done)
+        }
+    }
+}
