@@ -14,10 +14,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need() { command -v "$1" >/dev/null 2>&1; }
-if ! need valgrind || ! need callgrind_control || ! need python3 || ! need curl; then
+if ! need valgrind || ! need callgrind_control || ! need python3 || ! need curl || ! need strip; then
     sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq valgrind python3 curl >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq valgrind python3 curl binutils >/dev/null
 fi
 scripts/build >/dev/null
 WORK=$(mktemp -d)
