@@ -24,6 +24,9 @@ let package = Package(
         // Tether's own event loop: epoll, slab records with generation tags, timer lists, eventfd
         // wake-ups, accept with back-off. No HTTP, no NIO.
         .target(name: "TetherIO", dependencies: ["CTether"], swiftSettings: release),
+        // HTTP/1 pieces without I/O: the request target and path normalisation, the chunked
+        // decoder, body framing. Stdlib only.
+        .target(name: "TetherHTTP", swiftSettings: release),
         // The system's OpenSSL 3 (Debian: libssl-dev). Not swift-nio-ssl, which bundles BoringSSL.
         .systemLibrary(name: "COpenSSL", pkgConfig: "openssl", providers: [.apt(["libssl-dev"])]),
         .target(
@@ -39,7 +42,7 @@ let package = Package(
         .target(
             name: "TetherCore",
             dependencies: [
-                "TetherConfig", "TetherPool", "TetherTLS", "CTether",
+                "TetherConfig", "TetherPool", "TetherTLS", "TetherHTTP", "CTether",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
@@ -80,6 +83,7 @@ let package = Package(
         .testTarget(name: "TetherConfigTests", dependencies: ["TetherConfig"]),
         .testTarget(name: "TetherPoolTests", dependencies: ["TetherPool"]),
         .testTarget(name: "TetherIOTests", dependencies: ["TetherIO", "CTether"]),
+        .testTarget(name: "TetherHTTPTests", dependencies: ["TetherHTTP"]),
         .testTarget(
             name: "TetherTLSTests",
             dependencies: [

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import Logging
 import NIOCore
+import TetherHTTP
 import TetherConfig
 import TetherPool
 import TetherTLS

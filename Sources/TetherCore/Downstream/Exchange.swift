@@ -1,4 +1,5 @@
 import NIOCore
+import TetherHTTP
 import TetherConfig
 import TetherPool
 

@@ -1,4 +1,5 @@
 import NIOCore
+import TetherHTTP
 import TetherPool
 
 /// Headers the proxy acts on, recognised once while parsing.
@@ -144,21 +145,6 @@ extension ParsedHead {
     var backendKeepAlive: ConnectionPool<ObjectIdentifier>.BackendKeepAlive? {
         keepAliveTimeout == nil && keepAliveMax == nil ? nil : .init(timeoutSeconds: keepAliveTimeout, max: keepAliveMax)
     }
-}
-
-enum ASCII {
-    @inline(__always) static func lower(_ c: UInt8) -> UInt8 { c >= 0x41 && c <= 0x5A ? c | 0x20 : c }
-
-    /// RFC 9110 tchar: ALPHA, DIGIT and "!#$%&'*+-.^_`|~", as two 64-bit masks (bytes 0-63 and
-    /// 64-127) rather than a table: no global to initialise and check on every byte.
-    @inline(__always) static func isToken(_ c: UInt8) -> Bool {
-        if c < 64 { return (0x03FF_6CFA_0000_0000 as UInt64) >> UInt64(c) & 1 != 0 }
-        if c < 128 { return (0x57FF_FFFF_C7FF_FFFE as UInt64) >> UInt64(c - 64) & 1 != 0 }
-        return false
-    }
-
-    /// Field-value bytes: visible ASCII, obs-text, space and tab (no CTLs, no NUL, no bare CR).
-    @inline(__always) static func isFieldByte(_ c: UInt8) -> Bool { c >= 0x20 ? c != 0x7F : c == 0x09 }
 }
 
 /// Parses HTTP/1 heads strictly: a request or response is refused rather than guessed at,
@@ -555,10 +541,6 @@ enum HeadParser {
 
     @inline(__always)
     static func equalsIgnoringCase(_ p: UnsafeRawBufferPointer, _ s: Int, _ e: Int, _ lit: StaticString) -> Bool {
-        guard e - s == lit.utf8CodeUnitCount else { return false }
-        return lit.withUTF8Buffer { b in
-            for k in 0..<b.count where ASCII.lower(p[s + k]) != b[k] { return false }
-            return true
-        }
+        ASCII.equalsIgnoringCase(p, s, e, lit)
     }
 }

@@ -1,4 +1,5 @@
 import NIOCore
+import TetherHTTP
 import TetherPool
 
 /// The rest of a response whose client has gone, read and dropped so that the upstream

@@ -1,9 +1,9 @@
 /// The request target (RFC 9112 §3.2) and the authority (RFC 9110 §4.2, §7.2), parsed once per
 /// request: the one place that knows where a target's path starts, which host it names, and what
 /// path a location is matched against.
-enum RequestTarget {
+public enum RequestTarget {
     /// The forms a request target takes.
-    enum Form: Equatable {
+    public enum Form: Equatable {
         /// `/path?query`
         case origin
         /// `http://authority/path?query`: the authority wins over the Host field.
@@ -15,20 +15,20 @@ enum RequestTarget {
     }
 
     /// Where the parts of a target lie, as offsets into the buffer it was parsed from.
-    struct Parts: Equatable {
-        var form: Form
+    public struct Parts: Equatable {
+        public var form: Form
         /// The path, without the query: empty for an absolute-form target without one (it means `/`).
-        var pathStart: Int
-        var pathEnd: Int
+        public var pathStart: Int
+        public var pathEnd: Int
         /// The host of an absolute-form target's authority (without port or brackets' content
         /// changed), or -1 when the target has none.
-        var hostStart = -1
-        var hostEnd = -1
+        public var hostStart = -1
+        public var hostEnd = -1
     }
 
     /// Parses the target in `p[start..<end]` (its bytes already known to be visible ASCII).
     /// `isOptions` / `isConnect` say which method it came with. Returns a reason on failure.
-    static func parse(_ p: UnsafeRawBufferPointer, _ start: Int, _ end: Int, isOptions: Bool, isConnect: Bool) -> Result<Parts, TargetError> {
+    public static func parse(_ p: UnsafeRawBufferPointer, _ start: Int, _ end: Int, isOptions: Bool, isConnect: Bool) -> Result<Parts, TargetError> {
         let first = p[start]
         if isConnect {
             guard let host = authorityHost(p, start, end) else { return .failure(.init("invalid authority in CONNECT target")) }
@@ -47,7 +47,7 @@ enum RequestTarget {
         guard i > start, end - i >= 3, p[i] == UInt8(ascii: ":"), p[i + 1] == UInt8(ascii: "/"), p[i + 2] == UInt8(ascii: "/") else {
             return .failure(.init("invalid request target"))
         }
-        guard HeadParser.equalsIgnoringCase(p, start, i, "http") || HeadParser.equalsIgnoringCase(p, start, i, "https") else {
+        guard ASCII.equalsIgnoringCase(p, start, i, "http") || ASCII.equalsIgnoringCase(p, start, i, "https") else {
             return .failure(.init("unsupported scheme in request target"))
         }
         let authorityStart = i + 3
@@ -62,9 +62,9 @@ enum RequestTarget {
         return .success(Parts(form: .absolute, pathStart: pathStart, pathEnd: pathEnd, hostStart: host.0, hostEnd: host.1))
     }
 
-    struct TargetError: Error, Equatable {
-        var reason: String
-        init(_ reason: String) { self.reason = reason }
+    public struct TargetError: Error, Equatable {
+        public var reason: String
+        public init(_ reason: String) { self.reason = reason }
     }
 
     @inline(__always) private static func queryStart(_ p: UnsafeRawBufferPointer, _ start: Int, _ end: Int) -> Int {
@@ -82,7 +82,7 @@ enum RequestTarget {
     /// `uri-host [ ":" port ]` (RFC 9110 §4.2.3, §7.2) in `p[s..<e]`: the host's range, or nil when
     /// the value is not one. No userinfo (`@`), no whitespace, no path; an IP literal in brackets;
     /// a port of digits no larger than 65535. The host is never empty.
-    static func authorityHost(_ p: UnsafeRawBufferPointer, _ s: Int, _ e: Int) -> (Int, Int)? {
+    public static func authorityHost(_ p: UnsafeRawBufferPointer, _ s: Int, _ e: Int) -> (Int, Int)? {
         guard e > s else { return nil }
         var i = s
         let hostEnd: Int
@@ -130,13 +130,13 @@ enum RequestTarget {
         return (s, hostEnd)
     }
 
-    @inline(__always) static func isUnreserved(_ c: UInt8) -> Bool {
+    @inline(__always) public static func isUnreserved(_ c: UInt8) -> Bool {
         let l = c | 0x20
         return (l >= UInt8(ascii: "a") && l <= UInt8(ascii: "z")) || (c >= 0x30 && c <= 0x39)
             || c == UInt8(ascii: "-") || c == UInt8(ascii: ".") || c == UInt8(ascii: "_") || c == UInt8(ascii: "~")
     }
 
-    @inline(__always) static func isSubDelim(_ c: UInt8) -> Bool {
+    @inline(__always) public static func isSubDelim(_ c: UInt8) -> Bool {
         switch c {
         case UInt8(ascii: "!"), UInt8(ascii: "$"), UInt8(ascii: "&"), UInt8(ascii: "'"), UInt8(ascii: "("), UInt8(ascii: ")"),
              UInt8(ascii: "*"), UInt8(ascii: "+"), UInt8(ascii: ","), UInt8(ascii: ";"), UInt8(ascii: "="):
@@ -155,18 +155,26 @@ enum RequestTarget {
 /// servlet containers read it), and locations are matched with every segment's parameters left
 /// out (`/admin;x/` matches `location /admin/`), so that a backend that strips them cannot be
 /// reached past a location's rules.
-struct NormalizedPath: Equatable {
+public struct NormalizedPath: Equatable {
     /// `$uri`: what a `proxy_pass` URI replaces the location prefix of. nil: the raw path is
     /// already normal (the usual case; nothing is allocated).
-    var uri: [UInt8]?
+    public var uri: [UInt8]?
     /// What locations are matched against, when it differs from `uri` (parameters left out).
-    var match: [UInt8]?
+    public var match: [UInt8]?
 
-    struct Invalid: Error, Equatable { var reason: String }
+    public init(uri: [UInt8]? = nil, match: [UInt8]? = nil) {
+        self.uri = uri
+        self.match = match
+    }
+
+    public struct Invalid: Error, Equatable {
+        public var reason: String
+        public init(reason: String) { self.reason = reason }
+    }
 
     /// Normalises the raw path in `p[s..<e]` (an origin-form path, or an absolute-form one
     /// without its authority; empty means `/`).
-    static func make(_ p: UnsafeRawBufferPointer, _ s: Int, _ e: Int, mergeSlashes: Bool) -> Result<NormalizedPath, Invalid> {
+    public static func make(_ p: UnsafeRawBufferPointer, _ s: Int, _ e: Int, mergeSlashes: Bool) -> Result<NormalizedPath, Invalid> {
         if s == e { return .success(NormalizedPath(uri: [UInt8(ascii: "/")])) }
         guard p[s] == UInt8(ascii: "/") else { return .success(NormalizedPath()) }  // "*"
         if isNormal(p, s, e, mergeSlashes: mergeSlashes) { return .success(NormalizedPath()) }
@@ -233,7 +241,7 @@ struct NormalizedPath: Equatable {
 
     /// Whether the raw path needs no work: no escape, no parameter, no dot segment, no slash run.
     @inline(__always)
-    static func isNormal(_ p: UnsafeRawBufferPointer, _ s: Int, _ e: Int, mergeSlashes: Bool) -> Bool {
+    public static func isNormal(_ p: UnsafeRawBufferPointer, _ s: Int, _ e: Int, mergeSlashes: Bool) -> Bool {
         var i = s
         while i < e {
             let c = p[i]
@@ -254,7 +262,7 @@ struct NormalizedPath: Equatable {
 
     /// Writes a decoded path back as a request target's path: bytes that may not stand in one
     /// as they are (controls, space, `#`, `?`, `%`, non-ASCII and the like) percent-encoded.
-    static func escape(_ path: UnsafeRawBufferPointer, into out: inout [UInt8]) {
+    public static func escape(_ path: UnsafeRawBufferPointer, into out: inout [UInt8]) {
         let hex: [UInt8] = Array("0123456789ABCDEF".utf8)
         for c in path {
             if RequestTarget.isUnreserved(c) || RequestTarget.isSubDelim(c) || c == UInt8(ascii: "/") || c == UInt8(ascii: ":") || c == UInt8(ascii: "@") {

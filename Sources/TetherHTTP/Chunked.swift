@@ -1,5 +1,3 @@
-import NIOCore
-
 /// Follows a chunked body (RFC 9112 §7.1) byte by byte, strictly: where its chunks start and end,
 /// where their data is, and its trailer fields. Bodies are never passed on as received: the
 /// consumer writes them out again in canonical form (`ChunkedDecoder.writeSize`), so that nothing
@@ -10,8 +8,8 @@ import NIOCore
 ///   `=` and quoted strings, and are dropped;
 /// - trailer fields are `token ":" field-value` lines (no obs-fold), kept for the consumer
 ///   except those that must not appear in trailers (framing, routing, hop-by-hop).
-struct ChunkedDecoder {
-    enum State: Equatable {
+public struct ChunkedDecoder {
+    public enum State: Equatable {
         case size(digits: Int)
         /// White space after the size: only a `;` may follow.
         case sizeBWS
@@ -30,7 +28,7 @@ struct ChunkedDecoder {
     }
 
     /// What the body holds, in order.
-    enum Event: Equatable {
+    public enum Event: Equatable {
         /// A chunk of this many data bytes starts.
         case chunk(Int64)
         /// Data bytes at these offsets of the buffer being consumed.
@@ -41,35 +39,40 @@ struct ChunkedDecoder {
         case end
     }
 
-    struct Failure: Error, Equatable { var reason: String }
+    public struct Failure: Error, Equatable {
+        public var reason: String
+        public init(reason: String) { self.reason = reason }
+    }
 
-    private(set) var state = State.size(digits: 0)
+    public private(set) var state = State.size(digits: 0)
     private var size: Int64 = 0
     /// Bytes of the current size line (for its bound).
     private var lineLength = 0
     /// Data bytes seen so far, and announced by the chunk sizes read so far.
-    private(set) var dataBytes: Int64 = 0
-    private(set) var announcedBytes: Int64 = 0
+    public private(set) var dataBytes: Int64 = 0
+    public private(set) var announcedBytes: Int64 = 0
     /// The trailer line being read, and the kept trailer lines (CRLF-terminated) once read.
     private var trailerLine: [UInt8] = []
-    private(set) var trailers: [UInt8] = []
+    public private(set) var trailers: [UInt8] = []
     private var trailerBytes = 0
 
     /// The longest size line (size and extensions), and all trailer lines together.
-    static let sizeLineLimit = 4096
-    static let trailerLimit = 16 * 1024
+    public init() {}
 
-    var isDone: Bool { state == .done }
+    public static let sizeLineLimit = 4096
+    public static let trailerLimit = 16 * 1024
+
+    public var isDone: Bool { state == .done }
 
     /// Consumes bytes from the start of `p`, calling `data` with the offsets of each data run.
     /// Returns how many bytes belong to the body (all of `p`, unless the body ended inside it).
-    mutating func consume(_ p: UnsafeRawBufferPointer, data: (Int, Int) -> Void) throws(Failure) -> Int {
+    public mutating func consume(_ p: UnsafeRawBufferPointer, data: (Int, Int) -> Void) throws(Failure) -> Int {
         try consume(p, events: { if case .data(let a, let b) = $0 { data(a, b) } })
     }
 
     /// Consumes bytes from the start of `p`, reporting what they hold. Returns how many bytes
     /// belong to the body (all of `p`, unless the body ended inside it).
-    mutating func consume(_ p: UnsafeRawBufferPointer, events: (Event) -> Void) throws(Failure) -> Int {
+    public mutating func consume(_ p: UnsafeRawBufferPointer, events: (Event) -> Void) throws(Failure) -> Int {
         var i = 0
         let n = p.count
         while i < n {
@@ -218,12 +221,12 @@ struct ChunkedDecoder {
 
     /// Fields that frame, route or control the connection: meaningless or dangerous in a trailer
     /// (RFC 9110 §6.5.1), never passed on.
-    static let notInTrailers: Set<String> = [
+    public static let notInTrailers: Set<String> = [
         "content-length", "transfer-encoding", "host", "connection", "keep-alive", "proxy-connection", "te", "trailer",
         "upgrade", "content-type", "content-encoding", "content-range", "expect", "authorization", "cookie", "set-cookie",
     ]
 
-    @inline(__always) static func hex(_ c: UInt8) -> UInt8? {
+    @inline(__always) public static func hex(_ c: UInt8) -> UInt8? {
         switch c {
         case 0x30...0x39: return c - 0x30
         case 0x61...0x66: return c - 0x61 + 10
@@ -231,21 +234,10 @@ struct ChunkedDecoder {
         default: return nil
         }
     }
-
-    /// A canonical chunk-size line: lowercase hex without leading zeros, no extension, CRLF.
-    static func writeSize(_ n: Int64, into out: inout ByteBuffer) {
-        var digits = 1
-        while digits < 16, n >> (4 * Int64(digits)) != 0 { digits += 1 }
-        for k in stride(from: digits - 1, through: 0, by: -1) {
-            let v = UInt8(truncatingIfNeeded: n >> (4 * Int64(k))) & 15
-            out.writeInteger(v < 10 ? v + 0x30 : v - 10 + 0x61)
-        }
-        out.writeStaticString("\r\n")
-    }
 }
 
 /// How a message body is delimited on the wire.
-enum BodyFraming: Equatable {
+public enum BodyFraming: Equatable {
     case none
     case length(Int64)
     case chunked
