@@ -13,20 +13,12 @@
 # Lower the budget when a change brings the figures down; it only goes down.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-need() { command -v "$1" >/dev/null 2>&1; }
+source bench/lib.sh
 if ! need valgrind || ! need callgrind_control || ! need python3 || ! need curl || ! need strip; then
-    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq valgrind python3 curl binutils >/dev/null
+    install_packages valgrind python3 curl binutils
 fi
 scripts/build >/dev/null
-WORK=$(mktemp -d)
-cleanup() {
-    for p in $(cat "$WORK"/*.pid 2>/dev/null); do kill "$p" 2>/dev/null || true; done
-    sleep 0.3
-    [ -n "${KEEP_WORK:-}" ] && echo "kept $WORK" >&2 || rm -rf "$WORK"
-}
-trap cleanup EXIT
+make_work
 BACKEND_PORT=18381; TETHER_PORT=18380
 # valgrind cannot read the DWARF 5 debug info Swift writes; the symbols are enough.
 strip --strip-debug -o "$WORK/tether" .build/release/tether

@@ -13,20 +13,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=bench/out
 mkdir -p "$OUT"
-need() { command -v "$1" >/dev/null 2>&1; }
+source bench/lib.sh
 if ! need wrk || ! need nginx || ! need valgrind || ! need callgrind_control; then
-    apt-get update -qq
-    apt-get install -y -qq wrk nginx-light valgrind >/dev/null
+    install_packages wrk nginx-light valgrind
 fi
 scripts/build >/dev/null
-WORK=$(mktemp -d)
-chmod 755 "$WORK"
-cleanup() {
-    for p in $(cat "$WORK"/*.pid 2>/dev/null); do kill "$p" 2>/dev/null || true; done
-    sleep 0.5
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+make_work
 BACKEND_PORT=18181; TETHER_PORT=18180; NGINX_PORT=18182
 
 # valgrind cannot read the DWARF 5 debug info Swift writes; the symbols are enough.

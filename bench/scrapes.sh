@@ -16,22 +16,12 @@ DURATION=${DURATION:-10}
 SCRAPERS=${SCRAPERS:-100}
 OUT=bench/out
 mkdir -p "$OUT"
-need() { command -v "$1" >/dev/null 2>&1; }
-if ! need wrk || ! need nginx || ! need taskset; then
-    apt-get update -qq
-    apt-get install -y -qq wrk nginx-light util-linux >/dev/null
-fi
+source bench/lib.sh
+if ! need wrk || ! need nginx || ! need taskset; then install_packages wrk nginx-light util-linux; fi
 ulimit -n 65536 || true
 scripts/build >/dev/null
 TETHER=$PWD/.build/release/tether
-WORK=$(mktemp -d)
-chmod 755 "$WORK"
-cleanup() {
-    for p in $(cat "$WORK"/*.pid 2>/dev/null); do kill "$p" 2>/dev/null || true; done
-    sleep 0.5
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+make_work
 BACKEND_PORT=18281; TETHER_PORT=18280; NGINX_PORT=18282; TETHER_ADMIN=18283; NGINX_ADMIN=18284
 
 cat > "$WORK/backend.conf" <<CONF
