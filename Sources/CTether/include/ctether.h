@@ -1,8 +1,9 @@
 #ifndef CTETHER_H
 #define CTETHER_H
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE  // accept4
-#endif
+// No _GNU_SOURCE here: this header is imported into Swift next to the SwiftGlibc module, and a
+// feature macro changes how glibc's headers define fd_set and friends, which breaks a clean build
+// ("__fds_bits ... not present in definition of 'fd_set' in module 'CTether'"). The two GNU
+// functions (accept4, pthread_setname_np) are wrapped in shims.c, which defines it for itself.
 // Small wrappers over glibc functions Swift's Glibc module does not export or cannot call safely.
 #include <malloc.h>
 #include <stddef.h>
@@ -73,18 +74,13 @@ static inline uint64_t tether_epoll_event_token(const void *buffer, int i) {
 
 static inline int tether_eventfd(void) { return eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC); }
 
-/// A non-blocking, close-on-exec accepted socket, or -1 with errno (EINTR retried).
-static inline int tether_accept(int fd) {
-    int c;
-    do { c = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC); } while (c < 0 && errno == EINTR);
-    return c;
-}
+/// A non-blocking, close-on-exec accepted socket, or -1 with errno (EINTR retried). In shims.c.
+int tether_accept(int fd);
 
 static inline int tether_errno(void) { return errno; }
 
-#include <pthread.h>
-/// Names the calling thread (15 bytes at most), as top and gdb show it.
-static inline void tether_set_thread_name(const char *name) { pthread_setname_np(pthread_self(), name); }
+/// Names the calling thread (15 bytes at most), as top and gdb show it. In shims.c.
+void tether_set_thread_name(const char *name);
 #endif
 
 #endif
