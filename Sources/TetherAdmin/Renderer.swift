@@ -23,7 +23,7 @@ public struct Renderer: AdminRenderer {
             + "Reading: \(s.reading) Writing: \(s.writing) Waiting: \(s.waiting) \n"
     }
 
-    static let downstreamCloseReasons = ["keepalive_timeout", "keepalive_requests", "keepalive_time", "client_close", "client_header_timeout", "error", "tls_error", "tcp_keepalive", "shutdown"]
+    static let downstreamCloseReasons = ReasonCounts<DownstreamCloseReason>.labels
     static let upstreamCloseReasons = CloseReason.allCases.map(\.rawValue)
 
     /// The Prometheus text exposition format, version 0.0.4.
@@ -93,8 +93,8 @@ public struct Renderer: AdminRenderer {
         perServer("tether_upstream_rq_reused_total", "counter", "Requests sent on a reused (warm) upstream connection.") { $0.counters.reused }
         perServer("tether_upstream_rq_abandoned_drained_total", "counter", "Responses read to their end after the client left, so that the upstream connection was kept.") { $0.counters.drained }
         perServerReason("tether_upstream_cx_closed_total", "Upstream connections closed, by reason.", known: upstreamCloseReasons) { $0.counters.closed }
-        perServerReason("tether_upstream_rq_retry_total", "Requests sent again, by reason.", known: ["reused_connection_closed", "next_upstream"]) { $0.counters.retries }
-        perServerReason("tether_upstream_rq_failed_total", "Requests that failed upstream, by reason.", known: ["error", "timeout", "invalid_header", "truncated"]) { $0.counters.failures }
+        perServerReason("tether_upstream_rq_retry_total", "Requests sent again, by reason.", known: ReasonCounts<UpstreamRetryReason>.labels) { $0.counters.retries.byLabel }
+        perServerReason("tether_upstream_rq_failed_total", "Requests that failed upstream, by reason.", known: ReasonCounts<UpstreamFailedReason>.labels.filter { $0 != UpstreamFailedReason.noLiveUpstreams.label }) { $0.counters.failures.byLabel }
         perServer("tether_upstream_tls_handshakes_total", "counter", "TLS handshakes with upstream servers (proxy_pass https://).") { $0.counters.tlsHandshakes }
         perServer("tether_upstream_tls_sessions_reused_total", "counter", "Upstream TLS handshakes that resumed a session (proxy_ssl_session_reuse).") { $0.counters.tlsResumed }
         perServer("tether_upstream_tls_handshake_failures_total", "counter", "Upstream TLS handshakes that failed.") { $0.counters.tlsFailures }
@@ -154,7 +154,7 @@ public struct Renderer: AdminRenderer {
                         "address": srv.address, "up": srv.up, "active": srv.active, "idle": srv.idle,
                         "connections_opened": srv.counters.connects, "requests": srv.counters.requests,
                         "requests_reused": srv.counters.reused, "reuse_ratio": ratio(srv.counters.reused, srv.counters.requests),
-                        "closed": srv.counters.closed, "retries": srv.counters.retries, "failures": srv.counters.failures,
+                        "closed": srv.counters.closed, "retries": srv.counters.retries.byLabel, "failures": srv.counters.failures.byLabel,
                         "abandoned_drained": srv.counters.drained,
                         "connect_seconds": hist(srv.counters.connectTime), "response_seconds": hist(srv.counters.responseTime),
                     ]

@@ -465,9 +465,9 @@ extension StatsSnapshot {
             s.writing += p.writing
             s.waiting += p.waiting
             for i in s.responsesByClass.indices { s.responsesByClass[i] += p.stats.responsesByClass[i] }
-            s.downstreamClosed.merge(p.stats.downstreamClosed, uniquingKeysWith: +)
+            s.downstreamClosed.merge(p.stats.downstreamClosed.byLabel, uniquingKeysWith: +)
             s.acceptFailures.merge(p.stats.acceptFailures, uniquingKeysWith: +)
-            s.otherUpstreamFailures.merge(p.stats.upstreamFailures, uniquingKeysWith: +)
+            s.otherUpstreamFailures.merge(p.stats.upstreamFailures.byLabel, uniquingKeysWith: +)
             s.tlsHandshakes.merge(p.stats.tlsHandshakes, uniquingKeysWith: +)
             s.tlsSessionsReused += p.stats.tlsResumed
             s.tlsHandshakeFailures.merge(p.stats.tlsFailures, uniquingKeysWith: +)

@@ -36,8 +36,8 @@ public struct ServerCounters: Sendable, Equatable {
     /// Responses read to their end after the client left, their connections kept.
     public var drained = 0
     public var closed: [String: Int] = [:]
-    public var retries: [String: Int] = [:]
-    public var failures: [String: Int] = [:]
+    public var retries = ReasonCounts<UpstreamRetryReason>()
+    public var failures = ReasonCounts<UpstreamFailedReason>()
     public var connectTime = Histogram()
     public var responseTime = Histogram()
     /// Upstream TLS (`proxy_pass https://`): handshakes done, of which resumed, and failed.
@@ -54,8 +54,8 @@ public struct ServerCounters: Sendable, Equatable {
         reused += o.reused
         drained += o.drained
         closed.merge(o.closed, uniquingKeysWith: +)
-        retries.merge(o.retries, uniquingKeysWith: +)
-        failures.merge(o.failures, uniquingKeysWith: +)
+        retries.add(o.retries)
+        failures.add(o.failures)
         connectTime.add(o.connectTime)
         responseTime.add(o.responseTime)
     }
@@ -68,11 +68,11 @@ struct LoopStats: Sendable {
     var downstreamActive = 0
     var downstreamRequests = 0
     var responsesByClass = [0, 0, 0, 0, 0, 0]
-    var downstreamClosed: [String: Int] = [:]
+    var downstreamClosed = ReasonCounts<DownstreamCloseReason>()
     /// accept4() failures by reason (`emfile`, `enfile`, `other`).
     var acceptFailures: [String: Int] = [:]
     /// Failures not tied to one server (no live upstreams).
-    var upstreamFailures: [String: Int] = [:]
+    var upstreamFailures = ReasonCounts<UpstreamFailedReason>()
     /// Requests by `server` block (configuration order), and their responses by status class.
     var requestsByServer: [Int]
     var responsesByServer: [[Int]]
@@ -160,9 +160,9 @@ public struct StatsSnapshot: Sendable {
     public var upstreamReused: Int { allServers.reduce(0) { $0 + $1.counters.reused } }
     public var idleUpstreamConnections: Int { allServers.reduce(0) { $0 + $1.idle } }
     public var upstreamClosed: [String: Int] { allServers.reduce(into: [:]) { $0.merge($1.counters.closed, uniquingKeysWith: +) } }
-    public var upstreamRetries: [String: Int] { allServers.reduce(into: [:]) { $0.merge($1.counters.retries, uniquingKeysWith: +) } }
+    public var upstreamRetries: [String: Int] { allServers.reduce(into: [:]) { $0.merge($1.counters.retries.byLabel, uniquingKeysWith: +) } }
     public var upstreamFailures: [String: Int] {
-        allServers.reduce(into: otherUpstreamFailures) { $0.merge($1.counters.failures, uniquingKeysWith: +) }
+        allServers.reduce(into: otherUpstreamFailures) { $0.merge($1.counters.failures.byLabel, uniquingKeysWith: +) }
     }
     /// Learned idle windows by "upstream server", milliseconds.
     public var learnedIdleMs: [String: Int64] {

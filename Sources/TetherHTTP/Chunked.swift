@@ -237,7 +237,7 @@ public struct ChunkedDecoder {
 }
 
 /// How a message body is delimited on the wire.
-public enum BodyFraming: Equatable {
+public enum BodyFraming: Equatable, Sendable {
     case none
     case length(Int64)
     case chunked

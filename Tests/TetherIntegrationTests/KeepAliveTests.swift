@@ -60,6 +60,8 @@ import Glibc
                 #expect((r.header("connection") == "close") == (i == 3))
             }
             #expect(c.waitForClose(timeoutMs: 2_000))
+            // Counted under its reason (closes after a final response once went uncounted).
+            #expect(eventually { proxy.server.stats().downstreamClosed == ["keepalive_requests": 1] })
         }
     }
 
@@ -69,6 +71,7 @@ import Glibc
             try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             #expect(try c.readResponse().header("connection") == "close")
             #expect(c.waitForClose(timeoutMs: 2_000))
+            #expect(eventually { proxy.server.stats().downstreamClosed == ["keepalive_time": 1] })
         }
     }
 
@@ -95,6 +98,7 @@ import Glibc
             try c.send("GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
             #expect(try c.readResponse().header("connection") == "close")
             #expect(c.waitForClose(timeoutMs: 2_000))
+            #expect(eventually { proxy.server.stats().downstreamClosed == ["client_close": 1] })
         }
     }
 

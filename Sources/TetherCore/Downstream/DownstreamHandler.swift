@@ -23,13 +23,6 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
-    enum State {
-        /// Waiting for the next request head (idle keep-alive, or part of a head read).
-        case idle
-        case exchange
-        case closed
-    }
-
     private let loop: LoopContext
     private var hosts: VirtualHosts
     private var servers: [CompiledServer]
@@ -38,14 +31,13 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     private let listenKey: String
     private var generation: Int
     private var context: ChannelHandlerContext!
-    private var state = State.idle
+    /// Where the connection is between requests (a value: see `ClientConnectionState`).
+    private var conn: ClientConnectionState
     private var inbound: ByteBuffer?
     /// Storage for the request head's header array, borrowed from the loop while a request is
     /// read and handled, and given back after: an idle connection holds none.
     private var headerStorage: [HeaderField] = []
     private var ex: Exchange?
-    private var requests = 0
-    private let acceptedAt = NIODeadline.now()
     /// The client's address as text (`$remote_addr`) and as 4 or 16 bytes (`allow` / `deny`),
     /// made from the channel's address the first time a request needs them: a connection whose
     /// requests use neither formats nothing and allocates nothing for them.
@@ -76,13 +68,10 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     private var clientWrites = WriteCoalescer()
     /// Only for the lingering close after our FIN; deadlines are swept by the loop.
     private var timer: Scheduled<Void>?
-    private var idleSince = NIODeadline.now()
-    private var headStartedAt: NIODeadline?
     private var lastClientRead = NIODeadline.now()
     private var unwritableSince: NIODeadline?
     /// Since when the upstream has not been taking the request body (proxy_send_timeout).
     private var upstreamUnwritableSince: NIODeadline?
-    private var closeReason = "client_close"
     /// When the upstream read timer last restarted for a reason other than a read from it: the
     /// request finished or its head went out, the client or the upstream took data again.
     private var readTimerRestart = NIODeadline.uptimeNanoseconds(0)
@@ -99,6 +88,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         servers = route.servers
         serverPort = route.port
         generation = loop.generation
+        conn = ClientConnectionState(acceptedAt: nanos(.now()), headerTimeoutMs: 60_000)
         adoptDefaults()
     }
 
@@ -108,9 +98,6 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     /// From the default server, cached so that no read copies the settings.
     private var headLimits = HeadParser.Limits(lineLimit: 8192, headLimit: 32768)
     private var readAheadLimit = 65536
-    private var headerTimeoutMs: Int64 = 60_000
-    /// The `keepalive_timeout` of the location that answered the last request (as nginx).
-    private var keepaliveTimeoutMs: Int64 = 75_000
 
     /// Caches what the read path needs from the default server's settings.
     private func adoptDefaults() {
@@ -118,7 +105,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         let (count, size) = s.settings.largeClientHeaderBuffers
         headLimits = HeadParser.Limits(lineLimit: size, headLimit: count * size, mergeSlashes: s.settings.mergeSlashes)
         readAheadLimit = max(count * size, 65536)
-        headerTimeoutMs = s.settings.clientHeaderTimeoutMs
+        conn.headerTimeoutMs = s.settings.clientHeaderTimeoutMs
     }
 
     // MARK: Channel events
@@ -144,12 +131,10 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        let wasOpen = state != .closed
-        state = .closed
         timer?.cancel()
         loop.stats.downstreamActive -= 1
         loop.connections.removeValue(forKey: ObjectIdentifier(self))
-        if wasOpen { loop.stats.downstreamClosed[closeReason, default: 0] += 1 }
+        if let r = conn.close() { loop.stats.downstreamClosed[r] += 1 }
         if let e = ex { balancerEnded(e) }
         if let e = ex, let up = e.upstream, let server = e.server {
             // The client left mid-exchange. A response that will end soon and cleanly is read
@@ -172,7 +157,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let bytes = unwrapInboundIn(data)
-        guard state != .closed else { return }
+        guard !conn.isClosed else { return }
         let outer = eventClock
         eventClock = outer ?? .now()
         defer { eventClock = outer }
@@ -220,25 +205,24 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             // A client that leaves without close_notify has left; the close that follows says so.
             return
         case is TLSError:
-            closeReason = "tls_error"
+            close(.tlsError)
         default:
-            closeReason = isKernelTimeout(error) ? "tcp_keepalive" : "error"
+            close(isKernelTimeout(error) ? .tcpKeepalive : .error)
         }
-        close()
     }
 
     // MARK: Driving requests
 
     /// Processes what the client sent, as far as the current state allows.
     private func drive() {
-        while state != .closed {
-            switch state {
-            case .idle:
+        while !conn.isClosed {
+            switch conn.phase {
+            case .awaitingHead:
                 guard let buf = inbound, buf.readableBytes > 0 else {
                     updateReadInterest()
                     return
                 }
-                if headStartedAt == nil { headStartedAt = now }
+                conn.headBytesArrived(now: nanos(now))
                 if headerStorage.capacity == 0 { headerStorage = loop.borrowHeaderArray() }
                 switch HeadParser.parse(buf, kind: .request, limits: headLimits, headers: &headerStorage) {
                 case .incomplete:
@@ -250,7 +234,6 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
                     return
                 case .complete(let head, let consumed):
                     inbound!.moveReaderIndex(forwardBy: consumed)
-                    headStartedAt = nil
                     start(head)
                 }
             case .exchange:
@@ -279,9 +262,8 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
                 adoptDefaults()
             }
         }
-        requests += 1
+        let number = conn.headParsed()
         loop.stats.downstreamRequests += 1
-        state = .exchange
         // With one server on the address there is no Host to look at; routing reads bytes.
         let server = servers.count == 1 ? servers[0] : servers[hosts.server(forHost: hostValue(head))]
         let route = server.route(head)
@@ -290,7 +272,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         let isCONNECT = head.methodIs("CONNECT")
         let chunked = head.chunked
         // The head moves into the exchange (no copy of it per request).
-        let e = Exchange(head: head, route: route, number: requests, clientKeepAlive: clientKeepAlive, now: now)
+        let e = Exchange(head: head, route: route, number: number, clientKeepAlive: clientKeepAlive, now: now)
         ex = e
         if e.head.upgradeIndex != nil { e.upgradeOffer = Self.upgradeOffer(e.head, allowed: route.settings.proxyAllowUpgrade) }
         if tooLarge {
@@ -317,7 +299,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             if case .stats(let format) = route.action { adminPage(format == .prometheus ? .prometheus : .json) } else { adminPage(.stubStatus) }
         case .respond(let r):
             e.discardBody = true
-            if r.code == 444 { closeReason = "error"; close(); return }
+            if r.code == 444 { close(.error); return }
             var text: ByteBuffer?
             if let t = r.text {
                 var b = loop.allocator.buffer(capacity: 64)
@@ -348,10 +330,10 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             return
         }
         let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
-        let number = requests
+        let number = conn.requests
         admin.page(page, on: loop.eventLoop).assumeIsolated().whenComplete { result in
             let me = bound.value
-            guard me.state == .exchange, me.requests == number else { return }
+            guard me.conn.inExchange, me.conn.requests == number else { return }
             switch result {
             case .success(let (contentType, body)):
                 me.respondLocal(status: 200, text: ByteBuffer(string: body), contentType: contentType)
@@ -361,16 +343,8 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         }
     }
 
-    /// What nginx's stub_status calls this connection: reading a request head, writing a
-    /// response (anything between head and last byte), or waiting idle for the next request.
-    enum Activity { case reading, writing, waiting }
-
-    var activity: Activity {
-        switch state {
-        case .exchange: return .writing
-        case .idle, .closed: return headStartedAt != nil ? .reading : .waiting
-        }
-    }
+    /// What nginx's stub_status calls this connection (reading, writing, waiting).
+    var activity: ClientConnectionState.Activity { conn.activity }
 
     // MARK: Upstream
 
@@ -380,7 +354,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         e.group = group
         let now = self.now
         guard let index = group.balancer.select(now: ms(now), exclude: e.tried) else {
-            loop.stats.upstreamFailures["no_live_upstreams", default: 0] += 1  // no server to charge it to
+            loop.stats.upstreamFailures[.noLiveUpstreams] += 1  // no server to charge it to
             loop.logger.error("no live upstreams while connecting to upstream \"\(group.name)\"")
             respondLocal(status: 502)
             return
@@ -415,12 +389,12 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         ex?.connectStartedAt = .now()
         let route = ex!.route
         let bound = NIOLoopBound(self, eventLoop: loop.eventLoop)
-        let exchangeNumber = requests
+        let exchangeNumber = conn.requests
         server.connect(timeoutMs: route.settings.proxyConnectTimeoutMs, socketKeepalive: route.settings.proxySocketKeepalive).assumeIsolated().whenComplete { result in
             let me = bound.value
             switch result {
             case .success(let conn):
-                guard me.state == .exchange, me.requests == exchangeNumber, me.ex?.upstream == nil else {
+                guard me.conn.inExchange, me.conn.requests == exchangeNumber, me.ex?.upstream == nil else {
                     // The client went away while connecting: keep the new connection warm.
                     server.release(conn, reusable: true, backend: nil)
                     return
@@ -428,7 +402,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
                 me.ex?.connectedAt = .now()
                 me.attach(conn)
             case .failure(let error):
-                guard me.state == .exchange, me.requests == exchangeNumber else { return }
+                guard me.conn.inExchange, me.conn.requests == exchangeNumber else { return }
                 let timedOut = (error as? ChannelError).map { if case .connectTimeout = $0 { return true } else { return false } } ?? false
                 me.upstreamFailed(timedOut ? .timeout : .error, detail: "connect() to \(server.spec.addressText) failed: \(error)")
             }
@@ -514,62 +488,59 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     private func failRequest(status: Int, why: String) {
         loop.logger.info("\(why), client: \(String(decoding: remoteAddr, as: UTF8.self))")
         if let e = ex, e.responseStarted {
-            closeReason = "error"
-            close()
+            close(.error)
             return
         }
         respondLocal(status: status, closeAfter: true)
     }
 
-    enum FailureKind { case error, timeout, invalidHeader }
+    /// What `NextUpstream` needs to know about the exchange.
+    private func failureFacts(_ e: Exchange) -> NextUpstream.Facts {
+        let s = e.route.settings
+        return NextUpstream.Facts(
+            responseStarted: e.responseStarted, closeDelimitedToClient: e.closeDelimitedToClient, reused: e.reused,
+            retriedFresh: e.retriedFresh, replayable: e.mayRetry, tries: e.tries, conditions: s.proxyNextUpstream,
+            maxTries: s.proxyNextUpstreamTries, requestBodyDone: e.requestBodyDone)
+    }
 
-    /// The upstream failed before the response was complete.
-    private func upstreamFailed(_ kind: FailureKind, detail: String) {
+    /// The upstream failed before the response was complete: carries out what `NextUpstream` decides.
+    private func upstreamFailed(_ kind: UpstreamFailureKind, detail: String) {
         guard let e = ex, let server = e.server, let group = e.group else { return }
         if let up = e.upstream {
             e.upstream = nil
             server.discard(up, reason: .error)
         }
         balancerEnded(e)
-        if e.responseStarted {
+        let action = NextUpstream.afterFailure(kind, failureFacts(e)) { group.balancer.hasCandidate(now: nowMs(), exclude: e.tried) }
+        switch action {
+        case .abort(let reset, let counted):
             // Part of the response went out: all we can do is end the connection, so the client
-            // sees an incomplete message rather than a wrong one. Where the client's response is
-            // delimited by the close (an HTTP/1.0 client), a FIN would make it look complete:
-            // the connection is reset instead.
+            // sees an incomplete message rather than a wrong one (a reset where a FIN would end
+            // a close-delimited response as if it were complete).
             loop.logger.error("\(detail) while reading response from upstream \"\(group.name)\"")
-            server.counters.failures[kind == .timeout ? "timeout" : "truncated", default: 0] += 1
-            closeReason = "error"
-            let closeDelimited = e.relay == .dechunk || (e.relay == .verbatim && e.responseFraming == .untilClose)
-            if closeDelimited { reset() } else { close() }
-            return
-        }
-        // A reused connection that failed before any response byte most likely met the backend
-        // closing it: try again on a new connection, without holding it against the server.
-        if kind == .error, e.reused, e.mayRetry, !e.retriedFresh {
+            server.counters.failures[counted] += 1
+            conn.pendingReason = .error
+            if reset { self.reset() } else { close() }
+        case .retryFresh:
             server.reusedConnectionFailed(idleMs: e.idleMsAtLease)
-            server.counters.retries["reused_connection_closed", default: 0] += 1
+            server.counters.retries[.reusedConnectionClosed] += 1
             e.retriedFresh = true
             e.reused = false
             group.balancer.started(server.index)
             e.balancerActive = true
             server.state.connectFresh()
             connect(server)
-            return
-        }
-        group.balancer.failed(server.index, now: nowMs())
-        let settings = e.route.settings
-        let condition: NextUpstreamCondition = kind == .timeout ? .timeout : kind == .invalidHeader ? .invalidHeader : .error
-        let triesLeft = settings.proxyNextUpstreamTries == 0 || e.tries < settings.proxyNextUpstreamTries
-        if settings.proxyNextUpstream.contains(condition), e.mayRetry, triesLeft,
-           group.balancer.hasCandidate(now: nowMs(), exclude: e.tried) {
+        case .nextServer:
+            group.balancer.failed(server.index, now: nowMs())
             loop.logger.warning("\(detail) while connecting to upstream \"\(group.name)\", trying the next server")
-            server.counters.retries["next_upstream", default: 0] += 1
+            server.counters.retries[.nextUpstream] += 1
             proxy()
-            return
+        case .respond(let status, let closeAfter, let counted):
+            group.balancer.failed(server.index, now: nowMs())
+            loop.logger.error("\(detail), upstream \"\(group.name)\", request \"\(e.head.method) \(e.head.target)\"")
+            server.counters.failures[counted] += 1
+            respondLocal(status: status, closeAfter: closeAfter)
         }
-        loop.logger.error("\(detail), upstream \"\(group.name)\", request \"\(e.head.method) \(e.head.target)\"")
-        server.counters.failures[kind == .timeout ? "timeout" : kind == .invalidHeader ? "invalid_header" : "error", default: 0] += 1
-        respondLocal(status: kind == .timeout ? 504 : 502, closeAfter: !e.requestBodyDone)
     }
 
     // MARK: UpstreamDelegate
@@ -623,8 +594,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         case .tunnel:
             ex!.upstream = nil
             e.server?.discard(connection, reason: .peerClosed)
-            closeReason = "client_close"
-            close()
+            close(.clientClose)
         case .done:
             break
         default:
@@ -676,27 +646,13 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
 
     /// `proxy_next_upstream http_502` and the like: try another server instead of relaying this.
     private func shouldTryNext(status: Int) -> Bool {
-        guard let e = ex, let group = e.group, let server = e.server else { return false }
-        let condition: NextUpstreamCondition?
-        switch status {
-        case 500: condition = .http500
-        case 502: condition = .http502
-        case 503: condition = .http503
-        case 504: condition = .http504
-        case 403: condition = .http403
-        case 404: condition = .http404
-        case 429: condition = .http429
-        default: condition = nil
-        }
-        guard let condition else { return false }
-        let route = e.route
-        guard route.settings.proxyNextUpstream.contains(condition), e.mayRetry,
-              route.settings.proxyNextUpstreamTries == 0 || e.tries < route.settings.proxyNextUpstreamTries,
-              group.balancer.hasCandidate(now: nowMs(), exclude: e.tried) else { return false }
+        guard let e = ex, let group = e.group, let server = e.server,
+              let condition = NextUpstream.afterStatus(status, failureFacts(e), hasCandidate: { group.balancer.hasCandidate(now: nowMs(), exclude: e.tried) })
+        else { return false }
         if let up = e.upstream { e.upstream = nil; server.discard(up, reason: .notReusable) }
         balancerEnded(e)
-        if condition != .http403 && condition != .http404 { group.balancer.failed(server.index, now: nowMs()) }
-        server.counters.retries["http_\(status)", default: 0] += 1
+        if NextUpstream.countsAsServerFailure(condition) { group.balancer.failed(server.index, now: nowMs()) }
+        server.counters.retries[NextUpstream.retryReason(condition)] += 1
         proxy()
         return true
     }
@@ -716,26 +672,23 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
                 return
             }
         }
-        e.responseFraming = head.responseFraming(requestIsHEAD: e.head.isHEAD, upgrading: upgrading)
-        if case .length(let n) = e.responseFraming { e.responseRemaining = n }
-        // Whether the upstream connection can serve another request after this one.
-        e.upstreamReusable = head.keepsConnection && e.responseFraming != .untilClose && !upgrading && !e.route.proxyHTTP10
+        let framing = head.responseFraming(requestIsHEAD: e.head.isHEAD, upgrading: upgrading)
+        let plan = ResponsePlan(
+            framing: framing, upgrading: upgrading, headKeepsConnection: head.keepsConnection,
+            request: .init(minorVersion: e.head.minorVersion, keepAliveAllowed: clientKeepAliveAllowed(e),
+                           bodyDone: e.requestBodyDone, upstreamHTTP10: e.route.proxyHTTP10))
+        e.responseFraming = framing
+        if case .length(let n) = framing { e.responseRemaining = n }
+        e.upstreamReusable = plan.upstreamReusable
         if let ka = head.backendKeepAlive { e.backendKeepAlive = ka }
-        var keepAlive = clientKeepAliveAllowed(e) && e.requestBodyDone
-        switch e.responseFraming {
-        case .chunked:
-            e.relay = e.head.minorVersion == 1 ? .rechunk : .dechunk
-            if e.relay == .dechunk { keepAlive = false }
-        case .untilClose:
-            e.relay = e.head.minorVersion == 1 ? .chunkify : .verbatim
-            if e.relay == .verbatim { keepAlive = false }
-        default:
-            e.relay = .verbatim
-        }
-        if upgrading { keepAlive = false }
-        e.closeAfter = !keepAlive
+        e.relay = plan.relay
+        e.closeAfter = !plan.clientKeepAlive
         e.status = head.status
-        e.phase = upgrading ? .tunnel : (e.responseFraming == .none ? .done : .body)
+        switch plan.phase {
+        case .done: e.phase = .done
+        case .body: e.phase = .body
+        case .tunnel: e.phase = .tunnel
+        }
         e.responseStarted = true
         // Room for a small body that came with the head: it is gathered behind it (writeClient).
         let smallBody = rest.readableBytes <= WriteCoalescer.limit ? rest.readableBytes : 0
@@ -883,7 +836,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         // One flush per response, whichever side's event finished it.
         flushIfNeeded()
         if e.closeAfter {
-            state = .closed
+            if let r = conn.close() { loop.stats.downstreamClosed[r] += 1 }
             if e.requestBodyDone && (inbound?.readableBytes ?? 0) == 0 {
                 // Nothing more is expected from the client: close once the response is written,
                 // as nginx does, instead of a half-close and a lingering wait.
@@ -893,9 +846,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             }
             return
         }
-        state = .idle
-        idleSince = now
-        keepaliveTimeoutMs = e.route.settings.keepaliveTimeoutMs
+        conn.exchangeFinished(keepaliveTimeoutMs: e.route.settings.keepaliveTimeoutMs, now: nanos(now))
         if inbound?.readableBytes == 0 { inbound = nil }
         // A pipelined request may already be waiting.
         drive()
@@ -914,10 +865,8 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
 
     private func respondAndClose(status: Int, settings: HTTPSettings) {
         ex = nil
-        state = .exchange
         respond(status: status, text: nil, serverTokens: settings.serverTokens, keepAlive: false, head: nil)
-        closeReason = "error"
-        state = .closed
+        if let r = conn.close(.error) { loop.stats.downstreamClosed[r] += 1 }
         flushAndClose()
     }
 
@@ -928,8 +877,8 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         let s = e.route.settings
         let policy = KeepAlivePolicy(maxRequests: s.keepaliveRequests, maxLifetimeMs: s.keepaliveTimeMs, draining: loop.draining)
         let decision = policy.decide(requestNumber: e.number, clientWantsKeepAlive: e.clientKeepAlive,
-                                     connectionAgeMs: Int64((now - acceptedAt).nanoseconds / 1_000_000))
-        if case .close(let reason) = decision { closeReason = reason.rawValue }
+                                     connectionAgeMs: (nanos(now) - conn.acceptedAt) / 1_000_000)
+        if case .close(let reason) = decision { conn.pendingReason = DownstreamCloseReason(reason) }
         return decision == .keepAlive && s.keepaliveTimeoutMs > 0
     }
 
@@ -938,7 +887,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     private func respondLocal(status: Int, text: ByteBuffer? = nil, contentType: String = "text/plain", closeAfter: Bool = false, allow: Bool = false) {
         guard let e = ex else { return }
         let allowed = clientKeepAliveAllowed(e)
-        if closeAfter { closeReason = "error" }
+        if closeAfter { conn.pendingReason = .error }
         // An unread body of unknown size makes the connection unusable after an error.
         let keepAlive = allowed && !closeAfter && (e.requestBodyDone || e.discardBody)
         e.status = status
@@ -1025,7 +974,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     // MARK: Writing
 
     private func writeClient(_ buffer: ByteBuffer) {
-        guard state != .closed || ex != nil else { return }
+        guard !conn.isClosed || ex != nil else { return }
         clientWrites.write(buffer, on: context)
     }
 
@@ -1060,12 +1009,11 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         written.futureResult.assumeIsolated().whenComplete { _ in ctx.close(promise: nil) }
     }
 
-    func close() {
+    /// Closes now; `reason` (or the reason pending, see `ClientConnectionState.pendingReason`)
+    /// is counted unless the connection was marked closed already.
+    func close(_ reason: DownstreamCloseReason? = nil) {
         guard let ctx = context, ctx.channel.isActive else { return }
-        if state != .closed {
-            state = .closed
-            loop.stats.downstreamClosed[closeReason, default: 0] += 1
-        }
+        if let r = conn.close(reason) { loop.stats.downstreamClosed[r] += 1 }
         clientWrites.discard()
         ctx.close(promise: nil)
     }
@@ -1074,10 +1022,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     private func reset() {
         guard let ctx = context, ctx.channel.isActive else { return }
         guard let provider = ctx.channel as? SocketOptionProvider else { close(); return }
-        if state != .closed {
-            state = .closed
-            loop.stats.downstreamClosed[closeReason, default: 0] += 1
-        }
+        if let r = conn.close() { loop.stats.downstreamClosed[r] += 1 }
         clientWrites.discard()
         // Over TLS, a close_notify would tell the client the stream ended as it should.
         ctx.triggerUserOutboundEvent(TLSAbort(), promise: nil)
@@ -1086,9 +1031,8 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
 
     /// Ends the connection now if it is between requests; otherwise after the current response.
     func drainIfIdle() {
-        if state == .idle, (inbound?.readableBytes ?? 0) == 0, headStartedAt == nil {
-            closeReason = "shutdown"
-            close()
+        if conn.closesOnDrain(bufferedBytes: (inbound?.readableBytes ?? 0) > 0) {
+            close(.shutdown)
         }
     }
 
@@ -1113,97 +1057,67 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         }
     }
 
-    /// The timers of an exchange, each blaming the side it names.
-    enum ExchangeTimer {
-        /// `send_timeout`: the client does not take the response.
-        case send
-        /// `proxy_send_timeout`: the upstream does not take the request.
-        case proxySend
-        /// `client_body_timeout`: the client sends no body while Tether is ready for it (408).
-        case clientBody
-        /// `proxy_read_timeout`: the request was sent, Tether waits for the upstream with
-        /// nothing to send and the client is taking what comes (504).
-        case proxyRead
-    }
-
-    /// The exchange's earliest deadline and which timer it is. Each timer runs only while its
-    /// side is the one holding things up: none runs against the upstream while the request body
-    /// is still arriving or while the client is slow to read, and none against the client while
-    /// Tether itself has stopped reading from it.
-    private func exchangeDeadline(_ e: Exchange) -> (ExchangeTimer, NIODeadline)? {
+    /// The exchange's earliest deadline and which timer it is (see `ExchangeTimer.next`).
+    private func exchangeDeadline(_ e: Exchange) -> (timer: ExchangeTimer, deadline: Int64)? {
         let s = e.route.settings
-        var best: (ExchangeTimer, NIODeadline)?
-        @inline(__always) func consider(_ t: ExchangeTimer, _ d: NIODeadline) {
-            if best == nil || d < best!.1 { best = (t, d) }
-        }
-        if !e.requestBodyDone && !readPaused { consider(.clientBody, lastClientRead + .milliseconds(s.clientBodyTimeoutMs)) }
-        if let since = unwritableSince { consider(.send, since + .milliseconds(s.sendTimeoutMs)) }
-        let waitingForUpstream = e.upstream != nil && (e.phase == .head || e.phase == .body)
-        if let since = upstreamUnwritableSince, waitingForUpstream {
-            consider(.proxySend, since + .milliseconds(s.proxySendTimeoutMs))
-        }
-        if waitingForUpstream && e.requestBodyDone && unwritableSince == nil && upstreamUnwritableSince == nil {
-            consider(.proxyRead, max(e.lastUpstreamActivity, readTimerRestart) + .milliseconds(s.proxyReadTimeoutMs))
-        }
-        return best
+        let facts = ExchangeTimer.Facts(
+            requestBodyDone: e.requestBodyDone, readPaused: readPaused, lastClientRead: nanos(lastClientRead),
+            clientUnwritableSince: unwritableSince.map(nanos), upstreamUnwritableSince: upstreamUnwritableSince.map(nanos),
+            waitingForUpstream: e.upstream != nil && (e.phase == .head || e.phase == .body),
+            lastUpstreamActivity: nanos(e.lastUpstreamActivity), readTimerRestart: nanos(readTimerRestart))
+        return ExchangeTimer.next(facts, .init(clientBodyMs: s.clientBodyTimeoutMs, sendMs: s.sendTimeoutMs,
+                                               proxySendMs: s.proxySendTimeoutMs, proxyReadMs: s.proxyReadTimeoutMs))
     }
 
-    /// The next time something may expire on this connection, and what.
+    /// The next time something may expire on this connection: its own timer between requests,
+    /// the exchange's during one.
     private func nextDeadline() -> NIODeadline? {
-        switch state {
-        case .closed:
-            return nil
-        case .idle:
-            if let started = headStartedAt {
-                return started + .milliseconds(headerTimeoutMs)
-            }
-            if requests == 0 { return acceptedAt + .milliseconds(headerTimeoutMs) }
-            return idleSince + .milliseconds(keepaliveTimeoutMs)
-        case .exchange:
-            guard let e = ex else { return nil }
-            return exchangeDeadline(e)?.1
+        let d: Int64?
+        if conn.inExchange {
+            d = ex.flatMap { exchangeDeadline($0)?.deadline }
+        } else {
+            d = conn.deadline
         }
+        return d.map { NIODeadline.uptimeNanoseconds(UInt64(max(0, $0))) }
     }
 
     /// Called by the loop's sweep (see `LoopContext.sweepInterval`): acts on whatever deadline
     /// has passed, and returns the next one still ahead. There is no timer per connection, so
     /// nothing is scheduled or cancelled per request.
     func sweep(now: NIODeadline) -> NIODeadline? {
-        guard state != .closed, let deadline = nextDeadline() else { return nil }
+        guard !conn.isClosed, let deadline = nextDeadline() else { return nil }
         guard deadline <= now else { return deadline }
         timerFired()
-        guard state != .closed, let next = nextDeadline(), next > now else { return nil }
+        guard !conn.isClosed, let next = nextDeadline(), next > now else { return nil }
         return next
     }
 
     private func timerFired() {
-        let now = NIODeadline.now()
-        switch state {
-        case .idle:
-            if headStartedAt != nil || requests == 0 && (inbound?.readableBytes ?? 0) > 0 {
+        let now = nanos(.now())
+        if conn.awaitingHead {
+            switch conn.expired(bufferedBytes: (inbound?.readableBytes ?? 0) > 0) {
+            case .requestTimeout:
                 loop.logger.info("client timed out reading request head, client: \(String(decoding: remoteAddr, as: UTF8.self))")
                 respondAndClose(status: 408, settings: defaultSettings)
-            } else {
-                closeReason = requests == 0 ? "client_header_timeout" : "keepalive_timeout"
-                close()
+            case .close(let reason):
+                close(reason)
+            case nil:
+                break
             }
-        case .exchange:
-            guard let e = ex, let (timer, deadline) = exchangeDeadline(e), deadline <= now else { return }
-            let s = e.route.settings  // only when a deadline passed, not per request
-            switch timer {
-            case .send:
-                loop.logger.info("client timed out receiving the response, client: \(String(decoding: remoteAddr, as: UTF8.self))")
-                closeReason = "error"
-                close()
-            case .proxySend:
-                upstreamFailed(.timeout, detail: "upstream timed out (not taking the request for \(Units.formatTime(s.proxySendTimeoutMs)))")
-            case .clientBody:
-                failRequest(status: 408, why: "client timed out sending the request body")
-            case .proxyRead:
-                upstreamFailed(.timeout, detail: "upstream timed out (no data for \(Units.formatTime(s.proxyReadTimeoutMs)))")
-            }
-        case .closed:
-            break
+            return
+        }
+        guard conn.inExchange, let e = ex, let (timer, deadline) = exchangeDeadline(e), deadline <= now else { return }
+        let s = e.route.settings  // only when a deadline passed, not per request
+        switch timer {
+        case .send:
+            loop.logger.info("client timed out receiving the response, client: \(String(decoding: remoteAddr, as: UTF8.self))")
+            close(.error)
+        case .proxySend:
+            upstreamFailed(.timeout, detail: "upstream timed out (not taking the request for \(Units.formatTime(s.proxySendTimeoutMs)))")
+        case .clientBody:
+            failRequest(status: 408, why: "client timed out sending the request body")
+        case .proxyRead:
+            upstreamFailed(.timeout, detail: "upstream timed out (no data for \(Units.formatTime(s.proxyReadTimeoutMs)))")
         }
     }
 
@@ -1482,7 +1396,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             if e.upstreamStatus != 0 { out.writeString(DownstreamHandler.seconds(NIODeadline.now() - e.startedAt)) } else { out.writeStaticString("-") }
         case .upstreamReused: out.writeStaticString(e.server == nil ? "-" : e.reused ? "1" : "0")
         case .connection: out.writeString(String(UInt(bitPattern: ObjectIdentifier(self).hashValue) % 1_000_000_000))
-        case .connectionRequests: out.writeString(String(requests))
+        case .connectionRequests: out.writeString(String(conn.requests))
         case .httpHeader(let name):
             if let v = h.value(named: name) { out.writeString(v) }
         case .sentHTTPHeader: break

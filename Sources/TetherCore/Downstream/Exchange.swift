@@ -16,17 +16,7 @@ final class Exchange {
         case done
     }
 
-    /// How response body bytes are written to the client.
-    enum Relay {
-        /// As they come (Content-Length).
-        case verbatim
-        /// Chunked from the upstream, chunked again (canonically) to an HTTP/1.1 client.
-        case rechunk
-        /// Chunked from the upstream, plain to an HTTP/1.0 client that reads until close.
-        case dechunk
-        /// Close-delimited from the upstream, chunked to an HTTP/1.1 client so it can stay alive.
-        case chunkify
-    }
+    typealias Relay = ResponsePlan.Relay
 
     var head: ParsedHead
     let route: CompiledLocation
@@ -105,6 +95,9 @@ final class Exchange {
 
     /// Whether a failure before any response byte may be retried (RFC 9110 §9.2.2, and nginx's
     /// `non_idempotent` switch): nothing of a body was sent, and the method allows it.
+    /// The client reads this response until the connection closes (see `ResponsePlan`).
+    var closeDelimitedToClient: Bool { ResponsePlan.closeDelimited(relay: relay, framing: responseFraming) }
+
     var mayRetry: Bool {
         !bodyStarted && requestFraming == .none && (head.isIdempotent || route.settings.proxyNextUpstream.contains(.nonIdempotent))
     }

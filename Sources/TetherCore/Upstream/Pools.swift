@@ -9,6 +9,8 @@ import TetherTLS
 @inline(__always) func nowMs() -> Int64 { ms(.now()) }
 /// `time` in the pool state machines' milliseconds.
 @inline(__always) func ms(_ time: NIODeadline) -> Int64 { Int64(time.uptimeNanoseconds / 1_000_000) }
+/// Monotonic nanoseconds, as the lifecycle values take time.
+@inline(__always) func nanos(_ time: NIODeadline) -> Int64 { Int64(time.uptimeNanoseconds) }
 
 /// The pool of one upstream server on one event loop: runs the `ConnectionPool` state machine's
 /// answers. Confined to its loop; no locks.
