@@ -3,7 +3,7 @@
 /// path a location is matched against.
 public enum RequestTarget {
     /// The forms a request target takes.
-    public enum Form: Equatable {
+    public enum Form: Equatable, Sendable {
         /// `/path?query`
         case origin
         /// `http://authority/path?query`: the authority wins over the Host field.
@@ -155,7 +155,7 @@ public enum RequestTarget {
 /// servlet containers read it), and locations are matched with every segment's parameters left
 /// out (`/admin;x/` matches `location /admin/`), so that a backend that strips them cannot be
 /// reached past a location's rules.
-public struct NormalizedPath: Equatable {
+public struct NormalizedPath: Equatable, Sendable {
     /// `$uri`: what a `proxy_pass` URI replaces the location prefix of. nil: the raw path is
     /// already normal (the usual case; nothing is allocated).
     public var uri: [UInt8]?

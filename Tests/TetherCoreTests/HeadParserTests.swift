@@ -4,7 +4,7 @@ import Testing
 import TetherHTTP
 
 @Suite struct HeadParserTests {
-    func parse(_ text: String, kind: HeadParser.Kind = .request, line: Int = 8192, head: Int = 32768) -> HeadParser.Outcome {
+    func parse(_ text: String, kind: HeadParser.Kind = .request, line: Int = 8192, head: Int = 32768) -> ParsedHeadOutcome {
         var storage: [HeaderField] = []
         return HeadParser.parse(ByteBuffer(string: text), kind: kind, limits: .init(lineLimit: line, headLimit: head), headers: &storage)
     }

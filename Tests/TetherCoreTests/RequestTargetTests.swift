@@ -4,7 +4,7 @@ import Testing
 import TetherHTTP
 
 @Suite struct RequestTargetTests {
-    func parse(_ text: String) -> HeadParser.Outcome {
+    func parse(_ text: String) -> ParsedHeadOutcome {
         var storage: [HeaderField] = []
         return HeadParser.parse(ByteBuffer(string: text), kind: .request, limits: .init(lineLimit: 8192, headLimit: 32768), headers: &storage)
     }

@@ -646,7 +646,8 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
 
     /// `proxy_next_upstream http_502` and the like: try another server instead of relaying this.
     private func shouldTryNext(status: Int) -> Bool {
-        guard let e = ex, let group = e.group, let server = e.server,
+        // Most statuses name no condition: no facts are gathered for them.
+        guard NextUpstream.condition(forStatus: status) != nil, let e = ex, let group = e.group, let server = e.server,
               let condition = NextUpstream.afterStatus(status, failureFacts(e), hasCandidate: { group.balancer.hasCandidate(now: nowMs(), exclude: e.tried) })
         else { return false }
         if let up = e.upstream { e.upstream = nil; server.discard(up, reason: .notReusable) }

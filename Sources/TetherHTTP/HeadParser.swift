@@ -1,9 +1,8 @@
-import NIOCore
-import TetherHTTP
-import TetherPool
+/// HTTP/1 head parsing: strict, allocation-free (offsets into the bytes given), and blind to the
+/// buffer type that holds the bytes.
 
 /// Headers the proxy acts on, recognised once while parsing.
-enum HeaderKind: UInt8 {
+public enum HeaderKind: UInt8, Sendable {
     case other
     case host
     case contentLength
@@ -20,7 +19,7 @@ enum HeaderKind: UInt8 {
     case http2Settings
 
     /// Hop-by-hop headers: never forwarded as they are (RFC 9110 §7.6.1, plus the de-facto ones).
-    var isHopByHop: Bool {
+    @inlinable public var isHopByHop: Bool {
         switch self {
         case .connection, .keepAlive, .proxyConnection, .te, .trailer, .upgrade, .transferEncoding, .http2Settings: return true
         default: return false
@@ -29,154 +28,165 @@ enum HeaderKind: UInt8 {
 }
 
 /// One header line inside a parsed head, as offsets from the head's start.
-struct HeaderField {
-    var lineStart: Int32
-    var nameEnd: Int32
-    var valueStart: Int32
-    var valueEnd: Int32
+public struct HeaderField: Sendable {
+    public var lineStart: Int32
+    public var nameEnd: Int32
+    public var valueStart: Int32
+    public var valueEnd: Int32
     /// Offset just past the line's CRLF.
-    var lineEnd: Int32
-    var kind: HeaderKind
+    public var lineEnd: Int32
+    public var kind: HeaderKind
     /// Set when a `Connection` header names this header: it is hop-by-hop for this message.
-    var droppedByConnection = false
+    public var droppedByConnection = false
+
+    public init(lineStart: Int32, nameEnd: Int32, valueStart: Int32, valueEnd: Int32, lineEnd: Int32, kind: HeaderKind) {
+        self.lineStart = lineStart
+        self.nameEnd = nameEnd
+        self.valueStart = valueStart
+        self.valueEnd = valueEnd
+        self.lineEnd = lineEnd
+        self.kind = kind
+    }
 }
 
 /// Why a head was refused; `status` is what the client gets (or 502 for an upstream).
-struct HeadError: Error, Equatable {
-    var status: Int
-    var reason: String
+public struct HeadError: Error, Equatable, Sendable {
+    public var status: Int
+    public var reason: String
+
+    public init(status: Int, reason: String) {
+        self.status = status
+        self.reason = reason
+    }
 }
 
-/// A request or response head, parsed and validated, as offsets into `bytes`.
-struct ParsedHead {
-    /// The head's bytes, from the first line to the blank line's CRLF inclusive.
-    var bytes: ByteBuffer
-    var headers: [HeaderField] = []
+/// A request or response head, parsed and validated: where its parts are (offsets from the
+/// head's first byte) and what its headers say. The bytes stay with whoever holds the buffer
+/// they were read into (a `ByteBuffer` on the NIO path, a loop buffer on TetherIO's), so the
+/// parser copies nothing and depends on no buffer type.
+public struct HeadLayout: Sendable {
+    public var headers: [HeaderField] = []
     // Request line.
-    var methodEnd = 0
-    var targetStart = 0
-    var targetEnd = 0
+    public var methodEnd = 0
+    public var targetStart = 0
+    public var targetEnd = 0
     // Response line.
-    var status = 0
+    public var status = 0
     /// The minor HTTP version: 0 or 1.
-    var minorVersion = 1
+    public var minorVersion = 1
     // What the headers say about framing and the connection.
-    var contentLength: Int64?
-    var chunked = false
-    var connectionClose = false
-    var connectionKeepAlive = false
-    var connectionUpgrade = false
-    var expectContinue = false
-    var hostIndex: Int?
-    /// The request target's form and parts (offsets from the head's start).
-    var targetForm = RequestTarget.Form.origin
-    var pathStart = 0
-    var pathEnd = 0
+    public var contentLength: Int64?
+    public var chunked = false
+    public var connectionClose = false
+    public var connectionKeepAlive = false
+    public var connectionUpgrade = false
+    public var expectContinue = false
+    public var hostIndex: Int?
+    /// The request target's form and parts.
+    public var targetForm = RequestTarget.Form.origin
+    public var pathStart = 0
+    public var pathEnd = 0
     /// The host the request is for (without port): an absolute-form target's, else the Host
     /// field's; both validated. -1 when there is none (HTTP/1.0 without Host).
-    var hostStart = -1
-    var hostEnd = -1
+    public var hostStart = -1
+    public var hostEnd = -1
     /// The normalised path (`$uri`, and what locations match).
-    var path = NormalizedPath()
-    var upgradeIndex: Int?
-    var keepAliveTimeout: Int?
-    var keepAliveMax: Int?
+    public var path = NormalizedPath()
+    public var upgradeIndex: Int?
+    /// A response's `Keep-Alive: timeout=, max=`.
+    public var keepAliveTimeout: Int?
+    public var keepAliveMax: Int?
 
-    init(bytes: ByteBuffer) { self.bytes = bytes }
+    public init() {}
 
-    func string(_ start: Int, _ end: Int) -> String {
-        bytes.getString(at: bytes.readerIndex + start, length: end - start) ?? ""
-    }
-
-    var method: String { string(0, methodEnd) }
-    var target: String { string(targetStart, targetEnd) }
-
-    func value(_ h: HeaderField) -> String { string(Int(h.valueStart), Int(h.valueEnd)) }
-
-    /// The value of the first header named `name` (lowercase), if any.
-    func value(named name: String) -> String? {
-        let n = Array(name.utf8)
-        for h in headers where Int(h.nameEnd - h.lineStart) == n.count {
-            let matches = bytes.withUnsafeReadableBytes { p in
-                (0..<n.count).allSatisfy { ASCII.lower(p[Int(h.lineStart) + $0]) == n[$0] }
-            }
-            if matches { return value(h) }
+    /// Whether the method, in the head's bytes `p`, is `m`.
+    @inlinable
+    public func methodIs(_ m: StaticString, in p: UnsafeRawBufferPointer) -> Bool {
+        guard m.utf8CodeUnitCount == methodEnd, p.count >= methodEnd else { return false }
+        return m.withUTF8Buffer { mb in
+            for k in 0..<methodEnd where p[k] != mb[k] { return false }
+            return true
         }
-        return nil
     }
 
     /// Whether the request method is one of those RFC 9110 calls idempotent.
-    var isIdempotent: Bool {
+    @inlinable
+    public func isIdempotent(in p: UnsafeRawBufferPointer) -> Bool {
         switch methodEnd {
-        case 3: return methodIs("GET") || methodIs("PUT")
-        case 4: return methodIs("HEAD")
-        case 5: return methodIs("TRACE")
-        case 6: return methodIs("DELETE")
-        case 7: return methodIs("OPTIONS")
+        case 3: return methodIs("GET", in: p) || methodIs("PUT", in: p)
+        case 4: return methodIs("HEAD", in: p)
+        case 5: return methodIs("TRACE", in: p)
+        case 6: return methodIs("DELETE", in: p)
+        case 7: return methodIs("OPTIONS", in: p)
         default: return false
         }
     }
 
-    var isHEAD: Bool { methodEnd == 4 && methodIs("HEAD") }
-
-    func methodIs(_ m: StaticString) -> Bool {
-        guard m.utf8CodeUnitCount == methodEnd else { return false }
-        return bytes.withUnsafeReadableBytes { p in
-            m.withUTF8Buffer { mb in (0..<methodEnd).allSatisfy { p[$0] == mb[$0] } }
+    /// The index of the first header named `name` (lowercase ASCII), if any.
+    public func index(named name: [UInt8], in p: UnsafeRawBufferPointer) -> Int? {
+        for (i, h) in headers.enumerated() where Int(h.nameEnd - h.lineStart) == name.count {
+            var same = true
+            for k in 0..<name.count where ASCII.lower(p[Int(h.lineStart) + k]) != name[k] { same = false; break }
+            if same { return i }
         }
+        return nil
     }
-}
 
-extension ParsedHead {
-    /// How this response's body is delimited (RFC 9112 §6.3): none after HEAD, 204, 304 or an
+    /// How this response's body is delimited (RFC 9112 6.3): none after HEAD, 204, 304 or an
     /// upgrade; chunked; a length; or the connection's close.
-    func responseFraming(requestIsHEAD: Bool, upgrading: Bool = false) -> BodyFraming {
+    public func responseFraming(requestIsHEAD: Bool, upgrading: Bool = false) -> BodyFraming {
         if requestIsHEAD || status == 204 || status == 304 || upgrading { return .none }
         if chunked { return .chunked }
         if let n = contentLength { return n == 0 ? .none : .length(n) }
         return .untilClose
     }
 
-    /// Whether the backend lets the connection carry another request after this response, as
-    /// far as its headers say (framing aside).
-    var keepsConnection: Bool { !connectionClose && (minorVersion == 1 || connectionKeepAlive) }
-
-    /// The response's `Keep-Alive: timeout=, max=`, for the pool.
-    var backendKeepAlive: ConnectionPool<ObjectIdentifier>.BackendKeepAlive? {
-        keepAliveTimeout == nil && keepAliveMax == nil ? nil : .init(timeoutSeconds: keepAliveTimeout, max: keepAliveMax)
-    }
+    /// Whether the sender lets the connection carry another message after this one, as far as
+    /// its headers say (framing aside).
+    public var keepsConnection: Bool { !connectionClose && (minorVersion == 1 || connectionKeepAlive) }
 }
 
 /// Parses HTTP/1 heads strictly: a request or response is refused rather than guessed at,
 /// because a proxy and its backend must agree on where each message ends.
-enum HeadParser {
-    enum Kind { case request, response }
+public enum HeadParser {
+    public enum Kind: Sendable { case request, response }
 
-    enum Outcome {
+    public enum Outcome: Equatable {
         case incomplete
-        /// The head, and how many bytes of the buffer it took (including skipped leading CRLFs).
-        case complete(ParsedHead, consumed: Int)
+        /// A complete head: where it starts in the bytes given (after empty lines a client may
+        /// send before a request line) and how many bytes it took in all (those lines included).
+        case complete(start: Int, consumed: Int)
         case error(HeadError)
     }
 
-    struct Limits {
+    public struct Limits: Sendable {
         /// The longest single line (request line or header line).
-        var lineLimit: Int
+        public var lineLimit: Int
         /// The longest head in all.
-        var headLimit: Int
-
+        public var headLimit: Int
         /// `merge_slashes`: runs of slashes count as one when locations are matched.
-        var mergeSlashes = true
+        public var mergeSlashes: Bool
 
-        static let response = Limits(lineLimit: 16 * 1024, headLimit: 64 * 1024)
+        public init(lineLimit: Int, headLimit: Int, mergeSlashes: Bool = true) {
+            self.lineLimit = lineLimit
+            self.headLimit = headLimit
+            self.mergeSlashes = mergeSlashes
+        }
+
+        public static let response = Limits(lineLimit: 16 * 1024, headLimit: 64 * 1024)
     }
 
-    /// Parses the head at the start of `buffer`'s readable bytes, reusing `headers`' storage.
-    static func parse(_ buffer: ByteBuffer, kind: Kind, limits: Limits, headers: inout [HeaderField]) -> Outcome {
+    /// Parses the head at the start of `p` into `head`, a fresh `HeadLayout()` (written in place:
+    /// a layout is large, and handing it back inside an enum cost two copies per request),
+    /// reusing `headers`' storage:
+    /// on success `head.headers` holds that storage and `headers` is left empty (swap it back
+    /// when the head is done).
+    public static func parse(_ p: UnsafeRawBufferPointer, kind: Kind, limits: Limits, headers: inout [HeaderField],
+                             into head: inout HeadLayout) -> Outcome {
         headers.removeAll(keepingCapacity: true)
         let bad = kind == .request ? 400 : 502
         let tooLarge = kind == .request ? 431 : 502
-        return buffer.withUnsafeReadableBytes { p -> Outcome in
+        do {
             let n = p.count
             var skip = 0
             // A server ignores empty lines before a request line (RFC 9112 §2.2).
@@ -213,7 +223,7 @@ enum HeadParser {
             if firstEnd - i > limits.lineLimit {
                 return .error(HeadError(status: kind == .request ? 414 : 502, reason: "first line too long"))
             }
-            var head = ParsedHead(bytes: ByteBuffer())  // bytes set at the end
+            assert(head.headers.isEmpty && head.methodEnd == 0 && head.status == 0 && head.hostIndex == nil, "parse into a fresh HeadLayout")
             switch kind {
             case .request:
                 if let e = parseRequestLine(p, from: i, to: firstEnd, into: &head) { return .error(e) }
@@ -278,13 +288,12 @@ enum HeadParser {
             head.methodEnd -= skip; head.targetStart -= skip; head.targetEnd -= skip
             head.pathStart -= skip; head.pathEnd -= skip
             if head.hostStart >= 0 { head.hostStart -= skip; head.hostEnd -= skip }
-            head.bytes = buffer.getSlice(at: buffer.readerIndex + skip, length: i - skip)!
             swap(&head.headers, &headers)
             if let e = interpret(&head, p: UnsafeRawBufferPointer(rebasing: p[skip...]), kind: kind, mergeSlashes: limits.mergeSlashes) {
                 swap(&head.headers, &headers)
                 return .error(e)
             }
-            return .complete(head, consumed: i)
+            return .complete(start: skip, consumed: i)
         }
     }
 
@@ -343,7 +352,7 @@ enum HeadParser {
         return nil
     }
 
-    private static func parseRequestLine(_ p: UnsafeRawBufferPointer, from: Int, to: Int, into head: inout ParsedHead) -> HeadError? {
+    private static func parseRequestLine(_ p: UnsafeRawBufferPointer, from: Int, to: Int, into head: inout HeadLayout) -> HeadError? {
         var j = from
         while j < to, ASCII.isToken(p[j]) { j += 1 }
         guard j > from, j < to, p[j] == 0x20 else { return HeadError(status: 400, reason: "invalid method") }
@@ -386,7 +395,7 @@ enum HeadParser {
         return nil
     }
 
-    private static func parseStatusLine(_ p: UnsafeRawBufferPointer, from: Int, to: Int, into head: inout ParsedHead) -> HeadError? {
+    private static func parseStatusLine(_ p: UnsafeRawBufferPointer, from: Int, to: Int, into head: inout HeadLayout) -> HeadError? {
         let j = from
         guard to - j >= 12, p[j] == UInt8(ascii: "H"), p[j + 1] == UInt8(ascii: "T"), p[j + 2] == UInt8(ascii: "T"),
               p[j + 3] == UInt8(ascii: "P"), p[j + 4] == UInt8(ascii: "/"), p[j + 5] == UInt8(ascii: "1"),
@@ -428,7 +437,7 @@ enum HeadParser {
     }
 
     /// Reads framing and connection semantics from the headers, refusing what is ambiguous.
-    private static func interpret(_ head: inout ParsedHead, p: UnsafeRawBufferPointer, kind: Kind, mergeSlashes: Bool = true) -> HeadError? {
+    private static func interpret(_ head: inout HeadLayout, p: UnsafeRawBufferPointer, kind: Kind, mergeSlashes: Bool = true) -> HeadError? {
         let bad = kind == .request ? 400 : 502
         var sawTE = false
         for idx in head.headers.indices {
