@@ -42,7 +42,7 @@ let package = Package(
         .target(
             name: "TetherCore",
             dependencies: [
-                "TetherConfig", "TetherPool", "TetherTLS", "TetherHTTP", "CTether",
+                "TetherConfig", "TetherPool", "TetherTLS", "TetherHTTP", "TetherIO", "CTether",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),

@@ -145,12 +145,16 @@ public final class BufferPool {
     }
 }
 
-/// What a connection has queued to write, as buffers written out with one `writev` per flush,
-/// bounded: `isFull` past `limit` bytes, the signal for the other side to stop reading
-/// (backpressure). Emptied buffers go back to the pool at once.
+/// What a connection has to write, in order: buffers moved in (never copied), written with
+/// `writev`, bounded by `limit` for backpressure (the producer stops while `isFull`). Emptied
+/// buffers go back to the pool at once. The first buffer is held inline and the rest in arrays
+/// made only when more than one is waiting and dropped when it empties, so that an answer that
+/// fits one buffer allocates nothing and an idle connection's queue holds no storage.
 public struct OutboundQueue: ~Copyable {
-    var buffers: [UnsafeMutableRawPointer] = []
-    var ranges: [(start: Int, end: Int)] = []
+    var first: UnsafeMutableRawPointer?
+    var firstRange = (start: 0, end: 0)
+    var more: [UnsafeMutableRawPointer] = []
+    var moreRanges: [(start: Int, end: Int)] = []
     public private(set) var queuedBytes = 0
     public let limit: Int
     let pool: BufferPool
@@ -160,19 +164,29 @@ public struct OutboundQueue: ~Copyable {
         self.limit = limit
     }
 
-    deinit { for p in buffers { pool.recycle(IOBuffer(adopting: p, capacity: pool.bufferSize)) } }
+    deinit {
+        if let p = first { pool.recycle(IOBuffer(adopting: p, capacity: pool.bufferSize)) }
+        for p in more { pool.recycle(IOBuffer(adopting: p, capacity: pool.bufferSize)) }
+    }
 
     public var isEmpty: Bool { queuedBytes == 0 }
     public var isFull: Bool { queuedBytes >= limit }
-    public var count: Int { buffers.count }
+    public var count: Int { (first == nil ? 0 : 1) + more.count }
+    /// Whether the queue holds array storage (it should not while idle).
+    public var holdsStorage: Bool { more.capacity > 0 || moreRanges.capacity > 0 }
 
     /// Queues the readable bytes of `buffer` (an empty one goes straight back to the pool).
     public mutating func enqueue(_ buffer: consuming IOBuffer) {
         guard !buffer.isEmpty else { return pool.recycle(buffer) }
-        let range = (buffer.readerIndex, buffer.writerIndex)
-        queuedBytes += range.1 - range.0
-        ranges.append(range)
-        buffers.append(buffer.take())
+        let range = (start: buffer.readerIndex, end: buffer.writerIndex)
+        queuedBytes += range.end - range.start
+        if first == nil {
+            first = buffer.take()
+            firstRange = range
+        } else {
+            moreRanges.append(range)
+            more.append(buffer.take())
+        }
     }
 
     public enum FlushResult: Equatable, Sendable {
@@ -185,13 +199,14 @@ public struct OutboundQueue: ~Copyable {
 
     /// Writes what is queued with `writev` (up to 64 buffers a call) until done or EAGAIN.
     public mutating func flush(to fd: Int32) -> FlushResult {
-        while !buffers.isEmpty {
-            let n = min(buffers.count, 64)
+        while let f = first {
+            let n = min(1 + more.count, 64)
             let written: Int = withUnsafeTemporaryAllocation(of: Glibc.iovec.self, capacity: n) { iov in
-                for i in 0..<n {
-                    iov[i] = Glibc.iovec(iov_base: buffers[i] + ranges[i].start, iov_len: ranges[i].end - ranges[i].start)
+                iov[0] = Glibc.iovec(iov_base: f + firstRange.start, iov_len: firstRange.end - firstRange.start)
+                for i in 1..<n {
+                    iov[i] = Glibc.iovec(iov_base: more[i - 1] + moreRanges[i - 1].start, iov_len: moreRanges[i - 1].end - moreRanges[i - 1].start)
                 }
-                return Glibc.writev(fd, iov.baseAddress, Int32(n))
+                return n == 1 ? Glibc.write(fd, iov[0].iov_base, iov[0].iov_len) : Glibc.writev(fd, iov.baseAddress, Int32(n))
             }
             if written < 0 {
                 let e = errno
@@ -208,20 +223,27 @@ public struct OutboundQueue: ~Copyable {
         var left = written
         queuedBytes -= written
         var done = 0
-        while done < buffers.count && left > 0 {
-            let len = ranges[done].end - ranges[done].start
-            if left >= len {
-                left -= len
-                pool.recycle(IOBuffer(adopting: buffers[done], capacity: pool.bufferSize))
+        while let f = first, left > 0 {
+            let len = firstRange.end - firstRange.start
+            guard left >= len else { firstRange.start += left; break }
+            left -= len
+            pool.recycle(IOBuffer(adopting: f, capacity: pool.bufferSize))
+            if done < more.count {
+                first = more[done]
+                firstRange = moreRanges[done]
                 done += 1
             } else {
-                ranges[done].start += left
-                left = 0
+                first = nil
             }
         }
         if done > 0 {
-            buffers.removeFirst(done)
-            ranges.removeFirst(done)
+            if done == more.count {
+                more = []
+                moreRanges = []
+            } else {
+                more.removeFirst(done)
+                moreRanges.removeFirst(done)
+            }
         }
     }
 }

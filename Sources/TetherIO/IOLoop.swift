@@ -66,6 +66,10 @@ public final class IOLoop: @unchecked Sendable {
     /// Descriptors registered.
     public var registered: Int { records.count }
 
+    /// The loop's own heap bytes per registered descriptor: its slab slot and its timer's entry
+    /// (deadline, links, list), both in arrays that grow to the most records held at once.
+    public static var bytesPerRecord: Int { MemoryLayout<Slab<Registration>.Slot>.stride + 8 + 4 + 4 + 2 }
+
     // MARK: Descriptors
 
     /// Registers a non-blocking descriptor for all its events, once; `handler` gets them.

@@ -19,6 +19,9 @@ static inline size_t tether_malloc_used_bytes(void) {
     return m.uordblks + m.hblkhd;
 }
 
+/// The size malloc gave the block at `p` (without its 8-byte chunk header).
+static inline size_t tether_malloc_usable_size(void *p) { return malloc_usable_size(p); }
+
 /// Gives free memory at the top and in the middle of every arena back to the system.
 static inline int tether_malloc_trim(void) { return malloc_trim(0); }
 

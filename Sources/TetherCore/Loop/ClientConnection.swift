@@ -1,0 +1,417 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CTether
+import TetherHTTP
+import TetherIO
+import TetherPool
+
+/// What a client connection on a TetherIO loop needs from the configuration: head limits and
+/// nginx's keep-alive rules.
+struct ClientSettings {
+    var headLimits = HeadParser.Limits(lineLimit: 8192, headLimit: 32768)
+    var headerTimeoutMs: Int64 = 60_000
+    var bodyTimeoutMs: Int64 = 60_000
+    var keepaliveTimeoutMs: Int64 = 75_000
+    var keepaliveRequests = 1000
+    var keepaliveTimeMs: Int64 = 3_600_000
+    /// After Tether's FIN with request bytes still arriving, how long they are read and dropped
+    /// before the connection is closed (nginx's `lingering_timeout`-like wait).
+    var lingerMs: Int64 = 5_000
+}
+
+/// Answers the requests of client connections on one loop. Called on the loop's thread.
+protocol ClientRequestHandler: AnyObject {
+    /// A complete request head; `bytes` are the head's bytes, valid during the call only. The
+    /// handler answers now, through `connection.respond` (exchanges that wait for an upstream
+    /// come with the exchange glue).
+    func request(_ head: HeadLayout, bytes: UnsafeRawBufferPointer, connection: ClientConnection)
+}
+
+/// What one loop's client connections share: the loop, its buffer pool, the header array they
+/// borrow while parsing, the handler and the counters.
+final class ClientLoop {
+    let loop: IOLoop
+    let pool: BufferPool
+    var settings: ClientSettings
+    let handler: ClientRequestHandler
+    /// Header storage lent to the connection parsing a head, and given back after: an idle
+    /// connection holds none.
+    var headerScratch: [HeaderField] = []
+    var draining = false
+    var accepted = 0
+    var requests = 0
+    var closed = ReasonCounts<DownstreamCloseReason>()
+
+    init(loop: IOLoop, pool: BufferPool, settings: ClientSettings, handler: ClientRequestHandler) {
+        self.loop = loop
+        self.pool = pool
+        self.settings = settings
+        self.handler = handler
+        headerScratch.reserveCapacity(32)
+    }
+
+    /// Adopts an accepted, non-blocking socket.
+    @discardableResult
+    func adopt(_ fd: Int32) throws(IOError) -> ClientConnection {
+        let c = ClientConnection(shared: self)
+        do {
+            try c.start(fd)
+        } catch {
+            Glibc.close(fd)
+            throw error
+        }
+        accepted += 1
+        return c
+    }
+}
+
+/// An HTTP/1.1 client connection on a TetherIO loop: reads into a pool buffer only while there
+/// is something to read (an idle connection holds no buffer), parses heads with `HeadParser`,
+/// answers them in order (pipelining), drops request bodies of local answers, and keeps the
+/// connection alive as `ClientConnectionState` and nginx's rules say. The glue of the design:
+/// the decisions are the state value's, this class only does the I/O they call for.
+final class ClientConnection: IOHandler {
+    private unowned let shared: ClientLoop
+    private var handle = Handle(token: UInt64(UInt32.max))
+    private(set) var state: ClientConnectionState
+    private var inbound: IOBuffer?
+    private var outbound: OutboundQueue
+    /// The socket reported readable and was not read to EAGAIN yet (edge triggering: no new
+    /// event comes until it is).
+    private var readable = false
+    private var peerClosed = false
+    /// Request body bytes still to be read and dropped, or a chunked body's decoder.
+    private var bodyLeft: Int64 = 0
+    private var chunked: ChunkedDecoder?
+    /// The answer said `Connection: close`: close once it is written.
+    private var closeAfterWrite = false
+    /// Our FIN went out with client bytes still coming: read and drop them until EOF or the timer.
+    private var lingering = false
+    /// The handler answered the current request.
+    private var answered = false
+
+    init(shared: ClientLoop) {
+        self.shared = shared
+        state = ClientConnectionState(acceptedAt: Int64(shared.loop.now), headerTimeoutMs: shared.settings.headerTimeoutMs)
+        outbound = OutboundQueue(pool: shared.pool)
+    }
+
+    fileprivate func start(_ fd: Int32) throws(IOError) {
+        handle = try shared.loop.register(fd, handler: self)
+        armTimer()
+    }
+
+    /// What the one timer is armed for. Each use arms it with one configured duration (the
+    /// loop keeps a timer list per duration), at the transition into that use.
+    private enum TimerUse: Equatable { case none, firstHead, head, keepalive, body, linger }
+    private var timerUse = TimerUse.none
+    /// Body bytes arrived since the body timer was armed.
+    private var bodyProgress = false
+
+    var isOpen: Bool { shared.loop.fd(handle) != nil }
+
+    /// The heap memory this connection holds: its object (as malloc sized it, with malloc's
+    /// 8-byte chunk header), a read buffer and queue storage if it holds any, and its record in
+    /// the loop. Deterministic, unlike a process-wide heap counter while other work runs.
+    var heapBytes: Int {
+        let object = tether_malloc_usable_size(Unmanaged.passUnretained(self).toOpaque()) + 8
+        let buffer = inbound == nil ? 0 : shared.pool.bufferSize
+        let queue = outbound.holdsStorage ? 2 * 64 : 0
+        return object + buffer + queue + IOLoop.bytesPerRecord
+    }
+
+    // MARK: Events
+
+    func ioEvent(_ events: IOEvents, handle: Handle, loop: IOLoop) {
+        if events.contains(.error) || events.contains(.hangup) && !events.contains(.readable) {
+            return close(.clientClose)
+        }
+        if events.contains(.readable) || events.contains(.readHangup) { readable = true }
+        if events.contains(.writable) { flush() }
+        pump()
+    }
+
+    func timerFired(handle: Handle, loop: IOLoop) {
+        if lingering { return close(nil) }
+        if state.inExchange {
+            // Only a request body being dropped runs a timer in an exchange here.
+            return close(.error)
+        }
+        switch state.expired(bufferedBytes: (inbound?.readableBytes ?? 0) > 0) {
+        case .requestTimeout:
+            answerError(408)
+            settle()
+        case .close(let reason):
+            close(reason)
+        case nil:
+            break
+        }
+    }
+
+    // MARK: Reading and parsing
+
+    /// Handles what is buffered, then reads while the socket has bytes, there is room and the
+    /// answers are being taken (backpressure: otherwise the client's bytes wait in its socket);
+    /// then writes and settles what the connection waits for.
+    private func pump() {
+        while isOpen {
+            // Answers that went out make room for the pipelined requests behind them.
+            while handleInput() && isOpen && (inbound?.readableBytes ?? 0) > 0 && !outbound.isFull { flush() }
+            flush()
+            guard isOpen, readable, !peerClosed, !outbound.isFull, !state.isClosed || lingering else { break }
+            var buf = inbound.take() ?? shared.pool.take()
+            if buf.writableBytes == 0 { buf.compact() }
+            // A full buffer holding no complete head cannot happen: the parser's limits are below
+            // the buffer's size and answer it first.
+            guard buf.writableBytes > 0, let fd = shared.loop.fd(handle) else { inbound = consume buf; break }
+            let result = buf.read(from: fd)
+            inbound = consume buf
+            switch result {
+            case .bytes(_, let eof):
+                bodyProgress = bodyProgress || state.inExchange
+                if eof { peerClosed = true; readable = false }
+            case .wouldBlock:
+                readable = false
+            case .eof:
+                peerClosed = true
+                readable = false
+            case .error:
+                return close(.clientClose)
+            }
+        }
+        settle()
+    }
+
+    /// Parses and answers the heads in the buffer and drops body bytes, as far as they go.
+    /// Returns whether it consumed anything.
+    @discardableResult
+    private func handleInput() -> Bool {
+        guard var buf = inbound.take() else { return false }
+        let before = buf.readableBytes
+        while isOpen && !buf.isEmpty {
+            if lingering { buf.consume(buf.readableBytes); break }
+            if state.inExchange {
+                guard dropBody(&buf) else { break }
+                finishExchange()
+                continue
+            }
+            guard state.awaitingHead, !outbound.isFull else { break }
+            state.headBytesArrived(now: Int64(shared.loop.now))
+            var layout = HeadLayout()
+            var headers: [HeaderField] = []
+            swap(&headers, &shared.headerScratch)
+            let outcome = buf.withReadableBytes { p in
+                HeadParser.parse(p, kind: .request, limits: shared.settings.headLimits, headers: &headers, into: &layout)
+            }
+            guard case .complete(let start, let consumed) = outcome else {
+                swap(&headers, &shared.headerScratch)
+                if case .error(let e) = outcome { answerError(e.status) }
+                break
+            }
+            _ = state.headParsed()
+            shared.requests += 1
+            if layout.chunked { chunked = ChunkedDecoder() } else { bodyLeft = layout.contentLength ?? 0 }
+            answered = false
+            buf.withReadableBytes { p in
+                shared.handler.request(layout, bytes: UnsafeRawBufferPointer(rebasing: p[start..<consumed]), connection: self)
+            }
+            // A handler that gave no answer is a bug; the client still gets one.
+            if !answered { respond(status: 500, body: [], head: layout, close: true) }
+            // The header storage goes back to the loop.
+            swap(&layout.headers, &shared.headerScratch)
+            shared.headerScratch.removeAll(keepingCapacity: true)
+            buf.consume(consumed)
+            // A request without a body (or with all of it here) ends now.
+            if isOpen, state.inExchange, dropBody(&buf) { finishExchange() }
+        }
+        let progressed = buf.readableBytes < before
+        if isOpen { inbound = consume buf } else { shared.pool.recycle(buf) }
+        return progressed
+    }
+
+    /// Drops the request body's bytes at the front of `buf`; true once the body is complete.
+    private func dropBody(_ buf: inout IOBuffer) -> Bool {
+        if var d = chunked {
+            let n: Int
+            do {
+                n = try buf.withReadableBytes { p throws(ChunkedDecoder.Failure) in try d.consume(p, data: { _, _ in }) }
+            } catch {
+                chunked = nil
+                closeAfterWrite = true
+                state.pendingReason = .error
+                return true
+            }
+            buf.consume(n)
+            chunked = d.isDone ? nil : d
+            return d.isDone
+        }
+        let n = Int(min(bodyLeft, Int64(buf.readableBytes)))
+        buf.consume(n)
+        bodyLeft -= Int64(n)
+        return bodyLeft == 0
+    }
+
+    // MARK: Answering
+
+    /// Queues the answer to the current request and writes it. Its keep-alive decision is
+    /// nginx's (`keepalive_requests`, `keepalive_time`, `keepalive_timeout 0`, drain, what the
+    /// client asked for); `close` forces a close.
+    func respond(status: Int, body: [UInt8], contentType: StaticString = "text/plain", head: HeadLayout, close: Bool = false) {
+        precondition(state.inExchange && !answered, "respond outside an exchange or twice: \(state.phase)")
+        answered = true
+        let s = shared.settings
+        let wants = head.minorVersion == 1 ? !head.connectionClose : (head.connectionKeepAlive && !head.connectionClose)
+        let policy = KeepAlivePolicy(maxRequests: s.keepaliveRequests, maxLifetimeMs: s.keepaliveTimeMs, draining: shared.draining)
+        let decision = policy.decide(requestNumber: state.requests, clientWantsKeepAlive: wants,
+                                     connectionAgeMs: (Int64(shared.loop.now) - state.acceptedAt) / 1_000_000)
+        var keepAlive = decision == .keepAlive && s.keepaliveTimeoutMs > 0 && !close
+        if case .close(let r) = decision { state.pendingReason = DownstreamCloseReason(r) }
+        if close { state.pendingReason = .error }
+        // A body of unknown remaining size cannot be skipped safely after an error answer.
+        if close && (bodyLeft > 0 || chunked != nil) { keepAlive = false }
+        write(status: status, body: body, contentType: contentType, keepAlive: keepAlive, minor: head.minorVersion)
+        closeAfterWrite = !keepAlive
+        flush()
+    }
+
+    private static let reasons: [Int: StaticString] = [
+        200: "OK", 204: "No Content", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Not Allowed",
+        408: "Request Time-out", 413: "Request Entity Too Large", 414: "Request-URI Too Large",
+        431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
+        502: "Bad Gateway", 503: "Service Temporarily Unavailable", 504: "Gateway Time-out", 505: "HTTP Version Not Supported",
+    ]
+
+    private func write(status: Int, body: [UInt8], contentType: StaticString, keepAlive: Bool, minor: Int) {
+        var out = shared.pool.take()
+        Self.put("HTTP/1.1 ", &out); Self.put(status, &out); Self.put(" ", &out); Self.put(Self.reasons[status] ?? "Unknown", &out)
+        Self.put("\r\nServer: tether\r\n", &out)
+        if status != 204 && status != 304 {
+            Self.put("Content-Type: ", &out); Self.put(contentType, &out)
+            Self.put("\r\nContent-Length: ", &out); Self.put(body.count, &out); Self.put("\r\n", &out)
+        }
+        if !keepAlive { Self.put("Connection: close\r\n", &out) } else if minor == 0 { Self.put("Connection: keep-alive\r\n", &out) }
+        Self.put("\r\n", &out)
+        var sent = out.append(contentsOf: body)
+        outbound.enqueue(out)
+        while sent < body.count {
+            var more = shared.pool.take()
+            sent += more.append(contentsOf: body[sent...])
+            outbound.enqueue(more)
+        }
+    }
+
+    private static func put(_ s: StaticString, _ out: inout IOBuffer) {
+        s.withUTF8Buffer { _ = out.append(contentsOf: $0) }
+    }
+
+    /// Decimal digits, without a String.
+    private static func put(_ n: Int, _ out: inout IOBuffer) {
+        withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 20) { digits in
+            var v = n, i = 20
+            repeat { i -= 1; digits[i] = UInt8(0x30 + v % 10); v /= 10 } while v > 0
+            _ = out.append(contentsOf: UnsafeBufferPointer(rebasing: digits[i...]))
+        }
+    }
+
+    /// Answers a malformed or timed-out request with `status` and closes once it is written (as
+    /// nginx: no keep-alive after a head that could not be read).
+    private func answerError(_ status: Int) {
+        write(status: status, body: [], contentType: "text/plain", keepAlive: false, minor: 1)
+        if let r = state.close(.error) { shared.closed[r] += 1 }
+    }
+
+    /// The request was answered and its body read: the next one may follow.
+    private func finishExchange() {
+        guard state.inExchange else { return }
+        if closeAfterWrite {
+            if let r = state.close() { shared.closed[r] += 1 }
+            return
+        }
+        state.exchangeFinished(keepaliveTimeoutMs: shared.settings.keepaliveTimeoutMs, now: Int64(shared.loop.now))
+    }
+
+    // MARK: Writing and closing
+
+    private func flush() {
+        guard !outbound.isEmpty, let fd = shared.loop.fd(handle) else { return }
+        if case .error = outbound.flush(to: fd) { close(.clientClose) }
+    }
+
+    /// After the input was handled: writes what is queued, then closes, lingers or waits, as
+    /// the connection's state says.
+    private func settle() {
+        flush()
+        guard isOpen else { return }
+        if peerClosed && !state.isClosed {
+            // The client is done sending: what it asked for is answered (or cannot be).
+            if let r = state.close(.clientClose) { shared.closed[r] += 1 }
+        }
+        if state.isClosed {
+            // A final answer: close once it is written (a writable event brings us back; the
+            // client that never takes it is send_timeout's, which comes with the exchange glue).
+            guard outbound.isEmpty else { return }
+            if lingering {
+                if peerClosed { close(nil) }
+                return
+            }
+            let moreInput = (inbound?.readableBytes ?? 0) > 0 || bodyLeft > 0 || chunked != nil || readable
+            guard moreInput, !peerClosed, let fd = shared.loop.fd(handle) else { return close(nil) }
+            // Client bytes are still coming: our FIN, then read and drop them for a while, so
+            // that a close with unread data (a reset) cannot destroy the answer in flight.
+            shutdown(fd, Int32(SHUT_WR))
+            lingering = true
+            if var b = inbound.take() { b.consume(b.readableBytes); shared.pool.recycle(b) }
+            timerUse = .linger
+            shared.loop.arm(handle, afterNanoseconds: UInt64(shared.settings.lingerMs) * 1_000_000)
+            if readable { pump() }
+            return
+        }
+        releaseIdleBuffer()
+        armTimer()
+    }
+
+    /// Closes now; `reason` (or the pending one) is counted unless the close was counted already.
+    func close(_ reason: DownstreamCloseReason?) {
+        guard isOpen else { return }
+        if let r = state.close(reason) { shared.closed[r] += 1 }
+        if let b = inbound.take() { shared.pool.recycle(b) }
+        outbound = OutboundQueue(pool: shared.pool)
+        shared.loop.close(handle)
+    }
+
+    /// An idle connection holds no buffer: an empty one goes back to the pool.
+    private func releaseIdleBuffer() {
+        if let b = inbound.take() {
+            if b.isEmpty { shared.pool.recycle(b) } else { inbound = consume b }
+        }
+    }
+
+    /// Arms the one timer for what the connection waits for now: the header timeout from the
+    /// accept or from a head's first byte, the keep-alive timeout from the last answer, the body
+    /// timeout from the last body bytes (as `ClientConnectionState.deadline` and nginx count).
+    private func armTimer() {
+        guard isOpen, !lingering else { return }
+        let want: TimerUse
+        if state.inExchange {
+            want = bodyLeft > 0 || chunked != nil ? .body : .none
+        } else if state.headStarted {
+            want = .head
+        } else {
+            want = state.requests == 0 ? .firstHead : .keepalive
+        }
+        let progress = bodyProgress
+        bodyProgress = false
+        guard want != timerUse || (want == .body && progress) else { return }
+        timerUse = want
+        let s = shared.settings
+        let ms: Int64
+        switch want {
+        case .none, .linger: return shared.loop.cancelTimer(handle)
+        case .firstHead, .head: ms = s.headerTimeoutMs
+        case .keepalive: ms = s.keepaliveTimeoutMs
+        case .body: ms = s.bodyTimeoutMs
+        }
+        shared.loop.arm(handle, afterNanoseconds: UInt64(ms) * 1_000_000)
+    }
+}
