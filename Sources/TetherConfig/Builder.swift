@@ -271,7 +271,8 @@ public struct Builder {
             let (key, value) = Builder.split(a.text)
             switch (key, value) {
             case ("default_server", nil), ("default", nil): l.defaultServer = true
-            case ("reuseport", nil): l.reuseport = true
+            // Accepted for nginx configurations: every listener is SO_REUSEPORT, one socket per loop.
+            case ("reuseport", nil): break
             case ("backlog", .some(let v)):
                 guard let n = Int(v), n >= 1, n <= 65535 else { throw ConfigErrorReason("invalid backlog \"\(v)\"") }
                 l.backlog = n

@@ -145,7 +145,6 @@ public struct Listen: Hashable, Sendable {
     public var address: String
     public var port: Int
     public var defaultServer = false
-    public var reuseport = false
     public var backlog = 511
     /// nil: the socket is left as the host makes it.
     public var soKeepalive: TCPKeepalive?

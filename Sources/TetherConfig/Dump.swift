@@ -38,7 +38,6 @@ extension Configuration {
                 var line = "        listen \(l.addressText)"
                 if l.ssl { line += " ssl" }
                 if l.defaultServer { line += " default_server" }
-                if l.reuseport { line += " reuseport" }
                 line += " backlog=\(l.backlog)"
                 if let k = l.soKeepalive { line += " so_keepalive=\(k)" }
                 line += " tcp_user_timeout=\(l.tcpUserTimeout)"

@@ -156,7 +156,6 @@ public struct StatsSnapshot: Sendable {
     var allServers: [Server] { upstreams.flatMap(\.servers) }
 
     public var upstreamConnects: Int { allServers.reduce(0) { $0 + $1.counters.connects } }
-    public var upstreamRequests: Int { allServers.reduce(0) { $0 + $1.counters.requests } }
     public var upstreamReused: Int { allServers.reduce(0) { $0 + $1.counters.reused } }
     public var idleUpstreamConnections: Int { allServers.reduce(0) { $0 + $1.idle } }
     public var upstreamClosed: [String: Int] { allServers.reduce(into: [:]) { $0.merge($1.counters.closed, uniquingKeysWith: +) } }

@@ -422,7 +422,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         var head = loop.allocator.buffer(capacity: e.head.bytes.readableBytes + 128)
         writeUpstreamHead(e, into: &head)
         conn.write(head)
-        if ex!.head.expectContinue && !ex!.requestBodyDone && (inbound?.readableBytes ?? 0) == 0 && ex!.head.minorVersion == 1 {
+        if e.head.expectContinue && !e.requestBodyDone && (inbound?.readableBytes ?? 0) == 0 && e.head.minorVersion == 1 {
             writeClient(ByteBuffer(staticString: "HTTP/1.1 100 Continue\r\n\r\n"))
             flushIfNeeded()
         }
@@ -587,12 +587,12 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
             upstreamFailed(.error, detail: "upstream \(e.upstreamAddrText) \(why) in a response delimited by the close; the response may be truncated")
         case .body where e.responseFraming == .untilClose:
             if e.relay == .chunkify { writeClient(ByteBuffer(staticString: "0\r\n\r\n")) }
-            ex!.upstreamReusable = false
-            ex!.upstream = nil
+            e.upstreamReusable = false
+            e.upstream = nil
             e.server?.discard(connection, reason: .peerClosed)
             responseFinished()
         case .tunnel:
-            ex!.upstream = nil
+            e.upstream = nil
             e.server?.discard(connection, reason: .peerClosed)
             close(.clientClose)
         case .done:
@@ -700,13 +700,13 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         if upgrading {
             // From here on both directions are raw bytes.
             if rest.readableBytes > 0 { writeClient(rest) }
-            if let b = inbound, b.readableBytes > 0 { ex!.upstream?.write(b); inbound = nil }
-            ex!.upstream?.flush()
+            if let b = inbound, b.readableBytes > 0 { e.upstream?.write(b); inbound = nil }
+            e.upstream?.flush()
             flushIfNeeded()
             return
         }
         if e.phase == .done {
-            if rest.readableBytes > 0 { ex!.upstreamReusable = false }
+            if rest.readableBytes > 0 { e.upstreamReusable = false }
             responseFinished()
         } else if rest.readableBytes > 0 {
             relayBody(rest)
@@ -903,7 +903,6 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         }
         balancerEnded(e)
         e.bytesSent = respond(status: status, text: text, contentType: contentType, serverTokens: e.route.settings.serverTokens, keepAlive: keepAlive, head: e.head, allow: allow)
-        ex!.bytesSent = e.bytesSent
         if !keepAlive {
             finishExchange()
             return
