@@ -1,0 +1,325 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CTether
+import TetherIO
+import TetherPool
+
+/// Who a leased upstream link reports to (an exchange). Called on the loop's thread.
+protocol UpstreamLinkOwner: AnyObject {
+    /// A new connection is up: the request can be written.
+    func upstreamConnected(_ link: UpstreamLink)
+    /// The connect failed (`errno`, or ETIMEDOUT for `proxy_connect_timeout`); the link is gone.
+    func upstreamConnectFailed(_ link: UpstreamLink, errno: Int32)
+    /// Bytes arrived (in `link.inbound`), or the backend closed its side (`link.peerClosed`).
+    func upstreamReadable(_ link: UpstreamLink)
+    /// The link failed or closed while leased; it is gone.
+    func upstreamClosed(_ link: UpstreamLink, errno: Int32?)
+}
+
+/// One connection to an upstream server, on one loop: connecting, leased to an exchange, or
+/// idle in its pool. Idle, it is watched: any byte or EOF from the backend closes it at once (no
+/// CLOSE_WAIT is left behind), and its one timer is the pool's idle expiry.
+final class UpstreamLink: IOHandler {
+    enum Phase: Equatable { case connecting, leased, idle, closed }
+
+    private unowned let pool: UpstreamPool
+    fileprivate(set) var handle = Handle(token: UInt64(UInt32.max))
+    fileprivate(set) var phase = Phase.connecting
+    /// The exchange it serves while leased (cleared at release: no cycle outlives the exchange).
+    fileprivate var owner: UpstreamLinkOwner?
+    /// What the backend sent and the owner has not consumed.
+    var inbound: IOBuffer?
+    private var outbound: OutboundQueue
+    private(set) var peerClosed = false
+    /// The socket reported readable and was not read to EAGAIN yet.
+    private var readable = false
+    /// Set by `lease` for a warm connection: how long it had idled.
+    fileprivate(set) var idleMsAtLease: Int64 = 0
+    fileprivate(set) var reused = false
+
+    fileprivate init(pool: UpstreamPool) {
+        self.pool = pool
+        outbound = OutboundQueue(pool: pool.buffers)
+    }
+
+    var isOpen: Bool { phase != .closed }
+
+    // MARK: For the owner
+
+    /// Queues `buffer` and writes what the socket takes.
+    func write(_ buffer: consuming IOBuffer) {
+        outbound.enqueue(buffer)
+        flush()
+    }
+
+    /// Whether the request so far went out (false: the owner waits before sending more).
+    var isWritable: Bool { !outbound.isFull }
+
+    /// Reads what the backend sent into `inbound`, as far as there is room; the owner consumes
+    /// from `inbound` and calls this again until it returns false.
+    @discardableResult
+    func read() -> Bool {
+        guard readable, !peerClosed, let fd = pool.loop.fd(handle) else { return false }
+        var buf = inbound.take() ?? pool.buffers.take()
+        if buf.writableBytes == 0 { buf.compact() }
+        guard buf.writableBytes > 0 else { inbound = consume buf; return false }
+        let result = buf.read(from: fd)
+        inbound = consume buf
+        switch result {
+        case .bytes(_, let eof):
+            if eof { peerClosed = true; readable = false }
+            return true
+        case .wouldBlock:
+            readable = false
+            return false
+        case .eof:
+            peerClosed = true
+            readable = false
+            return true
+        case .error(let e):
+            fail(e)
+            return false
+        }
+    }
+
+    // MARK: Events
+
+    func ioEvent(_ events: IOEvents, handle: Handle, loop: IOLoop) {
+        switch phase {
+        case .connecting:
+            guard events.contains(.writable) || events.contains(.error) || events.contains(.hangup) else { return }
+            var err: Int32 = 0
+            var len = socklen_t(MemoryLayout<Int32>.size)
+            if let fd = loop.fd(handle) { getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) }
+            if err != 0 || events.contains(.error) { return pool.connectFailed(self, errno: err != 0 ? err : ECONNREFUSED) }
+            pool.connected(self)
+            if events.contains(.readable) || events.contains(.readHangup) { readable = true; owner?.upstreamReadable(self) }
+        case .idle:
+            // Anything from the backend on an idle connection ends it: a close, or bytes out of step.
+            pool.idleLinkStirred(self, byPeer: events.contains(.readable) || events.contains(.readHangup) || events.contains(.hangup))
+        case .leased:
+            if events.contains(.writable) { flush() }
+            guard phase == .leased else { return }
+            if events.contains(.error) { return fail(ECONNRESET) }
+            if events.contains(.readable) || events.contains(.readHangup) || events.contains(.hangup) {
+                readable = true
+                owner?.upstreamReadable(self)
+            }
+        case .closed:
+            break
+        }
+    }
+
+    func timerFired(handle: Handle, loop: IOLoop) {
+        switch phase {
+        case .connecting: pool.connectFailed(self, errno: ETIMEDOUT)
+        case .idle: pool.expire(now: Int64(loop.now / 1_000_000))
+        case .leased, .closed: break
+        }
+    }
+
+    private func flush() {
+        guard !outbound.isEmpty, let fd = pool.loop.fd(handle) else { return }
+        if case .error(let e) = outbound.flush(to: fd) { fail(e) }
+    }
+
+    private func fail(_ e: Int32) {
+        let o = owner
+        pool.leasedLinkFailed(self)
+        o?.upstreamClosed(self, errno: e)
+    }
+
+    /// Gives up the socket and the buffers.
+    fileprivate func closeSocket() {
+        guard phase != .closed else { return }
+        phase = .closed
+        owner = nil
+        if let b = inbound.take() { pool.buffers.recycle(b) }
+        outbound = OutboundQueue(pool: pool.buffers)
+        pool.loop.close(handle)
+    }
+
+    /// Ready for the next lease: no buffer held, nothing queued.
+    fileprivate func becomeIdle() {
+        phase = .idle
+        owner = nil
+        readable = false
+        if let b = inbound.take() { pool.buffers.recycle(b) }
+    }
+
+    fileprivate func becomeLeased(by owner: UpstreamLinkOwner) {
+        phase = .leased
+        self.owner = owner
+    }
+
+    fileprivate func start(_ fd: Int32) throws(IOError) {
+        handle = try pool.loop.register(fd, handler: self)
+    }
+}
+
+/// One upstream server's connections on one loop, run by `ConnectionPool` (TetherPool's pure
+/// pool: which to reuse, which to close and why). No lock, no thread: everything happens on the
+/// loop that owns the exchanges.
+final class UpstreamPool {
+    let loop: IOLoop
+    let buffers: BufferPool
+    let address: sockaddr_in
+    let connectTimeoutMs: Int64
+    private(set) var state: ConnectionPool<Handle>
+    private var links: [Handle: UpstreamLink] = [:]
+    private(set) var connects = 0
+    private(set) var reusedLeases = 0
+    private(set) var closed: [CloseReason: Int] = [:]
+    private(set) var connectFailures = 0
+
+    /// `host` is a numeric IPv4 address (names are resolved before a pool is made).
+    init?(loop: IOLoop, buffers: BufferPool, host: String, port: UInt16, policy: PoolPolicy, connectTimeoutMs: Int64 = 60_000) {
+        var a = sockaddr_in()
+        a.sin_family = sa_family_t(AF_INET)
+        a.sin_port = port.bigEndian
+        guard inet_pton(AF_INET, host, &a.sin_addr) == 1 else { return nil }
+        self.loop = loop
+        self.buffers = buffers
+        address = a
+        self.connectTimeoutMs = connectTimeoutMs
+        state = ConnectionPool(policy: policy)
+    }
+
+    var idleCount: Int { state.idleCount }
+    var openCount: Int { links.count }
+
+    private var now: Int64 { Int64(loop.now / 1_000_000) }
+
+    /// A connection for `owner`: a warm one (`link.reused`; write the request now), or a new one
+    /// being connected (`owner.upstreamConnected` follows, or `upstreamConnectFailed`). Nil when
+    /// no socket could be made (the errno is in the return's second part).
+    func lease(for owner: UpstreamLinkOwner) -> (UpstreamLink?, errno: Int32) {
+        let (lease, expired) = state.lease(now: now)
+        for (h, reason) in expired { close(h, reason) }
+        switch lease {
+        case .reuse(let h, let idleMs):
+            let link = links[h]!
+            link.becomeLeased(by: owner)
+            link.reused = true
+            link.idleMsAtLease = idleMs
+            loop.cancelTimer(h)
+            reusedLeases += 1
+            return (link, 0)
+        case .connect:
+            return connect(for: owner)
+        }
+    }
+
+    private func connect(for owner: UpstreamLinkOwner) -> (UpstreamLink?, errno: Int32) {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { state.connectFailed(); connectFailures += 1; return (nil, errno) }
+        var one: Int32 = 1
+        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        var a = address
+        let rc = withUnsafePointer(to: &a) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        if rc < 0 && errno != EINPROGRESS {
+            let e = errno
+            Glibc.close(fd)
+            state.connectFailed()
+            connectFailures += 1
+            return (nil, e)
+        }
+        let link = UpstreamLink(pool: self)
+        do {
+            try link.start(fd)
+        } catch {
+            Glibc.close(fd)
+            state.connectFailed()
+            connectFailures += 1
+            return (nil, error.errno)
+        }
+        link.becomeLeased(by: owner)
+        link.phase = .connecting
+        links[link.handle] = link
+        connects += 1
+        loop.arm(link.handle, afterNanoseconds: UInt64(connectTimeoutMs) * 1_000_000)
+        return (link, 0)
+    }
+
+    fileprivate func connected(_ link: UpstreamLink) {
+        loop.cancelTimer(link.handle)
+        state.connected(link.handle, now: now)
+        link.phase = .leased
+        link.reused = false
+        link.owner?.upstreamConnected(link)
+    }
+
+    fileprivate func connectFailed(_ link: UpstreamLink, errno: Int32) {
+        let owner = link.owner
+        links.removeValue(forKey: link.handle)
+        state.connectFailed()
+        connectFailures += 1
+        link.closeSocket()
+        owner?.upstreamConnectFailed(link, errno: errno)
+    }
+
+    /// The exchange on `link` ended. `reusable`: the response was read to its end and nothing
+    /// past it, neither side said close, not an upgrade.
+    func release(_ link: UpstreamLink, reusable: Bool, backend: ConnectionPool<Handle>.BackendKeepAlive? = nil) {
+        precondition(link.phase == .leased, "release of a link that is \(link.phase)")
+        let clean = reusable && !link.peerClosed && (link.inbound?.readableBytes ?? 0) == 0
+        switch state.release(link.handle, now: now, reusable: clean, backend: backend).0 {
+        case .keep:
+            link.becomeIdle()
+            armIdleCheck(link.handle)
+        case .close(let reason):
+            links.removeValue(forKey: link.handle)
+            count(reason)
+            link.closeSocket()
+        }
+    }
+
+    fileprivate func leasedLinkFailed(_ link: UpstreamLink) {
+        guard link.phase == .leased || link.phase == .connecting else { return }
+        if link.phase == .leased { state.leasedClosed(link.handle) } else { state.connectFailed() }
+        links.removeValue(forKey: link.handle)
+        count(.error)
+        link.closeSocket()
+    }
+
+    /// An idle link saw a close or bytes: it goes at once; a close by the backend teaches the
+    /// pool the backend's idle window.
+    fileprivate func idleLinkStirred(_ link: UpstreamLink, byPeer: Bool) {
+        state.idleClosed(link.handle, now: now, byPeer: byPeer)
+        links.removeValue(forKey: link.handle)
+        count(byPeer ? .peerClosed : .error)
+        link.closeSocket()
+    }
+
+    /// An idle link's timer: the pool's upkeep runs, and whatever expired or is surplus closes.
+    fileprivate func expire(now: Int64) {
+        for (h, reason) in state.tick(now: now) { close(h, reason) }
+        for (h, l) in links where l.phase == .idle && !loop.isTimerArmed(h) { armIdleCheck(h) }
+    }
+
+    /// An idle link is looked at again after the shorter of the idle timeout and the trim
+    /// period: one configured duration (the loop keeps a timer list per duration), so the
+    /// pool's upkeep runs at that period while it has idle connections, as nginx's and HAProxy's do.
+    private func armIdleCheck(_ h: Handle) {
+        var ms = max(1, min(state.effectiveIdleTimeoutMs, state.policy.trimAfterMs))
+        // A learned idle window is any value: in steps of 250 ms it makes a few lists, not many.
+        if ms >= 250 { ms -= ms % 250 }
+        loop.arm(h, afterNanoseconds: UInt64(ms) * 1_000_000)
+    }
+
+    /// Closes every idle connection (shutdown, or the upstream went away in a reload).
+    func drainIdle() {
+        for h in state.drainIdle() { close(h, .shutdown) }
+    }
+
+    private func close(_ h: Handle, _ reason: CloseReason) {
+        guard let l = links.removeValue(forKey: h) else { return }
+        count(reason)
+        l.closeSocket()
+    }
+
+    private func count(_ r: CloseReason) { closed[r, default: 0] += 1 }
+}
