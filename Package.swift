@@ -58,7 +58,7 @@ let package = Package(
         .executableTarget(
             name: "tether",
             dependencies: [
-                "TetherConfig", "TetherCore", "TetherAdmin",
+                "TetherConfig", "TetherCore", "TetherAdmin", "TetherIO",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

@@ -6,6 +6,7 @@ import NIOCore
 import TetherAdmin
 import TetherConfig
 import TetherCore
+import TetherIO
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -52,6 +53,9 @@ struct Tether: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("With doctor: the open-files limit to check instead of this process's own.", valueName: "n"))
     var openFiles: Int?
 
+    @Option(name: .long, help: .hidden)
+    var benchPort = 18480
+
     @Flag(name: .customShort("v"), help: "Print the version and exit.")
     var version = false
 
@@ -65,6 +69,15 @@ struct Tether: ParsableCommand {
                 print("built with Swift, SwiftNIO; event loops: epoll; listeners: one SO_REUSEPORT socket per event loop")
             }
             return
+        }
+        if command == "bench-core" {
+            // Measuring tool (bench/core-local.sh): Tether's own loop answering 12 bytes itself.
+            do throws(TetherIO.IOError) {
+                try LocalAnswerBench.serve(port: UInt16(benchPort), body: "hello world\n")
+            } catch {
+                printError("tether: [emerg] bench-core: \(error)")
+                throw ExitCode(1)
+            }
         }
         let config: Configuration
         switch Configuration.load(path: file) {

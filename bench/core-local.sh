@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The client side alone, like for like: user-space instructions per request when the server
+# answers 12 bytes itself (nginx's `return 200`), for nginx, Tether on SwiftNIO (the serving path
+# today) and Tether's own loop (`tether bench-core`: TetherIO, TetherHTTP's parser, the client
+# connection of Sources/TetherCore/Loop). Counted by callgrind with bench/loadgen.py's exact
+# request counts, (Ir[3N] - Ir[N]) / 2N as in bench/budget.sh. About 2 minutes.
+#
+#   bench/core-local.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source bench/lib.sh
+if ! need valgrind || ! need callgrind_control || ! need python3 || ! need curl || ! need strip || ! need nginx; then
+    install_packages valgrind python3 curl binutils nginx-light
+fi
+scripts/build >/dev/null
+make_work
+strip --strip-debug -o "$WORK/tether" .build/release/tether
+LG="python3 bench/loadgen.py"
+
+cat > "$WORK/nginx.conf" <<CONF
+worker_processes 1; daemon off; master_process off; pid $WORK/nginx.pid.file;
+error_log $WORK/nginx.err error;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
+  server { listen 127.0.0.1:18481 backlog=4096; location / { return 200 "hello world\n"; } } }
+CONF
+cat > "$WORK/tether.conf" <<CONF
+worker_processes 1;
+error_log $WORK/tether.err error;
+http { keepalive_requests 1000000; keepalive_timeout 300s;
+  server { listen 127.0.0.1:18482 backlog=4096; location / { return 200 "hello world\n"; } } }
+CONF
+
+# measure NAME PORT COMMAND...: prints "NAME keep-alive new-connection"
+measure() {
+    local name=$1 port=$2; shift 2
+    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/cg.$name" "$@" > "$WORK/$name.valgrind.log" 2>&1 &
+    local vp=$!; echo $vp > "$WORK/$name.pid"
+    for _ in $(seq 300); do curl -fs "http://127.0.0.1:$port/" >/dev/null 2>&1 && break; sleep 0.2; done
+    $LG keepalive "$port" 10 1000; $LG close "$port" 10 100
+    local i=0 mode n t f
+    local -a v=()
+    for run in "keepalive 2000" "keepalive 6000" "close 300" "close 900"; do
+        i=$((i + 1)); mode=${run% *}; n=${run#* }
+        callgrind_control -i on "$vp" >/dev/null 2>&1
+        $LG "$mode" "$port" 10 "$n"
+        callgrind_control -i off "$vp" >/dev/null 2>&1
+        callgrind_control -d "$vp" >/dev/null 2>&1
+        t=0
+        for f in "$WORK/cg.$name.$i" "$WORK/cg.$name.$i"-*; do
+            [ -f "$f" ] && t=$((t + $(awk '/^totals:/ {print $2; exit}' "$f")))
+        done
+        v+=("$t")
+    done
+    kill "$vp" 2>/dev/null || true; wait "$vp" 2>/dev/null || true
+    echo "$name $(( (v[1] - v[0]) / 4000 )) $(( (v[3] - v[2]) / 600 ))"
+}
+
+results=$(
+    measure nginx 18481 "$(command -v nginx)" -c "$WORK/nginx.conf" -p "$WORK"
+    measure tether-nio 18482 "$WORK/tether" -c "$WORK/tether.conf"
+    measure tether-own-loop 18483 "$WORK/tether" bench-core --bench-port 18483
+)
+echo "$results" | awk '
+    { ka[$1] = $2; nc[$1] = $3; order[NR] = $1 }
+    END {
+        print "Answering 12 bytes locally: user-space instructions per request (callgrind), " strftime("%Y-%m-%d") "."
+        print ""
+        print "| server | keep-alive | vs nginx | new connection per request | vs nginx |"
+        print "|---|---|---|---|---|"
+        for (i = 1; i <= NR; i++) { n = order[i]; printf "| %s | %d | %.2f | %d | %.2f |\n", n, ka[n], ka[n] / ka["nginx"], nc[n], nc[n] / nc["nginx"] }
+    }'
