@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The client side alone, like for like: user-space instructions per request when the server
-# answers 12 bytes itself (nginx's `return 200`), for nginx, Tether on SwiftNIO (the serving path
-# today) and Tether's own loop (`tether bench-core`: TetherIO, TetherHTTP's parser, the client
-# connection of Sources/TetherCore/Loop). Counted by callgrind with bench/loadgen.py's exact
-# request counts, (Ir[3N] - Ir[N]) / 2N as in bench/budget.sh. About 2 minutes.
+# Tether's own loop against nginx and against Tether on SwiftNIO (today's serving path), like for
+# like: user-space instructions per request (callgrind, bench/loadgen.py's exact request counts,
+# (Ir[3N] - Ir[N]) / 2N as in bench/budget.sh), first answering 12 bytes locally (nginx's
+# `return 200`), then proxying to an nginx backend over pooled keep-alive connections. The own
+# loop runs as `tether bench-core` (a measuring mode: TetherIO, TetherHTTP's parser and the
+# connections of Sources/TetherCore/Loop; its proxying relays heads without rewriting them).
+# About 40 seconds.
 #
 #   bench/core-local.sh
 set -euo pipefail
@@ -24,6 +26,30 @@ events { worker_connections 4096; }
 http { access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
   server { listen 127.0.0.1:18481 backlog=4096; location / { return 200 "hello world\n"; } } }
 CONF
+cat > "$WORK/backend.conf" <<CONF
+worker_processes 1; daemon off; master_process off; pid $WORK/backend.pid.file;
+error_log $WORK/backend.err error;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
+  server { listen 127.0.0.1:18490 backlog=4096; location / { return 200 "hello world\n"; } } }
+CONF
+cat > "$WORK/nginx-proxy.conf" <<CONF
+worker_processes 1; daemon off; master_process off; pid $WORK/nginx-proxy.pid.file;
+error_log $WORK/nginx-proxy.err error;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
+  upstream b { server 127.0.0.1:18490; keepalive 64; keepalive_requests 1000000; }
+  server { listen 127.0.0.1:18491 backlog=4096;
+    location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+CONF
+cat > "$WORK/tether-proxy.conf" <<CONF
+worker_processes 1;
+error_log $WORK/tether-proxy.err error;
+http { keepalive_requests 1000000; keepalive_timeout 300s;
+  upstream b { server 127.0.0.1:18490; keepalive 64; keepalive_requests 1000000; }
+  server { listen 127.0.0.1:18492 backlog=4096; location / { proxy_pass http://b; } } }
+CONF
+"$(command -v nginx)" -c "$WORK/backend.conf" -p "$WORK" & echo $! > "$WORK/backend.pid"
 cat > "$WORK/tether.conf" <<CONF
 worker_processes 1;
 error_log $WORK/tether.err error;
@@ -60,13 +86,19 @@ results=$(
     measure nginx 18481 "$(command -v nginx)" -c "$WORK/nginx.conf" -p "$WORK"
     measure tether-nio 18482 "$WORK/tether" -c "$WORK/tether.conf"
     measure tether-own-loop 18483 "$WORK/tether" bench-core --bench-port 18483
+    measure nginx-proxy 18491 "$(command -v nginx)" -c "$WORK/nginx-proxy.conf" -p "$WORK"
+    measure tether-nio-proxy 18492 "$WORK/tether" -c "$WORK/tether-proxy.conf"
+    measure tether-own-loop-proxy 18493 "$WORK/tether" bench-core --bench-port 18493 --bench-upstream 18490
 )
 echo "$results" | awk '
     { ka[$1] = $2; nc[$1] = $3; order[NR] = $1 }
     END {
-        print "Answering 12 bytes locally: user-space instructions per request (callgrind), " strftime("%Y-%m-%d") "."
+        print "User-space instructions per request (callgrind), " strftime("%Y-%m-%d") "; *-proxy rows against nginx-proxy."
         print ""
         print "| server | keep-alive | vs nginx | new connection per request | vs nginx |"
         print "|---|---|---|---|---|"
-        for (i = 1; i <= NR; i++) { n = order[i]; printf "| %s | %d | %.2f | %d | %.2f |\n", n, ka[n], ka[n] / ka["nginx"], nc[n], nc[n] / nc["nginx"] }
+        for (i = 1; i <= NR; i++) {
+            n = order[i]; base = (n ~ /proxy/) ? "nginx-proxy" : "nginx"
+            printf "| %s | %d | %.2f | %d | %.2f |\n", n, ka[n], ka[n] / ka[base], nc[n], nc[n] / nc[base]
+        }
     }'

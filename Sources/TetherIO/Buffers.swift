@@ -68,6 +68,12 @@ public struct IOBuffer: ~Copyable {
         if readerIndex == writerIndex { readerIndex = 0; writerIndex = 0 }
     }
 
+    /// Keeps only the first `n` readable bytes (the rest belongs to someone else, or to nobody).
+    public mutating func truncate(toReadable n: Int) {
+        precondition(n >= 0 && n <= readableBytes, "truncate to \(n) of \(readableBytes) readable bytes")
+        writerIndex = readerIndex + n
+    }
+
     /// Moves the unread bytes to the front, making room at the end.
     public mutating func compact() {
         guard readerIndex > 0 else { return }

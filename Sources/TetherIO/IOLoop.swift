@@ -40,6 +40,8 @@ public final class IOLoop: @unchecked Sendable {
 
     public init(poller: any Poller) throws(IOError) {
         self.poller = poller
+        // A write to a socket the peer closed must fail with EPIPE, not kill the process.
+        signal(SIGPIPE, SIG_IGN)
         wakeFD = tether_eventfd()
         guard wakeFD >= 0 else { throw IOError("eventfd", errno: tether_errno()) }
         now = IOLoop.monotonicNanoseconds()

@@ -56,6 +56,9 @@ struct Tether: ParsableCommand {
     @Option(name: .long, help: .hidden)
     var benchPort = 18480
 
+    @Option(name: .long, help: .hidden)
+    var benchUpstream: Int?
+
     @Flag(name: .customShort("v"), help: "Print the version and exit.")
     var version = false
 
@@ -73,7 +76,7 @@ struct Tether: ParsableCommand {
         if command == "bench-core" {
             // Measuring tool (bench/core-local.sh): Tether's own loop answering 12 bytes itself.
             do throws(TetherIO.IOError) {
-                try LocalAnswerBench.serve(port: UInt16(benchPort), body: "hello world\n")
+                try LocalAnswerBench.serve(port: UInt16(benchPort), body: "hello world\n", upstream: benchUpstream.map { UInt16($0) })
             } catch {
                 printError("tether: [emerg] bench-core: \(error)")
                 throw ExitCode(1)

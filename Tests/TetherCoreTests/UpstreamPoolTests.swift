@@ -29,10 +29,10 @@ final class PoolUser: UpstreamLinkOwner {
     func upstreamClosed(_ link: UpstreamLink, errno: Int32?) { closedWith = .some(errno) }
     func upstreamReadable(_ link: UpstreamLink) {
         while link.read() {}
-        if var b = link.inbound.take() {
+        if var b = link.takeInbound() {
             b.withReadableBytes { got += $0 }
             b.consume(b.readableBytes)
-            link.inbound = consume b
+            link.putBack(b)
         }
     }
 }

@@ -91,8 +91,12 @@ final class ClientConnection: IOHandler {
     private var closeAfterWrite = false
     /// Our FIN went out with client bytes still coming: read and drop them until EOF or the timer.
     private var lingering = false
-    /// The handler answered the current request.
+    /// The handler answered the current request (or handed it to an upstream).
     private var answered = false
+    /// The request is with an upstream (`proxy`): its answer comes from there.
+    private var exchange: ProxyExchange?
+    /// `handleInput` is running: callbacks from an exchange must not re-enter it.
+    private var handlingInput = false
 
     init(shared: ClientLoop) {
         self.shared = shared
@@ -114,12 +118,27 @@ final class ClientConnection: IOHandler {
 
     var isOpen: Bool { shared.loop.fd(handle) != nil }
 
+    /// Bytes read and not yet handled (through take and put back: a noncopyable optional is
+    /// only borrowed that way).
+    private var inboundBytes: Int {
+        guard let b = inbound.take() else { return 0 }
+        let n = b.readableBytes
+        inbound = consume b
+        return n
+    }
+
+    private var hasInbound: Bool {
+        guard let b = inbound.take() else { return false }
+        inbound = consume b
+        return true
+    }
+
     /// The heap memory this connection holds: its object (as malloc sized it, with malloc's
     /// 8-byte chunk header), a read buffer and queue storage if it holds any, and its record in
     /// the loop. Deterministic, unlike a process-wide heap counter while other work runs.
     var heapBytes: Int {
         let object = tether_malloc_usable_size(Unmanaged.passUnretained(self).toOpaque()) + 8
-        let buffer = inbound == nil ? 0 : shared.pool.bufferSize
+        let buffer = hasInbound ? shared.pool.bufferSize : 0
         let queue = outbound.holdsStorage ? 2 * 64 : 0
         return object + buffer + queue + IOLoop.bytesPerRecord
     }
@@ -131,7 +150,12 @@ final class ClientConnection: IOHandler {
             return close(.clientClose)
         }
         if events.contains(.readable) || events.contains(.readHangup) { readable = true }
-        if events.contains(.writable) { flush() }
+        if events.contains(.writable) {
+            flush()
+            // The client took what the exchange relayed: the upstream may send more.
+            if let x = exchange, !outbound.isFull { x.clientDrained() }
+        }
+        guard isOpen else { return }
         pump()
     }
 
@@ -141,7 +165,7 @@ final class ClientConnection: IOHandler {
             // Only a request body being dropped runs a timer in an exchange here.
             return close(.error)
         }
-        switch state.expired(bufferedBytes: (inbound?.readableBytes ?? 0) > 0) {
+        switch state.expired(bufferedBytes: inboundBytes > 0) {
         case .requestTimeout:
             answerError(408)
             settle()
@@ -160,13 +184,18 @@ final class ClientConnection: IOHandler {
     private func pump() {
         while isOpen {
             // Answers that went out make room for the pipelined requests behind them.
-            while handleInput() && isOpen && (inbound?.readableBytes ?? 0) > 0 && !outbound.isFull { flush() }
+            while handleInput() && isOpen && inboundBytes > 0 && !outbound.isFull { flush() }
             flush()
             guard isOpen, readable, !peerClosed, !outbound.isFull, !state.isClosed || lingering else { break }
             var buf = inbound.take() ?? shared.pool.take()
             if buf.writableBytes == 0 { buf.compact() }
-            // A full buffer holding no complete head cannot happen: the parser's limits are below
-            // the buffer's size and answer it first.
+            if buf.writableBytes == 0 && state.awaitingHead {
+                // A head that does not fit one buffer (head limits set above its size): refused,
+                // as one over the limits is.
+                inbound = consume buf
+                answerError(431)
+                break
+            }
             guard buf.writableBytes > 0, let fd = shared.loop.fd(handle) else { inbound = consume buf; break }
             let result = buf.read(from: fd)
             inbound = consume buf
@@ -191,10 +220,17 @@ final class ClientConnection: IOHandler {
     @discardableResult
     private func handleInput() -> Bool {
         guard var buf = inbound.take() else { return false }
+        handlingInput = true
+        defer { handlingInput = false }
         let before = buf.readableBytes
         while isOpen && !buf.isEmpty {
             if lingering { buf.consume(buf.readableBytes); break }
             if state.inExchange {
+                if let x = exchange {
+                    // The body goes to the upstream; the next request waits for the answer.
+                    forwardBody(&buf, to: x)
+                    break
+                }
                 guard dropBody(&buf) else { break }
                 finishExchange()
                 continue
@@ -225,6 +261,10 @@ final class ClientConnection: IOHandler {
             swap(&layout.headers, &shared.headerScratch)
             shared.headerScratch.removeAll(keepingCapacity: true)
             buf.consume(consumed)
+            if let x = exchange {
+                forwardBody(&buf, to: x)
+                continue
+            }
             // A request without a body (or with all of it here) ends now.
             if isOpen, state.inExchange, dropBody(&buf) { finishExchange() }
         }
@@ -255,6 +295,88 @@ final class ClientConnection: IOHandler {
         return bodyLeft == 0
     }
 
+    /// Copies what the buffer holds of the request body to the upstream.
+    private func forwardBody(_ buf: inout IOBuffer, to x: ProxyExchange) {
+        while bodyLeft > 0 && !buf.isEmpty {
+            let n = Int(min(bodyLeft, Int64(buf.readableBytes), Int64(shared.pool.bufferSize)))
+            var chunk = shared.pool.take()
+            buf.withReadableBytes { p in _ = chunk.append(contentsOf: UnsafeRawBufferPointer(rebasing: p[0..<n])) }
+            buf.consume(n)
+            bodyLeft -= Int64(n)
+            x.sendBody(chunk)
+        }
+    }
+
+    // MARK: Proxying
+
+    /// Hands the current request to `pool`'s server: its head goes upstream with the hop-by-hop
+    /// lines left out, its Content-Length body follows as it arrives, and the answer comes back
+    /// through `ProxyExchange`. A chunked request body is refused with 411 for now (its canonical
+    /// re-framing comes with the switch, as on the SwiftNIO path).
+    func proxy(through pool: UpstreamPool, head: HeadLayout, bytes: UnsafeRawBufferPointer) {
+        precondition(state.inExchange && !answered, "proxy outside an exchange or twice: \(state.phase)")
+        if head.chunked { return respond(status: 411, body: [], head: head, close: true) }
+        var request = shared.pool.take()
+        guard ProxyExchange.writeForwarded(head, bytes, into: &request) else {
+            // A head larger than a buffer: refused whole rather than sent cut (the head limits
+            // of large_client_header_buffers can exceed a pool buffer).
+            shared.pool.recycle(request)
+            return respond(status: 431, body: [], head: head, close: true)
+        }
+        answered = true
+        let keepAlive = clientKeepAlive(head: head, close: false)
+        let x = ProxyExchange(connection: self, pool: pool, request: request, requestIsHEAD: head.methodIs("HEAD", in: bytes),
+                              clientKeepAlive: keepAlive, clientMinor: head.minorVersion)
+        exchange = x
+        x.start()
+    }
+
+    /// Writes response bytes from the exchange to the client.
+    func sendFromUpstream(_ buffer: consuming IOBuffer) {
+        outbound.enqueue(buffer)
+        flush()
+    }
+
+    /// The client's socket took what was queued: the exchange may read more from the upstream.
+    var clientTakesMore: Bool { !outbound.isFull }
+
+    /// The exchange's answer is complete.
+    func exchangeEnded(keepAlive: Bool) {
+        exchange = nil
+        closeAfterWrite = !keepAlive || bodyLeft > 0
+        if bodyLeft > 0 { state.pendingReason = .error }
+        if !handlingInput {
+            if state.inExchange { finishExchange() }
+            pump()
+        } else if state.inExchange {
+            finishExchange()
+        }
+    }
+
+    /// The exchange failed: an answer if none began (502, 504), else the connection ends.
+    func exchangeFailed(status: Int, responseStarted: Bool) {
+        exchange = nil
+        if responseStarted { return close(.error) }
+        write(status: status, body: [], contentType: "text/plain", keepAlive: false, minor: 1)
+        state.pendingReason = .error
+        closeAfterWrite = true
+        if state.inExchange { finishExchange() }
+        if !handlingInput { pump() }
+    }
+
+    /// nginx's keep-alive rules for the answer to `head` (`keepalive_requests`, `keepalive_time`,
+    /// `keepalive_timeout 0`, drain, what the client asked for); sets the close reason when they say close.
+    private func clientKeepAlive(head: HeadLayout, close: Bool) -> Bool {
+        let s = shared.settings
+        let wants = head.minorVersion == 1 ? !head.connectionClose : (head.connectionKeepAlive && !head.connectionClose)
+        let policy = KeepAlivePolicy(maxRequests: s.keepaliveRequests, maxLifetimeMs: s.keepaliveTimeMs, draining: shared.draining)
+        let decision = policy.decide(requestNumber: state.requests, clientWantsKeepAlive: wants,
+                                     connectionAgeMs: (Int64(shared.loop.now) - state.acceptedAt) / 1_000_000)
+        if case .close(let r) = decision { state.pendingReason = DownstreamCloseReason(r) }
+        if close { state.pendingReason = .error }
+        return decision == .keepAlive && s.keepaliveTimeoutMs > 0 && !close
+    }
+
     // MARK: Answering
 
     /// Queues the answer to the current request and writes it. Its keep-alive decision is
@@ -263,15 +385,8 @@ final class ClientConnection: IOHandler {
     func respond(status: Int, body: [UInt8], contentType: StaticString = "text/plain", head: HeadLayout, close: Bool = false) {
         precondition(state.inExchange && !answered, "respond outside an exchange or twice: \(state.phase)")
         answered = true
-        let s = shared.settings
-        let wants = head.minorVersion == 1 ? !head.connectionClose : (head.connectionKeepAlive && !head.connectionClose)
-        let policy = KeepAlivePolicy(maxRequests: s.keepaliveRequests, maxLifetimeMs: s.keepaliveTimeMs, draining: shared.draining)
-        let decision = policy.decide(requestNumber: state.requests, clientWantsKeepAlive: wants,
-                                     connectionAgeMs: (Int64(shared.loop.now) - state.acceptedAt) / 1_000_000)
         // A body still coming is read and dropped before the next request (its framing is known).
-        let keepAlive = decision == .keepAlive && s.keepaliveTimeoutMs > 0 && !close
-        if case .close(let r) = decision { state.pendingReason = DownstreamCloseReason(r) }
-        if close { state.pendingReason = .error }
+        let keepAlive = clientKeepAlive(head: head, close: close)
         write(status: status, body: body, contentType: contentType, keepAlive: keepAlive, minor: head.minorVersion)
         closeAfterWrite = !keepAlive
         flush()
@@ -361,7 +476,12 @@ final class ClientConnection: IOHandler {
     private func settle() {
         flush()
         guard isOpen else { return }
-        if peerClosed && !state.isClosed {
+        if peerClosed && !state.isClosed && exchange != nil && inboundBytes == 0 && bodyLeft == 0 {
+            // The client closed while its answer is with the upstream: as nginx (without
+            // proxy_ignore_client_abort), the exchange is abandoned with the connection.
+            return close(.clientClose)
+        }
+        if peerClosed && !state.isClosed && exchange == nil {
             // The client is done sending: what it asked for is answered (or cannot be).
             if let r = state.close(.clientClose) { shared.closed[r] += 1 }
         }
@@ -373,7 +493,7 @@ final class ClientConnection: IOHandler {
                 if peerClosed { close(nil) }
                 return
             }
-            let moreInput = (inbound?.readableBytes ?? 0) > 0 || bodyLeft > 0 || chunked != nil || readable
+            let moreInput = inboundBytes > 0 || bodyLeft > 0 || chunked != nil || readable
             guard moreInput, !peerClosed, let fd = shared.loop.fd(handle) else { return close(nil) }
             // Client bytes are still coming: our FIN, then read and drop them for a while, so
             // that a close with unread data (a reset) cannot destroy the answer in flight.
@@ -392,6 +512,7 @@ final class ClientConnection: IOHandler {
     /// Closes now; `reason` (or the pending one) is counted unless the close was counted already.
     func close(_ reason: DownstreamCloseReason?) {
         guard isOpen else { return }
+        if let x = exchange { exchange = nil; x.clientLeft() }
         if let r = state.close(reason) { shared.closed[r] += 1 }
         if let b = inbound.take() { shared.pool.recycle(b) }
         outbound = OutboundQueue(pool: shared.pool)

@@ -1,5 +1,6 @@
 import TetherHTTP
 import TetherIO
+import TetherPool
 
 /// Tether's own loop answering every request itself with a fixed body: what `tether bench-core`
 /// runs for `bench/core-local.sh`, which counts its instructions per request against nginx's
@@ -14,13 +15,31 @@ public enum LocalAnswerBench {
         }
     }
 
-    /// Listens on 127.0.0.1:`port` with one loop on the calling thread, until the process ends.
-    public static func serve(port: UInt16, body: String) throws(IOError) -> Never {
+    final class Proxy: ClientRequestHandler {
+        let pool: UpstreamPool
+        init(_ pool: UpstreamPool) { self.pool = pool }
+        func request(_ head: HeadLayout, bytes: UnsafeRawBufferPointer, connection: ClientConnection) {
+            connection.proxy(through: pool, head: head, bytes: bytes)
+        }
+    }
+
+    /// Listens on 127.0.0.1:`port` with one loop on the calling thread, until the process ends;
+    /// answers with `body`, or with `upstream`'s answers (127.0.0.1, a pool of up to 64 idle
+    /// keep-alive connections) when one is given.
+    public static func serve(port: UInt16, body: String, upstream: UInt16? = nil) throws(IOError) -> Never {
         let loop = try IOLoop()
         var settings = ClientSettings()
         settings.keepaliveRequests = 1_000_000
         settings.keepaliveTimeoutMs = 300_000
-        let clients = ClientLoop(loop: loop, pool: BufferPool(), settings: settings, handler: Answer(Array(body.utf8)))
+        let buffers = BufferPool()
+        let handler: ClientRequestHandler
+        if let upstream {
+            let policy = PoolPolicy(keepalive: 64, idleTimeoutMs: 60_000, maxRequests: 1_000_000, maxLifetimeMs: 3_600_000)
+            handler = Proxy(UpstreamPool(loop: loop, buffers: buffers, host: "127.0.0.1", port: upstream, policy: policy)!)
+        } else {
+            handler = Answer(Array(body.utf8))
+        }
+        let clients = ClientLoop(loop: loop, pool: buffers, settings: settings, handler: handler)
         let (fd, _) = try Sockets.listenTCP(port: port, backlog: 4096)
         let listener = Listener(fd: fd, accepted: { c, _ in _ = try? clients.adopt(c) }, failed: { _, _ in })
         try listener.start(on: loop)

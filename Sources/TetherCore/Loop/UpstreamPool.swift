@@ -28,8 +28,21 @@ final class UpstreamLink: IOHandler {
     fileprivate(set) var phase = Phase.connecting
     /// The exchange it serves while leased (cleared at release: no cycle outlives the exchange).
     fileprivate var owner: UpstreamLinkOwner?
-    /// What the backend sent and the owner has not consumed.
-    var inbound: IOBuffer?
+    /// What the backend sent and the owner has not consumed (`takeInbound`, `putBack`).
+    private(set) var inbound: IOBuffer?
+
+    /// Takes what was read (the owner moves or consumes it, and puts back what it leaves).
+    func takeInbound() -> IOBuffer? { inbound.take() }
+
+    func putBack(_ buffer: consuming IOBuffer) { inbound = consume buffer }
+
+    /// Bytes read and not consumed.
+    var inboundBytes: Int {
+        guard let b = inbound.take() else { return 0 }
+        let n = b.readableBytes
+        inbound = consume b
+        return n
+    }
     private var outbound: OutboundQueue
     private(set) var peerClosed = false
     /// The socket reported readable and was not read to EAGAIN yet.
@@ -47,10 +60,10 @@ final class UpstreamLink: IOHandler {
 
     // MARK: For the owner
 
-    /// Queues `buffer` and writes what the socket takes.
+    /// Queues `buffer` and writes what the socket takes; while connecting, it waits for the connect.
     func write(_ buffer: consuming IOBuffer) {
         outbound.enqueue(buffer)
-        flush()
+        if phase != .connecting { flush() }
     }
 
     /// Whether the request so far went out (false: the owner waits before sending more).
@@ -94,8 +107,11 @@ final class UpstreamLink: IOHandler {
             if let fd = loop.fd(handle) { getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) }
             if err != 0 || events.contains(.error) { return pool.connectFailed(self, errno: err != 0 ? err : ECONNREFUSED) }
             pool.connected(self)
+            flush()
             if events.contains(.readable) || events.contains(.readHangup) { readable = true; owner?.upstreamReadable(self) }
         case .idle:
+            // A writable edge is the kernel freeing send buffer space: nothing to act on.
+            guard events.contains(.readable) || events.contains(.readHangup) || events.contains(.hangup) || events.contains(.error) else { return }
             // Anything from the backend on an idle connection ends it: a close, or bytes out of step.
             pool.idleLinkStirred(self, byPeer: events.contains(.readable) || events.contains(.readHangup) || events.contains(.hangup))
         case .leased:
@@ -265,7 +281,7 @@ final class UpstreamPool {
     /// past it, neither side said close, not an upgrade.
     func release(_ link: UpstreamLink, reusable: Bool, backend: ConnectionPool<Handle>.BackendKeepAlive? = nil) {
         precondition(link.phase == .leased, "release of a link that is \(link.phase)")
-        let clean = reusable && !link.peerClosed && (link.inbound?.readableBytes ?? 0) == 0
+        let clean = reusable && !link.peerClosed && link.inboundBytes == 0
         switch state.release(link.handle, now: now, reusable: clean, backend: backend).0 {
         case .keep:
             link.becomeIdle()
@@ -275,6 +291,19 @@ final class UpstreamPool {
             count(reason)
             link.closeSocket()
         }
+    }
+
+    /// Ends a leased or connecting link that its exchange cannot finish (the client left, the
+    /// response was refused): closed, not pooled.
+    func discard(_ link: UpstreamLink, reason: CloseReason) {
+        switch link.phase {
+        case .connecting: state.connectFailed()
+        case .leased: state.leasedClosed(link.handle)
+        case .idle, .closed: return
+        }
+        links.removeValue(forKey: link.handle)
+        count(reason)
+        link.closeSocket()
     }
 
     fileprivate func leasedLinkFailed(_ link: UpstreamLink) {
