@@ -144,6 +144,10 @@ public struct HeadLayout: Sendable {
     /// Whether the sender lets the connection carry another message after this one, as far as
     /// its headers say (framing aside).
     public var keepsConnection: Bool { !connectionClose && (minorVersion == 1 || connectionKeepAlive) }
+
+    /// Whether a client asks to keep the connection: HTTP/1.1 without `Connection: close`, or
+    /// HTTP/1.0 with `Connection: keep-alive`.
+    public var clientWantsKeepAlive: Bool { minorVersion == 1 ? !connectionClose : (connectionKeepAlive && !connectionClose) }
 }
 
 /// Parses HTTP/1 heads strictly: a request or response is refused rather than guessed at,

@@ -267,7 +267,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         // With one server on the address there is no Host to look at; routing reads bytes.
         let server = servers.count == 1 ? servers[0] : servers[hosts.server(forHost: hostValue(head))]
         let route = server.route(head)
-        let clientKeepAlive = head.minorVersion == 1 ? !head.connectionClose : (head.connectionKeepAlive && !head.connectionClose)
+        let clientKeepAlive = head.clientWantsKeepAlive
         let tooLarge = head.contentLength.map { $0 > route.settings.clientMaxBodySize && route.settings.clientMaxBodySize > 0 } ?? false
         let isCONNECT = head.methodIs("CONNECT")
         let chunked = head.chunked
@@ -877,10 +877,8 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     private func clientKeepAliveAllowed(_ e: Exchange) -> Bool {
         let s = e.route.settings
         let policy = KeepAlivePolicy(maxRequests: s.keepaliveRequests, maxLifetimeMs: s.keepaliveTimeMs, draining: loop.draining)
-        let decision = policy.decide(requestNumber: e.number, clientWantsKeepAlive: e.clientKeepAlive,
-                                     connectionAgeMs: (nanos(now) - conn.acceptedAt) / 1_000_000)
-        if case .close(let reason) = decision { conn.pendingReason = DownstreamCloseReason(reason) }
-        return decision == .keepAlive && s.keepaliveTimeoutMs > 0
+        return conn.keepsAlive(requestNumber: e.number, clientWants: e.clientKeepAlive, policy: policy,
+                               keepaliveTimeoutMs: s.keepaliveTimeoutMs, now: nanos(now))
     }
 
     /// Answers the current request from Tether itself: `return`, or an error page.

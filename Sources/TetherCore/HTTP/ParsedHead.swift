@@ -32,6 +32,7 @@ struct ParsedHead {
     var keepAliveTimeout: Int? { layout.keepAliveTimeout }
     var keepAliveMax: Int? { layout.keepAliveMax }
     var keepsConnection: Bool { layout.keepsConnection }
+    var clientWantsKeepAlive: Bool { layout.clientWantsKeepAlive }
 
     /// The header lines; mutable in place, so that their storage can be swapped back to the loop.
     var headers: [HeaderField] {

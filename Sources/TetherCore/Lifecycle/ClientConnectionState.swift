@@ -1,3 +1,5 @@
+import TetherPool
+
 /// A client connection's lifecycle between requests, as a value: waiting for a head (idle
 /// keep-alive, or part of one read), in an exchange, or closed. The glue tells it what happened
 /// and carries out what it answers; it holds no socket, buffer or clock (times are monotonic
@@ -67,6 +69,16 @@ struct ClientConnectionState: Equatable {
         phase = .awaitingHead(headStartedAt: nil)
         idleSince = now
         self.keepaliveTimeoutMs = keepaliveTimeoutMs
+    }
+
+    /// nginx's keep-alive rules for the answer to request `number` (`keepalive_requests`,
+    /// `keepalive_time`, drain in `policy`; `keepalive_timeout 0`; what the client asked for).
+    /// When they say close, that becomes the reason the close will be counted under.
+    mutating func keepsAlive(requestNumber: Int, clientWants: Bool, policy: KeepAlivePolicy, keepaliveTimeoutMs: Int64, now: Int64) -> Bool {
+        let decision = policy.decide(requestNumber: requestNumber, clientWantsKeepAlive: clientWants,
+                                     connectionAgeMs: (now - acceptedAt) / 1_000_000)
+        if case .close(let r) = decision { pendingReason = DownstreamCloseReason(r) }
+        return decision == .keepAlive && keepaliveTimeoutMs > 0
     }
 
     /// Marks the connection closed. Returns the reason to count, or nil when it was closed already.

@@ -345,12 +345,8 @@ final class ClientConnection: IOHandler {
         exchange = nil
         closeAfterWrite = !keepAlive || bodyLeft > 0
         if bodyLeft > 0 { state.pendingReason = .error }
-        if !handlingInput {
-            if state.inExchange { finishExchange() }
-            pump()
-        } else if state.inExchange {
-            finishExchange()
-        }
+        if state.inExchange { finishExchange() }
+        if !handlingInput { pump() }
     }
 
     /// The exchange failed: an answer if none began (502, 504), else the connection ends.
@@ -368,13 +364,11 @@ final class ClientConnection: IOHandler {
     /// `keepalive_timeout 0`, drain, what the client asked for); sets the close reason when they say close.
     private func clientKeepAlive(head: HeadLayout, close: Bool) -> Bool {
         let s = shared.settings
-        let wants = head.minorVersion == 1 ? !head.connectionClose : (head.connectionKeepAlive && !head.connectionClose)
         let policy = KeepAlivePolicy(maxRequests: s.keepaliveRequests, maxLifetimeMs: s.keepaliveTimeMs, draining: shared.draining)
-        let decision = policy.decide(requestNumber: state.requests, clientWantsKeepAlive: wants,
-                                     connectionAgeMs: (Int64(shared.loop.now) - state.acceptedAt) / 1_000_000)
-        if case .close(let r) = decision { state.pendingReason = DownstreamCloseReason(r) }
+        let keep = state.keepsAlive(requestNumber: state.requests, clientWants: head.clientWantsKeepAlive, policy: policy,
+                                    keepaliveTimeoutMs: s.keepaliveTimeoutMs, now: Int64(shared.loop.now))
         if close { state.pendingReason = .error }
-        return decision == .keepAlive && s.keepaliveTimeoutMs > 0 && !close
+        return keep && !close
     }
 
     // MARK: Answering

@@ -66,9 +66,6 @@ final class UpstreamLink: IOHandler {
         if phase != .connecting { flush() }
     }
 
-    /// Whether the request so far went out (false: the owner waits before sending more).
-    var isWritable: Bool { !outbound.isFull }
-
     /// Reads what the backend sent into `inbound`, as far as there is room; the owner consumes
     /// from `inbound` and calls this again until it returns false.
     @discardableResult
@@ -337,11 +334,6 @@ final class UpstreamPool {
         // A learned idle window is any value: in steps of 250 ms it makes a few lists, not many.
         if ms >= 250 { ms -= ms % 250 }
         loop.arm(h, afterNanoseconds: UInt64(ms) * 1_000_000)
-    }
-
-    /// Closes every idle connection (shutdown, or the upstream went away in a reload).
-    func drainIdle() {
-        for h in state.drainIdle() { close(h, .shutdown) }
     }
 
     private func close(_ h: Handle, _ reason: CloseReason) {
