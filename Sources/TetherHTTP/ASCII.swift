@@ -1,5 +1,8 @@
 /// Byte classes of HTTP/1 (RFC 9110 5.6), without tables.
 public enum ASCII {
+    /// A lowercase hexadecimal digit for 0...15.
+    @inlinable @inline(__always) public static func hexDigit(_ v: UInt8) -> UInt8 { v < 10 ? 0x30 + v : 0x57 + v }
+
     @inlinable @inline(__always) public static func lower(_ c: UInt8) -> UInt8 { c >= 0x41 && c <= 0x5A ? c | 0x20 : c }
 
     /// RFC 9110 tchar: ALPHA, DIGIT and "!#$%&'*+-.^_`|~", as two 64-bit masks (bytes 0-63 and

@@ -195,6 +195,70 @@ public struct OutboundQueue: ~Copyable {
         }
     }
 
+    /// Appends bytes to the queue's last buffer while it has room, then to fresh pool buffers:
+    /// how a head is written straight into what goes out (no intermediate copy).
+    public mutating func append(_ bytes: UnsafeRawBufferPointer) {
+        var rest = bytes
+        while !rest.isEmpty {
+            let size = pool.bufferSize
+            if more.isEmpty, let f = first, firstRange.end < size {
+                let n = min(rest.count, size - firstRange.end)
+                (f + firstRange.end).copyMemory(from: rest.baseAddress!, byteCount: n)
+                firstRange.end += n
+                queuedBytes += n
+                rest = UnsafeRawBufferPointer(rebasing: rest[n...])
+            } else if let last = more.last, moreRanges[moreRanges.count - 1].end < size {
+                let end = moreRanges[moreRanges.count - 1].end
+                let n = min(rest.count, size - end)
+                (last + end).copyMemory(from: rest.baseAddress!, byteCount: n)
+                moreRanges[moreRanges.count - 1].end += n
+                queuedBytes += n
+                rest = UnsafeRawBufferPointer(rebasing: rest[n...])
+            } else {
+                var b = pool.take()
+                let n = b.append(contentsOf: rest)
+                rest = UnsafeRawBufferPointer(rebasing: rest[n...])
+                enqueue(b)
+            }
+        }
+    }
+
+    /// Takes back the bytes appended after the queue held `mark` bytes (`queuedBytes` then):
+    /// nothing between was written out, since writing happens only in `flush`.
+    public mutating func rollback(to mark: Int) {
+        precondition(mark <= queuedBytes, "rollback to \(mark) of \(queuedBytes) queued bytes")
+        var excess = queuedBytes - mark
+        while excess > 0 {
+            if let last = more.last {
+                let len = moreRanges[moreRanges.count - 1].end - moreRanges[moreRanges.count - 1].start
+                if len > excess {
+                    moreRanges[moreRanges.count - 1].end -= excess
+                    queuedBytes -= excess
+                    return
+                }
+                more.removeLast()
+                moreRanges.removeLast()
+                queuedBytes -= len
+                excess -= len
+                pool.recycle(IOBuffer(adopting: last, capacity: pool.bufferSize))
+                if more.isEmpty { more = []; moreRanges = [] }
+            } else if let f = first {
+                let len = firstRange.end - firstRange.start
+                if len > excess {
+                    firstRange.end -= excess
+                    queuedBytes -= excess
+                    return
+                }
+                first = nil
+                queuedBytes -= len
+                excess -= len
+                pool.recycle(IOBuffer(adopting: f, capacity: pool.bufferSize))
+            } else {
+                return
+            }
+        }
+    }
+
     public enum FlushResult: Equatable, Sendable {
         /// Everything went out.
         case done

@@ -104,4 +104,36 @@ import Glibc
         }
         #expect(pool.outstanding == 0)
     }
+
+    /// A head written straight into the queue fills the last buffer, spills into fresh ones, and
+    /// can be taken back to a mark (a header whose value came out empty), across buffers too.
+    @Test func bytesAppendedToTheQueueFillItsBuffersAndRollBack() {
+        let pool = BufferPool(bufferSize: 16)
+        let (mine, peer) = socketPair()
+        defer { Glibc.close(mine); Glibc.close(peer) }
+        do {
+            var q = OutboundQueue(pool: pool)
+            var b = pool.take()
+            b.append(contentsOf: Array("0123456789".utf8))
+            b.consume(2)
+            q.enqueue(b)
+            func append(_ s: String) { Array(s.utf8).withUnsafeBytes { q.append($0) } }
+            append("abcdef")  // fills the first buffer exactly
+            #expect(q.count == 1 && q.queuedBytes == 14)
+            let mark = q.queuedBytes
+            append("ghijklmnopqrstuvwxyz0123456789")  // 30 bytes: two more buffers
+            #expect(q.count == 3 && q.queuedBytes == 44)
+            q.rollback(to: mark + 3)
+            #expect(q.count == 2 && q.queuedBytes == mark + 3, "the emptied last buffer went back")
+            q.rollback(to: mark)
+            #expect(q.count == 1 && q.queuedBytes == mark)
+            append("!")
+            q.rollback(to: 4)
+            #expect(q.count == 1 && q.queuedBytes == 4)
+            append("XYZ")
+            #expect(q.flush(to: mine) == .done)
+            #expect(drain(peer).map { String(decoding: $0, as: UTF8.self) } == "2345XYZ")
+        }
+        #expect(pool.outstanding == 0)
+    }
 }

@@ -18,7 +18,7 @@ final class TLSInfo {
 /// A client connection: parses requests, routes them, forwards them over pooled upstream
 /// connections of its own event loop and streams the responses back, in order, keeping the
 /// connection alive as nginx's keep-alive rules allow.
-final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
+final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate, VariableSource {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -1121,94 +1121,12 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
 
     // MARK: Head writing
 
-    /// The request head for the upstream: the client's header lines copied as they are, less
-    /// hop-by-hop ones and those `proxy_set_header` replaces, plus the configured ones and framing.
+    /// The request head for the upstream (see `HeadWriter.upstreamHead`).
     private func writeUpstreamHead(_ e: Exchange, into out: inout ByteBuffer) {
-        let h = e.head
-        h.bytes.withUnsafeReadableBytes { p in
-            let names = e.route.setHeaderNames
-            var run = Self.LineRun(start: 0, end: 0)
-            if p[h.targetStart] == UInt8(ascii: "/") && e.route.proxyURI == nil && h.minorVersion == 1 && !e.route.proxyHTTP10 {
-                // The usual request line goes as it came: it starts the first run of lines.
-                run.end = h.targetEnd + 11  // " HTTP/1.1\r\n"
-            } else {
-                writeUpstreamRequestLine(h, route: e.route, p, into: &out)
-            }
-            for f in h.headers {
-                var keep = !(f.kind.isHopByHop || f.droppedByConnection || f.kind == .contentLength || f.kind == .expect)
-                let ls = Int(f.lineStart), ne = Int(f.nameEnd)
-                if keep {
-                    for n in names where n.count == ne - ls {
-                        var same = true
-                        for k in 0..<n.count where ASCII.lower(p[ls + k]) != n[k] { same = false; break }
-                        if same { keep = false; break }
-                    }
-                }
-                run.add(f, keep: keep, from: p, into: &out)
-            }
-            run.write(from: p, into: &out)
+        let request = HeadWriter.UpstreamRequest(framing: e.requestFraming, upgradeOffer: e.upgradeOffer)
+        e.head.bytes.withUnsafeReadableBytes { p in
+            HeadWriter.upstreamHead(e.head.layout, p, route: e.route, request: request, variables: self, into: &out)
         }
-        for line in e.route.setHeaderLines {
-            switch line {
-            case .constant(let bytes):
-                out.writeBytes(bytes)
-            case .template(let prefix, let value):
-                let mark = out.writerIndex
-                out.writeBytes(prefix)
-                let valueStart = out.writerIndex
-                writeTemplate(value, into: &out)
-                if out.writerIndex == valueStart {
-                    out.moveWriterIndex(to: mark)  // an empty value means the header is not sent
-                } else {
-                    out.writeStaticString("\r\n")
-                }
-            }
-        }
-        switch e.requestFraming {
-        case .length(let n): out.writeString("Content-Length: \(n)\r\n")
-        case .chunked: out.writeStaticString("Transfer-Encoding: chunked\r\n")
-        default: break
-        }
-        if let offer = e.upgradeOffer {
-            out.writeStaticString("Connection: upgrade\r\nUpgrade: ")
-            out.writeBytes(offer)
-            out.writeStaticString("\r\n")
-        }
-        out.writeStaticString("\r\n")
-    }
-
-    /// The request line for the upstream when it cannot go as it came: the origin-form target
-    /// (an absolute-form one loses its scheme and authority; `proxy_pass` with a URI replaces the
-    /// location's prefix) and the HTTP version `proxy_http_version` says.
-    private func writeUpstreamRequestLine(_ h: ParsedHead, route: CompiledLocation, _ p: UnsafeRawBufferPointer, into out: inout ByteBuffer) {
-        out.writeBytes(UnsafeRawBufferPointer(rebasing: p[0..<h.methodEnd]))
-        out.writeStaticString(" ")
-        // The origin-form (path and query): an absolute-form target loses its scheme://authority.
-        let start = h.pathStart
-        let query = UnsafeRawBufferPointer(rebasing: p[h.pathEnd..<h.targetEnd])
-        if let uri = route.proxyURI, let loc = route.location {
-            // proxy_pass with a URI: the normalised path's location prefix is replaced by it (as
-            // nginx), the rest re-escaped, the query as it came.
-            out.writeString(uri)
-            var rest: [UInt8] = []
-            let prefix = loc.path.utf8.count
-            func tail(_ path: UnsafeRawBufferPointer) {
-                NormalizedPath.escape(UnsafeRawBufferPointer(rebasing: path[min(prefix, path.count)...]), into: &rest)
-            }
-            if let uri = h.path.uri {
-                // Parameters may be why the location matched (`/a;x/b` for `location /a/`): then
-                // the path it was matched by is the one the prefix comes off.
-                if let m = h.path.match, !uri.starts(with: loc.path.utf8) { m.withUnsafeBytes(tail) } else { uri.withUnsafeBytes(tail) }
-            } else {
-                tail(UnsafeRawBufferPointer(rebasing: p[start..<h.pathEnd]))
-            }
-            out.writeBytes(rest)
-        } else {
-            if start == h.pathEnd && h.targetForm == .absolute { out.writeStaticString("/") }
-            out.writeBytes(UnsafeRawBufferPointer(rebasing: p[start..<h.pathEnd]))
-        }
-        out.writeBytes(query)
-        out.writeStaticString(route.proxyHTTP10 ? " HTTP/1.0\r\n" : " HTTP/1.1\r\n")
     }
 
     /// The protocols of the request's `Upgrade` (with `Connection: upgrade`) that `allowed` names,
@@ -1246,65 +1164,12 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
         }
     }
 
-    /// Consecutive kept lines of a head, written with one copy when a line is dropped or at the end.
-    struct LineRun {
-        var start: Int
-        var end: Int
-
-        @inline(__always)
-        mutating func add(_ f: HeaderField, keep: Bool, from p: UnsafeRawBufferPointer, into out: inout ByteBuffer) {
-            if keep {
-                if end == Int(f.lineStart) {
-                    end = Int(f.lineEnd)
-                    return
-                }
-                write(from: p, into: &out)
-                start = Int(f.lineStart)
-                end = Int(f.lineEnd)
-            } else {
-                write(from: p, into: &out)
-                start = Int(f.lineEnd)
-                end = start
-            }
-        }
-
-        @inline(__always)
-        mutating func write(from p: UnsafeRawBufferPointer, into out: inout ByteBuffer) {
-            if end > start { out.writeBytes(UnsafeRawBufferPointer(rebasing: p[start..<end])) }
-            start = end
-        }
-    }
-
-    /// The response head for the client: status and header lines copied, hop-by-hop ones
-    /// dropped, framing and keep-alive headers of this hop added.
+    /// The response head for the client (see `HeadWriter.clientHead`).
     private func writeClientHead(_ head: ParsedHead, exchange e: Exchange, upgrading: Bool, into out: inout ByteBuffer) {
-        head.bytes.withUnsafeReadableBytes { p in
-            // "HTTP/1.x " is replaced by our own version; the status code and reason are kept.
-            out.writeStaticString("HTTP/1.1")
-            // Kept lines are copied in runs: the status line and the header lines up to the
-            // first dropped one in one write, and so on (lines are contiguous in the head).
-            var run = Self.LineRun(start: 8, end: head.headers.first.map { Int($0.lineStart) } ?? p.count - 2)
-            for f in head.headers {
-                let drop = f.droppedByConnection || (f.kind.isHopByHop && !(upgrading && f.kind == .upgrade))
-                    || (f.kind == .contentLength && e.relay != .verbatim)
-                run.add(f, keep: !drop, from: p, into: &out)
-            }
-            run.write(from: p, into: &out)
-        }
-        if upgrading {
-            out.writeStaticString("Connection: upgrade\r\n")
-        } else {
-            if e.relay == .rechunk || e.relay == .chunkify {
-                out.writeStaticString("Transfer-Encoding: chunked\r\n")
-            }
-            if e.closeAfter {
-                out.writeStaticString("Connection: close\r\n")
-            } else {
-                if e.head.minorVersion == 0 { out.writeStaticString("Connection: keep-alive\r\n") }
-                out.writeBytes(e.route.keepAliveHeader)
-            }
-        }
-        out.writeStaticString("\r\n")
+        let r = HeadWriter.ClientResponse(
+            dropContentLength: e.relay != .verbatim, chunked: e.relay == .rechunk || e.relay == .chunkify, upgrading: upgrading,
+            closeAfter: e.closeAfter, clientMinor: e.head.minorVersion, keepAliveHeader: e.route.keepAliveHeader)
+        head.bytes.withUnsafeReadableBytes { p in HeadWriter.clientHead(head.layout, p, r, into: &out) }
     }
 
     // MARK: Variables
@@ -1317,93 +1182,86 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate {
     }
 
     /// `$uri`: the normalised path.
-    private func writeURI(_ head: ParsedHead, into out: inout ByteBuffer) {
+    private func writeURI<S: HeadSink & ~Copyable>(_ head: ParsedHead, into out: inout S) {
         if let uri = head.path.uri {
-            out.writeBytes(uri)
+            out.put(uri)
         } else {
-            out.writeBytes(head.bytes.readableBytesView[head.bytes.readerIndex + head.pathStart ..< head.bytes.readerIndex + head.pathEnd])
+            head.bytes.withUnsafeReadableBytes { p in out.put(UnsafeRawBufferPointer(rebasing: p[head.pathStart..<head.pathEnd])) }
         }
     }
 
-    func writeTemplate(_ t: Template, into out: inout ByteBuffer) {
-        for part in t.parts {
-            switch part {
-            case .literal(let s): out.writeString(s)
-            case .variable(let v): writeVariable(v, into: &out)
-            }
-        }
+    func writeTemplate<S: HeadSink & ~Copyable>(_ t: Template, into out: inout S) {
+        HeadWriter.template(t, self, into: &out)
     }
 
-    private func writeVariable(_ v: Variable, into out: inout ByteBuffer) {
+    private static func millis(_ t: TimeAmount) -> Int64 { t.nanoseconds / 1_000_000 }
+
+    func writeVariable<S: HeadSink & ~Copyable>(_ v: Variable, into out: inout S) {
         guard let e = ex else { return }
         let h = e.head
         switch v {
         case .host:
-            out.writeString(hostValue(h) ?? servers[hosts.defaultIndex].server.names.first?.description ?? "")
-        case .remoteAddr: out.writeBytes(remoteAddr)
-        case .remotePort: out.writeString(String(remotePort))
-        case .scheme: if isTLS { out.writeStaticString("https") } else { out.writeStaticString("http") }
-        case .https: if isTLS { out.writeStaticString("on") }
-        case .sslProtocol: if let t = tlsInfo { out.writeString(t.info.version) }
-        case .sslCipher: if let t = tlsInfo { out.writeString(t.info.cipher) }
-        case .sslServerName: if let n = tlsInfo?.info.serverName { out.writeString(n) }
-        case .sslSessionReused: if let t = tlsInfo { out.writeStaticString(t.info.resumed ? "r" : ".") }
-        case .requestURI: out.writeString(h.target)
+            out.put(hostValue(h) ?? servers[hosts.defaultIndex].server.names.first?.description ?? "")
+        case .remoteAddr: out.put(remoteAddr)
+        case .remotePort: out.putDecimal(remotePort)
+        case .scheme: if isTLS { out.put("https") } else { out.put("http") }
+        case .https: if isTLS { out.put("on") }
+        case .sslProtocol: if let t = tlsInfo { out.put(t.info.version) }
+        case .sslCipher: if let t = tlsInfo { out.put(t.info.cipher) }
+        case .sslServerName: if let n = tlsInfo?.info.serverName { out.put(n) }
+        case .sslSessionReused: if let t = tlsInfo { out.put(t.info.resumed ? "r" : ".") }
+        case .requestURI: out.put(h.target)
         case .uri: writeURI(h, into: &out)
         case .args:
             let t = h.target
-            if let q = t.firstIndex(of: "?") { out.writeSubstring(t[t.index(after: q)...]) }
-        case .requestMethod: out.writeString(h.method)
-        case .request: out.writeString("\(h.method) \(h.target) HTTP/1.\(h.minorVersion)")
+            if let q = t.firstIndex(of: "?") { out.put(t[t.index(after: q)...]) }
+        case .requestMethod: out.put(h.method)
+        case .request:
+            out.put(h.method); out.put(" "); out.put(h.target); out.put(" HTTP/1."); out.putDecimal(h.minorVersion)
         case .proxyAddXForwardedFor:
             if let xff = h.value(named: "x-forwarded-for") {
-                out.writeString(xff)
-                out.writeStaticString(", ")
+                out.put(xff)
+                out.put(", ")
             }
-            out.writeBytes(remoteAddr)
+            out.put(remoteAddr)
         case .proxyHost:
-            if case .proxy(let p) = e.route.action { out.writeString(p.proxyHost) }
+            if case .proxy(let p) = e.route.action { out.put(p.proxyHost) }
         case .requestID:
-            if ex!.requestID == nil {
+            if e.requestID == nil {
                 var g = SystemRandomNumberGenerator()
-                ex!.requestID = (0..<2).map { _ in String(g.next() as UInt64, radix: 16).leftPad(16) }.joined()
+                e.requestID = (0..<2).map { _ in String(g.next() as UInt64, radix: 16).leftPad(16) }.joined()
             }
-            out.writeString(ex!.requestID!)
-        case .serverPort: out.writeString(String(serverPort))
-        case .serverName: out.writeString(servers[hosts.server(forHost: hostValue(h))].server.names.first?.description ?? "")
-        case .serverProtocol: out.writeString("HTTP/1.\(h.minorVersion)")
-        case .status: out.writeString(String(e.status))
-        case .bodyBytesSent: out.writeString(String(e.bodyBytesSent))
-        case .bytesSent: out.writeString(String(e.bytesSent + e.bodyBytesSent))
-        case .requestTime: out.writeString(DownstreamHandler.seconds(NIODeadline.now() - e.startedAt))
-        case .timeLocal: loop.dateCache.refresh(); out.writeBytes(loop.dateCache.localTime)
-        case .timeISO8601: loop.dateCache.refresh(); out.writeBytes(loop.dateCache.iso8601)
+            out.put(e.requestID!)
+        case .serverPort: out.putDecimal(serverPort)
+        case .serverName: out.put(servers[hosts.server(forHost: hostValue(h))].server.names.first?.description ?? "")
+        case .serverProtocol: out.put("HTTP/1."); out.putDecimal(h.minorVersion)
+        case .status: out.putDecimal(e.status)
+        case .bodyBytesSent: out.putDecimal(e.bodyBytesSent)
+        case .bytesSent: out.putDecimal(e.bytesSent + e.bodyBytesSent)
+        case .requestTime: out.putSeconds(milliseconds: Self.millis(NIODeadline.now() - e.startedAt))
+        case .timeLocal: loop.dateCache.refresh(); out.put(loop.dateCache.localTime)
+        case .timeISO8601: loop.dateCache.refresh(); out.put(loop.dateCache.iso8601)
         case .msec:
             var ts = timespec()
             clock_gettime(CLOCK_REALTIME, &ts)
-            out.writeString("\(ts.tv_sec).\(String(ts.tv_nsec / 1_000_000).leftPad(3, "0"))")
-        case .remoteUser: out.writeStaticString("-")
-        case .upstreamAddr: out.writeString(e.upstreamAddrText.isEmpty ? "-" : e.upstreamAddrText)
-        case .upstreamStatus: out.writeString(e.upstreamStatus == 0 ? "-" : String(e.upstreamStatus))
+            out.putSeconds(milliseconds: Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec / 1_000_000))
+        case .remoteUser: out.put("-")
+        case .upstreamAddr: out.put(e.upstreamAddrText.isEmpty ? "-" : e.upstreamAddrText)
+        case .upstreamStatus: if e.upstreamStatus == 0 { out.put("-") } else { out.putDecimal(e.upstreamStatus) }
         case .upstreamConnectTime:
-            if let s = e.connectStartedAt, let c = e.connectedAt { out.writeString(DownstreamHandler.seconds(c - s)) }
-            else if e.reused { out.writeStaticString("0.000") } else { out.writeStaticString("-") }
+            if let s = e.connectStartedAt, let c = e.connectedAt { out.putSeconds(milliseconds: Self.millis(c - s)) }
+            else if e.reused { out.put("0.000") } else { out.put("-") }
         case .upstreamHeaderTime:
-            if let a = e.headerAt { out.writeString(DownstreamHandler.seconds(a - e.startedAt)) } else { out.writeStaticString("-") }
+            if let a = e.headerAt { out.putSeconds(milliseconds: Self.millis(a - e.startedAt)) } else { out.put("-") }
         case .upstreamResponseTime:
-            if e.upstreamStatus != 0 { out.writeString(DownstreamHandler.seconds(NIODeadline.now() - e.startedAt)) } else { out.writeStaticString("-") }
-        case .upstreamReused: out.writeStaticString(e.server == nil ? "-" : e.reused ? "1" : "0")
-        case .connection: out.writeString(String(UInt(bitPattern: ObjectIdentifier(self).hashValue) % 1_000_000_000))
-        case .connectionRequests: out.writeString(String(conn.requests))
+            if e.upstreamStatus != 0 { out.putSeconds(milliseconds: Self.millis(NIODeadline.now() - e.startedAt)) } else { out.put("-") }
+        case .upstreamReused: out.put(e.server == nil ? "-" : e.reused ? "1" : "0")
+        case .connection: out.putDecimal(UInt(bitPattern: ObjectIdentifier(self).hashValue) % 1_000_000_000)
+        case .connectionRequests: out.putDecimal(conn.requests)
         case .httpHeader(let name):
-            if let v = h.value(named: name) { out.writeString(v) }
+            if let v = h.value(named: name) { out.put(v) }
         case .sentHTTPHeader: break
         }
-    }
-
-    static func seconds(_ t: TimeAmount) -> String {
-        let ms = max(0, t.nanoseconds / 1_000_000)
-        return "\(ms / 1000).\(String(ms % 1000).leftPad(3, "0"))"
     }
 
     private func accessLog(_ e: Exchange) {
