@@ -7,30 +7,106 @@ import TetherIO
 import TetherPool
 @testable import TetherCore
 
-/// Hands every request to one upstream pool.
+/// Hands every request to one upstream through one `proxy_pass` location.
 final class ProxyAll: ClientRequestHandler {
-    var pool: UpstreamPool!
+    var upstream: LoopUpstream!
+    var route: CompiledLocation!
     func request(_ head: HeadLayout, bytes: UnsafeRawBufferPointer, connection: ClientConnection) {
-        connection.proxy(through: pool, head: head, bytes: bytes)
+        connection.proxy(to: upstream, route: route, head: head, bytes: bytes, serverName: Array("front".utf8))
     }
 }
 
-/// Client → Tether's client connection → its upstream pool → a backend (Tether's own client
-/// connection answering `ok:<target>`), all on one loop.
+/// A backend on raw sockets, polled by the test's run loop: it records what each connection
+/// sent, and answers as `script` says (the bytes to send, whether to close after), given the
+/// connection's number, what it sent so far and how many answers it got.
+final class RawBackend {
+    let fd: Int32
+    let port: UInt16
+    private(set) var connections: [Int32] = []
+    private(set) var received: [[UInt8]] = []
+    private(set) var answered: [Int] = []
+    var script: (_ connection: Int, _ received: [UInt8], _ answered: Int) -> (reply: String, close: Bool)?
+
+    init(script: @escaping (_ connection: Int, _ received: [UInt8], _ answered: Int) -> (reply: String, close: Bool)?) throws {
+        (fd, port) = try Sockets.listenTCP()
+        self.script = script
+    }
+
+    deinit {
+        Glibc.close(fd)
+        for c in connections where c >= 0 { Glibc.close(c) }
+    }
+
+    /// Requests whose head is complete in `bytes` (bodiless requests).
+    static func heads(_ bytes: [UInt8]) -> Int {
+        var n = 0, i = 0
+        while i + 3 < bytes.count {
+            if bytes[i] == 13 && bytes[i + 1] == 10 && bytes[i + 2] == 13 && bytes[i + 3] == 10 { n += 1; i += 4 } else { i += 1 }
+        }
+        return n
+    }
+
+    func poll() {
+        while true {
+            let c = accept(fd, nil, nil)
+            guard c >= 0 else { break }
+            Sockets.setNonBlocking(c)
+            connections.append(c)
+            received.append([])
+            answered.append(0)
+        }
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        for (i, c) in connections.enumerated() where c >= 0 {
+            while true {
+                let n = chunk.withUnsafeMutableBytes { Glibc.read(c, $0.baseAddress, 65536) }
+                guard n > 0 else { break }
+                received[i] += chunk[0..<n]
+            }
+            while let (reply, close) = script(i, received[i], answered[i]) {
+                answered[i] += 1
+                let b = Array(reply.utf8)
+                _ = b.withUnsafeBytes { Glibc.write(c, $0.baseAddress, $0.count) }
+                if close {
+                    Glibc.close(c)
+                    connections[i] = -1
+                    break
+                }
+            }
+        }
+    }
+
+    func text(_ connection: Int) -> String { String(decoding: received[connection], as: UTF8.self) }
+}
+
+/// Client → Tether's client connection → a `proxy_pass` location's upstream (a pool per
+/// server) → backends (by default Tether's own client connection answering `ok:<target>`), all
+/// on one loop; `raw` backends are polled between the loop's passes.
 final class ProxyRig {
     let backend: PoolRig
     let handler = ProxyAll()
     let front: ClientLoop
-    let pool: UpstreamPool
+    let upstream: LoopUpstream
+    var raw: [RawBackend] = []
+    var pool: UpstreamPool { upstream.pools[0] }
     var loop: IOLoop { backend.loop }
 
-    init(backendPort: UInt16? = nil, front configure: (inout ClientSettings) -> Void = { _ in }) throws {
-        backend = try PoolRig()
+    /// `ports`: the upstream's servers (default: the `ok:` backend); `location`: directives
+    /// added to `location / { proxy_pass http://backend; ... }`.
+    init(backendPorts: [UInt16]? = nil, location: String = "", front configure: (inout ClientSettings) -> Void = { _ in }) throws {
+        let backend = try PoolRig()
+        self.backend = backend
         var settings = ClientSettings()
         configure(&settings)
         front = ClientLoop(loop: backend.loop, pool: backend.rig.pool, settings: settings, handler: handler)
-        pool = backend.pool(port: backendPort)
-        handler.pool = pool
+        let ports = backendPorts ?? [backend.port]
+        upstream = LoopUpstream(name: "backend", pools: ports.map { backend.pool(port: $0) })
+        handler.upstream = upstream
+        handler.route = try LocalAnswerBench.proxyLocation(upstreamPort: ports[0], extra: location)
+    }
+
+    convenience init(raw backends: [RawBackend], location: String = "") throws {
+        try self.init(backendPorts: backends.map(\.port), location: location)
+        raw = backends
     }
 
     func connect() throws -> Int32 {
@@ -45,7 +121,8 @@ final class ProxyRig {
     func run(_ fd: Int32, into got: inout [UInt8], until done: ([UInt8], Bool) -> Bool) throws -> Bool {
         var eof = false
         for _ in 0..<500 {
-            try loop.runOnce(timeoutMs: 20)
+            try loop.runOnce(timeoutMs: raw.isEmpty ? 20 : 2)
+            for b in raw { b.poll() }
             eof = backend.rig.readAll(fd, into: &got) || eof
             if done(got, eof) { return true }
         }
@@ -89,7 +166,7 @@ final class ProxyRig {
     @Test func aRefusedUpstreamGets502() throws {
         let (fd, free) = try Sockets.listenTCP()
         Glibc.close(fd)
-        let r = try ProxyRig(backendPort: free)
+        let r = try ProxyRig(backendPorts: [free])
         let c = try r.connect()
         r.backend.rig.send(c, "GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         var got: [UInt8] = []
@@ -121,5 +198,225 @@ final class ProxyRig {
         #expect(try r.run(c, into: &got) { _, eof in eof })
         #expect(responses(got).map(\.status) == ["HTTP/1.1 431 Request Header Fields Too Large"])
         #expect(r.backend.rig.handler.seen.isEmpty && r.pool.connects == 0)
+    }
+
+    // MARK: Framing, retries and failures, against backends that misbehave on purpose
+
+    /// A backend that answers every complete request head on a connection with `reply`.
+    static func answering(_ reply: String, close: Bool = false) throws -> RawBackend {
+        try RawBackend { _, received, answered in
+            RawBackend.heads(received) > answered ? (reply, close) : nil
+        }
+    }
+
+    static let chunked = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n00005;ext=1\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n"
+
+    @Test func aChunkedAnswerIsRechunkedCanonicallyAndTheConnectionsStay() throws {
+        let b = try Self.answering(Self.chunked)
+        let r = try ProxyRig(raw: [b])
+        let c = try r.connect()
+        var got: [UInt8] = []
+        for i in 1...2 {
+            r.backend.rig.send(c, "GET /\(i) HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(try r.run(c, into: &got) { got, _ in String(decoding: got, as: UTF8.self).components(separatedBy: "0\r\nX-Sum: 1\r\n\r\n").count == i + 1 })
+        }
+        let text = String(decoding: got, as: UTF8.self)
+        // Sizes without leading zeros or extensions; the valid trailer passes.
+        #expect(text.components(separatedBy: "\r\n\r\n5\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n").count == 3, "\(text.debugDescription)")
+        #expect(text.components(separatedBy: "Transfer-Encoding: chunked\r\n").count == 3)
+        #expect(!text.contains("ext=1"))
+        #expect(b.connections.count == 1 && r.pool.reusedLeases == 1)
+    }
+
+    @Test func aChunkedAnswerToAnHTTP10ClientIsDechunkedAndEndsWithTheClose() throws {
+        let b = try Self.answering(Self.chunked)
+        let r = try ProxyRig(raw: [b])
+        let c = try r.connect()
+        r.backend.rig.send(c, "GET / HTTP/1.0\r\nHost: t\r\n\r\n")
+        var got: [UInt8] = []
+        #expect(try r.run(c, into: &got) { _, eof in eof })
+        let text = String(decoding: got, as: UTF8.self)
+        #expect(text.hasPrefix("HTTP/1.1 200 OK\r\n") && text.hasSuffix("\r\n\r\nhello"), "\(text.debugDescription)")
+        #expect(!text.lowercased().contains("transfer-encoding"))
+        // The upstream connection was read to the end of its answer: it stays pooled.
+        #expect(r.pool.idleCount == 1)
+    }
+
+    @Test func aCloseDelimitedAnswerIsChunkedSoThatAnHTTP11ClientStays() throws {
+        let b = try Self.answering("HTTP/1.1 200 OK\r\n\r\nabc", close: true)
+        let r = try ProxyRig(raw: [b])
+        let c = try r.connect()
+        var got: [UInt8] = []
+        for i in 1...2 {
+            r.backend.rig.send(c, "GET /\(i) HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(try r.run(c, into: &got) { got, _ in String(decoding: got, as: UTF8.self).components(separatedBy: "3\r\nabc\r\n0\r\n\r\n").count == i + 1 })
+        }
+        #expect(String(decoding: got, as: UTF8.self).components(separatedBy: "Transfer-Encoding: chunked\r\n").count == 3)
+        #expect(b.connections.count == 2, "a close-delimited answer's connection is not reused")
+        #expect(r.front.closed.byLabel.isEmpty)
+    }
+
+    @Test func aCloseDelimitedAnswerToAnHTTP10ClientEndsWithTheClose() throws {
+        let b = try Self.answering("HTTP/1.1 200 OK\r\n\r\nabc", close: true)
+        let r = try ProxyRig(raw: [b])
+        let c = try r.connect()
+        r.backend.rig.send(c, "GET / HTTP/1.0\r\nHost: t\r\nConnection: keep-alive\r\n\r\n")
+        var got: [UInt8] = []
+        #expect(try r.run(c, into: &got) { _, eof in eof })
+        let text = String(decoding: got, as: UTF8.self)
+        #expect(text.hasSuffix("\r\n\r\nabc") && !text.lowercased().contains("transfer-encoding"), "\(text.debugDescription)")
+        #expect(r.upstream.failures.byLabel.isEmpty)
+    }
+
+    /// The race every keep-alive pool has: the backend closes an idle connection just as a
+    /// request goes out on it. Nothing of an answer came, the method is idempotent: the
+    /// request goes again on a fresh connection and the client never sees the failure.
+    @Test func aReusedConnectionThatClosesBeforeAnsweringIsRetriedOnAFreshOne() throws {
+        // Connection 0 answers its first request, then closes on the second without a byte.
+        let b = try RawBackend { connection, received, answered in
+            let heads = RawBackend.heads(received)
+            guard heads > answered else { return nil }
+            if connection == 0 && answered == 1 { return ("", true) }
+            return ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false)
+        }
+        let r = try ProxyRig(raw: [b])
+        let c = try r.connect()
+        var got: [UInt8] = []
+        for i in 1...2 {
+            r.backend.rig.send(c, "GET /\(i) HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(try r.run(c, into: &got) { got, _ in responses(got).count == i })
+        }
+        #expect(responses(got).map(\.status) == ["HTTP/1.1 200 OK", "HTTP/1.1 200 OK"])
+        #expect(r.upstream.retries[.reusedConnectionClosed] == 1 && r.upstream.failures.byLabel.isEmpty)
+        #expect(b.connections.count == 2 && b.text(1).hasPrefix("GET /2 "))
+    }
+
+    /// A POST is not sent twice (RFC 9110 9.2.2): the same race ends in 502.
+    @Test func aNonIdempotentRequestIsNotRetried() throws {
+        let b = try RawBackend { connection, received, answered in
+            guard RawBackend.heads(received) > answered else { return nil }
+            if answered == 1 { return ("", true) }
+            return ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false)
+        }
+        let r = try ProxyRig(raw: [b])
+        let c = try r.connect()
+        var got: [UInt8] = []
+        r.backend.rig.send(c, "GET /1 HTTP/1.1\r\nHost: t\r\n\r\n")
+        #expect(try r.run(c, into: &got) { got, _ in responses(got).count == 1 })
+        r.backend.rig.send(c, "POST /2 HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
+        #expect(try r.run(c, into: &got) { got, _ in responses(got).count == 2 })
+        #expect(responses(got).map(\.status) == ["HTTP/1.1 200 OK", "HTTP/1.1 502 Bad Gateway"])
+        #expect(r.upstream.retries.byLabel.isEmpty && r.upstream.failures[.error] == 1)
+        #expect(b.connections.count == 1)
+    }
+
+    @Test func aRefusedServerSendsTheRequestToTheNextOne() throws {
+        let (fd, free) = try Sockets.listenTCP()
+        Glibc.close(fd)
+        let b = try Self.answering("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        let r = try ProxyRig(backendPorts: [free, b.port])
+        r.raw = [b]
+        let c = try r.connect()
+        var got: [UInt8] = []
+        for i in 1...3 {
+            r.backend.rig.send(c, "GET /\(i) HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(try r.run(c, into: &got) { got, _ in responses(got).count == i })
+        }
+        #expect(responses(got).map(\.body) == ["ok", "ok", "ok"])
+        // One try met the refusal; the failed server then sat out its fail_timeout.
+        #expect(r.upstream.retries[.nextUpstream] == 1 && r.upstream.failures.byLabel.isEmpty)
+        // (`connects` counts attempts begun: a refusal on loopback may come at once or as an event.)
+        let refused = r.upstream.pools[0]
+        #expect(refused.connectFailures == 1 && refused.connects <= 1 && refused.openCount == 0)
+    }
+
+    @Test func aBackendThatDoesNotAnswerGets504AfterProxyReadTimeout() throws {
+        let b = try RawBackend { _, _, _ in nil }
+        let r = try ProxyRig(raw: [b], location: "proxy_read_timeout 150ms;")
+        let c = try r.connect()
+        r.backend.rig.send(c, "GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        var got: [UInt8] = []
+        #expect(try r.run(c, into: &got) { got, _ in responses(got).count == 1 })
+        #expect(responses(got).map(\.status) == ["HTTP/1.1 504 Gateway Time-out"])
+        #expect(r.upstream.failures[.timeout] == 1 && r.pool.openCount == 0)
+    }
+
+    /// The backend promises 10 bytes and closes after 3: the client must not be able to take
+    /// the answer for complete, so its connection ends (no keep-alive, no padding).
+    @Test func aTruncatedAnswerEndsTheClientConnection() throws {
+        let b = try Self.answering("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", close: true)
+        let r = try ProxyRig(raw: [b])
+        let c = try r.connect()
+        r.backend.rig.send(c, "GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        var got: [UInt8] = []
+        #expect(try r.run(c, into: &got) { _, eof in eof })
+        let text = String(decoding: got, as: UTF8.self)
+        #expect(text.hasPrefix("HTTP/1.1 200 OK\r\n") && text.hasSuffix("\r\n\r\nabc"), "\(text.debugDescription)")
+        #expect(r.upstream.failures[.truncated] == 1)
+    }
+
+    @Test func badChunkedSyntaxFromTheBackendIsA502NotRelayed() throws {
+        let b = try Self.answering("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5 \r\nhello\r\n0\r\n\r\n")
+        let r = try ProxyRig(raw: [b])
+        let c = try r.connect()
+        r.backend.rig.send(c, "GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        var got: [UInt8] = []
+        #expect(try r.run(c, into: &got) { _, eof in eof })
+        let text = String(decoding: got, as: UTF8.self)
+        // The head had gone out: the answer is cut (no final chunk), never completed.
+        #expect(!text.contains("hello") && !text.contains("0\r\n\r\n"), "\(text.debugDescription)")
+        #expect(r.upstream.failures.byLabel == ["truncated": 1])
+    }
+
+    @Test func aChunkedRequestBodyGoesUpstreamInCanonicalFraming() throws {
+        let b = try RawBackend { _, received, answered in
+            guard answered == 0, String(decoding: received, as: UTF8.self).hasSuffix("0\r\n\r\n") else { return nil }
+            return ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false)
+        }
+        let r = try ProxyRig(raw: [b])
+        let c = try r.connect()
+        r.backend.rig.send(c, "POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0005;name=v\r\nhello\r\n00a\r\n0123456789\r\n0\r\n\r\n")
+        var got: [UInt8] = []
+        #expect(try r.run(c, into: &got) { got, _ in responses(got).count == 1 })
+        let sent = b.text(0)
+        #expect(sent.hasSuffix("Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\na\r\n0123456789\r\n0\r\n\r\n"), "\(sent.debugDescription)")
+    }
+
+    /// The backend began its answer before the chunked body was complete, and the body turns
+    /// out malformed: a 400 after a 200's head would be a second answer, so the connection ends.
+    @Test func badChunkedSyntaxAfterTheAnswerBeganEndsTheConnectionWithoutA400() throws {
+        let b = try RawBackend { _, received, answered in
+            guard answered == 0, RawBackend.heads(received) > 0 else { return nil }
+            return ("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", false)
+        }
+        let r = try ProxyRig(raw: [b])
+        let c = try r.connect()
+        r.backend.rig.send(c, "POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        var got: [UInt8] = []
+        #expect(try r.run(c, into: &got) { got, _ in String(decoding: got, as: UTF8.self).hasSuffix("abc") })
+        r.backend.rig.send(c, "zz\r\n")
+        #expect(try r.run(c, into: &got) { _, eof in eof })
+        let text = String(decoding: got, as: UTF8.self)
+        #expect(text.hasPrefix("HTTP/1.1 200 OK\r\n") && text.hasSuffix("abc") && !text.contains("400"), "\(text.debugDescription)")
+        #expect(r.pool.openCount == 0, "the half-answered upstream connection is not kept")
+    }
+
+    @Test func theUpstreamGetsProxyHostAndNoHopByHopFields() throws {
+        let b = try Self.answering("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive, X-Up\r\nX-Up: 1\r\nKeep-Alive: timeout=5\r\n\r\nok")
+        let r = try ProxyRig(raw: [b])
+        let c = try r.connect()
+        r.backend.rig.send(c, "GET /h HTTP/1.1\r\nHost: front.example\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: 300\r\n"
+            + "TE: trailers\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\nProxy-Connection: keep-alive\r\nX-Keep: yes\r\n\r\n")
+        var got: [UInt8] = []
+        #expect(try r.run(c, into: &got) { got, _ in responses(got).count == 1 })
+        let sent = b.text(0).lowercased()
+        #expect(sent.hasPrefix("get /h http/1.1\r\n") && sent.contains("\r\nhost: backend\r\n"), "\(sent.debugDescription)")
+        #expect(!sent.contains("front.example"))
+        #expect(sent.contains("x-keep: yes\r\n"))
+        for hop in ["x-hop", "keep-alive: 300", "te:", "upgrade", "http2-settings", "proxy-connection"] {
+            #expect(!sent.contains(hop), "\(hop) went upstream: \(sent.debugDescription)")
+        }
+        let answer = responses(got)[0].head.lowercased()
+        #expect(!answer.contains("x-up") && !answer.contains("keep-alive: timeout=5"), "\(answer.debugDescription)")
     }
 }

@@ -150,6 +150,35 @@ final class Recorder: IOHandler {
         if let n = newcomer { Glibc.close(n.peer) }
     }
 
+    /// A handler closed during a pass (by itself or by another handler, as an upstream link
+    /// ends its client's connection) stays alive until the pass ends, so the call chain that
+    /// closed it never runs on in freed memory; the loop then lets it go.
+    @Test func aHandlerClosedDuringAPassLivesUntilThePassEnds() throws {
+        let loop = try IOLoop()
+        let (a, pa) = socketPair()
+        let (b, pb) = socketPair()
+        defer { Glibc.close(pa); Glibc.close(pb) }
+        var victim: Recorder? = Recorder()
+        weak let watched = victim
+        let closer = Recorder()
+        let hb = try loop.register(b, handler: victim!)
+        victim = nil
+        _ = try loop.register(a, handler: closer)
+        try loop.runOnce(timeoutMs: 1_000)  // the first writable events
+        var aliveAfterClose: Bool?
+        closer.onEvent = { _, _, loop in
+            guard aliveAfterClose == nil else { return }
+            loop.close(hb)
+            aliveAfterClose = watched != nil
+            watched?.timers += 0  // touching it after its close is safe
+        }
+        send(pa, "x")
+        try loop.runOnce(timeoutMs: 1_000)
+        #expect(aliveAfterClose == true, "the closed handler was freed inside the pass")
+        #expect(watched == nil, "the loop still holds the closed handler after the pass")
+        #expect(loop.registered == 1)
+    }
+
     @Test func timersFireNotBeforeTheirTimeAndCloseCancelsThem() throws {
         let loop = try IOLoop()
         let (a, pa) = socketPair()

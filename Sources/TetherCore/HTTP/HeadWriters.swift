@@ -16,6 +16,29 @@ extension OutboundQueue: HeadSink {
     public var mark: Int { queuedBytes }
 }
 
+/// A head written into one pool buffer: what does not fit is not written and `overflowed` says
+/// so (a head is refused whole rather than sent cut).
+struct BufferSink: HeadSink, ~Copyable {
+    var buffer: IOBuffer
+    private(set) var overflowed = false
+
+    init(_ buffer: consuming IOBuffer) { self.buffer = buffer }
+
+    /// The buffer, as written.
+    consuming func take() -> IOBuffer { buffer }
+
+    @inline(__always)
+    mutating func put(_ bytes: UnsafeRawBufferPointer) {
+        if buffer.append(contentsOf: bytes) < bytes.count { overflowed = true }
+    }
+
+    var mark: Int { buffer.writerIndex }
+
+    mutating func rollback(to mark: Int) {
+        buffer.truncate(toReadable: mark - buffer.readerIndex)
+    }
+}
+
 /// What `$variables` expand to for one request (the connection and the exchange know).
 protocol VariableSource {
     func writeVariable<S: HeadSink & ~Copyable>(_ v: Variable, into out: inout S)

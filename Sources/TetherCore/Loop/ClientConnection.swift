@@ -42,6 +42,8 @@ final class ClientLoop {
     var accepted = 0
     var requests = 0
     var closed = ReasonCounts<DownstreamCloseReason>()
+    /// `$time_local`, `$time_iso8601`: formatted once a second.
+    let dateCache = DateCache()
 
     init(loop: IOLoop, pool: BufferPool, settings: ClientSettings, handler: ClientRequestHandler) {
         self.loop = loop
@@ -117,6 +119,8 @@ final class ClientConnection: IOHandler {
     private var bodyProgress = false
 
     var isOpen: Bool { shared.loop.fd(handle) != nil }
+
+    var dateCache: DateCache { shared.dateCache }
 
     /// Bytes read and not yet handled (through take and put back: a noncopyable optional is
     /// only borrowed that way).
@@ -295,9 +299,61 @@ final class ClientConnection: IOHandler {
         return bodyLeft == 0
     }
 
-    /// Copies what the buffer holds of the request body to the upstream.
+    /// Sends what the buffer holds of the request body to the upstream, as far as it takes it
+    /// (backpressure: the rest waits in the buffer, and the client's bytes in its socket, until
+    /// `upstreamTakesBody`). A Content-Length body is copied out in pool buffers; a chunked one is
+    /// re-framed canonically (lowercase hex sizes, no extensions, only valid trailers), never
+    /// passed on as received. Bad chunked syntax ends the exchange with 400.
     private func forwardBody(_ buf: inout IOBuffer, to x: ProxyExchange) {
-        while bodyLeft > 0 && !buf.isEmpty {
+        if var d = chunked {
+            guard !x.bodyBlocked else { return }
+            let n: Int
+            do {
+                n = try buf.withReadableBytes { p throws(ChunkedDecoder.Failure) in
+                    try d.consume(p, events: { event in
+                        switch event {
+                        case .chunk(let size):
+                            withUnsafeTemporaryAllocation(byteCount: 18, alignment: 1) { scratch in
+                                var line = ScratchSink(scratch)
+                                ChunkedDecoder.writeSize(size, into: &line)
+                                x.sendBody(copying: line.written)
+                            }
+                        case .data(let a, let b):
+                            if b > a { x.sendBody(copying: UnsafeRawBufferPointer(rebasing: p[a..<b])) }
+                        case .chunkEnd:
+                            Self.send("\r\n", to: x)
+                        case .end:
+                            break
+                        }
+                    })
+                }
+            } catch {
+                chunked = nil
+                exchange = nil
+                let answering = x.responseStarted
+                x.clientLeft()
+                // An answer under way cannot be followed by a 400: the connection just ends.
+                if answering { return close(.error) }
+                write(status: 400, body: [], contentType: "text/plain", keepAlive: false, minor: 1)
+                state.pendingReason = .error
+                closeAfterWrite = true
+                finishExchange()
+                return
+            }
+            buf.consume(n)
+            if d.isDone {
+                Self.send("0\r\n", to: x)
+                d.trailers.withUnsafeBytes { x.sendBody(copying: $0) }
+                Self.send("\r\n", to: x)
+                chunked = nil
+                x.requestBodyFinished()
+            } else {
+                chunked = d
+            }
+            return
+        }
+        guard bodyLeft > 0 else { return }
+        while bodyLeft > 0 && !buf.isEmpty && !x.bodyBlocked {
             let n = Int(min(bodyLeft, Int64(buf.readableBytes), Int64(shared.pool.bufferSize)))
             var chunk = shared.pool.take()
             buf.withReadableBytes { p in _ = chunk.append(contentsOf: UnsafeRawBufferPointer(rebasing: p[0..<n])) }
@@ -305,46 +361,78 @@ final class ClientConnection: IOHandler {
             bodyLeft -= Int64(n)
             x.sendBody(chunk)
         }
+        if bodyLeft == 0 { x.requestBodyFinished() }
+    }
+
+    private static func send(_ s: StaticString, to x: ProxyExchange) {
+        s.withUTF8Buffer { x.sendBody(copying: UnsafeRawBufferPointer($0)) }
     }
 
     // MARK: Proxying
 
-    /// Hands the current request to `pool`'s server: its head goes upstream with the hop-by-hop
-    /// lines left out, its Content-Length body follows as it arrives, and the answer comes back
-    /// through `ProxyExchange`. A chunked request body is refused with 411 for now (its canonical
-    /// re-framing comes with the switch, as on the SwiftNIO path).
-    func proxy(through pool: UpstreamPool, head: HeadLayout, bytes: UnsafeRawBufferPointer) {
+    /// Hands the current request to `upstream` as `route` (a `proxy_pass` location) says: the
+    /// upstream head is written from this one (`HeadWriter`), the body follows as it arrives,
+    /// and the answer comes back through `ProxyExchange`. `serverName` is the server block's
+    /// first name (`$server_name`, and `$host` for a request without Host).
+    func proxy(to upstream: LoopUpstream, route: CompiledLocation, head: HeadLayout, bytes: UnsafeRawBufferPointer,
+               serverName: [UInt8] = []) {
         precondition(state.inExchange && !answered, "proxy outside an exchange or twice: \(state.phase)")
-        if head.chunked { return respond(status: 411, body: [], head: head, close: true) }
-        var request = shared.pool.take()
-        guard ProxyExchange.writeForwarded(head, bytes, into: &request) else {
-            // A head larger than a buffer: refused whole rather than sent cut (the head limits
-            // of large_client_header_buffers can exceed a pool buffer).
-            shared.pool.recycle(request)
+        // An HTTP/1.0 upstream cannot be sent a body of unknown length (nginx answers 411 too).
+        if head.chunked && route.proxyHTTP10 { return respond(status: 411, body: [], head: head, close: true) }
+        let framing: BodyFraming = head.chunked ? .chunked : (head.contentLength ?? 0) > 0 ? .length(head.contentLength!) : .none
+        let request = ProxyExchange.Request(
+            isHEAD: head.methodIs("HEAD", in: bytes), idempotent: head.isIdempotent(in: bytes), minorVersion: head.minorVersion,
+            clientKeepAlive: clientKeepAlive(head: head, close: false), framing: framing)
+        let x = ProxyExchange(connection: self, upstream: upstream, route: route, request: request)
+        answered = true
+        exchange = x
+        shared.dateCache.refresh()
+        let variables = ClientVariables(head: head, bytes: bytes, connection: self, route: route, serverName: serverName, exchange: x)
+        if !x.start(head, bytes, variables: variables) {
+            // A head larger than a buffer once written for the upstream: refused whole rather
+            // than sent cut (heads are bounded by one pool buffer on this path).
+            exchange = nil
+            answered = false
             return respond(status: 431, body: [], head: head, close: true)
         }
-        answered = true
-        let keepAlive = clientKeepAlive(head: head, close: false)
-        let x = ProxyExchange(connection: self, pool: pool, request: request, requestIsHEAD: head.methodIs("HEAD", in: bytes),
-                              clientKeepAlive: keepAlive, clientMinor: head.minorVersion)
-        exchange = x
-        x.start()
     }
 
-    /// Writes response bytes from the exchange to the client.
+    /// Writes the answer's head, as the exchange rewrote it, into the client's queue.
+    func writeResponseHead(_ h: HeadLayout, _ p: UnsafeRawBufferPointer, _ r: HeadWriter.ClientResponse) {
+        HeadWriter.clientHead(h, p, r, into: &outbound)
+    }
+
+    /// Queues response bytes from the exchange (the buffer itself: no copy); `flushFromUpstream` writes them.
     func sendFromUpstream(_ buffer: consuming IOBuffer) {
         outbound.enqueue(buffer)
-        flush()
     }
+
+    /// Queues a copy of response bytes (framing lines, re-chunked data).
+    func sendBytes(_ bytes: UnsafeRawBufferPointer) {
+        outbound.append(bytes)
+    }
+
+    func sendBytes(_ s: StaticString) {
+        s.withUTF8Buffer { outbound.append(UnsafeRawBufferPointer($0)) }
+    }
+
+    /// Writes what the exchange queued.
+    func flushFromUpstream() { flush() }
 
     /// The client's socket took what was queued: the exchange may read more from the upstream.
     var clientTakesMore: Bool { !outbound.isFull }
 
+    /// The upstream took what was queued for it: the request body may flow again.
+    func upstreamTakesBody() {
+        if !handlingInput { pump() }
+    }
+
     /// The exchange's answer is complete.
     func exchangeEnded(keepAlive: Bool) {
         exchange = nil
-        closeAfterWrite = !keepAlive || bodyLeft > 0
-        if bodyLeft > 0 { state.pendingReason = .error }
+        let bodyPending = bodyLeft > 0 || chunked != nil
+        closeAfterWrite = !keepAlive || bodyPending
+        if bodyPending { state.pendingReason = .error }
         if state.inExchange { finishExchange() }
         if !handlingInput { pump() }
     }
@@ -358,6 +446,57 @@ final class ClientConnection: IOHandler {
         closeAfterWrite = true
         if state.inExchange { finishExchange() }
         if !handlingInput { pump() }
+    }
+
+    /// The upstream failed after the answer's head went out: the client must see an incomplete
+    /// message. What is queued goes first unless `reset`, which ends the connection with a RST
+    /// (for an answer that ends with the connection, where a FIN would make the cut look complete).
+    func exchangeAborted(reset: Bool) {
+        exchange = nil
+        if reset, let fd = shared.loop.fd(handle) {
+            var l = linger(l_onoff: 1, l_linger: 0)
+            setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, socklen_t(MemoryLayout<linger>.size))
+        } else {
+            flush()
+        }
+        close(.error)
+    }
+
+    /// The peer's (`peer`) or our own address of the connection, as text: the address or the
+    /// port. A Unix socket's peer is `unix:` (as nginx's `$remote_addr`).
+    func writeAddress<S: HeadSink & ~Copyable>(peer: Bool, port: Bool, into out: inout S) {
+        guard let fd = shared.loop.fd(handle) else { return }
+        var storage = sockaddr_storage()
+        var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let rc = withUnsafeMutablePointer(to: &storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { peer ? getpeername(fd, $0, &len) : getsockname(fd, $0, &len) }
+        }
+        guard rc == 0 else { return }
+        let family = Int32(storage.ss_family)
+        var text = (UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0))
+        withUnsafeMutableBytes(of: &text) { t in
+            let chars = t.baseAddress!.assumingMemoryBound(to: CChar.self)
+            withUnsafeMutablePointer(to: &storage) { sp in
+                sp.withMemoryRebound(to: UInt8.self, capacity: MemoryLayout<sockaddr_storage>.size) { raw in
+                    var portValue: UInt16 = 0
+                    var ok = false
+                    if family == AF_INET {
+                        let a = UnsafeMutableRawPointer(raw).assumingMemoryBound(to: sockaddr_in.self)
+                        portValue = UInt16(bigEndian: a.pointee.sin_port)
+                        ok = port || inet_ntop(AF_INET, &a.pointee.sin_addr, chars, 64) != nil
+                    } else if family == AF_INET6 {
+                        let a = UnsafeMutableRawPointer(raw).assumingMemoryBound(to: sockaddr_in6.self)
+                        portValue = UInt16(bigEndian: a.pointee.sin6_port)
+                        ok = port || inet_ntop(AF_INET6, &a.pointee.sin6_addr, chars, 64) != nil
+                    } else if family == AF_UNIX && !port {
+                        return out.put("unix:")
+                    }
+                    guard ok else { return }
+                    if port { return out.putDecimal(Int(portValue)) }
+                    out.put(UnsafeRawBufferPointer(rebasing: t[0..<strlen(chars)]))
+                }
+            }
+        }
     }
 
     /// nginx's keep-alive rules for the answer to `head` (`keepalive_requests`, `keepalive_time`,

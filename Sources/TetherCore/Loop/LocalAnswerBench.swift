@@ -1,3 +1,4 @@
+import TetherConfig
 import TetherHTTP
 import TetherIO
 import TetherPool
@@ -15,12 +16,32 @@ public enum LocalAnswerBench {
         }
     }
 
+    /// Every request through one `proxy_pass` location of a configuration.
     final class Proxy: ClientRequestHandler {
-        let pool: UpstreamPool
-        init(_ pool: UpstreamPool) { self.pool = pool }
-        func request(_ head: HeadLayout, bytes: UnsafeRawBufferPointer, connection: ClientConnection) {
-            connection.proxy(through: pool, head: head, bytes: bytes)
+        let upstream: LoopUpstream
+        let route: CompiledLocation
+        init(_ upstream: LoopUpstream, route: CompiledLocation) {
+            self.upstream = upstream
+            self.route = route
         }
+        func request(_ head: HeadLayout, bytes: UnsafeRawBufferPointer, connection: ClientConnection) {
+            connection.proxy(to: upstream, route: route, head: head, bytes: bytes)
+        }
+    }
+
+    /// The location of `location / { proxy_pass http://backend; }` in front of 127.0.0.1:`port`,
+    /// compiled as the configuration loader compiles it (`proxy_set_header Host $proxy_host` by
+    /// default, as nginx's, and nginx's proxy defaults otherwise).
+    static func proxyLocation(upstreamPort port: UInt16, extra: String = "") throws -> CompiledLocation {
+        let text = """
+            events {}
+            http {
+                upstream backend { server 127.0.0.1:\(port); keepalive 64; }
+                server { listen 127.0.0.1:1; location / { proxy_pass http://backend; \(extra) } }
+            }
+            """
+        let c = try Configuration.parse(text, file: "bench-core.conf", resolver: { $0 }).get()
+        return try ProxySetup(c, hostKeepalive: HostKeepalive()).servers[0].locations[0]
     }
 
     /// Listens on 127.0.0.1:`port` with one loop on the calling thread, until the process ends;
@@ -35,7 +56,14 @@ public enum LocalAnswerBench {
         let handler: ClientRequestHandler
         if let upstream {
             let policy = PoolPolicy(keepalive: 64, idleTimeoutMs: 60_000, maxRequests: 1_000_000, maxLifetimeMs: 3_600_000)
-            handler = Proxy(UpstreamPool(loop: loop, buffers: buffers, host: "127.0.0.1", port: upstream, policy: policy)!)
+            let pool = UpstreamPool(loop: loop, buffers: buffers, host: "127.0.0.1", port: upstream, policy: policy)!
+            let route: CompiledLocation
+            do {
+                route = try proxyLocation(upstreamPort: upstream)
+            } catch {
+                fatalError("bench-core: \(error)")
+            }
+            handler = Proxy(LoopUpstream(name: "backend", pools: [pool]), route: route)
         } else {
             handler = Answer(Array(body.utf8))
         }

@@ -1,119 +1,305 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import TetherConfig
 import TetherHTTP
 import TetherIO
+import TetherPool
 
 /// One request on its way through an upstream connection and its answer on the way back, on
-/// Tether's own loop: leases a connection from the server's pool, writes the request, parses the
-/// response head, writes it to the client without its hop-by-hop lines, and moves the body's
-/// buffers from the upstream to the client (no copy). The connection goes back to the pool when
-/// the response ended cleanly.
-///
-/// This first version relays Content-Length (and bodiless) responses; a chunked or close-delimited
-/// response is answered 502, as are connect failures. Canonical re-framing, retries on a stale
-/// reused connection, `proxy_next_upstream`, the exchange timers and upgrades come with the
-/// switch from the SwiftNIO path, through the same `Lifecycle` values that path uses.
+/// Tether's own loop, as its location says: the balancer picks a server, the server's pool
+/// lends a connection, the request head goes upstream as `HeadWriter` writes it (hop-by-hop
+/// lines dropped, `proxy_set_header` applied, the body's framing canonical), the response
+/// head comes back parsed and rewritten, and the body is relayed as `ResponsePlan` says:
+/// Content-Length and close-delimited bodies by moving the upstream's buffers to the client
+/// (no copy), chunked ones re-framed canonically (their data copied into the client's queue:
+/// the size lines sit between the data), a close-delimited body chunked to an HTTP/1.1 client
+/// so that it can stay alive. Failures go through `NextUpstream`, the decisions the SwiftNIO
+/// path takes too: a reused connection that failed before any response byte is retried once on
+/// a fresh one, `proxy_next_upstream` sends the request to another server, otherwise 502/504,
+/// and a response cut after its head ends the client connection (with a reset where a FIN
+/// would make the cut look complete). The connection goes back to the pool when the response
+/// ended cleanly.
 final class ProxyExchange: UpstreamLinkOwner {
+    /// What the exchange knows of its request, fixed when it starts.
+    struct Request {
+        var isHEAD: Bool
+        var idempotent: Bool
+        var minorVersion: Int
+        /// nginx's keep-alive rules allow the client connection to stay after the answer.
+        var clientKeepAlive: Bool
+        /// How the body goes upstream.
+        var framing: BodyFraming
+    }
+
     private unowned(unsafe) let connection: ClientConnection
-    private let pool: UpstreamPool
-    private var request: IOBuffer?
+    private let upstream: LoopUpstream
+    let route: CompiledLocation
+    private let request: Request
+    /// The request head as written for the upstream, kept while the request may be sent again
+    /// (until a response head arrives, or the first body byte goes).
+    private var savedHead: IOBuffer?
     private var link: UpstreamLink?
-    private let requestIsHEAD: Bool
-    private let clientKeepAlive: Bool
-    private let clientMinor: Int
-    private var headSent = false
+    private var server = -1
+    /// The balancer counts this exchange as active on `server`.
+    private var active = false
+    private var tried = PeerSet()
+    private var tries = 0
+    private var reused = false
+    private var retriedFresh = false
+    /// Some byte of a response arrived on the current connection (so it did not fail stale).
+    private var responseBytes = false
+    private var bodyStarted = false
+    private(set) var requestBodyDone: Bool
+    private var plan: ResponsePlan?
     private var remaining: Int64 = 0
+    private var decoder = ChunkedDecoder()
     private var upstreamReusable = true
+    private var headSent = false
     private var finished = false
+    /// `$request_id`, made when first asked for.
+    private var requestID: (UInt64, UInt64)?
 
-    init(connection: ClientConnection, pool: UpstreamPool, request: consuming IOBuffer, requestIsHEAD: Bool,
-         clientKeepAlive: Bool, clientMinor: Int) {
+    init(connection: ClientConnection, upstream: LoopUpstream, route: CompiledLocation, request: Request) {
         self.connection = connection
-        self.pool = pool
-        self.request = consume request
-        self.requestIsHEAD = requestIsHEAD
-        self.clientKeepAlive = clientKeepAlive
-        self.clientMinor = clientMinor
+        self.upstream = upstream
+        self.route = route
+        self.request = request
+        requestBodyDone = request.framing == .none
     }
 
-    /// A head as it goes on: its first line and header lines as they came, less the hop-by-hop
-    /// ones (and those `Connection` names), without the blank line that ends it. False when it
-    /// does not fit `out` (one pool buffer), which is never written on cut.
-    static func writeLines(_ head: HeadLayout, _ p: UnsafeRawBufferPointer, into out: inout IOBuffer) -> Bool {
-        let firstLineEnd = head.headers.first.map { Int($0.lineStart) } ?? p.count - 2
-        var fits = out.append(contentsOf: UnsafeRawBufferPointer(rebasing: p[0..<firstLineEnd])) == firstLineEnd
-        for h in head.headers where !h.kind.isHopByHop && !h.droppedByConnection {
-            let line = UnsafeRawBufferPointer(rebasing: p[Int(h.lineStart)..<Int(h.lineEnd)])
-            fits = fits && out.append(contentsOf: line) == line.count
+    /// Whether a failure before any response byte may send the request again (RFC 9110 9.2.2,
+    /// and nginx's `non_idempotent`): nothing of a body was sent, and the method allows it.
+    private var mayRetry: Bool {
+        !bodyStarted && request.framing == .none && (request.idempotent || route.settings.proxyNextUpstream.contains(.nonIdempotent))
+    }
+
+    // MARK: From the client connection
+
+    /// Writes the upstream request head (with the request's variables, which are valid during
+    /// this call only) and sends it to a server. False when the head does not fit one pool
+    /// buffer: the caller refuses the request (431) before anything was sent.
+    func start<V: VariableSource>(_ head: HeadLayout, _ bytes: UnsafeRawBufferPointer, variables: V) -> Bool {
+        var sink = BufferSink(upstream.buffers.take())
+        let r = HeadWriter.UpstreamRequest(framing: request.framing, upgradeOffer: nil)
+        HeadWriter.upstreamHead(head, bytes, route: route, request: r, variables: variables, into: &sink)
+        let overflowed = sink.overflowed
+        let written = sink.take()
+        guard !overflowed else {
+            upstream.buffers.recycle(written)
+            return false
         }
-        return fits
+        savedHead = consume written
+        connectNext()
+        return true
     }
 
-    /// The request head as it goes upstream (HTTP/1.1 keeps the connection by default); false
-    /// when it does not fit one buffer.
-    static func writeForwarded(_ head: HeadLayout, _ p: UnsafeRawBufferPointer, into out: inout IOBuffer) -> Bool {
-        writeLines(head, p, into: &out) && out.append(contentsOf: "\r\n".utf8) == 2
-    }
-
-    func start() {
-        let (l, _) = pool.lease(for: self)
-        guard let l else { return fail(502) }
-        link = l
-        // Written now even to a connection still connecting: it goes out once connected, and a
-        // body that follows queues behind it.
-        sendRequest()
-    }
-
+    /// Request body bytes, already in the framing the upstream gets. Dropped when no connection
+    /// carries the request any more (it failed; the client is being answered).
     func sendBody(_ chunk: consuming IOBuffer) {
-        guard let l = link, !finished else { return pool.buffers.recycle(chunk) }
+        guard let l = link, !finished else { return upstream.buffers.recycle(chunk) }
+        bodyStarted = true
+        dropSavedHead()
         l.write(chunk)
     }
 
+    func sendBody(copying bytes: UnsafeRawBufferPointer) {
+        guard let l = link, !finished else { return }
+        bodyStarted = true
+        dropSavedHead()
+        l.write(copying: bytes)
+    }
+
+    /// The response head went to the client: nothing else may answer this request now.
+    var responseStarted: Bool { headSent }
+
+    /// The request body was read to its end.
+    func requestBodyFinished() { requestBodyDone = true }
+
+    /// The upstream takes no more body now (its queue is at the limit); `upstreamDrained` tells
+    /// the client connection to go on.
+    var bodyBlocked: Bool { link?.isBackedUp ?? false }
+
     /// The client's socket took what was queued: read on from the upstream.
     func clientDrained() {
-        if let l = link { upstreamReadable(l) }
+        if let l = link, headSent { upstreamReadable(l) }
     }
 
     /// The client went away: the upstream connection cannot be trusted with a half-read answer.
     func clientLeft() {
+        guard !finished else { return }
         finished = true
         if let l = link { pool.discard(l, reason: .clientAbort) }
         link = nil
+        endOnBalancer()
+        dropSavedHead()
     }
 
-    private func sendRequest() {
-        guard let l = link, let r = request.take() else { return }
-        l.write(r)
+    /// `$request_id`: 32 random hex digits, the same for every use within the exchange.
+    func writeRequestID<S: HeadSink & ~Copyable>(into out: inout S) {
+        if requestID == nil {
+            var g = SystemRandomNumberGenerator()
+            requestID = (g.next(), g.next())
+        }
+        let (a, b) = requestID!
+        withUnsafeTemporaryAllocation(byteCount: 32, alignment: 1) { digits in
+            for k in 0..<16 {
+                digits[k] = ASCII.hexDigit(UInt8(truncatingIfNeeded: a >> (60 - 4 * k)) & 15)
+                digits[16 + k] = ASCII.hexDigit(UInt8(truncatingIfNeeded: b >> (60 - 4 * k)) & 15)
+            }
+            out.put(UnsafeRawBufferPointer(digits))
+        }
+    }
+
+    // MARK: Servers and connections
+
+    private var pool: UpstreamPool { upstream.pools[server] }
+
+    /// Picks a server not tried yet and sends the request on a connection to it.
+    private func connectNext() {
+        guard let i = upstream.balancer.select(now: upstream.nowMs, exclude: tried) else {
+            upstream.failures[.noLiveUpstreams] += 1
+            return answer(502)
+        }
+        server = i
+        tried.insert(i)
+        tries += 1
+        upstream.balancer.started(i)
+        active = true
+        let (l, e) = upstream.pools[i].lease(for: self)
+        guard let l else { return failed(e == ETIMEDOUT ? .timeout : .error) }
+        send(on: l)
+    }
+
+    private func send(on l: UpstreamLink) {
+        link = l
+        reused = l.reused
+        responseBytes = false
+        guard let head = savedHead.take() else { return }
+        if mayRetry {
+            head.withReadableBytes { l.write(copying: $0) }
+            savedHead = consume head
+        } else {
+            l.write(head)
+        }
+        // A connection still connecting runs the connect timeout; the read timeout starts once it is up.
+        l.armTimer(milliseconds: route.settings.proxyReadTimeoutMs)
+    }
+
+    private func dropSavedHead() {
+        if let h = savedHead.take() { upstream.buffers.recycle(h) }
+    }
+
+    private func endOnBalancer() {
+        guard active else { return }
+        active = false
+        upstream.balancer.ended(server)
+    }
+
+    /// The upstream failed before the response was complete: `NextUpstream` decides what follows.
+    private func failed(_ kind: UpstreamFailureKind) {
+        guard !finished else { return }
+        if let l = link {
+            link = nil
+            pool.discard(l, reason: .error)
+        }
+        endOnBalancer()
+        let facts = NextUpstream.Facts(
+            responseStarted: headSent, closeDelimitedToClient: plan?.closeDelimitedToClient ?? false,
+            reused: reused && !responseBytes, retriedFresh: retriedFresh, replayable: mayRetry && savedHead != nil, tries: tries,
+            conditions: route.settings.proxyNextUpstream, maxTries: route.settings.proxyNextUpstreamTries, requestBodyDone: requestBodyDone)
+        let now = upstream.nowMs
+        let action = NextUpstream.afterFailure(kind, facts) { upstream.balancer.hasCandidate(now: now, exclude: tried) }
+        switch action {
+        case .abort(let reset, let counted):
+            // Part of the response went out: the client sees an incomplete message, never a
+            // wrong or complete-looking one.
+            upstream.failures[counted] += 1
+            finished = true
+            dropSavedHead()
+            connection.exchangeAborted(reset: reset)
+        case .retryFresh:
+            upstream.retries[.reusedConnectionClosed] += 1
+            retriedFresh = true
+            upstream.balancer.started(server)
+            active = true
+            let (l, e) = pool.connectFresh(for: self)
+            guard let l else { return failed(e == ETIMEDOUT ? .timeout : .error) }
+            send(on: l)
+        case .nextServer:
+            upstream.balancer.failed(server, now: now)
+            upstream.retries[.nextUpstream] += 1
+            connectNext()
+        case .respond(let status, _, let counted):
+            upstream.balancer.failed(server, now: now)
+            upstream.failures[counted] += 1
+            answer(status)
+        }
+    }
+
+    /// Answers the client with `status` (nothing of a response was sent) and ends.
+    private func answer(_ status: Int) {
+        finished = true
+        dropSavedHead()
+        connection.exchangeFailed(status: status, responseStarted: false)
     }
 
     // MARK: UpstreamLinkOwner
 
-    func upstreamConnected(_ link: UpstreamLink) {}
+    func upstreamConnected(_ link: UpstreamLink) {
+        link.armTimer(milliseconds: route.settings.proxyReadTimeoutMs)
+    }
 
     func upstreamConnectFailed(_ link: UpstreamLink, errno: Int32) {
         self.link = nil
-        fail(errno == ETIMEDOUT ? 504 : 502)
+        failed(errno == ETIMEDOUT ? .timeout : .error)
     }
 
     func upstreamClosed(_ link: UpstreamLink, errno: Int32?) {
         self.link = nil
-        fail(502)
+        failed(.error)
+    }
+
+    func upstreamTimedOut(_ link: UpstreamLink) {
+        failed(.timeout)
+    }
+
+    /// The request body may flow again.
+    func upstreamDrained(_ link: UpstreamLink) {
+        connection.upstreamTakesBody()
     }
 
     func upstreamReadable(_ link: UpstreamLink) {
+        var progressed = false
         while !finished {
             // Backpressure: while the client is not taking the answer, the upstream's bytes wait
             // in its socket (`clientDrained` resumes).
-            guard connection.clientTakesMore else { return }
+            guard connection.clientTakesMore else { break }
             let more = link.read()
-            guard link.isOpen else { return }
-            if !headSent { guard parseHead(link) else { break } }
+            guard link.isOpen, self.link === link else { return }
+            if link.inboundBytes > 0 { responseBytes = true; progressed = true }
+            if !headSent, !parseHead(link) {
+                // parseHead may have failed the exchange or sent it to another connection.
+                guard !finished, self.link === link else { break }
+                if link.peerClosed {
+                    // Closed before a whole head: a stale reused connection (retried where
+                    // safe) or a backend that gave up.
+                    failed(.error)
+                    break
+                }
+                if !more { break }
+                continue
+            }
             if headSent && !finished { relayBody(link) }
-            if finished { return }
-            if link.peerClosed { return fail(502) }
+            if finished { break }
+            if link.peerClosed {
+                endOfStream(link)
+                break
+            }
             if !more { break }
         }
+        if progressed && !finished { link.armTimer(milliseconds: route.settings.proxyReadTimeoutMs) }
+        connection.flushFromUpstream()
     }
 
     // MARK: Response
@@ -126,71 +312,162 @@ final class ProxyExchange: UpstreamLinkOwner {
         let outcome = buf.withReadableBytes { p in HeadParser.parse(p, kind: .response, limits: .response, headers: &headers, into: &layout) }
         guard case .complete(let start, let consumed) = outcome else {
             link.putBack(buf)
-            if case .error = outcome { fail(502) }
+            if case .error = outcome { failed(.invalidHeader) }
             return false
         }
         if layout.status < 200 {
-            // 100 Continue and other interim answers are not relayed.
+            // 100 Continue and other interim answers are not relayed; a 101 was not asked for
+            // (no upgrade is offered on this path yet) and is refused, as RFC 9110 7.8 allows.
+            guard layout.status != 101 else {
+                link.putBack(buf)
+                failed(.invalidHeader)
+                return false
+            }
             buf.consume(consumed)
             link.putBack(buf)
             return parseHead(link)
         }
-        let framing = layout.responseFraming(requestIsHEAD: requestIsHEAD)
-        switch framing {
-        case .none: remaining = 0
-        case .length(let n): remaining = n
-        case .chunked, .untilClose:
+        let statusFacts = NextUpstream.Facts(
+            responseStarted: false, closeDelimitedToClient: false, reused: reused, retriedFresh: retriedFresh,
+            replayable: mayRetry && savedHead != nil, tries: tries, conditions: route.settings.proxyNextUpstream,
+            maxTries: route.settings.proxyNextUpstreamTries, requestBodyDone: requestBodyDone)
+        let now = upstream.nowMs
+        if NextUpstream.condition(forStatus: layout.status) != nil,
+           let c = NextUpstream.afterStatus(layout.status, statusFacts, hasCandidate: { upstream.balancer.hasCandidate(now: now, exclude: tried) }) {
+            // proxy_next_upstream http_NNN: this answer is not relayed; another server gets the request.
             link.putBack(buf)
-            fail(502)
+            self.link = nil
+            pool.discard(link, reason: .notReusable)
+            endOnBalancer()
+            if NextUpstream.countsAsServerFailure(c) { upstream.balancer.failed(server, now: now) }
+            upstream.retries[NextUpstream.retryReason(c)] += 1
+            connectNext()
             return false
         }
-        upstreamReusable = layout.keepsConnection
-        var out = pool.buffers.take()
-        var fits = buf.withReadableBytes { p in Self.writeLines(layout, UnsafeRawBufferPointer(rebasing: p[start..<consumed]), into: &out) }
-        let ending: StaticString = !clientKeepAlive ? "Connection: close\r\n\r\n" : clientMinor == 0 ? "Connection: keep-alive\r\n\r\n" : "\r\n"
-        ending.withUTF8Buffer { fits = fits && out.append(contentsOf: $0) == $0.count }
-        guard fits else {
-            // A response head larger than a buffer: refused whole rather than sent cut.
-            pool.buffers.recycle(out)
-            link.putBack(buf)
-            fail(502)
-            return false
-        }
+        upstream.balancer.succeeded(server)
+        dropSavedHead()
+        let framing = layout.responseFraming(requestIsHEAD: request.isHEAD)
+        let plan = ResponsePlan(framing: framing, upgrading: false, headKeepsConnection: layout.keepsConnection,
+                                request: .init(minorVersion: request.minorVersion, keepAliveAllowed: request.clientKeepAlive,
+                                               bodyDone: requestBodyDone, upstreamHTTP10: route.proxyHTTP10))
+        self.plan = plan
+        upstreamReusable = plan.upstreamReusable
+        if case .length(let n) = framing { remaining = n }
+        let response = HeadWriter.ClientResponse(
+            dropContentLength: plan.relay != .verbatim, chunked: plan.relay == .rechunk || plan.relay == .chunkify, upgrading: false,
+            closeAfter: !plan.clientKeepAlive, clientMinor: request.minorVersion, keepAliveHeader: route.keepAliveHeader)
+        buf.withReadableBytes { p in connection.writeResponseHead(layout, UnsafeRawBufferPointer(rebasing: p[start..<consumed]), response) }
         buf.consume(consumed)
         link.putBack(buf)
         headSent = true
-        connection.sendFromUpstream(out)
-        if remaining == 0 { finish(link) }
+        if plan.phase == .done { finish(link) }
         return true
     }
 
-    /// Moves body bytes to the client: the upstream's buffer itself when it holds only body.
+    /// Relays the body bytes the link holds, as the plan says.
     private func relayBody(_ link: UpstreamLink) {
-        guard var buf = link.takeInbound() else { return }
+        guard let plan, var buf = link.takeInbound() else { return }
         if buf.isEmpty { link.putBack(buf); return }
-        let n = Int(min(remaining, Int64(buf.readableBytes)))
-        if n < buf.readableBytes {
-            // Bytes past the response: the connection is out of step.
-            upstreamReusable = false
-            buf.truncate(toReadable: n)
+        switch plan.relay {
+        case .verbatim:
+            if case .untilClose = plan.framing {
+                // Ends with the upstream's close (`endOfStream`).
+                connection.sendFromUpstream(buf)
+                return
+            }
+            let n = Int(min(remaining, Int64(buf.readableBytes)))
+            if n < buf.readableBytes {
+                // Bytes past the response: the connection is out of step.
+                upstreamReusable = false
+                buf.truncate(toReadable: n)
+            }
+            remaining -= Int64(n)
+            connection.sendFromUpstream(buf)
+            if remaining == 0 { finish(link) }
+        case .chunkify:
+            // A close-delimited body to an HTTP/1.1 client: each buffer becomes a chunk.
+            withUnsafeTemporaryAllocation(byteCount: 18, alignment: 1) { scratch in
+                var line = ScratchSink(scratch)
+                ChunkedDecoder.writeSize(Int64(buf.readableBytes), into: &line)
+                connection.sendBytes(line.written)
+            }
+            connection.sendFromUpstream(buf)
+            connection.sendBytes("\r\n")
+        case .rechunk, .dechunk:
+            let dechunk = plan.relay == .dechunk
+            let consumed: Int
+            do {
+                consumed = try buf.withReadableBytes { p throws(ChunkedDecoder.Failure) in
+                    try decoder.consume(p, events: { event in
+                        switch event {
+                        case .chunk(let n):
+                            guard !dechunk else { return }
+                            withUnsafeTemporaryAllocation(byteCount: 18, alignment: 1) { scratch in
+                                var line = ScratchSink(scratch)
+                                ChunkedDecoder.writeSize(n, into: &line)
+                                connection.sendBytes(line.written)
+                            }
+                        case .data(let a, let b):
+                            if b > a { connection.sendBytes(UnsafeRawBufferPointer(rebasing: p[a..<b])) }
+                        case .chunkEnd:
+                            if !dechunk { connection.sendBytes("\r\n") }
+                        case .end:
+                            break
+                        }
+                    })
+                }
+            } catch {
+                // Bad chunked syntax from the backend is never passed on.
+                link.putBack(buf)
+                return failed(.invalidHeader)
+            }
+            if consumed < buf.readableBytes { upstreamReusable = false }
+            buf.consume(buf.readableBytes)
+            link.putBack(buf)
+            if decoder.isDone {
+                if !dechunk {
+                    connection.sendBytes("0\r\n")
+                    decoder.trailers.withUnsafeBytes { connection.sendBytes($0) }
+                    connection.sendBytes("\r\n")
+                }
+                finish(link)
+            }
         }
-        remaining -= Int64(n)
-        connection.sendFromUpstream(buf)
-        if remaining == 0 { finish(link) }
+    }
+
+    /// The upstream closed its side: the end of a close-delimited body, or a cut response.
+    private func endOfStream(_ link: UpstreamLink) {
+        if headSent, let plan, plan.framing == .untilClose {
+            if plan.relay == .chunkify { connection.sendBytes("0\r\n\r\n") }
+            upstreamReusable = false
+            return finish(link)
+        }
+        failed(.error)
     }
 
     private func finish(_ link: UpstreamLink) {
         finished = true
         self.link = nil
         pool.release(link, reusable: upstreamReusable)
-        connection.exchangeEnded(keepAlive: clientKeepAlive)
+        endOnBalancer()
+        connection.exchangeEnded(keepAlive: plan?.clientKeepAlive ?? false)
+    }
+}
+
+/// A few bytes written into stack memory (a chunk-size line).
+struct ScratchSink: HeadSink, ~Copyable {
+    let base: UnsafeMutableRawBufferPointer
+    var count = 0
+
+    init(_ base: UnsafeMutableRawBufferPointer) { self.base = base }
+
+    mutating func put(_ bytes: UnsafeRawBufferPointer) {
+        let n = min(bytes.count, base.count - count)
+        if n > 0 { UnsafeMutableRawBufferPointer(rebasing: base[count..<(count + n)]).copyMemory(from: UnsafeRawBufferPointer(rebasing: bytes[0..<n])) }
+        count += n
     }
 
-    private func fail(_ status: Int) {
-        guard !finished else { return }
-        finished = true
-        if let l = link { pool.discard(l, reason: .error) }
-        link = nil
-        connection.exchangeFailed(status: status, responseStarted: headSent)
-    }
+    var mark: Int { count }
+    mutating func rollback(to mark: Int) { count = mark }
+    var written: UnsafeRawBufferPointer { UnsafeRawBufferPointer(rebasing: base[0..<count]) }
 }

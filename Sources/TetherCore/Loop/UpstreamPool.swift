@@ -15,6 +15,15 @@ protocol UpstreamLinkOwner: AnyObject {
     func upstreamReadable(_ link: UpstreamLink)
     /// The link failed or closed while leased; it is gone.
     func upstreamClosed(_ link: UpstreamLink, errno: Int32?)
+    /// What was queued for the backend fell below the queue's limit: more may be written.
+    func upstreamDrained(_ link: UpstreamLink)
+    /// The timer the owner armed (`armTimer`) on a leased link fired: `proxy_read_timeout`.
+    func upstreamTimedOut(_ link: UpstreamLink)
+}
+
+extension UpstreamLinkOwner {
+    func upstreamDrained(_ link: UpstreamLink) {}
+    func upstreamTimedOut(_ link: UpstreamLink) {}
 }
 
 /// One connection to an upstream server, on one loop: connecting, leased to an exchange, or
@@ -66,6 +75,24 @@ final class UpstreamLink: IOHandler {
         if phase != .connecting { flush() }
     }
 
+    /// Queues a copy of `bytes` (into the queue's last buffer and fresh pool buffers) and
+    /// writes what the socket takes, as `write`.
+    func write(copying bytes: UnsafeRawBufferPointer) {
+        outbound.append(bytes)
+        if phase != .connecting { flush() }
+    }
+
+    /// The queue to the backend is at its limit: the owner holds what it would write until
+    /// `upstreamDrained`.
+    var isBackedUp: Bool { outbound.isFull }
+
+    /// Arms the link's one timer for the owner (`upstreamTimedOut`); only while leased and
+    /// connected (a connecting link's timer is the connect timeout).
+    func armTimer(milliseconds ms: Int64) {
+        guard phase == .leased else { return }
+        pool.loop.arm(handle, afterNanoseconds: UInt64(max(1, ms)) * 1_000_000)
+    }
+
     /// Reads what the backend sent into `inbound`, as far as there is room; the owner consumes
     /// from `inbound` and calls this again until it returns false.
     @discardableResult
@@ -112,7 +139,11 @@ final class UpstreamLink: IOHandler {
             // Anything from the backend on an idle connection ends it: a close, or bytes out of step.
             pool.idleLinkStirred(self, byPeer: events.contains(.readable) || events.contains(.readHangup) || events.contains(.hangup))
         case .leased:
-            if events.contains(.writable) { flush() }
+            if events.contains(.writable) {
+                let wasFull = outbound.isFull
+                flush()
+                if wasFull && !outbound.isFull && phase == .leased { owner?.upstreamDrained(self) }
+            }
             guard phase == .leased else { return }
             if events.contains(.error) { return fail(ECONNRESET) }
             if events.contains(.readable) || events.contains(.readHangup) || events.contains(.hangup) {
@@ -128,7 +159,8 @@ final class UpstreamLink: IOHandler {
         switch phase {
         case .connecting: pool.connectFailed(self, errno: ETIMEDOUT)
         case .idle: pool.expire(now: Int64(loop.now / 1_000_000))
-        case .leased, .closed: break
+        case .leased: owner?.upstreamTimedOut(self)
+        case .closed: break
         }
     }
 
@@ -222,6 +254,13 @@ final class UpstreamPool {
         case .connect:
             return connect(for: owner)
         }
+    }
+
+    /// A new connection for `owner` whatever the pool holds idle: the retry of a request whose
+    /// reused connection failed before any response byte must not meet another stale one.
+    func connectFresh(for owner: UpstreamLinkOwner) -> (UpstreamLink?, errno: Int32) {
+        state.connectFresh()
+        return connect(for: owner)
     }
 
     private func connect(for owner: UpstreamLinkOwner) -> (UpstreamLink?, errno: Int32) {
@@ -343,4 +382,25 @@ final class UpstreamPool {
     }
 
     private func count(_ r: CloseReason) { closed[r, default: 0] += 1 }
+}
+
+/// One `upstream` block on one loop: a pool per server and the balancer that chooses among
+/// them (round robin or least connections, `max_fails`/`fail_timeout`, backups), with the
+/// loop's counts of failed and retried requests. Loop-local: no lock.
+final class LoopUpstream {
+    let name: String
+    let pools: [UpstreamPool]
+    var balancer: Balancer
+    var failures = ReasonCounts<UpstreamFailedReason>()
+    var retries = ReasonCounts<UpstreamRetryReason>()
+
+    init(name: String, pools: [UpstreamPool], peers: [PeerSpec]? = nil, method: Balancer.Method = .roundRobin) {
+        precondition(!pools.isEmpty && (peers == nil || peers!.count == pools.count), "an upstream needs a pool per server")
+        self.name = name
+        self.pools = pools
+        balancer = Balancer(peers ?? pools.map { _ in PeerSpec() }, method: method)
+    }
+
+    var buffers: BufferPool { pools[0].buffers }
+    var nowMs: Int64 { Int64(pools[0].loop.now / 1_000_000) }
 }

@@ -1,0 +1,114 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import TetherConfig
+import TetherHTTP
+
+/// What `$variables` expand to for a request on Tether's own loop, while its head is parsed
+/// (the head's bytes are valid during the handler's call only, and so is this value). Written
+/// straight into the sink, without a `String` per request.
+///
+/// Variables that describe the answer (`$status`, `$bytes_sent`, `$upstream_*`, `$request_time`,
+/// `$sent_http_*`) are empty here: nothing of the answer exists when the request head is written
+/// (they are for access logs, which come to this path with the switch).
+struct ClientVariables: VariableSource {
+    let head: HeadLayout
+    let bytes: UnsafeRawBufferPointer
+    unowned(unsafe) let connection: ClientConnection
+    let route: CompiledLocation
+    /// The server block's first name: `$server_name`, and `$host` without a Host.
+    let serverName: [UInt8]
+    /// For `$request_id`, stable within the exchange.
+    unowned(unsafe) let exchange: ProxyExchange
+
+    static let xForwardedFor = Array("x-forwarded-for".utf8)
+
+    func writeVariable<S: HeadSink & ~Copyable>(_ v: Variable, into out: inout S) {
+        let h = head
+        switch v {
+        case .host:
+            if h.hostStart >= 0 {
+                Self.putLowercased(UnsafeRawBufferPointer(rebasing: bytes[h.hostStart..<h.hostEnd]), into: &out)
+            } else {
+                out.put(serverName)
+            }
+        case .remoteAddr: connection.writeAddress(peer: true, port: false, into: &out)
+        case .remotePort: connection.writeAddress(peer: true, port: true, into: &out)
+        case .serverPort: connection.writeAddress(peer: false, port: true, into: &out)
+        case .scheme: out.put("http")
+        case .https, .sslProtocol, .sslCipher, .sslServerName, .sslSessionReused:
+            // TLS is not on this path yet: a plain connection's values, which are empty.
+            break
+        case .requestURI: out.put(UnsafeRawBufferPointer(rebasing: bytes[h.targetStart..<h.targetEnd]))
+        case .uri:
+            if let uri = h.path.uri { out.put(uri) } else { out.put(UnsafeRawBufferPointer(rebasing: bytes[h.pathStart..<h.pathEnd])) }
+        case .args:
+            if h.pathEnd < h.targetEnd { out.put(UnsafeRawBufferPointer(rebasing: bytes[(h.pathEnd + 1)..<h.targetEnd])) }
+        case .requestMethod: out.put(UnsafeRawBufferPointer(rebasing: bytes[0..<h.methodEnd]))
+        case .request:
+            out.put(UnsafeRawBufferPointer(rebasing: bytes[0..<h.targetEnd]))
+            out.put(" HTTP/1.")
+            out.putDecimal(h.minorVersion)
+        case .proxyAddXForwardedFor:
+            if let i = h.index(named: Self.xForwardedFor, in: bytes) {
+                let f = h.headers[i]
+                out.put(UnsafeRawBufferPointer(rebasing: bytes[Int(f.valueStart)..<Int(f.valueEnd)]))
+                out.put(", ")
+            }
+            connection.writeAddress(peer: true, port: false, into: &out)
+        case .proxyHost:
+            if case .proxy(let p) = route.action { out.put(p.proxyHost) }
+        case .requestID: exchange.writeRequestID(into: &out)
+        case .serverName: out.put(serverName)
+        case .serverProtocol:
+            out.put("HTTP/1.")
+            out.putDecimal(h.minorVersion)
+        case .timeLocal: out.put(connection.dateCache.localTime)
+        case .timeISO8601: out.put(connection.dateCache.iso8601)
+        case .msec:
+            var ts = timespec()
+            clock_gettime(CLOCK_REALTIME, &ts)
+            out.putSeconds(milliseconds: Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec / 1_000_000))
+        case .remoteUser: out.put("-")
+        case .connection: out.putDecimal(UInt(bitPattern: ObjectIdentifier(connection).hashValue) % 1_000_000_000)
+        case .connectionRequests: out.putDecimal(connection.state.requests)
+        case .httpHeader(let name):
+            if let f = Self.field(named: name, in: h, bytes) {
+                out.put(UnsafeRawBufferPointer(rebasing: bytes[Int(f.valueStart)..<Int(f.valueEnd)]))
+            }
+        case .status, .bodyBytesSent, .bytesSent, .requestTime, .upstreamAddr, .upstreamStatus, .upstreamConnectTime,
+             .upstreamResponseTime, .upstreamHeaderTime, .upstreamReused, .sentHTTPHeader:
+            break
+        }
+    }
+
+    /// The first header whose name is `name` of `$http_name` (`_` for `-`, any case).
+    static func field(named name: String, in h: HeadLayout, _ p: UnsafeRawBufferPointer) -> HeaderField? {
+        let n = name.utf8
+        for f in h.headers where Int(f.nameEnd - f.lineStart) == n.count {
+            var i = Int(f.lineStart)
+            var same = true
+            for c in n {
+                let want = c == UInt8(ascii: "_") ? UInt8(ascii: "-") : ASCII.lower(c)
+                if ASCII.lower(p[i]) != want { same = false; break }
+                i += 1
+            }
+            if same { return f }
+        }
+        return nil
+    }
+
+    /// Host names compare and go on in lowercase (as nginx's `$host`).
+    static func putLowercased<S: HeadSink & ~Copyable>(_ b: UnsafeRawBufferPointer, into out: inout S) {
+        guard b.contains(where: { $0 >= UInt8(ascii: "A") && $0 <= UInt8(ascii: "Z") }) else { return out.put(b) }
+        withUnsafeTemporaryAllocation(byteCount: 64, alignment: 1) { scratch in
+            var i = 0
+            while i < b.count {
+                let n = min(64, b.count - i)
+                for k in 0..<n { scratch[k] = ASCII.lower(b[i + k]) }
+                out.put(UnsafeRawBufferPointer(rebasing: scratch[0..<n]))
+                i += n
+            }
+        }
+    }
+}
