@@ -153,12 +153,15 @@ public final class BufferPool {
 
 /// What a connection has to write, in order: buffers moved in (never copied), written with
 /// `writev`, bounded by `limit` for backpressure (the producer stops while `isFull`). Emptied
-/// buffers go back to the pool at once. The first buffer is held inline and the rest in arrays
-/// made only when more than one is waiting and dropped when it empties, so that an answer that
-/// fits one buffer allocates nothing and an idle connection's queue holds no storage.
+/// buffers go back to the pool at once. The first two buffers are held inline (an answer's head
+/// and a body buffer moved from the upstream) and the rest in arrays made only when more than
+/// two are waiting and dropped when they empty, so that an ordinary answer allocates nothing and
+/// an idle connection's queue holds no storage.
 public struct OutboundQueue: ~Copyable {
     var first: UnsafeMutableRawPointer?
     var firstRange = (start: 0, end: 0)
+    var second: UnsafeMutableRawPointer?
+    var secondRange = (start: 0, end: 0)
     var more: [UnsafeMutableRawPointer] = []
     var moreRanges: [(start: Int, end: Int)] = []
     public private(set) var queuedBytes = 0
@@ -172,12 +175,13 @@ public struct OutboundQueue: ~Copyable {
 
     deinit {
         if let p = first { pool.recycle(IOBuffer(adopting: p, capacity: pool.bufferSize)) }
+        if let p = second { pool.recycle(IOBuffer(adopting: p, capacity: pool.bufferSize)) }
         for p in more { pool.recycle(IOBuffer(adopting: p, capacity: pool.bufferSize)) }
     }
 
     public var isEmpty: Bool { queuedBytes == 0 }
     public var isFull: Bool { queuedBytes >= limit }
-    public var count: Int { (first == nil ? 0 : 1) + more.count }
+    public var count: Int { (first == nil ? 0 : 1) + (second == nil ? 0 : 1) + more.count }
     /// Whether the queue holds array storage (it should not while idle).
     public var holdsStorage: Bool { more.capacity > 0 || moreRanges.capacity > 0 }
 
@@ -189,6 +193,9 @@ public struct OutboundQueue: ~Copyable {
         if first == nil {
             first = buffer.take()
             firstRange = range
+        } else if second == nil {
+            second = buffer.take()
+            secondRange = range
         } else {
             moreRanges.append(range)
             more.append(buffer.take())
@@ -201,23 +208,36 @@ public struct OutboundQueue: ~Copyable {
         var rest = bytes
         while !rest.isEmpty {
             let size = pool.bufferSize
-            if more.isEmpty, let f = first, firstRange.end < size {
-                let n = min(rest.count, size - firstRange.end)
-                (f + firstRange.end).copyMemory(from: rest.baseAddress!, byteCount: n)
-                firstRange.end += n
-                queuedBytes += n
-                rest = UnsafeRawBufferPointer(rebasing: rest[n...])
-            } else if let last = more.last, moreRanges[moreRanges.count - 1].end < size {
+            let n: Int
+            if let last = more.last {
                 let end = moreRanges[moreRanges.count - 1].end
-                let n = min(rest.count, size - end)
-                (last + end).copyMemory(from: rest.baseAddress!, byteCount: n)
-                moreRanges[moreRanges.count - 1].end += n
+                n = min(rest.count, size - end)
+                if n > 0 {
+                    (last + end).copyMemory(from: rest.baseAddress!, byteCount: n)
+                    moreRanges[moreRanges.count - 1].end += n
+                }
+            } else if let b = second {
+                n = min(rest.count, size - secondRange.end)
+                if n > 0 {
+                    (b + secondRange.end).copyMemory(from: rest.baseAddress!, byteCount: n)
+                    secondRange.end += n
+                }
+            } else if let f = first {
+                n = min(rest.count, size - firstRange.end)
+                if n > 0 {
+                    (f + firstRange.end).copyMemory(from: rest.baseAddress!, byteCount: n)
+                    firstRange.end += n
+                }
+            } else {
+                n = 0
+            }
+            if n > 0 {
                 queuedBytes += n
                 rest = UnsafeRawBufferPointer(rebasing: rest[n...])
             } else {
                 var b = pool.take()
-                let n = b.append(contentsOf: rest)
-                rest = UnsafeRawBufferPointer(rebasing: rest[n...])
+                let k = b.append(contentsOf: rest)
+                rest = UnsafeRawBufferPointer(rebasing: rest[k...])
                 enqueue(b)
             }
         }
@@ -242,6 +262,17 @@ public struct OutboundQueue: ~Copyable {
                 excess -= len
                 pool.recycle(IOBuffer(adopting: last, capacity: pool.bufferSize))
                 if more.isEmpty { more = []; moreRanges = [] }
+            } else if let b = second {
+                let len = secondRange.end - secondRange.start
+                if len > excess {
+                    secondRange.end -= excess
+                    queuedBytes -= excess
+                    return
+                }
+                second = nil
+                queuedBytes -= len
+                excess -= len
+                pool.recycle(IOBuffer(adopting: b, capacity: pool.bufferSize))
             } else if let f = first {
                 let len = firstRange.end - firstRange.start
                 if len > excess {
@@ -270,13 +301,19 @@ public struct OutboundQueue: ~Copyable {
     /// Writes what is queued with `writev` (up to 64 buffers a call) until done or EAGAIN.
     public mutating func flush(to fd: Int32) -> FlushResult {
         while let f = first {
-            let n = min(1 + more.count, 64)
-            let written: Int = withUnsafeTemporaryAllocation(of: Glibc.iovec.self, capacity: n) { iov in
-                iov[0] = Glibc.iovec(iov_base: f + firstRange.start, iov_len: firstRange.end - firstRange.start)
-                for i in 1..<n {
-                    iov[i] = Glibc.iovec(iov_base: more[i - 1] + moreRanges[i - 1].start, iov_len: moreRanges[i - 1].end - moreRanges[i - 1].start)
+            let written: Int
+            if let b = second {
+                let n = min(2 + more.count, 64)
+                written = withUnsafeTemporaryAllocation(of: Glibc.iovec.self, capacity: n) { iov in
+                    iov[0] = Glibc.iovec(iov_base: f + firstRange.start, iov_len: firstRange.end - firstRange.start)
+                    iov[1] = Glibc.iovec(iov_base: b + secondRange.start, iov_len: secondRange.end - secondRange.start)
+                    for i in 2..<n {
+                        iov[i] = Glibc.iovec(iov_base: more[i - 2] + moreRanges[i - 2].start, iov_len: moreRanges[i - 2].end - moreRanges[i - 2].start)
+                    }
+                    return Glibc.writev(fd, iov.baseAddress, Int32(n))
                 }
-                return n == 1 ? Glibc.write(fd, iov[0].iov_base, iov[0].iov_len) : Glibc.writev(fd, iov.baseAddress, Int32(n))
+            } else {
+                written = Glibc.write(fd, f + firstRange.start, firstRange.end - firstRange.start)
             }
             if written < 0 {
                 let e = errno
@@ -298,12 +335,15 @@ public struct OutboundQueue: ~Copyable {
             guard left >= len else { firstRange.start += left; break }
             left -= len
             pool.recycle(IOBuffer(adopting: f, capacity: pool.bufferSize))
+            // The next buffer moves up: second to first, the arrays' first to second.
+            first = second
+            firstRange = secondRange
             if done < more.count {
-                first = more[done]
-                firstRange = moreRanges[done]
+                second = more[done]
+                secondRange = moreRanges[done]
                 done += 1
             } else {
-                first = nil
+                second = nil
             }
         }
         if done > 0 {

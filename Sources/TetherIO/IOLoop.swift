@@ -19,15 +19,15 @@ public protocol IOHandler: AnyObject {
 /// Everything but `execute` and `stop` must be called on the loop's own thread (or, in tests, by
 /// the one thread that drives `runOnce`).
 public final class IOLoop: @unchecked Sendable {
-    struct Registration {
-        let fd: Int32
-        let handler: IOHandler
+    @usableFromInline struct Registration {
+        @usableFromInline let fd: Int32
+        @usableFromInline let handler: IOHandler
     }
 
     public typealias Job = @Sendable (IOLoop) -> Void
 
     let poller: any Poller
-    var records = Slab<Registration>()
+    @usableFromInline var records = Slab<Registration>()
     var timers = TimerLists()
     let wakeFD: Int32
     let jobs = Mutex<(queue: [Job], signalled: Bool)>(([], false))
@@ -91,7 +91,9 @@ public final class IOLoop: @unchecked Sendable {
     }
 
     /// The descriptor `handle` names, while it is registered.
-    public func fd(_ handle: Handle) -> Int32? { records[handle]?.fd }
+    /// Inlined into callers: it runs several times per request, and as a call it cost a retain
+    /// and a release of the loop each time.
+    @inlinable public func fd(_ handle: Handle) -> Int32? { records[handle]?.fd }
 
     /// Cancels the record's timer, forgets it and closes its descriptor (which also leaves epoll).
     /// Later events and timers for `handle` go nowhere, even those already in this batch.

@@ -21,6 +21,20 @@ public struct Handle: Hashable, Sendable, CustomStringConvertible {
     }
 
     public var description: String { "#\(index).\(generation)" }
+
+    public static func == (a: Handle, b: Handle) -> Bool { a.token == b.token }
+
+    public func hash(into hasher: inout Hasher) { hasher.combine(token) }
+
+    /// Pools and exchanges key dictionaries by handle on every request; SipHash (`Hasher`) cost
+    /// four of them about 770 instructions per proxied request. Handles are the loop's own slot
+    /// numbers, never chosen by a peer, so a multiplicative mix with the table's seed is enough
+    /// (hash flooding needs keys an attacker picks). `_rawHashValue` is the entry point the
+    /// standard library's hashed collections call.
+    public func _rawHashValue(seed: Int) -> Int {
+        let x = (token ^ UInt64(UInt(bitPattern: seed))) &* 0x9E37_79B9_7F4A_7C15
+        return Int(Int64(bitPattern: x ^ (x >> 29)))
+    }
 }
 
 /// Records in slots of one growing array: no allocation per record once the array has grown to

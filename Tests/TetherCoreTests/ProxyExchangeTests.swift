@@ -1,6 +1,8 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CTether
+import Foundation
 import Testing
 import TetherHTTP
 import TetherIO
@@ -146,6 +148,7 @@ final class ProxyRig {
         #expect(r.backend.backend.accepted == 1, "one upstream connection for 20 requests")
         #expect(r.pool.connects == 1 && r.pool.reusedLeases == 19, "\(r.pool.closed) \(r.backend.backend.closed.byLabel)")
         #expect(r.backend.rig.pool.outstanding == 0, "nothing holds a buffer between requests")
+        #expect(r.upstream.spareExchangeCount == 1, "one exchange object served all 20 requests")
     }
 
     @Test func pipelinedProxiedRequestsAreAnsweredInOrderAndBodiesForwarded() throws {

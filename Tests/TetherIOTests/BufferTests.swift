@@ -136,4 +136,38 @@ import Glibc
         }
         #expect(pool.outstanding == 0)
     }
+
+    /// An ordinary answer (a head, then a body buffer moved from the upstream) is queued and
+    /// written without the queue allocating anything; a third buffer makes its arrays, which go
+    /// again once written, in order across the inline slots and the arrays.
+    @Test func anAnswerOfTwoBuffersAllocatesNoQueueStorage() {
+        let pool = BufferPool(bufferSize: 16)
+        let (mine, peer) = socketPair()
+        defer { Glibc.close(mine); Glibc.close(peer) }
+        do {
+            var q = OutboundQueue(pool: pool)
+            func append(_ s: String) { Array(s.utf8).withUnsafeBytes { q.append($0) } }
+            func buffer(_ s: String) -> IOBuffer { var b = pool.take(); b.append(contentsOf: Array(s.utf8)); return b }
+            append("HEAD|")
+            q.enqueue(buffer("body-1|"))
+            append("tail|")  // goes into the second buffer's room
+            #expect(q.count == 2 && !q.holdsStorage)
+            #expect(q.flush(to: mine) == .done)
+            #expect(drain(peer).map { String(decoding: $0, as: UTF8.self) } == "HEAD|body-1|tail|")
+            #expect(q.count == 0 && !q.holdsStorage)
+            q.enqueue(buffer("a"))
+            q.enqueue(buffer("b"))
+            q.enqueue(buffer("c"))
+            q.enqueue(buffer("d"))
+            #expect(q.count == 4 && q.holdsStorage)
+            q.rollback(to: 2)
+            #expect(q.count == 2 && q.queuedBytes == 2 && !q.holdsStorage)
+            q.enqueue(buffer("e"))
+            append("f")
+            #expect(q.flush(to: mine) == .done)
+            #expect(drain(peer).map { String(decoding: $0, as: UTF8.self) } == "abef")
+            #expect(q.isEmpty && !q.holdsStorage)
+        }
+        #expect(pool.outstanding == 0)
+    }
 }

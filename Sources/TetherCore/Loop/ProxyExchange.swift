@@ -32,10 +32,16 @@ final class ProxyExchange: UpstreamLinkOwner {
         var framing: BodyFraming
     }
 
-    private unowned(unsafe) let connection: ClientConnection
-    private let upstream: LoopUpstream
-    let route: CompiledLocation
-    private let request: Request
+    private unowned(unsafe) var connection: ClientConnection
+    /// Fixed for the object's life: spare exchanges are kept per upstream (`LoopUpstream.exchange`).
+    let upstream: LoopUpstream
+    private(set) var route: CompiledLocation
+    private var request: Request
+    /// The location's settings this exchange reads on every event, copied out of `route` (a
+    /// variable since exchanges are reused: reading through it costs a retain each time).
+    private var readTimeoutMs: Int64
+    private var nextUpstream: Set<NextUpstreamCondition>
+    private var nextUpstreamTries: Int
     /// The request head as written for the upstream, kept while the request may be sent again
     /// (until a response head arrives, or the first body byte goes).
     private var savedHead: IOBuffer?
@@ -65,13 +71,43 @@ final class ProxyExchange: UpstreamLinkOwner {
         self.upstream = upstream
         self.route = route
         self.request = request
+        readTimeoutMs = route.settings.proxyReadTimeoutMs
+        nextUpstream = route.settings.proxyNextUpstream
+        nextUpstreamTries = route.settings.proxyNextUpstreamTries
         requestBodyDone = request.framing == .none
+    }
+
+    /// Makes an ended exchange (from the upstream's spares: see `LoopUpstream.exchange`) new for
+    /// another request: every field as `init` leaves it.
+    func reuse(connection: ClientConnection, route: CompiledLocation, request: Request) {
+        precondition(link == nil && savedHead == nil && !active, "reuse of an exchange still under way")
+        self.connection = connection
+        self.route = route
+        self.request = request
+        readTimeoutMs = route.settings.proxyReadTimeoutMs
+        nextUpstream = route.settings.proxyNextUpstream
+        nextUpstreamTries = route.settings.proxyNextUpstreamTries
+        requestBodyDone = request.framing == .none
+        server = -1
+        tried = PeerSet()
+        tries = 0
+        reused = false
+        retriedFresh = false
+        responseBytes = false
+        bodyStarted = false
+        plan = nil
+        remaining = 0
+        decoder = ChunkedDecoder()
+        upstreamReusable = true
+        headSent = false
+        finished = false
+        requestID = nil
     }
 
     /// Whether a failure before any response byte may send the request again (RFC 9110 9.2.2,
     /// and nginx's `non_idempotent`): nothing of a body was sent, and the method allows it.
     private var mayRetry: Bool {
-        !bodyStarted && request.framing == .none && (request.idempotent || route.settings.proxyNextUpstream.contains(.nonIdempotent))
+        !bodyStarted && request.framing == .none && (request.idempotent || nextUpstream.contains(.nonIdempotent))
     }
 
     // MARK: From the client connection
@@ -183,7 +219,7 @@ final class ProxyExchange: UpstreamLinkOwner {
             l.write(head)
         }
         // A connection still connecting runs the connect timeout; the read timeout starts once it is up.
-        l.armTimer(milliseconds: route.settings.proxyReadTimeoutMs)
+        l.armTimer(milliseconds: readTimeoutMs)
     }
 
     private func dropSavedHead() {
@@ -207,7 +243,7 @@ final class ProxyExchange: UpstreamLinkOwner {
         let facts = NextUpstream.Facts(
             responseStarted: headSent, closeDelimitedToClient: plan?.closeDelimitedToClient ?? false,
             reused: reused && !responseBytes, retriedFresh: retriedFresh, replayable: mayRetry && savedHead != nil, tries: tries,
-            conditions: route.settings.proxyNextUpstream, maxTries: route.settings.proxyNextUpstreamTries, requestBodyDone: requestBodyDone)
+            conditions: nextUpstream, maxTries: nextUpstreamTries, requestBodyDone: requestBodyDone)
         let now = upstream.nowMs
         let action = NextUpstream.afterFailure(kind, facts) { upstream.balancer.hasCandidate(now: now, exclude: tried) }
         switch action {
@@ -247,7 +283,7 @@ final class ProxyExchange: UpstreamLinkOwner {
     // MARK: UpstreamLinkOwner
 
     func upstreamConnected(_ link: UpstreamLink) {
-        link.armTimer(milliseconds: route.settings.proxyReadTimeoutMs)
+        link.armTimer(milliseconds: readTimeoutMs)
     }
 
     func upstreamConnectFailed(_ link: UpstreamLink, errno: Int32) {
@@ -298,7 +334,7 @@ final class ProxyExchange: UpstreamLinkOwner {
             }
             if !more { break }
         }
-        if progressed && !finished { link.armTimer(milliseconds: route.settings.proxyReadTimeoutMs) }
+        if progressed && !finished { link.armTimer(milliseconds: readTimeoutMs) }
         connection.flushFromUpstream()
     }
 
@@ -308,7 +344,14 @@ final class ProxyExchange: UpstreamLinkOwner {
     private func parseHead(_ link: UpstreamLink) -> Bool {
         guard var buf = link.takeInbound() else { return false }
         var layout = HeadLayout()
+        // The header index lives in the upstream's scratch storage (no allocation per response)
+        // and goes back to it whichever way this returns.
         var headers: [HeaderField] = []
+        swap(&headers, &upstream.headerScratch)
+        defer {
+            if layout.headers.capacity > headers.capacity { swap(&layout.headers, &upstream.headerScratch) } else { swap(&headers, &upstream.headerScratch) }
+            upstream.headerScratch.removeAll(keepingCapacity: true)
+        }
         let outcome = buf.withReadableBytes { p in HeadParser.parse(p, kind: .response, limits: .response, headers: &headers, into: &layout) }
         guard case .complete(let start, let consumed) = outcome else {
             link.putBack(buf)
@@ -329,8 +372,8 @@ final class ProxyExchange: UpstreamLinkOwner {
         }
         let statusFacts = NextUpstream.Facts(
             responseStarted: false, closeDelimitedToClient: false, reused: reused, retriedFresh: retriedFresh,
-            replayable: mayRetry && savedHead != nil, tries: tries, conditions: route.settings.proxyNextUpstream,
-            maxTries: route.settings.proxyNextUpstreamTries, requestBodyDone: requestBodyDone)
+            replayable: mayRetry && savedHead != nil, tries: tries, conditions: nextUpstream,
+            maxTries: nextUpstreamTries, requestBodyDone: requestBodyDone)
         let now = upstream.nowMs
         if NextUpstream.condition(forStatus: layout.status) != nil,
            let c = NextUpstream.afterStatus(layout.status, statusFacts, hasCandidate: { upstream.balancer.hasCandidate(now: now, exclude: tried) }) {

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CTether
+import TetherHTTP
 import TetherIO
 import TetherPool
 
@@ -393,13 +394,40 @@ final class LoopUpstream {
     var balancer: Balancer
     var failures = ReasonCounts<UpstreamFailedReason>()
     var retries = ReasonCounts<UpstreamRetryReason>()
+    /// Storage for response heads' header index, lent to each parse in turn.
+    var headerScratch: [HeaderField] = []
 
     init(name: String, pools: [UpstreamPool], peers: [PeerSpec]? = nil, method: Balancer.Method = .roundRobin) {
         precondition(!pools.isEmpty && (peers == nil || peers!.count == pools.count), "an upstream needs a pool per server")
         self.name = name
         self.pools = pools
         balancer = Balancer(peers ?? pools.map { _ in PeerSpec() }, method: method)
+        headerScratch.reserveCapacity(32)
     }
+
+    /// Ended exchanges, kept for the next requests (no allocation per proxied request), at most
+    /// `maximumSpareExchanges`.
+    private var spareExchanges: [ProxyExchange] = []
+    static let maximumSpareExchanges = 256
+
+    /// An exchange for a request to this upstream: a spare one when the last spare is
+    /// referenced from nowhere else (so no call on it is still running: every call on an
+    /// exchange is made through a reference its caller holds), otherwise a new one.
+    func exchange(connection: ClientConnection, route: CompiledLocation, request: ProxyExchange.Request) -> ProxyExchange {
+        if !spareExchanges.isEmpty && isKnownUniquelyReferenced(&spareExchanges[spareExchanges.count - 1]) {
+            let x = spareExchanges.removeLast()
+            x.reuse(connection: connection, route: route, request: request)
+            return x
+        }
+        return ProxyExchange(connection: connection, upstream: self, route: route, request: request)
+    }
+
+    /// An exchange that ended (its upstream link released or closed) becomes a spare.
+    func retire(_ x: ProxyExchange) {
+        if spareExchanges.count < Self.maximumSpareExchanges { spareExchanges.append(x) }
+    }
+
+    var spareExchangeCount: Int { spareExchanges.count }
 
     var buffers: BufferPool { pools[0].buffers }
     var nowMs: Int64 { Int64(pools[0].loop.now / 1_000_000) }
