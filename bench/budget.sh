@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The instruction budget CI holds Tether to (issue 15): user-space instructions per proxied
 # keep-alive request and per new connection, counted by callgrind, which is deterministic where
-# time is not. Fails when either exceeds its budget in bench/budget.txt by more than 5 %.
+# time is not. Fails when any exceeds its budget in bench/budget.txt by more than 5 %: the
+# serving path (SwiftNIO) and Tether's own loop (`tether bench-core`, proxying), which replaces it.
 #
 #   bench/budget.sh              # check
 #   bench/budget.sh --print      # only print the figures
@@ -31,33 +32,47 @@ CONF
 "$WORK/tether" -c "$WORK/backend.conf" & echo $! > "$WORK/backend.pid"
 source bench/proxies.sh
 tether_conf tether 1 $TETHER_PORT
-valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/cg.out" "$WORK/tether" -c "$WORK/tether.conf" > "$WORK/valgrind.log" 2>&1 &
-VP=$!; echo $VP > "$WORK/tether.pid"
-for port in $BACKEND_PORT $TETHER_PORT; do
-    for _ in $(seq 300); do curl -fs "http://127.0.0.1:$port/" >/dev/null 2>&1 && break; sleep 0.2; done
-done
+for _ in $(seq 300); do curl -fs "http://127.0.0.1:$BACKEND_PORT/" >/dev/null 2>&1 && break; sleep 0.2; done
 LG="python3 bench/loadgen.py"
-$LG keepalive $TETHER_PORT 10 1000
-$LG close $TETHER_PORT 10 100
-
-counted() {  # DUMP MODE TOTAL: runs it with counting on, dumps (the DUMP-th), prints the instructions
+# start NAME PORT COMMAND...: runs COMMAND under callgrind with counting off, waits for PORT,
+# warms it up; sets VP.
+start() {
+    local name=$1 port=$2; shift 2
+    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/cg.$name" "$@" > "$WORK/$name.valgrind.log" 2>&1 &
+    VP=$!; echo $VP > "$WORK/$name.pid"
+    for _ in $(seq 300); do curl -fs "http://127.0.0.1:$port/" >/dev/null 2>&1 && break; sleep 0.2; done
+    $LG keepalive "$port" 10 1000
+    $LG close "$port" 10 100
+}
+counted() {  # NAME PORT DUMP MODE TOTAL: runs it with counting on, dumps (the DUMP-th), prints the instructions
     callgrind_control -i on "$VP" >/dev/null 2>&1
-    $LG "$2" $TETHER_PORT 10 "$3"
+    $LG "$4" "$2" 10 "$5"
     callgrind_control -i off "$VP" >/dev/null 2>&1
     callgrind_control -d "$VP" >/dev/null 2>&1
     local t=0 f
-    for f in "$WORK/cg.out.$1" "$WORK/cg.out.$1"-*; do
+    for f in "$WORK/cg.$1.$3" "$WORK/cg.$1.$3"-*; do
         [ -f "$f" ] && t=$((t + $(awk '/^totals:/ {print $2; exit}' "$f")))
     done
     echo "$t"
 }
-k1=$(counted 1 keepalive 2000); k3=$(counted 2 keepalive 6000)
-c1=$(counted 3 close 300); c3=$(counted 4 close 900)
-ka=$(( (k3 - k1) / 4000 )); nc=$(( (c3 - c1) / 600 ))
-echo "instructions per keep-alive request: $ka (2k run: $((k1 / 2000)), 6k run: $((k3 / 6000)))"
-echo "instructions per new connection: $nc (300 run: $((c1 / 300)), 900 run: $((c3 / 900)))"
+# measure NAME PORT: prints "keep-alive new-connection" instructions per request
+measure() {
+    local k1 k3 c1 c3
+    k1=$(counted "$1" "$2" 1 keepalive 2000); k3=$(counted "$1" "$2" 2 keepalive 6000)
+    c1=$(counted "$1" "$2" 3 close 300); c3=$(counted "$1" "$2" 4 close 900)
+    kill "$VP" 2>/dev/null || true; wait "$VP" 2>/dev/null || true
+    echo "$(( (k3 - k1) / 4000 )) $(( (c3 - c1) / 600 ))"
+}
+# The serving path (SwiftNIO) with the shipped kind of configuration.
+start tether $TETHER_PORT "$WORK/tether" -c "$WORK/tether.conf"
+read -r ka nc <<< "$(measure tether $TETHER_PORT)"
+# Tether's own loop (issue 15), proxying through its per-loop pool to the same backend.
+CORE_PORT=18382
+start core $CORE_PORT "$WORK/tether" bench-core --bench-port $CORE_PORT --bench-upstream $BACKEND_PORT
+read -r cka cnc <<< "$(measure core $CORE_PORT)"
+echo "instructions per keep-alive request: $ka (own loop: $cka)"
+echo "instructions per new connection: $nc (own loop: $cnc)"
 [ "${1:-}" = "--print" ] && exit 0
-
 fail=0
 check() {  # NAME MEASURED
     local budget; budget=$(awk -v k="$1" '$1 == k {print $2}' bench/budget.txt)
@@ -71,4 +86,6 @@ check() {  # NAME MEASURED
 }
 check keepalive_request "$ka"
 check new_connection "$nc"
+check core_keepalive_request "$cka"
+check core_new_connection "$cnc"
 exit $fail
