@@ -143,9 +143,14 @@ final class CompiledServer: Sendable {
     /// nginx's location choice for the request's normalised path (see `NormalizedPath`): an
     /// exact match wins, otherwise the longest matching prefix.
     func route(_ head: ParsedHead) -> CompiledLocation {
+        head.bytes.withUnsafeReadableBytes { route(head.layout, $0) }
+    }
+
+    /// The same for a head parsed on Tether's own loop (`bytes`: the head's bytes).
+    func route(_ head: HeadLayout, _ bytes: UnsafeRawBufferPointer) -> CompiledLocation {
         if server.returnAction != nil { return fallback }
         if let m = head.path.match ?? head.path.uri { return m.withUnsafeBytes { route(path: $0) } }
-        return head.bytes.withUnsafeReadableBytes { p in route(path: UnsafeRawBufferPointer(rebasing: p[head.pathStart..<head.pathEnd])) }
+        return route(path: UnsafeRawBufferPointer(rebasing: bytes[head.pathStart..<head.pathEnd]))
     }
 
     private func route(path: UnsafeRawBufferPointer) -> CompiledLocation {

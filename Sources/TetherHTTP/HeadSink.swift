@@ -51,6 +51,15 @@ extension HeadSink where Self: ~Copyable {
         }
     }
 
+    /// `n` in lowercase hexadecimal, zero-padded to `width` digits (at most 16).
+    public mutating func putHex(_ n: UInt64, width: Int) {
+        withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 16) { d in
+            let w = min(max(width, 1), 16)
+            for k in 0..<w { d[k] = ASCII.hexDigit(UInt8(truncatingIfNeeded: n >> (4 * UInt64(w - 1 - k))) & 0xF) }
+            put(UnsafeRawBufferPointer(UnsafeBufferPointer(rebasing: d[0..<w])))
+        }
+    }
+
     /// Milliseconds as nginx writes seconds in logs (`1.234`).
     public mutating func putSeconds(milliseconds ms: Int64) {
         let m = max(0, ms)

@@ -90,7 +90,6 @@ final class ProxyRig {
     let upstream: LoopUpstream
     var raw: [RawBackend] = []
     var pool: UpstreamPool { upstream.pools[0] }
-    var loop: IOLoop { backend.loop }
 
     /// `ports`: the upstream's servers (default: the `ok:` backend); `location`: directives
     /// added to `location / { proxy_pass http://backend; ... }`.
@@ -110,6 +109,18 @@ final class ProxyRig {
         try self.init(backendPorts: backends.map(\.port), location: location)
         raw = backends
     }
+}
+
+/// A client connection on a rig's front loop (a socketpair), and the loop run with the rig's raw
+/// backends polled between passes, until `done` says so (bounded: 500 passes).
+protocol FrontRig: AnyObject {
+    var backend: PoolRig { get }
+    var front: ClientLoop { get }
+    var raw: [RawBackend] { get }
+}
+
+extension FrontRig {
+    var loop: IOLoop { backend.loop }
 
     func connect() throws -> Int32 {
         var fds: [Int32] = [0, 0]
@@ -131,6 +142,8 @@ final class ProxyRig {
         return false
     }
 }
+
+extension ProxyRig: FrontRig {}
 
 @Suite struct ProxyExchangeTests {
     @Test func keptAliveRequestsShareOneWarmUpstreamConnection() throws {

@@ -855,14 +855,6 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate, VariableS
 
     // MARK: Local responses
 
-    private static let reasons: [Int: String] = [
-        100: "Continue", 200: "OK", 201: "Created", 204: "No Content", 301: "Moved Permanently", 302: "Moved Temporarily",
-        303: "See Other", 304: "Not Modified", 307: "Temporary Redirect", 308: "Permanent Redirect", 400: "Bad Request",
-        401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Not Allowed", 408: "Request Time-out",
-        411: "Length Required", 413: "Request Entity Too Large", 414: "Request-URI Too Large", 429: "Too Many Requests",
-        431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
-        503: "Service Temporarily Unavailable", 504: "Gateway Time-out", 505: "HTTP Version Not Supported",
-    ]
 
     private func respondAndClose(status: Int, settings: HTTPSettings) {
         ex = nil
@@ -911,59 +903,21 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate, VariableS
         if ex?.requestBodyDone == true { finishExchange() }
     }
 
-    private static let serverWithVersion = Array("\r\nServer: tether/\(tetherVersion)\r\nDate: ".utf8)
-    private static let serverWithoutVersion = Array("\r\nServer: tether\r\nDate: ".utf8)
-
     @discardableResult
     private func respond(status: Int, text: ByteBuffer?, contentType: String = "text/plain", serverTokens: Bool, keepAlive: Bool, head: ParsedHead?, allow: Bool = false) -> Int {
         loop.dateCache.refresh()
-        let reason = DownstreamHandler.reasons[status] ?? "Unknown"
         var out = loop.allocator.buffer(capacity: 512)
-        // Written in pieces: an interpolated string would be built (and allocated) per answer.
-        out.writeStaticString("HTTP/1.1 ")
-        out.writeString(String(status))
-        out.writeStaticString(" ")
-        out.writeString(reason)
-        out.writeBytes(serverTokens ? DownstreamHandler.serverWithVersion : DownstreamHandler.serverWithoutVersion)
-        out.writeBytes(loop.dateCache.httpDate)
-        out.writeStaticString("\r\n")
-        if allow { out.writeStaticString("Allow: GET, HEAD\r\n") }
-        var body: ByteBuffer?
-        let redirect: Bool
-        switch status {
-        case 301, 302, 303, 307, 308: redirect = true
-        default: redirect = false
-        }
-        if let text, !redirect {
-            out.writeStaticString("Content-Type: ")
-            out.writeString(contentType)
-            out.writeStaticString("\r\n")
-            body = text
-        } else if status >= 300 && status != 304 {
-            if redirect, let text {
-                out.writeStaticString("Location: ")
-                out.writeImmutableBuffer(text)
-                out.writeStaticString("\r\n")
+        var answer = LocalAnswer(status: status, text: nil, contentType: contentType, serverTokens: serverTokens, allow: allow,
+                                 keepAlive: keepAlive, clientMinor: head?.minorVersion ?? 1, isHEAD: head?.isHEAD == true,
+                                 keepAliveHeader: ex?.route.keepAliveHeader ?? [])
+        if let text {
+            text.withUnsafeReadableBytes { p in
+                answer.text = p
+                answer.write(date: loop.dateCache.httpDate, into: &out)
             }
-            var b = loop.allocator.buffer(capacity: 256)
-            b.writeString("<html>\r\n<head><title>\(status) \(reason)</title></head>\r\n<body>\r\n<center><h1>\(status) \(reason)</h1></center>\r\n<hr><center>tether</center>\r\n</body>\r\n</html>\r\n")
-            out.writeStaticString("Content-Type: text/html\r\n")
-            body = b
-        }
-        let bodyless = status == 204 || status == 304 || status < 200
-        if !bodyless {
-            out.writeStaticString("Content-Length: ")
-            out.writeString(String(body?.readableBytes ?? 0))
-            out.writeStaticString("\r\n")
-        }
-        if !keepAlive {
-            out.writeStaticString("Connection: close\r\n")
         } else {
-            if head?.minorVersion == 0 { out.writeStaticString("Connection: keep-alive\r\n") }
-            if let ka = ex?.route.keepAliveHeader { out.writeBytes(ka) }
+            answer.write(date: loop.dateCache.httpDate, into: &out)
         }
-        out.writeStaticString("\r\n")
-        if let body, !bodyless, head?.isHEAD != true { out.writeImmutableBuffer(body) }
         let n = out.readableBytes
         writeClient(out)
         return n

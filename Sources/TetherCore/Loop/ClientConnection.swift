@@ -270,7 +270,7 @@ final class ClientConnection: IOHandler {
                 shared.handler.request(layout, bytes: UnsafeRawBufferPointer(rebasing: p[start..<consumed]), connection: self)
             }
             // A handler that gave no answer is a bug; the client still gets one.
-            if !answered { respond(status: 500, body: [], head: layout, close: true) }
+            if !answered { respond(status: 500, text: nil, head: layout, close: true) }
             // The header storage goes back to the loop.
             swap(&layout.headers, &shared.headerScratch)
             shared.headerScratch.removeAll(keepingCapacity: true)
@@ -344,7 +344,7 @@ final class ClientConnection: IOHandler {
                 retireExchange()
                 // An answer under way cannot be followed by a 400: the connection just ends.
                 if answering { return close(.error) }
-                write(status: 400, body: [], contentType: "text/plain", keepAlive: false, minor: 1)
+                writeError(400)
                 state.pendingReason = .error
                 closeAfterWrite = true
                 finishExchange()
@@ -388,7 +388,7 @@ final class ClientConnection: IOHandler {
                serverName: [UInt8] = []) {
         precondition(state.inExchange && !answered, "proxy outside an exchange or twice: \(state.phase)")
         // An HTTP/1.0 upstream cannot be sent a body of unknown length (nginx answers 411 too).
-        if head.chunked && route.proxyHTTP10 { return respond(status: 411, body: [], head: head, close: true) }
+        if head.chunked && route.proxyHTTP10 { return respond(status: 411, text: nil, head: head, close: true) }
         let framing: BodyFraming = head.chunked ? .chunked : (head.contentLength ?? 0) > 0 ? .length(head.contentLength!) : .none
         let request = ProxyExchange.Request(
             isHEAD: head.methodIs("HEAD", in: bytes), idempotent: head.isIdempotent(in: bytes), minorVersion: head.minorVersion,
@@ -403,7 +403,7 @@ final class ClientConnection: IOHandler {
             // than sent cut (heads are bounded by one pool buffer on this path).
             retireExchange()
             answered = false
-            return respond(status: 431, body: [], head: head, close: true)
+            return respond(status: 431, text: nil, head: head, close: true)
         }
     }
 
@@ -456,7 +456,7 @@ final class ClientConnection: IOHandler {
     func exchangeFailed(status: Int, responseStarted: Bool) {
         retireExchange()
         if responseStarted { return close(.error) }
-        write(status: status, body: [], contentType: "text/plain", keepAlive: false, minor: 1)
+        writeError(status)
         state.pendingReason = .error
         closeAfterWrite = true
         if state.inExchange { finishExchange() }
@@ -474,6 +474,39 @@ final class ClientConnection: IOHandler {
         } else {
             flush()
         }
+        close(.error)
+    }
+
+    /// The client's address as 4 or 16 bytes (for `allow` / `deny`); empty for a Unix socket.
+    /// Asked of the kernel when a location has rules (not cached: an idle connection holds no
+    /// copy of it).
+    func peerAddressBytes() -> [UInt8] {
+        guard let fd = openSocket else { return [] }
+        var storage = sockaddr_storage()
+        var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let rc = withUnsafeMutablePointer(to: &storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd, $0, &len) }
+        }
+        guard rc == 0 else { return [] }
+        let family = Int32(storage.ss_family)
+        return withUnsafeBytes(of: &storage) { raw in
+            switch family {
+            case AF_INET:
+                let a = raw.load(as: sockaddr_in.self)
+                return withUnsafeBytes(of: a.sin_addr) { Array($0) }
+            case AF_INET6:
+                let a = raw.load(as: sockaddr_in6.self)
+                return withUnsafeBytes(of: a.sin6_addr) { Array($0) }
+            default:
+                return []
+            }
+        }
+    }
+
+    /// nginx's `return 444`: the connection closes without an answer.
+    func closeWithoutAnswer() {
+        precondition(state.inExchange && !answered, "close without answer outside an exchange: \(state.phase)")
+        answered = true
         close(.error)
     }
 
@@ -527,78 +560,42 @@ final class ClientConnection: IOHandler {
 
     // MARK: Answering
 
-    /// Queues the answer to the current request and writes it. Its keep-alive decision is
-    /// nginx's (`keepalive_requests`, `keepalive_time`, `keepalive_timeout 0`, drain, what the
-    /// client asked for); `close` forces a close.
-    func respond(status: Int, body: [UInt8], contentType: StaticString = "text/plain", head: HeadLayout, close: Bool = false) {
+    /// Answers the current request from Tether itself and writes it: `text` is the body (or a
+    /// redirect's `Location`), nil for nginx's error page. The keep-alive decision is nginx's
+    /// (`keepalive_requests`, `keepalive_time`, `keepalive_timeout 0`, drain, what the client
+    /// asked for); `close` forces a close. `route` gives `server_tokens` and the `Keep-Alive` line.
+    func respond(status: Int, text: UnsafeRawBufferPointer?, contentType: String = "text/plain", head: HeadLayout,
+                 isHEAD: Bool = false, route: CompiledLocation? = nil, close: Bool = false) {
         precondition(state.inExchange && !answered, "respond outside an exchange or twice: \(state.phase)")
         answered = true
         // A body still coming is read and dropped before the next request (its framing is known).
         let keepAlive = clientKeepAlive(head: head, close: close)
-        write(status: status, body: body, contentType: contentType, keepAlive: keepAlive, minor: head.minorVersion)
+        writeAnswer(LocalAnswer(status: status, text: text, contentType: contentType, serverTokens: route?.settings.serverTokens ?? true,
+                                keepAlive: keepAlive, clientMinor: head.minorVersion, isHEAD: isHEAD,
+                                keepAliveHeader: keepAlive ? route?.keepAliveHeader ?? [] : []))
         closeAfterWrite = !keepAlive
         flush()
     }
 
-    /// The reason phrase (a switch: a dictionary lookup hashed the status on every answer).
-    private static func reason(_ status: Int) -> StaticString {
-        switch status {
-        case 200: "OK"
-        case 204: "No Content"
-        case 400: "Bad Request"
-        case 403: "Forbidden"
-        case 404: "Not Found"
-        case 405: "Not Allowed"
-        case 408: "Request Time-out"
-        case 413: "Request Entity Too Large"
-        case 414: "Request-URI Too Large"
-        case 431: "Request Header Fields Too Large"
-        case 500: "Internal Server Error"
-        case 501: "Not Implemented"
-        case 502: "Bad Gateway"
-        case 503: "Service Temporarily Unavailable"
-        case 504: "Gateway Time-out"
-        case 505: "HTTP Version Not Supported"
-        default: "Unknown"
-        }
+    func respond(status: Int, body: [UInt8], contentType: String = "text/plain", head: HeadLayout, close: Bool = false) {
+        body.withUnsafeBytes { respond(status: status, text: $0, contentType: contentType, head: head, close: close) }
     }
 
-    private func write(status: Int, body: [UInt8], contentType: StaticString, keepAlive: Bool, minor: Int) {
-        var out = shared.pool.take()
-        Self.put("HTTP/1.1 ", &out); Self.put(status, &out); Self.put(" ", &out); Self.put(Self.reason(status), &out)
-        Self.put("\r\nServer: tether\r\n", &out)
-        if status != 204 && status != 304 {
-            Self.put("Content-Type: ", &out); Self.put(contentType, &out)
-            Self.put("\r\nContent-Length: ", &out); Self.put(body.count, &out); Self.put("\r\n", &out)
-        }
-        if !keepAlive { Self.put("Connection: close\r\n", &out) } else if minor == 0 { Self.put("Connection: keep-alive\r\n", &out) }
-        Self.put("\r\n", &out)
-        var sent = out.append(contentsOf: body)
-        outbound.enqueue(out)
-        while sent < body.count {
-            var more = shared.pool.take()
-            sent += more.append(contentsOf: body[sent...])
-            outbound.enqueue(more)
-        }
+    /// An answer made here, queued with the loop's cached date.
+    private func writeAnswer(_ a: LocalAnswer) {
+        shared.dateCache.refresh()
+        a.write(date: shared.dateCache.httpDate, into: &outbound)
     }
 
-    private static func put(_ s: StaticString, _ out: inout IOBuffer) {
-        s.withUTF8Buffer { _ = out.append(contentsOf: $0) }
-    }
-
-    /// Decimal digits, without a String.
-    private static func put(_ n: Int, _ out: inout IOBuffer) {
-        withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 20) { digits in
-            var v = n, i = 20
-            repeat { i -= 1; digits[i] = UInt8(0x30 + v % 10); v /= 10 } while v > 0
-            _ = out.append(contentsOf: UnsafeBufferPointer(rebasing: digits[i...]))
-        }
+    /// An error answer that ends the connection (nginx's page, `Connection: close`).
+    private func writeError(_ status: Int) {
+        writeAnswer(LocalAnswer(status: status, text: nil, keepAlive: false))
     }
 
     /// Answers a malformed or timed-out request with `status` and closes once it is written (as
     /// nginx: no keep-alive after a head that could not be read).
     private func answerError(_ status: Int) {
-        write(status: status, body: [], contentType: "text/plain", keepAlive: false, minor: 1)
+        writeError(status)
         if let r = state.close(.error) { shared.closed[r] += 1 }
     }
 

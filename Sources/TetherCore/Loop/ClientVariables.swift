@@ -18,8 +18,8 @@ struct ClientVariables: VariableSource {
     let route: CompiledLocation
     /// The server block's first name: `$server_name`, and `$host` without a Host.
     let serverName: [UInt8]
-    /// For `$request_id`, stable within the exchange.
-    unowned(unsafe) let exchange: ProxyExchange
+    /// For `$request_id`, stable within the exchange; nil for a local answer (a new id).
+    unowned(unsafe) let exchange: ProxyExchange?
 
     static let xForwardedFor = Array("x-forwarded-for".utf8)
 
@@ -58,7 +58,8 @@ struct ClientVariables: VariableSource {
             connection.writeAddress(peer: true, port: false, into: &out)
         case .proxyHost:
             if case .proxy(let p) = route.action { out.put(p.proxyHost) }
-        case .requestID: exchange.writeRequestID(into: &out)
+        case .requestID:
+            if let x = exchange { x.writeRequestID(into: &out) } else { RequestID.make().write(into: &out) }
         case .serverName: out.put(serverName)
         case .serverProtocol:
             out.put("HTTP/1.")

@@ -64,7 +64,7 @@ final class ProxyExchange: UpstreamLinkOwner {
     private var headSent = false
     private var finished = false
     /// `$request_id`, made when first asked for.
-    private var requestID: (UInt64, UInt64)?
+    private var requestID: RequestID?
 
     init(connection: ClientConnection, upstream: LoopUpstream, route: CompiledLocation, request: Request) {
         self.connection = connection
@@ -173,18 +173,8 @@ final class ProxyExchange: UpstreamLinkOwner {
 
     /// `$request_id`: 32 random hex digits, the same for every use within the exchange.
     func writeRequestID<S: HeadSink & ~Copyable>(into out: inout S) {
-        if requestID == nil {
-            var g = SystemRandomNumberGenerator()
-            requestID = (g.next(), g.next())
-        }
-        let (a, b) = requestID!
-        withUnsafeTemporaryAllocation(byteCount: 32, alignment: 1) { digits in
-            for k in 0..<16 {
-                digits[k] = ASCII.hexDigit(UInt8(truncatingIfNeeded: a >> (60 - 4 * k)) & 15)
-                digits[16 + k] = ASCII.hexDigit(UInt8(truncatingIfNeeded: b >> (60 - 4 * k)) & 15)
-            }
-            out.put(UnsafeRawBufferPointer(digits))
-        }
+        if requestID == nil { requestID = RequestID.make() }
+        requestID!.write(into: &out)
     }
 
     // MARK: Servers and connections
@@ -494,6 +484,22 @@ final class ProxyExchange: UpstreamLinkOwner {
         pool.release(link, reusable: upstreamReusable)
         endOnBalancer()
         connection.exchangeEnded(keepAlive: plan?.clientKeepAlive ?? false)
+    }
+}
+
+/// `$request_id`: 128 random bits, written as 32 hex digits.
+struct RequestID {
+    var high: UInt64
+    var low: UInt64
+
+    static func make() -> RequestID {
+        var g = SystemRandomNumberGenerator()
+        return RequestID(high: g.next(), low: g.next())
+    }
+
+    func write<S: HeadSink & ~Copyable>(into out: inout S) {
+        out.putHex(high, width: 16)
+        out.putHex(low, width: 16)
     }
 }
 

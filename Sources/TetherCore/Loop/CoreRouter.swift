@@ -1,0 +1,134 @@
+import TetherConfig
+import TetherHTTP
+import TetherIO
+import TetherPool
+
+extension LoopUpstream {
+    /// One `upstream` block (explicit or made from a `proxy_pass` host) on one loop: a pool per
+    /// server with the block's keep-alive policy, and its balancing with each server's weight,
+    /// `max_fails`, `fail_timeout`, `backup` and `down`.
+    static func make(_ u: Upstream, loop: IOLoop, buffers: BufferPool) throws(CoreSetupError) -> LoopUpstream {
+        let policy = PoolPolicy(keepalive: u.keepalive, idleTimeoutMs: u.keepaliveTimeoutMs, maxRequests: u.keepaliveRequests,
+                                maxLifetimeMs: u.keepaliveTimeMs)
+        var pools: [UpstreamPool] = []
+        for s in u.servers {
+            guard let port = UInt16(exactly: s.port),
+                  let pool = UpstreamPool(loop: loop, buffers: buffers, host: s.address, port: port, policy: policy) else {
+                throw CoreSetupError("\(u.location): server \(s.host):\(s.port) of upstream \"\(u.name)\": only IPv4 servers are on Tether's own loop yet")
+            }
+            pools.append(pool)
+        }
+        guard !pools.isEmpty else { throw CoreSetupError("\(u.location): upstream \"\(u.name)\" has no server") }
+        let peers = u.servers.map { PeerSpec(weight: $0.weight, maxFails: $0.maxFails, failTimeoutMs: $0.failTimeoutMs, backup: $0.backup, down: $0.down) }
+        return LoopUpstream(name: u.name, pools: pools, peers: peers, method: u.balancing == .leastConn ? .leastConn : .roundRobin)
+    }
+}
+
+/// Why a configuration cannot run on Tether's own loop (yet): what is missing, where.
+struct CoreSetupError: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// The configuration's routing for the requests of one listening address on Tether's own loop,
+/// as the SwiftNIO path routes them: the server by `Host` (nginx's virtual host rules), the
+/// location by the normalised path, then `client_max_body_size` (413), `CONNECT` (405),
+/// `allow`/`deny` (403), and the location's action: `proxy_pass` through the loop's pools,
+/// `return` (444 closes without an answer; a text is expanded with the request's variables),
+/// or 404 where nothing handles the request. Admin pages are not on this path yet:
+/// `CoreRouter.unsupported` refuses a configuration that has them, before anything listens.
+final class CoreRouter: ClientRequestHandler {
+    let hosts: VirtualHosts
+    let servers: [CompiledServer]
+    /// Each server's first name: `$server_name`, and `$host` for a request without Host.
+    let serverNames: [[UInt8]]
+    private let upstreams: [String: LoopUpstream]
+    /// The last location's upstream: requests to the same location do not hash its name.
+    private var lastRoute: CompiledLocation?
+    private var lastUpstream: LoopUpstream?
+
+    init(hosts: VirtualHosts, servers: [CompiledServer], upstreams: [String: LoopUpstream]) {
+        self.hosts = hosts
+        self.servers = servers
+        serverNames = servers.map { Array(($0.server.names.first?.description ?? "").utf8) }
+        self.upstreams = upstreams
+    }
+
+    /// What of `configuration` Tether's own loop cannot serve yet, each as `file:line: what`;
+    /// empty when all of it can.
+    static func unsupported(_ configuration: Configuration) -> [String] {
+        var out: [String] = []
+        for s in configuration.servers {
+            for l in s.listens where l.ssl {
+                out.append("\(s.location): listen \(l.addressText) ssl: TLS is not on Tether's own loop yet")
+            }
+            for l in s.locations {
+                switch l.action {
+                case .stubStatus, .stats:
+                    out.append("\(l.location): admin pages are not on Tether's own loop yet")
+                case .proxy(let p) where p.isTLS:
+                    out.append("\(l.location): proxy_pass https: upstream TLS is not on Tether's own loop yet")
+                default:
+                    break
+                }
+            }
+        }
+        return out
+    }
+
+    func request(_ head: HeadLayout, bytes: UnsafeRawBufferPointer, connection: ClientConnection) {
+        let index = servers.count == 1 ? 0 : hosts.server(forHost: hostName(head, bytes))
+        let route = servers[index].route(head, bytes)
+        let s = route.settings
+        let isHEAD = head.methodIs("HEAD", in: bytes)
+        if let n = head.contentLength, s.clientMaxBodySize > 0, n > s.clientMaxBodySize {
+            return connection.respond(status: 413, text: nil, head: head, isHEAD: isHEAD, route: route, close: true)
+        }
+        if head.methodIs("CONNECT", in: bytes) {
+            return connection.respond(status: 405, text: nil, head: head, isHEAD: isHEAD, route: route, close: true)
+        }
+        if !s.accessRules.isEmpty {
+            let address = connection.peerAddressBytes()
+            if let rule = s.accessRules.first(where: { $0.matches(address) }), !rule.allow {
+                return connection.respond(status: 403, text: nil, head: head, isHEAD: isHEAD, route: route)
+            }
+        }
+        switch route.action {
+        case .proxy(let pass):
+            let upstream: LoopUpstream?
+            if route === lastRoute {
+                upstream = lastUpstream
+            } else {
+                upstream = upstreams[pass.upstream]
+                lastRoute = route
+                lastUpstream = upstream
+            }
+            guard let upstream else {
+                // Every proxy_pass names an upstream the setup made; a miss is a bug, answered.
+                return connection.respond(status: 502, text: nil, head: head, isHEAD: isHEAD, route: route)
+            }
+            connection.proxy(to: upstream, route: route, head: head, bytes: bytes, serverName: serverNames[index])
+        case .respond(let r):
+            if r.code == 444 { return connection.closeWithoutAnswer() }
+            guard let t = r.text else {
+                return connection.respond(status: r.code, text: nil, head: head, isHEAD: isHEAD, route: route)
+            }
+            var text: [UInt8] = []
+            let variables = ClientVariables(head: head, bytes: bytes, connection: connection, route: route,
+                                            serverName: serverNames[index], exchange: nil)
+            HeadWriter.template(t, variables, into: &text)
+            text.withUnsafeBytes { connection.respond(status: r.code, text: $0, head: head, isHEAD: isHEAD, route: route) }
+        case .stubStatus, .stats:
+            // Refused at start (`unsupported`): no configuration with them reaches this loop.
+            connection.respond(status: 501, text: nil, head: head, isHEAD: isHEAD, route: route)
+        case .none:
+            connection.respond(status: 404, text: nil, head: head, isHEAD: isHEAD, route: route)
+        }
+    }
+
+    /// The Host (or absolute-form authority) in lowercase, without its port.
+    private func hostName(_ head: HeadLayout, _ bytes: UnsafeRawBufferPointer) -> String? {
+        guard head.hostStart >= 0 else { return nil }
+        return String(decoding: UnsafeRawBufferPointer(rebasing: bytes[head.hostStart..<head.hostEnd]), as: UTF8.self).lowercased()
+    }
+}
