@@ -57,10 +57,21 @@ public final class IOLoop: @unchecked Sendable {
     }
 
     deinit {
-        for h in records.handles {
-            if let r = records.remove(h) { Glibc.close(r.fd) }
-        }
+        closeAll()
         Glibc.close(wakeFD)
+    }
+
+    /// Closes every registered descriptor and lets its handler go: for a loop that has stopped
+    /// (its handlers and the objects they hold may refer back to the loop, so without this the
+    /// loop, its listeners and its connections would keep each other alive).
+    public func closeAll() {
+        for h in records.handles {
+            if let r = records.remove(h) {
+                timers.cancel(Int(h.index))
+                Glibc.close(r.fd)
+            }
+        }
+        retired.removeAll()
     }
 
     public static func monotonicNanoseconds() -> UInt64 {

@@ -53,6 +53,9 @@ struct Tether: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("With doctor: the open-files limit to check instead of this process's own.", valueName: "n"))
     var openFiles: Int?
 
+    @Option(name: .long, help: ArgumentHelp("The event loop that serves: nio (SwiftNIO, the default, everything) or own (Tether's own epoll loop, issue 15: routing, return, allow/deny and proxying over plain HTTP/1.1; it refuses a configuration with TLS, admin pages or https upstreams, and has no access log, reload or graceful drain yet).", valueName: "loop"))
+    var eventLoop = "nio"
+
     @Option(name: .long, help: .hidden)
     var benchPort = 18480
 
@@ -113,7 +116,37 @@ struct Tether: ParsableCommand {
             if testAndDump { print(config.effectiveText(), terminator: "") }
             return
         }
-        try serve(config)
+        switch eventLoop {
+        case "nio": try serve(config)
+        case "own": try serveOnOwnLoop(config)
+        default:
+            printError("tether: [emerg] invalid option: \"--event-loop \(eventLoop)\" (use nio or own)")
+            throw ExitCode(1)
+        }
+    }
+
+    /// `--event-loop own`: the configuration on Tether's own loop until SIGTERM, SIGINT or SIGQUIT.
+    func serveOnOwnLoop(_ config: Configuration) throws {
+        for w in config.warnings { printError("tether: [warn] \(w)") }
+        // The signals are taken by sigwait here, so the loops' threads (which inherit the mask) never see them.
+        var stopSignals = sigset_t()
+        sigemptyset(&stopSignals)
+        for s in [SIGTERM, SIGINT, SIGQUIT] { sigaddset(&stopSignals, s) }
+        pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
+        let server: CoreServer
+        do {
+            server = try CoreServer(config)
+            try server.start()
+        } catch {
+            for line in error.lines { printError("tether: [emerg] \(line)") }
+            throw ExitCode(1)
+        }
+        let addresses = server.boundPorts.map { "\($0.address):\($0.port)" }.joined(separator: ", ")
+        printError("tether: [notice] serving on Tether's own event loop: \(server.workerCount) loops, listening on \(addresses)")
+        var received: Int32 = 0
+        sigwait(&stopSignals, &received)
+        printError("tether: [notice] signal \(received) received, stopping")
+        server.stop()
     }
 
     /// `-s NAME`: signals the process whose id the configuration's `pid` file holds, as nginx does.

@@ -179,6 +179,20 @@ extension ProxyRig: FrontRig {}
         #expect(r.backend.rig.handler.seen == ["/1", "/2", "/3"])
     }
 
+    /// 2,000,000 bytes through the client's 64 KiB queue: backpressure stops the upstream reads
+    /// and writing resumes them, also when the client's socket takes a whole queue at once (no
+    /// writable edge follows then).
+    @Test func aLargeAnswerReachesTheClientWhole() throws {
+        let r = try ProxyRig()
+        let c = try r.connect()
+        r.backend.rig.send(c, "GET /big HTTP/1.1\r\nHost: t\r\n\r\nGET /after HTTP/1.1\r\nHost: t\r\n\r\n")
+        var got: [UInt8] = []
+        #expect(try r.run(c, into: &got) { got, _ in responses(got).count == 2 })
+        let answers = responses(got)
+        #expect(answers.first?.body.utf8.count == 2_000_000 && answers.last?.body == "ok:/after")
+        #expect(r.pool.reusedLeases == 1)
+    }
+
     @Test func aRefusedUpstreamGets502() throws {
         let (fd, free) = try Sockets.listenTCP()
         Glibc.close(fd)
@@ -415,6 +429,26 @@ extension ProxyRig: FrontRig {}
         let text = String(decoding: got, as: UTF8.self)
         #expect(text.hasPrefix("HTTP/1.1 200 OK\r\n") && text.hasSuffix("abc") && !text.contains("400"), "\(text.debugDescription)")
         #expect(r.pool.openCount == 0, "the half-answered upstream connection is not kept")
+    }
+
+    /// The backend answered before the request body was all sent (as nginx's `return` does): its
+    /// connection is mid-request and must not serve the next request, which would otherwise be
+    /// read as the rest of the body (a 400 from nginx, or worse, a smuggled request).
+    @Test func anAnswerBeforeTheWholeBodyKeepsItsConnectionOutOfThePool() throws {
+        let b = try RawBackend { _, received, answered in
+            RawBackend.heads(received) > answered ? ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false) : nil
+        }
+        let r = try ProxyRig(raw: [b])
+        let c1 = try r.connect()
+        r.backend.rig.send(c1, "POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 20000\r\n\r\n" + String(repeating: "x", count: 100))
+        var got: [UInt8] = []
+        #expect(try r.run(c1, into: &got) { got, _ in responses(got).count == 1 })
+        #expect(r.pool.idleCount == 0, "a connection mid-request went back to the pool")
+        let c2 = try r.connect()
+        r.backend.rig.send(c2, "GET /next HTTP/1.1\r\nHost: t\r\n\r\n")
+        var got2: [UInt8] = []
+        #expect(try r.run(c2, into: &got2) { got, _ in responses(got).count == 1 })
+        #expect(b.connections.count == 2 && b.text(1).hasPrefix("GET /next "))
     }
 
     @Test func theUpstreamGetsProxyHostAndNoHopByHopFields() throws {

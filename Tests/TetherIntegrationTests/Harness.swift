@@ -9,8 +9,17 @@ import TetherTestSupport
 import Glibc
 #endif
 
+/// A Tether under test, on either event loop: what a test that only talks HTTP to it needs.
+protocol ProxyUnderTest: Sendable {
+    var port: Int { get }
+}
+
+extension ProxyUnderTest {
+    func client() throws -> TestClient { try TestClient(port: port) }
+}
+
 /// Tether running in-process on 127.0.0.1 with a port the kernel chose.
-final class RunningProxy: Sendable {
+final class RunningProxy: ProxyUnderTest {
     let server: TetherServer
     let port: Int
 
@@ -24,8 +33,69 @@ final class RunningProxy: Sendable {
     }
 
     func stop() { server.shutdown(timeout: .seconds(2)) }
+}
 
-    func client() throws -> TestClient { try TestClient(port: port) }
+/// Tether's own event loop (`--event-loop own`, issue 15) running in-process the same way.
+final class RunningCore: ProxyUnderTest {
+    let server: CoreServer
+    let port: Int
+
+    init(config text: String) throws {
+        let config = try Configuration.parse(text, file: "test.conf", resolver: { Builder.isNumeric($0) ? $0 : ($0 == "localhost" ? "127.0.0.1" : nil) }).get()
+        server = try CoreServer(config)
+        try server.start()
+        port = Int(server.boundPorts[0].port)
+    }
+
+    func stop() { server.stop() }
+}
+
+enum EventLoopUnderTest: CaseIterable, Sendable { case nio, own }
+
+/// The configuration `withProxy` makes: a backend's upstream and one server on port 0.
+func proxyConfig(backendPort: Int, workers: Int, http: String, upstream: String, server: String, location: String) -> String {
+    """
+    worker_processes \(workers);
+    http {
+        \(http)
+        upstream backend {
+            server 127.0.0.1:\(backendPort);
+            \(upstream)
+        }
+        server {
+            listen 127.0.0.1:0;
+            \(server)
+            location / {
+                proxy_pass http://backend;
+                \(location)
+            }
+        }
+    }
+    """
+}
+
+/// `withProxy` on the event loop `loop`, for tests that hold on either (the switch of issue 15
+/// waits for the rest).
+func withProxy(
+    on loop: EventLoopUnderTest,
+    backend options: TestBackend.Options = .init(),
+    workers: Int = 2,
+    http: String = "",
+    upstream: String = "",
+    server: String = "",
+    location: String = "",
+    _ body: (any ProxyUnderTest, TestBackend) throws -> Void
+) throws {
+    switch loop {
+    case .nio:
+        try withProxy(backend: options, workers: workers, http: http, upstream: upstream, server: server, location: location) { try body($0, $1) }
+    case .own:
+        let backend = try TestBackend(options: options)
+        defer { backend.stop() }
+        let proxy = try RunningCore(config: proxyConfig(backendPort: backend.port, workers: workers, http: http, upstream: upstream, server: server, location: location))
+        defer { proxy.stop() }
+        try body(proxy, backend)
+    }
 }
 
 /// Starts a backend and Tether in front of it with the given snippets, runs `body`, stops both.
@@ -40,24 +110,7 @@ func withProxy(
 ) throws {
     let backend = try TestBackend(options: options)
     defer { backend.stop() }
-    let proxy = try RunningProxy(config: """
-        worker_processes \(workers);
-        http {
-            \(http)
-            upstream backend {
-                server 127.0.0.1:\(backend.port);
-                \(upstream)
-            }
-            server {
-                listen 127.0.0.1:0;
-                \(server)
-                location / {
-                    proxy_pass http://backend;
-                    \(location)
-                }
-            }
-        }
-        """)
+    let proxy = try RunningProxy(config: proxyConfig(backendPort: backend.port, workers: workers, http: http, upstream: upstream, server: server, location: location))
     defer { proxy.stop() }
     try body(proxy, backend)
 }

@@ -256,8 +256,9 @@ import Glibc
     static let size = 200 << 20
 
     /// 200 MB each way through the proxy, byte-exact, while the process grows far less than that.
-    @Test func largeUploadAndDownloadAreStreamedInBoundedMemory() throws {
-        try withProxy(http: "client_max_body_size 0;") { proxy, backend in
+    @Test(arguments: EventLoopUnderTest.allCases)
+    func largeUploadAndDownloadAreStreamedInBoundedMemory(loop: EventLoopUnderTest) throws {
+        try withProxy(on: loop, http: "client_max_body_size 0;") { proxy, backend in
             let before = residentBytes()
             let up = try proxy.client()
             try up.send("POST /sum HTTP/1.1\r\nHost: t\r\nContent-Length: \(Self.size)\r\n\r\n")
@@ -286,8 +287,9 @@ import Glibc
 @Suite struct LiveFuzzTests {
     /// Thousands of mutated and cut requests over real connections (eight at a time): Tether
     /// answers or closes, never crashes, and a good request afterwards is served.
-    @Test func mutatedRequestsNeverBreakTheProxy() throws {
-        try withProxy(http: "client_header_timeout 200ms; client_body_timeout 200ms; client_max_body_size 4k;") { proxy, backend in
+    @Test(arguments: EventLoopUnderTest.allCases)
+    func mutatedRequestsNeverBreakTheProxy(loop: EventLoopUnderTest) throws {
+        try withProxy(on: loop, http: "client_header_timeout 200ms; client_body_timeout 200ms; client_max_body_size 4k;") { proxy, backend in
             let samples = [
                 "GET /a?b=c HTTP/1.1\r\nHost: t\r\nConnection: keep-alive, X-Y\r\nX-Y: 1\r\n\r\n",
                 "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello",

@@ -299,8 +299,12 @@ final class ProxyExchange: UpstreamLinkOwner {
         var progressed = false
         while !finished {
             // Backpressure: while the client is not taking the answer, the upstream's bytes wait
-            // in its socket (`clientDrained` resumes).
-            guard connection.clientTakesMore else { break }
+            // in its socket (`clientDrained` resumes, on the client's next writable edge). Write
+            // first: a socket that takes the whole queue gives no edge, and nothing would resume.
+            if !connection.clientTakesMore {
+                connection.flushFromUpstream()
+                guard connection.clientTakesMore, !finished else { break }
+            }
             let more = link.read()
             guard link.isOpen, self.link === link else { return }
             if link.inboundBytes > 0 { responseBytes = true; progressed = true }
@@ -481,7 +485,10 @@ final class ProxyExchange: UpstreamLinkOwner {
     private func finish(_ link: UpstreamLink) {
         finished = true
         self.link = nil
-        pool.release(link, reusable: upstreamReusable)
+        // An answer that came before the whole request body (nginx's `return` with a body on the
+        // way, an early 413): the rest of the body will not follow on this connection, so the
+        // backend would read what comes next as the body's end.
+        pool.release(link, reusable: upstreamReusable && requestBodyDone)
         endOnBalancer()
         connection.exchangeEnded(keepAlive: plan?.clientKeepAlive ?? false)
     }

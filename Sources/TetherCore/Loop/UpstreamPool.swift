@@ -87,6 +87,9 @@ final class UpstreamLink: IOHandler {
     /// `upstreamDrained`.
     var isBackedUp: Bool { outbound.isFull }
 
+    /// Request bytes queued and not yet written.
+    var outboundBytes: Int { outbound.queuedBytes }
+
     /// Arms the link's one timer for the owner (`upstreamTimedOut`); only while leased and
     /// connected (a connecting link's timer is the connect timeout).
     func armTimer(milliseconds ms: Int64) {
@@ -318,7 +321,9 @@ final class UpstreamPool {
     /// past it, neither side said close, not an upgrade.
     func release(_ link: UpstreamLink, reusable: Bool, backend: ConnectionPool<Handle>.BackendKeepAlive? = nil) {
         precondition(link.phase == .leased, "release of a link that is \(link.phase)")
-        let clean = reusable && !link.peerClosed && link.inboundBytes == 0
+        // A request still being written (an answer that came before the whole body) leaves the
+        // connection mid-request: never pooled.
+        let clean = reusable && !link.peerClosed && link.inboundBytes == 0 && link.outboundBytes == 0
         switch state.release(link.handle, now: now, reusable: clean, backend: backend).0 {
         case .keep:
             link.becomeIdle()

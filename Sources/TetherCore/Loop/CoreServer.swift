@@ -1,0 +1,148 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Synchronization
+import TetherConfig
+import TetherHTTP
+import TetherIO
+
+/// A configuration served on Tether's own loop (issue 15), beside the SwiftNIO path until the
+/// switch: `tether --event-loop own`. One loop per worker, each on its own thread with its own
+/// `SO_REUSEPORT` socket per listening address, its own buffer pool and its own upstream pools;
+/// nothing is shared between loops, so the request path takes no lock. What the own loop cannot
+/// serve yet (`CoreRouter.unsupported`) is refused before anything listens. Not yet here: access
+/// logs, reload, graceful drain, TCP keepalive socket options, admin pages, TLS, upgrades.
+public final class CoreServer: @unchecked Sendable {
+    public let configuration: Configuration
+    private let setup: ProxySetup
+    private var loops: [IOLoop] = []
+    private var threads: [pthread_t] = []
+    /// The address and port each listening address was bound to (port 0 in the configuration:
+    /// the one the kernel chose), in `ProxySetup.virtualHosts` order.
+    public private(set) var boundPorts: [(address: String, port: UInt16)] = []
+
+    public init(_ configuration: Configuration) throws(CoreServerError) {
+        let refused = CoreRouter.unsupported(configuration)
+        guard refused.isEmpty else { throw CoreServerError(lines: refused) }
+        self.configuration = configuration
+        do {
+            setup = try ProxySetup(configuration)
+        } catch {
+            throw CoreServerError(lines: ["\(error)"])
+        }
+    }
+
+    public var workerCount: Int {
+        switch configuration.workerProcesses {
+        case .auto: max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
+        case .count(let n): max(1, n)
+        }
+    }
+
+    /// Binds every listening address on every loop, then runs each loop on a thread of its own.
+    public func start() throws(CoreServerError) {
+        let hosts = setup.virtualHosts()
+        var ports = hosts.map { UInt16(clamping: $0.0.port) }
+        var workers: [(IOLoop, [Listener])] = []
+        do {
+            for _ in 0..<workerCount {
+                let loop = try IOLoop()
+                let buffers = BufferPool()
+                var upstreams: [String: LoopUpstream] = [:]
+                for (name, u) in setup.upstreams { upstreams[name] = try LoopUpstream.make(u.config, loop: loop, buffers: buffers) }
+                var listeners: [Listener] = []
+                for (i, (listen, vhosts, servers)) in hosts.enumerated() {
+                    guard !listen.address.contains(":") else {
+                        throw CoreSetupError("\(listen.location): listen \(listen.addressText): only IPv4 listeners are on Tether's own loop yet")
+                    }
+                    let router = CoreRouter(hosts: vhosts, servers: servers, upstreams: upstreams)
+                    let clients = ClientLoop(loop: loop, pool: buffers, settings: Self.clientSettings(servers[vhosts.defaultIndex].server.settings), handler: router)
+                    let (fd, port) = try Sockets.listenTCP(address: listen.address, port: ports[i], backlog: Int32(listen.backlog))
+                    // Port 0: the first loop's port is every other loop's too.
+                    ports[i] = port
+                    let where_ = listen.addressText
+                    let listener = Listener(fd: fd, accepted: { c, _ in _ = try? clients.adopt(c) }, failed: { e, _ in
+                        // Once per back-off (at most ten a second per loop), as nginx logs accept4() failures.
+                        CoreServer.log("tether: [crit] \(e) on \(where_), accepting again in 100 ms")
+                    })
+                    try listener.start(on: loop)
+                    listeners.append(listener)
+                }
+                workers.append((loop, listeners))
+            }
+        } catch let e as CoreSetupError {
+            throw CoreServerError(lines: [e.description])
+        } catch {
+            throw CoreServerError(lines: ["\(error)"])
+        }
+        boundPorts = zip(hosts, ports).map { ($0.0.address, $1) }
+        loops = workers.map(\.0)
+        for (loop, listeners) in workers {
+            let box = Unmanaged.passRetained(LoopThread(loop: loop, listeners: listeners))
+            var t = pthread_t()
+            let rc = pthread_create(&t, nil, { arg in
+                let work = Unmanaged<LoopThread>.fromOpaque(arg!).takeRetainedValue()
+                work.run()
+                return nil
+            }, box.toOpaque())
+            guard rc == 0 else {
+                box.release()
+                throw CoreServerError(lines: ["pthread_create failed (\(rc))"])
+            }
+            threads.append(t)
+        }
+    }
+
+    /// Stops every loop after its pass under way, waits for their threads, and closes every
+    /// listener and connection (no drain yet).
+    public func stop() {
+        for l in loops { l.stop() }
+        for t in threads { pthread_join(t, nil) }
+        for l in loops { l.closeAll() }
+        threads = []
+        loops = []
+    }
+
+    /// A line on standard error, written whole (loops log from their own threads).
+    static func log(_ line: String) {
+        let text = line + "\n"
+        _ = text.withCString { Glibc.write(2, $0, strlen($0)) }
+    }
+
+    /// What a client connection needs of the server's settings.
+    static func clientSettings(_ s: HTTPSettings) -> ClientSettings {
+        var c = ClientSettings()
+        let (count, size) = s.largeClientHeaderBuffers
+        c.headLimits = HeadParser.Limits(lineLimit: size, headLimit: count * size, mergeSlashes: s.mergeSlashes)
+        c.headerTimeoutMs = s.clientHeaderTimeoutMs
+        c.bodyTimeoutMs = s.clientBodyTimeoutMs
+        c.keepaliveTimeoutMs = s.keepaliveTimeoutMs
+        c.keepaliveRequests = s.keepaliveRequests
+        c.keepaliveTimeMs = s.keepaliveTimeMs
+        return c
+    }
+}
+
+/// A loop and its listeners, run on one thread until the loop is stopped.
+private final class LoopThread {
+    let loop: IOLoop
+    let listeners: [Listener]
+    init(loop: IOLoop, listeners: [Listener]) {
+        self.loop = loop
+        self.listeners = listeners
+    }
+
+    func run() {
+        do {
+            try loop.run()
+        } catch {
+            CoreServer.log("tether: [emerg] event loop stopped: \(error)")
+        }
+    }
+}
+
+/// A configuration the own loop refuses, or a start that failed: one `file:line: message` per line.
+public struct CoreServerError: Error, CustomStringConvertible {
+    public let lines: [String]
+    public var description: String { lines.joined(separator: "\n") }
+}

@@ -1,0 +1,100 @@
+import Foundation
+import NIOCore
+import Testing
+import TetherConfig
+import TetherCore
+import TetherTestSupport
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Tether's own event loop (`tether --event-loop own`, issue 15) serving real sockets in front of
+/// a real backend: what it does today, ahead of the switch. The body and fuzz tests of
+/// RequestTests run on both loops too.
+@Suite struct OwnLoopTests {
+    /// 1,000 requests over ten kept-alive clients on two loops: every answer right, and the
+    /// backend sees at most one connection per client per loop (warm connections reused).
+    @Test func keptAliveClientsReuseWarmUpstreamConnections() throws {
+        try withProxy(on: .own, workers: 2) { proxy, backend in
+            let clients = try (0..<10).map { _ in try proxy.client() }
+            for i in 0..<1000 {
+                let c = clients[i % 10]
+                try c.send("GET /n/\(i) HTTP/1.1\r\nHost: t\r\n\r\n")
+                let r = try c.readResponse()
+                #expect(r.status == 200 && r.bodyText == "ok")
+            }
+            #expect(backend.requestCount == 1000)
+            #expect(backend.connectionCount <= 10, "backend accepted \(backend.connectionCount) connections")
+        }
+    }
+
+    @Test func keepaliveTimeoutAndRequestsAsNginx() throws {
+        try withProxy(on: .own, http: "keepalive_timeout 1s; keepalive_requests 3;") { proxy, _ in
+            let c = try proxy.client()
+            for i in 1...3 {
+                try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                let r = try c.readResponse()
+                #expect(r.status == 200 && (r.header("connection") == "close") == (i == 3))
+            }
+            #expect(c.waitForClose(timeoutMs: 2_000))
+            let idle = try proxy.client()
+            try idle.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(try idle.readResponse().header("keep-alive") == "timeout=1")
+            let t = NIODeadline.now()
+            #expect(idle.waitForClose(timeoutMs: 3_000))
+            let waited = seconds(since: t)
+            #expect(waited >= 0.95 && waited < 1.9, "closed after \(waited) s")
+        }
+    }
+
+    @Test func pipelinedRequestsAreAnsweredInOrder() throws {
+        try withProxy(on: .own) { proxy, _ in
+            let c = try proxy.client()
+            try c.send("GET /status/201 HTTP/1.1\r\nHost: t\r\n\r\nPOST /sum HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabcGET /status/202 HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(try c.readResponse().status == 201)
+            let sum = try c.readResponse()
+            #expect(sum.status == 200 && sum.bodyText.hasPrefix("3 "))
+            #expect(try c.readResponse().status == 202)
+        }
+    }
+
+    @Test func aBackendThatIsDownIs502AndAGarbledAnswerToo() throws {
+        let free = freePort()
+        let proxy = try RunningCore(config: """
+            worker_processes 1;
+            http { upstream down { server 127.0.0.1:\(free); }
+              server { listen 127.0.0.1:0; location / { proxy_pass http://down; } } }
+            """)
+        defer { proxy.stop() }
+        let c = try proxy.client()
+        try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        #expect(try c.readResponse().status == 502)
+        try withProxy(on: .own) { proxy, _ in
+            let g = try proxy.client()
+            try g.send("GET /garbage HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(try g.readResponse().status == 502)
+        }
+    }
+
+    @Test func stopClosesTheListeners() throws {
+        let proxy = try RunningCore(config: "worker_processes 2; http { server { listen 127.0.0.1:0; location / { return 200 up; } } }")
+        let c = try proxy.client()
+        try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        #expect(try c.readResponse().bodyText == "up")
+        proxy.stop()
+        #expect(throws: (any Error).self) { try TestClient(port: proxy.port) }
+    }
+
+    @Test func aConfigurationItCannotServeIsRefusedWithItsPlace() throws {
+        let config = try Configuration.parse("""
+            http {
+                server { listen 127.0.0.1:0; location = /status { stub_status; } }
+            }
+            """, file: "test.conf", resolver: { $0 }).get()
+        #expect {
+            try CoreServer(config)
+        } throws: { error in
+            "\(error)".hasPrefix("test.conf:2: ") && "\(error)".contains("admin pages")
+        }
+    }
+}
