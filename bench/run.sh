@@ -3,6 +3,7 @@
 #
 #   bench/run.sh                 # 10 s per row
 #   DURATION=5 bench/run.sh      # shorter
+#   TETHER_LOOP=own bench/run.sh # Tether on its own event loop (issue 15; no TLS rows there yet)
 #
 # Each proxy runs one event loop / worker pinned to core 0; the backend and wrk share core 1.
 # Proxy CPU is utime+stime from /proc/PID/stat over each wrk run. Upstream connects are the
@@ -26,6 +27,7 @@ ulimit -n 65536 || true
 
 scripts/build >/dev/null
 TETHER=$PWD/.build/release/tether
+LOOP=${TETHER_LOOP:-nio}
 HZ=$(getconf CLK_TCK)
 
 BACKEND_PORT=18081; TETHER_PORT=18080; NGINX_PORT=18082; STATUS_PORT=18083
@@ -75,8 +77,9 @@ taskset -c 1 nginx -c "$WORK/backend.conf" -e "$WORK/backend.err" & echo $! > "$
 
 # tether_conf and nginx_conf: the proxies' configurations, shared with bench/instructions.sh
 source bench/proxies.sh
-tether_conf tether 1 $TETHER_PORT $TETHER_TLS_PORT $TETHER_EXPIRY_PORT
-taskset -c 0 "$TETHER" -c "$WORK/tether.conf" & echo $! > "$WORK/tether.pid"
+# The own loop has no TLS yet: its configuration leaves the TLS listener out.
+tether_conf tether 1 $TETHER_PORT "$([ "$LOOP" = nio ] && echo $TETHER_TLS_PORT)" $TETHER_EXPIRY_PORT
+taskset -c 0 "$TETHER" --event-loop "$LOOP" -c "$WORK/tether.conf" & echo $! > "$WORK/tether.pid"
 
 nginx_conf nginx 1 $NGINX_PORT $NGINX_TLS_PORT $NGINX_EXPIRY_PORT
 taskset -c 0 nginx -c "$WORK/nginx.conf" -e "$WORK/nginx.err" & echo $! > "$WORK/nginx.pid"
@@ -113,14 +116,14 @@ taskset -c 0 haproxy -db -f "$WORK/haproxy.cfg" 2> "$WORK/haproxy.err" & echo $!
 
 # --- for the scaling row: Tether with 2 event loops and nginx with 2 workers, not pinned
 tether_conf tether2 2 $TETHER2_PORT
-"$TETHER" -c "$WORK/tether2.conf" & echo $! > "$WORK/tether2.pid"
+"$TETHER" --event-loop "$LOOP" -c "$WORK/tether2.conf" & echo $! > "$WORK/tether2.pid"
 nginx_conf nginx2 2 $NGINX2_PORT
 nginx -c "$WORK/nginx2.conf" -e "$WORK/nginx2.err" & echo $! > "$WORK/nginx2.pid"
 
 for port in $BACKEND_PORT $TETHER_PORT $NGINX_PORT $STATUS_PORT $HAPROXY_PORT $TETHER2_PORT $NGINX2_PORT; do
     for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/" >/dev/null 2>&1 && break; sleep 0.1; done
 done
-for port in $TETHER_TLS_PORT $NGINX_TLS_PORT $HAPROXY_TLS_PORT; do
+for port in $([ "$LOOP" = nio ] && echo $TETHER_TLS_PORT) $NGINX_TLS_PORT $HAPROXY_TLS_PORT; do
     for _ in $(seq 100); do curl -kfs "https://127.0.0.1:$port/" >/dev/null 2>&1 && break; sleep 0.1; done
 done
 
@@ -281,7 +284,7 @@ row() {
 }
 
 {
-echo "Tether $(${TETHER} -v | awk '{print $3}') vs $(nginx -v 2>&1 | sed 's/.*: //') and HAProxy $(haproxy -v | awk 'NR==1 {print $3}'), $(date -u +%Y-%m-%d), $(nproc) cores, ${DURATION}s per row, keep-alive both sides."
+echo "Tether $(${TETHER} -v | awk '{print $3}') (event loop: $LOOP) vs $(nginx -v 2>&1 | sed 's/.*: //') and HAProxy $(haproxy -v | awk 'NR==1 {print $3}'), $(date -u +%Y-%m-%d), $(nproc) cores, ${DURATION}s per row, keep-alive both sides."
 echo "Each proxy pinned to core 0 (one event loop / worker / thread); wrk and the nginx backend on core 1."
 echo "Rows: client connections, then response size, pipelining depth, new connections or TLS where it says so (12-byte responses otherwise)."
 echo
@@ -296,8 +299,10 @@ row "50, pipelined x8" 50 / http $TETHER_PORT $NGINX_PORT $HAPROXY_PORT -s bench
 row "50, new connection per request" 50 / http $TETHER_PORT $NGINX_PORT $HAPROXY_PORT -H "Connection: close"
 # TLS: ECDSA P-256; all three offer TLS 1.2 and 1.3 and negotiate 1.3 with wrk, which resumes
 # sessions with tickets on new connections.
-row "50, TLS keep-alive" 50 / https $TETHER_TLS_PORT $NGINX_TLS_PORT $HAPROXY_TLS_PORT
-row "50, TLS, new connection per request" 50 / https $TETHER_TLS_PORT $NGINX_TLS_PORT $HAPROXY_TLS_PORT -H "Connection: close"
+if [ "$LOOP" = nio ]; then
+    row "50, TLS keep-alive" 50 / https $TETHER_TLS_PORT $NGINX_TLS_PORT $HAPROXY_TLS_PORT
+    row "50, TLS, new connection per request" 50 / https $TETHER_TLS_PORT $NGINX_TLS_PORT $HAPROXY_TLS_PORT -H "Connection: close"
+fi
 echo "| $IDLE idle, keepalive_timeout 3s | seconds from response to close: median / last | $tem / $tel | $nem / $nel | $hem / $hel | $(ratio "$tel" "$nel") | $(ratio "$tel" "$hel") |"
 echo "| $IDLE idle | memory per idle client connection (KiB; nginx: growth $ng + preallocated slot $NGINX_SLOT_KIB) | $ti | $ni | $hi | $(ratio "$ti" "$ni") | $(ratio "$ti" "$hi") |"
 echo

@@ -84,11 +84,22 @@ public struct IOBuffer: ~Copyable {
     }
 
     /// Reads from `fd` into the free space, until it is full or the socket has nothing more.
-    public mutating func read(from fd: Int32) -> ReadResult {
+    /// `shortReadDrains`: a read that returns less than the room it was given took all the
+    /// socket had (a stream socket returns what is there), so no further read is tried: under
+    /// edge triggering the next arrival raises a new event. nginx does the same, and it saves a
+    /// read that would fail with EAGAIN on every event. Not while an end of input is pending (the
+    /// event reported a half-close): that read must happen to see the EOF.
+    public mutating func read(from fd: Int32, shortReadDrains: Bool = false) -> ReadResult {
         var total = 0
         while writerIndex < capacity {
-            let n = Glibc.read(fd, base + writerIndex, capacity - writerIndex)
-            if n > 0 { writerIndex += n; total += n; continue }
+            let room = capacity - writerIndex
+            let n = Glibc.read(fd, base + writerIndex, room)
+            if n > 0 {
+                writerIndex += n
+                total += n
+                if shortReadDrains && n < room { return .bytes(total, eof: false) }
+                continue
+            }
             if n == 0 { return total > 0 ? .bytes(total, eof: true) : .eof }
             let e = errno
             if e == EINTR { continue }

@@ -36,6 +36,9 @@ public final class IOLoop: @unchecked Sendable {
     /// one (its own, or another handler's, such as an upstream link ending its client's
     /// connection) never runs on in freed memory. Its capacity is kept: no allocation per close.
     var retired: [IOHandler] = []
+    /// Passes run so far (`runOnce` calls): an object retired during pass N is referenced by no
+    /// running call once pass N + 1 begins.
+    public private(set) var passes: UInt64 = 0
     /// The monotonic clock in nanoseconds, read once per pass of the loop.
     public private(set) var now: UInt64
 
@@ -171,6 +174,7 @@ public final class IOLoop: @unchecked Sendable {
     /// them, then the timers that came due. Returns how many events and timers were handled.
     @discardableResult
     public func runOnce(timeoutMs: Int32 = -1) throws(IOError) -> Int {
+        passes &+= 1
         now = Self.monotonicNanoseconds()
         var wait = timeoutMs
         if let d = timers.nextDeadline {

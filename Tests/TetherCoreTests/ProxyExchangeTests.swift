@@ -451,6 +451,23 @@ extension ProxyRig: FrontRig {}
         #expect(b.connections.count == 2 && b.text(1).hasPrefix("GET /next "))
     }
 
+    /// `Expect: 100-continue` is answered by Tether and not forwarded: a client that waits for
+    /// the 100 before its body is not left waiting.
+    @Test func expectContinueIsAnsweredHereAndNotForwarded() throws {
+        let b = try RawBackend { _, received, answered in
+            guard answered == 0, String(decoding: received, as: UTF8.self).hasSuffix("\r\n\r\nhello") else { return nil }
+            return ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false)
+        }
+        let r = try ProxyRig(raw: [b])
+        let c = try r.connect()
+        r.backend.rig.send(c, "POST /up HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        var got: [UInt8] = []
+        #expect(try r.run(c, into: &got) { got, _ in String(decoding: got, as: UTF8.self) == "HTTP/1.1 100 Continue\r\n\r\n" })
+        r.backend.rig.send(c, "hello")
+        #expect(try r.run(c, into: &got) { got, _ in String(decoding: got, as: UTF8.self).hasSuffix("\r\n\r\nok") })
+        #expect(!b.text(0).lowercased().contains("expect"))
+    }
+
     @Test func theUpstreamGetsProxyHostAndNoHopByHopFields() throws {
         let b = try Self.answering("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive, X-Up\r\nX-Up: 1\r\nKeep-Alive: timeout=5\r\n\r\nok")
         let r = try ProxyRig(raw: [b])

@@ -52,6 +52,28 @@ import Glibc
         #expect(pool.outstanding == 0)
     }
 
+    /// With `shortReadDrains`, a read that got less than its room is the last one of the event
+    /// (no read that would fail with EAGAIN): so the EOF behind the bytes is seen only by the
+    /// next read, which a half-close event asks for.
+    @Test func aShortReadEndsTheReadsWhenAsked() {
+        let pool = BufferPool(bufferSize: 64)
+        let (mine, peer) = socketPair()
+        defer { Glibc.close(mine) }
+        var b = pool.take()
+        send(peer, "hello")
+        Glibc.close(peer)
+        #expect(b.read(from: mine, shortReadDrains: true) == .bytes(5, eof: false), "one read, the EOF not yet seen")
+        #expect(b.read(from: mine, shortReadDrains: true) == .eof)
+        pool.recycle(b)
+        let (mine2, peer2) = socketPair()
+        defer { Glibc.close(mine2) }
+        var c = pool.take()
+        send(peer2, "hello")
+        Glibc.close(peer2)
+        #expect(c.read(from: mine2) == .bytes(5, eof: true), "without it, reads go on to the EOF")
+        pool.recycle(c)
+    }
+
     /// Queued buffers go out in order with writev, across partial writes, and each goes back to
     /// the pool once written; `isFull` tells the other side to stop reading.
     @Test func theOutboundQueueWritesInOrderAcrossPartialWrites() {

@@ -91,6 +91,8 @@ final class ClientConnection: IOHandler {
     /// event comes until it is).
     private var readable = false
     private var peerClosed = false
+    /// An event reported the peer's half-close: read until the EOF (no short-read shortcut).
+    private var hangupReported = false
     /// The socket while registered, -1 once closed: read here rather than through the loop's
     /// records, which cost a retain and a release of the loop on each of the many checks.
     private var socket: Int32 = -1
@@ -164,6 +166,7 @@ final class ClientConnection: IOHandler {
             return close(.clientClose)
         }
         if events.contains(.readable) || events.contains(.readHangup) { readable = true }
+        if events.contains(.readHangup) { hangupReported = true }
         if events.contains(.writable) {
             flush()
             // The client took what the exchange relayed: the upstream may send more.
@@ -211,12 +214,14 @@ final class ClientConnection: IOHandler {
                 break
             }
             guard buf.writableBytes > 0, let fd = openSocket else { inbound = consume buf; break }
-            let result = buf.read(from: fd)
+            let result = buf.read(from: fd, shortReadDrains: !hangupReported)
+            let drained = buf.writableBytes > 0
             inbound = consume buf
             switch result {
             case .bytes(_, let eof):
                 bodyProgress = bodyProgress || state.inExchange
-                if eof { peerClosed = true; readable = false }
+                // A short read took what there was: wait for the next event.
+                if eof { peerClosed = true; readable = false } else if drained { readable = false }
             case .wouldBlock:
                 readable = false
             case .eof:
@@ -404,6 +409,12 @@ final class ClientConnection: IOHandler {
             retireExchange()
             answered = false
             return respond(status: 431, text: nil, head: head, close: true)
+        }
+        // `Expect: 100-continue` is Tether's to answer (it is not forwarded): the body may come.
+        // RFC 9110 10.1.1 lets a server send it even when some of the body is here already.
+        if head.expectContinue && framing != .none && head.minorVersion == 1 && exchange === x && !x.responseStarted {
+            sendBytes("HTTP/1.1 100 Continue\r\n\r\n")
+            flush()
         }
     }
 

@@ -61,7 +61,10 @@ public final class CoreServer: @unchecked Sendable {
                     // Port 0: the first loop's port is every other loop's too.
                     ports[i] = port
                     let where_ = listen.addressText
-                    let listener = Listener(fd: fd, accepted: { c, _ in _ = try? clients.adopt(c) }, failed: { e, _ in
+                    let listener = Listener(fd: fd, accepted: { c, _ in
+                        Sockets.setNoDelay(c)
+                        _ = try? clients.adopt(c)
+                    }, failed: { e, _ in
                         // Once per back-off (at most ten a second per loop), as nginx logs accept4() failures.
                         CoreServer.log("tether: [crit] \(e) on \(where_), accepting again in 100 ms")
                     })

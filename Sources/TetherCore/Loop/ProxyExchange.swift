@@ -65,6 +65,8 @@ final class ProxyExchange: UpstreamLinkOwner {
     private var finished = false
     /// `$request_id`, made when first asked for.
     private var requestID: RequestID?
+    /// The loop pass in which it was retired (`LoopUpstream.retire`).
+    var retiredPass: UInt64 = 0
 
     init(connection: ClientConnection, upstream: LoopUpstream, route: CompiledLocation, request: Request) {
         self.connection = connection

@@ -57,6 +57,8 @@ final class UpstreamLink: IOHandler {
     private(set) var peerClosed = false
     /// The socket reported readable and was not read to EAGAIN yet.
     private var readable = false
+    /// An event reported the backend's half-close: read until the EOF.
+    private var hangupReported = false
     /// Set by `lease` for a warm connection: how long it had idled.
     fileprivate(set) var idleMsAtLease: Int64 = 0
     fileprivate(set) var reused = false
@@ -105,11 +107,13 @@ final class UpstreamLink: IOHandler {
         var buf = inbound.take() ?? pool.buffers.take()
         if buf.writableBytes == 0 { buf.compact() }
         guard buf.writableBytes > 0 else { inbound = consume buf; return false }
-        let result = buf.read(from: fd)
+        let result = buf.read(from: fd, shortReadDrains: !hangupReported)
+        let drained = buf.writableBytes > 0
         inbound = consume buf
         switch result {
         case .bytes(_, let eof):
-            if eof { peerClosed = true; readable = false }
+            // A short read took what there was (see `IOBuffer.read`): the next event says when more came.
+            if eof { peerClosed = true; readable = false } else if drained { readable = false }
             return true
         case .wouldBlock:
             readable = false
@@ -136,6 +140,7 @@ final class UpstreamLink: IOHandler {
             if err != 0 || events.contains(.error) { return pool.connectFailed(self, errno: err != 0 ? err : ECONNREFUSED) }
             pool.connected(self)
             flush()
+            if events.contains(.readHangup) { hangupReported = true }
             if events.contains(.readable) || events.contains(.readHangup) { readable = true; owner?.upstreamReadable(self) }
         case .idle:
             // A writable edge is the kernel freeing send buffer space: nothing to act on.
@@ -150,6 +155,7 @@ final class UpstreamLink: IOHandler {
             }
             guard phase == .leased else { return }
             if events.contains(.error) { return fail(ECONNRESET) }
+            if events.contains(.readHangup) || events.contains(.hangup) { hangupReported = true }
             if events.contains(.readable) || events.contains(.readHangup) || events.contains(.hangup) {
                 readable = true
                 owner?.upstreamReadable(self)
@@ -415,21 +421,30 @@ final class LoopUpstream {
     private var spareExchanges: [ProxyExchange] = []
     static let maximumSpareExchanges = 256
 
-    /// An exchange for a request to this upstream: a spare one when the last spare is
-    /// referenced from nowhere else (so no call on it is still running: every call on an
-    /// exchange is made through a reference its caller holds), otherwise a new one.
+    /// An exchange for a request to this upstream: a spare one retired in an earlier pass of
+    /// the loop (so no call on it can still be running: a pipelined request that starts while
+    /// the exchange before it is still returning gets a new one), otherwise a new one.
     func exchange(connection: ClientConnection, route: CompiledLocation, request: ProxyExchange.Request) -> ProxyExchange {
-        if !spareExchanges.isEmpty && isKnownUniquelyReferenced(&spareExchanges[spareExchanges.count - 1]) {
-            let x = spareExchanges.removeLast()
-            x.reuse(connection: connection, route: route, request: request)
-            return x
+        let pass = pools[0].loop.passes
+        if let last = spareExchanges.indices.last {
+            if spareExchanges[last].retiredPass == pass, spareExchanges[0].retiredPass != pass {
+                // The oldest spare is reusable; the newest just ended.
+                spareExchanges.swapAt(0, last)
+            }
+            if spareExchanges[last].retiredPass != pass && isKnownUniquelyReferenced(&spareExchanges[last]) {
+                let x = spareExchanges.removeLast()
+                x.reuse(connection: connection, route: route, request: request)
+                return x
+            }
         }
         return ProxyExchange(connection: connection, upstream: self, route: route, request: request)
     }
 
     /// An exchange that ended (its upstream link released or closed) becomes a spare.
     func retire(_ x: ProxyExchange) {
-        if spareExchanges.count < Self.maximumSpareExchanges { spareExchanges.append(x) }
+        guard spareExchanges.count < Self.maximumSpareExchanges else { return }
+        x.retiredPass = pools[0].loop.passes
+        spareExchanges.append(x)
     }
 
     var spareExchangeCount: Int { spareExchanges.count }
