@@ -57,22 +57,39 @@ struct SocketTuning: Sendable, Equatable {
 
     var isEmpty: Bool { keepalive == nil && userTimeoutMs == nil }
 
+    /// Each option to set, as `setsockopt` takes it, with its name for messages.
+    func forEachOption(_ body: (_ level: Int32, _ name: Int32, _ value: Int, _ label: String) -> Void) {
+        if let k = keepalive { body(SOL_SOCKET, SO_KEEPALIVE, k ? 1 : 0, "SO_KEEPALIVE") }
+        if let v = idle { body(Int32(IPPROTO_TCP), TCP_KEEPIDLE, v, "TCP_KEEPIDLE") }
+        if let v = interval { body(Int32(IPPROTO_TCP), TCP_KEEPINTVL, v, "TCP_KEEPINTVL") }
+        if let v = count { body(Int32(IPPROTO_TCP), TCP_KEEPCNT, v, "TCP_KEEPCNT") }
+        if let v = userTimeoutMs { body(Int32(IPPROTO_TCP), TCP_USER_TIMEOUT, v, "TCP_USER_TIMEOUT") }
+    }
+
     /// Sets the options on a channel's socket. A failure is logged (once per loop and option)
     /// and the connection goes on without it.
     func apply(to channel: Channel, loop: LoopContext, what: String) {
         guard !isEmpty, let options = channel.syncOptions else { return }
-        func set(_ level: Int32, _ name: Int32, _ value: Int, _ label: String) {
+        forEachOption { level, name, value, label in
             do {
                 try options.setOption(ChannelOptions.socket(SocketOptionLevel(level), SocketOptionName(name)), value: SocketOptionValue(value))
             } catch {
                 loop.warnOnce("setsockopt(\(label), \(value)) failed on \(what) sockets: \(error)")
             }
         }
-        if let k = keepalive { set(SOL_SOCKET, SO_KEEPALIVE, k ? 1 : 0, "SO_KEEPALIVE") }
-        if let v = idle { set(Int32(IPPROTO_TCP), TCP_KEEPIDLE, v, "TCP_KEEPIDLE") }
-        if let v = interval { set(Int32(IPPROTO_TCP), TCP_KEEPINTVL, v, "TCP_KEEPINTVL") }
-        if let v = count { set(Int32(IPPROTO_TCP), TCP_KEEPCNT, v, "TCP_KEEPCNT") }
-        if let v = userTimeoutMs { set(Int32(IPPROTO_TCP), TCP_USER_TIMEOUT, v, "TCP_USER_TIMEOUT") }
+    }
+
+    /// Sets the options on a socket (Tether's own loop: a listening socket, whose accepted
+    /// sockets inherit them, or an upstream socket before its connect). Returns what failed.
+    func apply(toSocket fd: Int32) -> [String] {
+        var failed: [String] = []
+        forEachOption { level, name, value, label in
+            var v = Int32(clamping: value)
+            if setsockopt(fd, level, name, &v, socklen_t(MemoryLayout<Int32>.size)) != 0 {
+                failed.append("setsockopt(\(label), \(value)) failed (\(errno): \(String(cString: strerror(errno))))")
+            }
+        }
+        return failed
     }
 }
 

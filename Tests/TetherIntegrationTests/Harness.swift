@@ -12,6 +12,15 @@ import Glibc
 /// A Tether under test, on either event loop: what a test that only talks HTTP to it needs.
 protocol ProxyUnderTest: Sendable {
     var port: Int { get }
+    func stop()
+}
+
+/// Tether with `config` on the event loop `loop`.
+func startProxy(on loop: EventLoopUnderTest, config: String) throws -> any ProxyUnderTest {
+    switch loop {
+    case .nio: try RunningProxy(config: config)
+    case .own: try RunningCore(config: config)
+    }
 }
 
 extension ProxyUnderTest {

@@ -83,11 +83,11 @@ func hostDefault(_ name: String) -> Int32 {
     ]
 
     /// The options read back from the live sockets on both sides match the configuration.
-    @Test(arguments: cases)
-    func optionsReachTheKernel(_ c: Case) throws {
+    @Test(arguments: cases, EventLoopUnderTest.allCases)
+    func optionsReachTheKernel(_ c: Case, loop: EventLoopUnderTest) throws {
         let backend = try TestBackend()
         defer { backend.stop() }
-        let proxy = try RunningProxy(config: """
+        let proxy = try startProxy(on: loop, config: """
             worker_processes 1;
             http {
                 upstream b { server 127.0.0.1:\(backend.port); \(c.upstream) }
@@ -109,8 +109,9 @@ func hostDefault(_ name: String) -> Int32 {
         #expect(tcpNoDelay(fd: pooled[0]) == 1)
     }
 
-    @Test func proxySocketKeepaliveTurnsOnSOKeepaliveUpstream() throws {
-        try withProxy(workers: 1, location: "proxy_socket_keepalive on;") { proxy, backend in
+    @Test(arguments: EventLoopUnderTest.allCases)
+    func proxySocketKeepaliveTurnsOnSOKeepaliveUpstream(loop: EventLoopUnderTest) throws {
+        try withProxy(on: loop, workers: 1, location: "proxy_socket_keepalive on;") { proxy, backend in
             let client = try proxy.client()
             try client.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             _ = try client.readResponse()

@@ -7,13 +7,18 @@ extension LoopUpstream {
     /// One `upstream` block (explicit or made from a `proxy_pass` host) on one loop: a pool per
     /// server with the block's keep-alive policy, and its balancing with each server's weight,
     /// `max_fails`, `fail_timeout`, `backup` and `down`.
-    static func make(_ u: Upstream, loop: IOLoop, buffers: BufferPool) throws(CoreSetupError) -> LoopUpstream {
+    /// `socketKeepalive`: some location proxying here has `proxy_socket_keepalive on` (used
+    /// where neither the server nor the block sets `tcp_keepalive`).
+    static func make(_ u: Upstream, loop: IOLoop, buffers: BufferPool, socketKeepalive: Bool = false,
+                     host: HostKeepalive = HostKeepalive()) throws(CoreSetupError) -> LoopUpstream {
         let policy = PoolPolicy(keepalive: u.keepalive, idleTimeoutMs: u.keepaliveTimeoutMs, maxRequests: u.keepaliveRequests,
                                 maxLifetimeMs: u.keepaliveTimeMs)
         var pools: [UpstreamPool] = []
         for s in u.servers {
             guard let port = UInt16(exactly: s.port),
-                  let pool = UpstreamPool(loop: loop, buffers: buffers, host: s.address, port: port, policy: policy) else {
+                  let pool = UpstreamPool(loop: loop, buffers: buffers, host: s.address, port: port, policy: policy,
+                                          tuning: SocketTuning(keepalive: s.tcpKeepalive ?? u.tcpKeepalive ?? (socketKeepalive ? TCPKeepalive(enabled: true) : nil),
+                                                               userTimeout: s.tcpUserTimeout ?? u.tcpUserTimeout, host: host)) else {
                 throw CoreSetupError("\(u.location): server \(s.host):\(s.port) of upstream \"\(u.name)\": only IPv4 servers are on Tether's own loop yet")
             }
             pools.append(pool)

@@ -42,6 +42,13 @@ public final class CoreServer: @unchecked Sendable {
     /// Binds every listening address on every loop, then runs each loop on a thread of its own.
     public func start() throws(CoreServerError) {
         let hosts = setup.virtualHosts()
+        // Upstreams some location reaches with proxy_socket_keepalive on.
+        var socketKeepalive = Set<String>()
+        for server in setup.servers {
+            for l in server.locations {
+                if case .proxy(let p) = l.action, l.settings.proxySocketKeepalive { socketKeepalive.insert(p.upstream) }
+            }
+        }
         var ports = hosts.map { UInt16(clamping: $0.0.port) }
         var workers: [(IOLoop, [Listener])] = []
         do {
@@ -49,7 +56,10 @@ public final class CoreServer: @unchecked Sendable {
                 let loop = try IOLoop()
                 let buffers = BufferPool()
                 var upstreams: [String: LoopUpstream] = [:]
-                for (name, u) in setup.upstreams { upstreams[name] = try LoopUpstream.make(u.config, loop: loop, buffers: buffers) }
+                for (name, u) in setup.upstreams {
+                    upstreams[name] = try LoopUpstream.make(u.config, loop: loop, buffers: buffers,
+                                                            socketKeepalive: socketKeepalive.contains(name), host: setup.hostKeepalive)
+                }
                 var listeners: [Listener] = []
                 for (i, (listen, vhosts, servers)) in hosts.enumerated() {
                     guard !listen.address.contains(":") else {
@@ -58,13 +68,15 @@ public final class CoreServer: @unchecked Sendable {
                     let router = CoreRouter(hosts: vhosts, servers: servers, upstreams: upstreams)
                     let clients = ClientLoop(loop: loop, pool: buffers, settings: Self.clientSettings(servers[vhosts.defaultIndex].server.settings), handler: router)
                     let (fd, port) = try Sockets.listenTCP(address: listen.address, port: ports[i], backlog: Int32(listen.backlog))
+                    // Set once on the listening socket: accepted sockets inherit TCP_NODELAY and
+                    // the keepalive options (Linux copies them), so no setsockopt per connection.
+                    Sockets.setNoDelay(fd)
+                    let tuning = SocketTuning(keepalive: listen.soKeepalive, userTimeout: listen.tcpUserTimeout, host: setup.hostKeepalive)
+                    for failure in tuning.apply(toSocket: fd) { Self.log("tether: [warn] \(failure) on listen \(listen.addressText)") }
                     // Port 0: the first loop's port is every other loop's too.
                     ports[i] = port
                     let where_ = listen.addressText
-                    let listener = Listener(fd: fd, accepted: { c, _ in
-                        Sockets.setNoDelay(c)
-                        _ = try? clients.adopt(c)
-                    }, failed: { e, _ in
+                    let listener = Listener(fd: fd, accepted: { c, _ in _ = try? clients.adopt(c) }, failed: { e, _ in
                         // Once per back-off (at most ten a second per loop), as nginx logs accept4() failures.
                         CoreServer.log("tether: [crit] \(e) on \(where_), accepting again in 100 ms")
                     })

@@ -69,10 +69,8 @@ public enum LocalAnswerBench {
         }
         let clients = ClientLoop(loop: loop, pool: buffers, settings: settings, handler: handler)
         let (fd, _) = try Sockets.listenTCP(port: port, backlog: 4096)
-        let listener = Listener(fd: fd, accepted: { c, _ in
-            Sockets.setNoDelay(c)
-            _ = try? clients.adopt(c)
-        }, failed: { _, _ in })
+        Sockets.setNoDelay(fd)  // inherited by accepted sockets
+        let listener = Listener(fd: fd, accepted: { c, _ in _ = try? clients.adopt(c) }, failed: { _, _ in })
         try listener.start(on: loop)
         while true { try loop.run() }
     }

@@ -227,9 +227,14 @@ final class UpstreamPool {
     private(set) var reusedLeases = 0
     private(set) var closed: [CloseReason: Int] = [:]
     private(set) var connectFailures = 0
+    private var warnedTuning = false
+
+    /// TCP keepalive and TCP_USER_TIMEOUT for this server's sockets, set before each connect.
+    let tuning: SocketTuning?
 
     /// `host` is a numeric IPv4 address (names are resolved before a pool is made).
-    init?(loop: IOLoop, buffers: BufferPool, host: String, port: UInt16, policy: PoolPolicy, connectTimeoutMs: Int64 = 60_000) {
+    init?(loop: IOLoop, buffers: BufferPool, host: String, port: UInt16, policy: PoolPolicy, connectTimeoutMs: Int64 = 60_000,
+          tuning: SocketTuning? = nil) {
         var a = sockaddr_in()
         a.sin_family = sa_family_t(AF_INET)
         a.sin_port = port.bigEndian
@@ -238,6 +243,7 @@ final class UpstreamPool {
         self.buffers = buffers
         address = a
         self.connectTimeoutMs = connectTimeoutMs
+        self.tuning = tuning.flatMap { $0.isEmpty ? nil : $0 }
         state = ConnectionPool(policy: policy)
     }
 
@@ -278,6 +284,14 @@ final class UpstreamPool {
         guard fd >= 0 else { state.connectFailed(); connectFailures += 1; return (nil, errno) }
         var one: Int32 = 1
         setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        if let tuning {
+            let failures = tuning.apply(toSocket: fd)
+            if !failures.isEmpty && !warnedTuning {
+                // The connection goes on without them; said once per pool.
+                warnedTuning = true
+                CoreServer.log("tether: [warn] \(failures.joined(separator: ", ")) on upstream sockets")
+            }
+        }
         var a = address
         let rc = withUnsafePointer(to: &a) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
