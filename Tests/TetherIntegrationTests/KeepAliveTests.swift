@@ -38,8 +38,9 @@ import Glibc
     }
 
     /// As in nginx, the location that answered the last request decides how long the connection idles.
-    @Test func keepaliveTimeoutOfTheAnsweringLocationApplies() throws {
-        try withProxy(http: "keepalive_timeout 75s;", server: "location /short { keepalive_timeout 300ms; return 200 short; }") { proxy, _ in
+    @Test(arguments: EventLoopUnderTest.allCases)
+    func keepaliveTimeoutOfTheAnsweringLocationApplies(loop: EventLoopUnderTest) throws {
+        try withProxy(on: loop, http: "keepalive_timeout 75s;", server: "location /short { keepalive_timeout 300ms; return 200 short; }") { proxy, _ in
             let c = try proxy.client()
             try c.send("GET /short HTTP/1.1\r\nHost: t\r\n\r\n")
             let r = try c.readResponse()
@@ -75,8 +76,9 @@ import Glibc
         }
     }
 
-    @Test func http10KeepsAliveOnlyWhenAsked() throws {
-        try withProxy { proxy, _ in
+    @Test(arguments: EventLoopUnderTest.allCases)
+    func http10KeepsAliveOnlyWhenAsked(loop: EventLoopUnderTest) throws {
+        try withProxy(on: loop) { proxy, _ in
             let a = try proxy.client()
             try a.send("GET / HTTP/1.0\r\n\r\n")
             let r = try a.readResponse()
@@ -102,8 +104,9 @@ import Glibc
         }
     }
 
-    @Test func pipelinedMixedRequestsAnsweredInOrderByteExact() throws {
-        try withProxy { proxy, backend in
+    @Test(arguments: EventLoopUnderTest.allCases)
+    func pipelinedMixedRequestsAnsweredInOrderByteExact(loop: EventLoopUnderTest) throws {
+        try withProxy(on: loop) { proxy, backend in
             let c = try proxy.client()
             var wire = ""
             var expected: [(head: Bool, body: String)] = []

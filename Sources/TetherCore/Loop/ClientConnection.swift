@@ -93,18 +93,21 @@ final class ClientConnection: IOHandler {
     private var peerClosed = false
     /// An event reported the peer's half-close: read until the EOF (no short-read shortcut).
     private var hangupReported = false
+    /// The answer said `Connection: close`: close once it is written.
+    private var closeAfterWrite = false
     /// The socket while registered, -1 once closed: read here rather than through the loop's
     /// records, which cost a retain and a release of the loop on each of the many checks.
     private var socket: Int32 = -1
-    /// Request body bytes still to be read and dropped, or a chunked body's decoder.
-    private var bodyLeft: Int64 = 0
-    private var chunked: ChunkedDecoder?
-    /// The answer said `Connection: close`: close once it is written.
-    private var closeAfterWrite = false
+    /// The answering location's `keepalive_timeout` in milliseconds (nginx's rule), set with
+    /// each answer. (32 bits beside the flags: the object stays in its malloc size class.)
+    private var keepaliveTimeoutMs: Int32
     /// Our FIN went out with client bytes still coming: read and drop them until EOF or the timer.
     private var lingering = false
     /// The handler answered the current request (or handed it to an upstream).
     private var answered = false
+    /// Request body bytes still to be read and dropped, or a chunked body's decoder.
+    private var bodyLeft: Int64 = 0
+    private var chunked: ChunkedDecoder?
     /// The request is with an upstream (`proxy`): its answer comes from there.
     private var exchange: ProxyExchange?
     /// `handleInput` is running: callbacks from an exchange must not re-enter it.
@@ -114,6 +117,7 @@ final class ClientConnection: IOHandler {
         self.shared = shared
         state = ClientConnectionState(acceptedAt: Int64(shared.loop.now), headerTimeoutMs: shared.settings.headerTimeoutMs)
         outbound = OutboundQueue(pool: shared.pool)
+        keepaliveTimeoutMs = Int32(clamping: shared.settings.keepaliveTimeoutMs)
     }
 
     fileprivate func start(_ fd: Int32) throws(IOError) {
@@ -397,7 +401,7 @@ final class ClientConnection: IOHandler {
         let framing: BodyFraming = head.chunked ? .chunked : (head.contentLength ?? 0) > 0 ? .length(head.contentLength!) : .none
         let request = ProxyExchange.Request(
             isHEAD: head.methodIs("HEAD", in: bytes), idempotent: head.isIdempotent(in: bytes), minorVersion: head.minorVersion,
-            clientKeepAlive: clientKeepAlive(head: head, close: false), framing: framing)
+            clientKeepAlive: clientKeepAlive(head: head, close: false, route: route), framing: framing)
         let x = upstream.exchange(connection: self, route: route, request: request)
         answered = true
         exchange = x
@@ -560,11 +564,16 @@ final class ClientConnection: IOHandler {
 
     /// nginx's keep-alive rules for the answer to `head` (`keepalive_requests`, `keepalive_time`,
     /// `keepalive_timeout 0`, drain, what the client asked for); sets the close reason when they say close.
-    private func clientKeepAlive(head: HeadLayout, close: Bool) -> Bool {
+    /// As nginx, the answering location's keep-alive settings decide (`route`; the server's
+    /// without one), and its `keepalive_timeout` is the idle time that follows.
+    private func clientKeepAlive(head: HeadLayout, close: Bool, route: CompiledLocation? = nil) -> Bool {
         let s = shared.settings
-        let policy = KeepAlivePolicy(maxRequests: s.keepaliveRequests, maxLifetimeMs: s.keepaliveTimeMs, draining: shared.draining)
+        let requests = route?.settings.keepaliveRequests ?? s.keepaliveRequests
+        let time = route?.settings.keepaliveTimeMs ?? s.keepaliveTimeMs
+        keepaliveTimeoutMs = Int32(clamping: route?.settings.keepaliveTimeoutMs ?? s.keepaliveTimeoutMs)
+        let policy = KeepAlivePolicy(maxRequests: requests, maxLifetimeMs: time, draining: shared.draining)
         let keep = state.keepsAlive(requestNumber: state.requests, clientWants: head.clientWantsKeepAlive, policy: policy,
-                                    keepaliveTimeoutMs: s.keepaliveTimeoutMs, now: Int64(shared.loop.now))
+                                    keepaliveTimeoutMs: Int64(keepaliveTimeoutMs), now: Int64(shared.loop.now))
         if close { state.pendingReason = .error }
         return keep && !close
     }
@@ -580,7 +589,7 @@ final class ClientConnection: IOHandler {
         precondition(state.inExchange && !answered, "respond outside an exchange or twice: \(state.phase)")
         answered = true
         // A body still coming is read and dropped before the next request (its framing is known).
-        let keepAlive = clientKeepAlive(head: head, close: close)
+        let keepAlive = clientKeepAlive(head: head, close: close, route: route)
         writeAnswer(LocalAnswer(status: status, text: text, contentType: contentType, serverTokens: route?.settings.serverTokens ?? true,
                                 keepAlive: keepAlive, clientMinor: head.minorVersion, isHEAD: isHEAD,
                                 keepAliveHeader: keepAlive ? route?.keepAliveHeader ?? [] : []))
@@ -617,7 +626,7 @@ final class ClientConnection: IOHandler {
             if let r = state.close() { shared.closed[r] += 1 }
             return
         }
-        state.exchangeFinished(keepaliveTimeoutMs: shared.settings.keepaliveTimeoutMs, now: Int64(shared.loop.now))
+        state.exchangeFinished(keepaliveTimeoutMs: Int64(keepaliveTimeoutMs), now: Int64(shared.loop.now))
     }
 
     // MARK: Writing and closing
@@ -708,7 +717,7 @@ final class ClientConnection: IOHandler {
         switch want {
         case .none, .linger: return shared.loop.cancelTimer(handle)
         case .firstHead, .head: ms = s.headerTimeoutMs
-        case .keepalive: ms = s.keepaliveTimeoutMs
+        case .keepalive: ms = Int64(keepaliveTimeoutMs)
         case .body: ms = s.bodyTimeoutMs
         }
         shared.loop.arm(handle, afterNanoseconds: UInt64(ms) * 1_000_000)
