@@ -77,6 +77,12 @@ public final class IOLoop: @unchecked Sendable {
         retired.removeAll()
     }
 
+    /// The handlers of the records open now (for a shutdown's pass over every connection;
+    /// records closed by the caller meanwhile are still in the array it got).
+    public var handlers: [IOHandler] {
+        records.handles.compactMap { records[$0]?.handler }
+    }
+
     public static func monotonicNanoseconds() -> UInt64 {
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC, &ts)

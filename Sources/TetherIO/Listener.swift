@@ -42,6 +42,14 @@ public final class Listener: IOHandler {
         handle = try loop.register(fd, handler: self)
     }
 
+    /// Stops accepting: the socket is closed (and leaves epoll), a back-off timer with it.
+    /// Connections still in its backlog are reset by the kernel, as nginx's are at shutdown.
+    public func stop(on loop: IOLoop) {
+        guard let h = handle else { return }
+        handle = nil
+        loop.close(h)
+    }
+
     public func ioEvent(_ events: IOEvents, handle: Handle, loop: IOLoop) {
         guard events.contains(.readable), !backingOff else { return }
         acceptAll(handle: handle, loop: loop)

@@ -53,7 +53,7 @@ struct Tether: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("With doctor: the open-files limit to check instead of this process's own.", valueName: "n"))
     var openFiles: Int?
 
-    @Option(name: .long, help: ArgumentHelp("The event loop that serves: nio (SwiftNIO, the default, everything) or own (Tether's own epoll loop, issue 15: routing, return, allow/deny and proxying over plain HTTP/1.1; it refuses a configuration with TLS, admin pages or https upstreams, and has no access log, reload or graceful drain yet).", valueName: "loop"))
+    @Option(name: .long, help: ArgumentHelp("The event loop that serves: nio (SwiftNIO, the default, everything) or own (Tether's own epoll loop, issue 15: routing, return, allow/deny and proxying over plain HTTP/1.1; it refuses a configuration with TLS, admin pages or https upstreams, and has no access log, metrics or reload yet).", valueName: "loop"))
     var eventLoop = "nio"
 
     @Option(name: .long, help: .hidden)
@@ -145,8 +145,12 @@ struct Tether: ParsableCommand {
         printError("tether: [notice] serving on Tether's own event loop: \(server.workerCount) loops, listening on \(addresses)")
         var received: Int32 = 0
         sigwait(&stopSignals, &received)
-        printError("tether: [notice] signal \(received) received, stopping")
-        server.stop()
+        // As on the SwiftNIO path: SIGTERM and SIGQUIT let requests in flight finish (10 s),
+        // SIGINT gives them 1 s.
+        let fast = received == SIGINT
+        printError("tether: [notice] \(fast ? "SIGINT" : received == SIGQUIT ? "SIGQUIT" : "SIGTERM") received, shutting down \(fast ? "fast" : "gracefully")")
+        server.shutdown(timeoutMs: fast ? 1_000 : 10_000)
+        printError("tether: [notice] exiting")
     }
 
     /// `-s NAME`: signals the process whose id the configuration's `pid` file holds, as nginx does.

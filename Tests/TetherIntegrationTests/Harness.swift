@@ -56,7 +56,7 @@ final class RunningCore: ProxyUnderTest {
         port = Int(server.boundPorts[0].port)
     }
 
-    func stop() { server.stop() }
+    func stop() { server.shutdown(timeoutMs: 2_000) }
 }
 
 enum EventLoopUnderTest: CaseIterable, Sendable { case nio, own }

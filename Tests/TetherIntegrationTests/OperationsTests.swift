@@ -32,10 +32,11 @@ import TetherTestSupport
         }
     }
 
-    @Test func gracefulShutdownFinishesRequestsInFlightAndClosesIdleConnections() throws {
+    @Test(arguments: EventLoopUnderTest.allCases)
+    func gracefulShutdownFinishesRequestsInFlightAndClosesIdleConnections(on loop: EventLoopUnderTest) throws {
         let backend = try TestBackend()
         defer { backend.stop() }
-        let proxy = try RunningProxy(config: """
+        let proxy = try startProxy(on: loop, config: """
             worker_processes 1;
             http {
                 upstream b { server 127.0.0.1:\(backend.port); }

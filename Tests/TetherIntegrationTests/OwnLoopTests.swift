@@ -85,6 +85,72 @@ import Glibc
         #expect(throws: (any Error).self) { try TestClient(port: proxy.port) }
     }
 
+    /// A shutdown closes the listener and the idle connections, and a request whose head was
+    /// still arriving is answered (marked close) once the rest of it comes.
+    @Test(arguments: EventLoopUnderTest.allCases)
+    func aHeadHalfReadAtShutdownIsAnsweredAndClosed(on loop: EventLoopUnderTest) throws {
+        let proxy = try startProxy(on: loop, config: "worker_processes 1; http { server { listen 127.0.0.1:0; location / { return 200 up; } } }")
+        let idle = try TestClient(port: proxy.port)
+        try idle.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        #expect(try idle.readResponse().bodyText == "up")
+        let half = try TestClient(port: proxy.port)
+        try half.send("GET /half HTTP/1.1\r\nHo")
+        // The proxy has read the half head before the shutdown begins.
+        #expect(eventually { (try? TestClient(port: proxy.port)).map { c in (try? c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")) != nil && (try? c.readResponse().status) == 200 } ?? false })
+        let stopped = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            proxy.stop()
+            stopped.signal()
+        }
+        #expect(idle.waitForClose(timeoutMs: 1_000))
+        #expect(eventually { (try? TestClient(port: proxy.port)) == nil })
+        try half.send("st: t\r\n\r\n")
+        let r = try half.readResponse()
+        #expect(r.status == 200 && r.bodyText == "up")
+        #expect(r.header("connection") == "close")
+        #expect(half.waitForClose(timeoutMs: 1_000))
+        #expect(stopped.wait(timeout: .now() + 3) == .success)
+    }
+
+    /// The binary: SIGTERM lets the request in flight finish (its answer marked close), then
+    /// Tether exits 0 and says so.
+    @Test func sigtermFinishesTheRequestInFlightThenExits() throws {
+        let backend = try TestBackend()
+        defer { backend.stop() }
+        let dir = NSTemporaryDirectory() + "tether-own-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let port = freePort()
+        try """
+            worker_processes 2;
+            http {
+                upstream b { server 127.0.0.1:\(backend.port); }
+                server { listen 127.0.0.1:\(port); location / { proxy_pass http://b; } }
+            }
+            """.write(toFile: dir + "/t.conf", atomically: true, encoding: .utf8)
+        let p = Process()
+        p.executableURL = try tetherExecutable()
+        p.arguments = ["--event-loop", "own", "-c", dir + "/t.conf"]
+        let errors = Pipe()
+        p.standardError = errors
+        try p.run()
+        defer { if p.isRunning { p.terminate(); p.waitUntilExit() } }
+        #expect(eventually { (try? TestClient(port: port)) != nil })
+        let busy = try TestClient(port: port)
+        try busy.send("GET /slow/500 HTTP/1.1\r\nHost: t\r\n\r\n")
+        #expect(eventually { backend.requestCount == 1 })
+        kill(p.processIdentifier, SIGTERM)
+        let r = try busy.readResponse()
+        #expect(r.status == 200 && r.bodyText == "slow")
+        #expect(r.header("connection") == "close")
+        #expect(busy.waitForClose(timeoutMs: 1_000))
+        p.waitUntilExit()
+        #expect(p.terminationStatus == 0)
+        let log = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(log.contains("SIGTERM received, shutting down gracefully"))
+        #expect(log.contains("exiting"))
+    }
+
     @Test func aConfigurationItCannotServeIsRefusedWithItsPlace() throws {
         let config = try Configuration.parse("""
             http {

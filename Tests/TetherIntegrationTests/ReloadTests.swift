@@ -172,8 +172,9 @@ func parse(_ text: String) throws -> Configuration {
         #expect(try c.readResponse().bodyText == "base")
     }
 
-    @Test func shutdownLetsALargeDownloadFinish() throws {
-        try withProxy { proxy, _ in
+    @Test(arguments: EventLoopUnderTest.allCases)
+    func shutdownLetsALargeDownloadFinish(on loop: EventLoopUnderTest) throws {
+        try withProxy(on: loop) { proxy, _ in
             let c = try proxy.client()
             let size = 100 << 20
             try c.send("GET /bytes/\(size) HTTP/1.1\r\nHost: t\r\n\r\n")

@@ -42,7 +42,12 @@ final class ClientLoop {
     /// Header storage lent to the connection parsing a head, and given back after: an idle
     /// connection holds none.
     var headerScratch: [HeaderField] = []
-    var draining = false
+    /// Shutdown under way: no answer keeps its connection alive, and `emptied` is called when
+    /// the last connection has closed.
+    private(set) var draining = false
+    var emptied: (() -> Void)?
+    /// Connections open now (registered and not yet closed).
+    private(set) var open = 0
     var accepted = 0
     var requests = 0
     var closed = ReasonCounts<DownstreamCloseReason>()
@@ -69,7 +74,22 @@ final class ClientLoop {
             throw error
         }
         accepted += 1
+        open += 1
         return c
+    }
+
+    /// Graceful shutdown (nginx's): a connection between requests with nothing of a head read
+    /// closes now; one with a request under way answers it (with `Connection: close` unless its
+    /// head went out already) and closes after it. `emptied` follows the last close.
+    /// Each of the loop's connections is then told (`ClientConnection.drain`).
+    func beginDrain() {
+        draining = true
+        if open == 0 { emptied?() }
+    }
+
+    fileprivate func connectionClosed() {
+        open -= 1
+        if draining && open == 0 { emptied?() }
     }
 }
 
@@ -578,6 +598,14 @@ final class ClientConnection: IOHandler {
         return keep && !close
     }
 
+    /// The keep-alive decision made when the request arrived, as it stands when its answer's head
+    /// is written: a shutdown begun meanwhile makes it close (as the SwiftNIO path does).
+    func keepsAliveAtResponse(_ decided: Bool) -> Bool {
+        guard decided, shared.draining else { return decided }
+        state.pendingReason = .shutdown
+        return false
+    }
+
     // MARK: Answering
 
     /// Answers the current request from Tether itself and writes it: `text` is the body (or a
@@ -619,11 +647,12 @@ final class ClientConnection: IOHandler {
         if let r = state.close(.error) { shared.closed[r] += 1 }
     }
 
-    /// The request was answered and its body read: the next one may follow.
+    /// The request was answered and its body read: the next one may follow (unless a shutdown
+    /// began after its answer's head went out saying keep-alive: then the connection closes).
     private func finishExchange() {
         guard state.inExchange else { return }
-        if closeAfterWrite {
-            if let r = state.close() { shared.closed[r] += 1 }
+        if closeAfterWrite || shared.draining {
+            if let r = state.close(closeAfterWrite ? nil : .shutdown) { shared.closed[r] += 1 }
             return
         }
         state.exchangeFinished(keepaliveTimeoutMs: Int64(keepaliveTimeoutMs), now: Int64(shared.loop.now))
@@ -674,6 +703,13 @@ final class ClientConnection: IOHandler {
         armTimer()
     }
 
+    /// Shutdown: closes now if between requests with nothing of a head read (as
+    /// `ClientConnectionState.closesOnDrain` says); otherwise the answer under way decides.
+    func drain() {
+        guard isOpen, !state.isClosed else { return }
+        if state.closesOnDrain(bufferedBytes: inboundBytes > 0) { close(.shutdown) }
+    }
+
     /// Closes now; `reason` (or the pending one) is counted unless the close was counted already.
     func close(_ reason: DownstreamCloseReason?) {
         guard isOpen else { return }
@@ -686,6 +722,7 @@ final class ClientConnection: IOHandler {
         outbound = OutboundQueue(pool: shared.pool)
         shared.loop.close(handle)
         socket = -1
+        shared.connectionClosed()
     }
 
     /// An idle connection holds no buffer: an empty one goes back to the pool.

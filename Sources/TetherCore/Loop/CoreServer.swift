@@ -11,11 +11,12 @@ import TetherIO
 /// `SO_REUSEPORT` socket per listening address, its own buffer pool and its own upstream pools;
 /// nothing is shared between loops, so the request path takes no lock. What the own loop cannot
 /// serve yet (`CoreRouter.unsupported`) is refused before anything listens. Not yet here: access
-/// logs, reload, graceful drain, TCP keepalive socket options, admin pages, TLS, upgrades.
+/// logs, metrics and admin pages, reload, TLS, upgrades.
 public final class CoreServer: @unchecked Sendable {
     public let configuration: Configuration
     private let setup: ProxySetup
     private var loops: [IOLoop] = []
+    private var workers: [LoopThread] = []
     private var threads: [pthread_t] = []
     /// The address and port each listening address was bound to (port 0 in the configuration:
     /// the one the kernel chose), in `ProxySetup.virtualHosts` order.
@@ -50,7 +51,7 @@ public final class CoreServer: @unchecked Sendable {
             }
         }
         var ports = hosts.map { UInt16(clamping: $0.0.port) }
-        var workers: [(IOLoop, [Listener])] = []
+        var workers: [LoopThread] = []
         do {
             for _ in 0..<workerCount {
                 let loop = try IOLoop()
@@ -61,12 +62,14 @@ public final class CoreServer: @unchecked Sendable {
                                                             socketKeepalive: socketKeepalive.contains(name), host: setup.hostKeepalive)
                 }
                 var listeners: [Listener] = []
+                var clientLoops: [ClientLoop] = []
                 for (i, (listen, vhosts, servers)) in hosts.enumerated() {
                     guard !listen.address.contains(":") else {
                         throw CoreSetupError("\(listen.location): listen \(listen.addressText): only IPv4 listeners are on Tether's own loop yet")
                     }
                     let router = CoreRouter(hosts: vhosts, servers: servers, upstreams: upstreams)
                     let clients = ClientLoop(loop: loop, pool: buffers, settings: Self.clientSettings(servers[vhosts.defaultIndex].server.settings), handler: router)
+                    clientLoops.append(clients)
                     let (fd, port) = try Sockets.listenTCP(address: listen.address, port: ports[i], backlog: Int32(listen.backlog))
                     // Set once on the listening socket: accepted sockets inherit TCP_NODELAY and
                     // the keepalive options (Linux copies them), so no setsockopt per connection.
@@ -83,7 +86,7 @@ public final class CoreServer: @unchecked Sendable {
                     try listener.start(on: loop)
                     listeners.append(listener)
                 }
-                workers.append((loop, listeners))
+                workers.append(LoopThread(loop: loop, listeners: listeners, clients: clientLoops))
             }
         } catch let e as CoreSetupError {
             throw CoreServerError(lines: [e.description])
@@ -91,9 +94,10 @@ public final class CoreServer: @unchecked Sendable {
             throw CoreServerError(lines: ["\(error)"])
         }
         boundPorts = zip(hosts, ports).map { ($0.0.address, $1) }
-        loops = workers.map(\.0)
-        for (loop, listeners) in workers {
-            let box = Unmanaged.passRetained(LoopThread(loop: loop, listeners: listeners))
+        loops = workers.map(\.loop)
+        self.workers = workers
+        for work in workers {
+            let box = Unmanaged.passRetained(work)
             var t = pthread_t()
             let rc = pthread_create(&t, nil, { arg in
                 let work = Unmanaged<LoopThread>.fromOpaque(arg!).takeRetainedValue()
@@ -109,13 +113,30 @@ public final class CoreServer: @unchecked Sendable {
     }
 
     /// Stops every loop after its pass under way, waits for their threads, and closes every
-    /// listener and connection (no drain yet).
+    /// listener and connection at once (a fast stop: answers under way are cut).
     public func stop() {
         for l in loops { l.stop() }
         for t in threads { pthread_join(t, nil) }
         for l in loops { l.closeAll() }
         threads = []
         loops = []
+        workers = []
+    }
+
+    /// Stops gracefully, as nginx does on SIGQUIT: every loop closes its listening sockets and
+    /// its idle client connections at once; a connection with a request under way gets its
+    /// answer (`Connection: close` unless its head went out already) and closes after it; a loop
+    /// stops when its last client connection has closed. Whatever is still open after
+    /// `timeoutMs` is closed (`stop`). Returns once every loop has stopped.
+    public func shutdown(timeoutMs: Int64 = 10_000) {
+        for w in workers { w.loop.execute { _ in w.drain() } }
+        let deadline = IOLoop.monotonicNanoseconds() + UInt64(max(0, timeoutMs)) * 1_000_000
+        // The main thread waits; the loops do not. (Polled: a shutdown is not a hot path, and a
+        // loop ends on its own thread without anyone to signal but its own exit.)
+        while workers.contains(where: { !$0.finished.load(ordering: .acquiring) }) && IOLoop.monotonicNanoseconds() < deadline {
+            usleep(5_000)
+        }
+        stop()
     }
 
     /// A line on standard error, written whole (loops log from their own threads).
@@ -138,13 +159,18 @@ public final class CoreServer: @unchecked Sendable {
     }
 }
 
-/// A loop and its listeners, run on one thread until the loop is stopped.
-private final class LoopThread {
+/// A loop, its listeners and its client connections, run on one thread until the loop is stopped.
+private final class LoopThread: @unchecked Sendable {
     let loop: IOLoop
     let listeners: [Listener]
-    init(loop: IOLoop, listeners: [Listener]) {
+    let clients: [ClientLoop]
+    /// `run` has returned (read by the thread that shuts the server down).
+    let finished = Atomic<Bool>(false)
+
+    init(loop: IOLoop, listeners: [Listener], clients: [ClientLoop]) {
         self.loop = loop
         self.listeners = listeners
+        self.clients = clients
     }
 
     func run() {
@@ -153,6 +179,22 @@ private final class LoopThread {
         } catch {
             CoreServer.log("tether: [emerg] event loop stopped: \(error)")
         }
+        finished.store(true, ordering: .releasing)
+    }
+
+    /// On the loop: the graceful shutdown's start (`CoreServer.shutdown`).
+    func drain() {
+        for l in listeners { l.stop(on: loop) }
+        for c in clients {
+            c.emptied = { [unowned self] in self.stopIfEmpty() }
+            c.beginDrain()
+        }
+        for h in loop.handlers { (h as? ClientConnection)?.drain() }
+        stopIfEmpty()
+    }
+
+    private func stopIfEmpty() {
+        if clients.allSatisfy({ $0.open == 0 }) { loop.stop() }
     }
 }
 

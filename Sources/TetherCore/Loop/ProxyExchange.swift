@@ -387,7 +387,7 @@ final class ProxyExchange: UpstreamLinkOwner {
         dropSavedHead()
         let framing = layout.responseFraming(requestIsHEAD: request.isHEAD)
         let plan = ResponsePlan(framing: framing, upgrading: false, headKeepsConnection: layout.keepsConnection,
-                                request: .init(minorVersion: request.minorVersion, keepAliveAllowed: request.clientKeepAlive,
+                                request: .init(minorVersion: request.minorVersion, keepAliveAllowed: connection.keepsAliveAtResponse(request.clientKeepAlive),
                                                bodyDone: requestBodyDone, upstreamHTTP10: route.proxyHTTP10))
         self.plan = plan
         upstreamReusable = plan.upstreamReusable
