@@ -89,28 +89,21 @@ public final class Listener: IOHandler {
 
 /// Non-blocking TCP sockets.
 public enum Sockets {
-    /// A listening IPv4 socket on `address:port` (port 0: the kernel picks), non-blocking, with
-    /// `SO_REUSEADDR` and, for one socket per loop, `SO_REUSEPORT`. Returns it and its port.
+    /// A listening socket on `address:port` (numeric IPv4 or IPv6; port 0: the kernel picks),
+    /// non-blocking, with `SO_REUSEADDR` and, for one socket per loop, `SO_REUSEPORT`; an IPv6
+    /// one takes only IPv6 (`IPV6_V6ONLY`, nginx's `ipv6only=on`). Returns it and its port.
     public static func listenTCP(address: String = "127.0.0.1", port: UInt16 = 0, backlog: Int32 = 511, reusePort: Bool = true) throws(IOError) -> (fd: Int32, port: UInt16) {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard let sa = InetAddress(host: address, port: port) else { throw IOError("inet_pton", errno: EINVAL) }
+        let fd = sa.tcpSocket()
         guard fd >= 0 else { throw IOError("socket", errno: errno) }
         var one: Int32 = 1
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
         if reusePort { setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, socklen_t(MemoryLayout<Int32>.size)) }
-        var sa = sockaddr_in()
-        sa.sin_family = sa_family_t(AF_INET)
-        sa.sin_port = port.bigEndian
-        guard inet_pton(AF_INET, address, &sa.sin_addr) == 1 else {
-            Glibc.close(fd)
-            throw IOError("inet_pton", errno: EINVAL)
-        }
-        let bound = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        if sa.family == AF_INET6 { setsockopt(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, &one, socklen_t(MemoryLayout<Int32>.size)) }
+        let bound = sa.withSockaddr { bind(fd, $0, $1) }
         guard bound == 0 else { let e = errno; Glibc.close(fd); throw IOError("bind", errno: e) }
         guard listen(fd, backlog) == 0 else { let e = errno; Glibc.close(fd); throw IOError("listen", errno: e) }
-        var out = sockaddr_in()
-        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        _ = withUnsafeMutablePointer(to: &out) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
-        return (fd, UInt16(bigEndian: out.sin_port))
+        return (fd, InetAddress.localPort(of: fd))
     }
 
     /// Turns off Nagle's algorithm on a TCP socket (nginx's `tcp_nodelay on`, its default for

@@ -151,6 +151,57 @@ import Glibc
         #expect(log.contains("exiting"))
     }
 
+    /// IPv6 on both sides: a client over ::1, a listener on [::1] (IPv6 only, as nginx's
+    /// ipv6only=on: the same port on 127.0.0.1 is another socket), an upstream server at [::1];
+    /// `$remote_addr` is the IPv6 peer on both.
+    @Test func ipv6ListenersAndUpstreams() throws {
+        let back = try RunningCore(config: #"worker_processes 1; http { server { listen [::1]:0; location / { return 200 "from $remote_addr for $http_x_client"; } } }"#)
+        defer { back.stop() }
+        let front = try RunningCore(config: """
+            worker_processes 2;
+            http {
+                upstream b { server [::1]:\(back.port); keepalive 4; }
+                server { listen [::1]:0; location / { proxy_pass http://b; proxy_set_header X-Client $remote_addr; } }
+            }
+            """)
+        defer { front.stop() }
+        let c = try TestClient(host: "::1", port: front.port)
+        for _ in 0..<3 {
+            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            let r = try c.readResponse()
+            #expect(r.status == 200 && r.bodyText == "from ::1 for ::1")
+        }
+        #expect(throws: (any Error).self) { try TestClient(host: "127.0.0.1", port: front.port) }
+        // A port the kernel chose for [::1] is free on 127.0.0.1: a second server binds it.
+        let v4 = try RunningCore(config: "worker_processes 1; http { server { listen 127.0.0.1:\(front.port); location / { return 200 v4; } } }")
+        defer { v4.stop() }
+        let c4 = try TestClient(port: front.port)
+        try c4.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        #expect(try c4.readResponse().bodyText == "v4")
+    }
+
+    /// A listening address that cannot be bound is an error with its place, as nginx says it.
+    @Test func aListenAddressInUseIsRefusedWithItsPlace() throws {
+        let first = try RunningCore(config: "worker_processes 1; http { server { listen 127.0.0.1:0; location / { return 200 one; } } }")
+        defer { first.stop() }
+        // SO_REUSEPORT lets Tether's own loops share a port; a socket without it holds it alone.
+        let holder = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(holder) }
+        var a = sockaddr_in()
+        a.sin_family = sa_family_t(AF_INET)
+        a.sin_addr.s_addr = inet_addr("127.0.0.1")
+        _ = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(holder, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        listen(holder, 1)
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(holder, $0, &len) } }
+        let port = Int(UInt16(bigEndian: a.sin_port))
+        #expect {
+            try RunningCore(config: "worker_processes 2;\nhttp { server {\nlisten 127.0.0.1:\(port); location / { return 200 two; } } }")
+        } throws: { error in
+            "\(error)" == "test.conf:3: bind() to 127.0.0.1:\(port) failed (98: Address already in use)"
+        }
+    }
+
     @Test func aConfigurationItCannotServeIsRefusedWithItsPlace() throws {
         let config = try Configuration.parse("""
             http {

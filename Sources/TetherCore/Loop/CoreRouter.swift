@@ -19,7 +19,7 @@ extension LoopUpstream {
                   let pool = UpstreamPool(loop: loop, buffers: buffers, host: s.address, port: port, policy: policy,
                                           tuning: SocketTuning(keepalive: s.tcpKeepalive ?? u.tcpKeepalive ?? (socketKeepalive ? TCPKeepalive(enabled: true) : nil),
                                                                userTimeout: s.tcpUserTimeout ?? u.tcpUserTimeout, host: host)) else {
-                throw CoreSetupError("\(u.location): server \(s.host):\(s.port) of upstream \"\(u.name)\": only IPv4 servers are on Tether's own loop yet")
+                throw CoreSetupError("\(u.location): server \(s.host):\(s.port) of upstream \"\(u.name)\": not a numeric address")
             }
             pools.append(pool)
         }

@@ -52,9 +52,12 @@ public final class CoreServer: @unchecked Sendable {
         }
         var ports = hosts.map { UInt16(clamping: $0.0.port) }
         var workers: [LoopThread] = []
+        // Loops made so far: on a failure their listening sockets are closed again.
+        var made: [IOLoop] = []
         do {
             for _ in 0..<workerCount {
                 let loop = try IOLoop()
+                made.append(loop)
                 let buffers = BufferPool()
                 var upstreams: [String: LoopUpstream] = [:]
                 for (name, u) in setup.upstreams {
@@ -64,13 +67,16 @@ public final class CoreServer: @unchecked Sendable {
                 var listeners: [Listener] = []
                 var clientLoops: [ClientLoop] = []
                 for (i, (listen, vhosts, servers)) in hosts.enumerated() {
-                    guard !listen.address.contains(":") else {
-                        throw CoreSetupError("\(listen.location): listen \(listen.addressText): only IPv4 listeners are on Tether's own loop yet")
-                    }
                     let router = CoreRouter(hosts: vhosts, servers: servers, upstreams: upstreams)
                     let clients = ClientLoop(loop: loop, pool: buffers, settings: Self.clientSettings(servers[vhosts.defaultIndex].server.settings), handler: router)
                     clientLoops.append(clients)
-                    let (fd, port) = try Sockets.listenTCP(address: listen.address, port: ports[i], backlog: Int32(listen.backlog))
+                    let fd: Int32, port: UInt16
+                    do {
+                        (fd, port) = try Sockets.listenTCP(address: listen.address, port: ports[i], backlog: Int32(listen.backlog))
+                    } catch {
+                        // As nginx: bind() to [::1]:8080 failed (98: Address already in use).
+                        throw CoreSetupError("\(listen.location): \(error.call)() to \(listen.addressText) failed (\(error.errno): \(String(cString: strerror(error.errno))))")
+                    }
                     // Set once on the listening socket: accepted sockets inherit TCP_NODELAY and
                     // the keepalive options (Linux copies them), so no setsockopt per connection.
                     Sockets.setNoDelay(fd)
@@ -89,8 +95,10 @@ public final class CoreServer: @unchecked Sendable {
                 workers.append(LoopThread(loop: loop, listeners: listeners, clients: clientLoops))
             }
         } catch let e as CoreSetupError {
+            for l in made { l.closeAll() }
             throw CoreServerError(lines: [e.description])
         } catch {
+            for l in made { l.closeAll() }
             throw CoreServerError(lines: ["\(error)"])
         }
         boundPorts = zip(hosts, ports).map { ($0.0.address, $1) }

@@ -219,7 +219,7 @@ final class UpstreamLink: IOHandler {
 final class UpstreamPool {
     let loop: IOLoop
     let buffers: BufferPool
-    let address: sockaddr_in
+    let address: InetAddress
     let connectTimeoutMs: Int64
     private(set) var state: ConnectionPool<Handle>
     private var links: [Handle: UpstreamLink] = [:]
@@ -232,13 +232,10 @@ final class UpstreamPool {
     /// TCP keepalive and TCP_USER_TIMEOUT for this server's sockets, set before each connect.
     let tuning: SocketTuning?
 
-    /// `host` is a numeric IPv4 address (names are resolved before a pool is made).
+    /// `host` is a numeric IPv4 or IPv6 address (names are resolved before a pool is made).
     init?(loop: IOLoop, buffers: BufferPool, host: String, port: UInt16, policy: PoolPolicy, connectTimeoutMs: Int64 = 60_000,
           tuning: SocketTuning? = nil) {
-        var a = sockaddr_in()
-        a.sin_family = sa_family_t(AF_INET)
-        a.sin_port = port.bigEndian
-        guard inet_pton(AF_INET, host, &a.sin_addr) == 1 else { return nil }
+        guard let a = InetAddress(host: host, port: port) else { return nil }
         self.loop = loop
         self.buffers = buffers
         address = a
@@ -280,7 +277,7 @@ final class UpstreamPool {
     }
 
     private func connect(for owner: UpstreamLinkOwner) -> (UpstreamLink?, errno: Int32) {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        let fd = address.tcpSocket()
         guard fd >= 0 else { state.connectFailed(); connectFailures += 1; return (nil, errno) }
         var one: Int32 = 1
         setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
@@ -292,10 +289,7 @@ final class UpstreamPool {
                 CoreServer.log("tether: [warn] \(failures.joined(separator: ", ")) on upstream sockets")
             }
         }
-        var a = address
-        let rc = withUnsafePointer(to: &a) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-        }
+        let rc = address.withSockaddr { Glibc.connect(fd, $0, $1) }
         if rc < 0 && errno != EINPROGRESS {
             let e = errno
             Glibc.close(fd)
