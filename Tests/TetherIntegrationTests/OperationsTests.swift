@@ -66,6 +66,33 @@ import TetherTestSupport
         #expect(throws: (any Error).self) { _ = try TestClient(port: proxy.port) }
     }
 
+    /// `worker_connections` bounds a loop's client connections: one more is closed unanswered,
+    /// and a place freed by a close is taken again.
+    @Test(arguments: EventLoopUnderTest.allCases)
+    func workerConnectionsBoundTheClientsOfALoop(on loop: EventLoopUnderTest) throws {
+        let proxy = try startProxy(on: loop, config: """
+            worker_processes 1;
+            events { worker_connections 3; }
+            http { server { listen 127.0.0.1:0; location / { return 200 in; } } }
+            """)
+        defer { proxy.stop() }
+        func answered(_ c: TestClient) -> Bool {
+            (try? c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")) != nil && (try? c.readResponse().bodyText) == "in"
+        }
+        var held: [TestClient] = []
+        for _ in 0..<3 {
+            let c = try proxy.client()
+            #expect(answered(c))
+            held.append(c)
+        }
+        let extra = try proxy.client()
+        #expect(extra.waitForClose(timeoutMs: 2_000))
+        held.removeFirst().close()
+        // The close reaches the proxy asynchronously: a new client gets in once it has.
+        #expect(eventually { (try? proxy.client()).map(answered) ?? false })
+        for c in held { #expect(answered(c)) }
+    }
+
     @Test func upgradeIsTunnelled() throws {
         try withProxy(location: "proxy_allow_upgrade echo;") { proxy, backend in
             let c = try proxy.client()

@@ -66,10 +66,12 @@ public final class CoreServer: @unchecked Sendable {
                 }
                 var listeners: [Listener] = []
                 var clientLoops: [ClientLoop] = []
+                let admission = Admission(limit: configuration.workerConnections)
                 for (i, (listen, vhosts, servers)) in hosts.enumerated() {
                     let router = CoreRouter(hosts: vhosts, servers: servers, upstreams: upstreams)
                     let clients = ClientLoop(loop: loop, pool: buffers, settings: Self.clientSettings(servers[vhosts.defaultIndex].server.settings), handler: router)
                     clientLoops.append(clients)
+                    admission.clients.append(clients)
                     let fd: Int32, port: UInt16
                     do {
                         (fd, port) = try Sockets.listenTCP(address: listen.address, port: ports[i], backlog: Int32(listen.backlog))
@@ -85,7 +87,10 @@ public final class CoreServer: @unchecked Sendable {
                     // Port 0: the first loop's port is every other loop's too.
                     ports[i] = port
                     let where_ = listen.addressText
-                    let listener = Listener(fd: fd, accepted: { c, _ in _ = try? clients.adopt(c) }, failed: { e, _ in
+                    let listener = Listener(fd: fd, accepted: { c, loop in
+                        guard admission.admits(now: loop.now) else { Glibc.close(c); return }
+                        _ = try? clients.adopt(c)
+                    }, failed: { e, _ in
                         // Once per back-off (at most ten a second per loop), as nginx logs accept4() failures.
                         CoreServer.log("tether: [crit] \(e) on \(where_), accepting again in 100 ms")
                     })
@@ -164,6 +169,32 @@ public final class CoreServer: @unchecked Sendable {
         c.keepaliveRequests = s.keepaliveRequests
         c.keepaliveTimeMs = s.keepaliveTimeMs
         return c
+    }
+}
+
+/// `worker_connections` on one loop: the client connections its listening addresses hold
+/// together. One accepted beyond them is closed at once, and that is logged as nginx words it,
+/// at most once a second (with the count since the last line).
+private final class Admission {
+    let limit: Int
+    var clients: [ClientLoop] = []
+    private var refused = 0
+    private var lastLog: UInt64 = 0
+
+    init(limit: Int) { self.limit = limit }
+
+    func admits(now: UInt64) -> Bool {
+        var open = 0
+        for c in clients { open += c.open }
+        guard open >= limit else { return true }
+        refused += 1
+        if lastLog == 0 || now &- lastLog >= 1_000_000_000 {
+            let extra = refused > 1 ? " (\(refused) connections closed since the last line)" : ""
+            CoreServer.log("tether: [alert] \(limit) worker_connections are not enough\(extra)")
+            lastLog = now
+            refused = 0
+        }
+        return false
     }
 }
 
