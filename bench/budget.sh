@@ -2,7 +2,8 @@
 # The instruction budget CI holds Tether to (issue 15): user-space instructions per proxied
 # keep-alive request and per new connection, counted by callgrind, which is deterministic where
 # time is not. Fails when any exceeds its budget in bench/budget.txt by more than 5 %: the
-# serving path (SwiftNIO) and Tether's own loop (`tether bench-core`, proxying), which replaces it.
+# serving path (SwiftNIO) and Tether's own loop (`tether --event-loop own`, the same configuration),
+# which replaces it.
 #
 #   bench/budget.sh              # check
 #   bench/budget.sh --print      # only print the figures
@@ -66,10 +67,9 @@ measure() {
 # The serving path (SwiftNIO) with the shipped kind of configuration.
 start tether $TETHER_PORT "$WORK/tether" -c "$WORK/tether.conf"
 read -r ka nc <<< "$(measure tether $TETHER_PORT)"
-# Tether's own loop (issue 15), proxying through its per-loop pool to the same backend.
-CORE_PORT=18382
-start core $CORE_PORT "$WORK/tether" bench-core --bench-port $CORE_PORT --bench-upstream $BACKEND_PORT
-read -r cka cnc <<< "$(measure core $CORE_PORT)"
+# Tether's own loop (issue 15) serving the same configuration (`--event-loop own`).
+start core $TETHER_PORT "$WORK/tether" --event-loop own -c "$WORK/tether.conf"
+read -r cka cnc <<< "$(measure core $TETHER_PORT)"
 echo "instructions per keep-alive request: $ka (own loop: $cka)"
 echo "instructions per new connection: $nc (own loop: $cnc)"
 [ "${1:-}" = "--print" ] && exit 0
