@@ -1,5 +1,17 @@
-# Sourced by bench/run.sh and bench/instructions.sh: the configurations of Tether and of nginx as
-# a proxy, the same in both benches. They expect WORK (a directory) and BACKEND_PORT to be set.
+# Sourced by the bench scripts (run.sh, instructions.sh, syscalls.sh, budget.sh): the configurations of Tether and of nginx as
+# a proxy, the same in each. They expect WORK (a directory) and BACKEND_PORT to be set.
+
+# --- The backend of the instruction and syscall counts: one nginx worker answering 12 bytes on
+# BACKEND_PORT, started here (its pid in $WORK/backend.pid).
+start_backend_12() {
+    cat > "$WORK/backend.conf" <<CONF
+worker_processes 1; daemon off; pid $WORK/backend.nginxpid; error_log $WORK/backend.err;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
+    server { listen 127.0.0.1:$BACKEND_PORT; location / { return 200 "hello world\n"; } } }
+CONF
+    nginx -c "$WORK/backend.conf" -e "$WORK/backend.err" & echo $! > "$WORK/backend.pid"
+}
 
 # --- Tether: tether_conf NAME LOOPS PORT [TLS-PORT [EXPIRY-PORT]] writes $WORK/NAME.conf
 tether_conf() {

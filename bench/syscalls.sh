@@ -26,16 +26,10 @@ LOOP=${TETHER_LOOP:-own}
 N=${REQUESTS:-4000}
 LG="python3 bench/loadgen.py"
 
-cat > "$WORK/backend.conf" <<CONF
-worker_processes 1; daemon off; pid $WORK/backend.nginxpid; error_log $WORK/backend.err;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
-    server { listen 127.0.0.1:$BACKEND_PORT; location / { return 200 "hello world\n"; } } }
-CONF
 source bench/proxies.sh
 tether_conf tether 1 $TETHER_PORT
 nginx_conf nginx 1 $NGINX_PORT
-nginx -c "$WORK/backend.conf" -e "$WORK/backend.err" & echo $! > "$WORK/backend.pid"
+start_backend_12
 
 # count PID PORT MODE: prints "calls-per-request top-calls"
 count() {
