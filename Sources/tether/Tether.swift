@@ -128,10 +128,12 @@ struct Tether: ParsableCommand {
     /// `--event-loop own`: the configuration on Tether's own loop until SIGTERM, SIGINT or SIGQUIT.
     func serveOnOwnLoop(_ config: Configuration) throws {
         for w in config.warnings { printError("tether: [warn] \(w)") }
+        if let warning = Self.applyRlimit(config) { printError("tether: [warn] \(warning)") }
         // The signals are taken by sigwait here, so the loops' threads (which inherit the mask) never see them.
         var stopSignals = sigset_t()
         sigemptyset(&stopSignals)
-        for s in [SIGTERM, SIGINT, SIGQUIT] { sigaddset(&stopSignals, s) }
+        // SIGHUP and SIGUSR1 too: their default action would end the process.
+        for s in [SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1] { sigaddset(&stopSignals, s) }
         pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
         let server: CoreServer
         do {
@@ -141,15 +143,38 @@ struct Tether: ParsableCommand {
             for line in error.lines { printError("tether: [emerg] \(line)") }
             throw ExitCode(1)
         }
+        // error_log FILE: once serving, the own loop's lines (written to standard error,
+        // whatever their level) go to the file; a start that failed said why on the terminal.
+        if config.errorLog.path != "stderr" {
+            do {
+                let fd = try FileLogSink.open(config.errorLog.path)
+                if fd != 2 { dup2(fd, 2); close(fd) }
+            } catch {
+                printError("tether: [emerg] \(error)")
+                server.stop()
+                throw ExitCode(1)
+            }
+        }
         let addresses = server.boundPorts.map { "\($0.address):\($0.port)" }.joined(separator: ", ")
         printError("tether: [notice] serving on Tether's own event loop: \(server.workerCount) loops, listening on \(addresses)")
+        if let failure = Self.writePidFile(config) { printError("tether: [error] \(failure)") }
         var received: Int32 = 0
-        sigwait(&stopSignals, &received)
+        while true {
+            sigwait(&stopSignals, &received)
+            if received == SIGHUP {
+                printError("tether: [warn] SIGHUP received: reload is not on Tether's own loop yet; the running configuration stays in place")
+            } else if received == SIGUSR1 {
+                printError("tether: [warn] SIGUSR1 received: reopening logs is not on Tether's own loop yet")
+            } else {
+                break
+            }
+        }
         // As on the SwiftNIO path: SIGTERM and SIGQUIT let requests in flight finish (10 s),
         // SIGINT gives them 1 s.
         let fast = received == SIGINT
         printError("tether: [notice] \(fast ? "SIGINT" : received == SIGQUIT ? "SIGQUIT" : "SIGTERM") received, shutting down \(fast ? "fast" : "gracefully")")
         server.shutdown(timeoutMs: fast ? 1_000 : 10_000)
+        if let pid = config.pidFile { unlink(pid) }
         printError("tether: [notice] exiting")
     }
 
@@ -189,6 +214,25 @@ struct Tether: ParsableCommand {
         }
     }
 
+    /// `worker_rlimit_nofile`; a warning when it could not be set.
+    static func applyRlimit(_ config: Configuration) -> String? {
+        guard let n = config.workerRlimitNofile else { return nil }
+        var r = rlimit(rlim_cur: rlim_t(n), rlim_max: rlim_t(n))
+        guard setrlimit(Int32(RLIMIT_NOFILE.rawValue), &r) != 0 else { return nil }
+        return "setrlimit(RLIMIT_NOFILE, \(n)) failed (\(errno): \(String(cString: strerror(errno))))"
+    }
+
+    /// `pid FILE`: this process's id, for `-s`; the error when it could not be written.
+    static func writePidFile(_ config: Configuration) -> String? {
+        guard let pid = config.pidFile else { return nil }
+        let fd = open(pid, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { return "open() \"\(pid)\" failed (\(errno): \(String(cString: strerror(errno))))" }
+        let text = "\(getpid())\n"
+        _ = text.withCString { write(fd, $0, strlen($0)) }
+        close(fd)
+        return nil
+    }
+
     func serve(_ config: Configuration) throws {
         let level: Logger.Level
         switch config.errorLog.level {
@@ -212,12 +256,7 @@ struct Tether: ParsableCommand {
             return h
         }
         let logger = Logger(label: "tether")
-        if let n = config.workerRlimitNofile {
-            var r = rlimit(rlim_cur: rlim_t(n), rlim_max: rlim_t(n))
-            if setrlimit(Int32(RLIMIT_NOFILE.rawValue), &r) != 0 {
-                logger.warning("setrlimit(RLIMIT_NOFILE, \(n)) failed (\(errno): \(String(cString: strerror(errno))))")
-            }
-        }
+        if let warning = Self.applyRlimit(config) { logger.warning("\(warning)") }
         let server: TetherServer
         do {
             server = try TetherServer(configuration: config, logger: logger, admin: Renderer())
@@ -230,16 +269,7 @@ struct Tether: ParsableCommand {
             printError("tether: [emerg] \(error)")
             throw ExitCode(1)
         }
-        if let pid = config.pidFile {
-            let fd = open(pid, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-            if fd >= 0 {
-                let text = "\(getpid())\n"
-                _ = text.withCString { write(fd, $0, strlen($0)) }
-                close(fd)
-            } else {
-                logger.error("open() \"\(pid)\" failed (\(errno): \(String(cString: strerror(errno))))")
-            }
-        }
+        if let failure = Self.writePidFile(config) { logger.error("\(failure)") }
         // Signals are handled one at a time on one queue: a reload never overlaps another.
         let signals = DispatchQueue(label: "tether.signals")
         let done = DispatchSemaphore(value: 0)

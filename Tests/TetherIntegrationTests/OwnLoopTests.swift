@@ -112,43 +112,53 @@ import Glibc
         #expect(stopped.wait(timeout: .now() + 3) == .success)
     }
 
-    /// The binary: SIGTERM lets the request in flight finish (its answer marked close), then
-    /// Tether exits 0 and says so.
-    @Test func sigtermFinishesTheRequestInFlightThenExits() throws {
+    /// The binary: its pid file and error log as nginx's; SIGHUP is logged and changes nothing;
+    /// `tether -s quit` lets the request in flight finish (its answer marked close), then Tether
+    /// exits 0, says so and removes its pid file.
+    @Test func quitFinishesTheRequestInFlightThenExits() throws {
         let backend = try TestBackend()
         defer { backend.stop() }
         let dir = NSTemporaryDirectory() + "tether-own-" + UUID().uuidString
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let port = freePort()
+        let file = dir + "/t.conf"
         try """
+            pid \(dir)/tether.pid;
+            error_log \(dir)/error.log notice;
             worker_processes 2;
             http {
                 upstream b { server 127.0.0.1:\(backend.port); }
                 server { listen 127.0.0.1:\(port); location / { proxy_pass http://b; } }
             }
-            """.write(toFile: dir + "/t.conf", atomically: true, encoding: .utf8)
+            """.write(toFile: file, atomically: true, encoding: .utf8)
         let p = Process()
         p.executableURL = try tetherExecutable()
-        p.arguments = ["--event-loop", "own", "-c", dir + "/t.conf"]
-        let errors = Pipe()
-        p.standardError = errors
+        p.arguments = ["--event-loop", "own", "-c", file]
         try p.run()
         defer { if p.isRunning { p.terminate(); p.waitUntilExit() } }
-        #expect(eventually { (try? TestClient(port: port)) != nil })
+        #expect(eventually { (try? String(contentsOfFile: dir + "/tether.pid", encoding: .utf8)) == "\(p.processIdentifier)\n" })
+        func log() -> String { (try? String(contentsOfFile: dir + "/error.log", encoding: .utf8)) ?? "" }
+        #expect(eventually { log().contains("serving on Tether's own event loop: 2 loops") })
         let busy = try TestClient(port: port)
         try busy.send("GET /slow/500 HTTP/1.1\r\nHost: t\r\n\r\n")
         #expect(eventually { backend.requestCount == 1 })
-        kill(p.processIdentifier, SIGTERM)
+        // Reload is not on the own loop yet: SIGHUP must not end the process (its default action).
+        kill(p.processIdentifier, SIGHUP)
+        #expect(eventually { log().contains("SIGHUP received: reload is not on Tether's own loop yet") })
+        let other = try TestClient(port: port)
+        try other.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        #expect(try other.readResponse().status == 200)
+        #expect(try runTether(["-s", "quit", "-c", file]).status == 0)
         let r = try busy.readResponse()
         #expect(r.status == 200 && r.bodyText == "slow")
         #expect(r.header("connection") == "close")
         #expect(busy.waitForClose(timeoutMs: 1_000))
         p.waitUntilExit()
         #expect(p.terminationStatus == 0)
-        let log = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        #expect(log.contains("SIGTERM received, shutting down gracefully"))
-        #expect(log.contains("exiting"))
+        #expect(log().contains("SIGQUIT received, shutting down gracefully"))
+        #expect(log().contains("exiting"))
+        #expect(!FileManager.default.fileExists(atPath: dir + "/tether.pid"))
     }
 
     /// IPv6 on both sides: a client over ::1, a listener on [::1] (IPv6 only, as nginx's
