@@ -118,28 +118,13 @@ import Glibc
     @Test func quitFinishesTheRequestInFlightThenExits() throws {
         let backend = try TestBackend()
         defer { backend.stop() }
-        let dir = NSTemporaryDirectory() + "tether-own-" + UUID().uuidString
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        let port = freePort()
-        let file = dir + "/t.conf"
-        try """
-            pid \(dir)/tether.pid;
-            error_log \(dir)/error.log notice;
-            worker_processes 2;
-            http {
-                upstream b { server 127.0.0.1:\(backend.port); }
-                server { listen 127.0.0.1:\(port); location / { proxy_pass http://b; } }
-            }
-            """.write(toFile: file, atomically: true, encoding: .utf8)
-        let p = Process()
-        p.executableURL = try tetherExecutable()
-        p.arguments = ["--event-loop", "own", "-c", file]
-        try p.run()
-        defer { if p.isRunning { p.terminate(); p.waitUntilExit() } }
+        let tether = try OwnLoopBinary(http: """
+            upstream b { server 127.0.0.1:\(backend.port); }
+            server { listen 127.0.0.1:PORT; location / { proxy_pass http://b; } }
+            """)
+        defer { tether.end() }
+        let (p, dir, port, file, log) = (tether.process, tether.dir, tether.port, tether.file, tether.log)
         #expect(eventually { (try? String(contentsOfFile: dir + "/tether.pid", encoding: .utf8)) == "\(p.processIdentifier)\n" })
-        func log() -> String { (try? String(contentsOfFile: dir + "/error.log", encoding: .utf8)) ?? "" }
-        #expect(eventually { log().contains("serving on Tether's own event loop: 2 loops") })
         let busy = try TestClient(port: port)
         try busy.send("GET /slow/500 HTTP/1.1\r\nHost: t\r\n\r\n")
         #expect(eventually { backend.requestCount == 1 })
@@ -159,6 +144,22 @@ import Glibc
         #expect(log().contains("SIGQUIT received, shutting down gracefully"))
         #expect(log().contains("exiting"))
         #expect(!FileManager.default.fileExists(atPath: dir + "/tether.pid"))
+    }
+
+    /// A failing backend: its 502 and an error-log line that says why and where, as nginx's.
+    @Test func aFailingBackendIsLoggedWithItsCause() throws {
+        let down = freePort()
+        let tether = try OwnLoopBinary(http: """
+            upstream b { server 127.0.0.1:\(down); }
+            server { listen 127.0.0.1:PORT; location / { proxy_pass http://b; } }
+            """)
+        defer { tether.end() }
+        let c = try TestClient(port: tether.port)
+        try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        #expect(try c.readResponse().status == 502)
+        #expect(eventually {
+            tether.log().contains("[error] connect() failed (111: Connection refused) while talking to upstream \"b\" server 127.0.0.1:\(down), answering 502")
+        })
     }
 
     /// IPv6 on both sides: a client over ::1, a listener on [::1] (IPv6 only, as nginx's
@@ -223,5 +224,41 @@ import Glibc
         } throws: { error in
             "\(error)".hasPrefix("test.conf:2: ") && "\(error)".contains("admin pages")
         }
+    }
+}
+
+/// `tether --event-loop own` as a process, with a pid file and an error log in a folder of its
+/// own; `PORT` in the `http` block's text is a free port, listening once `log()` says so.
+struct OwnLoopBinary {
+    let process = Process()
+    let dir = NSTemporaryDirectory() + "tether-own-" + UUID().uuidString
+    let port = freePort()
+    var file: String { dir + "/t.conf" }
+
+    init(http: String) throws {
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        try """
+            pid \(dir)/tether.pid;
+            error_log \(dir)/error.log notice;
+            worker_processes 2;
+            http {
+            \(http.replacingOccurrences(of: "PORT", with: "\(port)"))
+            }
+            """.write(toFile: file, atomically: true, encoding: .utf8)
+        process.executableURL = try tetherExecutable()
+        process.arguments = ["--event-loop", "own", "-c", file]
+        try process.run()
+        let log = self.log
+        guard eventually({ log().contains("serving on Tether's own event loop") }) else {
+            end()
+            throw TestError("tether did not start: \(log())")
+        }
+    }
+
+    func log() -> String { (try? String(contentsOfFile: dir + "/error.log", encoding: .utf8)) ?? "" }
+
+    func end() {
+        if process.isRunning { process.terminate(); process.waitUntilExit() }
+        try? FileManager.default.removeItem(atPath: dir)
     }
 }

@@ -187,6 +187,7 @@ final class ProxyExchange: UpstreamLinkOwner {
     private func connectNext() {
         guard let i = upstream.balancer.select(now: upstream.nowMs, exclude: tried) else {
             upstream.failures[.noLiveUpstreams] += 1
+            CoreServer.log("tether: [error] no live upstreams while connecting to upstream \"\(upstream.name)\"")
             return answer(502)
         }
         server = i
@@ -195,7 +196,7 @@ final class ProxyExchange: UpstreamLinkOwner {
         upstream.balancer.started(i)
         active = true
         let (l, e) = upstream.pools[i].lease(for: self)
-        guard let l else { return failed(e == ETIMEDOUT ? .timeout : .error) }
+        guard let l else { return failed(e == ETIMEDOUT ? .timeout : .error, Self.callFailed("connect", e)) }
         send(on: l)
     }
 
@@ -224,8 +225,20 @@ final class ProxyExchange: UpstreamLinkOwner {
         upstream.balancer.ended(server)
     }
 
-    /// The upstream failed before the response was complete: `NextUpstream` decides what follows.
-    private func failed(_ kind: UpstreamFailureKind) {
+    /// `connect() failed (111: Connection refused)`, as nginx words a failed call.
+    static func callFailed(_ call: String, _ e: Int32) -> String {
+        "\(call)() failed (\(e): \(String(cString: strerror(e))))"
+    }
+
+    /// The error-log line of a failure (`why`, then where, then what follows), as nginx's.
+    private func log(_ level: String, _ why: String, _ then: String) {
+        let address = server >= 0 && server < upstream.pools.count ? upstream.pools[server].addressText : "?"
+        CoreServer.log("tether: [\(level)] \(why) while talking to upstream \"\(upstream.name)\" server \(address)\(then)")
+    }
+
+    /// The upstream failed before the response was complete: `NextUpstream` decides what follows,
+    /// and the error log says why (`why` is made only then: nothing is formatted on the way).
+    private func failed(_ kind: UpstreamFailureKind, _ why: @autoclosure () -> String) {
         guard !finished else { return }
         if let l = link {
             link = nil
@@ -243,6 +256,7 @@ final class ProxyExchange: UpstreamLinkOwner {
             // Part of the response went out: the client sees an incomplete message, never a
             // wrong or complete-looking one.
             upstream.failures[counted] += 1
+            log("error", why(), ", after part of the response was sent: the client connection is cut")
             finished = true
             dropSavedHead()
             connection.exchangeAborted(reset: reset)
@@ -252,13 +266,15 @@ final class ProxyExchange: UpstreamLinkOwner {
             upstream.balancer.started(server)
             active = true
             let (l, e) = pool.connectFresh(for: self)
-            guard let l else { return failed(e == ETIMEDOUT ? .timeout : .error) }
+            guard let l else { return failed(e == ETIMEDOUT ? .timeout : .error, Self.callFailed("connect", e)) }
             send(on: l)
         case .nextServer:
+            log("warn", why(), ", trying the next server")
             upstream.balancer.failed(server, now: now)
             upstream.retries[.nextUpstream] += 1
             connectNext()
         case .respond(let status, _, let counted):
+            log("error", why(), ", answering \(status)")
             upstream.balancer.failed(server, now: now)
             upstream.failures[counted] += 1
             answer(status)
@@ -280,16 +296,16 @@ final class ProxyExchange: UpstreamLinkOwner {
 
     func upstreamConnectFailed(_ link: UpstreamLink, errno: Int32) {
         self.link = nil
-        failed(errno == ETIMEDOUT ? .timeout : .error)
+        failed(errno == ETIMEDOUT ? .timeout : .error, Self.callFailed("connect", errno))
     }
 
     func upstreamClosed(_ link: UpstreamLink, errno: Int32?) {
         self.link = nil
-        failed(.error)
+        failed(.error, errno.map { Self.callFailed("recv", $0) } ?? "upstream prematurely closed connection")
     }
 
     func upstreamTimedOut(_ link: UpstreamLink) {
-        failed(.timeout)
+        failed(.timeout, "upstream timed out (no data for \(Units.formatTime(Int64(readTimeoutMs))))")
     }
 
     /// The request body may flow again.
@@ -316,7 +332,7 @@ final class ProxyExchange: UpstreamLinkOwner {
                 if link.peerClosed {
                     // Closed before a whole head: a stale reused connection (retried where
                     // safe) or a backend that gave up.
-                    failed(.error)
+                    failed(.error, "upstream prematurely closed connection before a whole response head")
                     break
                 }
                 if !more { break }
@@ -351,7 +367,7 @@ final class ProxyExchange: UpstreamLinkOwner {
         let outcome = buf.withReadableBytes { p in HeadParser.parse(p, kind: .response, limits: .response, headers: &headers, into: &layout) }
         guard case .complete(let start, let consumed) = outcome else {
             link.putBack(buf)
-            if case .error = outcome { failed(.invalidHeader) }
+            if case .error(let e) = outcome { failed(.invalidHeader, "upstream sent an invalid response head (\(e))") }
             return false
         }
         if layout.status < 200 {
@@ -359,7 +375,7 @@ final class ProxyExchange: UpstreamLinkOwner {
             // (no upgrade is offered on this path yet) and is refused, as RFC 9110 7.8 allows.
             guard layout.status != 101 else {
                 link.putBack(buf)
-                failed(.invalidHeader)
+                failed(.invalidHeader, "upstream sent 101 Switching Protocols, which was not asked for")
                 return false
             }
             buf.consume(consumed)
@@ -458,7 +474,7 @@ final class ProxyExchange: UpstreamLinkOwner {
             } catch {
                 // Bad chunked syntax from the backend is never passed on.
                 link.putBack(buf)
-                return failed(.invalidHeader)
+                return failed(.invalidHeader, "upstream sent invalid chunked response")
             }
             if consumed < buf.readableBytes { upstreamReusable = false }
             buf.consume(buf.readableBytes)
@@ -481,7 +497,7 @@ final class ProxyExchange: UpstreamLinkOwner {
             upstreamReusable = false
             return finish(link)
         }
-        failed(.error)
+        failed(.error, "upstream prematurely closed connection before the response ended")
     }
 
     private func finish(_ link: UpstreamLink) {

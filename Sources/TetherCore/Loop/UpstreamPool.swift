@@ -220,6 +220,8 @@ final class UpstreamPool {
     let loop: IOLoop
     let buffers: BufferPool
     let address: InetAddress
+    /// `host:port` (`[host]:port` for IPv6), for log lines.
+    let addressText: String
     let connectTimeoutMs: Int64
     private(set) var state: ConnectionPool<Handle>
     private var links: [Handle: UpstreamLink] = [:]
@@ -236,6 +238,7 @@ final class UpstreamPool {
     init?(loop: IOLoop, buffers: BufferPool, host: String, port: UInt16, policy: PoolPolicy, connectTimeoutMs: Int64 = 60_000,
           tuning: SocketTuning? = nil) {
         guard let a = InetAddress(host: host, port: port) else { return nil }
+        addressText = host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
         self.loop = loop
         self.buffers = buffers
         address = a
