@@ -102,7 +102,7 @@ let package = Package(
         .testTarget(
             name: "TetherIntegrationTests",
             dependencies: [
-                "TetherCore", "TetherConfig", "TetherAdmin", "TetherTestSupport",
+                "TetherCore", "TetherConfig", "TetherAdmin", "TetherTestSupport", "TetherIO",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),

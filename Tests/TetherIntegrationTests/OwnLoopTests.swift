@@ -3,6 +3,7 @@ import NIOCore
 import Testing
 import TetherConfig
 import TetherCore
+import TetherIO
 import TetherTestSupport
 #if canImport(Glibc)
 import Glibc
@@ -193,19 +194,10 @@ import Glibc
 
     /// A listening address that cannot be bound is an error with its place, as nginx says it.
     @Test func aListenAddressInUseIsRefusedWithItsPlace() throws {
-        let first = try RunningCore(config: "worker_processes 1; http { server { listen 127.0.0.1:0; location / { return 200 one; } } }")
-        defer { first.stop() }
         // SO_REUSEPORT lets Tether's own loops share a port; a socket without it holds it alone.
-        let holder = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        let (holder, bound) = try Sockets.listenTCP(reusePort: false)
         defer { close(holder) }
-        var a = sockaddr_in()
-        a.sin_family = sa_family_t(AF_INET)
-        a.sin_addr.s_addr = inet_addr("127.0.0.1")
-        _ = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(holder, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-        listen(holder, 1)
-        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        _ = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(holder, $0, &len) } }
-        let port = Int(UInt16(bigEndian: a.sin_port))
+        let port = Int(bound)
         #expect {
             try RunningCore(config: "worker_processes 2;\nhttp { server {\nlisten 127.0.0.1:\(port); location / { return 200 two; } } }")
         } throws: { error in

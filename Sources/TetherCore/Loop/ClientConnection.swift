@@ -78,13 +78,11 @@ final class ClientLoop {
         return c
     }
 
-    /// Graceful shutdown (nginx's): a connection between requests with nothing of a head read
-    /// closes now; one with a request under way answers it (with `Connection: close` unless its
-    /// head went out already) and closes after it. `emptied` follows the last close.
-    /// Each of the loop's connections is then told (`ClientConnection.drain`).
+    /// Graceful shutdown (nginx's): no answer keeps its connection alive from now on; each of
+    /// the loop's connections is then told (`ClientConnection.drain`), and `emptied` follows
+    /// the last close.
     func beginDrain() {
         draining = true
-        if open == 0 { emptied?() }
     }
 
     fileprivate func connectionClosed() {

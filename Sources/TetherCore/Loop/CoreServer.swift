@@ -210,6 +210,7 @@ private final class LoopThread: @unchecked Sendable {
         self.loop = loop
         self.listeners = listeners
         self.clients = clients
+        for c in clients { c.emptied = { [unowned self] in self.stopIfEmpty() } }
     }
 
     func run() {
@@ -224,10 +225,7 @@ private final class LoopThread: @unchecked Sendable {
     /// On the loop: the graceful shutdown's start (`CoreServer.shutdown`).
     func drain() {
         for l in listeners { l.stop(on: loop) }
-        for c in clients {
-            c.emptied = { [unowned self] in self.stopIfEmpty() }
-            c.beginDrain()
-        }
+        for c in clients { c.beginDrain() }
         for h in loop.handlers { (h as? ClientConnection)?.drain() }
         stopIfEmpty()
     }
