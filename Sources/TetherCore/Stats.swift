@@ -86,6 +86,35 @@ struct LoopStats: Sendable {
         responsesByServer = [[Int]](repeating: [0, 0, 0, 0, 0, 0], count: servers)
     }
 
+    /// A response of `status`; `server` is the index of the `server` block that answered it,
+    /// nil for a request no server took (a head that could not be read).
+    mutating func countResponse(status: Int, server: Int?) {
+        let c = min(5, max(0, status / 100))
+        responsesByClass[c] += 1
+        guard let server, server < requestsByServer.count else { return }
+        requestsByServer[server] += 1
+        responsesByServer[server][c] += 1
+    }
+
+    /// Adds another part's counts (another listening address's on the same loop).
+    mutating func add(_ o: LoopStats) {
+        downstreamAccepted += o.downstreamAccepted
+        downstreamHandled += o.downstreamHandled
+        downstreamActive += o.downstreamActive
+        downstreamRequests += o.downstreamRequests
+        for i in responsesByClass.indices { responsesByClass[i] += o.responsesByClass[i] }
+        downstreamClosed.add(o.downstreamClosed)
+        acceptFailures.merge(o.acceptFailures, uniquingKeysWith: +)
+        upstreamFailures.add(o.upstreamFailures)
+        for i in requestsByServer.indices where i < o.requestsByServer.count {
+            requestsByServer[i] += o.requestsByServer[i]
+            for c in 0..<6 { responsesByServer[i][c] += o.responsesByServer[i][c] }
+        }
+        tlsHandshakes.merge(o.tlsHandshakes, uniquingKeysWith: +)
+        tlsResumed += o.tlsResumed
+        tlsFailures.merge(o.tlsFailures, uniquingKeysWith: +)
+    }
+
     /// After a reload the `server` blocks are new: their counters start over.
     mutating func resizeServers(_ n: Int) {
         requestsByServer = [Int](repeating: 0, count: n)

@@ -137,34 +137,38 @@ struct Tether: ParsableCommand {
         pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
         let server: CoreServer
         do {
-            server = try CoreServer(config)
+            server = try CoreServer(config, admin: Renderer())
             try server.start()
         } catch {
             for line in error.lines { printError("tether: [emerg] \(line)") }
             throw ExitCode(1)
         }
-        // error_log FILE: once serving, the own loop's lines (written to standard error,
-        // whatever their level) go to the file; a start that failed said why on the terminal.
-        if config.errorLog.path != "stderr" {
-            do {
-                let fd = try FileLogSink.open(config.errorLog.path)
-                if fd != 2 { dup2(fd, 2); close(fd) }
-            } catch {
-                printError("tether: [emerg] \(error)")
-                server.stop()
-                throw ExitCode(1)
-            }
+        // error_log FILE: once serving, the own loop's lines (written to standard error, at
+        // error_log's level and above) go to the file; a start that failed said why on the terminal.
+        do {
+            try Self.pointStandardErrorAtErrorLog(config)
+        } catch {
+            printError("tether: [emerg] \(error)")
+            server.stop()
+            throw ExitCode(1)
         }
+        let log = server.log
         let addresses = server.boundPorts.map { "\($0.address):\($0.port)" }.joined(separator: ", ")
-        printError("tether: [notice] serving on Tether's own event loop: \(server.workerCount) loops, listening on \(addresses)")
-        if let failure = Self.writePidFile(config) { printError("tether: [error] \(failure)") }
+        log(.notice, "serving on Tether's own event loop: \(server.workerCount) loops, listening on \(addresses)")
+        if let failure = Self.writePidFile(config) { log(.error, failure) }
         var received: Int32 = 0
         while true {
             sigwait(&stopSignals, &received)
             if received == SIGHUP {
-                printError("tether: [warn] SIGHUP received: reload is not on Tether's own loop yet; the running configuration stays in place")
+                log(.warn, "SIGHUP received: reload is not on Tether's own loop yet; the running configuration stays in place")
             } else if received == SIGUSR1 {
-                printError("tether: [warn] SIGUSR1 received: reopening logs is not on Tether's own loop yet")
+                // As logrotate expects: the error log file, moved away, is opened again by its name.
+                do {
+                    try Self.pointStandardErrorAtErrorLog(config)
+                    log(.notice, "log files reopened")
+                } catch {
+                    log(.alert, "reopening logs failed: \(error)")
+                }
             } else {
                 break
             }
@@ -172,10 +176,18 @@ struct Tether: ParsableCommand {
         // As on the SwiftNIO path: SIGTERM and SIGQUIT let requests in flight finish (10 s),
         // SIGINT gives them 1 s.
         let fast = received == SIGINT
-        printError("tether: [notice] \(fast ? "SIGINT" : received == SIGQUIT ? "SIGQUIT" : "SIGTERM") received, shutting down \(fast ? "fast" : "gracefully")")
+        log(.notice, "\(fast ? "SIGINT" : received == SIGQUIT ? "SIGQUIT" : "SIGTERM") received, shutting down \(fast ? "fast" : "gracefully")")
         server.shutdown(timeoutMs: fast ? 1_000 : 10_000)
         if let pid = config.pidFile { unlink(pid) }
-        printError("tether: [notice] exiting")
+        log(.notice, "exiting")
+    }
+
+    /// `error_log FILE`: standard error, where the own loop writes its lines, becomes that file
+    /// (opened for appending); at a reopen, the file by that name now.
+    static func pointStandardErrorAtErrorLog(_ config: Configuration) throws {
+        guard config.errorLog.path != "stderr" else { return }
+        let fd = try FileLogSink.open(config.errorLog.path)
+        if fd != 2 { dup2(fd, 2); close(fd) }
     }
 
     /// `-s NAME`: signals the process whose id the configuration's `pid` file holds, as nginx does.

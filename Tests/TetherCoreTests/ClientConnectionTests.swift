@@ -155,7 +155,7 @@ func responses(_ bytes: [UInt8]) -> [(status: String, head: String, body: String
         #expect(rig.pool.outstanding == 0, "an idle connection holds no buffer")
         #expect(try rig.run(c, into: &got) { _, eof in eof })
         #expect(rig.loop.now - answered >= 60_000_000)
-        #expect(rig.clients.closed[.keepaliveTimeout] == 1)
+        #expect(rig.clients.stats.downstreamClosed[.keepaliveTimeout] == 1)
         #expect(rig.loop.registered == 0)
     }
 
@@ -170,7 +170,7 @@ func responses(_ bytes: [UInt8]) -> [(status: String, head: String, body: String
         var none: [UInt8] = []
         #expect(try rig.run(silent, into: &none) { _, eof in eof })
         #expect(none.isEmpty)
-        #expect(rig.clients.closed[.error] == 1 && rig.clients.closed[.clientHeaderTimeout] == 1)
+        #expect(rig.clients.stats.downstreamClosed[.error] == 1 && rig.clients.stats.downstreamClosed[.clientHeaderTimeout] == 1)
     }
 
     @Test(arguments: [
@@ -197,7 +197,7 @@ func responses(_ bytes: [UInt8]) -> [(status: String, head: String, body: String
         var got: [UInt8] = []
         #expect(try rig.run(c, into: &got) { _, eof in eof })
         #expect(responses(got).map(\.body) == ["ok:/a"])
-        #expect(rig.clients.closed[.clientClose] == 1)
+        #expect(rig.clients.stats.downstreamClosed[.clientClose] == 1)
     }
 
     @Test func keepaliveRequestsAndConnectionCloseEndTheConnectionAfterTheAnswer() throws {
@@ -209,14 +209,14 @@ func responses(_ bytes: [UInt8]) -> [(status: String, head: String, body: String
         let r = responses(got)
         #expect(r.map(\.body) == ["ok:/1", "ok:/2"])
         #expect(!r[0].head.contains("Connection: close") && r[1].head.contains("Connection: close"))
-        #expect(rig.clients.closed[.keepaliveRequests] == 1)
+        #expect(rig.clients.stats.downstreamClosed[.keepaliveRequests] == 1)
 
         let d = try rig.connect()
         rig.send(d, "GET /x HTTP/1.0\r\n\r\n")
         var got10: [UInt8] = []
         #expect(try rig.run(d, into: &got10) { _, eof in eof })
         #expect(responses(got10).first?.head.contains("Connection: close") == true)
-        #expect(rig.clients.closed[.clientClose] == 1)
+        #expect(rig.clients.stats.downstreamClosed[.clientClose] == 1)
     }
 
     /// An answer that closes while the client is still sending a body: Tether's FIN, then it
@@ -330,7 +330,7 @@ func responses(_ bytes: [UInt8]) -> [(status: String, head: String, body: String
         let report = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         #expect(report.contains("answered=10000 closed=10000 early=0 late=0"), "\(report)")
         #expect(peak == 10_000)
-        #expect(rig.clients.closed[.keepaliveTimeout] == 10_000)
+        #expect(rig.clients.stats.downstreamClosed[.keepaliveTimeout] == 10_000)
         #expect(rig.loop.registered == 1, "only the listener is left")
         #expect(rig.pool.outstanding == 0)
     }

@@ -158,8 +158,8 @@ extension ProxyRig: FrontRig {}
         #expect(answers.map(\.body) == (1...20).map { "ok:/\($0)" })
         // The hop-by-hop header did not reach the backend's answer path, and ours carries none.
         #expect(answers.allSatisfy { !$0.head.lowercased().contains("connection:") })
-        #expect(r.backend.backend.accepted == 1, "one upstream connection for 20 requests")
-        #expect(r.pool.connects == 1 && r.pool.reusedLeases == 19, "\(r.pool.closed) \(r.backend.backend.closed.byLabel)")
+        #expect(r.backend.backend.stats.downstreamAccepted == 1, "one upstream connection for 20 requests")
+        #expect(r.pool.connects == 1 && r.pool.reusedLeases == 19, "\(r.pool.closed) \(r.backend.backend.stats.downstreamClosed.byLabel)")
         #expect(r.backend.rig.pool.outstanding == 0, "nothing holds a buffer between requests")
         #expect(r.upstream.spareExchangeCount == 1, "one exchange object served all 20 requests")
     }
@@ -175,7 +175,7 @@ extension ProxyRig: FrontRig {}
         var got: [UInt8] = []
         #expect(try r.run(c, into: &got) { got, _ in responses(got).count == 3 })
         #expect(responses(got).map(\.body) == ["ok:/1", "ok:/2", "ok:/3"])
-        #expect(r.backend.backend.accepted == 1)
+        #expect(r.backend.backend.stats.downstreamAccepted == 1)
         #expect(r.backend.rig.handler.seen == ["/1", "/2", "/3"])
     }
 
@@ -215,7 +215,7 @@ extension ProxyRig: FrontRig {}
         for _ in 0..<50 where r.pool.openCount > 0 { try r.loop.runOnce(timeoutMs: 20) }
         #expect(r.pool.openCount == 0, "a half-read answer's connection is not pooled")
         #expect(r.pool.closed[.clientAbort] == 1)
-        #expect(r.front.closed[.clientClose] == 1)
+        #expect(r.front.stats.downstreamClosed[.clientClose] == 1)
     }
 
     /// Head limits may allow more than one pool buffer holds: such a head is refused whole (431),
@@ -283,7 +283,7 @@ extension ProxyRig: FrontRig {}
         }
         #expect(String(decoding: got, as: UTF8.self).components(separatedBy: "Transfer-Encoding: chunked\r\n").count == 3)
         #expect(b.connections.count == 2, "a close-delimited answer's connection is not reused")
-        #expect(r.front.closed.byLabel.isEmpty)
+        #expect(r.front.stats.downstreamClosed.byLabel.isEmpty)
     }
 
     @Test func aCloseDelimitedAnswerToAnHTTP10ClientEndsWithTheClose() throws {

@@ -94,7 +94,7 @@ final class PoolRig {
             let (u, reused) = try r.exchange(pool)
             #expect(reused && responses(u.got).first?.body == "ok:/up")
         }
-        #expect(r.backend.accepted == 1, "the backend saw one connection for six requests")
+        #expect(r.backend.stats.downstreamAccepted == 1, "the backend saw one connection for six requests")
         #expect(pool.connects == 1 && pool.reusedLeases == 5 && pool.idleCount == 1)
         #expect(r.rig.pool.outstanding == 0, "an idle pooled connection holds no buffer")
     }
@@ -122,7 +122,7 @@ final class PoolRig {
         #expect(r.loop.now - released >= 60_000_000)
         #expect(pool.closed[.idleTimeout] == 1)
         // The backend sees our close as a plain client close.
-        #expect(try r.run { r.backend.closed[.clientClose] == 1 })
+        #expect(try r.run { r.backend.stats.downstreamClosed[.clientClose] == 1 })
     }
 
     @Test func aRefusedConnectIsReportedAndLeavesNothingBehind() throws {

@@ -12,6 +12,8 @@ import Glibc
 /// A Tether under test, on either event loop: what a test that only talks HTTP to it needs.
 protocol ProxyUnderTest: Sendable {
     var port: Int { get }
+    /// Every loop's counters, summed (what the admin pages show).
+    func stats() -> StatsSnapshot
     func stop()
 }
 
@@ -41,6 +43,7 @@ final class RunningProxy: ProxyUnderTest {
         port = server.boundAddresses[0].port
     }
 
+    func stats() -> StatsSnapshot { server.stats() }
     func stop() { server.shutdown(timeout: .seconds(2)) }
 }
 
@@ -51,11 +54,12 @@ final class RunningCore: ProxyUnderTest {
 
     init(config text: String) throws {
         let config = try Configuration.parse(text, file: "test.conf", resolver: { Builder.isNumeric($0) ? $0 : ($0 == "localhost" ? "127.0.0.1" : nil) }).get()
-        server = try CoreServer(config)
+        server = try CoreServer(config, admin: Renderer())
         try server.start()
         port = Int(server.boundPorts[0].port)
     }
 
+    func stats() -> StatsSnapshot { server.stats() }
     func stop() { server.shutdown(timeoutMs: 2_000) }
 }
 

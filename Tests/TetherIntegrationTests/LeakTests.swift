@@ -17,14 +17,14 @@ func residentKiB(_ pid: Int32) -> Int {
 
 /// Starts the `tether` binary on `config` (in a directory of its own, given to `config` to put
 /// files in), waits until `port` accepts, runs `body` with its pid, and stops it.
-func withTetherProcess(config: (String) -> String, port: Int, _ body: (Int32, String) throws -> Void) throws {
+func withTetherProcess(config: (String) -> String, port: Int, arguments: [String] = [], _ body: (Int32, String) throws -> Void) throws {
     let dir = NSTemporaryDirectory() + "tether-proc-" + UUID().uuidString
     try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
     defer { try? FileManager.default.removeItem(atPath: dir) }
     try config(dir).write(toFile: dir + "/t.conf", atomically: true, encoding: .utf8)
     let p = Process()
     p.executableURL = try tetherExecutable()
-    p.arguments = ["-c", dir + "/t.conf"]
+    p.arguments = arguments + ["-c", dir + "/t.conf"]
     p.standardError = FileHandle.nullDevice
     try p.run()
     defer { p.terminate(); p.waitUntilExit() }

@@ -59,6 +59,32 @@ import Glibc
         }
     }
 
+    /// An admin page is answered once every loop has given its figures: requests pipelined
+    /// behind it wait for it and come in order, a body it was sent is dropped, and a client that
+    /// leaves before its page is ready costs nothing (the next scrape is answered).
+    @Test func anAdminPageKeepsItsPlaceInAPipeline() throws {
+        try withProxy(on: .own, workers: 2, server: adminLocations) { proxy, _ in
+            let c = try proxy.client()
+            try c.send("GET /status/201 HTTP/1.1\r\nHost: t\r\n\r\nGET /status HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhelloGET /metrics HTTP/1.1\r\nHost: t\r\n\r\nGET /status/202 HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(try c.readResponse().status == 201)
+            let status = try c.readResponse()
+            #expect(status.status == 200 && status.bodyText.hasPrefix("Active connections: "))
+            let metrics = try c.readResponse()
+            #expect(metrics.status == 200 && metrics.header("content-type") == "text/plain; version=0.0.4; charset=utf-8")
+            // The first answer and the stub_status page were counted before the metrics page was made.
+            #expect(metric(metrics.bodyText, "tether_downstream_rq_total{code=\"2xx\"}") == 2)
+            #expect(try c.readResponse().status == 202)
+            for _ in 0..<20 {
+                let gone = try proxy.client()
+                try gone.send("GET /stats HTTP/1.1\r\nHost: t\r\n\r\n")
+            }
+            let after = try scrape(proxy, "/stats")
+            #expect(after.status == 200)
+            let json = try JSONSerialization.jsonObject(with: Data(after.body)) as! [String: Any]
+            #expect((json["event_loops"] as! [Any]).count == 2)
+        }
+    }
+
     @Test func aBackendThatIsDownIs502AndAGarbledAnswerToo() throws {
         let free = freePort()
         let proxy = try RunningCore(config: """
@@ -159,8 +185,34 @@ import Glibc
         try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         #expect(try c.readResponse().status == 502)
         #expect(eventually {
-            tether.log().contains("[error] connect() failed (111: Connection refused) while talking to upstream \"b\" server 127.0.0.1:\(down), answering 502")
+            tether.log().contains("[error] \(tether.process.processIdentifier)#0: connect() failed (111: Connection refused) while talking to upstream \"b\" server 127.0.0.1:\(down), answering 502")
         })
+    }
+
+    /// `error_log FILE error`: lines below the level (the notices) are not written, an error is;
+    /// SIGUSR1 opens the file again by its name (as logrotate expects after moving it).
+    @Test func theErrorLogKeepsItsLevelAndIsReopenedOnSIGUSR1() throws {
+        let down = freePort()
+        let tether = try OwnLoopBinary(http: """
+            upstream b { server 127.0.0.1:\(down); }
+            server { listen 127.0.0.1:PORT; location / { proxy_pass http://b; } }
+            """, level: "error")
+        defer { tether.end() }
+        func failOnce() throws {
+            let c = try TestClient(port: tether.port)
+            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            #expect(try c.readResponse().status == 502)
+        }
+        let failure = "[error] \(tether.process.processIdentifier)#0: connect() failed (111: Connection refused) while talking to upstream \"b\""
+        try failOnce()
+        #expect(eventually { tether.log().contains(failure) })
+        #expect(!tether.log().contains("[notice]"), "\(tether.log())")
+        try FileManager.default.moveItem(atPath: tether.dir + "/error.log", toPath: tether.dir + "/error.log.1")
+        kill(tether.process.processIdentifier, SIGUSR1)
+        #expect(eventually {
+            (try? failOnce()) != nil && tether.log().contains(failure)
+        }, "no line in the reopened file")
+        #expect(tether.process.isRunning)
     }
 
     /// IPv6 on both sides: a client over ::1, a listener on [::1] (IPv6 only, as nginx's
@@ -208,13 +260,13 @@ import Glibc
     @Test func aConfigurationItCannotServeIsRefusedWithItsPlace() throws {
         let config = try Configuration.parse("""
             http {
-                server { listen 127.0.0.1:0; location = /status { stub_status; } }
+                server { listen 127.0.0.1:0; location = /status { stub_status; } location / { proxy_pass https://127.0.0.1:8443; } }
             }
             """, file: "test.conf", resolver: { $0 }).get()
         #expect {
             try CoreServer(config)
         } throws: { error in
-            "\(error)".hasPrefix("test.conf:2: ") && "\(error)".contains("admin pages")
+            "\(error)".hasPrefix("test.conf:2: ") && "\(error)".contains("upstream TLS")
         }
     }
 }
@@ -227,11 +279,11 @@ struct OwnLoopBinary {
     let port = freePort()
     var file: String { dir + "/t.conf" }
 
-    init(http: String) throws {
+    init(http: String, level: String = "notice") throws {
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         try """
             pid \(dir)/tether.pid;
-            error_log \(dir)/error.log notice;
+            error_log \(dir)/error.log \(level);
             worker_processes 2;
             http {
             \(http.replacingOccurrences(of: "PORT", with: "\(port)"))
@@ -240,8 +292,8 @@ struct OwnLoopBinary {
         process.executableURL = try tetherExecutable()
         process.arguments = ["--event-loop", "own", "-c", file]
         try process.run()
-        let log = self.log
-        guard eventually({ log().contains("serving on Tether's own event loop") }) else {
+        let port = self.port
+        guard eventually({ (try? TestClient(port: port, timeoutMs: 200)) != nil }) else {
             end()
             throw TestError("tether did not start: \(log())")
         }

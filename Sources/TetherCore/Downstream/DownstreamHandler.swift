@@ -825,10 +825,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate, VariableS
     /// Both the request and the response are complete: log, then close or wait for the next request.
     private func finishExchange() {
         guard let e = ex else { return }
-        let statusClass = min(5, max(0, e.status / 100))
-        loop.stats.responsesByClass[statusClass] += 1
-        loop.stats.requestsByServer[e.route.serverIndex] += 1
-        loop.stats.responsesByServer[e.route.serverIndex][statusClass] += 1
+        loop.stats.countResponse(status: e.status, server: e.route.serverIndex)
         accessLog(e)
         ex = nil
         // The header array goes back to the loop: an idle connection holds none.

@@ -48,14 +48,16 @@ final class ClientLoop {
     var emptied: (() -> Void)?
     /// Connections open now (registered and not yet closed).
     private(set) var open = 0
-    var accepted = 0
-    var requests = 0
-    var closed = ReasonCounts<DownstreamCloseReason>()
+    /// The counters of the admin pages (`CoreServer` sums each loop's at a scrape): connections,
+    /// requests, answers by status class and `server` block, close reasons, accept failures.
+    var stats: LoopStats
     /// `$time_local`, `$time_iso8601`: formatted once a second.
     let dateCache = DateCache()
 
-    init(loop: IOLoop, pool: BufferPool, settings: ClientSettings, handler: ClientRequestHandler) {
+    /// `servers`: the configuration's `server` blocks (answers are counted per block).
+    init(loop: IOLoop, pool: BufferPool, settings: ClientSettings, handler: ClientRequestHandler, servers: Int = 1) {
         owned = (loop, pool, handler)
+        stats = LoopStats(servers: servers)
         self.loop = loop
         self.pool = pool
         self.settings = settings
@@ -73,7 +75,8 @@ final class ClientLoop {
             Glibc.close(fd)
             throw error
         }
-        accepted += 1
+        stats.downstreamAccepted += 1
+        stats.downstreamHandled += 1
         open += 1
         return c
     }
@@ -123,6 +126,8 @@ final class ClientConnection: IOHandler {
     private var lingering = false
     /// The handler answered the current request (or handed it to an upstream).
     private var answered = false
+    /// The answer comes later (`answerLater`): an admin page being gathered from every loop.
+    private var answerPending = false
     /// Request body bytes still to be read and dropped, or a chunked body's decoder.
     private var bodyLeft: Int64 = 0
     private var chunked: ChunkedDecoder?
@@ -272,7 +277,7 @@ final class ClientConnection: IOHandler {
                     forwardBody(&buf, to: x)
                     break
                 }
-                guard dropBody(&buf) else { break }
+                guard dropBody(&buf), !answerPending else { break }
                 finishExchange()
                 continue
             }
@@ -290,7 +295,7 @@ final class ClientConnection: IOHandler {
                 break
             }
             _ = state.headParsed()
-            shared.requests += 1
+            shared.stats.downstreamRequests += 1
             if layout.chunked { chunked = ChunkedDecoder() } else { bodyLeft = layout.contentLength ?? 0 }
             answered = false
             buf.withReadableBytes { p in
@@ -306,8 +311,8 @@ final class ClientConnection: IOHandler {
                 forwardBody(&buf, to: x)
                 continue
             }
-            // A request without a body (or with all of it here) ends now.
-            if isOpen, state.inExchange, dropBody(&buf) { finishExchange() }
+            // A request without a body (or with all of it here) ends now, unless its answer comes later.
+            if isOpen, state.inExchange, dropBody(&buf), !answerPending { finishExchange() }
         }
         let progressed = buf.readableBytes < before
         if isOpen { inbound = consume buf } else { shared.pool.recycle(buf) }
@@ -367,11 +372,12 @@ final class ClientConnection: IOHandler {
             } catch {
                 chunked = nil
                 let answering = x.responseStarted
+                let server = x.route.serverIndex
                 x.clientLeft()
                 retireExchange()
                 // An answer under way cannot be followed by a 400: the connection just ends.
                 if answering { return close(.error) }
-                writeError(400)
+                writeError(400, server: server)
                 state.pendingReason = .error
                 closeAfterWrite = true
                 finishExchange()
@@ -445,8 +451,10 @@ final class ClientConnection: IOHandler {
         if let x = exchange.take() { x.upstream.retire(x) }
     }
 
-    /// Writes the answer's head, as the exchange rewrote it, into the client's queue.
-    func writeResponseHead(_ h: HeadLayout, _ p: UnsafeRawBufferPointer, _ r: HeadWriter.ClientResponse) {
+    /// Writes the answer's head, as the exchange rewrote it, into the client's queue; `server`
+    /// is the index of the `server` block that answers (for the counters).
+    func writeResponseHead(_ h: HeadLayout, _ p: UnsafeRawBufferPointer, _ r: HeadWriter.ClientResponse, server: Int) {
+        shared.stats.countResponse(status: h.status, server: server)
         HeadWriter.clientHead(h, p, r, into: &outbound)
     }
 
@@ -487,9 +495,10 @@ final class ClientConnection: IOHandler {
 
     /// The exchange failed: an answer if none began (502, 504), else the connection ends.
     func exchangeFailed(status: Int, responseStarted: Bool) {
+        let server = exchange?.route.serverIndex
         retireExchange()
         if responseStarted { return close(.error) }
-        writeError(status)
+        writeError(status, server: server)
         state.pendingReason = .error
         closeAfterWrite = true
         if state.inExchange { finishExchange() }
@@ -610,18 +619,59 @@ final class ClientConnection: IOHandler {
     /// redirect's `Location`), nil for nginx's error page. The keep-alive decision is nginx's
     /// (`keepalive_requests`, `keepalive_time`, `keepalive_timeout 0`, drain, what the client
     /// asked for); `close` forces a close. `route` gives `server_tokens` and the `Keep-Alive` line.
+    /// `allow`: the answer says `Allow: GET, HEAD` (a 405 from an admin page).
     func respond(status: Int, text: UnsafeRawBufferPointer?, contentType: String = "text/plain", head: HeadLayout,
-                 isHEAD: Bool = false, route: CompiledLocation? = nil, close: Bool = false) {
+                 isHEAD: Bool = false, route: CompiledLocation? = nil, close: Bool = false, allow: Bool = false) {
         precondition(state.inExchange && !answered, "respond outside an exchange or twice: \(state.phase)")
         answered = true
         // A body still coming is read and dropped before the next request (its framing is known).
         let keepAlive = clientKeepAlive(head: head, close: close, route: route)
+        shared.stats.countResponse(status: status, server: route?.serverIndex)
         writeAnswer(LocalAnswer(status: status, text: text, contentType: contentType, serverTokens: route?.settings.serverTokens ?? true,
-                                keepAlive: keepAlive, clientMinor: head.minorVersion, isHEAD: isHEAD,
+                                allow: allow, keepAlive: keepAlive, clientMinor: head.minorVersion, isHEAD: isHEAD,
                                 keepAliveHeader: keepAlive ? route?.keepAliveHeader ?? [] : []))
         closeAfterWrite = !keepAlive
         flush()
     }
+
+    /// What an answer given later needs of its request, whose head is gone by then.
+    struct LaterAnswer {
+        /// The request's number on its connection: the answer is for that request only.
+        let request: Int
+        let keepAlive: Bool
+        let clientMinor: Int
+        let isHEAD: Bool
+        let route: CompiledLocation
+    }
+
+    /// The current request is answered later, through `answer(_:status:body:contentType:)` on
+    /// the loop's thread (an admin page gathered from every loop): until then its body is read
+    /// and dropped, and pipelined requests wait. The keep-alive decision is taken now.
+    func answerLater(head: HeadLayout, isHEAD: Bool, route: CompiledLocation) -> LaterAnswer {
+        precondition(state.inExchange && !answered, "answerLater outside an exchange or twice: \(state.phase)")
+        answered = true
+        answerPending = true
+        return LaterAnswer(request: state.requests, keepAlive: clientKeepAlive(head: head, close: false, route: route),
+                           clientMinor: head.minorVersion, isHEAD: isHEAD, route: route)
+    }
+
+    /// The answer `answerLater` promised. Dropped when the connection closed meanwhile.
+    func answer(_ later: LaterAnswer, status: Int, body: UnsafeRawBufferPointer, contentType: String) {
+        guard isOpen, answerPending, state.inExchange, state.requests == later.request else { return }
+        answerPending = false
+        let keepAlive = keepsAliveAtResponse(later.keepAlive)
+        shared.stats.countResponse(status: status, server: later.route.serverIndex)
+        writeAnswer(LocalAnswer(status: status, text: body, contentType: contentType, serverTokens: later.route.settings.serverTokens,
+                                keepAlive: keepAlive, clientMinor: later.clientMinor, isHEAD: later.isHEAD,
+                                keepAliveHeader: keepAlive ? later.route.keepAliveHeader : []))
+        closeAfterWrite = !keepAlive
+        // A body still arriving is dropped to its end first; then the next request may follow.
+        if bodyLeft == 0 && chunked == nil { finishExchange() }
+        pump()
+    }
+
+    /// The loop this connection is on (for work that answers it later).
+    var loop: IOLoop { shared.loop }
 
     func respond(status: Int, body: [UInt8], contentType: String = "text/plain", head: HeadLayout, close: Bool = false) {
         body.withUnsafeBytes { respond(status: status, text: $0, contentType: contentType, head: head, close: close) }
@@ -633,8 +683,10 @@ final class ClientConnection: IOHandler {
         a.write(date: shared.dateCache.httpDate, into: &outbound)
     }
 
-    /// An error answer that ends the connection (nginx's page, `Connection: close`).
-    private func writeError(_ status: Int) {
+    /// An error answer that ends the connection (nginx's page, `Connection: close`); `server`
+    /// is the `server` block that took the request, if one did.
+    private func writeError(_ status: Int, server: Int? = nil) {
+        shared.stats.countResponse(status: status, server: server)
         writeAnswer(LocalAnswer(status: status, text: nil, keepAlive: false))
     }
 
@@ -642,7 +694,7 @@ final class ClientConnection: IOHandler {
     /// nginx: no keep-alive after a head that could not be read).
     private func answerError(_ status: Int) {
         writeError(status)
-        if let r = state.close(.error) { shared.closed[r] += 1 }
+        if let r = state.close(.error) { shared.stats.downstreamClosed[r] += 1 }
     }
 
     /// The request was answered and its body read: the next one may follow (unless a shutdown
@@ -650,7 +702,7 @@ final class ClientConnection: IOHandler {
     private func finishExchange() {
         guard state.inExchange else { return }
         if closeAfterWrite || shared.draining {
-            if let r = state.close(closeAfterWrite ? nil : .shutdown) { shared.closed[r] += 1 }
+            if let r = state.close(closeAfterWrite ? nil : .shutdown) { shared.stats.downstreamClosed[r] += 1 }
             return
         }
         state.exchangeFinished(keepaliveTimeoutMs: Int64(keepaliveTimeoutMs), now: Int64(shared.loop.now))
@@ -673,9 +725,9 @@ final class ClientConnection: IOHandler {
             // proxy_ignore_client_abort), the exchange is abandoned with the connection.
             return close(.clientClose)
         }
-        if peerClosed && !state.isClosed && exchange == nil {
+        if peerClosed && !state.isClosed && exchange == nil && !answerPending {
             // The client is done sending: what it asked for is answered (or cannot be).
-            if let r = state.close(.clientClose) { shared.closed[r] += 1 }
+            if let r = state.close(.clientClose) { shared.stats.downstreamClosed[r] += 1 }
         }
         if state.isClosed {
             // A final answer: close once it is written (a writable event brings us back; the
@@ -715,7 +767,7 @@ final class ClientConnection: IOHandler {
             x.clientLeft()
             x.upstream.retire(x)
         }
-        if let r = state.close(reason) { shared.closed[r] += 1 }
+        if let r = state.close(reason) { shared.stats.downstreamClosed[r] += 1 }
         if let b = inbound.take() { shared.pool.recycle(b) }
         outbound = OutboundQueue(pool: shared.pool)
         shared.loop.close(handle)

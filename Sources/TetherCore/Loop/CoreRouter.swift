@@ -9,14 +9,14 @@ extension LoopUpstream {
     /// `max_fails`, `fail_timeout`, `backup` and `down`.
     /// `socketKeepalive`: some location proxying here has `proxy_socket_keepalive on` (used
     /// where neither the server nor the block sets `tcp_keepalive`).
-    static func make(_ u: Upstream, loop: IOLoop, buffers: BufferPool, socketKeepalive: Bool = false,
+    static func make(_ u: Upstream, loop: IOLoop, buffers: BufferPool, log: LoopErrorLog = .all, socketKeepalive: Bool = false,
                      host: HostKeepalive = HostKeepalive()) throws(CoreSetupError) -> LoopUpstream {
         let policy = PoolPolicy(keepalive: u.keepalive, idleTimeoutMs: u.keepaliveTimeoutMs, maxRequests: u.keepaliveRequests,
                                 maxLifetimeMs: u.keepaliveTimeMs)
         var pools: [UpstreamPool] = []
         for s in u.servers {
             guard let port = UInt16(exactly: s.port),
-                  let pool = UpstreamPool(loop: loop, buffers: buffers, host: s.address, port: port, policy: policy,
+                  let pool = UpstreamPool(loop: loop, buffers: buffers, host: s.address, port: port, policy: policy, log: log,
                                           tuning: SocketTuning(keepalive: s.tcpKeepalive ?? u.tcpKeepalive ?? (socketKeepalive ? TCPKeepalive(enabled: true) : nil),
                                                                userTimeout: s.tcpUserTimeout ?? u.tcpUserTimeout, host: host)) else {
                 throw CoreSetupError("\(u.location): server \(s.host):\(s.port) of upstream \"\(u.name)\": not a numeric address")
@@ -25,7 +25,7 @@ extension LoopUpstream {
         }
         guard !pools.isEmpty else { throw CoreSetupError("\(u.location): upstream \"\(u.name)\" has no server") }
         let peers = u.servers.map { PeerSpec(weight: $0.weight, maxFails: $0.maxFails, failTimeoutMs: $0.failTimeoutMs, backup: $0.backup, down: $0.down) }
-        return LoopUpstream(name: u.name, pools: pools, peers: peers, method: u.balancing == .leastConn ? .leastConn : .roundRobin)
+        return LoopUpstream(name: u.name, pools: pools, peers: peers, method: u.balancing == .leastConn ? .leastConn : .roundRobin, log: log)
     }
 }
 
@@ -40,8 +40,8 @@ struct CoreSetupError: Error, CustomStringConvertible {
 /// location by the normalised path, then `client_max_body_size` (413), `CONNECT` (405),
 /// `allow`/`deny` (403), and the location's action: `proxy_pass` through the loop's pools,
 /// `return` (444 closes without an answer; a text is expanded with the request's variables),
-/// or 404 where nothing handles the request. Admin pages are not on this path yet:
-/// `CoreRouter.unsupported` refuses a configuration that has them, before anything listens.
+/// or 404 where nothing handles the request; admin pages (GET and HEAD, others 405) are answered
+/// once `CoreAdmin` has gathered every loop's figures.
 final class CoreRouter: ClientRequestHandler {
     let hosts: VirtualHosts
     let servers: [CompiledServer]
@@ -51,12 +51,15 @@ final class CoreRouter: ClientRequestHandler {
     /// The last location's upstream: requests to the same location do not hash its name.
     private var lastRoute: CompiledLocation?
     private var lastUpstream: LoopUpstream?
+    /// The admin pages' gathering (nil: they answer 501).
+    private let admin: CoreAdmin?
 
-    init(hosts: VirtualHosts, servers: [CompiledServer], upstreams: [String: LoopUpstream]) {
+    init(hosts: VirtualHosts, servers: [CompiledServer], upstreams: [String: LoopUpstream], admin: CoreAdmin? = nil) {
         self.hosts = hosts
         self.servers = servers
         serverNames = servers.map { Array(($0.server.names.first?.description ?? "").utf8) }
         self.upstreams = upstreams
+        self.admin = admin
     }
 
     /// What of `configuration` Tether's own loop cannot serve yet, each as `file:line: what`;
@@ -69,8 +72,6 @@ final class CoreRouter: ClientRequestHandler {
             }
             for l in s.locations {
                 switch l.action {
-                case .stubStatus, .stats:
-                    out.append("\(l.location): admin pages are not on Tether's own loop yet")
                 case .proxy(let p) where p.isTLS:
                     out.append("\(l.location): proxy_pass https: upstream TLS is not on Tether's own loop yet")
                 default:
@@ -123,9 +124,24 @@ final class CoreRouter: ClientRequestHandler {
                                             serverName: serverNames[index], exchange: nil)
             HeadWriter.template(t, variables, into: &text)
             text.withUnsafeBytes { connection.respond(status: r.code, text: $0, head: head, isHEAD: isHEAD, route: route) }
-        case .stubStatus, .stats:
-            // Refused at start (`unsupported`): no configuration with them reaches this loop.
-            connection.respond(status: 501, text: nil, head: head, isHEAD: isHEAD, route: route)
+        case .stubStatus, .stats(_):
+            guard isHEAD || head.methodIs("GET", in: bytes) else {
+                return connection.respond(status: 405, text: nil, head: head, isHEAD: isHEAD, route: route, allow: true)
+            }
+            guard let admin, admin.renderer != nil else {
+                return connection.respond(status: 501, text: nil, head: head, isHEAD: isHEAD, route: route)
+            }
+            let page: AdminPage
+            switch route.action {
+            case .stats(.prometheus): page = .prometheus
+            case .stats: page = .json
+            default: page = .stubStatus
+            }
+            let later = connection.answerLater(head: head, isHEAD: isHEAD, route: route)
+            let receiver = CoreAdmin.Receiver(loop: connection.loop) { [connection] p in
+                Array(p.body.utf8).withUnsafeBytes { connection.answer(later, status: 200, body: $0, contentType: p.contentType) }
+            }
+            admin.page(page, to: receiver)
         case .none:
             connection.respond(status: 404, text: nil, head: head, isHEAD: isHEAD, route: route)
         }

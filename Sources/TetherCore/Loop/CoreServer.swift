@@ -10,24 +10,32 @@ import TetherIO
 /// switch: `tether --event-loop own`. One loop per worker, each on its own thread with its own
 /// `SO_REUSEPORT` socket per listening address, its own buffer pool and its own upstream pools;
 /// nothing is shared between loops, so the request path takes no lock. What the own loop cannot
-/// serve yet (`CoreRouter.unsupported`) is refused before anything listens. Not yet here: access
-/// logs, metrics and admin pages, reload, TLS, upgrades.
+/// serve yet (`CoreRouter.unsupported`) is refused before anything listens. The admin pages
+/// gather every loop's counters through `CoreAdmin`. Not yet here: access logs, reload, TLS,
+/// upgrades.
 public final class CoreServer: @unchecked Sendable {
     public let configuration: Configuration
     private let setup: ProxySetup
     private var loops: [IOLoop] = []
     private var workers: [LoopThread] = []
     private var threads: [pthread_t] = []
+    /// The admin pages' gathering (and `stats`); its helper thread runs from `init` to `stop`.
+    private var admin: CoreAdmin?
+    /// The error log, at `error_log`'s level.
+    public let log: LoopErrorLog
     /// The address and port each listening address was bound to (port 0 in the configuration:
     /// the one the kernel chose), in `ProxySetup.virtualHosts` order.
     public private(set) var boundPorts: [(address: String, port: UInt16)] = []
 
-    public init(_ configuration: Configuration) throws(CoreServerError) {
+    /// `admin` renders the admin pages (TetherAdmin's `Renderer`); without one they answer 501.
+    public init(_ configuration: Configuration, admin: AdminRenderer? = nil, log: LoopErrorLog? = nil) throws(CoreServerError) {
+        self.log = log ?? LoopErrorLog(level: configuration.errorLog.level)
         let refused = CoreRouter.unsupported(configuration)
         guard refused.isEmpty else { throw CoreServerError(lines: refused) }
         self.configuration = configuration
         do {
             setup = try ProxySetup(configuration)
+            self.admin = try CoreAdmin(renderer: admin, configuration: configuration)
         } catch {
             throw CoreServerError(lines: ["\(error)"])
         }
@@ -61,15 +69,18 @@ public final class CoreServer: @unchecked Sendable {
                 let buffers = BufferPool()
                 var upstreams: [String: LoopUpstream] = [:]
                 for (name, u) in setup.upstreams {
-                    upstreams[name] = try LoopUpstream.make(u.config, loop: loop, buffers: buffers,
+                    upstreams[name] = try LoopUpstream.make(u.config, loop: loop, buffers: buffers, log: log,
                                                             socketKeepalive: socketKeepalive.contains(name), host: setup.hostKeepalive)
                 }
                 var listeners: [Listener] = []
                 var clientLoops: [ClientLoop] = []
-                let admission = Admission(limit: configuration.workerConnections)
+                let admission = Admission(limit: configuration.workerConnections, log: log)
+                let acceptLog = LogLimiter()
+                let log = self.log
                 for (i, (listen, vhosts, servers)) in hosts.enumerated() {
-                    let router = CoreRouter(hosts: vhosts, servers: servers, upstreams: upstreams)
-                    let clients = ClientLoop(loop: loop, pool: buffers, settings: Self.clientSettings(servers[vhosts.defaultIndex].server.settings), handler: router)
+                    let router = CoreRouter(hosts: vhosts, servers: servers, upstreams: upstreams, admin: admin)
+                    let clients = ClientLoop(loop: loop, pool: buffers, settings: Self.clientSettings(servers[vhosts.defaultIndex].server.settings),
+                                             handler: router, servers: configuration.servers.count)
                     clientLoops.append(clients)
                     admission.clients.append(clients)
                     let fd: Int32, port: UInt16
@@ -83,21 +94,26 @@ public final class CoreServer: @unchecked Sendable {
                     // the keepalive options (Linux copies them), so no setsockopt per connection.
                     Sockets.setNoDelay(fd)
                     let tuning = SocketTuning(keepalive: listen.soKeepalive, userTimeout: listen.tcpUserTimeout, host: setup.hostKeepalive)
-                    for failure in tuning.apply(toSocket: fd) { Self.log("tether: [warn] \(failure) on listen \(listen.addressText)") }
+                    for failure in tuning.apply(toSocket: fd) { log(.warn, "\(failure) on listen \(listen.addressText)") }
                     // Port 0: the first loop's port is every other loop's too.
                     ports[i] = port
                     let where_ = listen.addressText
                     let listener = Listener(fd: fd, accepted: { c, loop in
                         guard admission.admits(now: loop.now) else { Glibc.close(c); return }
                         _ = try? clients.adopt(c)
-                    }, failed: { e, _ in
-                        // Once per back-off (at most ten a second per loop), as nginx logs accept4() failures.
-                        CoreServer.log("tether: [crit] \(e) on \(where_), accepting again in 100 ms")
+                    }, failed: { e, loop in
+                        clients.stats.acceptFailures[e.errno == EMFILE ? "emfile" : e.errno == ENFILE ? "enfile" : "other", default: 0] += 1
+                        // A back-off of 100 ms follows each failure; the line at most once a second,
+                        // with the count since the last one, as the SwiftNIO path logs it.
+                        if let since = acceptLog.due(now: loop.now) {
+                            log(.crit, "\(e) on \(where_) (\(since) failures since the last message), accepting again in 100 ms")
+                        }
                     })
                     try listener.start(on: loop)
                     listeners.append(listener)
                 }
-                workers.append(LoopThread(loop: loop, listeners: listeners, clients: clientLoops))
+                workers.append(LoopThread(loop: loop, listeners: listeners, clients: clientLoops, upstreams: upstreams,
+                                          admission: admission, servers: configuration.servers.count, log: log))
             }
         } catch let e as CoreSetupError {
             for l in made { l.closeAll() }
@@ -123,6 +139,18 @@ public final class CoreServer: @unchecked Sendable {
             }
             threads.append(t)
         }
+        admin?.serve(workers.map { w in CoreAdmin.Source(loop: w.loop, part: { w.snapshotPart(index: $0) }) },
+                     listenPorts: Set(ports.map(Int.init)))
+    }
+
+    /// Every loop's counters, summed (for tests and tools; a scrape gets them without waiting).
+    public func stats() -> StatsSnapshot {
+        guard let admin else { return StatsSnapshot() }
+        let result = Mutex<StatsSnapshot?>(nil)
+        admin.snapshot { s in result.withLock { $0 = s } }
+        // Polled: a test's or a tool's wait, never a loop's.
+        while result.withLock({ $0 == nil }) { usleep(1_000) }
+        return result.withLock { $0! }
     }
 
     /// Stops every loop after its pass under way, waits for their threads, and closes every
@@ -134,6 +162,8 @@ public final class CoreServer: @unchecked Sendable {
         threads = []
         loops = []
         workers = []
+        admin?.stop()
+        admin = nil
     }
 
     /// Stops gracefully, as nginx does on SIGQUIT: every loop closes its listening sockets and
@@ -152,11 +182,6 @@ public final class CoreServer: @unchecked Sendable {
         stop()
     }
 
-    /// A line on standard error, written whole (loops log from their own threads).
-    static func log(_ line: String) {
-        let text = line + "\n"
-        _ = text.withCString { Glibc.write(2, $0, strlen($0)) }
-    }
 
     /// What a client connection needs of the server's settings.
     static func clientSettings(_ s: HTTPSettings) -> ClientSettings {
@@ -178,23 +203,41 @@ public final class CoreServer: @unchecked Sendable {
 private final class Admission {
     let limit: Int
     var clients: [ClientLoop] = []
-    private var refused = 0
-    private var lastLog: UInt64 = 0
+    /// Since the start (accepted, closed at once).
+    private(set) var refusedTotal = 0
+    private let limiter = LogLimiter()
 
-    init(limit: Int) { self.limit = limit }
+    let log: LoopErrorLog
+
+    init(limit: Int, log: LoopErrorLog) {
+        self.limit = limit
+        self.log = log
+    }
 
     func admits(now: UInt64) -> Bool {
         var open = 0
         for c in clients { open += c.open }
         guard open >= limit else { return true }
-        refused += 1
-        if lastLog == 0 || now &- lastLog >= 1_000_000_000 {
-            let extra = refused > 1 ? " (\(refused) connections closed since the last line)" : ""
-            CoreServer.log("tether: [alert] \(limit) worker_connections are not enough\(extra)")
-            lastLog = now
-            refused = 0
+        refusedTotal += 1
+        if let since = limiter.due(now: now) {
+            let extra = since > 1 ? " (\(since) connections closed since the last line)" : ""
+            log(.alert, "\(limit) worker_connections are not enough\(extra)")
         }
         return false
+    }
+}
+
+/// A line for a repeating event at most once a second (on one loop): `due` counts the event and
+/// says, when a line is due, how many events it stands for.
+private final class LogLimiter {
+    private var since = 0
+    private var last: UInt64 = 0
+
+    func due(now: UInt64) -> Int? {
+        since += 1
+        guard last == 0 || now &- last >= 1_000_000_000 else { return nil }
+        defer { since = 0; last = now }
+        return since
     }
 }
 
@@ -203,21 +246,62 @@ private final class LoopThread: @unchecked Sendable {
     let loop: IOLoop
     let listeners: [Listener]
     let clients: [ClientLoop]
+    let upstreams: [String: LoopUpstream]
+    let admission: Admission
+    /// The configuration's `server` blocks.
+    let servers: Int
+    let log: LoopErrorLog
     /// `run` has returned (read by the thread that shuts the server down).
     let finished = Atomic<Bool>(false)
 
-    init(loop: IOLoop, listeners: [Listener], clients: [ClientLoop]) {
+    init(loop: IOLoop, listeners: [Listener], clients: [ClientLoop], upstreams: [String: LoopUpstream], admission: Admission, servers: Int, log: LoopErrorLog) {
+        self.log = log
         self.loop = loop
         self.listeners = listeners
         self.clients = clients
+        self.upstreams = upstreams
+        self.admission = admission
+        self.servers = servers
         for c in clients { c.emptied = { [unowned self] in self.stopIfEmpty() } }
+    }
+
+    /// This loop's figures for the admin pages (on the loop's thread): its listening addresses'
+    /// counters, its client connections by what they do (nginx's reading, writing, waiting), and
+    /// each upstream server's pool.
+    func snapshotPart(index: Int) -> SnapshotPart {
+        var stats = LoopStats(servers: servers)
+        for c in clients {
+            stats.add(c.stats)
+            stats.downstreamActive += c.open
+        }
+        // Connections over worker_connections were accepted, then closed at once: not handled.
+        stats.downstreamAccepted += admission.refusedTotal
+        var part = SnapshotPart(index: index, stats: stats)
+        for h in loop.handlers {
+            guard let c = h as? ClientConnection, c.isOpen else { continue }
+            switch c.state.activity {
+            case .reading: part.reading += 1
+            case .writing: part.writing += 1
+            case .waiting: part.waiting += 1
+            }
+        }
+        let now = Int64(loop.now / 1_000_000)
+        for (name, u) in upstreams {
+            part.stats.upstreamFailures.add(u.groupFailures)
+            for (i, p) in u.pools.enumerated() {
+                part.servers[ServerKey(upstream: name, index: i)] = SnapshotPart.Server(
+                    up: u.balancer.isAvailable(i, now: now), active: p.openCount - p.idleCount, idle: p.idleCount, counters: p.counters,
+                    learnedIdleMs: p.state.learnedIdleMs, advertisedTimeoutMs: p.state.advertisedTimeoutMs)
+            }
+        }
+        return part
     }
 
     func run() {
         do {
             try loop.run()
         } catch {
-            CoreServer.log("tether: [emerg] event loop stopped: \(error)")
+            log(.emerg, "event loop stopped: \(error)")
         }
         finished.store(true, ordering: .releasing)
     }

@@ -63,6 +63,8 @@ final class ProxyExchange: UpstreamLinkOwner {
     private var upstreamReusable = true
     private var headSent = false
     private var finished = false
+    /// When the request went to the current connection (the loop's clock): the response time.
+    private var sentAt: UInt64 = 0
     /// `$request_id`, made when first asked for.
     private var requestID: RequestID?
     /// The loop pass in which it was retired (`LoopUpstream.retire`).
@@ -186,8 +188,8 @@ final class ProxyExchange: UpstreamLinkOwner {
     /// Picks a server not tried yet and sends the request on a connection to it.
     private func connectNext() {
         guard let i = upstream.balancer.select(now: upstream.nowMs, exclude: tried) else {
-            upstream.failures[.noLiveUpstreams] += 1
-            CoreServer.log("tether: [error] no live upstreams while connecting to upstream \"\(upstream.name)\"")
+            upstream.groupFailures[.noLiveUpstreams] += 1
+            upstream.log(.error, "no live upstreams while connecting to upstream \"\(upstream.name)\"")
             return answer(502)
         }
         server = i
@@ -204,6 +206,8 @@ final class ProxyExchange: UpstreamLinkOwner {
         link = l
         reused = l.reused
         responseBytes = false
+        sentAt = upstream.loop.now
+        pool.requests += 1
         guard let head = savedHead.take() else { return }
         if mayRetry {
             head.withReadableBytes { l.write(copying: $0) }
@@ -231,9 +235,9 @@ final class ProxyExchange: UpstreamLinkOwner {
     }
 
     /// The error-log line of a failure (`why`, then where, then what follows), as nginx's.
-    private func log(_ level: String, _ why: String, _ then: String) {
+    private func log(_ level: Configuration.LogLevel, _ why: @autoclosure () -> String, _ then: String) {
         let address = server >= 0 && server < upstream.pools.count ? upstream.pools[server].addressText : "?"
-        CoreServer.log("tether: [\(level)] \(why) while talking to upstream \"\(upstream.name)\" server \(address)\(then)")
+        upstream.log(level, "\(why()) while talking to upstream \"\(upstream.name)\" server \(address)\(then)")
     }
 
     /// The upstream failed before the response was complete: `NextUpstream` decides what follows,
@@ -255,13 +259,13 @@ final class ProxyExchange: UpstreamLinkOwner {
         case .abort(let reset, let counted):
             // Part of the response went out: the client sees an incomplete message, never a
             // wrong or complete-looking one.
-            upstream.failures[counted] += 1
-            log("error", why(), ", after part of the response was sent: the client connection is cut")
+            pool.failures[counted] += 1
+            log(.error, why(), ", after part of the response was sent: the client connection is cut")
             finished = true
             dropSavedHead()
             connection.exchangeAborted(reset: reset)
         case .retryFresh:
-            upstream.retries[.reusedConnectionClosed] += 1
+            pool.retries[.reusedConnectionClosed] += 1
             retriedFresh = true
             upstream.balancer.started(server)
             active = true
@@ -269,14 +273,14 @@ final class ProxyExchange: UpstreamLinkOwner {
             guard let l else { return failed(e == ETIMEDOUT ? .timeout : .error, Self.callFailed("connect", e)) }
             send(on: l)
         case .nextServer:
-            log("warn", why(), ", trying the next server")
+            log(.warn, why(), ", trying the next server")
             upstream.balancer.failed(server, now: now)
-            upstream.retries[.nextUpstream] += 1
+            pool.retries[.nextUpstream] += 1
             connectNext()
         case .respond(let status, _, let counted):
-            log("error", why(), ", answering \(status)")
+            log(.error, why(), ", answering \(status)")
             upstream.balancer.failed(server, now: now)
-            upstream.failures[counted] += 1
+            pool.failures[counted] += 1
             answer(status)
         }
     }
@@ -395,7 +399,7 @@ final class ProxyExchange: UpstreamLinkOwner {
             pool.discard(link, reason: .notReusable)
             endOnBalancer()
             if NextUpstream.countsAsServerFailure(c) { upstream.balancer.failed(server, now: now) }
-            upstream.retries[NextUpstream.retryReason(c)] += 1
+            pool.retries[NextUpstream.retryReason(c)] += 1
             connectNext()
             return false
         }
@@ -411,7 +415,7 @@ final class ProxyExchange: UpstreamLinkOwner {
         let response = HeadWriter.ClientResponse(
             dropContentLength: plan.relay != .verbatim, chunked: plan.relay == .rechunk || plan.relay == .chunkify, upgrading: false,
             closeAfter: !plan.clientKeepAlive, clientMinor: request.minorVersion, keepAliveHeader: route.keepAliveHeader)
-        buf.withReadableBytes { p in connection.writeResponseHead(layout, UnsafeRawBufferPointer(rebasing: p[start..<consumed]), response) }
+        buf.withReadableBytes { p in connection.writeResponseHead(layout, UnsafeRawBufferPointer(rebasing: p[start..<consumed]), response, server: route.serverIndex) }
         buf.consume(consumed)
         link.putBack(buf)
         headSent = true
@@ -506,6 +510,7 @@ final class ProxyExchange: UpstreamLinkOwner {
         // An answer that came before the whole request body (nginx's `return` with a body on the
         // way, an early 413): the rest of the body will not follow on this connection, so the
         // backend would read what comes next as the body's end.
+        pool.responseTime.observe(nanoseconds: Int64(upstream.loop.now &- sentAt))
         pool.release(link, reusable: upstreamReusable && requestBodyDone)
         endOnBalancer()
         connection.exchangeEnded(keepAlive: plan?.clientKeepAlive ?? false)

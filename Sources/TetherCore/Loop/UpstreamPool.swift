@@ -62,6 +62,8 @@ final class UpstreamLink: IOHandler {
     /// Set by `lease` for a warm connection: how long it had idled.
     fileprivate(set) var idleMsAtLease: Int64 = 0
     fileprivate(set) var reused = false
+    /// When its connect began (the loop's clock): the connect time.
+    fileprivate var connectStarted: UInt64 = 0
 
     fileprivate init(pool: UpstreamPool) {
         self.pool = pool
@@ -229,14 +231,24 @@ final class UpstreamPool {
     private(set) var reusedLeases = 0
     private(set) var closed: [CloseReason: Int] = [:]
     private(set) var connectFailures = 0
+    /// Requests sent on this server's connections (each try), and the requests that failed or
+    /// were sent again, by reason (counted by the exchanges).
+    var requests = 0
+    var failures = ReasonCounts<UpstreamFailedReason>()
+    var retries = ReasonCounts<UpstreamRetryReason>()
+    /// Connect times, and times from sending a request to the end of its response.
+    private(set) var connectTime = Histogram()
+    var responseTime = Histogram()
     private var warnedTuning = false
 
     /// TCP keepalive and TCP_USER_TIMEOUT for this server's sockets, set before each connect.
     let tuning: SocketTuning?
+    let log: LoopErrorLog
 
     /// `host` is a numeric IPv4 or IPv6 address (names are resolved before a pool is made).
-    init?(loop: IOLoop, buffers: BufferPool, host: String, port: UInt16, policy: PoolPolicy, connectTimeoutMs: Int64 = 60_000,
-          tuning: SocketTuning? = nil) {
+    init?(loop: IOLoop, buffers: BufferPool, host: String, port: UInt16, policy: PoolPolicy, log: LoopErrorLog = .all,
+          connectTimeoutMs: Int64 = 60_000, tuning: SocketTuning? = nil) {
+        self.log = log
         guard let a = InetAddress(host: host, port: port) else { return nil }
         addressText = host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
         self.loop = loop
@@ -249,6 +261,20 @@ final class UpstreamPool {
 
     var idleCount: Int { state.idleCount }
     var openCount: Int { links.count }
+
+    /// This pool's figures as the admin pages count them.
+    var counters: ServerCounters {
+        var c = ServerCounters()
+        c.connects = connects
+        c.requests = requests
+        c.reused = reusedLeases
+        for (reason, n) in closed { c.closed[reason.rawValue] = n }
+        c.retries = retries
+        c.failures = failures
+        c.connectTime = connectTime
+        c.responseTime = responseTime
+        return c
+    }
 
     private var now: Int64 { Int64(loop.now / 1_000_000) }
 
@@ -289,7 +315,7 @@ final class UpstreamPool {
             if !failures.isEmpty && !warnedTuning {
                 // The connection goes on without them; said once per pool.
                 warnedTuning = true
-                CoreServer.log("tether: [warn] \(failures.joined(separator: ", ")) on upstream sockets")
+                log(.warn, "\(failures.joined(separator: ", ")) on upstream sockets")
             }
         }
         let rc = address.withSockaddr { Glibc.connect(fd, $0, $1) }
@@ -312,6 +338,7 @@ final class UpstreamPool {
         link.becomeLeased(by: owner)
         link.phase = .connecting
         links[link.handle] = link
+        link.connectStarted = loop.now
         connects += 1
         loop.arm(link.handle, afterNanoseconds: UInt64(connectTimeoutMs) * 1_000_000)
         return (link, 0)
@@ -319,6 +346,7 @@ final class UpstreamPool {
 
     fileprivate func connected(_ link: UpstreamLink) {
         loop.cancelTimer(link.handle)
+        connectTime.observe(nanoseconds: Int64(loop.now &- link.connectStarted))
         state.connected(link.handle, now: now)
         link.phase = .leased
         link.reused = false
@@ -414,12 +442,19 @@ final class LoopUpstream {
     let name: String
     let pools: [UpstreamPool]
     var balancer: Balancer
-    var failures = ReasonCounts<UpstreamFailedReason>()
-    var retries = ReasonCounts<UpstreamRetryReason>()
+    /// Failures charged to no server (no live upstreams); the servers' own are in their pools.
+    var groupFailures = ReasonCounts<UpstreamFailedReason>()
+    /// Failed and retried requests by reason, over the whole group.
+    var failures: ReasonCounts<UpstreamFailedReason> { pools.reduce(into: groupFailures) { $0.add($1.failures) } }
+    var retries: ReasonCounts<UpstreamRetryReason> { pools.reduce(into: ReasonCounts()) { $0.add($1.retries) } }
     /// Storage for response heads' header index, lent to each parse in turn.
     var headerScratch: [HeaderField] = []
 
-    init(name: String, pools: [UpstreamPool], peers: [PeerSpec]? = nil, method: Balancer.Method = .roundRobin) {
+    /// Where the group's exchanges say why they failed.
+    let log: LoopErrorLog
+
+    init(name: String, pools: [UpstreamPool], peers: [PeerSpec]? = nil, method: Balancer.Method = .roundRobin, log: LoopErrorLog = .all) {
+        self.log = log
         precondition(!pools.isEmpty && (peers == nil || peers!.count == pools.count), "an upstream needs a pool per server")
         self.name = name
         self.pools = pools
@@ -461,5 +496,6 @@ final class LoopUpstream {
     var spareExchangeCount: Int { spareExchanges.count }
 
     var buffers: BufferPool { pools[0].buffers }
+    var loop: IOLoop { pools[0].loop }
     var nowMs: Int64 { Int64(pools[0].loop.now / 1_000_000) }
 }
