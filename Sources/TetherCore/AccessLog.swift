@@ -14,13 +14,7 @@ final class AccessLogSink: Sendable {
 
     init(paths: Set<String>) throws {
         var files: [String: Int32] = [:]
-        for path in paths {
-            let fd = path == "stderr" ? 2 : path == "stdout" ? 1 : open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o644)
-            guard fd >= 0 else {
-                throw TetherError.startup("open() \"\(path)\" failed (\(errno): \(String(cString: strerror(errno))))")
-            }
-            files[path] = fd
-        }
+        for path in paths { files[path] = try LogFile.open(path) }
         self.files = files
         writer = NIOThreadPool(numberOfThreads: 1)
         writer.start()
@@ -30,20 +24,35 @@ final class AccessLogSink: Sendable {
         guard let fd = files[path] else { return }
         writer.submit { state in
             guard state == .active else { return }
-            buffer.withUnsafeReadableBytes { p in
-                var off = 0
-                while off < p.count {
-                    let n = Glibc.write(fd, p.baseAddress! + off, p.count - off)
-                    if n < 0 { if errno == EINTR { continue }; return }
-                    off += n
-                }
-            }
+            buffer.withUnsafeReadableBytes { LogFile.write(fd, $0) }
         }
     }
 
     func shutdown() {
         try? writer.syncShutdownGracefully()
         for (_, fd) in files where fd > 2 { close(fd) }
+    }
+}
+
+/// Log files as nginx opens and writes them, on both paths.
+public enum LogFile {
+    /// `path` opened for appending (created 0644); `stderr` and `stdout` are those streams.
+    public static func open(_ path: String) throws(TetherError) -> Int32 {
+        if path == "stderr" { return 2 }
+        if path == "stdout" { return 1 }
+        let fd = Glibc.open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw TetherError.startup("open() \"\(path)\" failed (\(errno): \(String(cString: strerror(errno))))") }
+        return fd
+    }
+
+    /// Writes all of `bytes` (again after EINTR or a short write); gives up on another error.
+    public static func write(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) {
+        var off = 0
+        while off < bytes.count {
+            let n = Glibc.write(fd, bytes.baseAddress! + off, bytes.count - off)
+            if n < 0 { if errno == EINTR { continue }; return }
+            off += n
+        }
     }
 }
 

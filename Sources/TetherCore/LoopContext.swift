@@ -71,6 +71,8 @@ final class CompiledLocation: Sendable {
 
     /// The `server` block it belongs to.
     let serverIndex: Int
+    /// Some `access_log` of its settings writes a file (checked per request on the own loop).
+    let logsAccess: Bool
     /// The upstream pool this location's requests use: the upstream's name, plus the TLS
     /// settings for `proxy_pass https://` (connections are reused only under the same ones).
     let poolKey: String
@@ -85,6 +87,7 @@ final class CompiledLocation: Sendable {
     init(location: Location?, settings: HTTPSettings, action: Location.Action, serverIndex: Int, poolKey: String? = nil, upstreamTLS: TLSContext? = nil) {
         self.location = location
         self.serverIndex = serverIndex
+        logsAccess = settings.accessLog.contains { if case .file = $0 { true } else { false } }
         if case .proxy(let pass) = action {
             self.poolKey = poolKey ?? pass.upstream
             upstreamName = pass.upstream
@@ -469,16 +472,16 @@ extension StatsSnapshot {
             s.reading += p.reading
             s.writing += p.writing
             s.waiting += p.waiting
-            for i in s.responsesByClass.indices { s.responsesByClass[i] += p.stats.responsesByClass[i] }
+            for i in s.responsesByClass.indices { s.responsesByClass[i] += p.stats.responses(class: i) }
             s.downstreamClosed.merge(p.stats.downstreamClosed.byLabel, uniquingKeysWith: +)
             s.acceptFailures.merge(p.stats.acceptFailures, uniquingKeysWith: +)
             s.otherUpstreamFailures.merge(p.stats.upstreamFailures.byLabel, uniquingKeysWith: +)
             s.tlsHandshakes.merge(p.stats.tlsHandshakes, uniquingKeysWith: +)
             s.tlsSessionsReused += p.stats.tlsResumed
             s.tlsHandshakeFailures.merge(p.stats.tlsFailures, uniquingKeysWith: +)
-            for i in s.servers.indices {
-                s.servers[i].requests += p.stats.requestsByServer[i]
-                for c in 0..<6 { s.servers[i].responsesByClass[c] += p.stats.responsesByServer[i][c] }
+            for i in s.servers.indices where i < p.stats.servers {
+                s.servers[i].requests += p.stats.requests(server: i)
+                for c in 0..<6 { s.servers[i].responsesByClass[c] += p.stats.responses(server: i, class: c) }
             }
             let ups = p.servers.values
             s.loops.append(.init(index: p.index, activeConnections: p.stats.downstreamActive, requests: p.stats.downstreamRequests,

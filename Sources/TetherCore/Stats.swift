@@ -1,6 +1,7 @@
 import TetherTLS
 import NIOCore
 import TetherPool
+import TetherIO
 
 /// Latency buckets (seconds) of the upstream connect and response histograms.
 public let histogramBuckets: [Double] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
@@ -12,13 +13,24 @@ public struct Histogram: Sendable, Equatable {
     public var count = 0
 
     mutating func observe(nanoseconds: Int64) {
-        let s = Double(nanoseconds) / 1e9
-        sum += s
+        sum += Double(nanoseconds) / 1e9
         count += 1
-        for (i, b) in histogramBuckets.enumerated() where s <= b {
-            buckets[i] += 1
-            return
+        let i = Self.bucket(nanoseconds)
+        if i < buckets.count { buckets[i] += 1 }
+    }
+
+    /// The bucket of `ns` among `histogramBuckets` (their count for one above them all), by a
+    /// few integer comparisons: it runs for every proxied request, where a walk over the global
+    /// array cost a retain and a release of it and a comparison per bucket.
+    /// (`HistogramTests` holds it to `histogramBuckets`.)
+    static func bucket(_ ns: Int64) -> Int {
+        if ns <= 10_000_000 {
+            if ns <= 1_000_000 { return ns <= 500_000 ? 0 : 1 }
+            return ns <= 2_500_000 ? 2 : ns <= 5_000_000 ? 3 : 4
         }
+        if ns <= 250_000_000 { return ns <= 25_000_000 ? 5 : ns <= 50_000_000 ? 6 : ns <= 100_000_000 ? 7 : 8 }
+        if ns <= 1_000_000_000 { return ns <= 500_000_000 ? 9 : 10 }
+        return ns <= 2_500_000_000 ? 11 : ns <= 5_000_000_000 ? 12 : ns <= 10_000_000_000 ? 13 : 14
     }
 
     mutating func add(_ o: Histogram) {
@@ -67,33 +79,60 @@ struct LoopStats: Sendable {
     var downstreamHandled = 0
     var downstreamActive = 0
     var downstreamRequests = 0
-    var responsesByClass = [0, 0, 0, 0, 0, 0]
     var downstreamClosed = ReasonCounts<DownstreamCloseReason>()
     /// accept4() failures by reason (`emfile`, `enfile`, `other`).
     var acceptFailures: [String: Int] = [:]
     /// Failures not tied to one server (no live upstreams).
     var upstreamFailures = ReasonCounts<UpstreamFailedReason>()
-    /// Requests by `server` block (configuration order), and their responses by status class.
-    var requestsByServer: [Int]
-    var responsesByServer: [[Int]]
+    /// Answers by status class (index 1 is 1xx ... 5 is 5xx), then for each `server` block
+    /// (configuration order) its requests and its answers by class: one array, so that counting
+    /// an answer checks one array's uniqueness, not three.
+    private(set) var answers: [Int]
+    private static let perServer = 7
     /// Client TLS handshakes by protocol version, resumed sessions, and failures by reason.
     var tlsHandshakes: [String: Int] = [:]
     var tlsResumed = 0
     var tlsFailures: [String: Int] = [:]
 
     init(servers: Int) {
-        requestsByServer = [Int](repeating: 0, count: servers)
-        responsesByServer = [[Int]](repeating: [0, 0, 0, 0, 0, 0], count: servers)
+        answers = [Int](repeating: 0, count: Self.answerSlots(servers: servers))
     }
+
+    /// How many counts `answers` holds for `servers` server blocks.
+    static func answerSlots(servers: Int) -> Int { 6 + servers * perServer }
+
+    /// Where an answer of `status` is counted among `slots`: its status class, and, for a
+    /// `server` block within them, that block's request and its class (-1 for none).
+    @inline(__always)
+    static func answerIndices(status: Int, server: Int, slots: Int) -> (statusClass: Int, request: Int, serverClass: Int) {
+        let c = min(5, max(0, status / 100))
+        let at = 6 + server * perServer
+        guard server >= 0, at + perServer <= slots else { return (c, -1, -1) }
+        return (c, at, at + 1 + c)
+    }
+
+    /// Adds answers counted elsewhere in the same layout (a loop's `Counters`).
+    mutating func addAnswers(_ counts: borrowing Counters) {
+        for i in 0..<min(answers.count, counts.count) { answers[i] += counts[i] }
+    }
+
+    var servers: Int { (answers.count - 6) / Self.perServer }
+
+    /// Answers of status class `c` (1 ... 5).
+    func responses(class c: Int) -> Int { answers[c] }
+    /// Requests `server` answered, and its answers of status class `c`.
+    func requests(server: Int) -> Int { answers[6 + server * Self.perServer] }
+    func responses(server: Int, class c: Int) -> Int { answers[6 + server * Self.perServer + 1 + c] }
 
     /// A response of `status`; `server` is the index of the `server` block that answered it,
     /// nil for a request no server took (a head that could not be read).
     mutating func countResponse(status: Int, server: Int?) {
-        let c = min(5, max(0, status / 100))
-        responsesByClass[c] += 1
-        guard let server, server < requestsByServer.count else { return }
-        requestsByServer[server] += 1
-        responsesByServer[server][c] += 1
+        let (c, r, sc) = Self.answerIndices(status: status, server: server ?? -1, slots: answers.count)
+        answers[c] += 1
+        if r >= 0 {
+            answers[r] += 1
+            answers[sc] += 1
+        }
     }
 
     /// Adds another part's counts (another listening address's on the same loop).
@@ -102,14 +141,10 @@ struct LoopStats: Sendable {
         downstreamHandled += o.downstreamHandled
         downstreamActive += o.downstreamActive
         downstreamRequests += o.downstreamRequests
-        for i in responsesByClass.indices { responsesByClass[i] += o.responsesByClass[i] }
+        for i in 0..<min(answers.count, o.answers.count) { answers[i] += o.answers[i] }
         downstreamClosed.add(o.downstreamClosed)
         acceptFailures.merge(o.acceptFailures, uniquingKeysWith: +)
         upstreamFailures.add(o.upstreamFailures)
-        for i in requestsByServer.indices where i < o.requestsByServer.count {
-            requestsByServer[i] += o.requestsByServer[i]
-            for c in 0..<6 { responsesByServer[i][c] += o.responsesByServer[i][c] }
-        }
         tlsHandshakes.merge(o.tlsHandshakes, uniquingKeysWith: +)
         tlsResumed += o.tlsResumed
         tlsFailures.merge(o.tlsFailures, uniquingKeysWith: +)
@@ -117,8 +152,7 @@ struct LoopStats: Sendable {
 
     /// After a reload the `server` blocks are new: their counters start over.
     mutating func resizeServers(_ n: Int) {
-        requestsByServer = [Int](repeating: 0, count: n)
-        responsesByServer = [[Int]](repeating: [0, 0, 0, 0, 0, 0], count: n)
+        answers = Array(answers[0..<6]) + [Int](repeating: 0, count: n * Self.perServer)
     }
 }
 

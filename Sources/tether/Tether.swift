@@ -165,6 +165,7 @@ struct Tether: ParsableCommand {
                 // As logrotate expects: the error log file, moved away, is opened again by its name.
                 do {
                     try Self.pointStandardErrorAtErrorLog(config)
+                    server.reopenLogs()
                     log(.notice, "log files reopened")
                 } catch {
                     log(.alert, "reopening logs failed: \(error)")
@@ -358,13 +359,7 @@ final class FileLogSink: Sendable {
         fd = NIOLockedValueBox(try FileLogSink.open(path))
     }
 
-    static func open(_ path: String) throws -> Int32 {
-        if path == "stderr" { return 2 }
-        if path == "stdout" { return 1 }
-        let fd = Glibc.open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw TetherError.startup("open() \"\(path)\" failed (\(errno): \(String(cString: strerror(errno))))") }
-        return fd
-    }
+    static func open(_ path: String) throws -> Int32 { try LogFile.open(path) }
 
     func reopen() throws {
         let new = try FileLogSink.open(path)

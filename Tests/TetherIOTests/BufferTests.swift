@@ -193,3 +193,14 @@ import Glibc
         #expect(pool.outstanding == 0)
     }
 }
+
+@Suite struct CountersTests {
+    @Test func countersStartAtZeroAndCountEachIndexApart() {
+        let c = Counters(count: 4)
+        for i in 0..<4 { #expect(c[i] == 0) }
+        c.increment(1)
+        c.increment(1)
+        c.increment(3)
+        #expect((0..<4).map { c[$0] } == [0, 2, 0, 1])
+    }
+}

@@ -4,11 +4,11 @@ import Testing
 import TetherTestSupport
 
 @Suite struct OperationsTests {
-    @Test func accessLogCombinedAndUpstreamVariables() throws {
+    @Test(arguments: EventLoopUnderTest.allCases) func accessLogCombinedAndUpstreamVariables(on loop: EventLoopUnderTest) throws {
         let dir = NSTemporaryDirectory() + "tether-log-" + UUID().uuidString
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        try withProxy(workers: 1, http: """
+        try withProxy(on: loop, workers: 1, http: """
             log_format up '$remote_addr "$request" $status $body_bytes_sent reused=$upstream_reused connect=$upstream_connect_time addr=$upstream_addr ustatus=$upstream_status';
             access_log \(dir)/access.log combined;
             access_log \(dir)/upstream.log up;

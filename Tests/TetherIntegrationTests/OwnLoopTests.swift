@@ -189,6 +189,66 @@ import Glibc
         })
     }
 
+    /// The access log on the own loop says what each request got, whichever way it ended: a
+    /// proxied answer (with the `$request_id` the backend was sent), a 502 made by Tether with
+    /// the upstream's address, `return 444`, an admin page answered later, and 499 for a client
+    /// that left before its answer began.
+    @Test func theAccessLogSaysHowEachRequestEnded() throws {
+        let dir = NSTemporaryDirectory() + "tether-own-log-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let down = freePort()
+        let backend = try TestBackend()
+        defer { backend.stop() }
+        let proxy = try RunningCore(config: """
+            worker_processes 2;
+            http {
+                log_format t '$request $status $body_bytes_sent up=$upstream_addr ustatus=$upstream_status id=$request_id';
+                access_log \(dir)/access.log t;
+                upstream b { server 127.0.0.1:\(backend.port); }
+                upstream down { server 127.0.0.1:\(down); }
+                server {
+                    listen 127.0.0.1:0;
+                    location / { proxy_pass http://b; proxy_set_header X-Request-ID $request_id; }
+                    location /down { proxy_pass http://down; }
+                    location = /gone { return 444; }
+                    location = /status { stub_status; }
+                    location = /quiet { access_log off; return 200 "q"; }
+                }
+            }
+            """)
+        defer { proxy.stop() }
+        let c = try proxy.client()
+        try c.send("GET /bytes/7 HTTP/1.1\r\nHost: t\r\n\r\n")
+        #expect(try c.readResponse().status == 200)
+        try c.send("GET /down HTTP/1.1\r\nHost: t\r\n\r\n")
+        #expect(try c.readResponse().status == 502)
+        let c2 = try proxy.client()
+        try c2.send("GET /status HTTP/1.1\r\nHost: t\r\n\r\nGET /quiet HTTP/1.1\r\nHost: t\r\n\r\n")
+        #expect(try c2.readResponse().status == 200)
+        #expect(try c2.readResponse().bodyText == "q")
+        let gone = try proxy.client()
+        try gone.send("GET /gone HTTP/1.1\r\nHost: t\r\n\r\n")
+        #expect(gone.waitForClose(timeoutMs: 2_000))
+        let left = try proxy.client()
+        try left.send("GET /slow/300 HTTP/1.1\r\nHost: t\r\n\r\n")
+        #expect(eventually { backend.requestCount == 2 })
+        left.close()
+        func lines() -> [String] {
+            ((try? String(contentsOfFile: dir + "/access.log", encoding: .utf8)) ?? "").split(separator: "\n").map(String.init)
+        }
+        #expect(eventually { lines().count == 5 }, "\(lines())")
+        let all = lines()
+        let id = try #require(backend.requests.first?.header("x-request-id"))
+        #expect(id.count == 32)
+        #expect(all.contains("GET /bytes/7 HTTP/1.1 200 7 up=127.0.0.1:\(backend.port) ustatus=200 id=\(id)"), "\(all)")
+        #expect(all.contains { $0.hasPrefix("GET /down HTTP/1.1 502 ") && $0.contains(" up=127.0.0.1:\(down) ustatus=- id=") }, "\(all)")
+        #expect(all.contains { $0.hasPrefix("GET /status HTTP/1.1 200 ") && $0.contains(" up=- ustatus=- ") }, "\(all)")
+        #expect(all.contains { $0.hasPrefix("GET /gone HTTP/1.1 444 0 up=- ") }, "\(all)")
+        #expect(all.contains { $0.hasPrefix("GET /slow/300 HTTP/1.1 499 0 up=127.0.0.1:\(backend.port) ustatus=- ") }, "\(all)")
+        #expect(!all.contains { $0.contains("/quiet") })
+    }
+
     /// `error_log FILE error`: lines below the level (the notices) are not written, an error is;
     /// SIGUSR1 opens the file again by its name (as logrotate expects after moving it).
     @Test func theErrorLogKeepsItsLevelAndIsReopenedOnSIGUSR1() throws {

@@ -253,7 +253,7 @@ func parse(_ text: String) throws -> Configuration {
     }
 
     /// SIGUSR1 (as logrotate sends it after moving the files) makes Tether write to new files.
-    @Test func reopenLogsBySignal() throws {
+    @Test(arguments: EventLoopUnderTest.allCases) func reopenLogsBySignal(on loop: EventLoopUnderTest) throws {
         let dir = NSTemporaryDirectory() + "tether-reopen-" + UUID().uuidString
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -267,7 +267,7 @@ func parse(_ text: String) throws -> Configuration {
             """.write(toFile: file, atomically: true, encoding: .utf8)
         let p = Process()
         p.executableURL = try tetherExecutable()
-        p.arguments = ["-c", file]
+        p.arguments = (loop == .own ? ["--event-loop", "own"] : []) + ["-c", file]
         try p.run()
         defer { if p.isRunning { p.terminate(); p.waitUntilExit() } }
         func get(_ path: String) throws {

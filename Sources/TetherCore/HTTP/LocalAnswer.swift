@@ -58,6 +58,21 @@ struct LocalAnswer {
     private static let serverWithVersion = Array("\r\nServer: tether/\(tetherVersion)\r\nDate: ".utf8)
     private static let serverWithoutVersion = Array("\r\nServer: tether\r\nDate: ".utf8)
 
+    /// What was written, for the access log.
+    struct Written {
+        var status: Int
+        var headBytes: Int
+        var bodyBytes: Int
+    }
+
+    /// The body's length as written (`$body_bytes_sent`).
+    var bodyLength: Int {
+        let bodyless = status == 204 || status == 304 || status < 200
+        if bodyless || isHEAD { return 0 }
+        if let text, !isRedirect { return text.count }
+        return status >= 300 ? Self.pageLength(status, Self.reason(status)) : 0
+    }
+
     var isRedirect: Bool {
         switch status {
         case 301, 302, 303, 307, 308: true

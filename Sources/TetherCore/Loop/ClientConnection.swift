@@ -49,15 +49,45 @@ final class ClientLoop {
     /// Connections open now (registered and not yet closed).
     private(set) var open = 0
     /// The counters of the admin pages (`CoreServer` sums each loop's at a scrape): connections,
-    /// requests, answers by status class and `server` block, close reasons, accept failures.
+    /// requests, close reasons, accept failures in `stats`; answers by status class and `server`
+    /// block in `answers` (`LoopStats.answers`' layout), counted on every answer.
     var stats: LoopStats
+    let answers: Counters
+
+    /// Counts an answer of `status`; `server` is the `server` block that answered, if one did.
+    @inline(__always)
+    func countAnswer(status: Int, server: Int?) {
+        let (c, r, sc) = LoopStats.answerIndices(status: status, server: server ?? -1, slots: answers.count)
+        answers.increment(c)
+        if r >= 0 {
+            answers.increment(r)
+            answers.increment(sc)
+        }
+    }
     /// `$time_local`, `$time_iso8601`: formatted once a second.
     let dateCache = DateCache()
+    /// The loop's access log, when some location has one.
+    var accessLog: LoopAccessLog?
+    /// The access log's draft of the request being handled (`draftAccessLog`), its location and
+    /// when it began, until its answer or its exchange takes it.
+    var logDraft: [UInt8] = []
+    var logRoute: CompiledLocation?
+    var logStartedAt: UInt64 = 0
+    /// A draft is waiting for its answer (checked on every request: a flag, not the reference).
+    var drafted = false
+
+    func dropDraft() {
+        drafted = false
+        logRoute = nil
+    }
+    /// `$request_id` of the request being handled, made when first asked for.
+    var requestID: RequestID?
 
     /// `servers`: the configuration's `server` blocks (answers are counted per block).
     init(loop: IOLoop, pool: BufferPool, settings: ClientSettings, handler: ClientRequestHandler, servers: Int = 1) {
         owned = (loop, pool, handler)
         stats = LoopStats(servers: servers)
+        answers = Counters(count: LoopStats.answerSlots(servers: servers))
         self.loop = loop
         self.pool = pool
         self.settings = settings
@@ -296,6 +326,7 @@ final class ClientConnection: IOHandler {
             }
             _ = state.headParsed()
             shared.stats.downstreamRequests += 1
+            shared.requestID = nil
             if layout.chunked { chunked = ChunkedDecoder() } else { bodyLeft = layout.contentLength ?? 0 }
             answered = false
             buf.withReadableBytes { p in
@@ -303,6 +334,7 @@ final class ClientConnection: IOHandler {
             }
             // A handler that gave no answer is a bug; the client still gets one.
             if !answered { respond(status: 500, text: nil, head: layout, close: true) }
+            if shared.drafted { shared.dropDraft() }
             // The header storage goes back to the loop.
             swap(&layout.headers, &shared.headerScratch)
             shared.headerScratch.removeAll(keepingCapacity: true)
@@ -372,12 +404,14 @@ final class ClientConnection: IOHandler {
             } catch {
                 chunked = nil
                 let answering = x.responseStarted
-                let server = x.route.serverIndex
+                let server = x.serverIndex
                 x.clientLeft()
-                retireExchange()
                 // An answer under way cannot be followed by a 400: the connection just ends.
-                if answering { return close(.error) }
-                writeError(400, server: server)
+                if answering {
+                    retireExchange()
+                    return close(.error)
+                }
+                retireExchange(answered: writeError(400, server: server))
                 state.pendingReason = .error
                 closeAfterWrite = true
                 finishExchange()
@@ -430,13 +464,20 @@ final class ClientConnection: IOHandler {
         answered = true
         exchange = x
         shared.dateCache.refresh()
-        let variables = ClientVariables(head: head, bytes: bytes, connection: self, route: route, serverName: serverName, exchange: x)
+        let variables = ClientVariables(head: head, bytes: bytes, connection: self, route: route, serverName: serverName)
         if !x.start(head, bytes, variables: variables) {
             // A head larger than a buffer once written for the upstream: refused whole rather
             // than sent cut (heads are bounded by one pool buffer on this path).
             retireExchange()
             answered = false
             return respond(status: 431, text: nil, head: head, close: true)
+        }
+        if shared.drafted {
+            // The access log's draft goes with the exchange, which ends the line.
+            swap(&x.logDraft, &shared.logDraft)
+            x.logStartedAt = shared.logStartedAt
+            x.logging = true
+            shared.dropDraft()
         }
         // `Expect: 100-continue` is Tether's to answer (it is not forwarded): the body may come.
         // RFC 9110 10.1.1 lets a server send it even when some of the body is here already.
@@ -446,17 +487,52 @@ final class ClientConnection: IOHandler {
         }
     }
 
-    /// The exchange is over: it becomes one of its upstream's spares.
-    private func retireExchange() {
-        if let x = exchange.take() { x.upstream.retire(x) }
+    /// The exchange is over: its access log lines are written, with `answered` where the client
+    /// got an answer of Tether's instead of the upstream's (a 502 page, a 400), and it becomes one
+    /// of its upstream's spares.
+    private func retireExchange(answered: LocalAnswer.Written? = nil, status: Int? = nil) {
+        guard let x = exchange.take() else { return }
+        if x.logging, let log = shared.accessLog {
+            x.logging = false
+            let facts = x.answerFacts(status: answered?.status ?? status, headBytes: answered?.headBytes ?? 0, bodyBytes: answered?.bodyBytes ?? 0)
+            log.finish(x.logDraft, route: x.route, startedAt: x.logStartedAt, facts: facts, dates: shared.dateCache)
+        }
+        x.upstream.retire(x)
+    }
+
+    /// The access log's draft of the current request (`route` logs it): what its head says,
+    /// while the head's bytes are there. The line is finished when the answer ends.
+    func draftAccessLog<V: VariableSource>(_ route: CompiledLocation, _ variables: V) {
+        guard let log = shared.accessLog else { return }
+        log.draft(route, variables, into: &shared.logDraft)
+        shared.logRoute = route
+        shared.drafted = true
+        shared.logStartedAt = shared.loop.now
+    }
+
+    /// Ends the current request's access log lines for an answer of Tether's own.
+    private func logLocalAnswer(_ written: LocalAnswer.Written) {
+        guard shared.drafted, let route = shared.logRoute, let log = shared.accessLog else { return }
+        shared.dropDraft()
+        log.finish(shared.logDraft, route: route, startedAt: shared.logStartedAt,
+                   facts: AnswerFacts(status: written.status, headBytes: written.headBytes, bodyBytes: written.bodyBytes), dates: shared.dateCache)
+    }
+
+    /// `$request_id`: 32 random hex digits, the same for every use within the request.
+    func writeRequestID<S: HeadSink & ~Copyable>(into out: inout S) {
+        if shared.requestID == nil { shared.requestID = RequestID.make() }
+        shared.requestID!.write(into: &out)
     }
 
     /// Writes the answer's head, as the exchange rewrote it, into the client's queue; `server`
     /// is the index of the `server` block that answers (for the counters).
     func writeResponseHead(_ h: HeadLayout, _ p: UnsafeRawBufferPointer, _ r: HeadWriter.ClientResponse, server: Int) {
-        shared.stats.countResponse(status: h.status, server: server)
+        shared.countAnswer(status: h.status, server: server)
         HeadWriter.clientHead(h, p, r, into: &outbound)
     }
+
+    /// Bytes queued for the client and not yet written (the access log measures a head by it).
+    var queuedBytes: Int { outbound.queuedBytes }
 
     /// Queues response bytes from the exchange (the buffer itself: no copy); `flushFromUpstream` writes them.
     func sendFromUpstream(_ buffer: consuming IOBuffer) {
@@ -495,10 +571,12 @@ final class ClientConnection: IOHandler {
 
     /// The exchange failed: an answer if none began (502, 504), else the connection ends.
     func exchangeFailed(status: Int, responseStarted: Bool) {
-        let server = exchange?.route.serverIndex
-        retireExchange()
-        if responseStarted { return close(.error) }
-        writeError(status, server: server)
+        let server = exchange?.serverIndex
+        if responseStarted {
+            retireExchange()
+            return close(.error)
+        }
+        retireExchange(answered: writeError(status, server: server))
         state.pendingReason = .error
         closeAfterWrite = true
         if state.inExchange { finishExchange() }
@@ -549,6 +627,7 @@ final class ClientConnection: IOHandler {
     func closeWithoutAnswer() {
         precondition(state.inExchange && !answered, "close without answer outside an exchange: \(state.phase)")
         answered = true
+        logLocalAnswer(LocalAnswer.Written(status: 444, headBytes: 0, bodyBytes: 0))
         close(.error)
     }
 
@@ -626,10 +705,10 @@ final class ClientConnection: IOHandler {
         answered = true
         // A body still coming is read and dropped before the next request (its framing is known).
         let keepAlive = clientKeepAlive(head: head, close: close, route: route)
-        shared.stats.countResponse(status: status, server: route?.serverIndex)
-        writeAnswer(LocalAnswer(status: status, text: text, contentType: contentType, serverTokens: route?.settings.serverTokens ?? true,
-                                allow: allow, keepAlive: keepAlive, clientMinor: head.minorVersion, isHEAD: isHEAD,
-                                keepAliveHeader: keepAlive ? route?.keepAliveHeader ?? [] : []))
+        shared.countAnswer(status: status, server: route?.serverIndex)
+        logLocalAnswer(writeAnswer(LocalAnswer(status: status, text: text, contentType: contentType, serverTokens: route?.settings.serverTokens ?? true,
+                                               allow: allow, keepAlive: keepAlive, clientMinor: head.minorVersion, isHEAD: isHEAD,
+                                               keepAliveHeader: keepAlive ? route?.keepAliveHeader ?? [] : [])))
         closeAfterWrite = !keepAlive
         flush()
     }
@@ -642,6 +721,9 @@ final class ClientConnection: IOHandler {
         let clientMinor: Int
         let isHEAD: Bool
         let route: CompiledLocation
+        /// The access log's draft, when the location logs.
+        let logDraft: [UInt8]?
+        let logStartedAt: UInt64
     }
 
     /// The current request is answered later, through `answer(_:status:body:contentType:)` on
@@ -651,8 +733,14 @@ final class ClientConnection: IOHandler {
         precondition(state.inExchange && !answered, "answerLater outside an exchange or twice: \(state.phase)")
         answered = true
         answerPending = true
+        var draft: [UInt8]?
+        if shared.drafted {
+            draft = []
+            swap(&draft!, &shared.logDraft)
+            shared.dropDraft()
+        }
         return LaterAnswer(request: state.requests, keepAlive: clientKeepAlive(head: head, close: false, route: route),
-                           clientMinor: head.minorVersion, isHEAD: isHEAD, route: route)
+                           clientMinor: head.minorVersion, isHEAD: isHEAD, route: route, logDraft: draft, logStartedAt: shared.logStartedAt)
     }
 
     /// The answer `answerLater` promised. Dropped when the connection closed meanwhile.
@@ -660,10 +748,14 @@ final class ClientConnection: IOHandler {
         guard isOpen, answerPending, state.inExchange, state.requests == later.request else { return }
         answerPending = false
         let keepAlive = keepsAliveAtResponse(later.keepAlive)
-        shared.stats.countResponse(status: status, server: later.route.serverIndex)
-        writeAnswer(LocalAnswer(status: status, text: body, contentType: contentType, serverTokens: later.route.settings.serverTokens,
-                                keepAlive: keepAlive, clientMinor: later.clientMinor, isHEAD: later.isHEAD,
-                                keepAliveHeader: keepAlive ? later.route.keepAliveHeader : []))
+        shared.countAnswer(status: status, server: later.route.serverIndex)
+        let written = writeAnswer(LocalAnswer(status: status, text: body, contentType: contentType, serverTokens: later.route.settings.serverTokens,
+                                              keepAlive: keepAlive, clientMinor: later.clientMinor, isHEAD: later.isHEAD,
+                                              keepAliveHeader: keepAlive ? later.route.keepAliveHeader : []))
+        if let draft = later.logDraft, let log = shared.accessLog {
+            log.finish(draft, route: later.route, startedAt: later.logStartedAt,
+                       facts: AnswerFacts(status: status, headBytes: written.headBytes, bodyBytes: written.bodyBytes), dates: shared.dateCache)
+        }
         closeAfterWrite = !keepAlive
         // A body still arriving is dropped to its end first; then the next request may follow.
         if bodyLeft == 0 && chunked == nil { finishExchange() }
@@ -678,16 +770,19 @@ final class ClientConnection: IOHandler {
     }
 
     /// An answer made here, queued with the loop's cached date.
-    private func writeAnswer(_ a: LocalAnswer) {
+    @discardableResult
+    private func writeAnswer(_ a: LocalAnswer) -> LocalAnswer.Written {
         shared.dateCache.refresh()
-        a.write(date: shared.dateCache.httpDate, into: &outbound)
+        let n = a.write(date: shared.dateCache.httpDate, into: &outbound)
+        return LocalAnswer.Written(status: a.status, headBytes: n - a.bodyLength, bodyBytes: a.bodyLength)
     }
 
     /// An error answer that ends the connection (nginx's page, `Connection: close`); `server`
     /// is the `server` block that took the request, if one did.
-    private func writeError(_ status: Int, server: Int? = nil) {
-        shared.stats.countResponse(status: status, server: server)
-        writeAnswer(LocalAnswer(status: status, text: nil, keepAlive: false))
+    @discardableResult
+    private func writeError(_ status: Int, server: Int? = nil) -> LocalAnswer.Written {
+        shared.countAnswer(status: status, server: server)
+        return writeAnswer(LocalAnswer(status: status, text: nil, keepAlive: false))
     }
 
     /// Answers a malformed or timed-out request with `status` and closes once it is written (as
@@ -763,9 +858,11 @@ final class ClientConnection: IOHandler {
     /// Closes now; `reason` (or the pending one) is counted unless the close was counted already.
     func close(_ reason: DownstreamCloseReason?) {
         guard isOpen else { return }
-        if let x = exchange.take() {
+        if let x = exchange {
+            let started = x.responseStarted
             x.clientLeft()
-            x.upstream.retire(x)
+            // As nginx: 499 for a client that left before its answer began.
+            retireExchange(status: started ? nil : 499)
         }
         if let r = state.close(reason) { shared.stats.downstreamClosed[r] += 1 }
         if let b = inbound.take() { shared.pool.recycle(b) }

@@ -10,7 +10,7 @@ import TetherHTTP
 ///
 /// Variables that describe the answer (`$status`, `$bytes_sent`, `$upstream_*`, `$request_time`,
 /// `$sent_http_*`) are empty here: nothing of the answer exists when the request head is written
-/// (they are for access logs, which come to this path with the switch).
+/// (the access log takes them from the answer: `LoopAccessLog`).
 struct ClientVariables: VariableSource {
     let head: HeadLayout
     let bytes: UnsafeRawBufferPointer
@@ -18,8 +18,6 @@ struct ClientVariables: VariableSource {
     let route: CompiledLocation
     /// The server block's first name: `$server_name`, and `$host` without a Host.
     let serverName: [UInt8]
-    /// For `$request_id`, stable within the exchange; nil for a local answer (a new id).
-    unowned(unsafe) let exchange: ProxyExchange?
 
     static let xForwardedFor = Array("x-forwarded-for".utf8)
 
@@ -59,7 +57,7 @@ struct ClientVariables: VariableSource {
         case .proxyHost:
             if case .proxy(let p) = route.action { out.put(p.proxyHost) }
         case .requestID:
-            if let x = exchange { x.writeRequestID(into: &out) } else { RequestID.make().write(into: &out) }
+            connection.writeRequestID(into: &out)
         case .serverName: out.put(serverName)
         case .serverProtocol:
             out.put("HTTP/1.")

@@ -87,6 +87,10 @@ final class CoreRouter: ClientRequestHandler {
         let route = servers[index].route(head, bytes)
         let s = route.settings
         let isHEAD = head.methodIs("HEAD", in: bytes)
+        if route.logsAccess {
+            connection.draftAccessLog(route, ClientVariables(head: head, bytes: bytes, connection: connection, route: route,
+                                                             serverName: serverNames[index]))
+        }
         if let n = head.contentLength, s.clientMaxBodySize > 0, n > s.clientMaxBodySize {
             return connection.respond(status: 413, text: nil, head: head, isHEAD: isHEAD, route: route, close: true)
         }
@@ -121,7 +125,7 @@ final class CoreRouter: ClientRequestHandler {
             }
             var text: [UInt8] = []
             let variables = ClientVariables(head: head, bytes: bytes, connection: connection, route: route,
-                                            serverName: serverNames[index], exchange: nil)
+                                            serverName: serverNames[index])
             HeadWriter.template(t, variables, into: &text)
             text.withUnsafeBytes { connection.respond(status: r.code, text: $0, head: head, isHEAD: isHEAD, route: route) }
         case .stubStatus, .stats(_):

@@ -11,8 +11,8 @@ import TetherIO
 /// `SO_REUSEPORT` socket per listening address, its own buffer pool and its own upstream pools;
 /// nothing is shared between loops, so the request path takes no lock. What the own loop cannot
 /// serve yet (`CoreRouter.unsupported`) is refused before anything listens. The admin pages
-/// gather every loop's counters through `CoreAdmin`. Not yet here: access logs, reload, TLS,
-/// upgrades.
+/// gather every loop's counters through `CoreAdmin`; access log lines are made on the loops and
+/// written by a thread of their own (`AccessLogWriter`). Not yet here: reload, TLS, upgrades.
 public final class CoreServer: @unchecked Sendable {
     public let configuration: Configuration
     private let setup: ProxySetup
@@ -23,6 +23,8 @@ public final class CoreServer: @unchecked Sendable {
     private var admin: CoreAdmin?
     /// The error log, at `error_log`'s level.
     public let log: LoopErrorLog
+    /// The access log files, when some location has one; opened at `start`.
+    private var accessLog: AccessLogWriter?
     /// The address and port each listening address was bound to (port 0 in the configuration:
     /// the one the kernel chose), in `ProxySetup.virtualHosts` order.
     public private(set) var boundPorts: [(address: String, port: UInt16)] = []
@@ -63,6 +65,8 @@ public final class CoreServer: @unchecked Sendable {
         // Loops made so far: on a failure their listening sockets are closed again.
         var made: [IOLoop] = []
         do {
+            let paths = Self.accessLogPaths(configuration)
+            if !paths.isEmpty { accessLog = try AccessLogWriter(paths: paths) }
             for _ in 0..<workerCount {
                 let loop = try IOLoop()
                 made.append(loop)
@@ -74,6 +78,7 @@ public final class CoreServer: @unchecked Sendable {
                 }
                 var listeners: [Listener] = []
                 var clientLoops: [ClientLoop] = []
+                let loopLog = try accessLog.map { try LoopAccessLog(writer: $0, formats: configuration.logFormats, loop: loop) }
                 let admission = Admission(limit: configuration.workerConnections, log: log)
                 let acceptLog = LogLimiter()
                 let log = self.log
@@ -81,6 +86,7 @@ public final class CoreServer: @unchecked Sendable {
                     let router = CoreRouter(hosts: vhosts, servers: servers, upstreams: upstreams, admin: admin)
                     let clients = ClientLoop(loop: loop, pool: buffers, settings: Self.clientSettings(servers[vhosts.defaultIndex].server.settings),
                                              handler: router, servers: configuration.servers.count)
+                    clients.accessLog = loopLog
                     clientLoops.append(clients)
                     admission.clients.append(clients)
                     let fd: Int32, port: UInt16
@@ -113,13 +119,17 @@ public final class CoreServer: @unchecked Sendable {
                     listeners.append(listener)
                 }
                 workers.append(LoopThread(loop: loop, listeners: listeners, clients: clientLoops, upstreams: upstreams,
-                                          admission: admission, servers: configuration.servers.count, log: log))
+                                          admission: admission, servers: configuration.servers.count, log: log, accessLog: loopLog))
             }
         } catch let e as CoreSetupError {
             for l in made { l.closeAll() }
+            accessLog?.stop()
+            accessLog = nil
             throw CoreServerError(lines: [e.description])
         } catch {
             for l in made { l.closeAll() }
+            accessLog?.stop()
+            accessLog = nil
             throw CoreServerError(lines: ["\(error)"])
         }
         boundPorts = zip(hosts, ports).map { ($0.0.address, $1) }
@@ -164,6 +174,29 @@ public final class CoreServer: @unchecked Sendable {
         workers = []
         admin?.stop()
         admin = nil
+        // After the loops, which handed it their last lines as they stopped.
+        accessLog?.stop()
+        accessLog = nil
+    }
+
+    /// SIGUSR1: the access log files are opened again by their names (after logrotate moved
+    /// them); one that cannot be is logged and keeps its old file.
+    public func reopenLogs() {
+        let log = self.log
+        accessLog?.reopen { log(.alert, "reopening access log failed: \($0)") }
+    }
+
+    /// The files the configuration's `access_log` lines write, each once.
+    static func accessLogPaths(_ configuration: Configuration) -> [String] {
+        var paths: [String] = []
+        func add(_ entries: [AccessLog]) {
+            for case .file(let p, _) in entries where !paths.contains(p) { paths.append(p) }
+        }
+        for s in configuration.servers {
+            add(s.settings.accessLog)
+            for l in s.locations { add(l.settings.accessLog) }
+        }
+        return paths
     }
 
     /// Stops gracefully, as nginx does on SIGQUIT: every loop closes its listening sockets and
@@ -251,11 +284,13 @@ private final class LoopThread: @unchecked Sendable {
     /// The configuration's `server` blocks.
     let servers: Int
     let log: LoopErrorLog
+    let accessLog: LoopAccessLog?
     /// `run` has returned (read by the thread that shuts the server down).
     let finished = Atomic<Bool>(false)
 
-    init(loop: IOLoop, listeners: [Listener], clients: [ClientLoop], upstreams: [String: LoopUpstream], admission: Admission, servers: Int, log: LoopErrorLog) {
+    init(loop: IOLoop, listeners: [Listener], clients: [ClientLoop], upstreams: [String: LoopUpstream], admission: Admission, servers: Int, log: LoopErrorLog, accessLog: LoopAccessLog?) {
         self.log = log
+        self.accessLog = accessLog
         self.loop = loop
         self.listeners = listeners
         self.clients = clients
@@ -272,6 +307,7 @@ private final class LoopThread: @unchecked Sendable {
         var stats = LoopStats(servers: servers)
         for c in clients {
             stats.add(c.stats)
+            stats.addAnswers(c.answers)
             stats.downstreamActive += c.open
         }
         // Connections over worker_connections were accepted, then closed at once: not handled.
@@ -303,6 +339,8 @@ private final class LoopThread: @unchecked Sendable {
         } catch {
             log(.emerg, "event loop stopped: \(error)")
         }
+        // The lines of the requests answered so far go to the writer before the loop ends.
+        accessLog?.flush()
         finished.store(true, ordering: .releasing)
     }
 

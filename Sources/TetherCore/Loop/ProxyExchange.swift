@@ -36,6 +36,8 @@ final class ProxyExchange: UpstreamLinkOwner {
     /// Fixed for the object's life: spare exchanges are kept per upstream (`LoopUpstream.exchange`).
     let upstream: LoopUpstream
     private(set) var route: CompiledLocation
+    /// `route.serverIndex`, read on every answer without retaining the route.
+    private(set) var serverIndex: Int
     private var request: Request
     /// The location's settings this exchange reads on every event, copied out of `route` (a
     /// variable since exchanges are reused: reading through it costs a retain each time).
@@ -65,8 +67,17 @@ final class ProxyExchange: UpstreamLinkOwner {
     private var finished = false
     /// When the request went to the current connection (the loop's clock): the response time.
     private var sentAt: UInt64 = 0
-    /// `$request_id`, made when first asked for.
-    private var requestID: RequestID?
+    /// For the access log: the request's drafted part (its capacity kept from one request to the
+    /// next), when the request started, and the answer's facts as they come.
+    var logDraft: [UInt8] = []
+    var logStartedAt: UInt64 = 0
+    /// The location logs this request (`access_log`).
+    var logging = false
+    private(set) var status = 0
+    private(set) var headBytes = 0
+    private(set) var bodyBytes = 0
+    private var connectNs: Int64 = -1
+    private var headerNs: Int64 = -1
     /// The loop pass in which it was retired (`LoopUpstream.retire`).
     var retiredPass: UInt64 = 0
 
@@ -74,6 +85,7 @@ final class ProxyExchange: UpstreamLinkOwner {
         self.connection = connection
         self.upstream = upstream
         self.route = route
+        serverIndex = route.serverIndex
         self.request = request
         readTimeoutMs = route.settings.proxyReadTimeoutMs
         nextUpstream = route.settings.proxyNextUpstream
@@ -87,6 +99,7 @@ final class ProxyExchange: UpstreamLinkOwner {
         precondition(link == nil && savedHead == nil && !active, "reuse of an exchange still under way")
         self.connection = connection
         self.route = route
+        serverIndex = route.serverIndex
         self.request = request
         readTimeoutMs = route.settings.proxyReadTimeoutMs
         nextUpstream = route.settings.proxyNextUpstream
@@ -105,7 +118,13 @@ final class ProxyExchange: UpstreamLinkOwner {
         upstreamReusable = true
         headSent = false
         finished = false
-        requestID = nil
+        logging = false
+        status = 0
+        headBytes = 0
+        bodyBytes = 0
+        connectNs = -1
+        headerNs = -1
+        sentAt = 0
     }
 
     /// Whether a failure before any response byte may send the request again (RFC 9110 9.2.2,
@@ -175,10 +194,14 @@ final class ProxyExchange: UpstreamLinkOwner {
         dropSavedHead()
     }
 
-    /// `$request_id`: 32 random hex digits, the same for every use within the exchange.
-    func writeRequestID<S: HeadSink & ~Copyable>(into out: inout S) {
-        if requestID == nil { requestID = RequestID.make() }
-        requestID!.write(into: &out)
+    /// What the access log says of the answer so far: `status` is the client's if it differs from
+    /// the upstream's (a 502 made here, a client that left: 499).
+    func answerFacts(status answered: Int? = nil, headBytes localHead: Int = 0, bodyBytes localBody: Int = 0) -> AnswerFacts {
+        let address = server >= 0 && server < upstream.pools.count ? upstream.pools[server].addressText : ""
+        let u = UpstreamFacts(address: address, status: status, connectNs: connectNs, headerNs: headerNs,
+                              responseNs: sentAt == 0 ? -1 : Int64(upstream.loop.now &- sentAt), reused: reused)
+        return AnswerFacts(status: answered ?? status, headBytes: headBytes + localHead, bodyBytes: bodyBytes + localBody,
+                           upstream: server >= 0 ? u : nil)
     }
 
     // MARK: Servers and connections
@@ -207,7 +230,8 @@ final class ProxyExchange: UpstreamLinkOwner {
         reused = l.reused
         responseBytes = false
         sentAt = upstream.loop.now
-        pool.requests += 1
+        connectNs = l.reused ? 0 : -1
+        headerNs = -1
         guard let head = savedHead.take() else { return }
         if mayRetry {
             head.withReadableBytes { l.write(copying: $0) }
@@ -295,6 +319,7 @@ final class ProxyExchange: UpstreamLinkOwner {
     // MARK: UpstreamLinkOwner
 
     func upstreamConnected(_ link: UpstreamLink) {
+        connectNs = Int64(upstream.loop.now &- link.connectStarted)
         link.armTimer(milliseconds: readTimeoutMs)
     }
 
@@ -415,7 +440,13 @@ final class ProxyExchange: UpstreamLinkOwner {
         let response = HeadWriter.ClientResponse(
             dropContentLength: plan.relay != .verbatim, chunked: plan.relay == .rechunk || plan.relay == .chunkify, upgrading: false,
             closeAfter: !plan.clientKeepAlive, clientMinor: request.minorVersion, keepAliveHeader: route.keepAliveHeader)
-        buf.withReadableBytes { p in connection.writeResponseHead(layout, UnsafeRawBufferPointer(rebasing: p[start..<consumed]), response, server: route.serverIndex) }
+        status = layout.status
+        headerNs = Int64(upstream.loop.now &- sentAt)
+        let queued = logging ? connection.queuedBytes : 0
+        buf.withReadableBytes { p in
+            connection.writeResponseHead(layout, UnsafeRawBufferPointer(rebasing: p[start..<consumed]), response, server: serverIndex)
+        }
+        if logging { headBytes = connection.queuedBytes - queued }
         buf.consume(consumed)
         link.putBack(buf)
         headSent = true
@@ -431,7 +462,7 @@ final class ProxyExchange: UpstreamLinkOwner {
         case .verbatim:
             if case .untilClose = plan.framing {
                 // Ends with the upstream's close (`endOfStream`).
-                connection.sendFromUpstream(buf)
+                relay(buf)
                 return
             }
             let n = Int(min(remaining, Int64(buf.readableBytes)))
@@ -441,17 +472,17 @@ final class ProxyExchange: UpstreamLinkOwner {
                 buf.truncate(toReadable: n)
             }
             remaining -= Int64(n)
-            connection.sendFromUpstream(buf)
+            relay(buf)
             if remaining == 0 { finish(link) }
         case .chunkify:
             // A close-delimited body to an HTTP/1.1 client: each buffer becomes a chunk.
             withUnsafeTemporaryAllocation(byteCount: 18, alignment: 1) { scratch in
                 var line = ScratchSink(scratch)
                 ChunkedDecoder.writeSize(Int64(buf.readableBytes), into: &line)
-                connection.sendBytes(line.written)
+                relay(line.written)
             }
-            connection.sendFromUpstream(buf)
-            connection.sendBytes("\r\n")
+            relay(buf)
+            relay("\r\n")
         case .rechunk, .dechunk:
             let dechunk = plan.relay == .dechunk
             let consumed: Int
@@ -464,12 +495,12 @@ final class ProxyExchange: UpstreamLinkOwner {
                             withUnsafeTemporaryAllocation(byteCount: 18, alignment: 1) { scratch in
                                 var line = ScratchSink(scratch)
                                 ChunkedDecoder.writeSize(n, into: &line)
-                                connection.sendBytes(line.written)
+                                relay(line.written)
                             }
                         case .data(let a, let b):
-                            if b > a { connection.sendBytes(UnsafeRawBufferPointer(rebasing: p[a..<b])) }
+                            if b > a { relay(UnsafeRawBufferPointer(rebasing: p[a..<b])) }
                         case .chunkEnd:
-                            if !dechunk { connection.sendBytes("\r\n") }
+                            if !dechunk { relay("\r\n") }
                         case .end:
                             break
                         }
@@ -485,19 +516,36 @@ final class ProxyExchange: UpstreamLinkOwner {
             link.putBack(buf)
             if decoder.isDone {
                 if !dechunk {
-                    connection.sendBytes("0\r\n")
-                    decoder.trailers.withUnsafeBytes { connection.sendBytes($0) }
-                    connection.sendBytes("\r\n")
+                    relay("0\r\n")
+                    decoder.trailers.withUnsafeBytes { relay($0) }
+                    relay("\r\n")
                 }
                 finish(link)
             }
         }
     }
 
+    /// Response body bytes to the client (the buffer itself, or a copy of framing and
+    /// re-chunked data), counted for `$body_bytes_sent`.
+    private func relay(_ buf: consuming IOBuffer) {
+        bodyBytes += buf.readableBytes
+        connection.sendFromUpstream(buf)
+    }
+
+    private func relay(_ bytes: UnsafeRawBufferPointer) {
+        bodyBytes += bytes.count
+        connection.sendBytes(bytes)
+    }
+
+    private func relay(_ s: StaticString) {
+        bodyBytes += s.utf8CodeUnitCount
+        connection.sendBytes(s)
+    }
+
     /// The upstream closed its side: the end of a close-delimited body, or a cut response.
     private func endOfStream(_ link: UpstreamLink) {
         if headSent, let plan, plan.framing == .untilClose {
-            if plan.relay == .chunkify { connection.sendBytes("0\r\n\r\n") }
+            if plan.relay == .chunkify { relay("0\r\n\r\n") }
             upstreamReusable = false
             return finish(link)
         }
@@ -510,6 +558,7 @@ final class ProxyExchange: UpstreamLinkOwner {
         // An answer that came before the whole request body (nginx's `return` with a body on the
         // way, an early 413): the rest of the body will not follow on this connection, so the
         // backend would read what comes next as the body's end.
+        let pool = self.pool
         pool.responseTime.observe(nanoseconds: Int64(upstream.loop.now &- sentAt))
         pool.release(link, reusable: upstreamReusable && requestBodyDone)
         endOnBalancer()

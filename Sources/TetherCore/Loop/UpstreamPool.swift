@@ -63,7 +63,7 @@ final class UpstreamLink: IOHandler {
     fileprivate(set) var idleMsAtLease: Int64 = 0
     fileprivate(set) var reused = false
     /// When its connect began (the loop's clock): the connect time.
-    fileprivate var connectStarted: UInt64 = 0
+    fileprivate(set) var connectStarted: UInt64 = 0
 
     fileprivate init(pool: UpstreamPool) {
         self.pool = pool
@@ -231,9 +231,9 @@ final class UpstreamPool {
     private(set) var reusedLeases = 0
     private(set) var closed: [CloseReason: Int] = [:]
     private(set) var connectFailures = 0
-    /// Requests sent on this server's connections (each try), and the requests that failed or
-    /// were sent again, by reason (counted by the exchanges).
-    var requests = 0
+    /// Requests sent on this server's connections (each try: a lease), and the requests that
+    /// failed or were sent again, by reason (counted by the exchanges).
+    private(set) var requests = 0
     var failures = ReasonCounts<UpstreamFailedReason>()
     var retries = ReasonCounts<UpstreamRetryReason>()
     /// Connect times, and times from sending a request to the end of its response.
@@ -292,6 +292,7 @@ final class UpstreamPool {
             link.idleMsAtLease = idleMs
             loop.cancelTimer(h)
             reusedLeases += 1
+            requests += 1
             return (link, 0)
         case .connect:
             return connect(for: owner)
@@ -340,6 +341,7 @@ final class UpstreamPool {
         links[link.handle] = link
         link.connectStarted = loop.now
         connects += 1
+        requests += 1
         loop.arm(link.handle, afterNanoseconds: UInt64(connectTimeoutMs) * 1_000_000)
         return (link, 0)
     }
@@ -458,6 +460,7 @@ final class LoopUpstream {
         precondition(!pools.isEmpty && (peers == nil || peers!.count == pools.count), "an upstream needs a pool per server")
         self.name = name
         self.pools = pools
+        loop = pools[0].loop
         balancer = Balancer(peers ?? pools.map { _ in PeerSpec() }, method: method)
         headerScratch.reserveCapacity(32)
     }
@@ -471,7 +474,7 @@ final class LoopUpstream {
     /// the loop (so no call on it can still be running: a pipelined request that starts while
     /// the exchange before it is still returning gets a new one), otherwise a new one.
     func exchange(connection: ClientConnection, route: CompiledLocation, request: ProxyExchange.Request) -> ProxyExchange {
-        let pass = pools[0].loop.passes
+        let pass = loop.passes
         if let last = spareExchanges.indices.last {
             if spareExchanges[last].retiredPass == pass, spareExchanges[0].retiredPass != pass {
                 // The oldest spare is reusable; the newest just ended.
@@ -489,13 +492,14 @@ final class LoopUpstream {
     /// An exchange that ended (its upstream link released or closed) becomes a spare.
     func retire(_ x: ProxyExchange) {
         guard spareExchanges.count < Self.maximumSpareExchanges else { return }
-        x.retiredPass = pools[0].loop.passes
+        x.retiredPass = loop.passes
         spareExchanges.append(x)
     }
 
     var spareExchangeCount: Int { spareExchanges.count }
 
     var buffers: BufferPool { pools[0].buffers }
-    var loop: IOLoop { pools[0].loop }
-    var nowMs: Int64 { Int64(pools[0].loop.now / 1_000_000) }
+    /// The pools' loop, held by them (read on every exchange: not counted).
+    unowned(unsafe) let loop: IOLoop
+    var nowMs: Int64 { Int64(loop.now / 1_000_000) }
 }
