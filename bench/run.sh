@@ -3,7 +3,7 @@
 #
 #   bench/run.sh                 # 10 s per row
 #   DURATION=5 bench/run.sh      # shorter
-#   TETHER_LOOP=own bench/run.sh # Tether on its own event loop (issue 15; no TLS rows there yet)
+#   TETHER_LOOP=own bench/run.sh # Tether on its own event loop (issue 15)
 #
 # Each proxy runs one event loop / worker pinned to core 0; the backend and wrk share core 1.
 # Proxy CPU is utime+stime from /proc/PID/stat over each wrk run. Upstream connects are the
@@ -77,8 +77,7 @@ taskset -c 1 nginx -c "$WORK/backend.conf" -e "$WORK/backend.err" & echo $! > "$
 
 # tether_conf and nginx_conf: the proxies' configurations, shared with bench/instructions.sh
 source bench/proxies.sh
-# The own loop has no TLS yet: its configuration leaves the TLS listener out.
-tether_conf tether 1 $TETHER_PORT "$([ "$LOOP" = nio ] && echo $TETHER_TLS_PORT)" $TETHER_EXPIRY_PORT
+tether_conf tether 1 $TETHER_PORT $TETHER_TLS_PORT $TETHER_EXPIRY_PORT
 taskset -c 0 "$TETHER" --event-loop "$LOOP" -c "$WORK/tether.conf" & echo $! > "$WORK/tether.pid"
 
 nginx_conf nginx 1 $NGINX_PORT $NGINX_TLS_PORT $NGINX_EXPIRY_PORT
@@ -123,7 +122,7 @@ nginx -c "$WORK/nginx2.conf" -e "$WORK/nginx2.err" & echo $! > "$WORK/nginx2.pid
 for port in $BACKEND_PORT $TETHER_PORT $NGINX_PORT $STATUS_PORT $HAPROXY_PORT $TETHER2_PORT $NGINX2_PORT; do
     for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/" >/dev/null 2>&1 && break; sleep 0.1; done
 done
-for port in $([ "$LOOP" = nio ] && echo $TETHER_TLS_PORT) $NGINX_TLS_PORT $HAPROXY_TLS_PORT; do
+for port in $TETHER_TLS_PORT $NGINX_TLS_PORT $HAPROXY_TLS_PORT; do
     for _ in $(seq 100); do curl -kfs "https://127.0.0.1:$port/" >/dev/null 2>&1 && break; sleep 0.1; done
 done
 
@@ -159,19 +158,24 @@ run() {
     echo "$(awk -v r="$reqs" -v d="$DURATION" 'BEGIN{printf "%.0f", r/d}') $(awk -v t=$((t1 - t0)) -v hz="$HZ" -v r="$reqs" 'BEGIN{printf "%.1f", t/hz*1e6/r}') $p99 $((a1 - a0 - 1))"
 }
 
-# idle NAME PID PORT -> KiB per idle keep-alive connection
+# idle NAME PID PORT [COUNT tls] -> KiB per idle keep-alive connection (over TLS with "tls")
 idle() {
-    local pid=$2 port=$3
+    local pid=$2 port=$3 count=${4:-$IDLE} tls=${5:-}
     local before after
     before=$(rss_kb "$pid")
-    python3 - "$port" "$IDLE" > "$OUT/idle-$1.txt" <<'PY' &
-import socket, sys, time
-port, n = int(sys.argv[1]), int(sys.argv[2])
+    python3 - "$port" "$count" "$tls" > "$OUT/idle-$1$tls.txt" <<'PY' &
+import socket, ssl, sys, time
+port, n, tls = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "tls"
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
 # One request at a time, so each proxy needs a single upstream connection: what is measured is
 # the client side (concurrent requests would make either proxy open upstream connections too).
 socks = []
 for i in range(n):
     s = socket.create_connection(("127.0.0.1", port))
+    if tls:
+        s = ctx.wrap_socket(s, server_hostname="localhost")
     s.sendall(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n")
     data = b""
     while not data.endswith(b"hello world\n"):
@@ -181,11 +185,11 @@ print("ready", flush=True)
 time.sleep(4)
 PY
     local py=$!
-    for _ in $(seq 200); do grep -q ready "$OUT/idle-$1.txt" 2>/dev/null && break; sleep 0.1; done
+    for _ in $(seq 600); do grep -q ready "$OUT/idle-$1$tls.txt" 2>/dev/null && break; sleep 0.1; done
     sleep 1
     after=$(rss_kb "$pid")
     wait $py || true
-    awk -v a="$after" -v b="$before" -v n="$IDLE" 'BEGIN{printf "%.2f", (a-b)/n}'
+    awk -v a="$after" -v b="$before" -v n="$count" 'BEGIN{printf "%.2f", (a-b)/n}'
 }
 
 # expiry NAME PORT -> "median last closed": seconds from each of IDLE connections' response to its
@@ -257,6 +261,11 @@ NGINX_SLOT_KIB=$(awk -v big="$(rss_kb "$NP")" -v small="$(rss_kb "$(cat "$WORK/s
 # memory that new connections would reuse, hiding what a connection costs.
 ti=$(idle tether "$TP" $TETHER_PORT); ng=$(idle nginx "$NP" $NGINX_PORT); hi=$(idle haproxy "$HP" $HAPROXY_PORT)
 ni=$(awk -v g="$ng" -v s="$NGINX_SLOT_KIB" 'BEGIN{printf "%.2f", g + s}')
+# The same over TLS (TLS 1.3, a full handshake each: Python's client), fewer connections.
+IDLE_TLS=${IDLE_TLS:-2000}
+tis=$(idle tether "$TP" $TETHER_TLS_PORT $IDLE_TLS tls); ngs=$(idle nginx "$NP" $NGINX_TLS_PORT $IDLE_TLS tls)
+his=$(idle haproxy "$HP" $HAPROXY_TLS_PORT $IDLE_TLS tls)
+nis=$(awk -v g="$ngs" -v s="$NGINX_SLOT_KIB" 'BEGIN{printf "%.2f", g + s}')
 read -r tem tel tec <<<"$(expiry tether $TETHER_EXPIRY_PORT)"
 read -r nem nel nec <<<"$(expiry nginx $NGINX_EXPIRY_PORT)"
 read -r hem hel hec <<<"$(expiry haproxy $HAPROXY_EXPIRY_PORT)"
@@ -299,12 +308,11 @@ row "50, pipelined x8" 50 / http $TETHER_PORT $NGINX_PORT $HAPROXY_PORT -s bench
 row "50, new connection per request" 50 / http $TETHER_PORT $NGINX_PORT $HAPROXY_PORT -H "Connection: close"
 # TLS: ECDSA P-256; all three offer TLS 1.2 and 1.3 and negotiate 1.3 with wrk, which resumes
 # sessions with tickets on new connections.
-if [ "$LOOP" = nio ]; then
-    row "50, TLS keep-alive" 50 / https $TETHER_TLS_PORT $NGINX_TLS_PORT $HAPROXY_TLS_PORT
-    row "50, TLS, new connection per request" 50 / https $TETHER_TLS_PORT $NGINX_TLS_PORT $HAPROXY_TLS_PORT -H "Connection: close"
-fi
+row "50, TLS keep-alive" 50 / https $TETHER_TLS_PORT $NGINX_TLS_PORT $HAPROXY_TLS_PORT
+row "50, TLS, new connection per request" 50 / https $TETHER_TLS_PORT $NGINX_TLS_PORT $HAPROXY_TLS_PORT -H "Connection: close"
 echo "| $IDLE idle, keepalive_timeout 3s | seconds from response to close: median / last | $tem / $tel | $nem / $nel | $hem / $hel | $(ratio "$tel" "$nel") | $(ratio "$tel" "$hel") |"
 echo "| $IDLE idle | memory per idle client connection (KiB; nginx: growth $ng + preallocated slot $NGINX_SLOT_KIB) | $ti | $ni | $hi | $(ratio "$ti" "$ni") | $(ratio "$ti" "$hi") |"
+echo "| $IDLE_TLS idle, TLS | memory per idle client connection over TLS (KiB; nginx: growth $ngs + preallocated slot $NGINX_SLOT_KIB) | $tis | $nis | $his | $(ratio "$tis" "$nis") | $(ratio "$tis" "$his") |"
 echo
 # Scaling: the same proxies with 2 event loops / workers on both cores (sharing them with wrk and the
 # backend, so this shows how much a second loop adds on this machine, not linear scaling).

@@ -83,6 +83,14 @@ public struct IOBuffer: ~Copyable {
         writerIndex = n
     }
 
+    /// Lets `body` write into the free space (a TLS layer decrypting into it); `body` returns how
+    /// many bytes it wrote there.
+    public mutating func fill(_ body: (UnsafeMutableRawBufferPointer) -> Int) {
+        let n = body(UnsafeMutableRawBufferPointer(start: base + writerIndex, count: capacity - writerIndex))
+        precondition(n >= 0 && n <= capacity - writerIndex, "filled \(n) of \(capacity - writerIndex) free bytes")
+        writerIndex += n
+    }
+
     /// Reads from `fd` into the free space, until it is full or the socket has nothing more.
     /// `shortReadDrains`: a read that returns less than the room it was given took all the
     /// socket had (a stream socket returns what is there), so no further read is tried: under
@@ -335,6 +343,53 @@ public struct OutboundQueue: ~Copyable {
             consume(written)
         }
         return .done
+    }
+
+    /// What a writer other than the socket's (a TLS layer) did with the bytes it was given.
+    public enum WriteOutcome: Equatable, Sendable {
+        case wrote(Int)
+        /// It can take nothing now; the loop's next event lets it go on.
+        case wouldBlock
+        case failed
+    }
+
+    /// Writes what is queued through `write` until done or it can take no more. `write` gets the
+    /// front buffer's bytes, or, when the front buffer holds less than `gather` bytes and more
+    /// follow, up to `gather` bytes of the queue copied together (a head and a short body go in
+    /// one TLS record instead of two). What `write` took is consumed.
+    public mutating func flush(gather: Int = 16 * 1024, through write: (UnsafeRawBufferPointer) -> WriteOutcome) -> FlushResult {
+        while let f = first {
+            let frontLength = firstRange.end - firstRange.start
+            let outcome: WriteOutcome
+            if second != nil && frontLength < gather {
+                outcome = withUnsafeTemporaryAllocation(byteCount: gather, alignment: 16) { scratch in
+                    write(UnsafeRawBufferPointer(rebasing: scratch[0..<gathered(into: scratch)]))
+                }
+            } else {
+                outcome = write(UnsafeRawBufferPointer(start: f + firstRange.start, count: frontLength))
+            }
+            switch outcome {
+            case .wrote(let n): consume(n)
+            case .wouldBlock: return .wouldBlock
+            case .failed: return .error(EIO)
+            }
+        }
+        return .done
+    }
+
+    /// Copies the front of the queue into `scratch`, as much as fits; returns how much.
+    private func gathered(into scratch: UnsafeMutableRawBufferPointer) -> Int {
+        var n = 0
+        func put(_ p: UnsafeMutableRawPointer?, _ r: (start: Int, end: Int)) {
+            guard let p, n < scratch.count else { return }
+            let k = min(r.end - r.start, scratch.count - n)
+            (scratch.baseAddress! + n).copyMemory(from: p + r.start, byteCount: k)
+            n += k
+        }
+        put(first, firstRange)
+        put(second, secondRange)
+        for i in more.indices { put(more[i], moreRanges[i]) }
+        return n
     }
 
     mutating func consume(_ written: Int) {

@@ -212,16 +212,26 @@ public final class TLSServerNames: @unchecked Sendable {
     func context(forName name: String) -> TLSContext? { pick(name) }
 }
 
+/// A server side connection whose certificates SNI picks: the SwiftNIO path's `TLSHandler` and
+/// the own loop's `TLSSocket`, either of which is the SSL object's app data.
+protocol TLSServerNameSwitching: AnyObject {
+    var serverNames: TLSServerNames? { get }
+    var selectedContext: TLSContext? { get set }
+}
+
+extension TLSHandler: TLSServerNameSwitching {}
+extension TLSSocket: TLSServerNameSwitching {}
+
 /// The servername callback: switches the connection to the context of the `server` block that
 /// the client named; unknown names keep the default server's.
 private let sniPick: tether_sni_pick = { ssl, name in
     guard let ssl, let name, let raw = tether_SSL_get_app_data(ssl) else { return }
-    let handler = Unmanaged<TLSHandler>.fromOpaque(raw).takeUnretainedValue()
-    guard let names = handler.serverNames else { return }
+    guard let connection = Unmanaged<AnyObject>.fromOpaque(raw).takeUnretainedValue() as? TLSServerNameSwitching,
+          let names = connection.serverNames else { return }
     let lowered = String(cString: name).lowercased()
     if let ctx = names.context(forName: lowered), ctx !== names.defaultContext {
         SSL_set_SSL_CTX(ssl, ctx.ctx)
-        handler.selectedContext = ctx
+        connection.selectedContext = ctx
     }
 }
 

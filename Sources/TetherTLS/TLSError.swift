@@ -27,6 +27,9 @@ struct OpenSSLErrors: CustomStringConvertible {
     }
 
     var reasons: [Int32] { codes.map { tether_ERR_GET_REASON($0) } }
+
+    /// The oldest error in the calling thread's queue, left there; 0 when there is none.
+    static func peek() -> UInt { ERR_peek_error() }
     var description: String { messages.isEmpty ? "unknown error" : messages.joined(separator: ", ") }
 }
 

@@ -155,8 +155,14 @@ import Glibc
 
 /// Starts Tether in front of `backend` (one upstream server, `location /`), runs `body`, stops it.
 func withProxy(scripted backend: ScriptedBackend, http: String = "", location: String = "", _ body: (RunningProxy) throws -> Void) throws {
+    try withProxy(on: .nio, scripted: backend, http: http, location: location) { try body($0 as! RunningProxy) }
+}
+
+/// `withProxy(scripted:)` on either loop.
+func withProxy(on loop: EventLoopUnderTest, scripted backend: ScriptedBackend, http: String = "", location: String = "",
+               _ body: (any ProxyUnderTest) throws -> Void) throws {
     defer { backend.stop() }
-    let proxy = try RunningProxy(config: """
+    let proxy = try startProxy(on: loop, config: """
         worker_processes 1;
         http {
             \(http)
@@ -332,10 +338,10 @@ func withProxy(scripted backend: ScriptedBackend, http: String = "", location: S
 
     static let body = [UInt8](repeating: UInt8(ascii: "x"), count: 1000)
 
-    @Test(arguments: End.allCases)
-    func closeDelimitedResponseToAnHTTP11Client(_ end: End) throws {
+    @Test(arguments: EventLoopUnderTest.allCases, End.allCases)
+    func closeDelimitedResponseToAnHTTP11Client(on loop: EventLoopUnderTest, _ end: End) throws {
         let b = try backend(head: "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", body: Self.body, end: end)
-        try withProxy(scripted: b) { proxy in
+        try withProxy(on: loop, scripted: b) { proxy in
             for _ in 0..<5 {
                 let c = try proxy.client()
                 try c.send("GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
@@ -345,16 +351,16 @@ func withProxy(scripted backend: ScriptedBackend, http: String = "", location: S
                 #expect(complete == (end == .fin), "\(end): ends \(raw.suffix(12).debugDescription)")
             }
             if end == .reset {
-                #expect(eventually { proxy.server.stats().upstreams.first?.servers.first?.counters.failures["truncated"] == 5 })
+                #expect(eventually { proxy.stats().upstreams.first?.servers.first?.counters.failures["truncated"] == 5 })
             }
         }
     }
 
     /// To an HTTP/1.0 client the close delimits the response, so a truncated one ends with a reset.
-    @Test(arguments: End.allCases)
-    func closeDelimitedResponseToAnHTTP10Client(_ end: End) throws {
+    @Test(arguments: EventLoopUnderTest.allCases, End.allCases)
+    func closeDelimitedResponseToAnHTTP10Client(on loop: EventLoopUnderTest, _ end: End) throws {
         let b = try backend(head: "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", body: Self.body, end: end)
-        try withProxy(scripted: b) { proxy in
+        try withProxy(on: loop, scripted: b) { proxy in
             for _ in 0..<5 {
                 let c = try proxy.client()
                 try c.send("GET / HTTP/1.0\r\n\r\n")
@@ -366,10 +372,10 @@ func withProxy(scripted backend: ScriptedBackend, http: String = "", location: S
 
     /// A chunked response cut short (by a FIN or a reset): no last chunk to an HTTP/1.1 client,
     /// a reset to an HTTP/1.0 one (it was sent the data only, delimited by the close).
-    @Test(arguments: End.allCases)
-    func chunkedResponseCutShort(_ end: End) throws {
+    @Test(arguments: EventLoopUnderTest.allCases, End.allCases)
+    func chunkedResponseCutShort(on loop: EventLoopUnderTest, _ end: End) throws {
         let b = try backend(head: "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", body: Array("3e8\r\n".utf8) + Self.body + Array("\r\n3e8\r\nxx".utf8), end: end)
-        try withProxy(scripted: b) { proxy in
+        try withProxy(on: loop, scripted: b) { proxy in
             let c11 = try proxy.client()
             try c11.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             let raw = String(decoding: c11.readRawToClose(), as: UTF8.self)
@@ -381,13 +387,13 @@ func withProxy(scripted backend: ScriptedBackend, http: String = "", location: S
         }
     }
 
-    @Test func aShortLengthDelimitedBodyIsCutNotPadded() throws {
+    @Test(arguments: EventLoopUnderTest.allCases) func aShortLengthDelimitedBodyIsCutNotPadded(on loop: EventLoopUnderTest) throws {
         let b = try backend(head: "HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n", body: Self.body, end: .reset)
-        try withProxy(scripted: b) { proxy in
+        try withProxy(on: loop, scripted: b) { proxy in
             let c = try proxy.client()
             try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             #expect(throws: TestError.self) { try c.readResponse() }
-            #expect(eventually { proxy.server.stats().upstreams.first?.servers.first?.counters.failures["truncated"] == 1 })
+            #expect(eventually { proxy.stats().upstreams.first?.servers.first?.counters.failures["truncated"] == 1 })
         }
     }
 }

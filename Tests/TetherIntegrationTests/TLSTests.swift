@@ -14,10 +14,12 @@ import Glibc
     static let ca = TestPKI.path("ca.pem")
 
     /// Tether with a TLS listener (localhost's certificate, and a.test's by SNI) in front of a backend.
-    func withTLSProxy(http: String = "", server: String = "", logs: LogCapture? = nil, _ body: (RunningProxy, TestBackend) throws -> Void) throws {
+    /// `logs` sees the SwiftNIO path's log lines (the own loop writes its own to standard error).
+    func withTLSProxy(on loop: EventLoopUnderTest, http: String = "", server: String = "", logs: LogCapture? = nil,
+                      _ body: (any ProxyUnderTest, TestBackend) throws -> Void) throws {
         let backend = try TestBackend()
         defer { backend.stop() }
-        let proxy = try RunningProxy(config: """
+        let config = """
             worker_processes 2;
             http {
                 \(http)
@@ -40,7 +42,8 @@ import Glibc
                     location / { return 200 "a.test server"; }
                 }
             }
-            """, logs: logs)
+            """
+        let proxy: any ProxyUnderTest = loop == .nio ? try RunningProxy(config: config, logs: logs) : try RunningCore(config: config)
         defer { proxy.stop() }
         try body(proxy, backend)
     }
@@ -66,9 +69,9 @@ import Glibc
         return (p.terminationStatus, String(decoding: data, as: UTF8.self))
     }
 
-    @Test(arguments: ["1.2", "1.3"])
-    func curlKeepsOneTLSConnectionForSeveralRequests(_ version: String) throws {
-        try withTLSProxy { proxy, backend in
+    @Test(arguments: EventLoopUnderTest.allCases, ["1.2", "1.3"])
+    func curlKeepsOneTLSConnectionForSeveralRequests(on loop: EventLoopUnderTest, _ version: String) throws {
+        try withTLSProxy(on: loop) { proxy, backend in
             let base = "https://localhost:\(proxy.port)"
             let r = try curl(["-v", "--tlsv\(version)", "--tls-max", version, "--resolve", "localhost:\(proxy.port):127.0.0.1",
                               "\(base)/one", "\(base)/two", "\(base)/scheme"])
@@ -76,7 +79,7 @@ import Glibc
             #expect(r.out == "okokhttps")
             #expect(r.err.contains("SSL connection using TLSv\(version)"))
             #expect(r.err.contains("ALPN: server accepted http/1.1"))
-            let stats = proxy.server.stats()
+            let stats = proxy.stats()
             #expect(stats.acceptedConnections == 1, "three requests on one TLS connection")
             #expect(stats.tlsHandshakes["TLSv\(version)"] == 1)
             #expect(backend.requestCount == 2)
@@ -85,8 +88,8 @@ import Glibc
 
     /// Bulk both ways through TLS: a 4 MB response (records of 16 KiB, backpressure from the
     /// client) and a 3 MB upload arrive whole.
-    @Test func largeBodiesCrossTLSIntact() throws {
-        try withTLSProxy(http: "client_max_body_size 0;") { proxy, _ in
+    @Test(arguments: EventLoopUnderTest.allCases) func largeBodiesCrossTLSIntact(on loop: EventLoopUnderTest) throws {
+        try withTLSProxy(on: loop, http: "client_max_body_size 0;") { proxy, _ in
             let file = NSTemporaryDirectory() + "tether-tls-body-\(UUID().uuidString)"
             defer { unlink(file) }
             let down = try curl(["--resolve", "localhost:\(proxy.port):127.0.0.1", "-o", file, "https://localhost:\(proxy.port)/bytes/4000000"])
@@ -106,8 +109,8 @@ import Glibc
         }
     }
 
-    @Test func sClientSeesTheProtocolALPNAndAResumedSessionOnTheSecondConnection() throws {
-        try withTLSProxy { proxy, _ in
+    @Test(arguments: EventLoopUnderTest.allCases) func sClientSeesTheProtocolALPNAndAResumedSessionOnTheSecondConnection(on loop: EventLoopUnderTest) throws {
+        try withTLSProxy(on: loop) { proxy, _ in
             let session = NSTemporaryDirectory() + "tether-session-\(UUID().uuidString)"
             defer { unlink(session) }
             let request = "GET /scheme HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
@@ -119,16 +122,16 @@ import Glibc
             #expect(first.out.contains("https"), "the response came through")
             let second = try sClient(common + ["-sess_in", session], input: request)
             #expect(second.out.contains("Reused, TLSv1.3"), "\(second.out)")
-            #expect(proxy.server.stats().tlsSessionsReused == 1)
+            #expect(proxy.stats().tlsSessionsReused == 1)
         }
     }
 
     /// Without tickets, resumption needs the server's session cache: on with `ssl_session_cache`,
     /// and no resumption at all with `off`.
-    @Test(arguments: [true, false])
-    func theSessionCacheResumesSessionsWithoutTickets(_ cache: Bool) throws {
+    @Test(arguments: EventLoopUnderTest.allCases, [true, false])
+    func theSessionCacheResumesSessionsWithoutTickets(on loop: EventLoopUnderTest, _ cache: Bool) throws {
         let settings = "ssl_session_tickets off; ssl_session_cache \(cache ? "shared:SSL:1m" : "off");"
-        try withTLSProxy(server: settings) { proxy, _ in
+        try withTLSProxy(on: loop, server: settings) { proxy, _ in
             let session = NSTemporaryDirectory() + "tether-session-\(UUID().uuidString)"
             defer { unlink(session) }
             let request = "GET /scheme HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
@@ -136,12 +139,12 @@ import Glibc
             _ = try sClient(common + ["-sess_out", session], input: request)
             let second = try sClient(common + ["-sess_in", session], input: request)
             #expect(second.out.contains(cache ? "Reused, TLSv1.3" : "New, TLSv1.3"), "\(second.out.prefix(2000))")
-            #expect(proxy.server.stats().tlsSessionsReused == (cache ? 1 : 0))
+            #expect(proxy.stats().tlsSessionsReused == (cache ? 1 : 0))
         }
     }
 
-    @Test func sslVariablesDescribeTheConnection() throws {
-        try withTLSProxy { proxy, _ in
+    @Test(arguments: EventLoopUnderTest.allCases) func sslVariablesDescribeTheConnection(on loop: EventLoopUnderTest) throws {
+        try withTLSProxy(on: loop) { proxy, _ in
             let r = try curl(["--tlsv1.2", "--tls-max", "1.2", "--ciphers", "ECDHE-ECDSA-AES128-GCM-SHA256",
                               "--resolve", "localhost:\(proxy.port):127.0.0.1", "https://localhost:\(proxy.port)/tls"])
             #expect(r.out == "on TLSv1.2 ECDHE-ECDSA-AES128-GCM-SHA256 localhost .", "\(r.out) \(r.err)")
@@ -150,8 +153,8 @@ import Glibc
         }
     }
 
-    @Test func sniPicksTheNamedServersCertificateAndUnknownNamesGetTheDefault() throws {
-        try withTLSProxy { proxy, _ in
+    @Test(arguments: EventLoopUnderTest.allCases) func sniPicksTheNamedServersCertificateAndUnknownNamesGetTheDefault(on loop: EventLoopUnderTest) throws {
+        try withTLSProxy(on: loop) { proxy, _ in
             let a = try sClient(["-connect", "127.0.0.1:\(proxy.port)", "-servername", "a.test", "-CAfile", TLSTests.ca, "-verify_hostname", "a.test"])
             #expect(a.out.contains("subject=CN = a.test"))
             #expect(a.out.contains("Verify return code: 0 (ok)"))
@@ -162,12 +165,12 @@ import Glibc
         }
     }
 
-    @Test func tls11IsRefusedAndCountedAndServiceGoesOn() throws {
-        try withTLSProxy { proxy, _ in
+    @Test(arguments: EventLoopUnderTest.allCases) func tls11IsRefusedAndCountedAndServiceGoesOn(on loop: EventLoopUnderTest) throws {
+        try withTLSProxy(on: loop) { proxy, _ in
             let r = try sClient(["-connect", "127.0.0.1:\(proxy.port)", "-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0"])
             #expect(r.status != 0)
             #expect(r.out.contains("alert protocol version"))
-            #expect(eventually { proxy.server.stats().tlsHandshakeFailures["protocol"] == 1 })
+            #expect(eventually { proxy.stats().tlsHandshakeFailures["protocol"] == 1 })
             let ok = try curl(["--resolve", "localhost:\(proxy.port):127.0.0.1", "https://localhost:\(proxy.port)/scheme"])
             #expect(ok.out == "https")
         }
@@ -175,8 +178,8 @@ import Glibc
 
     /// The shipped default offers Mozilla intermediate's groups only: a client that can only do
     /// secp521r1 or X448 is refused, X25519, P-256 and P-384 are served.
-    @Test func defaultKeyExchangeGroupsAreMozillaIntermediates() throws {
-        try withTLSProxy { proxy, _ in
+    @Test(arguments: EventLoopUnderTest.allCases) func defaultKeyExchangeGroupsAreMozillaIntermediates(on loop: EventLoopUnderTest) throws {
+        try withTLSProxy(on: loop) { proxy, _ in
             for group in ["X25519", "prime256v1", "secp384r1"] {
                 let r = try sClient(["-connect", "127.0.0.1:\(proxy.port)", "-servername", "localhost", "-groups", group, "-brief"])
                 #expect(r.status == 0, "\(group): \(r.out)")
@@ -190,21 +193,21 @@ import Glibc
         }
     }
 
-    @Test func plainHTTPAndGarbageOnTheTLSPortAreClosedCleanly() throws {
+    @Test(arguments: EventLoopUnderTest.allCases) func plainHTTPAndGarbageOnTheTLSPortAreClosedCleanly(on loop: EventLoopUnderTest) throws {
         let logs = LogCapture()
-        try withTLSProxy(logs: logs) { proxy, _ in
+        try withTLSProxy(on: loop, logs: logs) { proxy, _ in
             for input in ["GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", "\u{16}\u{03}\u{01}\u{00}\u{01}xxxxxxxxxxxxxxxxxx", String(repeating: "\u{0}", count: 300)] {
                 let c = try proxy.client()
                 try c.send(input)
                 #expect(c.waitForClose(timeoutMs: 5_000), "closed after \(input.prefix(8))")
             }
             #expect(eventually {
-                let s = proxy.server.stats()
+                let s = proxy.stats()
                 return s.tlsHandshakeFailures.values.reduce(0, +) == 3 && s.activeConnections == 0
             })
-            #expect(proxy.server.stats().tlsHandshakeFailures["not_tls"] ?? 0 >= 2)
-            #expect(proxy.server.stats().downstreamClosed["tls_error"] == 3)
-            #expect(logs.messages.contains { $0.contains("TLS handshake failed (not_tls)") })
+            #expect(proxy.stats().tlsHandshakeFailures["not_tls"] ?? 0 >= 2)
+            #expect(proxy.stats().downstreamClosed["tls_error"] == 3)
+            if loop == .nio { #expect(logs.messages.contains { $0.contains("TLS handshake failed (not_tls)") }) }
             let ok = try curl(["--resolve", "localhost:\(proxy.port):127.0.0.1", "https://localhost:\(proxy.port)/scheme"])
             #expect(ok.out == "https")
         }
@@ -212,8 +215,8 @@ import Glibc
 
     /// Python's ssl module tells a close with close_notify (recv returns b"") from one without
     /// (it raises): so this sees both that keepalive_timeout applies and how the connection ends.
-    @Test func keepaliveTimeoutClosesAnIdleTLSConnectionWithCloseNotify() throws {
-        try withTLSProxy(http: "keepalive_timeout 1s;") { proxy, _ in
+    @Test(arguments: EventLoopUnderTest.allCases) func keepaliveTimeoutClosesAnIdleTLSConnectionWithCloseNotify(on loop: EventLoopUnderTest) throws {
+        try withTLSProxy(on: loop, http: "keepalive_timeout 1s;") { proxy, _ in
             let script = """
                 import socket, ssl, sys, time
                 ctx = ssl.create_default_context(cafile=sys.argv[2])
@@ -237,17 +240,17 @@ import Glibc
                 #expect(waited >= 0.9 && waited < 2.0, "closed after \(waited) s")
                 #expect(words[2] == "TLSv1.3\n")
             }
-            #expect(proxy.server.stats().downstreamClosed["keepalive_timeout"] == 1)
+            #expect(proxy.stats().downstreamClosed["keepalive_timeout"] == 1)
         }
     }
 
-    @Test func handshakeTimeoutClosesASilentConnection() throws {
-        try withTLSProxy(server: "ssl_handshake_timeout 300ms;") { proxy, _ in
+    @Test(arguments: EventLoopUnderTest.allCases) func handshakeTimeoutClosesASilentConnection(on loop: EventLoopUnderTest) throws {
+        try withTLSProxy(on: loop, server: "ssl_handshake_timeout 300ms;") { proxy, _ in
             let c = try proxy.client()
             let t = NIODeadline.now()
             #expect(c.waitForClose(timeoutMs: 3_000))
             #expect(seconds(since: t) < 1.5)
-            #expect(eventually { proxy.server.stats().tlsHandshakeFailures["timeout"] == 1 })
+            #expect(eventually { proxy.stats().tlsHandshakeFailures["timeout"] == 1 })
         }
     }
 
@@ -502,14 +505,14 @@ import Glibc
     /// is Tether's close_notify. So when the backend's response was cut short, Tether must not send
     /// one: the client sees the connection reset (or at least a TCP close without close_notify),
     /// never an orderly end.
-    @Test(arguments: [true, false])
-    func aTruncatedResponseToATLSClientEndsWithoutCloseNotify(_ orderly: Bool) throws {
+    @Test(arguments: EventLoopUnderTest.allCases, [true, false])
+    func aTruncatedResponseToATLSClientEndsWithoutCloseNotify(on loop: EventLoopUnderTest, _ orderly: Bool) throws {
         let backend = try ScriptedBackend { c in
             guard c.read(through: "\r\n\r\n") != nil else { c.close(); return }
             c.send(Array("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".utf8) + [UInt8](repeating: 120, count: 1000))
             if orderly { c.close() } else { c.reset() }
         }
-        let proxy = try RunningProxy(config: """
+        let proxy = try startProxy(on: loop, config: """
             worker_processes 1;
             http { server {
                 listen 127.0.0.1:0 ssl;

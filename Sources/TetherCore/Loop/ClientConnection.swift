@@ -5,6 +5,7 @@ import CTether
 import TetherHTTP
 import TetherIO
 import TetherPool
+import TetherTLS
 
 /// What a client connection on a TetherIO loop needs from the configuration: head limits and
 /// nginx's keep-alive rules.
@@ -68,6 +69,10 @@ final class ClientLoop {
     let dateCache = DateCache()
     /// The loop's access log, when some location has one.
     var accessLog: LoopAccessLog?
+    /// `listen ... ssl`: the listener's certificates by SNI; its connections speak TLS.
+    var tls: TLSServerNames?
+    /// Where failed handshakes are logged (at `info`, as nginx logs them).
+    var log: LoopErrorLog = .all
     /// The access log's draft of the request being handled (`draftAccessLog`), its location and
     /// when it began, until its answer or its exchange takes it.
     var logDraft: [UInt8] = []
@@ -99,7 +104,11 @@ final class ClientLoop {
     @discardableResult
     func adopt(_ fd: Int32) throws(IOError) -> ClientConnection {
         let c = ClientConnection(shared: self)
-        do {
+        do throws(IOError) {
+            if let names = tls {
+                guard let session = TLSSocket(server: names, fd: fd) else { throw IOError("SSL_new", errno: ENOMEM) }
+                c.tls = session
+            }
             try c.start(fd)
         } catch {
             Glibc.close(fd)
@@ -165,6 +174,11 @@ final class ClientConnection: IOHandler {
     private var exchange: ProxyExchange?
     /// `handleInput` is running: callbacks from an exchange must not re-enter it.
     private var handlingInput = false
+    /// TLS (`listen ... ssl`): the session over the socket; nil on a plain connection.
+    fileprivate(set) var tls: TLSSocket?
+    /// The connection ends cut (an answer broken off): no `close_notify`, so that a client
+    /// reading to the end does not take what it got for a complete answer.
+    private var tlsAbort = false
 
     init(shared: ClientLoop) {
         self.shared = shared
@@ -181,7 +195,7 @@ final class ClientConnection: IOHandler {
 
     /// What the one timer is armed for. Each use arms it with one configured duration (the
     /// loop keeps a timer list per duration), at the transition into that use.
-    private enum TimerUse: Equatable { case none, firstHead, head, keepalive, body, linger }
+    private enum TimerUse: Equatable { case none, handshake, firstHead, head, keepalive, body, linger }
     private var timerUse = TimerUse.none
     /// Body bytes arrived since the body timer was armed.
     private var bodyProgress = false
@@ -220,10 +234,14 @@ final class ClientConnection: IOHandler {
 
     func ioEvent(_ events: IOEvents, handle: Handle, loop: IOLoop) {
         if events.contains(.error) || events.contains(.hangup) && !events.contains(.readable) {
+            if let tls, !tls.handshakeDone { handshakeFailed(.eof, "the peer closed the connection during the handshake") }
             return close(.clientClose)
         }
         if events.contains(.readable) || events.contains(.readHangup) { readable = true }
         if events.contains(.readHangup) { hangupReported = true }
+        if let tls, !tls.handshakeDone {
+            guard continueHandshake(tls) else { return }
+        }
         if events.contains(.writable) {
             flush()
             // The client took what the exchange relayed: the upstream may send more.
@@ -235,6 +253,10 @@ final class ClientConnection: IOHandler {
 
     func timerFired(handle: Handle, loop: IOLoop) {
         if lingering { return close(nil) }
+        if let tls, !tls.handshakeDone {
+            handshakeFailed(.timeout, "ssl_handshake_timeout passed")
+            return close(.tlsError)
+        }
         if state.inExchange {
             // Only a request body being dropped runs a timer in an exchange here.
             return close(.error)
@@ -271,7 +293,7 @@ final class ClientConnection: IOHandler {
                 break
             }
             guard buf.writableBytes > 0, let fd = openSocket else { inbound = consume buf; break }
-            let result = buf.read(from: fd, shortReadDrains: !hangupReported)
+            let result = tls.map { Self.read(&buf, through: $0) } ?? buf.read(from: fd, shortReadDrains: !hangupReported)
             let drained = buf.writableBytes > 0
             inbound = consume buf
             switch result {
@@ -284,11 +306,60 @@ final class ClientConnection: IOHandler {
             case .eof:
                 peerClosed = true
                 readable = false
-            case .error:
-                return close(.clientClose)
+            case .error(let e):
+                return close(e == EPROTO ? .tlsError : .clientClose)
             }
         }
         settle()
+    }
+
+    // MARK: TLS
+
+    /// Drives the handshake; true once it is done (the connection goes on to HTTP), false while
+    /// it waits for the socket or after it failed (the connection is closed).
+    private func continueHandshake(_ tls: TLSSocket) -> Bool {
+        switch tls.handshake() {
+        case .done:
+            shared.stats.tlsHandshakes[tls.version, default: 0] += 1
+            if tls.resumed { shared.stats.tlsResumed += 1 }
+            // The first request may have come with the handshake's last flight; the header
+            // timeout runs from here.
+            readable = true
+            armTimer()
+            return true
+        case .wantRead, .wantWrite:
+            return false
+        case .failed(let failure, let detail):
+            handshakeFailed(failure, detail)
+            close(.tlsError)
+            return false
+        }
+    }
+
+    private func handshakeFailed(_ failure: TLSHandshakeFailure, _ detail: @autoclosure () -> String) {
+        shared.stats.tlsFailures[failure.rawValue, default: 0] += 1
+        shared.log(.info, "TLS handshake failed (\(failure.rawValue)): \(detail())")
+    }
+
+    /// Decrypts what the socket has into `buf`'s free space: until it is full or OpenSSL wants
+    /// the socket again (no short-read rule: a record read may leave more in OpenSSL's hands).
+    private static func read(_ buf: inout IOBuffer, through tls: TLSSocket) -> ReadResult {
+        var total = 0
+        var outcome: TLSSocket.ReadResult = .wantRead
+        while buf.writableBytes > 0 {
+            buf.fill { p in
+                outcome = tls.read(into: p)
+                if case .bytes(let n) = outcome { return n }
+                return 0
+            }
+            guard case .bytes(let n) = outcome else { break }
+            total += n
+        }
+        switch outcome {
+        case .bytes, .wantRead, .wantWrite: return total > 0 ? .bytes(total, eof: false) : .wouldBlock
+        case .closeNotify, .eof: return total > 0 ? .bytes(total, eof: true) : .eof
+        case .error: return .error(EPROTO)
+        }
     }
 
     /// Parses and answers the heads in the buffer and drops body bytes, as far as they go.
@@ -409,6 +480,7 @@ final class ClientConnection: IOHandler {
                 // An answer under way cannot be followed by a 400: the connection just ends.
                 if answering {
                     retireExchange()
+                    tlsAbort = true
                     return close(.error)
                 }
                 retireExchange(answered: writeError(400, server: server))
@@ -574,6 +646,7 @@ final class ClientConnection: IOHandler {
         let server = exchange?.serverIndex
         if responseStarted {
             retireExchange()
+            tlsAbort = true
             return close(.error)
         }
         retireExchange(answered: writeError(status, server: server))
@@ -584,15 +657,16 @@ final class ClientConnection: IOHandler {
     }
 
     /// The upstream failed after the answer's head went out: the client must see an incomplete
-    /// message. What is queued goes first unless `reset`, which ends the connection with a RST
-    /// (for an answer that ends with the connection, where a FIN would make the cut look complete).
+    /// message. What is queued goes first (as far as the socket takes it now); with `reset` the
+    /// connection then ends with a RST (for an answer that ends with the connection, where a FIN
+    /// would make the cut look complete). Over TLS no `close_notify` is sent either way.
     func exchangeAborted(reset: Bool) {
         retireExchange()
+        tlsAbort = true
+        flush()
         if reset, let fd = openSocket {
             var l = linger(l_onoff: 1, l_linger: 0)
             setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, socklen_t(MemoryLayout<linger>.size))
-        } else {
-            flush()
         }
         close(.error)
     }
@@ -807,6 +881,18 @@ final class ClientConnection: IOHandler {
 
     private func flush() {
         guard !outbound.isEmpty, let fd = openSocket else { return }
+        if let tls {
+            guard tls.handshakeDone else { return }
+            let result = outbound.flush { p in
+                switch tls.write(p) {
+                case .wrote(let n): .wrote(n)
+                case .wantRead, .wantWrite: .wouldBlock
+                case .error: .failed
+                }
+            }
+            if case .error = result { close(.tlsError) }
+            return
+        }
         if case .error = outbound.flush(to: fd) { close(.clientClose) }
     }
 
@@ -836,6 +922,7 @@ final class ClientConnection: IOHandler {
             guard moreInput, !peerClosed, let fd = openSocket else { return close(nil) }
             // Client bytes are still coming: our FIN, then read and drop them for a while, so
             // that a close with unread data (a reset) cannot destroy the answer in flight.
+            tls?.shutdown()
             shutdown(fd, Int32(SHUT_WR))
             lingering = true
             if var b = inbound.take() { b.consume(b.readableBytes); shared.pool.recycle(b) }
@@ -867,6 +954,9 @@ final class ClientConnection: IOHandler {
         if let r = state.close(reason) { shared.stats.downstreamClosed[r] += 1 }
         if let b = inbound.take() { shared.pool.recycle(b) }
         outbound = OutboundQueue(pool: shared.pool)
+        // close_notify, unless the answer was cut (or the lingering close sent it already).
+        if let tls, !tlsAbort, !lingering { tls.shutdown() }
+        tls = nil
         shared.loop.close(handle)
         socket = -1
         shared.connectionClosed()
@@ -885,7 +975,9 @@ final class ClientConnection: IOHandler {
     private func armTimer() {
         guard isOpen, !lingering else { return }
         let want: TimerUse
-        if state.inExchange {
+        if let tls, !tls.handshakeDone {
+            want = .handshake
+        } else if state.inExchange {
             want = bodyLeft > 0 || chunked != nil ? .body : .none
         } else if state.headStarted {
             want = .head
@@ -900,6 +992,7 @@ final class ClientConnection: IOHandler {
         let ms: Int64
         switch want {
         case .none, .linger: return shared.loop.cancelTimer(handle)
+        case .handshake: ms = tls?.handshakeTimeoutMs ?? s.headerTimeoutMs
         case .firstHead, .head: ms = s.headerTimeoutMs
         case .keepalive: ms = Int64(keepaliveTimeoutMs)
         case .body: ms = s.bodyTimeoutMs

@@ -33,10 +33,12 @@ struct ClientVariables: VariableSource {
         case .remoteAddr: connection.writeAddress(peer: true, port: false, into: &out)
         case .remotePort: connection.writeAddress(peer: true, port: true, into: &out)
         case .serverPort: connection.writeAddress(peer: false, port: true, into: &out)
-        case .scheme: out.put("http")
-        case .https, .sslProtocol, .sslCipher, .sslServerName, .sslSessionReused:
-            // TLS is not on this path yet: a plain connection's values, which are empty.
-            break
+        case .scheme: if connection.tls != nil { out.put("https") } else { out.put("http") }
+        case .https: if connection.tls != nil { out.put("on") }
+        case .sslProtocol: if let t = connection.tls { out.put(t.version) }
+        case .sslCipher: if let t = connection.tls { out.put(t.cipher) }
+        case .sslServerName: if let n = connection.tls?.serverName { out.put(n) }
+        case .sslSessionReused: if let t = connection.tls { out.put(t.resumed ? "r" : ".") }
         case .requestURI: out.put(UnsafeRawBufferPointer(rebasing: bytes[h.targetStart..<h.targetEnd]))
         case .uri:
             if let uri = h.path.uri { out.put(uri) } else { out.put(UnsafeRawBufferPointer(rebasing: bytes[h.pathStart..<h.pathEnd])) }

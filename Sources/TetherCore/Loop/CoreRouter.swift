@@ -67,9 +67,6 @@ final class CoreRouter: ClientRequestHandler {
     static func unsupported(_ configuration: Configuration) -> [String] {
         var out: [String] = []
         for s in configuration.servers {
-            for l in s.listens where l.ssl {
-                out.append("\(s.location): listen \(l.addressText) ssl: TLS is not on Tether's own loop yet")
-            }
             for l in s.locations {
                 switch l.action {
                 case .proxy(let p) where p.isTLS:

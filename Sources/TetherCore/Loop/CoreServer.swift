@@ -87,6 +87,8 @@ public final class CoreServer: @unchecked Sendable {
                     let clients = ClientLoop(loop: loop, pool: buffers, settings: Self.clientSettings(servers[vhosts.defaultIndex].server.settings),
                                              handler: router, servers: configuration.servers.count)
                     clients.accessLog = loopLog
+                    clients.log = log
+                    if listen.ssl { clients.tls = setup.tls.names(hosts: vhosts, servers: servers) }
                     clientLoops.append(clients)
                     admission.clients.append(clients)
                     let fd: Int32, port: UInt16

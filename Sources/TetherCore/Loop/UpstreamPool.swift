@@ -59,6 +59,8 @@ final class UpstreamLink: IOHandler {
     private var readable = false
     /// An event reported the backend's half-close: read until the EOF.
     private var hangupReported = false
+    /// A read failed after bytes came (a reset after a response's start): reported by the next read.
+    private var pendingError: Int32 = 0
     /// Set by `lease` for a warm connection: how long it had idled.
     fileprivate(set) var idleMsAtLease: Int64 = 0
     fileprivate(set) var reused = false
@@ -105,12 +107,21 @@ final class UpstreamLink: IOHandler {
     /// from `inbound` and calls this again until it returns false.
     @discardableResult
     func read() -> Bool {
+        if pendingError != 0 {
+            // The bytes that came before a reset were handed over; now the reset.
+            let e = pendingError
+            pendingError = 0
+            fail(e)
+            return false
+        }
         guard readable, !peerClosed, let fd = pool.loop.fd(handle) else { return false }
         var buf = inbound.take() ?? pool.buffers.take()
         if buf.writableBytes == 0 { buf.compact() }
         guard buf.writableBytes > 0 else { inbound = consume buf; return false }
+        let before = buf.readableBytes
         let result = buf.read(from: fd, shortReadDrains: !hangupReported)
         let drained = buf.writableBytes > 0
+        let arrived = buf.readableBytes > before
         inbound = consume buf
         switch result {
         case .bytes(_, let eof):
@@ -125,6 +136,13 @@ final class UpstreamLink: IOHandler {
             readable = false
             return true
         case .error(let e):
+            // Bytes read before the error (a response, then a reset) go to the owner first: the
+            // error is reported by the next read. (A second read would not see it: the kernel
+            // reports a reset once, then an end of file that would pass for an orderly close.)
+            if arrived {
+                pendingError = e
+                return true
+            }
             fail(e)
             return false
         }
@@ -156,9 +174,10 @@ final class UpstreamLink: IOHandler {
                 if wasFull && !outbound.isFull && phase == .leased { owner?.upstreamDrained(self) }
             }
             guard phase == .leased else { return }
-            if events.contains(.error) { return fail(ECONNRESET) }
-            if events.contains(.readHangup) || events.contains(.hangup) { hangupReported = true }
-            if events.contains(.readable) || events.contains(.readHangup) || events.contains(.hangup) {
+            // An error (a reset) is read like an end: what arrived before it is still in the
+            // socket and goes to the owner first, then the read reports the error.
+            if events.contains(.readHangup) || events.contains(.hangup) || events.contains(.error) { hangupReported = true }
+            if events.contains(.readable) || events.contains(.readHangup) || events.contains(.hangup) || events.contains(.error) {
                 readable = true
                 owner?.upstreamReadable(self)
             }

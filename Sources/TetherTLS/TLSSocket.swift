@@ -1,0 +1,148 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import COpenSSL
+
+/// TLS on a non-blocking socket of Tether's own loop, driven as nginx drives OpenSSL
+/// (`ngx_event_openssl.c`): the SSL object reads and writes the socket itself (`SSL_set_fd`), and
+/// the connection calls `handshake`, `read` and `write` when the loop says the socket is ready,
+/// waiting for the next edge on `wantRead` / `wantWrite`. No buffer of its own: plaintext goes
+/// straight into and out of the connection's pool buffers. OpenSSL frees its record buffers
+/// while a connection idles (`SSL_MODE_RELEASE_BUFFERS`, set on the context).
+///
+/// Confined to its connection's loop. Used by `ClientConnection` for `listen ... ssl`.
+public final class TLSSocket {
+    let ssl: OpaquePointer
+    /// SNI: the listener's names; the context a name switched to is kept alive here.
+    let serverNames: TLSServerNames?
+    var selectedContext: TLSContext?
+    public private(set) var handshakeDone = false
+    /// `ssl_handshake_timeout` of the listener's default server.
+    public var handshakeTimeoutMs: Int64 { serverNames?.defaultContext.handshakeTimeoutMs ?? 60_000 }
+
+    /// A server side session on `fd` (accepted, non-blocking), starting with the listener's
+    /// default context; `names` switches certificates by SNI during the handshake.
+    public init?(server names: TLSServerNames, fd: Int32) {
+        guard let ssl = SSL_new(names.defaultContext.ctx) else {
+            ERR_clear_error()
+            return nil
+        }
+        self.ssl = ssl
+        serverNames = names
+        SSL_set_accept_state(ssl)
+        // A partial write returns what one record took, and a write retried after WANT_WRITE may
+        // come from another address (the queue's next gathering): as nginx's ngx_ssl_send_chain.
+        _ = tether_SSL_set_mode(ssl, Int(SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER))
+        guard SSL_set_fd(ssl, fd) == 1 else {
+            ERR_clear_error()
+            SSL_free(ssl)
+            return nil
+        }
+        _ = tether_SSL_set_app_data(ssl, Unmanaged.passUnretained(self).toOpaque())
+    }
+
+    deinit { SSL_free(ssl) }
+
+    public enum Progress: Equatable {
+        case done
+        case wantRead
+        case wantWrite
+        case failed(TLSHandshakeFailure, detail: String)
+    }
+
+    /// Drives the handshake as far as the socket allows.
+    public func handshake() -> Progress {
+        ERR_clear_error()
+        let rc = SSL_do_handshake(ssl)
+        if rc == 1 {
+            handshakeDone = true
+            return .done
+        }
+        switch SSL_get_error(ssl, rc) {
+        case SSL_ERROR_WANT_READ: return .wantRead
+        case SSL_ERROR_WANT_WRITE: return .wantWrite
+        case SSL_ERROR_SYSCALL where OpenSSLErrors.peek() == 0:
+            // The peer closed (or reset) the connection in the middle of the handshake.
+            ERR_clear_error()
+            return .failed(.eof, detail: "the peer closed the connection during the handshake")
+        default:
+            let errors = OpenSSLErrors.drain()
+            return .failed(TLSHandshakeFailure.classify(errors), detail: errors.description)
+        }
+    }
+
+    public enum ReadResult: Equatable {
+        /// Plaintext bytes were put into the buffer.
+        case bytes(Int)
+        /// Nothing now: wait for the socket to be readable (or, rarely, writable).
+        case wantRead
+        case wantWrite
+        /// The peer sent `close_notify`: an orderly end of its data.
+        case closeNotify
+        /// The peer closed the TCP connection without `close_notify`.
+        case eof
+        case error(String)
+    }
+
+    /// Reads plaintext into `into` (one record at most per call).
+    public func read(into p: UnsafeMutableRawBufferPointer) -> ReadResult {
+        guard p.count > 0 else { return .bytes(0) }
+        ERR_clear_error()
+        let rc = SSL_read(ssl, p.baseAddress, Int32(clamping: p.count))
+        if rc > 0 { return .bytes(Int(rc)) }
+        switch SSL_get_error(ssl, rc) {
+        case SSL_ERROR_WANT_READ: return .wantRead
+        case SSL_ERROR_WANT_WRITE: return .wantWrite
+        case SSL_ERROR_ZERO_RETURN: return .closeNotify
+        case SSL_ERROR_SYSCALL:
+            ERR_clear_error()
+            return .eof
+        default:
+            let errors = OpenSSLErrors.drain()
+            // OpenSSL 3 reports a TCP close without close_notify as an error unless
+            // SSL_OP_IGNORE_UNEXPECTED_EOF is set; it is not set, so that it is seen here.
+            if errors.reasons.contains(SSL_R_UNEXPECTED_EOF_WHILE_READING) { return .eof }
+            return .error(errors.description)
+        }
+    }
+
+    public enum WriteResult: Equatable {
+        case wrote(Int)
+        case wantRead
+        case wantWrite
+        case error(String)
+    }
+
+    /// Encrypts and sends plaintext: returns how much of it went (a record at least).
+    public func write(_ p: UnsafeRawBufferPointer) -> WriteResult {
+        guard p.count > 0 else { return .wrote(0) }
+        ERR_clear_error()
+        let rc = SSL_write(ssl, p.baseAddress, Int32(clamping: p.count))
+        if rc > 0 { return .wrote(Int(rc)) }
+        switch SSL_get_error(ssl, rc) {
+        case SSL_ERROR_WANT_READ: return .wantRead
+        case SSL_ERROR_WANT_WRITE: return .wantWrite
+        default:
+            let errors = OpenSSLErrors.drain()
+            return .error(errors.description)
+        }
+    }
+
+    /// Sends `close_notify`, as far as the socket takes it now (a close follows either way; the
+    /// peer's own `close_notify` is not waited for, as nginx does not).
+    public func shutdown() {
+        guard handshakeDone else { return }
+        ERR_clear_error()
+        _ = SSL_shutdown(ssl)
+        ERR_clear_error()
+    }
+
+    /// `$ssl_protocol` (`TLSv1.3`).
+    public var version: String { String(cString: SSL_get_version(ssl)) }
+    /// `$ssl_cipher`, as OpenSSL names the suite.
+    public var cipher: String { SSL_get_current_cipher(ssl).flatMap { SSL_CIPHER_get_name($0) }.map { String(cString: $0) } ?? "" }
+    /// `$ssl_server_name`: the name the client sent (SNI), if any.
+    public var serverName: String? { SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name).map { String(cString: $0) } }
+    /// `$ssl_session_reused`: the handshake resumed a session (ticket or cache).
+    public var resumed: Bool { SSL_session_reused(ssl) == 1 }
+}
