@@ -31,7 +31,7 @@ let package = Package(
         .systemLibrary(name: "COpenSSL", pkgConfig: "openssl", providers: [.apt(["libssl-dev"])]),
         .target(
             name: "TetherTLS",
-            dependencies: ["COpenSSL", .product(name: "NIOCore", package: "swift-nio")],
+            dependencies: ["COpenSSL", "TetherIO", .product(name: "NIOCore", package: "swift-nio")],
             swiftSettings: release
         ),
         .target(

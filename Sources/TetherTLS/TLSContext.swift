@@ -171,6 +171,23 @@ public final class TLSContext: @unchecked Sendable {
         return context
     }
 
+    /// Sets up a client connection as this context says: the name (or address) the server's
+    /// certificate must carry when verifying, SNI (`proxy_ssl_server_name`, never for an address),
+    /// and the session to resume.
+    func prepareClient(_ ssl: OpaquePointer, session: TLSSessionSlot?) {
+        if verifyPeer, let name = peerName {
+            if peerNameIsAddress {
+                _ = X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), name)
+            } else {
+                _ = SSL_set1_host(ssl, name)
+            }
+        }
+        if sendServerName, !peerNameIsAddress, let name = peerName {
+            _ = tether_SSL_set_tlsext_host_name(ssl, name)
+        }
+        session?.apply(to: ssl)
+    }
+
     /// A missing or unreadable file, said plainly (OpenSSL's own wording for it is cryptic).
     private static func readable(_ path: String, _ what: String, certificate: Int? = nil, aboutKey: Bool = false, directive: String? = nil) throws {
         let f = fopen(path, "r")
@@ -222,6 +239,14 @@ protocol TLSServerNameSwitching: AnyObject {
 extension TLSHandler: TLSServerNameSwitching {}
 extension TLSSocket: TLSServerNameSwitching {}
 
+/// A client side connection that keeps the sessions OpenSSL hands out (the SSL object's app data).
+protocol TLSSessionKeeping: AnyObject {
+    var sessionSlot: TLSSessionSlot? { get }
+}
+
+extension TLSHandler: TLSSessionKeeping {}
+extension TLSSocket: TLSSessionKeeping {}
+
 /// The servername callback: switches the connection to the context of the `server` block that
 /// the client named; unknown names keep the default server's.
 private let sniPick: tether_sni_pick = { ssl, name in
@@ -239,8 +264,8 @@ private let sniPick: tether_sni_pick = { ssl, name in
 /// handshake); the connection's pool keeps the latest for the next connection.
 private let storeClientSession: tether_new_session = { ssl, session in
     guard let ssl, let session, let raw = tether_SSL_get_app_data(ssl) else { return 0 }
-    let handler = Unmanaged<TLSHandler>.fromOpaque(raw).takeUnretainedValue()
-    guard let slot = handler.sessionSlot else { return 0 }
+    guard let connection = Unmanaged<AnyObject>.fromOpaque(raw).takeUnretainedValue() as? TLSSessionKeeping,
+          let slot = connection.sessionSlot else { return 0 }
     slot.replace(session)
     return 1
 }

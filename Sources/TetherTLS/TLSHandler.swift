@@ -86,13 +86,6 @@ public final class TLSHandler: ChannelDuplexHandler {
             SSL_set_accept_state(ssl)
         } else {
             SSL_set_connect_state(ssl)
-            if context.verifyPeer, let name = context.peerName {
-                if context.peerNameIsAddress {
-                    _ = X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), name)
-                } else {
-                    _ = SSL_set1_host(ssl, name)
-                }
-            }
         }
     }
 
@@ -132,11 +125,8 @@ public final class TLSHandler: ChannelDuplexHandler {
     private func start(_ context: ChannelHandlerContext) {
         guard state == .idle else { return }
         state = .handshaking
-        // SNI for upstream TLS with `proxy_ssl_server_name on` (never for an IP address).
-        if !self.context.isServer, self.context.sendServerName, !self.context.peerNameIsAddress, let name = self.context.peerName {
-            _ = tether_SSL_set_tlsext_host_name(ssl, name)
-        }
-        sessionSlot?.apply(to: ssl)
+        // The certificate's name, SNI and the session to resume, for upstream TLS.
+        if !self.context.isServer { self.context.prepareClient(ssl, session: sessionSlot) }
         let ms = self.context.handshakeTimeoutMs
         if ms > 0 {
             let bound = NIOLoopBound(self, eventLoop: context.eventLoop)

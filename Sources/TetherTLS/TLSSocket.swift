@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import COpenSSL
+import TetherIO
 
 /// TLS on a non-blocking socket of Tether's own loop, driven as nginx drives OpenSSL
 /// (`ngx_event_openssl.c`): the SSL object reads and writes the socket itself (`SSL_set_fd`), and
@@ -10,12 +11,17 @@ import COpenSSL
 /// straight into and out of the connection's pool buffers. OpenSSL frees its record buffers
 /// while a connection idles (`SSL_MODE_RELEASE_BUFFERS`, set on the context).
 ///
-/// Confined to its connection's loop. Used by `ClientConnection` for `listen ... ssl`.
+/// Confined to its connection's loop. Used by `ClientConnection` for `listen ... ssl` and by
+/// upstream links for `proxy_pass https://`.
 public final class TLSSocket {
     let ssl: OpaquePointer
     /// SNI: the listener's names; the context a name switched to is kept alive here.
     let serverNames: TLSServerNames?
     var selectedContext: TLSContext?
+    /// Client side: where the server's sessions are kept for the next connection's resumption.
+    let sessionSlot: TLSSessionSlot?
+    /// Client side: the context, kept alive with the connection.
+    private let clientContext: TLSContext?
     public private(set) var handshakeDone = false
     /// `ssl_handshake_timeout` of the listener's default server.
     public var handshakeTimeoutMs: Int64 { serverNames?.defaultContext.handshakeTimeoutMs ?? 60_000 }
@@ -29,6 +35,8 @@ public final class TLSSocket {
         }
         self.ssl = ssl
         serverNames = names
+        sessionSlot = nil
+        clientContext = nil
         SSL_set_accept_state(ssl)
         // A partial write returns what one record took, and a write retried after WANT_WRITE may
         // come from another address (the queue's next gathering): as nginx's ngx_ssl_send_chain.
@@ -41,7 +49,69 @@ public final class TLSSocket {
         _ = tether_SSL_set_app_data(ssl, Unmanaged.passUnretained(self).toOpaque())
     }
 
+    /// A client side session (upstream TLS) on `fd`, connected or still connecting: the name the
+    /// server's certificate must carry, SNI and the session to resume, as `context` says; new
+    /// sessions from the server go to `session`.
+    public init?(client context: TLSContext, fd: Int32, session: TLSSessionSlot?) {
+        guard let ssl = SSL_new(context.ctx) else {
+            ERR_clear_error()
+            return nil
+        }
+        self.ssl = ssl
+        serverNames = nil
+        clientContext = context
+        sessionSlot = context.sessionReuse ? session : nil
+        SSL_set_connect_state(ssl)
+        context.prepareClient(ssl, session: sessionSlot)
+        _ = tether_SSL_set_mode(ssl, Int(SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER))
+        guard SSL_set_fd(ssl, fd) == 1 else {
+            ERR_clear_error()
+            SSL_free(ssl)
+            return nil
+        }
+        _ = tether_SSL_set_app_data(ssl, Unmanaged.passUnretained(self).toOpaque())
+    }
+
     deinit { SSL_free(ssl) }
+
+    /// Decrypts what the socket has into `buf`'s free space, until it is full or OpenSSL wants
+    /// the socket again (no short-read rule: a record read may leave more in OpenSSL's hands).
+    /// `close_notify` reads as an end of file; a TCP close without it too, unless
+    /// `raggedEndIsError` (an upstream whose response the close may delimit: there it is a
+    /// truncation, ECONNRESET); a TLS error as EPROTO.
+    public func read(into buf: inout IOBuffer, raggedEndIsError: Bool = false) -> TetherIO.ReadResult {
+        var total = 0
+        var outcome = ReadResult.wantRead
+        while buf.writableBytes > 0 {
+            buf.fill { p in
+                outcome = read(into: p)
+                if case .bytes(let n) = outcome { return n }
+                return 0
+            }
+            guard case .bytes(let n) = outcome else { break }
+            total += n
+        }
+        switch outcome {
+        case .bytes, .wantRead, .wantWrite: return total > 0 ? .bytes(total, eof: false) : .wouldBlock
+        case .closeNotify: return total > 0 ? .bytes(total, eof: true) : .eof
+        case .eof where raggedEndIsError: return .error(ECONNRESET)
+        case .eof: return total > 0 ? .bytes(total, eof: true) : .eof
+        case .error: return .error(EPROTO)
+        }
+    }
+
+    /// Writes what `queue` holds through OpenSSL (small buffers gathered into one record) until
+    /// it is empty or the socket takes no more.
+    public func flush(_ queue: inout OutboundQueue) -> OutboundQueue.FlushResult {
+        guard handshakeDone else { return .wouldBlock }
+        return queue.flush { p in
+            switch write(p) {
+            case .wrote(let n): .wrote(n)
+            case .wantRead, .wantWrite: .wouldBlock
+            case .error: .failed
+            }
+        }
+    }
 
     public enum Progress: Equatable {
         case done
@@ -67,7 +137,14 @@ public final class TLSSocket {
             return .failed(.eof, detail: "the peer closed the connection during the handshake")
         default:
             let errors = OpenSSLErrors.drain()
-            return .failed(TLSHandshakeFailure.classify(errors), detail: errors.description)
+            let failure = TLSHandshakeFailure.classify(errors)
+            var detail = errors.description
+            if failure == .certificate {
+                // Why the server's certificate did not verify, in OpenSSL's words.
+                let v = SSL_get_verify_result(ssl)
+                if v != X509_V_OK, let s = X509_verify_cert_error_string(v) { detail += " (\(String(cString: s)))" }
+            }
+            return .failed(failure, detail: detail)
         }
     }
 

@@ -105,13 +105,4 @@ final class CoreRig: FrontRig {
         let none = responses(try r.ask("GET /elsewhere HTTP/1.1\r\nHost: t\r\n\r\n"))
         #expect(none.map(\.status) == ["HTTP/1.1 404 Not Found"] && none.first?.body.contains("<h1>404 Not Found</h1>") == true)
     }
-
-    @Test func whatTheOwnLoopCannotServeYetIsRefusedWithItsPlace() throws {
-        let c = try Configuration.parse("""
-            events {}
-            http { server { listen 127.0.0.1:8080; location /status { stub_status; } location / { proxy_pass https://127.0.0.1:8443; } } }
-            """, file: "core.conf", resolver: { $0 }).get()
-        let refused = CoreRouter.unsupported(c)
-        #expect(refused.count == 1 && refused[0].hasPrefix("core.conf:2: ") && refused[0].contains("upstream TLS"), "\(refused)")
-    }
 }

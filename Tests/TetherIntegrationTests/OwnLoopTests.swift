@@ -316,19 +316,6 @@ import Glibc
             "\(error)" == "test.conf:3: bind() to 127.0.0.1:\(port) failed (98: Address already in use)"
         }
     }
-
-    @Test func aConfigurationItCannotServeIsRefusedWithItsPlace() throws {
-        let config = try Configuration.parse("""
-            http {
-                server { listen 127.0.0.1:0; location = /status { stub_status; } location / { proxy_pass https://127.0.0.1:8443; } }
-            }
-            """, file: "test.conf", resolver: { $0 }).get()
-        #expect {
-            try CoreServer(config)
-        } throws: { error in
-            "\(error)".hasPrefix("test.conf:2: ") && "\(error)".contains("upstream TLS")
-        }
-    }
 }
 
 /// `tether --event-loop own` as a process, with a pid file and an error log in a folder of its

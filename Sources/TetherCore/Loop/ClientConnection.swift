@@ -293,7 +293,7 @@ final class ClientConnection: IOHandler {
                 break
             }
             guard buf.writableBytes > 0, let fd = openSocket else { inbound = consume buf; break }
-            let result = tls.map { Self.read(&buf, through: $0) } ?? buf.read(from: fd, shortReadDrains: !hangupReported)
+            let result = tls?.read(into: &buf) ?? buf.read(from: fd, shortReadDrains: !hangupReported)
             let drained = buf.writableBytes > 0
             inbound = consume buf
             switch result {
@@ -341,26 +341,6 @@ final class ClientConnection: IOHandler {
         shared.log(.info, "TLS handshake failed (\(failure.rawValue)): \(detail())")
     }
 
-    /// Decrypts what the socket has into `buf`'s free space: until it is full or OpenSSL wants
-    /// the socket again (no short-read rule: a record read may leave more in OpenSSL's hands).
-    private static func read(_ buf: inout IOBuffer, through tls: TLSSocket) -> ReadResult {
-        var total = 0
-        var outcome: TLSSocket.ReadResult = .wantRead
-        while buf.writableBytes > 0 {
-            buf.fill { p in
-                outcome = tls.read(into: p)
-                if case .bytes(let n) = outcome { return n }
-                return 0
-            }
-            guard case .bytes(let n) = outcome else { break }
-            total += n
-        }
-        switch outcome {
-        case .bytes, .wantRead, .wantWrite: return total > 0 ? .bytes(total, eof: false) : .wouldBlock
-        case .closeNotify, .eof: return total > 0 ? .bytes(total, eof: true) : .eof
-        case .error: return .error(EPROTO)
-        }
-    }
 
     /// Parses and answers the heads in the buffer and drops body bytes, as far as they go.
     /// Returns whether it consumed anything.
@@ -882,15 +862,7 @@ final class ClientConnection: IOHandler {
     private func flush() {
         guard !outbound.isEmpty, let fd = openSocket else { return }
         if let tls {
-            guard tls.handshakeDone else { return }
-            let result = outbound.flush { p in
-                switch tls.write(p) {
-                case .wrote(let n): .wrote(n)
-                case .wantRead, .wantWrite: .wouldBlock
-                case .error: .failed
-                }
-            }
-            if case .error = result { close(.tlsError) }
+            if case .error = tls.flush(&outbound) { close(.tlsError) }
             return
         }
         if case .error = outbound.flush(to: fd) { close(.clientClose) }

@@ -2,6 +2,7 @@ import TetherConfig
 import TetherHTTP
 import TetherIO
 import TetherPool
+import TetherTLS
 
 extension LoopUpstream {
     /// One `upstream` block (explicit or made from a `proxy_pass` host) on one loop: a pool per
@@ -9,8 +10,9 @@ extension LoopUpstream {
     /// `max_fails`, `fail_timeout`, `backup` and `down`.
     /// `socketKeepalive`: some location proxying here has `proxy_socket_keepalive on` (used
     /// where neither the server nor the block sets `tcp_keepalive`).
+    /// `tls`: the client context of `proxy_pass https://` (each pool then speaks TLS).
     static func make(_ u: Upstream, loop: IOLoop, buffers: BufferPool, log: LoopErrorLog = .all, socketKeepalive: Bool = false,
-                     host: HostKeepalive = HostKeepalive()) throws(CoreSetupError) -> LoopUpstream {
+                     host: HostKeepalive = HostKeepalive(), tls: TLSContext? = nil) throws(CoreSetupError) -> LoopUpstream {
         let policy = PoolPolicy(keepalive: u.keepalive, idleTimeoutMs: u.keepaliveTimeoutMs, maxRequests: u.keepaliveRequests,
                                 maxLifetimeMs: u.keepaliveTimeMs)
         var pools: [UpstreamPool] = []
@@ -18,7 +20,7 @@ extension LoopUpstream {
             guard let port = UInt16(exactly: s.port),
                   let pool = UpstreamPool(loop: loop, buffers: buffers, host: s.address, port: port, policy: policy, log: log,
                                           tuning: SocketTuning(keepalive: s.tcpKeepalive ?? u.tcpKeepalive ?? (socketKeepalive ? TCPKeepalive(enabled: true) : nil),
-                                                               userTimeout: s.tcpUserTimeout ?? u.tcpUserTimeout, host: host)) else {
+                                                               userTimeout: s.tcpUserTimeout ?? u.tcpUserTimeout, host: host), tls: tls) else {
                 throw CoreSetupError("\(u.location): server \(s.host):\(s.port) of upstream \"\(u.name)\": not a numeric address")
             }
             pools.append(pool)
@@ -29,7 +31,7 @@ extension LoopUpstream {
     }
 }
 
-/// Why a configuration cannot run on Tether's own loop (yet): what is missing, where.
+/// Why a configuration could not be set up on Tether's own loop: what failed, where.
 struct CoreSetupError: Error, CustomStringConvertible {
     let description: String
     init(_ description: String) { self.description = description }
@@ -62,23 +64,6 @@ final class CoreRouter: ClientRequestHandler {
         self.admin = admin
     }
 
-    /// What of `configuration` Tether's own loop cannot serve yet, each as `file:line: what`;
-    /// empty when all of it can.
-    static func unsupported(_ configuration: Configuration) -> [String] {
-        var out: [String] = []
-        for s in configuration.servers {
-            for l in s.locations {
-                switch l.action {
-                case .proxy(let p) where p.isTLS:
-                    out.append("\(l.location): proxy_pass https: upstream TLS is not on Tether's own loop yet")
-                default:
-                    break
-                }
-            }
-        }
-        return out
-    }
-
     func request(_ head: HeadLayout, bytes: UnsafeRawBufferPointer, connection: ClientConnection) {
         let index = servers.count == 1 ? 0 : hosts.server(forHost: hostName(head, bytes))
         let route = servers[index].route(head, bytes)
@@ -101,12 +86,13 @@ final class CoreRouter: ClientRequestHandler {
             }
         }
         switch route.action {
-        case .proxy(let pass):
+        case .proxy:
             let upstream: LoopUpstream?
             if route === lastRoute {
                 upstream = lastUpstream
             } else {
-                upstream = upstreams[pass.upstream]
+                // The location's pool key: the upstream's name, with its TLS settings for https.
+                upstream = upstreams[route.poolKey]
                 lastRoute = route
                 lastUpstream = upstream
             }

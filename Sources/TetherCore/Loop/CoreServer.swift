@@ -5,14 +5,15 @@ import Synchronization
 import TetherConfig
 import TetherHTTP
 import TetherIO
+import TetherTLS
 
 /// A configuration served on Tether's own loop (issue 15), beside the SwiftNIO path until the
 /// switch: `tether --event-loop own`. One loop per worker, each on its own thread with its own
 /// `SO_REUSEPORT` socket per listening address, its own buffer pool and its own upstream pools;
-/// nothing is shared between loops, so the request path takes no lock. What the own loop cannot
-/// serve yet (`CoreRouter.unsupported`) is refused before anything listens. The admin pages
-/// gather every loop's counters through `CoreAdmin`; access log lines are made on the loops and
-/// written by a thread of their own (`AccessLogWriter`). Not yet here: reload, TLS, upgrades.
+/// nothing is shared between loops, so the request path takes no lock. TLS at both ends through
+/// `TLSSocket`; the admin pages gather every loop's counters through `CoreAdmin`; access log lines
+/// are made on the loops and written by a thread of their own (`AccessLogWriter`). Not yet here:
+/// reload and upgrade tunnels.
 public final class CoreServer: @unchecked Sendable {
     public let configuration: Configuration
     private let setup: ProxySetup
@@ -32,8 +33,6 @@ public final class CoreServer: @unchecked Sendable {
     /// `admin` renders the admin pages (TetherAdmin's `Renderer`); without one they answer 501.
     public init(_ configuration: Configuration, admin: AdminRenderer? = nil, log: LoopErrorLog? = nil) throws(CoreServerError) {
         self.log = log ?? LoopErrorLog(level: configuration.errorLog.level)
-        let refused = CoreRouter.unsupported(configuration)
-        guard refused.isEmpty else { throw CoreServerError(lines: refused) }
         self.configuration = configuration
         do {
             setup = try ProxySetup(configuration)
@@ -60,6 +59,14 @@ public final class CoreServer: @unchecked Sendable {
                 if case .proxy(let p) = l.action, l.settings.proxySocketKeepalive { socketKeepalive.insert(p.upstream) }
             }
         }
+        // `proxy_pass https://` locations: a pool group per upstream and TLS settings (the
+        // location's pool key), so that connections are reused only under the same settings.
+        var tlsGroups: [String: (upstream: String, context: TLSContext)] = [:]
+        for server in setup.servers {
+            for l in server.locations {
+                if case .proxy(let p) = l.action, let context = l.upstreamTLS { tlsGroups[l.poolKey] = (p.upstream, context) }
+            }
+        }
         var ports = hosts.map { UInt16(clamping: $0.0.port) }
         var workers: [LoopThread] = []
         // Loops made so far: on a failure their listening sockets are closed again.
@@ -75,6 +82,12 @@ public final class CoreServer: @unchecked Sendable {
                 for (name, u) in setup.upstreams {
                     upstreams[name] = try LoopUpstream.make(u.config, loop: loop, buffers: buffers, log: log,
                                                             socketKeepalive: socketKeepalive.contains(name), host: setup.hostKeepalive)
+                }
+                for (key, g) in tlsGroups {
+                    guard let u = setup.upstreams[g.upstream] else { continue }
+                    upstreams[key] = try LoopUpstream.make(u.config, loop: loop, buffers: buffers, log: log,
+                                                           socketKeepalive: socketKeepalive.contains(g.upstream), host: setup.hostKeepalive,
+                                                           tls: g.context)
                 }
                 var listeners: [Listener] = []
                 var clientLoops: [ClientLoop] = []
@@ -324,12 +337,13 @@ private final class LoopThread: @unchecked Sendable {
             }
         }
         let now = Int64(loop.now / 1_000_000)
-        for (name, u) in upstreams {
+        for u in upstreams.values {
             part.stats.upstreamFailures.add(u.groupFailures)
             for (i, p) in u.pools.enumerated() {
-                part.servers[ServerKey(upstream: name, index: i)] = SnapshotPart.Server(
+                // The same upstream over plain and TLS, or with other TLS settings: one figure.
+                part.servers[ServerKey(upstream: u.name, index: i), default: .none].add(SnapshotPart.Server(
                     up: u.balancer.isAvailable(i, now: now), active: p.openCount - p.idleCount, idle: p.idleCount, counters: p.counters,
-                    learnedIdleMs: p.state.learnedIdleMs, advertisedTimeoutMs: p.state.advertisedTimeoutMs)
+                    learnedIdleMs: p.state.learnedIdleMs, advertisedTimeoutMs: p.state.advertisedTimeoutMs))
             }
         }
         return part

@@ -5,6 +5,7 @@ import CTether
 import TetherHTTP
 import TetherIO
 import TetherPool
+import TetherTLS
 
 /// Who a leased upstream link reports to (an exchange). Called on the loop's thread.
 protocol UpstreamLinkOwner: AnyObject {
@@ -61,6 +62,12 @@ final class UpstreamLink: IOHandler {
     private var hangupReported = false
     /// A read failed after bytes came (a reset after a response's start): reported by the next read.
     private var pendingError: Int32 = 0
+    /// `proxy_pass https://`: the TLS session over the socket, its handshake after the connect.
+    fileprivate var tls: TLSSocket?
+    /// The TCP connect is done (with TLS, the handshake may still be under way).
+    private var tcpConnected = false
+    /// The link ends on an error: no close_notify.
+    private var failed = false
     /// Set by `lease` for a warm connection: how long it had idled.
     fileprivate(set) var idleMsAtLease: Int64 = 0
     fileprivate(set) var reused = false
@@ -119,7 +126,7 @@ final class UpstreamLink: IOHandler {
         if buf.writableBytes == 0 { buf.compact() }
         guard buf.writableBytes > 0 else { inbound = consume buf; return false }
         let before = buf.readableBytes
-        let result = buf.read(from: fd, shortReadDrains: !hangupReported)
+        let result = tls?.read(into: &buf, raggedEndIsError: true) ?? buf.read(from: fd, shortReadDrains: !hangupReported)
         let drained = buf.writableBytes > 0
         let arrived = buf.readableBytes > before
         inbound = consume buf
@@ -153,11 +160,25 @@ final class UpstreamLink: IOHandler {
     func ioEvent(_ events: IOEvents, handle: Handle, loop: IOLoop) {
         switch phase {
         case .connecting:
-            guard events.contains(.writable) || events.contains(.error) || events.contains(.hangup) else { return }
-            var err: Int32 = 0
-            var len = socklen_t(MemoryLayout<Int32>.size)
-            if let fd = loop.fd(handle) { getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) }
-            if err != 0 || events.contains(.error) { return pool.connectFailed(self, errno: err != 0 ? err : ECONNREFUSED) }
+            if !tcpConnected {
+                guard events.contains(.writable) || events.contains(.error) || events.contains(.hangup) else { return }
+                var err: Int32 = 0
+                var len = socklen_t(MemoryLayout<Int32>.size)
+                if let fd = loop.fd(handle) { getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) }
+                if err != 0 || events.contains(.error) { return pool.connectFailed(self, errno: err != 0 ? err : ECONNREFUSED) }
+                tcpConnected = true
+            }
+            if let tls {
+                // The handshake, under the connect timeout, as nginx's proxy_connect_timeout covers it.
+                switch tls.handshake() {
+                case .done:
+                    pool.handshakeDone(tls)
+                case .wantRead, .wantWrite:
+                    return
+                case .failed(let failure, let detail):
+                    return pool.handshakeFailed(self, failure, detail)
+                }
+            }
             pool.connected(self)
             flush()
             if events.contains(.readHangup) { hangupReported = true }
@@ -165,6 +186,14 @@ final class UpstreamLink: IOHandler {
         case .idle:
             // A writable edge is the kernel freeing send buffer space: nothing to act on.
             guard events.contains(.readable) || events.contains(.readHangup) || events.contains(.hangup) || events.contains(.error) else { return }
+            if let tls, !events.contains(.readHangup), !events.contains(.hangup), !events.contains(.error) {
+                // TLS 1.3 servers send session tickets after the handshake: OpenSSL takes them
+                // and they are no bytes out of step. Anything else ends the idle connection.
+                var b = pool.buffers.take()
+                let result = tls.read(into: &b)
+                pool.buffers.recycle(b)
+                if result == .wouldBlock { return }
+            }
             // Anything from the backend on an idle connection ends it: a close, or bytes out of step.
             pool.idleLinkStirred(self, byPeer: events.contains(.readable) || events.contains(.readHangup) || events.contains(.hangup))
         case .leased:
@@ -197,10 +226,17 @@ final class UpstreamLink: IOHandler {
 
     private func flush() {
         guard !outbound.isEmpty, let fd = pool.loop.fd(handle) else { return }
+        if let tls {
+            // Before the handshake is done the request waits in the queue.
+            guard tls.handshakeDone else { return }
+            if case .error(let e) = tls.flush(&outbound) { fail(e) }
+            return
+        }
         if case .error(let e) = outbound.flush(to: fd) { fail(e) }
     }
 
     private func fail(_ e: Int32) {
+        failed = true
         let o = owner
         pool.leasedLinkFailed(self)
         o?.upstreamClosed(self, errno: e)
@@ -213,6 +249,9 @@ final class UpstreamLink: IOHandler {
         owner = nil
         if let b = inbound.take() { pool.buffers.recycle(b) }
         outbound = OutboundQueue(pool: pool.buffers)
+        // close_notify on an orderly close (an idle connection expiring, a pool trim).
+        if let tls, !failed, !peerClosed { tls.shutdown() }
+        tls = nil
         pool.loop.close(handle)
     }
 
@@ -263,11 +302,19 @@ final class UpstreamPool {
     /// TCP keepalive and TCP_USER_TIMEOUT for this server's sockets, set before each connect.
     let tuning: SocketTuning?
     let log: LoopErrorLog
+    /// `proxy_pass https://`: the client context, and the session the next connection resumes.
+    let tls: TLSContext?
+    private let session = TLSSessionSlot()
+    /// TLS handshakes done (of which resumed) and failed.
+    private(set) var tlsHandshakes = 0
+    private(set) var tlsResumed = 0
+    private(set) var tlsFailures = 0
 
     /// `host` is a numeric IPv4 or IPv6 address (names are resolved before a pool is made).
     init?(loop: IOLoop, buffers: BufferPool, host: String, port: UInt16, policy: PoolPolicy, log: LoopErrorLog = .all,
-          connectTimeoutMs: Int64 = 60_000, tuning: SocketTuning? = nil) {
+          connectTimeoutMs: Int64 = 60_000, tuning: SocketTuning? = nil, tls: TLSContext? = nil) {
         self.log = log
+        self.tls = tls
         guard let a = InetAddress(host: host, port: port) else { return nil }
         addressText = host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
         self.loop = loop
@@ -292,6 +339,9 @@ final class UpstreamPool {
         c.failures = failures
         c.connectTime = connectTime
         c.responseTime = responseTime
+        c.tlsHandshakes = tlsHandshakes
+        c.tlsResumed = tlsResumed
+        c.tlsFailures = tlsFailures
         return c
     }
 
@@ -347,6 +397,15 @@ final class UpstreamPool {
             return (nil, e)
         }
         let link = UpstreamLink(pool: self)
+        if let tls {
+            guard let session = TLSSocket(client: tls, fd: fd, session: session) else {
+                Glibc.close(fd)
+                state.connectFailed()
+                connectFailures += 1
+                return (nil, ENOMEM)
+            }
+            link.tls = session
+        }
         do {
             try link.start(fd)
         } catch {
@@ -372,6 +431,19 @@ final class UpstreamPool {
         link.phase = .leased
         link.reused = false
         link.owner?.upstreamConnected(link)
+    }
+
+    fileprivate func handshakeDone(_ tls: TLSSocket) {
+        tlsHandshakes += 1
+        if tls.resumed { tlsResumed += 1 }
+    }
+
+    /// The TLS handshake with the server failed: a connect that failed, as nginx counts it (the
+    /// request goes to the next server or gets 502), said in the error log with OpenSSL's reason.
+    fileprivate func handshakeFailed(_ link: UpstreamLink, _ failure: TLSHandshakeFailure, _ detail: String) {
+        tlsFailures += 1
+        log(.error, "TLS handshake with upstream server \(addressText) failed (\(failure.rawValue)): \(detail)")
+        connectFailed(link, errno: EPROTO)
     }
 
     fileprivate func connectFailed(_ link: UpstreamLink, errno: Int32) {
