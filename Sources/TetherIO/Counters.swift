@@ -20,6 +20,12 @@ public struct Counters: ~Copyable {
         base[i] += 1
     }
 
+    /// Adds `n` to counter `i` (carrying counts over into a resized set).
+    public func add(_ n: Int, to i: Int) {
+        precondition(i >= 0 && i < count, "counter out of range")
+        base[i] += n
+    }
+
     @inlinable public subscript(_ i: Int) -> Int {
         precondition(i >= 0 && i < count, "counter \(i) of \(count)")
         return base[i]

@@ -160,7 +160,7 @@ struct Tether: ParsableCommand {
         while true {
             sigwait(&stopSignals, &received)
             if received == SIGHUP {
-                log(.warn, "SIGHUP received: reload is not on Tether's own loop yet; the running configuration stays in place")
+                Self.reloadOwnLoop(server, path: file, log: log)
             } else if received == SIGUSR1 {
                 // As logrotate expects: the error log file, moved away, is opened again by its name.
                 do {
@@ -181,6 +181,36 @@ struct Tether: ParsableCommand {
         server.shutdown(timeoutMs: fast ? 1_000 : 10_000)
         if let pid = config.pidFile { unlink(pid) }
         log(.notice, "exiting")
+    }
+
+    /// SIGHUP on the own loop: the file is read and checked again (OpenSSL's checks included), and
+    /// swapped in; a file that fails keeps the running configuration, with every error logged at
+    /// its place, as the SwiftNIO path does.
+    static func reloadOwnLoop(_ server: CoreServer, path: String, log: LoopErrorLog) {
+        log(.notice, "SIGHUP received, reloading \(path)")
+        switch Configuration.load(path: path) {
+        case .failure(let errors):
+            for e in errors.errors { log(.error, "\(e)") }
+            log(.error, "reload of \(path) failed: the running configuration stays in place")
+        case .success(let new):
+            let workersBefore = server.configuration.workerProcesses
+            do {
+                try server.reload(new)
+            } catch let errors as ConfigErrors {
+                for e in errors.errors { log(.error, "\(e)") }
+                log(.error, "reload of \(path) failed: the running configuration stays in place")
+                return
+            } catch {
+                log(.error, "reload of \(path) failed: \(error); the running configuration stays in place")
+                return
+            }
+            if new.workerProcesses != workersBefore {
+                log(.warn, "\"worker_processes\" changes take effect at the next start, not on reload")
+            }
+            if new.errorLog != server.configuration.errorLog {
+                log(.warn, "\"error_log\" changes take effect at the next start, not on reload")
+            }
+        }
     }
 
     /// `error_log FILE`: standard error, where the own loop writes its lines, becomes that file

@@ -14,6 +14,10 @@ protocol ProxyUnderTest: Sendable {
     var port: Int { get }
     /// Every loop's counters, summed (what the admin pages show).
     func stats() -> StatsSnapshot
+    /// Swaps in a new configuration without a restart.
+    func reload(_ configuration: Configuration) throws
+    /// The ports it listens on.
+    var listeningPorts: [Int] { get }
     func stop()
 }
 
@@ -44,6 +48,8 @@ final class RunningProxy: ProxyUnderTest {
     }
 
     func stats() -> StatsSnapshot { server.stats() }
+    func reload(_ configuration: Configuration) throws { try server.reload(configuration) }
+    var listeningPorts: [Int] { server.boundAddresses.map(\.port) }
     func stop() { server.shutdown(timeout: .seconds(2)) }
 }
 
@@ -60,6 +66,8 @@ final class RunningCore: ProxyUnderTest {
     }
 
     func stats() -> StatsSnapshot { server.stats() }
+    func reload(_ configuration: Configuration) throws { try server.reload(configuration) }
+    var listeningPorts: [Int] { server.boundPorts.map { Int($0.port) } }
     func stop() { server.shutdown(timeoutMs: 2_000) }
 }
 

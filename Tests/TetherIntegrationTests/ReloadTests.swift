@@ -40,11 +40,11 @@ func parse(_ text: String) throws -> Configuration {
     /// Reloads under steady load: no request fails, no client connection is dropped, the new
     /// configuration applies to the next request on each kept-alive connection, and the unchanged
     /// upstream keeps its warm connections.
-    @Test func reloadUnderLoadLosesNothing() throws {
+    @Test(arguments: EventLoopUnderTest.allCases) func reloadUnderLoadLosesNothing(on loop: EventLoopUnderTest) throws {
         let backend = try TestBackend()
         defer { backend.stop() }
         let port = freePort()
-        let proxy = try RunningProxy(config: Self.config(port: port, backend: backend.port, generation: 1))
+        let proxy = try startProxy(on: loop, config: Self.config(port: port, backend: backend.port, generation: 1))
         defer { proxy.stop() }
         let stop = NIOLockedValueBox(false)
         let failures = NIOLockedValueBox(0)
@@ -68,7 +68,7 @@ func parse(_ text: String) throws -> Configuration {
         #expect(eventually { backend.requestCount >= 50 })
         let connectionsBefore = backend.connectionCount
         for generation in 2...4 {
-            try proxy.server.reload(try parse(Self.config(port: port, backend: backend.port, generation: generation)))
+            try proxy.reload(try parse(Self.config(port: port, backend: backend.port, generation: generation)))
             let seen = backend.requestCount
             #expect(eventually { backend.requestCount >= seen + 50 })
         }
@@ -82,14 +82,14 @@ func parse(_ text: String) throws -> Configuration {
         let last = backend.requests.filter { $0.target == "/last" }
         #expect(last.count == 4 && last.allSatisfy { $0.header("x-gen") == "4" })
         #expect(backend.connectionCount <= max(connectionsBefore, 8), "unchanged pools stay warm")
-        #expect(proxy.server.stats().acceptedConnections == 4)
+        #expect(proxy.stats().acceptedConnections == 4)
     }
 
-    @Test func removedUpstreamDrainsAndListenersFollowTheConfiguration() throws {
+    @Test(arguments: EventLoopUnderTest.allCases) func removedUpstreamDrainsAndListenersFollowTheConfiguration(on loop: EventLoopUnderTest) throws {
         let a = try TestBackend(), b = try TestBackend()
         defer { a.stop(); b.stop() }
         let port = freePort(), extraPort = freePort()
-        let proxy = try RunningProxy(config: """
+        let proxy = try startProxy(on: loop, config: """
             worker_processes 1;
             http {
                 upstream a { server 127.0.0.1:\(a.port); }
@@ -102,7 +102,7 @@ func parse(_ text: String) throws -> Configuration {
         #expect(try c.readResponse().status == 200)
         #expect(a.openConnections == 1)
 
-        try proxy.server.reload(try parse("""
+        try proxy.reload(try parse("""
             worker_processes 1;
             http {
                 upstream b { server 127.0.0.1:\(b.port); }
@@ -118,7 +118,7 @@ func parse(_ text: String) throws -> Configuration {
         try extra.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         #expect(try extra.readResponse().bodyText == "extra")
 
-        try proxy.server.reload(try parse("""
+        try proxy.reload(try parse("""
             worker_processes 1;
             http {
                 upstream b { server 127.0.0.1:\(b.port); }
@@ -131,7 +131,7 @@ func parse(_ text: String) throws -> Configuration {
 
     /// A reload that binds two new ports and fails on a third leaves neither open, now or
     /// after a later successful reload, and the running listener keeps serving.
-    @Test func aRefusedReloadClosesWhatItOpened() throws {
+    @Test(arguments: EventLoopUnderTest.allCases) func aRefusedReloadClosesWhatItOpened(on loop: EventLoopUnderTest) throws {
         let port = freePort(), new1 = freePort(), new2 = freePort()
         // The third port is taken by a socket of the test's own (no SO_REUSEPORT).
         let taken = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
@@ -149,23 +149,23 @@ func parse(_ text: String) throws -> Configuration {
             worker_processes 2;
             http { server { listen 127.0.0.1:\(port); location / { return 200 "base"; } }
             """
-        let proxy = try RunningProxy(config: base + "}")
+        let proxy = try startProxy(on: loop, config: base + "}")
         defer { proxy.stop() }
-        let before = proxy.server.boundAddresses.map(\.port)
+        let before = proxy.listeningPorts
         #expect(throws: (any Error).self) {
-            try proxy.server.reload(try parse(base + """
+            try proxy.reload(try parse(base + """
                 server { listen 127.0.0.1:\(new1); location / { return 200 "1"; } }
                 server { listen 127.0.0.1:\(new2); location / { return 200 "2"; } }
                 server { listen 127.0.0.1:\(takenPort); location / { return 200 "3"; } }
             }
             """))
         }
-        #expect(proxy.server.boundAddresses.map(\.port) == before)
+        #expect(proxy.listeningPorts == before)
         // No socket of this process listens on the ports the refused configuration named.
         #expect(socketsInState("0A", localPort: new1) == 0 && socketsInState("0A", localPort: new2) == 0)
         #expect(throws: (any Error).self) { _ = try TestClient(port: new1) }
         #expect(throws: (any Error).self) { _ = try TestClient(port: new2) }
-        try proxy.server.reload(try parse(base + "server { listen 127.0.0.1:\(freePort()); location / { return 200 \"4\"; } } }"))
+        try proxy.reload(try parse(base + "server { listen 127.0.0.1:\(freePort()); location / { return 200 \"4\"; } } }"))
         #expect(socketsInState("0A", localPort: new1) == 0 && socketsInState("0A", localPort: new2) == 0)
         let c = try TestClient(port: port)
         try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -195,7 +195,7 @@ func parse(_ text: String) throws -> Configuration {
 @Suite struct SignalTests {
     /// The real binary: SIGHUP with a broken file keeps the old configuration serving and logs
     /// the error with its place; `tether -s reload` applies a good one.
-    @Test func reloadBySignal() throws {
+    @Test(arguments: EventLoopUnderTest.allCases) func reloadBySignal(on loop: EventLoopUnderTest) throws {
         let dir = NSTemporaryDirectory() + "tether-sig-" + UUID().uuidString
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -213,7 +213,7 @@ func parse(_ text: String) throws -> Configuration {
         let exe = try tetherExecutable()
         let p = Process()
         p.executableURL = exe
-        p.arguments = ["-c", file]
+        p.arguments = (loop == .own ? ["--event-loop", "own"] : []) + ["-c", file]
         try p.run()
         defer { if p.isRunning { p.terminate(); p.waitUntilExit() } }
         func get() throws -> String {

@@ -256,7 +256,7 @@ import Glibc
 
     /// A renewed certificate is picked up by a reload (new handshakes get it; the listening
     /// socket stays), and the handshake counters reach the Prometheus page.
-    @Test func reloadSwapsTheCertificateAndTheCountersReachTheAdminPage() throws {
+    @Test(arguments: EventLoopUnderTest.allCases) func reloadSwapsTheCertificateAndTheCountersReachTheAdminPage(on loop: EventLoopUnderTest) throws {
         func config(_ cert: String, admin: Int) -> String {
             """
             http {
@@ -273,13 +273,13 @@ import Glibc
             }
             """
         }
-        let proxy = try RunningProxy(config: config("localhost", admin: 0))
+        let proxy = try startProxy(on: loop, config: config("localhost", admin: 0))
         defer { proxy.stop() }
-        let admin = proxy.server.boundAddresses[0].port
-        let tls = proxy.server.boundAddresses[1].port
+        let admin = proxy.listeningPorts[0]
+        let tls = proxy.listeningPorts[1]
         let before = try sClient(["-connect", "127.0.0.1:\(tls)"])
         #expect(before.out.contains("subject=CN = localhost"))
-        try proxy.server.reload(try parse(config("b.test", admin: admin).replacingOccurrences(of: "127.0.0.1:0 ssl", with: "127.0.0.1:\(tls) ssl")))
+        try proxy.reload(try parse(config("b.test", admin: admin).replacingOccurrences(of: "127.0.0.1:0 ssl", with: "127.0.0.1:\(tls) ssl")))
         let after = try sClient(["-connect", "127.0.0.1:\(tls)"])
         #expect(after.out.contains("subject=CN = b.test"))
         let c = try TestClient(host: "127.0.0.2", port: admin)
@@ -405,7 +405,7 @@ import Glibc
 
     /// A reload re-reads `proxy_ssl_trusted_certificate` even when the directive is unchanged:
     /// a CA file replaced on disk applies to the connections opened after the reload.
-    @Test func reloadRereadsTheUpstreamTrustedCertificates() throws {
+    @Test(arguments: EventLoopUnderTest.allCases) func reloadRereadsTheUpstreamTrustedCertificates(on loop: EventLoopUnderTest) throws {
         let backend = try tlsBackend()
         defer { backend.stop() }
         let ca = NSTemporaryDirectory() + "tether-ca-\(UUID().uuidString).pem"
@@ -421,14 +421,14 @@ import Glibc
                 }
             }
             """
-        let proxy = try RunningProxy(config: config)
+        let proxy = try startProxy(on: loop, config: config)
         defer { proxy.stop() }
         let c = try proxy.client()
         try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         #expect(try c.readResponse().status == 502, "the other CA does not verify the backend")
         try FileManager.default.removeItem(atPath: ca)
         try FileManager.default.copyItem(atPath: TestPKI.path("ca.pem"), toPath: ca)
-        try proxy.server.reload(try parse(config))
+        try proxy.reload(try parse(config))
         let d = try proxy.client()
         try d.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         #expect(try d.readResponse().status == 200)

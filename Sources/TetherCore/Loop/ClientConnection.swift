@@ -35,11 +35,13 @@ final class ClientLoop {
     /// The loop, its pool and the handler, held here; connections use them through the
     /// unretained references below (a retain and a release per use was about a tenth of a
     /// proxied request's instructions): this object owns them and outlives every connection.
-    private let owned: (IOLoop, BufferPool, ClientRequestHandler)
+    private let owned: (IOLoop, BufferPool)
+    private var ownedHandler: ClientRequestHandler
     unowned(unsafe) let loop: IOLoop
     unowned(unsafe) let pool: BufferPool
     var settings: ClientSettings
-    unowned(unsafe) let handler: ClientRequestHandler
+    /// Replaced by a reload (`reconfigure`), between two requests of any connection.
+    private(set) unowned(unsafe) var handler: ClientRequestHandler
     /// Header storage lent to the connection parsing a head, and given back after: an idle
     /// connection holds none.
     var headerScratch: [HeaderField] = []
@@ -53,7 +55,7 @@ final class ClientLoop {
     /// requests, close reasons, accept failures in `stats`; answers by status class and `server`
     /// block in `answers` (`LoopStats.answers`' layout), counted on every answer.
     var stats: LoopStats
-    let answers: Counters
+    private(set) var answers: Counters
 
     /// Counts an answer of `status`; `server` is the `server` block that answered, if one did.
     @inline(__always)
@@ -90,7 +92,8 @@ final class ClientLoop {
 
     /// `servers`: the configuration's `server` blocks (answers are counted per block).
     init(loop: IOLoop, pool: BufferPool, settings: ClientSettings, handler: ClientRequestHandler, servers: Int = 1) {
-        owned = (loop, pool, handler)
+        owned = (loop, pool)
+        ownedHandler = handler
         stats = LoopStats(servers: servers)
         answers = Counters(count: LoopStats.answerSlots(servers: servers))
         self.loop = loop
@@ -98,6 +101,19 @@ final class ClientLoop {
         self.settings = settings
         self.handler = handler
         headerScratch.reserveCapacity(32)
+    }
+
+    /// A reload: the next requests are routed by `handler` with the new settings; the counters
+    /// by `server` block start over for the new blocks (the totals by status class go on).
+    func reconfigure(handler: ClientRequestHandler, settings: ClientSettings, servers: Int, tls: TLSServerNames?) {
+        ownedHandler = handler
+        self.handler = handler
+        self.settings = settings
+        self.tls = tls
+        stats.resizeServers(servers)
+        let resized = Counters(count: LoopStats.answerSlots(servers: servers))
+        for i in 0..<6 { resized.add(answers[i], to: i) }
+        answers = resized
     }
 
     /// Adopts an accepted, non-blocking socket.

@@ -32,7 +32,8 @@ final class CoreAdmin: @unchecked Sendable {
 
     let renderer: AdminRenderer?
     private let helper: IOLoopThread
-    private let configuration: Configuration
+    /// The running configuration (the pages list its upstreams and servers); helper's thread.
+    private var configuration: Configuration
     /// Set by `CoreServer.start` before any loop serves, read only on the helper's thread after.
     private var sources: [Source] = []
     private var listenPorts = Set<Int>()
@@ -46,9 +47,18 @@ final class CoreAdmin: @unchecked Sendable {
     }
 
     /// The serving loops and the ports they listen on; before any scrape can arrive.
-    func serve(_ sources: [Source], listenPorts: Set<Int>) {
+    func serve(_ sources: [Source], configuration: Configuration, listenPorts: Set<Int>) {
         helper.loop.execute { [self] _ in
             self.sources = sources
+            self.configuration = configuration
+            self.listenPorts = listenPorts
+        }
+    }
+
+    /// A reload: the pages show the new configuration's upstreams and servers.
+    func reconfigure(_ configuration: Configuration, listenPorts: Set<Int>) {
+        helper.loop.execute { [self] _ in
+            self.configuration = configuration
             self.listenPorts = listenPorts
         }
     }

@@ -27,7 +27,8 @@ extension LoopUpstream {
         }
         guard !pools.isEmpty else { throw CoreSetupError("\(u.location): upstream \"\(u.name)\" has no server") }
         let peers = u.servers.map { PeerSpec(weight: $0.weight, maxFails: $0.maxFails, failTimeoutMs: $0.failTimeoutMs, backup: $0.backup, down: $0.down) }
-        return LoopUpstream(name: u.name, pools: pools, peers: peers, method: u.balancing == .leastConn ? .leastConn : .roundRobin, log: log)
+        return LoopUpstream(name: u.name, pools: pools, peers: peers, method: u.balancing == .leastConn ? .leastConn : .roundRobin, log: log,
+                            config: u)
     }
 }
 

@@ -15,8 +15,9 @@ import TetherTLS
 /// are made on the loops and written by a thread of their own (`AccessLogWriter`). Not yet here:
 /// reload and upgrade tunnels.
 public final class CoreServer: @unchecked Sendable {
-    public let configuration: Configuration
-    private let setup: ProxySetup
+    /// The running configuration and what was made of it (`reload` replaces both).
+    private let current: Mutex<(configuration: Configuration, setup: ProxySetup)>
+    public var configuration: Configuration { current.withLock { $0.configuration } }
     private var loops: [IOLoop] = []
     private var workers: [LoopThread] = []
     private var threads: [pthread_t] = []
@@ -29,13 +30,14 @@ public final class CoreServer: @unchecked Sendable {
     /// The address and port each listening address was bound to (port 0 in the configuration:
     /// the one the kernel chose), in `ProxySetup.virtualHosts` order.
     public private(set) var boundPorts: [(address: String, port: UInt16)] = []
+    /// `address:port` of each listening address, in the same order.
+    private var listenKeys: [String] = []
 
     /// `admin` renders the admin pages (TetherAdmin's `Renderer`); without one they answer 501.
     public init(_ configuration: Configuration, admin: AdminRenderer? = nil, log: LoopErrorLog? = nil) throws(CoreServerError) {
         self.log = log ?? LoopErrorLog(level: configuration.errorLog.level)
-        self.configuration = configuration
         do {
-            setup = try ProxySetup(configuration)
+            current = Mutex((configuration, try ProxySetup(configuration)))
             self.admin = try CoreAdmin(renderer: admin, configuration: configuration)
         } catch {
             throw CoreServerError(lines: ["\(error)"])
@@ -43,112 +45,44 @@ public final class CoreServer: @unchecked Sendable {
     }
 
     public var workerCount: Int {
+        if !loops.isEmpty { return loops.count }
         switch configuration.workerProcesses {
-        case .auto: max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
-        case .count(let n): max(1, n)
+        case .auto: return max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
+        case .count(let n): return max(1, n)
         }
     }
 
     /// Binds every listening address on every loop, then runs each loop on a thread of its own.
     public func start() throws(CoreServerError) {
-        let hosts = setup.virtualHosts()
-        // Upstreams some location reaches with proxy_socket_keepalive on.
-        var socketKeepalive = Set<String>()
-        for server in setup.servers {
-            for l in server.locations {
-                if case .proxy(let p) = l.action, l.settings.proxySocketKeepalive { socketKeepalive.insert(p.upstream) }
-            }
-        }
-        // `proxy_pass https://` locations: a pool group per upstream and TLS settings (the
-        // location's pool key), so that connections are reused only under the same settings.
-        var tlsGroups: [String: (upstream: String, context: TLSContext)] = [:]
-        for server in setup.servers {
-            for l in server.locations {
-                if case .proxy(let p) = l.action, let context = l.upstreamTLS { tlsGroups[l.poolKey] = (p.upstream, context) }
-            }
-        }
-        var ports = hosts.map { UInt16(clamping: $0.0.port) }
-        var workers: [LoopThread] = []
-        // Loops made so far: on a failure their listening sockets are closed again.
+        let setup = current.withLock { $0.setup }
         var made: [IOLoop] = []
+        var bound: Bound
         do {
-            let paths = Self.accessLogPaths(configuration)
-            if !paths.isEmpty { accessLog = try AccessLogWriter(paths: paths) }
-            for _ in 0..<workerCount {
-                let loop = try IOLoop()
-                made.append(loop)
-                let buffers = BufferPool()
-                var upstreams: [String: LoopUpstream] = [:]
-                for (name, u) in setup.upstreams {
-                    upstreams[name] = try LoopUpstream.make(u.config, loop: loop, buffers: buffers, log: log,
-                                                            socketKeepalive: socketKeepalive.contains(name), host: setup.hostKeepalive)
-                }
-                for (key, g) in tlsGroups {
-                    guard let u = setup.upstreams[g.upstream] else { continue }
-                    upstreams[key] = try LoopUpstream.make(u.config, loop: loop, buffers: buffers, log: log,
-                                                           socketKeepalive: socketKeepalive.contains(g.upstream), host: setup.hostKeepalive,
-                                                           tls: g.context)
-                }
-                var listeners: [Listener] = []
-                var clientLoops: [ClientLoop] = []
-                let loopLog = try accessLog.map { try LoopAccessLog(writer: $0, formats: configuration.logFormats, loop: loop) }
-                let admission = Admission(limit: configuration.workerConnections, log: log)
-                let acceptLog = LogLimiter()
-                let log = self.log
-                for (i, (listen, vhosts, servers)) in hosts.enumerated() {
-                    let router = CoreRouter(hosts: vhosts, servers: servers, upstreams: upstreams, admin: admin)
-                    let clients = ClientLoop(loop: loop, pool: buffers, settings: Self.clientSettings(servers[vhosts.defaultIndex].server.settings),
-                                             handler: router, servers: configuration.servers.count)
-                    clients.accessLog = loopLog
-                    clients.log = log
-                    if listen.ssl { clients.tls = setup.tls.names(hosts: vhosts, servers: servers) }
-                    clientLoops.append(clients)
-                    admission.clients.append(clients)
-                    let fd: Int32, port: UInt16
-                    do {
-                        (fd, port) = try Sockets.listenTCP(address: listen.address, port: ports[i], backlog: Int32(listen.backlog))
-                    } catch {
-                        // As nginx: bind() to [::1]:8080 failed (98: Address already in use).
-                        throw CoreSetupError("\(listen.location): \(error.call)() to \(listen.addressText) failed (\(error.errno): \(String(cString: strerror(error.errno))))")
-                    }
-                    // Set once on the listening socket: accepted sockets inherit TCP_NODELAY and
-                    // the keepalive options (Linux copies them), so no setsockopt per connection.
-                    Sockets.setNoDelay(fd)
-                    let tuning = SocketTuning(keepalive: listen.soKeepalive, userTimeout: listen.tcpUserTimeout, host: setup.hostKeepalive)
-                    for failure in tuning.apply(toSocket: fd) { log(.warn, "\(failure) on listen \(listen.addressText)") }
-                    // Port 0: the first loop's port is every other loop's too.
-                    ports[i] = port
-                    let where_ = listen.addressText
-                    let listener = Listener(fd: fd, accepted: { c, loop in
-                        guard admission.admits(now: loop.now) else { Glibc.close(c); return }
-                        _ = try? clients.adopt(c)
-                    }, failed: { e, loop in
-                        clients.stats.acceptFailures[e.errno == EMFILE ? "emfile" : e.errno == ENFILE ? "enfile" : "other", default: 0] += 1
-                        // A back-off of 100 ms follows each failure; the line at most once a second,
-                        // with the count since the last one, as the SwiftNIO path logs it.
-                        if let since = acceptLog.due(now: loop.now) {
-                            log(.crit, "\(e) on \(where_) (\(since) failures since the last message), accepting again in 100 ms")
-                        }
-                    })
-                    try listener.start(on: loop)
-                    listeners.append(listener)
-                }
-                workers.append(LoopThread(loop: loop, listeners: listeners, clients: clientLoops, upstreams: upstreams,
-                                          admission: admission, servers: configuration.servers.count, log: log, accessLog: loopLog))
-            }
-        } catch let e as CoreSetupError {
-            for l in made { l.closeAll() }
-            accessLog?.stop()
-            accessLog = nil
-            throw CoreServerError(lines: [e.description])
+            try Self.check(setup)
+            for _ in 0..<workerCount { made.append(try IOLoop()) }
+            bound = try bind(setup, loops: made, keeping: [:])
         } catch {
             for l in made { l.closeAll() }
-            accessLog?.stop()
-            accessLog = nil
             throw CoreServerError(lines: ["\(error)"])
         }
-        boundPorts = zip(hosts, ports).map { ($0.0.address, $1) }
-        loops = workers.map(\.loop)
+        let writer: AccessLogWriter?
+        do {
+            let paths = Self.accessLogPaths(setup.configuration)
+            writer = paths.isEmpty ? nil : try AccessLogWriter(paths: paths)
+        } catch {
+            bound.closeAll()
+            for l in made { l.closeAll() }
+            throw CoreServerError(lines: [error.description])
+        }
+        accessLog = writer
+        let workers = made.enumerated().map { i, loop in LoopThread(loop: loop, log: log, admin: admin) }
+        for (i, w) in workers.enumerated() {
+            // Before the loop's thread runs: nothing else touches it yet.
+            w.install(setup, sockets: bound.sockets(loop: i), accessLog: writer)
+        }
+        boundPorts = bound.listens.map { ($0.address, $0.port) }
+        listenKeys = bound.listens.map(\.key)
+        loops = made
         self.workers = workers
         for work in workers {
             let box = Unmanaged.passRetained(work)
@@ -165,7 +99,118 @@ public final class CoreServer: @unchecked Sendable {
             threads.append(t)
         }
         admin?.serve(workers.map { w in CoreAdmin.Source(loop: w.loop, part: { w.snapshotPart(index: $0) }) },
-                     listenPorts: Set(ports.map(Int.init)))
+                     configuration: setup.configuration, listenPorts: Set(boundPorts.map { Int($0.port) }))
+    }
+
+    /// Swaps in `configuration` without dropping a connection, as nginx's reload does but within
+    /// the process: requests in flight finish under the old one, new requests (also on kept-alive
+    /// connections) are routed by the new one; listening addresses that stay keep their sockets
+    /// and accept queues, new ones are bound on every loop, removed ones close; upstreams whose
+    /// definition is unchanged keep their warm connections, changed or removed ones close their
+    /// idle connections now and the others as their exchanges end; certificates and TLS settings
+    /// are read again (the files may have been replaced), and the access log files are opened
+    /// anew. All or nothing: a configuration that cannot be set up (a certificate OpenSSL refuses,
+    /// a port that cannot be bound) is refused whole, and what it opened is closed again.
+    /// `worker_processes` and `error_log` changes take effect at the next start.
+    public func reload(_ configuration: Configuration) throws {
+        let setup = try ProxySetup(configuration)
+        try Self.check(setup)
+        let keep = Dictionary(uniqueKeysWithValues: listenKeys.map { ($0, true) })
+        var bound = try bind(setup, loops: loops, keeping: keep)
+        let writer: AccessLogWriter?
+        do {
+            let paths = Self.accessLogPaths(configuration)
+            writer = paths.isEmpty ? nil : try AccessLogWriter(paths: paths)
+        } catch {
+            bound.closeAll()
+            throw CoreServerError(lines: [error.description])
+        }
+        // Each loop takes the new configuration between two of its passes; this waits for all.
+        let pending = Atomic<Int>(workers.count)
+        for (i, w) in workers.enumerated() {
+            let sockets = bound.sockets(loop: i)
+            w.loop.execute { _ in
+                w.install(setup, sockets: sockets, accessLog: writer)
+                pending.subtract(1, ordering: .releasing)
+            }
+        }
+        // Polled, on the thread that reloads (never a loop's).
+        while pending.load(ordering: .acquiring) > 0 && workers.allSatisfy({ !$0.finished.load(ordering: .acquiring) }) { usleep(1_000) }
+        current.withLock { $0 = (configuration, setup) }
+        boundPorts = bound.listens.map { ($0.address, $0.port) }
+        listenKeys = bound.listens.map(\.key)
+        admin?.reconfigure(configuration, listenPorts: Set(boundPorts.map { Int($0.port) }))
+        // The loops handed the old writer their last lines as they switched.
+        let old = accessLog
+        accessLog = writer
+        old?.stop()
+        for w in configuration.warnings { log(.warn, "\(w)") }
+        log(.notice, "configuration reloaded from \(configuration.file)")
+    }
+
+    /// What cannot be set up on a loop, found before any loop is touched: an upstream server
+    /// that is not a numeric address (names are resolved when the configuration is read).
+    static func check(_ setup: ProxySetup) throws(CoreSetupError) {
+        for (_, u) in setup.upstreams {
+            guard !u.config.servers.isEmpty else { throw CoreSetupError("\(u.config.location): upstream \"\(u.config.name)\" has no server") }
+            for s in u.config.servers where UInt16(exactly: s.port) == nil || InetAddress(host: s.address, port: UInt16(clamping: s.port)) == nil {
+                throw CoreSetupError("\(u.config.location): server \(s.host):\(s.port) of upstream \"\(u.config.name)\": not a numeric address")
+            }
+        }
+    }
+
+    /// The listening sockets of a configuration: for each listening address its key
+    /// (`address:port`, the bound port for port 0) and, per loop, a socket made for it, or none
+    /// where the running configuration has that address already (its sockets stay).
+    struct Bound {
+        struct Listen {
+            var address: String
+            var port: UInt16
+            var key: String
+        }
+        var listens: [Listen] = []
+        /// [listen][loop]: a new socket, or -1 for a kept one.
+        var fds: [[Int32]] = []
+
+        /// Loop `i`'s sockets, with each listening address's key.
+        func sockets(loop i: Int) -> [(fd: Int32, key: String)] { zip(fds, listens).map { ($0[i], $1.key) } }
+
+        mutating func closeAll() {
+            for row in fds { for fd in row where fd >= 0 { Glibc.close(fd) } }
+            fds = []
+        }
+    }
+
+    /// Binds the listening addresses of `setup` that `keeping` does not name, on every loop
+    /// (a `SO_REUSEPORT` socket each); on a failure, closes what it bound and throws nginx's words.
+    private func bind(_ setup: ProxySetup, loops: [IOLoop], keeping: [String: Bool]) throws(CoreSetupError) -> Bound {
+        var b = Bound()
+        for (listen, _, _) in setup.virtualHosts() {
+            let key = "\(listen.address):\(listen.port)"
+            if listen.port != 0, keeping[key] != nil {
+                b.listens.append(.init(address: listen.address, port: UInt16(clamping: listen.port), key: key))
+                b.fds.append([Int32](repeating: -1, count: loops.count))
+                continue
+            }
+            var port = UInt16(clamping: listen.port)
+            var row: [Int32] = []
+            for _ in loops {
+                do {
+                    let (fd, p) = try Sockets.listenTCP(address: listen.address, port: port, backlog: Int32(listen.backlog))
+                    row.append(fd)
+                    // Port 0: the first loop's port is every other loop's too.
+                    port = p
+                } catch {
+                    for fd in row { Glibc.close(fd) }
+                    b.closeAll()
+                    // As nginx: bind() to [::1]:8080 failed (98: Address already in use).
+                    throw CoreSetupError("\(listen.location): \(error.call)() to \(listen.addressText) failed (\(error.errno): \(String(cString: strerror(error.errno))))")
+                }
+            }
+            b.listens.append(.init(address: listen.address, port: port, key: "\(listen.address):\(port)"))
+            b.fds.append(row)
+        }
+        return b
     }
 
     /// Every loop's counters, summed (for tests and tools; a scrape gets them without waiting).
@@ -249,7 +294,7 @@ public final class CoreServer: @unchecked Sendable {
 /// together. One accepted beyond them is closed at once, and that is logged as nginx words it,
 /// at most once a second (with the count since the last line).
 private final class Admission {
-    let limit: Int
+    var limit: Int
     var clients: [ClientLoop] = []
     /// Since the start (accepted, closed at once).
     private(set) var refusedTotal = 0
@@ -290,29 +335,131 @@ private final class LogLimiter {
 }
 
 /// A loop, its listeners and its client connections, run on one thread until the loop is stopped.
+/// `install` gives it a configuration (at start, and at each reload, between two passes).
 private final class LoopThread: @unchecked Sendable {
     let loop: IOLoop
-    let listeners: [Listener]
-    let clients: [ClientLoop]
-    let upstreams: [String: LoopUpstream]
-    let admission: Admission
-    /// The configuration's `server` blocks.
-    let servers: Int
     let log: LoopErrorLog
-    let accessLog: LoopAccessLog?
+    let admin: CoreAdmin?
+    let buffers = BufferPool()
+    let admission: Admission
+    /// The listening addresses of the running configuration, by `address:port`.
+    private var listening: [String: (listener: Listener, clients: ClientLoop)] = [:]
+    /// Every client side of this loop, those of listening addresses a reload removed included
+    /// (their connections go on; their counters stay in the totals).
+    private(set) var clients: [ClientLoop] = []
+    /// The upstream groups by pool key (an upstream's name; with its TLS settings for https).
+    private(set) var upstreams: [String: LoopUpstream] = [:]
+    /// The configuration's `server` blocks.
+    private(set) var servers = 0
+    private(set) var accessLog: LoopAccessLog?
     /// `run` has returned (read by the thread that shuts the server down).
     let finished = Atomic<Bool>(false)
 
-    init(loop: IOLoop, listeners: [Listener], clients: [ClientLoop], upstreams: [String: LoopUpstream], admission: Admission, servers: Int, log: LoopErrorLog, accessLog: LoopAccessLog?) {
-        self.log = log
-        self.accessLog = accessLog
+    init(loop: IOLoop, log: LoopErrorLog, admin: CoreAdmin?) {
         self.loop = loop
-        self.listeners = listeners
-        self.clients = clients
-        self.upstreams = upstreams
-        self.admission = admission
-        self.servers = servers
-        for c in clients { c.emptied = { [unowned self] in self.stopIfEmpty() } }
+        self.log = log
+        self.admin = admin
+        admission = Admission(limit: 512, log: log)
+    }
+
+    /// Takes `setup` on this loop's thread (or before the thread runs). `sockets`: for each of
+    /// its listening addresses a new listening socket, or -1 where the address is listened on
+    /// already (that listener stays, with its accept queue).
+    func install(_ setup: ProxySetup, sockets: [(fd: Int32, key: String)], accessLog writer: AccessLogWriter?) {
+        let configuration = setup.configuration
+        // Upstreams: an unchanged definition keeps its pools and their warm connections (TLS
+        // ones take the new context for their next connections); the others are made anew, and
+        // the replaced ones close what is idle and the rest as their exchanges end.
+        var socketKeepalive = Set<String>()
+        var groups: [String: (upstream: String, context: TLSContext?)] = [:]
+        for server in setup.servers {
+            for l in server.locations {
+                guard case .proxy(let p) = l.action else { continue }
+                if l.settings.proxySocketKeepalive { socketKeepalive.insert(p.upstream) }
+                groups[l.poolKey] = (p.upstream, l.upstreamTLS)
+            }
+        }
+        for name in setup.upstreams.keys where groups[name] == nil { groups[name] = (name, nil) }
+        var next: [String: LoopUpstream] = [:]
+        for (key, g) in groups {
+            guard let u = setup.upstreams[g.upstream] else { continue }
+            if let old = upstreams[key], old.config.sameDefinition(as: u.config), (old.tls == nil) == (g.context == nil) {
+                old.useTLS(g.context)
+                next[key] = old
+                continue
+            }
+            do {
+                next[key] = try LoopUpstream.make(u.config, loop: loop, buffers: buffers, log: log, socketKeepalive: socketKeepalive.contains(g.upstream),
+                                                  host: setup.hostKeepalive, tls: g.context)
+            } catch {
+                // `CoreServer.check` refused such a configuration before any loop was touched.
+                log(.alert, "\(error)")
+            }
+        }
+        for (key, old) in upstreams where next[key] !== old { old.retire() }
+        upstreams = next
+        servers = configuration.servers.count
+        // The access log: lines from now on go to the new files.
+        accessLog?.flush()
+        accessLog?.close()
+        accessLog = writer.flatMap { try? LoopAccessLog(writer: $0, formats: configuration.logFormats, loop: loop) }
+        admission.limit = configuration.workerConnections
+        // Listening addresses: a kept one takes the new routing for its next requests (also on
+        // kept-alive connections); a new one starts accepting; a removed one stops.
+        var nextListening: [String: (listener: Listener, clients: ClientLoop)] = [:]
+        for (i, (listen, vhosts, compiled)) in setup.virtualHosts().enumerated() {
+            let router = CoreRouter(hosts: vhosts, servers: compiled, upstreams: upstreams, admin: admin)
+            let settings = CoreServer.clientSettings(compiled[vhosts.defaultIndex].server.settings)
+            let tls = listen.ssl ? setup.tls.names(hosts: vhosts, servers: compiled) : nil
+            let (fd, key) = i < sockets.count ? sockets[i] : (-1, "")
+            if fd < 0, let kept = listening.removeValue(forKey: key) {
+                kept.clients.reconfigure(handler: router, settings: settings, servers: servers, tls: tls)
+                kept.clients.accessLog = accessLog
+                nextListening[key] = kept
+                continue
+            }
+            guard fd >= 0 else { continue }
+            let clients = ClientLoop(loop: loop, pool: buffers, settings: settings, handler: router, servers: servers)
+            clients.accessLog = accessLog
+            clients.log = log
+            clients.tls = tls
+            clients.emptied = { [unowned self] in self.stopIfEmpty() }
+            // Set once on the listening socket: accepted sockets inherit TCP_NODELAY and the
+            // keepalive options (Linux copies them), so no setsockopt per connection.
+            Sockets.setNoDelay(fd)
+            let tuning = SocketTuning(keepalive: listen.soKeepalive, userTimeout: listen.tcpUserTimeout, host: setup.hostKeepalive)
+            for failure in tuning.apply(toSocket: fd) { log(.warn, "\(failure) on listen \(listen.addressText)") }
+            let listener = makeListener(fd: fd, clients: clients, name: listen.addressText)
+            do {
+                try listener.start(on: loop)
+            } catch {
+                log(.alert, "listen \(listen.addressText): \(error)")
+                Glibc.close(fd)
+                continue
+            }
+            self.clients.append(clients)
+            nextListening[key] = (listener, clients)
+        }
+        for (_, removed) in listening { removed.listener.stop(on: loop) }
+        listening = nextListening
+        admission.clients = self.clients
+    }
+
+    private func makeListener(fd: Int32, clients: ClientLoop, name: String) -> Listener {
+        let admission = self.admission
+        let acceptLog = LogLimiter()
+        let log = self.log
+        return Listener(fd: fd, accepted: { c, loop in
+            guard admission.admits(now: loop.now) else { Glibc.close(c); return }
+            _ = try? clients.adopt(c)
+        }, failed: { e, loop in
+            clients.stats.acceptFailures[e.errno == EMFILE ? "emfile" : e.errno == ENFILE ? "enfile" : "other", default: 0] += 1
+            // A back-off of 100 ms follows each failure; the line at most once a second, with
+            // the count since the last one, as the SwiftNIO path logs it.
+            if let since = acceptLog.due(now: loop.now) {
+                log(.crit, "\(e) on \(name) (\(since) failures since the last message), accepting again in 100 ms")
+            }
+        })
     }
 
     /// This loop's figures for the admin pages (on the loop's thread): its listening addresses'
@@ -362,7 +509,7 @@ private final class LoopThread: @unchecked Sendable {
 
     /// On the loop: the graceful shutdown's start (`CoreServer.shutdown`).
     func drain() {
-        for l in listeners { l.stop(on: loop) }
+        for (_, l) in listening { l.listener.stop(on: loop) }
         for c in clients { c.beginDrain() }
         for h in loop.handlers { (h as? ClientConnection)?.drain() }
         stopIfEmpty()

@@ -130,7 +130,7 @@ final class LoopAccessLog: IOHandler {
         do {
             handle = try loop.register(fd, handler: self)
         } catch {
-            close(fd)
+            Glibc.close(fd)
             throw error
         }
     }
@@ -140,6 +140,11 @@ final class LoopAccessLog: IOHandler {
     func timerFired(handle: Handle, loop: IOLoop) {
         armed = false
         flush()
+    }
+
+    /// Ends its record in the loop (a reload made another); `flush` first.
+    func close() {
+        loop.close(handle)
     }
 
     /// Hands every batch to the writer.

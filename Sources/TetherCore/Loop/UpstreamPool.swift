@@ -4,6 +4,7 @@ import Glibc
 import CTether
 import TetherHTTP
 import TetherIO
+import TetherConfig
 import TetherPool
 import TetherTLS
 
@@ -302,8 +303,11 @@ final class UpstreamPool {
     /// TCP keepalive and TCP_USER_TIMEOUT for this server's sockets, set before each connect.
     let tuning: SocketTuning?
     let log: LoopErrorLog
-    /// `proxy_pass https://`: the client context, and the session the next connection resumes.
-    let tls: TLSContext?
+    /// `proxy_pass https://`: the client context (a reload may give a new one, for the next
+    /// connections), and the session the next connection resumes.
+    var tls: TLSContext?
+    /// A reload changed or removed the upstream: no connection is kept any more.
+    private(set) var retired = false
     private let session = TLSSessionSlot()
     /// TLS handshakes done (of which resumed) and failed.
     private(set) var tlsHandshakes = 0
@@ -462,6 +466,14 @@ final class UpstreamPool {
         // A request still being written (an answer that came before the whole body) leaves the
         // connection mid-request: never pooled.
         let clean = reusable && !link.peerClosed && link.inboundBytes == 0 && link.outboundBytes == 0
+        if retired {
+            // The upstream changed or vanished in a reload: its connections are not kept.
+            links.removeValue(forKey: link.handle)
+            state.leasedClosed(link.handle)
+            count(.shutdown)
+            link.closeSocket()
+            return
+        }
         switch state.release(link.handle, now: now, reusable: clean, backend: backend).0 {
         case .keep:
             link.becomeIdle()
@@ -519,6 +531,13 @@ final class UpstreamPool {
         loop.arm(h, afterNanoseconds: UInt64(ms) * 1_000_000)
     }
 
+    /// A reload changed or removed this server's upstream: idle connections close now, leased
+    /// ones when their exchange ends.
+    func retire() {
+        retired = true
+        for h in state.drainIdle() { close(h, .shutdown) }
+    }
+
     private func close(_ h: Handle, _ reason: CloseReason) {
         guard let l = links.removeValue(forKey: h) else { return }
         count(reason)
@@ -535,6 +554,10 @@ final class LoopUpstream {
     let name: String
     let pools: [UpstreamPool]
     var balancer: Balancer
+    /// The `upstream` block it was made from (a reload keeps the group when it is unchanged).
+    var config: Upstream
+    /// `proxy_pass https://`: the pools' TLS context.
+    var tls: TLSContext? { pools[0].tls }
     /// Failures charged to no server (no live upstreams); the servers' own are in their pools.
     var groupFailures = ReasonCounts<UpstreamFailedReason>()
     /// Failed and retried requests by reason, over the whole group.
@@ -546,8 +569,10 @@ final class LoopUpstream {
     /// Where the group's exchanges say why they failed.
     let log: LoopErrorLog
 
-    init(name: String, pools: [UpstreamPool], peers: [PeerSpec]? = nil, method: Balancer.Method = .roundRobin, log: LoopErrorLog = .all) {
+    init(name: String, pools: [UpstreamPool], peers: [PeerSpec]? = nil, method: Balancer.Method = .roundRobin, log: LoopErrorLog = .all,
+         config: Upstream? = nil) {
         self.log = log
+        self.config = config ?? Upstream(name: name, location: SourceLocation(file: "", line: 0))
         precondition(!pools.isEmpty && (peers == nil || peers!.count == pools.count), "an upstream needs a pool per server")
         self.name = name
         self.pools = pools
@@ -588,6 +613,17 @@ final class LoopUpstream {
     }
 
     var spareExchangeCount: Int { spareExchanges.count }
+
+    /// A reload kept this group: its next TLS connections use `context` (certificates read anew).
+    func useTLS(_ context: TLSContext?) {
+        for p in pools { p.tls = context }
+    }
+
+    /// A reload changed or removed this upstream: its pools close what is idle now and the rest
+    /// as their exchanges end. Exchanges under way finish on it.
+    func retire() {
+        for p in pools { p.retire() }
+    }
 
     var buffers: BufferPool { pools[0].buffers }
     /// The pools' loop, held by them (read on every exchange: not counted).
