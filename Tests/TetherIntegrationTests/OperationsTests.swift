@@ -93,8 +93,8 @@ import TetherTestSupport
         for c in held { #expect(answered(c)) }
     }
 
-    @Test func upgradeIsTunnelled() throws {
-        try withProxy(location: "proxy_allow_upgrade echo;") { proxy, backend in
+    @Test(arguments: EventLoopUnderTest.allCases) func upgradeIsTunnelled(on loop: EventLoopUnderTest) throws {
+        try withProxy(on: loop, location: "proxy_allow_upgrade echo;") { proxy, backend in
             let c = try proxy.client()
             try c.send("GET /upgrade HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
             let r = try c.readResponse(head: true)

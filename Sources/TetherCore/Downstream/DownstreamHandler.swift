@@ -668,7 +668,7 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate, VariableS
                 upstreamFailed(.invalidHeader, detail: "upstream \(e.upstreamAddrText) sent 101 to a request that did not ask to upgrade")
                 return
             }
-            guard let u = head.upgradeIndex, Self.offered(offer, includes: head, field: head.headers[u]) else {
+            guard let u = head.upgradeIndex, Upgrade.offered(offer, answer: Substring(head.value(head.headers[u]))) else {
                 upstreamFailed(.invalidHeader, detail: "upstream \(e.upstreamAddrText) sent 101 switching to a protocol the request did not offer")
                 return
             }
@@ -1080,39 +1080,10 @@ final class DownstreamHandler: ChannelDuplexHandler, UpstreamDelegate, VariableS
         }
     }
 
-    /// The protocols of the request's `Upgrade` (with `Connection: upgrade`) that `allowed` names,
-    /// joined as they go upstream; nil when there are none. `h2c` never is (the configuration
-    /// refuses it), so a client cannot tunnel HTTP/2 past the locations' rules.
+    /// The protocols of the request's `Upgrade` (with `Connection: upgrade`) that `allowed` names.
     static func upgradeOffer(_ head: ParsedHead, allowed: [String]) -> [UInt8]? {
-        guard head.connectionUpgrade, let u = head.upgradeIndex, !allowed.isEmpty else { return nil }
-        var offer: [UInt8] = []
-        for item in head.value(head.headers[u]).split(separator: ",") {
-            let p = Self.trimmed(item)
-            let name = p.split(separator: "/", maxSplits: 1).first.map { $0.lowercased() } ?? ""
-            guard !p.isEmpty, name != "h2c", allowed.contains(name),
-                  p.utf8.allSatisfy({ ASCII.isToken($0) || $0 == UInt8(ascii: "/") }) else { continue }
-            if !offer.isEmpty { offer.append(contentsOf: ", ".utf8) }
-            offer.append(contentsOf: p.utf8)
-        }
-        return offer.isEmpty ? nil : offer
-    }
-
-    static func trimmed(_ s: Substring) -> Substring {
-        var a = s.startIndex, b = s.endIndex
-        while a < b, s[a] == " " || s[a] == "\t" { a = s.index(after: a) }
-        while b > a, s[s.index(before: b)] == " " || s[s.index(before: b)] == "\t" { b = s.index(before: b) }
-        return s[a..<b]
-    }
-
-    /// Whether a 101's `Upgrade` names a protocol of the offer (by name, case-insensitively).
-    static func offered(_ offer: [UInt8], includes head: ParsedHead, field: HeaderField) -> Bool {
-        let answer = head.value(field).lowercased()
-        let answerName = answer.split(separator: "/", maxSplits: 1).first.map(String.init) ?? ""
-        guard !answerName.isEmpty, !answer.contains(",") else { return false }
-        return String(decoding: offer, as: UTF8.self).split(separator: ",").contains { item in
-            let name = Self.trimmed(item).lowercased()
-            return name == answer || name.split(separator: "/", maxSplits: 1).first.map(String.init) == answerName
-        }
+        guard head.connectionUpgrade, let u = head.upgradeIndex else { return nil }
+        return Upgrade.offer(Substring(head.value(head.headers[u])), allowed: allowed)
     }
 
     /// The response head for the client (see `HeadWriter.clientHead`).

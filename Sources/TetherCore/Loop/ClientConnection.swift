@@ -525,9 +525,12 @@ final class ClientConnection: IOHandler {
         // An HTTP/1.0 upstream cannot be sent a body of unknown length (nginx answers 411 too).
         if head.chunked && route.proxyHTTP10 { return respond(status: 411, text: nil, head: head, close: true) }
         let framing: BodyFraming = head.chunked ? .chunked : (head.contentLength ?? 0) > 0 ? .length(head.contentLength!) : .none
-        let request = ProxyExchange.Request(
+        var request = ProxyExchange.Request(
             isHEAD: head.methodIs("HEAD", in: bytes), idempotent: head.isIdempotent(in: bytes), minorVersion: head.minorVersion,
             clientKeepAlive: clientKeepAlive(head: head, close: false, route: route), framing: framing)
+        if head.connectionUpgrade, let value = Upgrade.value(head, bytes) {
+            request.upgradeOffer = Upgrade.offer(value, allowed: route.settings.proxyAllowUpgrade)
+        }
         let x = upstream.exchange(connection: self, route: route, request: request)
         answered = true
         exchange = x
@@ -622,6 +625,15 @@ final class ClientConnection: IOHandler {
     /// The client's socket took what was queued: the exchange may read more from the upstream.
     var clientTakesMore: Bool { !outbound.isFull }
 
+    /// A 101 opened a tunnel: every byte the client sends from now on (and what it sent after
+    /// its head) goes to the upstream as it is, until either side closes.
+    func tunnelOpened() {
+        chunked = nil
+        bodyLeft = .max
+        state.pendingReason = .clientClose
+        if !handlingInput { pump() }
+    }
+
     /// The upstream took what was queued for it: the request body may flow again.
     func upstreamTakesBody() {
         if !handlingInput { pump() }
@@ -629,25 +641,33 @@ final class ClientConnection: IOHandler {
 
     /// The exchange's answer is complete.
     func exchangeEnded(keepAlive: Bool) {
+        let tunnel = exchange?.isTunnel ?? false
         retireExchange()
         let bodyPending = bodyLeft > 0 || chunked != nil
         closeAfterWrite = !keepAlive || bodyPending
-        if bodyPending { state.pendingReason = .error }
+        // A tunnel's end is no error: the connection simply ends with it.
+        if bodyPending && !tunnel { state.pendingReason = .error }
         if state.inExchange { finishExchange() }
         if !handlingInput { pump() }
     }
 
     /// The exchange failed: an answer if none began (502, 504), else the connection ends.
+    /// As nginx, the client connection stays when the request was read whole and keep-alive
+    /// allows it: a 502 is an answer like another, and the next request may follow.
     func exchangeFailed(status: Int, responseStarted: Bool) {
-        let server = exchange?.serverIndex
+        guard let x = exchange else { return }
         if responseStarted {
             retireExchange()
             tlsAbort = true
             return close(.error)
         }
-        retireExchange(answered: writeError(status, server: server))
-        state.pendingReason = .error
-        closeAfterWrite = true
+        let keep = keepsAliveAtResponse(x.clientKeepAlive) && bodyLeft == 0 && chunked == nil
+        shared.countAnswer(status: status, server: x.serverIndex)
+        let answer = LocalAnswer(status: status, text: nil, serverTokens: x.route.settings.serverTokens, keepAlive: keep,
+                                 clientMinor: x.clientMinor, keepAliveHeader: keep ? x.route.keepAliveHeader : [])
+        retireExchange(answered: writeAnswer(answer))
+        if !keep { state.pendingReason = .error }
+        closeAfterWrite = !keep
         if state.inExchange { finishExchange() }
         if !handlingInput { pump() }
     }
@@ -889,7 +909,7 @@ final class ClientConnection: IOHandler {
     private func settle() {
         flush()
         guard isOpen else { return }
-        if peerClosed && !state.isClosed && exchange != nil && inboundBytes == 0 && bodyLeft == 0 {
+        if peerClosed && !state.isClosed && exchange != nil && inboundBytes == 0 && (bodyLeft == 0 || exchange!.isTunnel) {
             // The client closed while its answer is with the upstream: as nginx (without
             // proxy_ignore_client_abort), the exchange is abandoned with the connection.
             return close(.clientClose)
@@ -966,7 +986,9 @@ final class ClientConnection: IOHandler {
         if let tls, !tls.handshakeDone {
             want = .handshake
         } else if state.inExchange {
-            want = bodyLeft > 0 || chunked != nil ? .body : .none
+            // A tunnel's client may be quiet as long as it likes: the upstream's read timeout
+            // bounds the tunnel's silence, as nginx's upgraded connections are timed.
+            want = (bodyLeft > 0 || chunked != nil) && exchange?.isTunnel != true ? .body : .none
         } else if state.headStarted {
             want = .head
         } else {

@@ -30,6 +30,9 @@ final class ProxyExchange: UpstreamLinkOwner {
         var clientKeepAlive: Bool
         /// How the body goes upstream.
         var framing: BodyFraming
+        /// The protocols of the request's `Upgrade` the location allows, as they go upstream;
+        /// a 101 must switch to one of them.
+        var upgradeOffer: [UInt8]? = nil
     }
 
     private unowned(unsafe) var connection: ClientConnection
@@ -65,6 +68,9 @@ final class ProxyExchange: UpstreamLinkOwner {
     private var upstreamReusable = true
     private var headSent = false
     private var finished = false
+    /// A 101 switched the connection to the offered protocol: bytes flow both ways untouched
+    /// until either side closes.
+    private(set) var isTunnel = false
     /// When the request went to the current connection (the loop's clock): the response time.
     private var sentAt: UInt64 = 0
     /// For the access log: the request's drafted part (its capacity kept from one request to the
@@ -118,6 +124,7 @@ final class ProxyExchange: UpstreamLinkOwner {
         upstreamReusable = true
         headSent = false
         finished = false
+        isTunnel = false
         logging = false
         status = 0
         headBytes = 0
@@ -140,7 +147,7 @@ final class ProxyExchange: UpstreamLinkOwner {
     /// buffer: the caller refuses the request (431) before anything was sent.
     func start<V: VariableSource>(_ head: HeadLayout, _ bytes: UnsafeRawBufferPointer, variables: V) -> Bool {
         var sink = BufferSink(upstream.buffers.take())
-        let r = HeadWriter.UpstreamRequest(framing: request.framing, upgradeOffer: nil)
+        let r = HeadWriter.UpstreamRequest(framing: request.framing, upgradeOffer: request.upgradeOffer)
         HeadWriter.upstreamHead(head, bytes, route: route, request: r, variables: variables, into: &sink)
         let overflowed = sink.overflowed
         let written = sink.take()
@@ -171,6 +178,11 @@ final class ProxyExchange: UpstreamLinkOwner {
 
     /// The response head went to the client: nothing else may answer this request now.
     var responseStarted: Bool { headSent }
+
+    /// nginx's keep-alive rules allowed the client connection to stay after this request, and
+    /// its body was read whole: an answer made here (a 502) need not close it.
+    var clientKeepAlive: Bool { request.clientKeepAlive && requestBodyDone }
+    var clientMinor: Int { request.minorVersion }
 
     /// The request body was read to its end.
     func requestBodyFinished() { requestBodyDone = true }
@@ -399,14 +411,23 @@ final class ProxyExchange: UpstreamLinkOwner {
             if case .error(let e) = outcome { failed(.invalidHeader, "upstream sent an invalid response head (\(e))") }
             return false
         }
-        if layout.status < 200 {
-            // 100 Continue and other interim answers are not relayed; a 101 was not asked for
-            // (no upgrade is offered on this path yet) and is refused, as RFC 9110 7.8 allows.
-            guard layout.status != 101 else {
+        let upgrading = layout.status == 101
+        if upgrading {
+            // A tunnel opens only to a protocol this request offered: anything else would let
+            // the client's next bytes reach the backend unparsed.
+            guard let offer = request.upgradeOffer else {
                 link.putBack(buf)
-                failed(.invalidHeader, "upstream sent 101 Switching Protocols, which was not asked for")
+                failed(.invalidHeader, "upstream sent 101 to a request that did not ask to upgrade")
                 return false
             }
+            let answer = buf.withReadableBytes { p in Upgrade.value(layout, UnsafeRawBufferPointer(rebasing: p[start..<consumed])) }
+            guard let answer, Upgrade.offered(offer, answer: answer) else {
+                link.putBack(buf)
+                failed(.invalidHeader, "upstream sent 101 switching to a protocol the request did not offer")
+                return false
+            }
+        } else if layout.status < 200 {
+            // 100 Continue and other interim answers are not relayed.
             buf.consume(consumed)
             link.putBack(buf)
             return parseHead(link)
@@ -430,15 +451,15 @@ final class ProxyExchange: UpstreamLinkOwner {
         }
         upstream.balancer.succeeded(server)
         dropSavedHead()
-        let framing = layout.responseFraming(requestIsHEAD: request.isHEAD)
-        let plan = ResponsePlan(framing: framing, upgrading: false, headKeepsConnection: layout.keepsConnection,
+        let framing = layout.responseFraming(requestIsHEAD: request.isHEAD, upgrading: upgrading)
+        let plan = ResponsePlan(framing: framing, upgrading: upgrading, headKeepsConnection: layout.keepsConnection,
                                 request: .init(minorVersion: request.minorVersion, keepAliveAllowed: connection.keepsAliveAtResponse(request.clientKeepAlive),
                                                bodyDone: requestBodyDone, upstreamHTTP10: route.proxyHTTP10))
         self.plan = plan
         upstreamReusable = plan.upstreamReusable
         if case .length(let n) = framing { remaining = n }
         let response = HeadWriter.ClientResponse(
-            dropContentLength: plan.relay != .verbatim, chunked: plan.relay == .rechunk || plan.relay == .chunkify, upgrading: false,
+            dropContentLength: plan.relay != .verbatim, chunked: plan.relay == .rechunk || plan.relay == .chunkify, upgrading: upgrading,
             closeAfter: !plan.clientKeepAlive, clientMinor: request.minorVersion, keepAliveHeader: route.keepAliveHeader)
         status = layout.status
         headerNs = Int64(upstream.loop.now &- sentAt)
@@ -450,7 +471,13 @@ final class ProxyExchange: UpstreamLinkOwner {
         buf.consume(consumed)
         link.putBack(buf)
         headSent = true
-        if plan.phase == .done { finish(link) }
+        if plan.phase == .tunnel {
+            isTunnel = true
+            // What the client sent after its head (and sends from now on) goes to the backend.
+            connection.tunnelOpened()
+        } else if plan.phase == .done {
+            finish(link)
+        }
         return true
     }
 
@@ -458,6 +485,10 @@ final class ProxyExchange: UpstreamLinkOwner {
     private func relayBody(_ link: UpstreamLink) {
         guard let plan, var buf = link.takeInbound() else { return }
         if buf.isEmpty { link.putBack(buf); return }
+        if isTunnel {
+            // Ends with either side's close (`endOfStream`, `clientLeft`).
+            return relay(buf)
+        }
         switch plan.relay {
         case .verbatim:
             if case .untilClose = plan.framing {
@@ -544,6 +575,11 @@ final class ProxyExchange: UpstreamLinkOwner {
 
     /// The upstream closed its side: the end of a close-delimited body, or a cut response.
     private func endOfStream(_ link: UpstreamLink) {
+        if isTunnel {
+            // The backend ended the tunnel: the client's connection ends after what is queued.
+            upstreamReusable = false
+            return finish(link)
+        }
         if headSent, let plan, plan.framing == .untilClose {
             if plan.relay == .chunkify { relay("0\r\n\r\n") }
             upstreamReusable = false
