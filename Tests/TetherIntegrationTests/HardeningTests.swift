@@ -277,7 +277,7 @@ func withProxy(on loop: EventLoopUnderTest, scripted backend: ScriptedBackend, h
     /// otherwise it would carry `h2c` through.
     @Test func aTemplatedUpgradeHeaderDoesNotCarryH2C() throws {
         try withProxy(location: "proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\";") { proxy, backend in
-            #expect(proxy.server.configuration.warnings.contains { $0.description.contains("\"proxy_set_header Upgrade\" is ignored") })
+            #expect(proxy.configuration.warnings.contains { $0.description.contains("\"proxy_set_header Upgrade\" is ignored") })
             let c = try proxy.client()
             try c.send("GET /x HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
             #expect(try c.readResponse().status == 200)
@@ -401,8 +401,8 @@ func withProxy(on loop: EventLoopUnderTest, scripted backend: ScriptedBackend, h
 /// Each timer measures what it names, and blames that side (scaled-down times: the rules are the
 /// same at 60 s).
 @Suite struct TimerBlameTests {
-    func upstreamTimeouts(_ proxy: RunningProxy) -> Int {
-        proxy.server.stats().upstreams.first?.servers.first?.counters.failures["timeout"] ?? 0
+    func upstreamTimeouts(_ proxy: any ProxyUnderTest) -> Int {
+        proxy.stats().upstreams.first?.servers.first?.counters.failures["timeout"] ?? 0
     }
 
     /// A steady upload that takes longer than proxy_read_timeout is not the backend's fault.
@@ -463,7 +463,7 @@ func withProxy(on loop: EventLoopUnderTest, scripted backend: ScriptedBackend, h
             }
             var served = 0
             for c in clients where (try? c.readResponse())?.bodyText.hasPrefix("4 ") == true { served += 1 }
-            #expect(served == n)
+            #expect(served == n, "\(type(of: proxy))")
 
             clients = []
             for _ in 0..<n {

@@ -18,6 +18,8 @@ protocol ProxyUnderTest: Sendable {
     func reload(_ configuration: Configuration) throws
     /// The ports it listens on.
     var listeningPorts: [Int] { get }
+    /// The configuration it runs.
+    var configuration: Configuration { get }
     func stop()
 }
 
@@ -50,6 +52,7 @@ final class RunningProxy: ProxyUnderTest {
     func stats() -> StatsSnapshot { server.stats() }
     func reload(_ configuration: Configuration) throws { try server.reload(configuration) }
     var listeningPorts: [Int] { server.boundAddresses.map(\.port) }
+    var configuration: Configuration { server.configuration }
     func stop() { server.shutdown(timeout: .seconds(2)) }
 }
 
@@ -68,10 +71,19 @@ final class RunningCore: ProxyUnderTest {
     func stats() -> StatsSnapshot { server.stats() }
     func reload(_ configuration: Configuration) throws { try server.reload(configuration) }
     var listeningPorts: [Int] { server.boundPorts.map { Int($0.port) } }
+    var configuration: Configuration { server.configuration }
     func stop() { server.shutdown(timeoutMs: 2_000) }
 }
 
-enum EventLoopUnderTest: CaseIterable, Sendable { case nio, own }
+enum EventLoopUnderTest: String, CaseIterable, Sendable {
+    case nio, own
+
+    /// The loops `withProxy` without a loop runs its body on: both, or the one
+    /// `TETHER_TEST_LOOP` names (to look at one when a test fails).
+    static var selected: [EventLoopUnderTest] {
+        ProcessInfo.processInfo.environment["TETHER_TEST_LOOP"].flatMap(EventLoopUnderTest.init(rawValue:)).map { [$0] } ?? allCases
+    }
+}
 
 /// The configuration `withProxy` makes: a backend's upstream and one server on port 0.
 func proxyConfig(backendPort: Int, workers: Int, http: String, upstream: String, server: String, location: String) -> String {
@@ -107,19 +119,17 @@ func withProxy(
     location: String = "",
     _ body: (any ProxyUnderTest, TestBackend) throws -> Void
 ) throws {
-    switch loop {
-    case .nio:
-        try withProxy(backend: options, workers: workers, http: http, upstream: upstream, server: server, location: location) { try body($0, $1) }
-    case .own:
-        let backend = try TestBackend(options: options)
-        defer { backend.stop() }
-        let proxy = try RunningCore(config: proxyConfig(backendPort: backend.port, workers: workers, http: http, upstream: upstream, server: server, location: location))
-        defer { proxy.stop() }
-        try body(proxy, backend)
-    }
+    let backend = try TestBackend(options: options)
+    defer { backend.stop() }
+    let proxy = try startProxy(on: loop, config: proxyConfig(backendPort: backend.port, workers: workers, http: http, upstream: upstream,
+                                                             server: server, location: location))
+    defer { proxy.stop() }
+    try body(proxy, backend)
 }
 
-/// Starts a backend and Tether in front of it with the given snippets, runs `body`, stops both.
+/// Starts a backend and Tether in front of it with the given snippets, runs `body`, stops both;
+/// once on each event loop (each run with a backend of its own), until the switch of issue 15
+/// leaves one.
 func withProxy(
     backend options: TestBackend.Options = .init(),
     workers: Int = 2,
@@ -127,13 +137,11 @@ func withProxy(
     upstream: String = "",
     server: String = "",
     location: String = "",
-    _ body: (RunningProxy, TestBackend) throws -> Void
+    _ body: (any ProxyUnderTest, TestBackend) throws -> Void
 ) throws {
-    let backend = try TestBackend(options: options)
-    defer { backend.stop() }
-    let proxy = try RunningProxy(config: proxyConfig(backendPort: backend.port, workers: workers, http: http, upstream: upstream, server: server, location: location))
-    defer { proxy.stop() }
-    try body(proxy, backend)
+    for loop in EventLoopUnderTest.selected {
+        try withProxy(on: loop, backend: options, workers: workers, http: http, upstream: upstream, server: server, location: location, body)
+    }
 }
 
 /// Polls `condition` every 10 ms until it holds or `timeoutMs` passes; returns whether it held.

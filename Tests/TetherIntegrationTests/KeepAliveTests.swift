@@ -18,7 +18,7 @@ import Glibc
             #expect(backend.requestCount == 1000)
             // At most one upstream connection per client connection on each loop.
             #expect(backend.connectionCount <= 2 * 10, "backend accepted \(backend.connectionCount) connections")
-            let stats = proxy.server.stats()
+            let stats = proxy.stats()
             #expect(stats.upstreamReused == 1000 - stats.upstreamConnects)
         }
     }
@@ -33,7 +33,7 @@ import Glibc
             #expect(c.waitForClose(timeoutMs: 3_000))
             let waited = seconds(since: t)
             #expect(waited >= 0.95 && waited < 1.9, "closed after \(waited) s")
-            #expect(proxy.server.stats().downstreamClosed["keepalive_timeout"] == 1)
+            #expect(proxy.stats().downstreamClosed["keepalive_timeout"] == 1)
         }
     }
 
@@ -62,7 +62,7 @@ import Glibc
             }
             #expect(c.waitForClose(timeoutMs: 2_000))
             // Counted under its reason (closes after a final response once went uncounted).
-            #expect(eventually { proxy.server.stats().downstreamClosed == ["keepalive_requests": 1] })
+            #expect(eventually { proxy.stats().downstreamClosed == ["keepalive_requests": 1] })
         }
     }
 
@@ -72,7 +72,7 @@ import Glibc
             try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             #expect(try c.readResponse().header("connection") == "close")
             #expect(c.waitForClose(timeoutMs: 2_000))
-            #expect(eventually { proxy.server.stats().downstreamClosed == ["keepalive_time": 1] })
+            #expect(eventually { proxy.stats().downstreamClosed == ["keepalive_time": 1] })
         }
     }
 
@@ -100,7 +100,7 @@ import Glibc
             try c.send("GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
             #expect(try c.readResponse().header("connection") == "close")
             #expect(c.waitForClose(timeoutMs: 2_000))
-            #expect(eventually { proxy.server.stats().downstreamClosed == ["client_close": 1] })
+            #expect(eventually { proxy.stats().downstreamClosed == ["client_close": 1] })
         }
     }
 

@@ -144,20 +144,20 @@ func hostDefault(_ name: String) -> Int32 {
         let client = try proxy.client()
         try client.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         #expect(try client.readResponse().status == 200)
-        #expect(proxy.server.stats().idleUpstreamConnections == 1)
+        #expect(proxy.stats().idleUpstreamConnections == 1)
 
         try net.linkDown()
         let t = NIODeadline.now()
-        #expect(eventually(timeoutMs: 6_000) { proxy.server.stats().upstreamClosed["tcp_keepalive"] == 1 })
+        #expect(eventually(timeoutMs: 6_000) { proxy.stats().upstreamClosed["tcp_keepalive"] == 1 })
         let took = seconds(since: t)
         #expect(took < 4.5, "dead peer found after \(took) s")
-        #expect(proxy.server.stats().idleUpstreamConnections == 0)
+        #expect(proxy.stats().idleUpstreamConnections == 0)
 
         try net.linkUp()
         #expect(net.waitUntilReachable(port: 8080))
         try client.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         #expect(try client.readResponse().status == 200)
-        #expect(proxy.server.stats().upstreamConnects == 2)
+        #expect(proxy.stats().upstreamConnects == 2)
     }
 }
 

@@ -18,12 +18,12 @@ import Glibc
             try a.send("GET /slow/1000\(framing) HTTP/1.1\r\nHost: t\r\n\r\n")
             #expect(eventually { backend.requestCount == 1 })
             a.close()
-            #expect(eventually { proxy.server.stats().upstreams[0].servers[0].counters.drained == 1 })
+            #expect(eventually { proxy.stats().upstreams[0].servers[0].counters.drained == 1 })
             let b = try proxy.client()
             try b.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             #expect(try b.readResponse().status == 200)
             #expect(backend.connectionCount == 1)
-            let counters = proxy.server.stats().upstreams[0].servers[0].counters
+            let counters = proxy.stats().upstreams[0].servers[0].counters
             #expect(counters.reused == 1)
             #expect(counters.closed.values.reduce(0, +) == 0)
         }
@@ -52,7 +52,7 @@ import Glibc
         #expect(eventually { held.withLockedValue { $0 } })
         try a.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         a.close()
-        #expect(eventually { proxy.server.stats().downstreamClosed.values.reduce(0, +) == 1 })
+        #expect(eventually { proxy.stats().downstreamClosed.values.reduce(0, +) == 1 })
         let c = try proxy.client()
         for _ in 0..<4 {
             try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -72,8 +72,8 @@ import Glibc
             try a.send("GET \(path) HTTP/1.1\r\nHost: t\r\n\r\n")
             #expect(eventually { backend.requestCount == 1 })
             a.close()
-            #expect(eventually { proxy.server.stats().upstreams[0].servers[0].counters.closed["client_abort"] == 1 })
-            #expect(proxy.server.stats().upstreams[0].servers[0].counters.drained == 0)
+            #expect(eventually { proxy.stats().upstreams[0].servers[0].counters.closed["client_abort"] == 1 })
+            #expect(proxy.stats().upstreams[0].servers[0].counters.drained == 0)
             let b = try proxy.client()
             try b.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             #expect(try b.readResponse().status == 200)
@@ -97,7 +97,7 @@ import Glibc
             #expect(failures == 0)
             #expect(backend.requestCount == 30)
             // Closes the backend made were seen on idle connections and counted.
-            #expect(proxy.server.stats().upstreamClosed["peer_closed", default: 0] >= 1)
+            #expect(proxy.stats().upstreamClosed["peer_closed", default: 0] >= 1)
         }
     }
 
@@ -118,7 +118,7 @@ import Glibc
             }
             #expect(getFailures == 0)
             #expect(backend.droppedCount == 1, "only the first stale connection meets the backend's close")
-            let stats = proxy.server.stats()
+            let stats = proxy.stats()
             #expect(stats.upstreamRetries["reused_connection_closed"] == 1)
             #expect(stats.learnedIdleMs.values.first.map { $0 < 1_000 } == true)
             var postFailures = 0
@@ -144,7 +144,7 @@ import Glibc
             try c.send("POST /sum HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\nx")
             #expect(try c.readResponse().status == 502)
             #expect(backend.droppedCount == 1)
-            #expect(proxy.server.stats().upstreamRetries["reused_connection_closed"] == nil)
+            #expect(proxy.stats().upstreamRetries["reused_connection_closed"] == nil)
         }
     }
 
@@ -197,9 +197,9 @@ import Glibc
             try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             #expect(try c.readResponse().status == 200)
             #expect(eventually { backend.openConnections == 0 })
-            #expect(eventually { proxy.server.stats().idleUpstreamConnections == 0 })
+            #expect(eventually { proxy.stats().idleUpstreamConnections == 0 })
             #expect(eventually { socketsInState("08", remotePort: backend.port) == 0 })
-            #expect(proxy.server.stats().upstreamClosed["peer_closed"] == 1)
+            #expect(proxy.stats().upstreamClosed["peer_closed"] == 1)
         }
     }
 
@@ -273,7 +273,7 @@ import Glibc
                 #expect(r.header("connection") == nil)
             }
             #expect(backend.connectionCount == 3)
-            #expect(proxy.server.stats().upstreamRetries.isEmpty)
+            #expect(proxy.stats().upstreamRetries.isEmpty)
         }
     }
 

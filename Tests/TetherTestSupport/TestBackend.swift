@@ -61,6 +61,9 @@ public final class TestBackend: Sendable {
         let opts = options
         channel = try ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            // Tests open hundreds of upstream connections at once (a proxy's burst): NIO's
+            // default backlog of 256 would overflow, and the kernel reset the surplus.
+            .serverChannelOption(.backlog, value: 4096)
             .childChannelInitializer { ch in
                 ch.eventLoop.makeCompletedFuture {
                     let id = state.withLockedValue { s -> Int in s.connections += 1; s.open += 1; return s.connections }

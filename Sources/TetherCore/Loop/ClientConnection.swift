@@ -274,8 +274,11 @@ final class ClientConnection: IOHandler {
             return close(.tlsError)
         }
         if state.inExchange {
-            // Only a request body being dropped runs a timer in an exchange here.
-            return close(.error)
+            // client_body_timeout: the client stopped sending its body. Proxied, the client
+            // gets 408 (the upstream is not blamed); a local answer went out already.
+            guard let x = exchange else { return close(.error) }
+            refuseBody(408, x)
+            return settle()
         }
         switch state.expired(bufferedBytes: inboundBytes > 0) {
         case .requestTimeout:
@@ -460,7 +463,10 @@ final class ClientConnection: IOHandler {
                                 x.sendBody(copying: line.written)
                             }
                         case .data(let a, let b):
-                            if b > a { x.sendBody(copying: UnsafeRawBufferPointer(rebasing: p[a..<b])) }
+                            if b > a {
+                                x.countRequestBody(b - a)
+                                x.sendBody(copying: UnsafeRawBufferPointer(rebasing: p[a..<b]))
+                            }
                         case .chunkEnd:
                             Self.send("\r\n", to: x)
                         case .end:
@@ -469,23 +475,12 @@ final class ClientConnection: IOHandler {
                     })
                 }
             } catch {
-                chunked = nil
-                let answering = x.responseStarted
-                let server = x.serverIndex
-                x.clientLeft()
-                // An answer under way cannot be followed by a 400: the connection just ends.
-                if answering {
-                    retireExchange()
-                    tlsAbort = true
-                    return close(.error)
-                }
-                retireExchange(answered: writeError(400, server: server))
-                state.pendingReason = .error
-                closeAfterWrite = true
-                finishExchange()
-                return
+                return refuseBody(400, x)
             }
             buf.consume(n)
+            let limit = x.route.settings.clientMaxBodySize
+            // A chunked body's size is known only as it comes: client_max_body_size is held to it here.
+            if limit > 0 && x.requestBodyBytes > limit { return refuseBody(413, x) }
             if d.isDone {
                 Self.send("0\r\n", to: x)
                 d.trailers.withUnsafeBytes { x.sendBody(copying: $0) }
@@ -507,6 +502,27 @@ final class ClientConnection: IOHandler {
             x.sendBody(chunk)
         }
         if bodyLeft == 0 { x.requestBodyFinished() }
+    }
+
+    /// The request body cannot go on (bad chunked syntax: 400, over client_max_body_size: 413,
+    /// client_body_timeout: 408): the exchange is abandoned, the client gets `status` unless an
+    /// answer is under way (then the connection just ends), and the connection closes after it
+    /// (the rest of the body is not waited for).
+    private func refuseBody(_ status: Int, _ x: ProxyExchange) {
+        chunked = nil
+        bodyLeft = 0
+        let answering = x.responseStarted
+        let server = x.serverIndex
+        x.clientLeft()
+        if answering {
+            retireExchange()
+            tlsAbort = true
+            return close(.error)
+        }
+        retireExchange(answered: writeError(status, server: server))
+        state.pendingReason = .error
+        closeAfterWrite = true
+        finishExchange()
     }
 
     private static func send(_ s: StaticString, to x: ProxyExchange) {
@@ -800,6 +816,12 @@ final class ClientConnection: IOHandler {
                                                allow: allow, keepAlive: keepAlive, clientMinor: head.minorVersion, isHEAD: isHEAD,
                                                keepAliveHeader: keepAlive ? route?.keepAliveHeader ?? [] : [])))
         closeAfterWrite = !keepAlive
+        if !keepAlive && (bodyLeft > 0 || chunked != nil) {
+            // The connection closes after this answer: the rest of the body is not waited for.
+            bodyLeft = 0
+            chunked = nil
+            finishExchange()
+        }
         flush()
     }
 

@@ -45,6 +45,7 @@ final class ProxyExchange: UpstreamLinkOwner {
     /// The location's settings this exchange reads on every event, copied out of `route` (a
     /// variable since exchanges are reused: reading through it costs a retain each time).
     private var readTimeoutMs: Int64
+    private var sendTimeoutMs: Int64
     private var nextUpstream: Set<NextUpstreamCondition>
     private var nextUpstreamTries: Int
     /// The request head as written for the upstream, kept while the request may be sent again
@@ -57,6 +58,8 @@ final class ProxyExchange: UpstreamLinkOwner {
     private var tried = PeerSet()
     private var tries = 0
     private var reused = false
+    /// How long the reused connection had idled (the window a failure on it teaches).
+    private var idleMsAtLease: Int64 = 0
     private var retriedFresh = false
     /// Some byte of a response arrived on the current connection (so it did not fail stale).
     private var responseBytes = false
@@ -71,6 +74,14 @@ final class ProxyExchange: UpstreamLinkOwner {
     /// A 101 switched the connection to the offered protocol: bytes flow both ways untouched
     /// until either side closes.
     private(set) var isTunnel = false
+    /// The client left after its whole request was sent: the answer is read and dropped so that
+    /// its upstream connection can be kept, if it ends within `drainBudget` more bytes (and
+    /// `proxy_read_timeout`). Nothing touches the client connection from then on.
+    private var draining = false
+    private var drainBudget = 0
+    /// The client connection is gone (it may be freed): nothing may call it any more.
+    private var clientGone = false
+    static let drainLimit = 64 * 1024
     /// When the request went to the current connection (the loop's clock): the response time.
     private var sentAt: UInt64 = 0
     /// For the access log: the request's drafted part (its capacity kept from one request to the
@@ -80,6 +91,10 @@ final class ProxyExchange: UpstreamLinkOwner {
     /// The location logs this request (`access_log`).
     var logging = false
     private(set) var status = 0
+    /// The response's `Keep-Alive: timeout=, max=`, for the pool (the backend's own limits).
+    private var backendKeepAlive: ConnectionPool<Handle>.BackendKeepAlive?
+    /// Request body data bytes sent (for `client_max_body_size` of a chunked body).
+    private(set) var requestBodyBytes: Int64 = 0
     private(set) var headBytes = 0
     private(set) var bodyBytes = 0
     private var connectNs: Int64 = -1
@@ -94,6 +109,7 @@ final class ProxyExchange: UpstreamLinkOwner {
         serverIndex = route.serverIndex
         self.request = request
         readTimeoutMs = route.settings.proxyReadTimeoutMs
+        sendTimeoutMs = route.settings.proxySendTimeoutMs
         nextUpstream = route.settings.proxyNextUpstream
         nextUpstreamTries = route.settings.proxyNextUpstreamTries
         requestBodyDone = request.framing == .none
@@ -108,6 +124,7 @@ final class ProxyExchange: UpstreamLinkOwner {
         serverIndex = route.serverIndex
         self.request = request
         readTimeoutMs = route.settings.proxyReadTimeoutMs
+        sendTimeoutMs = route.settings.proxySendTimeoutMs
         nextUpstream = route.settings.proxyNextUpstream
         nextUpstreamTries = route.settings.proxyNextUpstreamTries
         requestBodyDone = request.framing == .none
@@ -125,8 +142,12 @@ final class ProxyExchange: UpstreamLinkOwner {
         headSent = false
         finished = false
         isTunnel = false
+        draining = false
+        clientGone = false
         logging = false
         status = 0
+        backendKeepAlive = nil
+        requestBodyBytes = 0
         headBytes = 0
         bodyBytes = 0
         connectNs = -1
@@ -184,8 +205,43 @@ final class ProxyExchange: UpstreamLinkOwner {
     var clientKeepAlive: Bool { request.clientKeepAlive && requestBodyDone }
     var clientMinor: Int { request.minorVersion }
 
-    /// The request body was read to its end.
-    func requestBodyFinished() { requestBodyDone = true }
+    /// The request body was read to its end: the wait for the answer begins (proxy_read_timeout).
+    func requestBodyFinished() {
+        requestBodyDone = true
+        if let l = link { armTimer(l) }
+    }
+
+    /// `n` bytes of a chunked body's data went upstream (framing not counted).
+    func countRequestBody(_ n: Int) { requestBodyBytes += Int64(n) }
+
+    /// A length-framed answer with more left than a drain may read.
+    private var remainingBeyondDrain: Bool {
+        if case .length? = plan?.framing { return remaining > Int64(Self.drainLimit) }
+        return false
+    }
+
+    /// The drain did not end cleanly (too long, a failure, a timeout): the connection closes.
+    private func abandonDrain() {
+        draining = false
+        finished = true
+        if let l = link { pool.discard(l, reason: .clientAbort) }
+        link = nil
+        endOnBalancer()
+    }
+
+    /// The link's one timer, for whichever side holds things up now (`ExchangeTimer`'s rules):
+    /// proxy_send_timeout while the backend does not take the request, proxy_read_timeout once
+    /// the request is sent and the client takes the answer; none while the client is still
+    /// sending its body (that is client_body_timeout's) or not reading the answer.
+    private func armTimer(_ l: UpstreamLink) {
+        if !requestBodyDone {
+            if l.isBackedUp { l.armTimer(milliseconds: sendTimeoutMs) } else { l.cancelTimer() }
+        } else if headSent && !clientGone && !connection.clientTakesMore {
+            l.cancelTimer()
+        } else {
+            l.armTimer(milliseconds: readTimeoutMs)
+        }
+    }
 
     /// The upstream takes no more body now (its queue is at the limit); `upstreamDrained` tells
     /// the client connection to go on.
@@ -193,12 +249,27 @@ final class ProxyExchange: UpstreamLinkOwner {
 
     /// The client's socket took what was queued: read on from the upstream.
     func clientDrained() {
-        if let l = link, headSent { upstreamReadable(l) }
+        if let l = link, headSent {
+            armTimer(l)
+            upstreamReadable(l)
+        }
     }
 
-    /// The client went away: the upstream connection cannot be trusted with a half-read answer.
+    /// The client went away. When its whole request went upstream and the answer can end soon
+    /// and cleanly (length or chunked framing, at most 64 KiB more), the rest of the answer is
+    /// read and dropped so that the connection goes back to the pool; otherwise the upstream
+    /// connection cannot be trusted with a half-read answer and is closed (`client_abort`).
     func clientLeft() {
         guard !finished else { return }
+        clientGone = true
+        if let l = link, l.phase == .leased, requestBodyDone, l.outboundBytes == 0, !isTunnel, !l.peerClosed,
+           plan.map({ $0.framing != .untilClose }) ?? true, !(plan != nil && remainingBeyondDrain) {
+            draining = true
+            drainBudget = Self.drainLimit
+            dropSavedHead()
+            l.armTimer(milliseconds: readTimeoutMs)
+            return
+        }
         finished = true
         if let l = link { pool.discard(l, reason: .clientAbort) }
         link = nil
@@ -240,6 +311,7 @@ final class ProxyExchange: UpstreamLinkOwner {
     private func send(on l: UpstreamLink) {
         link = l
         reused = l.reused
+        idleMsAtLease = l.reused ? l.idleMsAtLease : 0
         responseBytes = false
         sentAt = upstream.loop.now
         connectNs = l.reused ? 0 : -1
@@ -252,7 +324,7 @@ final class ProxyExchange: UpstreamLinkOwner {
             l.write(head)
         }
         // A connection still connecting runs the connect timeout; the read timeout starts once it is up.
-        l.armTimer(milliseconds: readTimeoutMs)
+        armTimer(l)
     }
 
     private func dropSavedHead() {
@@ -280,6 +352,7 @@ final class ProxyExchange: UpstreamLinkOwner {
     /// and the error log says why (`why` is made only then: nothing is formatted on the way).
     private func failed(_ kind: UpstreamFailureKind, _ why: @autoclosure () -> String) {
         guard !finished else { return }
+        if draining { return abandonDrain() }
         if let l = link {
             link = nil
             pool.discard(l, reason: .error)
@@ -301,6 +374,7 @@ final class ProxyExchange: UpstreamLinkOwner {
             dropSavedHead()
             connection.exchangeAborted(reset: reset)
         case .retryFresh:
+            pool.reusedConnectionFailed(idleMs: idleMsAtLease)
             pool.retries[.reusedConnectionClosed] += 1
             retriedFresh = true
             upstream.balancer.started(server)
@@ -332,7 +406,7 @@ final class ProxyExchange: UpstreamLinkOwner {
 
     func upstreamConnected(_ link: UpstreamLink) {
         connectNs = Int64(upstream.loop.now &- link.connectStarted)
-        link.armTimer(milliseconds: readTimeoutMs)
+        armTimer(link)
     }
 
     func upstreamConnectFailed(_ link: UpstreamLink, errno: Int32) {
@@ -346,11 +420,16 @@ final class ProxyExchange: UpstreamLinkOwner {
     }
 
     func upstreamTimedOut(_ link: UpstreamLink) {
+        if !requestBodyDone {
+            return failed(.timeout, "upstream timed out (the request was not taken for \(Units.formatTime(sendTimeoutMs)))")
+        }
         failed(.timeout, "upstream timed out (no data for \(Units.formatTime(Int64(readTimeoutMs))))")
     }
 
     /// The request body may flow again.
     func upstreamDrained(_ link: UpstreamLink) {
+        guard !clientGone else { return }
+        armTimer(link)
         connection.upstreamTakesBody()
     }
 
@@ -360,7 +439,7 @@ final class ProxyExchange: UpstreamLinkOwner {
             // Backpressure: while the client is not taking the answer, the upstream's bytes wait
             // in its socket (`clientDrained` resumes, on the client's next writable edge). Write
             // first: a socket that takes the whole queue gives no edge, and nothing would resume.
-            if !connection.clientTakesMore {
+            if !draining && !connection.clientTakesMore {
                 connection.flushFromUpstream()
                 guard connection.clientTakesMore, !finished else { break }
             }
@@ -380,6 +459,7 @@ final class ProxyExchange: UpstreamLinkOwner {
                 continue
             }
             if headSent && !finished { relayBody(link) }
+            if draining && drainBudget < 0 { abandonDrain() }
             if finished { break }
             if link.peerClosed {
                 endOfStream(link)
@@ -387,7 +467,8 @@ final class ProxyExchange: UpstreamLinkOwner {
             }
             if !more { break }
         }
-        if progressed && !finished { link.armTimer(milliseconds: readTimeoutMs) }
+        if clientGone { return }
+        if progressed && !finished { armTimer(link) }
         connection.flushFromUpstream()
     }
 
@@ -452,6 +533,30 @@ final class ProxyExchange: UpstreamLinkOwner {
         upstream.balancer.succeeded(server)
         dropSavedHead()
         let framing = layout.responseFraming(requestIsHEAD: request.isHEAD, upgrading: upgrading)
+        if draining {
+            // The client left before this head: read the body and drop it, if it is short.
+            var tooLong = false
+            if case .length(let n) = framing { tooLong = n > Int64(drainBudget) }
+            if upgrading || framing == .untilClose || tooLong {
+                link.putBack(buf)
+                abandonDrain()
+                return false
+            }
+            status = layout.status
+            if layout.keepAliveTimeout != nil || layout.keepAliveMax != nil {
+                backendKeepAlive = .init(timeoutSeconds: layout.keepAliveTimeout, max: layout.keepAliveMax)
+            }
+            let plan = ResponsePlan(framing: framing, upgrading: false, headKeepsConnection: layout.keepsConnection,
+                                    request: .init(minorVersion: 1, keepAliveAllowed: false, bodyDone: true, upstreamHTTP10: route.proxyHTTP10))
+            self.plan = plan
+            upstreamReusable = plan.upstreamReusable
+            if case .length(let n) = framing { remaining = n }
+            buf.consume(consumed)
+            link.putBack(buf)
+            headSent = true
+            if framing == .none { finish(link) }
+            return true
+        }
         let plan = ResponsePlan(framing: framing, upgrading: upgrading, headKeepsConnection: layout.keepsConnection,
                                 request: .init(minorVersion: request.minorVersion, keepAliveAllowed: connection.keepsAliveAtResponse(request.clientKeepAlive),
                                                bodyDone: requestBodyDone, upstreamHTTP10: route.proxyHTTP10))
@@ -463,6 +568,9 @@ final class ProxyExchange: UpstreamLinkOwner {
             closeAfter: !plan.clientKeepAlive, clientMinor: request.minorVersion, keepAliveHeader: route.keepAliveHeader)
         status = layout.status
         headerNs = Int64(upstream.loop.now &- sentAt)
+        if layout.keepAliveTimeout != nil || layout.keepAliveMax != nil {
+            backendKeepAlive = .init(timeoutSeconds: layout.keepAliveTimeout, max: layout.keepAliveMax)
+        }
         let queued = logging ? connection.queuedBytes : 0
         buf.withReadableBytes { p in
             connection.writeResponseHead(layout, UnsafeRawBufferPointer(rebasing: p[start..<consumed]), response, server: serverIndex)
@@ -558,17 +666,24 @@ final class ProxyExchange: UpstreamLinkOwner {
 
     /// Response body bytes to the client (the buffer itself, or a copy of framing and
     /// re-chunked data), counted for `$body_bytes_sent`.
+    /// While draining, the bytes are dropped and counted against the drain's budget.
     private func relay(_ buf: consuming IOBuffer) {
+        if draining {
+            drainBudget -= buf.readableBytes
+            return upstream.buffers.recycle(buf)
+        }
         bodyBytes += buf.readableBytes
         connection.sendFromUpstream(buf)
     }
 
     private func relay(_ bytes: UnsafeRawBufferPointer) {
+        if draining { drainBudget -= bytes.count; return }
         bodyBytes += bytes.count
         connection.sendBytes(bytes)
     }
 
     private func relay(_ s: StaticString) {
+        if draining { return }
         bodyBytes += s.utf8CodeUnitCount
         connection.sendBytes(s)
     }
@@ -596,8 +711,14 @@ final class ProxyExchange: UpstreamLinkOwner {
         // backend would read what comes next as the body's end.
         let pool = self.pool
         pool.responseTime.observe(nanoseconds: Int64(upstream.loop.now &- sentAt))
-        pool.release(link, reusable: upstreamReusable && requestBodyDone)
+        pool.release(link, reusable: upstreamReusable && requestBodyDone, backend: backendKeepAlive)
         endOnBalancer()
+        if draining {
+            // The answer of a client that left, read to its end: the connection was kept.
+            draining = false
+            if upstreamReusable { pool.drained += 1 }
+            return
+        }
         connection.exchangeEnded(keepAlive: plan?.clientKeepAlive ?? false)
     }
 }

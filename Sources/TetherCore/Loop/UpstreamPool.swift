@@ -111,6 +111,12 @@ final class UpstreamLink: IOHandler {
         pool.loop.arm(handle, afterNanoseconds: UInt64(max(1, ms)) * 1_000_000)
     }
 
+    /// Stops the owner's timer (while the other side holds things up).
+    func cancelTimer() {
+        guard phase == .leased else { return }
+        pool.loop.cancelTimer(handle)
+    }
+
     /// Reads what the backend sent into `inbound`, as far as there is room; the owner consumes
     /// from `inbound` and calls this again until it returns false.
     @discardableResult
@@ -293,6 +299,8 @@ final class UpstreamPool {
     /// Requests sent on this server's connections (each try: a lease), and the requests that
     /// failed or were sent again, by reason (counted by the exchanges).
     private(set) var requests = 0
+    /// Responses read to their end after the client left, their connections kept.
+    var drained = 0
     var failures = ReasonCounts<UpstreamFailedReason>()
     var retries = ReasonCounts<UpstreamRetryReason>()
     /// Connect times, and times from sending a request to the end of its response.
@@ -338,6 +346,7 @@ final class UpstreamPool {
         c.connects = connects
         c.requests = requests
         c.reused = reusedLeases
+        c.drained = drained
         for (reason, n) in closed { c.closed[reason.rawValue] = n }
         c.retries = retries
         c.failures = failures
@@ -457,6 +466,14 @@ final class UpstreamPool {
         connectFailures += 1
         link.closeSocket()
         owner?.upstreamConnectFailed(link, errno: errno)
+    }
+
+    /// A reused connection failed before any response byte after idling `idleMs`: the backend's
+    /// idle window is shorter than that, and is learned (said once in the error log).
+    func reusedConnectionFailed(idleMs: Int64) {
+        if let learned = state.reusedConnectionFailed(idleMs: idleMs) {
+            log(.notice, "upstream server \(addressText) dropped a connection idle for \(Units.formatTime(idleMs)); its idle window is now taken as \(Units.formatTime(learned))")
+        }
     }
 
     /// The exchange on `link` ended. `reusable`: the response was read to its end and nothing
