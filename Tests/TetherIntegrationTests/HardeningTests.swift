@@ -117,10 +117,10 @@ import Glibc
         }
     }
 
-    @Test func absoluteFormRoutesByItsAuthority() throws {
+    @Test(arguments: EventLoopUnderTest.allCases) func absoluteFormRoutesByItsAuthority(on loop: EventLoopUnderTest) throws {
         let backend = try TestBackend()
         defer { backend.stop() }
-        let proxy = try RunningProxy(config: """
+        let proxy = try startProxy(on: loop, config: """
             http {
                 upstream backend { server 127.0.0.1:\(backend.port); }
                 server { listen 127.0.0.1:0; server_name localhost; location / { return 200 "default"; } }

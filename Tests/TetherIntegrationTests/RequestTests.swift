@@ -157,10 +157,10 @@ import Glibc
         }
     }
 
-    @Test func routingByServerNameAndLocation() throws {
+    @Test(arguments: EventLoopUnderTest.allCases) func routingByServerNameAndLocation(on loop: EventLoopUnderTest) throws {
         let backend = try TestBackend()
         defer { backend.stop() }
-        let proxy = try RunningProxy(config: """
+        let proxy = try startProxy(on: loop, config: """
             worker_processes 1;
             http {
                 upstream b { server 127.0.0.1:\(backend.port); }
@@ -198,8 +198,8 @@ import Glibc
         #expect(backend.requests.last?.target == "/v2/items?q=1")
     }
 
-    @Test func returnDirectiveAndNotFound() throws {
-        let proxy = try RunningProxy(config: """
+    @Test(arguments: EventLoopUnderTest.allCases) func returnDirectiveAndNotFound(on loop: EventLoopUnderTest) throws {
+        let proxy = try startProxy(on: loop, config: """
             worker_processes 1;
             http {
                 server {

@@ -128,12 +128,13 @@ func hostDefault(_ name: String) -> Int32 {
     /// A pooled connection to a backend host that stops answering (its link goes down, nothing is
     /// closed) is found dead by `tcp_keepalive 1:1:2` within about 3 s, and the next request gets a
     /// fresh connection. Needs root to make a network namespace; skipped (and said so) otherwise.
-    @Test(.enabled(if: canMakeNamespaces, "needs root and iproute2 to create a network namespace"))
-    func deadPeerIsDetectedByKeepalive() throws {
+    /// One loop after the other: the namespace's addresses are fixed.
+    @Test(.serialized, .enabled(if: canMakeNamespaces, "needs root and iproute2 to create a network namespace"), arguments: EventLoopUnderTest.allCases)
+    func deadPeerIsDetectedByKeepalive(on loop: EventLoopUnderTest) throws {
         let net = try TestNamespace()
         defer { net.remove() }
         try net.startBackend(port: 8080)
-        let proxy = try RunningProxy(config: """
+        let proxy = try startProxy(on: loop, config: """
             worker_processes 1;
             http {
                 upstream b { server \(net.peerAddress):8080; tcp_keepalive 1:1:2; }

@@ -251,7 +251,11 @@ final class ClientConnection: IOHandler {
     func ioEvent(_ events: IOEvents, handle: Handle, loop: IOLoop) {
         if events.contains(.error) || events.contains(.hangup) && !events.contains(.readable) {
             if let tls, !tls.handshakeDone { handshakeFailed(.eof, "the peer closed the connection during the handshake") }
-            return close(.clientClose)
+            // ETIMEDOUT: the kernel gave up on the client (so_keepalive probes, tcp_user_timeout).
+            var err: Int32 = 0
+            var len = socklen_t(MemoryLayout<Int32>.size)
+            if let fd = openSocket { getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) }
+            return close(err == ETIMEDOUT ? .tcpKeepalive : .clientClose)
         }
         if events.contains(.readable) || events.contains(.readHangup) { readable = true }
         if events.contains(.readHangup) { hangupReported = true }

@@ -202,6 +202,13 @@ final class UpstreamLink: IOHandler {
                 if result == .wouldBlock { return }
             }
             // Anything from the backend on an idle connection ends it: a close, or bytes out of step.
+            if events.contains(.error) || events.contains(.hangup), let fd = loop.fd(handle) {
+                // The kernel gave up on the peer (TCP keepalive probes, TCP_USER_TIMEOUT).
+                var err: Int32 = 0
+                var len = socklen_t(MemoryLayout<Int32>.size)
+                getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len)
+                if err == ETIMEDOUT { return pool.idleLinkDied(self) }
+            }
             pool.idleLinkStirred(self, byPeer: events.contains(.readable) || events.contains(.readHangup) || events.contains(.hangup))
         case .leased:
             if events.contains(.writable) {
@@ -525,6 +532,15 @@ final class UpstreamPool {
 
     /// An idle link saw a close or bytes: it goes at once; a close by the backend teaches the
     /// pool the backend's idle window.
+    /// An idle link's peer was found dead by TCP keepalive (or TCP_USER_TIMEOUT): it goes, and
+    /// teaches nothing about the backend's idle window.
+    fileprivate func idleLinkDied(_ link: UpstreamLink) {
+        state.idleClosed(link.handle, now: now, byPeer: false)
+        links.removeValue(forKey: link.handle)
+        count(.tcpKeepalive)
+        link.closeSocket()
+    }
+
     fileprivate func idleLinkStirred(_ link: UpstreamLink, byPeer: Bool) {
         state.idleClosed(link.handle, now: now, byPeer: byPeer)
         links.removeValue(forKey: link.handle)
