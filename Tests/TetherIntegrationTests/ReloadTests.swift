@@ -22,7 +22,8 @@ func parse(_ text: String) throws -> Configuration {
     try Configuration.parse(text, file: "reload.conf", resolver: { Builder.isNumeric($0) ? $0 : nil }).get()
 }
 
-@Suite struct ReloadTests {
+/// One case at a time: the tests pick free ports, which parallel cases could pick twice.
+@Suite(.serialized) struct ReloadTests {
     static func config(port: Int, backend: Int, generation: Int, extra: String = "") -> String {
         """
         worker_processes 2;
@@ -192,7 +193,7 @@ func parse(_ text: String) throws -> Configuration {
     }
 }
 
-@Suite struct SignalTests {
+@Suite(.serialized) struct SignalTests {
     /// The real binary: SIGHUP with a broken file keeps the old configuration serving and logs
     /// the error with its place; `tether -s reload` applies a good one.
     @Test(arguments: EventLoopUnderTest.allCases) func reloadBySignal(on loop: EventLoopUnderTest) throws {

@@ -545,13 +545,13 @@ final class ClientConnection: IOHandler {
         // An HTTP/1.0 upstream cannot be sent a body of unknown length (nginx answers 411 too).
         if head.chunked && route.proxyHTTP10 { return respond(status: 411, text: nil, head: head, close: true) }
         let framing: BodyFraming = head.chunked ? .chunked : (head.contentLength ?? 0) > 0 ? .length(head.contentLength!) : .none
-        var request = ProxyExchange.Request(
+        let request = ProxyExchange.Request(
             isHEAD: head.methodIs("HEAD", in: bytes), idempotent: head.isIdempotent(in: bytes), minorVersion: head.minorVersion,
             clientKeepAlive: clientKeepAlive(head: head, close: false, route: route), framing: framing)
-        if head.connectionUpgrade, let value = Upgrade.value(head, bytes) {
-            request.upgradeOffer = Upgrade.offer(value, allowed: route.settings.proxyAllowUpgrade)
-        }
         let x = upstream.exchange(connection: self, route: route, request: request)
+        if head.connectionUpgrade, let value = Upgrade.value(head, bytes) {
+            x.upgradeOffer = Upgrade.offer(value, allowed: route.settings.proxyAllowUpgrade)
+        }
         answered = true
         exchange = x
         shared.dateCache.refresh()

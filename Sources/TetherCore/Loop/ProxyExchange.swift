@@ -30,10 +30,12 @@ final class ProxyExchange: UpstreamLinkOwner {
         var clientKeepAlive: Bool
         /// How the body goes upstream.
         var framing: BodyFraming
-        /// The protocols of the request's `Upgrade` the location allows, as they go upstream;
-        /// a 101 must switch to one of them.
-        var upgradeOffer: [UInt8]? = nil
     }
+
+    /// The protocols of the request's `Upgrade` the location allows, as they go upstream; a 101
+    /// must switch to one of them. (Kept out of `Request`, which is copied on every request: an
+    /// array in it cost a retain and a release each time.)
+    var upgradeOffer: [UInt8]?
 
     private unowned(unsafe) var connection: ClientConnection
     /// Fixed for the object's life: spare exchanges are kept per upstream (`LoopUpstream.exchange`).
@@ -142,6 +144,7 @@ final class ProxyExchange: UpstreamLinkOwner {
         headSent = false
         finished = false
         isTunnel = false
+        if upgradeOffer != nil { upgradeOffer = nil }
         draining = false
         clientGone = false
         logging = false
@@ -168,7 +171,7 @@ final class ProxyExchange: UpstreamLinkOwner {
     /// buffer: the caller refuses the request (431) before anything was sent.
     func start<V: VariableSource>(_ head: HeadLayout, _ bytes: UnsafeRawBufferPointer, variables: V) -> Bool {
         var sink = BufferSink(upstream.buffers.take())
-        let r = HeadWriter.UpstreamRequest(framing: request.framing, upgradeOffer: request.upgradeOffer)
+        let r = HeadWriter.UpstreamRequest(framing: request.framing, upgradeOffer: upgradeOffer)
         HeadWriter.upstreamHead(head, bytes, route: route, request: r, variables: variables, into: &sink)
         let overflowed = sink.overflowed
         let written = sink.take()
@@ -494,17 +497,9 @@ final class ProxyExchange: UpstreamLinkOwner {
         }
         let upgrading = layout.status == 101
         if upgrading {
-            // A tunnel opens only to a protocol this request offered: anything else would let
-            // the client's next bytes reach the backend unparsed.
-            guard let offer = request.upgradeOffer else {
+            if let refusal = buf.withReadableBytes({ p in refusesUpgrade(layout, UnsafeRawBufferPointer(rebasing: p[start..<consumed])) }) {
                 link.putBack(buf)
-                failed(.invalidHeader, "upstream sent 101 to a request that did not ask to upgrade")
-                return false
-            }
-            let answer = buf.withReadableBytes { p in Upgrade.value(layout, UnsafeRawBufferPointer(rebasing: p[start..<consumed])) }
-            guard let answer, Upgrade.offered(offer, answer: answer) else {
-                link.putBack(buf)
-                failed(.invalidHeader, "upstream sent 101 switching to a protocol the request did not offer")
+                failed(.invalidHeader, refusal)
                 return false
             }
         } else if layout.status < 200 {
@@ -533,30 +528,7 @@ final class ProxyExchange: UpstreamLinkOwner {
         upstream.balancer.succeeded(server)
         dropSavedHead()
         let framing = layout.responseFraming(requestIsHEAD: request.isHEAD, upgrading: upgrading)
-        if draining {
-            // The client left before this head: read the body and drop it, if it is short.
-            var tooLong = false
-            if case .length(let n) = framing { tooLong = n > Int64(drainBudget) }
-            if upgrading || framing == .untilClose || tooLong {
-                link.putBack(buf)
-                abandonDrain()
-                return false
-            }
-            status = layout.status
-            if layout.keepAliveTimeout != nil || layout.keepAliveMax != nil {
-                backendKeepAlive = .init(timeoutSeconds: layout.keepAliveTimeout, max: layout.keepAliveMax)
-            }
-            let plan = ResponsePlan(framing: framing, upgrading: false, headKeepsConnection: layout.keepsConnection,
-                                    request: .init(minorVersion: 1, keepAliveAllowed: false, bodyDone: true, upstreamHTTP10: route.proxyHTTP10))
-            self.plan = plan
-            upstreamReusable = plan.upstreamReusable
-            if case .length(let n) = framing { remaining = n }
-            buf.consume(consumed)
-            link.putBack(buf)
-            headSent = true
-            if framing == .none { finish(link) }
-            return true
-        }
+        if draining { return drainHead(layout, framing: framing, upgrading: upgrading, consumed: consumed, buf, link) }
         let plan = ResponsePlan(framing: framing, upgrading: upgrading, headKeepsConnection: layout.keepsConnection,
                                 request: .init(minorVersion: request.minorVersion, keepAliveAllowed: connection.keepsAliveAtResponse(request.clientKeepAlive),
                                                bodyDone: requestBodyDone, upstreamHTTP10: route.proxyHTTP10))
@@ -586,6 +558,45 @@ final class ProxyExchange: UpstreamLinkOwner {
         } else if plan.phase == .done {
             finish(link)
         }
+        return true
+    }
+
+    /// Why a 101 cannot open a tunnel, or nil when it may: a tunnel opens only to a protocol
+    /// this request offered, else the client's next bytes would reach the backend unparsed.
+    @inline(never)
+    private func refusesUpgrade(_ layout: HeadLayout, _ head: UnsafeRawBufferPointer) -> String? {
+        guard let offer = upgradeOffer else { return "upstream sent 101 to a request that did not ask to upgrade" }
+        guard let answer = Upgrade.value(layout, head), Upgrade.offered(offer, answer: answer) else {
+            return "upstream sent 101 switching to a protocol the request did not offer"
+        }
+        return nil
+    }
+
+    /// The head of an answer whose client left (`clientLeft`): its body is read and dropped if it
+    /// is short; anything else ends the drain. Returns as `parseHead` does.
+    @inline(never)
+    private func drainHead(_ layout: HeadLayout, framing: BodyFraming, upgrading: Bool, consumed: Int, _ buf: consuming IOBuffer,
+                           _ link: UpstreamLink) -> Bool {
+        var tooLong = false
+        if case .length(let n) = framing { tooLong = n > Int64(drainBudget) }
+        if upgrading || framing == .untilClose || tooLong {
+            link.putBack(buf)
+            abandonDrain()
+            return false
+        }
+        status = layout.status
+        if layout.keepAliveTimeout != nil || layout.keepAliveMax != nil {
+            backendKeepAlive = .init(timeoutSeconds: layout.keepAliveTimeout, max: layout.keepAliveMax)
+        }
+        let plan = ResponsePlan(framing: framing, upgrading: false, headKeepsConnection: layout.keepsConnection,
+                                request: .init(minorVersion: 1, keepAliveAllowed: false, bodyDone: true, upstreamHTTP10: route.proxyHTTP10))
+        self.plan = plan
+        upstreamReusable = plan.upstreamReusable
+        if case .length(let n) = framing { remaining = n }
+        buf.consume(consumed)
+        link.putBack(buf)
+        headSent = true
+        if framing == .none { finish(link) }
         return true
     }
 
@@ -667,6 +678,7 @@ final class ProxyExchange: UpstreamLinkOwner {
     /// Response body bytes to the client (the buffer itself, or a copy of framing and
     /// re-chunked data), counted for `$body_bytes_sent`.
     /// While draining, the bytes are dropped and counted against the drain's budget.
+    @inline(__always)
     private func relay(_ buf: consuming IOBuffer) {
         if draining {
             drainBudget -= buf.readableBytes
