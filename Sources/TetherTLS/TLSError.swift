@@ -52,6 +52,19 @@ public enum TLSHandshakeFailure: String, Sendable, CaseIterable {
     /// Anything else OpenSSL rejected.
     case other
 
+    /// Why the handshake on `ssl` failed, and OpenSSL's words for it (drains the thread's error
+    /// queue; for a certificate that did not verify, the verification's own reason too).
+    static func of(_ ssl: OpaquePointer) -> (TLSHandshakeFailure, detail: String) {
+        let errors = OpenSSLErrors.drain()
+        let failure = classify(errors)
+        var detail = errors.description
+        if failure == .certificate {
+            let v = SSL_get_verify_result(ssl)
+            if v != X509_V_OK, let s = X509_verify_cert_error_string(v) { detail += " (\(String(cString: s)))" }
+        }
+        return (failure, detail)
+    }
+
     static func classify(_ errors: OpenSSLErrors) -> TLSHandshakeFailure {
         for r in errors.reasons {
             switch r {

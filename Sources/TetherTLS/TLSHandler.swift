@@ -236,13 +236,7 @@ public final class TLSHandler: ChannelDuplexHandler {
         case SSL_ERROR_WANT_READ, SSL_ERROR_WANT_WRITE:
             sendCiphertext(context, promise: nil)
         default:
-            let errors = OpenSSLErrors.drain()
-            let failure = TLSHandshakeFailure.classify(errors)
-            var detail = errors.description
-            if failure == .certificate {
-                let v = SSL_get_verify_result(ssl)
-                if v != X509_V_OK, let s = X509_verify_cert_error_string(v) { detail += " (\(String(cString: s)))" }
-            }
+            let (failure, detail) = TLSHandshakeFailure.of(ssl)
             fail(context, .handshakeFailed(failure, detail: detail))
         }
     }

@@ -136,14 +136,7 @@ public final class TLSSocket {
             ERR_clear_error()
             return .failed(.eof, detail: "the peer closed the connection during the handshake")
         default:
-            let errors = OpenSSLErrors.drain()
-            let failure = TLSHandshakeFailure.classify(errors)
-            var detail = errors.description
-            if failure == .certificate {
-                // Why the server's certificate did not verify, in OpenSSL's words.
-                let v = SSL_get_verify_result(ssl)
-                if v != X509_V_OK, let s = X509_verify_cert_error_string(v) { detail += " (\(String(cString: s)))" }
-            }
+            let (failure, detail) = TLSHandshakeFailure.of(ssl)
             return .failed(failure, detail: detail)
         }
     }
