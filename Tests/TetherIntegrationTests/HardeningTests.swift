@@ -154,11 +154,7 @@ import Glibc
 }
 
 /// Starts Tether in front of `backend` (one upstream server, `location /`), runs `body`, stops it.
-func withProxy(scripted backend: ScriptedBackend, http: String = "", location: String = "", _ body: (RunningProxy) throws -> Void) throws {
-    try withProxy(on: .nio, scripted: backend, http: http, location: location) { try body($0 as! RunningProxy) }
-}
-
-/// `withProxy(scripted:)` on either loop.
+/// Tether on `loop` in front of a scripted backend (stopped with it).
 func withProxy(on loop: EventLoopUnderTest, scripted backend: ScriptedBackend, http: String = "", location: String = "",
                _ body: (any ProxyUnderTest) throws -> Void) throws {
     defer { backend.stop() }
@@ -179,7 +175,7 @@ func withProxy(on loop: EventLoopUnderTest, scripted backend: ScriptedBackend, h
 
 /// Chunked bodies are parsed strictly and written out again in canonical form, both ways.
 @Suite struct ChunkedFramingTests {
-    @Test func requestBodiesReachTheBackendReframed() throws {
+    @Test(arguments: EventLoopUnderTest.allCases) func requestBodiesReachTheBackendReframed(on loop: EventLoopUnderTest) throws {
         let seen = NIOLockedValueBox<String?>(nil)
         let backend = try ScriptedBackend { c in
             guard c.read(through: "\r\n\r\n") != nil, let body = c.read(through: "\r\n0\r\n"), let trailers = c.read(through: "\r\n\r\n") ?? c.read(through: "\r\n") else { c.close(); return }
@@ -187,7 +183,7 @@ func withProxy(on loop: EventLoopUnderTest, scripted backend: ScriptedBackend, h
             c.send("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             c.close()
         }
-        try withProxy(scripted: backend) { proxy in
+        try withProxy(on: loop, scripted: backend) { proxy in
             let c = try proxy.client()
             try c.send("POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0005;ext=\"a b\"\r\nhello\r\n6 ; x\r\n world\r\n00000000000000000000000000000000001\r\n!\r\n0\r\nX-Sum: 12\r\nContent-Length: 99\r\n\r\n")
             #expect(try c.readResponse().bodyText == "ok")
@@ -208,14 +204,14 @@ func withProxy(on loop: EventLoopUnderTest, scripted backend: ScriptedBackend, h
         }
     }
 
-    @Test func responsesReachTheClientReframed() throws {
+    @Test(arguments: EventLoopUnderTest.allCases) func responsesReachTheClientReframed(on loop: EventLoopUnderTest) throws {
         let backend = try ScriptedBackend { c in
             guard c.read(through: "\r\n\r\n") != nil else { c.close(); return }
             c.send("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0005 ;a=b\r\nhello\r\n000\r\nX-Sum: 5\r\nSet-Cookie: evil=1\r\n\r\n")
             _ = c.readToEOF()
             c.close()
         }
-        try withProxy(scripted: backend) { proxy in
+        try withProxy(on: loop, scripted: backend) { proxy in
             let c = try proxy.client()
             try c.send("GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
             let raw = String(decoding: c.readRawToClose(), as: UTF8.self)
@@ -223,15 +219,15 @@ func withProxy(on loop: EventLoopUnderTest, scripted backend: ScriptedBackend, h
         }
     }
 
-    @Test(arguments: ["5 \r\nhello\r\n0\r\n\r\n", "5\r\nhello\r\n0\r\nNoColon\r\n\r\n", "5\r\nhello\r\n0\r\nX: a\r\n b\r\n\r\n"])
-    func aBadlyChunkedResponseIsNeverPassedOn(_ body: String) throws {
+    @Test(arguments: EventLoopUnderTest.allCases, ["5 \r\nhello\r\n0\r\n\r\n", "5\r\nhello\r\n0\r\nNoColon\r\n\r\n", "5\r\nhello\r\n0\r\nX: a\r\n b\r\n\r\n"])
+    func aBadlyChunkedResponseIsNeverPassedOn(on loop: EventLoopUnderTest, _ body: String) throws {
         let backend = try ScriptedBackend { c in
             guard c.read(through: "\r\n\r\n") != nil else { c.close(); return }
             c.send("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
             _ = c.readToEOF()
             c.close()
         }
-        try withProxy(scripted: backend) { proxy in
+        try withProxy(on: loop, scripted: backend) { proxy in
             let c = try proxy.client()
             try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             let raw = String(decoding: c.readRawToClose(), as: UTF8.self)

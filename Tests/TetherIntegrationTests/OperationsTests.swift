@@ -113,7 +113,7 @@ import TetherTestSupport
         }
     }
 
-    @Test func upstreamThatStopsReadingTimesOutWithProxySendTimeout() throws {
+    @Test(arguments: EventLoopUnderTest.allCases) func upstreamThatStopsReadingTimesOutWithProxySendTimeout(on loop: EventLoopUnderTest) throws {
         // A listener that accepts and never reads: the request body fills the socket buffers.
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         defer { close(fd) }
@@ -127,7 +127,7 @@ import TetherTestSupport
         var len = socklen_t(MemoryLayout<sockaddr_in>.size)
         _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
         let port = Int(UInt16(bigEndian: addr.sin_port))
-        let proxy = try RunningProxy(config: """
+        let proxy = try startProxy(on: loop, config: """
             worker_processes 1;
             http {
                 client_max_body_size 0;

@@ -191,6 +191,8 @@ final class ProxyExchange: UpstreamLinkOwner {
         bodyStarted = true
         dropSavedHead()
         l.write(chunk)
+        // The backend stopped taking the request: proxy_send_timeout runs from now.
+        if l.isBackedUp { armTimer(l) }
     }
 
     func sendBody(copying bytes: UnsafeRawBufferPointer) {
@@ -198,6 +200,7 @@ final class ProxyExchange: UpstreamLinkOwner {
         bodyStarted = true
         dropSavedHead()
         l.write(copying: bytes)
+        if l.isBackedUp { armTimer(l) }
     }
 
     /// The response head went to the client: nothing else may answer this request now.
