@@ -135,23 +135,29 @@ struct Tether: ParsableCommand {
         // SIGHUP and SIGUSR1 too: their default action would end the process.
         for s in [SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1] { sigaddset(&stopSignals, s) }
         pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
+        // error_log FILE: the own loop's lines (written to standard error, at error_log's level
+        // and above) go to the file from the first request on; a start that fails says why on
+        // the terminal, which is kept aside until the start is done.
+        let terminal = dup(2)
+        func onTerminal(_ line: String) {
+            var l = line + "\n"
+            l.withUTF8 { _ = write(terminal, $0.baseAddress, $0.count) }
+        }
+        do {
+            try Self.pointStandardErrorAtErrorLog(config)
+        } catch {
+            onTerminal("tether: [emerg] \(error)")
+            throw ExitCode(1)
+        }
         let server: CoreServer
         do {
             server = try CoreServer(config, admin: Renderer())
             try server.start()
         } catch {
-            for line in error.lines { printError("tether: [emerg] \(line)") }
+            for line in error.lines { onTerminal("tether: [emerg] \(line)") }
             throw ExitCode(1)
         }
-        // error_log FILE: once serving, the own loop's lines (written to standard error, at
-        // error_log's level and above) go to the file; a start that failed said why on the terminal.
-        do {
-            try Self.pointStandardErrorAtErrorLog(config)
-        } catch {
-            printError("tether: [emerg] \(error)")
-            server.stop()
-            throw ExitCode(1)
-        }
+        close(terminal)
         let log = server.log
         let addresses = server.boundPorts.map { "\($0.address):\($0.port)" }.joined(separator: ", ")
         log(.notice, "serving on Tether's own event loop: \(server.workerCount) loops, listening on \(addresses)")

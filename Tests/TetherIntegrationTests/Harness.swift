@@ -61,9 +61,10 @@ final class RunningCore: ProxyUnderTest {
     let server: CoreServer
     let port: Int
 
-    init(config text: String) throws {
+    /// `errorLog`: where its error log goes (standard error without one).
+    init(config text: String, errorLog: LoopErrorLog? = nil) throws {
         let config = try Configuration.parse(text, file: "test.conf", resolver: { Builder.isNumeric($0) ? $0 : ($0 == "localhost" ? "127.0.0.1" : nil) }).get()
-        server = try CoreServer(config, admin: Renderer())
+        server = try CoreServer(config, admin: Renderer(), log: errorLog)
         try server.start()
         port = Int(server.boundPorts[0].port)
     }

@@ -1,3 +1,4 @@
+import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
 import Testing
@@ -168,27 +169,38 @@ import Glibc
     }
 
     /// A backend that advertises a shorter keep-alive window than configured is warned about once.
-    @Test func shorterBackendTimeoutIsWarnedAboutOnce() throws {
+    @Test(arguments: EventLoopUnderTest.allCases) func shorterBackendTimeoutIsWarnedAboutOnce(on loop: EventLoopUnderTest) throws {
         var o = TestBackend.Options()
         o.keepAliveHeader = "timeout=5"
         let backend = try TestBackend(options: o)
         defer { backend.stop() }
         let logs = LogCapture()
-        let proxy = try RunningProxy(config: """
+        let file = NSTemporaryDirectory() + "tether-warn-\(UUID().uuidString).log"
+        let fd = open(file, O_WRONLY | O_CREAT | O_APPEND, 0o644)
+        defer { close(fd); unlink(file) }
+        let config = """
             worker_processes 1;
             http {
                 upstream app { server 127.0.0.1:\(backend.port); keepalive_timeout 60s; }
                 server { listen 127.0.0.1:0; location / { proxy_pass http://app; } }
             }
-            """, logs: logs)
+            """
+        let proxy: any ProxyUnderTest = loop == .nio ? try RunningProxy(config: config, logs: logs)
+            : try RunningCore(config: config, errorLog: LoopErrorLog(level: .notice, fd: fd))
         defer { proxy.stop() }
         let c = try proxy.client()
         for _ in 0..<3 {
             try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             #expect(try c.readResponse().status == 200)
         }
-        let warnings = logs.messages.filter { $0.contains("advertises Keep-Alive: timeout=5") }
-        #expect(warnings == ["[warning] upstream \"app\" server 127.0.0.1:\(backend.port) advertises Keep-Alive: timeout=5, shorter than its keepalive_timeout 1m; Tether expires its connections before the backend does"])
+        let text = "upstream \"app\" server 127.0.0.1:\(backend.port) advertises Keep-Alive: timeout=5, shorter than its keepalive_timeout 1m; Tether expires its connections before the backend does"
+        if loop == .nio {
+            let warnings = logs.messages.filter { $0.contains("advertises Keep-Alive: timeout=5") }
+            #expect(warnings == ["[warning] " + text])
+        } else {
+            let lines = ((try? String(contentsOfFile: file, encoding: .utf8)) ?? "").split(separator: "\n").filter { $0.contains("advertises Keep-Alive") }
+            #expect(lines.count == 1 && lines[0].contains("[warn] ") && lines[0].hasSuffix(text), "\(lines)")
+        }
     }
 
     /// When the backend closes its side of an idle pooled connection, Tether closes its side at once.

@@ -23,6 +23,7 @@ extension LoopUpstream {
                                                                userTimeout: s.tcpUserTimeout ?? u.tcpUserTimeout, host: host), tls: tls) else {
                 throw CoreSetupError("\(u.location): server \(s.host):\(s.port) of upstream \"\(u.name)\": not a numeric address")
             }
+            pool.upstreamName = u.name
             pools.append(pool)
         }
         guard !pools.isEmpty else { throw CoreSetupError("\(u.location): upstream \"\(u.name)\" has no server") }

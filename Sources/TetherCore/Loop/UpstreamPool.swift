@@ -318,6 +318,8 @@ final class UpstreamPool {
     /// TCP keepalive and TCP_USER_TIMEOUT for this server's sockets, set before each connect.
     let tuning: SocketTuning?
     let log: LoopErrorLog
+    /// The `upstream` block's name, for log lines.
+    var upstreamName = ""
     /// `proxy_pass https://`: the client context (a reload may give a new one, for the next
     /// connections), and the session the next connection resumes.
     var tls: TLSContext?
@@ -498,7 +500,12 @@ final class UpstreamPool {
             link.closeSocket()
             return
         }
-        switch state.release(link.handle, now: now, reusable: clean, backend: backend).0 {
+        let (decision, shorterTimeoutMs) = state.release(link.handle, now: now, reusable: clean, backend: backend)
+        if let warn = shorterTimeoutMs {
+            // Said once per pool (the pool's state returns it the first time only).
+            log(.warn, "upstream \"\(upstreamName)\" server \(addressText) advertises Keep-Alive: timeout=\(warn / 1000), shorter than its keepalive_timeout \(Units.formatTime(state.policy.idleTimeoutMs)); Tether expires its connections before the backend does")
+        }
+        switch decision {
         case .keep:
             link.becomeIdle()
             armIdleCheck(link.handle)
