@@ -403,6 +403,9 @@ final class ProxyExchange: UpstreamLinkOwner {
 
     /// Answers the client with `status` (nothing of a response was sent) and ends.
     private func answer(_ status: Int) {
+        // A drain that went to another server (proxy_next_upstream) and found none: there is
+        // no client to answer any more.
+        if clientGone { return abandonDrain() }
         finished = true
         dropSavedHead()
         connection.exchangeFailed(status: status, responseStarted: false)
@@ -516,7 +519,7 @@ final class ProxyExchange: UpstreamLinkOwner {
             replayable: mayRetry && savedHead != nil, tries: tries, conditions: nextUpstream,
             maxTries: nextUpstreamTries, requestBodyDone: requestBodyDone)
         let now = upstream.nowMs
-        if NextUpstream.condition(forStatus: layout.status) != nil,
+        if !draining, NextUpstream.condition(forStatus: layout.status) != nil,
            let c = NextUpstream.afterStatus(layout.status, statusFacts, hasCandidate: { upstream.balancer.hasCandidate(now: now, exclude: tried) }) {
             // proxy_next_upstream http_NNN: this answer is not relayed; another server gets the request.
             link.putBack(buf)
