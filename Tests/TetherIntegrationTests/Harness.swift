@@ -3,7 +3,7 @@ import Logging
 import NIOCore
 import TetherAdmin
 import TetherConfig
-import TetherCore
+@testable import TetherCore
 import TetherTestSupport
 #if canImport(Glibc)
 import Glibc
@@ -20,6 +20,8 @@ protocol ProxyUnderTest: Sendable {
     var listeningPorts: [Int] { get }
     /// The configuration it runs.
     var configuration: Configuration { get }
+    /// Runs `body` on each event loop's thread (a test holds the loops busy this way).
+    func executeOnEachLoop(_ body: @escaping @Sendable () -> Void)
     func stop()
 }
 
@@ -53,6 +55,7 @@ final class RunningProxy: ProxyUnderTest {
     func reload(_ configuration: Configuration) throws { try server.reload(configuration) }
     var listeningPorts: [Int] { server.boundAddresses.map(\.port) }
     var configuration: Configuration { server.configuration }
+    func executeOnEachLoop(_ body: @escaping @Sendable () -> Void) { server.executeOnEachLoop(body) }
     func stop() { server.shutdown(timeout: .seconds(2)) }
 }
 
@@ -73,6 +76,7 @@ final class RunningCore: ProxyUnderTest {
     func reload(_ configuration: Configuration) throws { try server.reload(configuration) }
     var listeningPorts: [Int] { server.boundPorts.map { Int($0.port) } }
     var configuration: Configuration { server.configuration }
+    func executeOnEachLoop(_ body: @escaping @Sendable () -> Void) { server.executeOnEachLoop(body) }
     func stop() { server.shutdown(timeoutMs: 2_000) }
 }
 

@@ -33,10 +33,11 @@ import Glibc
     /// least_conn counts a request as active on its server until it ends, however it ends: one
     /// whose client leaves before it has an upstream connection is no longer counted, so equal
     /// servers keep taking turns afterwards.
-    @Test func aClientLeavingBeforeItsRequestHasAConnectionIsNotLeftActiveForLeastConn() throws {
+    @Test(arguments: EventLoopUnderTest.allCases)
+    func aClientLeavingBeforeItsRequestHasAConnectionIsNotLeftActiveForLeastConn(on loop: EventLoopUnderTest) throws {
         let b1 = try TestBackend(), b2 = try TestBackend()
         defer { b1.stop(); b2.stop() }
-        let proxy = try RunningProxy(config: """
+        let proxy = try startProxy(on: loop, config: """
             worker_processes 1;
             http {
                 upstream backend { least_conn; server 127.0.0.1:\(b1.port); server 127.0.0.1:\(b2.port); }
@@ -46,7 +47,7 @@ import Glibc
         defer { proxy.stop() }
         let a = try proxy.client()
         let held = NIOLockedValueBox(false)
-        proxy.server.executeOnEachLoop {
+        proxy.executeOnEachLoop {
             held.withLockedValue { $0 = true }
             usleep(300_000)
         }

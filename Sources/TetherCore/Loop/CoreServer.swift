@@ -213,6 +213,11 @@ public final class CoreServer: @unchecked Sendable {
         return b
     }
 
+    /// Runs `body` on every loop's thread, between two of its passes (tests hold a loop busy this way).
+    func executeOnEachLoop(_ body: @escaping @Sendable () -> Void) {
+        for l in loops { l.execute { _ in body() } }
+    }
+
     /// Every loop's counters, summed (for tests and tools; a scrape gets them without waiting).
     public func stats() -> StatsSnapshot {
         guard let admin else { return StatsSnapshot() }
