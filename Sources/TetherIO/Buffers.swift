@@ -140,6 +140,8 @@ public final class BufferPool {
     public private(set) var outstanding = 0
     /// Buffers allocated since the start (a new one only when no spare was there).
     public private(set) var allocations = 0
+    /// The fewest spares there were since the last `trimUnused`: that many lay unused all along.
+    var lowWater = 0
 
     public init(bufferSize: Int = 16 * 1024, maximumSpare: Int = 1024) {
         self.bufferSize = bufferSize
@@ -152,7 +154,10 @@ public final class BufferPool {
 
     public func take() -> IOBuffer {
         outstanding += 1
-        if let p = spare.popLast() { return IOBuffer(adopting: p, capacity: bufferSize) }
+        if let p = spare.popLast() {
+            if spare.count < lowWater { lowWater = spare.count }
+            return IOBuffer(adopting: p, capacity: bufferSize)
+        }
         allocations += 1
         return IOBuffer(capacity: bufferSize)
     }
@@ -167,6 +172,18 @@ public final class BufferPool {
     /// Frees spares beyond `keep`.
     public func trim(keeping keep: Int) {
         while spare.count > keep { spare.removeLast().deallocate() }
+        lowWater = min(lowWater, spare.count)
+    }
+
+    /// Frees the spares that lay unused since the last call, keeping at least `keep` (called periodically:
+    /// what a burst left behind goes back to malloc once a whole period has not needed it, while
+    /// a steady load keeps the spares it cycles through). Returns how many were freed.
+    @discardableResult
+    public func trimUnused(keeping keep: Int) -> Int {
+        let free = max(0, min(lowWater, spare.count - keep))
+        for _ in 0..<free { spare.removeLast().deallocate() }
+        lowWater = spare.count
+        return free
     }
 }
 

@@ -30,6 +30,31 @@ import Glibc
         #expect(pool.spareCount == 1)
     }
 
+    /// What a burst left behind goes back once a whole period has not needed it; spares a steady
+    /// load cycles through stay.
+    @Test func sparesUnusedForAWholePeriodAreFreed() {
+        let pool = BufferPool(bufferSize: 1024, maximumSpare: 100)
+        /// Takes `n` buffers at once, then gives them back.
+        func cycle(_ n: Int) {
+            guard n > 0 else { return }
+            let b = pool.take()
+            cycle(n - 1)
+            pool.recycle(b)
+        }
+        cycle(50)
+        #expect(pool.spareCount == 50)
+        // The period of the burst itself used every spare there was: nothing lay unused.
+        #expect(pool.trimUnused(keeping: 4) == 0)
+        // A steady load of 10 at a time in the next period.
+        for _ in 0..<3 { cycle(10) }
+        #expect(pool.trimUnused(keeping: 4) == 40, "the 40 the load never reached are freed")
+        #expect(pool.spareCount == 10)
+        cycle(10)
+        #expect(pool.trimUnused(keeping: 4) == 0, "the load's own spares stay")
+        #expect(pool.trimUnused(keeping: 4) == 6, "an idle period frees all but those kept")
+        #expect(pool.spareCount == 4 && pool.allocations == 50)
+    }
+
     @Test func readsFillTheBufferThenReportWouldBlockAndEOF() {
         let pool = BufferPool(bufferSize: 8)
         let (mine, peer) = socketPair()

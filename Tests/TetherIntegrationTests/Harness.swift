@@ -83,6 +83,9 @@ final class RunningCore: ProxyUnderTest {
 enum EventLoopUnderTest: String, CaseIterable, Sendable {
     case nio, own
 
+    /// The binary's command line that picks this loop.
+    var arguments: [String] { ["--event-loop", rawValue] }
+
     /// The loops `withProxy` without a loop runs its body on: both, or the one
     /// `TETHER_TEST_LOOP` names (to look at one when a test fails).
     static var selected: [EventLoopUnderTest] {

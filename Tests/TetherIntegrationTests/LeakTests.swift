@@ -34,7 +34,7 @@ func withTetherProcess(config: (String) -> String, port: Int, arguments: [String
 
 @Suite(.serialized) struct LeakTests {
     func withTether(on loop: EventLoopUnderTest, config: String, port: Int, _ body: (Int32) throws -> Void) throws {
-        try withTetherProcess(config: { _ in config }, port: port, arguments: loop == .own ? ["--event-loop", "own"] : []) { pid, _ in try body(pid) }
+        try withTetherProcess(config: { _ in config }, port: port, arguments: loop.arguments) { pid, _ in try body(pid) }
     }
 
     @Test(arguments: EventLoopUnderTest.allCases) func tenThousandTLSHandshakesLeaveTheResidentSizeFlat(on loop: EventLoopUnderTest) throws {

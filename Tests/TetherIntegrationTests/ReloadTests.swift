@@ -214,7 +214,7 @@ func parse(_ text: String) throws -> Configuration {
         let exe = try tetherExecutable()
         let p = Process()
         p.executableURL = exe
-        p.arguments = (loop == .own ? ["--event-loop", "own"] : []) + ["-c", file]
+        p.arguments = (loop.arguments) + ["-c", file]
         try p.run()
         defer { if p.isRunning { p.terminate(); p.waitUntilExit() } }
         func get() throws -> String {
@@ -268,7 +268,7 @@ func parse(_ text: String) throws -> Configuration {
             """.write(toFile: file, atomically: true, encoding: .utf8)
         let p = Process()
         p.executableURL = try tetherExecutable()
-        p.arguments = (loop == .own ? ["--event-loop", "own"] : []) + ["-c", file]
+        p.arguments = (loop.arguments) + ["-c", file]
         try p.run()
         defer { if p.isRunning { p.terminate(); p.waitUntilExit() } }
         func get(_ path: String) throws {

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CTether
 import TetherConfig
 import TetherIO
 
@@ -124,6 +125,17 @@ final class CoreAdmin: @unchecked Sendable {
         let peers = Set(configuration.upstreams.flatMap { u in u.servers.map { HostProbe.Peer(address: $0.address, port: $0.port) } })
         return HostProbe.read(listenPorts: listenPorts, upstreamPeers: peers)
     }
+
+    /// Asks malloc to give back to the system what it holds free, when that is more than 8 MiB
+    /// (a loop freed what a burst left behind). On the helper's thread: `malloc_trim` walks
+    /// every arena, which no serving loop should wait for.
+    func giveBackMemory() {
+        helper.loop.execute { _ in
+            guard tether_malloc_free_bytes() > CoreAdmin.trimThreshold else { return }
+            _ = tether_malloc_trim()
+        }
+    }
+    static let trimThreshold = 8 << 20
 
     /// Stops the helper's thread (once the serving loops have stopped).
     func stop() {
