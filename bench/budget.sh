@@ -65,7 +65,7 @@ measure() {
     echo "$(( (k3 - k1) / 4000 )) $(( (c3 - c1) / 600 ))"
 }
 # The serving path (SwiftNIO) with the shipped kind of configuration.
-start tether $TETHER_PORT "$WORK/tether" -c "$WORK/tether.conf"
+start tether $TETHER_PORT "$WORK/tether" --event-loop nio -c "$WORK/tether.conf"
 read -r ka nc <<< "$(measure tether $TETHER_PORT)"
 # Tether's own loop (issue 15) serving the same configuration (`--event-loop own`), on a port of
 # its own so that nothing of the first run's sockets is in its way.

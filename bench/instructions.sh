@@ -3,7 +3,7 @@
 # callgrind: repeatable where CPU time is noisy, so it shows what a code change did.
 #
 #   bench/instructions.sh            # keep-alive, pipelined x8, new connection per request
-#   TETHER_LOOP=own bench/instructions.sh   # Tether on its own event loop (issue 15)
+#   TETHER_LOOP=nio bench/instructions.sh   # Tether on SwiftNIO's loop (the earlier path)
 #
 # Each proxy runs under callgrind with instrumentation off; after a 3 s wrk warm-up (10
 # connections) it is switched on for an 8 s wrk run, and the instructions counted (all threads of
@@ -21,7 +21,7 @@ fi
 scripts/build >/dev/null
 make_work
 BACKEND_PORT=18181; TETHER_PORT=18180; NGINX_PORT=18182
-LOOP=${TETHER_LOOP:-nio}
+LOOP=${TETHER_LOOP:-own}
 
 # valgrind cannot read the DWARF 5 debug info Swift writes; the symbols are enough.
 strip --strip-debug -o "$WORK/tether" .build/release/tether

@@ -3,7 +3,7 @@
 #
 #   bench/run.sh                 # 10 s per row
 #   DURATION=5 bench/run.sh      # shorter
-#   TETHER_LOOP=own bench/run.sh # Tether on its own event loop (issue 15)
+#   TETHER_LOOP=nio bench/run.sh # Tether on SwiftNIO's loop (the earlier path)
 #
 # Each proxy runs one event loop / worker pinned to core 0; the backend and wrk share core 1.
 # Proxy CPU is utime+stime from /proc/PID/stat over each wrk run. Upstream connects are the
@@ -27,7 +27,7 @@ ulimit -n 65536 || true
 
 scripts/build >/dev/null
 TETHER=$PWD/.build/release/tether
-LOOP=${TETHER_LOOP:-nio}
+LOOP=${TETHER_LOOP:-own}
 HZ=$(getconf CLK_TCK)
 
 BACKEND_PORT=18081; TETHER_PORT=18080; NGINX_PORT=18082; STATUS_PORT=18083

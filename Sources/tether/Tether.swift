@@ -53,8 +53,8 @@ struct Tether: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("With doctor: the open-files limit to check instead of this process's own.", valueName: "n"))
     var openFiles: Int?
 
-    @Option(name: .long, help: ArgumentHelp("The event loop that serves: nio (SwiftNIO, the default, everything) or own (Tether's own epoll loop, issue 15: routing, return, allow/deny and proxying over plain HTTP/1.1; it refuses a configuration with TLS, admin pages or https upstreams, and has no access log, metrics or reload yet).", valueName: "loop"))
-    var eventLoop = "nio"
+    @Option(name: .long, help: ArgumentHelp("The event loop that serves: own (Tether's own epoll loop, the default) or nio (SwiftNIO's, the earlier path, kept for comparison).", valueName: "loop"))
+    var eventLoop = "own"
 
     @Option(name: .long, help: .hidden)
     var benchPort = 18480
