@@ -13,7 +13,6 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
-        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-collections.git", from: "1.6.0"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
     ],
@@ -31,7 +30,7 @@ let package = Package(
         .systemLibrary(name: "COpenSSL", pkgConfig: "openssl", providers: [.apt(["libssl-dev"])]),
         .target(
             name: "TetherTLS",
-            dependencies: ["COpenSSL", "TetherIO", .product(name: "NIOCore", package: "swift-nio")],
+            dependencies: ["COpenSSL", "TetherIO"],
             swiftSettings: release
         ),
         .target(
@@ -43,10 +42,6 @@ let package = Package(
             name: "TetherCore",
             dependencies: [
                 "TetherConfig", "TetherPool", "TetherTLS", "TetherHTTP", "TetherIO", "CTether",
-                .product(name: "NIOCore", package: "swift-nio"),
-                .product(name: "NIOPosix", package: "swift-nio"),
-                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
-                .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: release
         ),
@@ -60,17 +55,13 @@ let package = Package(
             dependencies: [
                 "TetherConfig", "TetherCore", "TetherAdmin", "TetherIO",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
-                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
-                .product(name: "Logging", package: "swift-log"),
-                .product(name: "NIOCore", package: "swift-nio"),
-                .product(name: "NIOPosix", package: "swift-nio"),
             ],
             swiftSettings: release
         ),
         .target(
             name: "TetherTestSupport",
             dependencies: [
-                "TetherTLS",
+                "COpenSSL",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
@@ -84,29 +75,15 @@ let package = Package(
         .testTarget(name: "TetherIOTests", dependencies: ["TetherIO", "CTether"]),
         .testTarget(name: "TetherHTTPTests", dependencies: ["TetherHTTP"]),
         .testTarget(
-            name: "TetherTLSTests",
-            dependencies: [
-                "TetherTLS", "TetherTestSupport",
-                .product(name: "NIOCore", package: "swift-nio"),
-                .product(name: "NIOEmbedded", package: "swift-nio"),
-            ]
-        ),
-        .testTarget(
             name: "TetherCoreTests",
-            dependencies: [
-                "TetherCore",
-                .product(name: "NIOCore", package: "swift-nio"),
-                .product(name: "NIOEmbedded", package: "swift-nio"),
-            ]
+            dependencies: ["TetherCore", "TetherHTTP", "TetherPool", "TetherIO"]
         ),
         .testTarget(
             name: "TetherIntegrationTests",
             dependencies: [
                 "TetherCore", "TetherConfig", "TetherAdmin", "TetherTestSupport", "TetherIO",
                 .product(name: "NIOCore", package: "swift-nio"),
-                .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
-                .product(name: "Logging", package: "swift-log"),
             ]
         ),
     ]

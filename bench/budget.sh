@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
 # The instruction budget CI holds Tether to (issue 15): user-space instructions per proxied
 # keep-alive request and per new connection, counted by callgrind, which is deterministic where
-# time is not. Fails when any exceeds its budget in bench/budget.txt by more than 5 %: the
-# serving path (SwiftNIO) and Tether's own loop (`tether --event-loop own`, the same configuration),
-# which replaces it.
+# time is not. Fails when either exceeds its budget in bench/budget.txt by more than 5 %.
 #
 #   bench/budget.sh              # check
 #   bench/budget.sh --print      # only print the figures
@@ -64,17 +62,12 @@ measure() {
     kill "$VP" 2>/dev/null || true; wait "$VP" 2>/dev/null || true
     echo "$(( (k3 - k1) / 4000 )) $(( (c3 - c1) / 600 ))"
 }
-# The serving path (SwiftNIO) with the shipped kind of configuration.
-start tether $TETHER_PORT "$WORK/tether" --event-loop nio -c "$WORK/tether.conf"
+# Tether with the shipped kind of configuration (virtual host, location on the normalised path,
+# a pooled upstream).
+start tether $TETHER_PORT "$WORK/tether" -c "$WORK/tether.conf"
 read -r ka nc <<< "$(measure tether $TETHER_PORT)"
-# Tether's own loop (issue 15) serving the same configuration (`--event-loop own`), on a port of
-# its own so that nothing of the first run's sockets is in its way.
-CORE_PORT=18382
-tether_conf core 1 $CORE_PORT
-start core $CORE_PORT "$WORK/tether" --event-loop own -c "$WORK/core.conf"
-read -r cka cnc <<< "$(measure core $CORE_PORT)"
-echo "instructions per keep-alive request: $ka (own loop: $cka)"
-echo "instructions per new connection: $nc (own loop: $cnc)"
+echo "instructions per keep-alive request: $ka"
+echo "instructions per new connection: $nc"
 [ "${1:-}" = "--print" ] && exit 0
 fail=0
 check() {  # NAME MEASURED
@@ -89,6 +82,4 @@ check() {  # NAME MEASURED
 }
 check keepalive_request "$ka"
 check new_connection "$nc"
-check core_keepalive_request "$cka"
-check core_new_connection "$cnc"
 exit $fail

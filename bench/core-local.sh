@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Tether's own loop against nginx and against Tether on SwiftNIO (today's serving path), like for
-# like: user-space instructions per request (callgrind, bench/loadgen.py's exact request counts,
-# (Ir[3N] - Ir[N]) / 2N as in bench/budget.sh), first answering 12 bytes locally (nginx's
-# `return 200`), then proxying to an nginx backend over pooled keep-alive connections. The own
-# loop runs as `tether bench-core` (a measuring mode: TetherIO, TetherHTTP's parser and the
-# connections of Sources/TetherCore/Loop; its proxying relays heads without rewriting them).
+# Tether against nginx, like for like: user-space instructions per request (callgrind,
+# bench/loadgen.py's exact request counts, (Ir[3N] - Ir[N]) / 2N as in bench/budget.sh), first
+# answering 12 bytes locally (nginx's `return 200`), then proxying to an nginx backend over pooled
+# keep-alive connections. Each twice: `tether -c` as users run it, and `tether bench-core`, a
+# measuring mode that shows the floor of the loop (TetherIO, TetherHTTP's parser and the
+# connections of Sources/TetherCore/Loop, without routing; its proxying relays heads unchanged).
 # About 40 seconds.
 #
 #   bench/core-local.sh
@@ -84,11 +84,11 @@ measure() {
 
 results=$(
     measure nginx 18481 "$(command -v nginx)" -c "$WORK/nginx.conf" -p "$WORK"
-    measure tether-nio 18482 "$WORK/tether" -c "$WORK/tether.conf"
-    measure tether-own-loop 18483 "$WORK/tether" bench-core --bench-port 18483
+    measure tether 18482 "$WORK/tether" -c "$WORK/tether.conf"
+    measure bench-core 18483 "$WORK/tether" bench-core --bench-port 18483
     measure nginx-proxy 18491 "$(command -v nginx)" -c "$WORK/nginx-proxy.conf" -p "$WORK"
-    measure tether-nio-proxy 18492 "$WORK/tether" -c "$WORK/tether-proxy.conf"
-    measure tether-own-loop-proxy 18493 "$WORK/tether" bench-core --bench-port 18493 --bench-upstream 18490
+    measure tether-proxy 18492 "$WORK/tether" -c "$WORK/tether-proxy.conf"
+    measure bench-core-proxy 18493 "$WORK/tether" bench-core --bench-port 18493 --bench-upstream 18490
 )
 echo "$results" | awk '
     { ka[$1] = $2; nc[$1] = $3; order[NR] = $1 }

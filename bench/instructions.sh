@@ -3,7 +3,6 @@
 # callgrind: repeatable where CPU time is noisy, so it shows what a code change did.
 #
 #   bench/instructions.sh            # keep-alive, pipelined x8, new connection per request
-#   TETHER_LOOP=nio bench/instructions.sh   # Tether on SwiftNIO's loop (the earlier path)
 #
 # Each proxy runs under callgrind with instrumentation off; after a 3 s wrk warm-up (10
 # connections) it is switched on for an 8 s wrk run, and the instructions counted (all threads of
@@ -21,7 +20,6 @@ fi
 scripts/build >/dev/null
 make_work
 BACKEND_PORT=18181; TETHER_PORT=18180; NGINX_PORT=18182
-LOOP=${TETHER_LOOP:-own}
 
 # valgrind cannot read the DWARF 5 debug info Swift writes; the symbols are enough.
 strip --strip-debug -o "$WORK/tether" .build/release/tether
@@ -64,12 +62,12 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", a/b}'; }
 row() {
     local label=$1; shift
     local t n
-    t=$(count "tether" $TETHER_PORT "$@" -- "$WORK/tether" --event-loop "$LOOP" -c "$WORK/tether.conf")
+    t=$(count "tether" $TETHER_PORT "$@" -- "$WORK/tether" -c "$WORK/tether.conf")
     n=$(count "nginx" $NGINX_PORT "$@" -- nginx -c "$WORK/nginx.conf" -e "$WORK/nginx.err")
     echo "| $label | $t | $n | $(ratio "$t" "$n") |"
 }
 {
-echo "User-space instructions per proxied request (callgrind, 10 connections, 12-byte responses, Tether's $LOOP loop), $(date -u +%Y-%m-%d)."
+echo "User-space instructions per proxied request (callgrind, 10 connections, 12-byte responses), $(date -u +%Y-%m-%d)."
 echo
 echo "| workload | Tether | $(nginx -v 2>&1 | sed 's/.*: //') | Tether/nginx |"
 echo "|---|---|---|---|"

@@ -3,7 +3,6 @@
 #
 #   bench/run.sh                 # 10 s per row
 #   DURATION=5 bench/run.sh      # shorter
-#   TETHER_LOOP=nio bench/run.sh # Tether on SwiftNIO's loop (the earlier path)
 #
 # Each proxy runs one event loop / worker pinned to core 0; the backend and wrk share core 1.
 # Proxy CPU is utime+stime from /proc/PID/stat over each wrk run. Upstream connects are the
@@ -27,7 +26,6 @@ ulimit -n 65536 || true
 
 scripts/build >/dev/null
 TETHER=$PWD/.build/release/tether
-LOOP=${TETHER_LOOP:-own}
 HZ=$(getconf CLK_TCK)
 
 BACKEND_PORT=18081; TETHER_PORT=18080; NGINX_PORT=18082; STATUS_PORT=18083
@@ -78,7 +76,7 @@ taskset -c 1 nginx -c "$WORK/backend.conf" -e "$WORK/backend.err" & echo $! > "$
 # tether_conf and nginx_conf: the proxies' configurations, shared with bench/instructions.sh
 source bench/proxies.sh
 tether_conf tether 1 $TETHER_PORT $TETHER_TLS_PORT $TETHER_EXPIRY_PORT
-taskset -c 0 "$TETHER" --event-loop "$LOOP" -c "$WORK/tether.conf" & echo $! > "$WORK/tether.pid"
+taskset -c 0 "$TETHER" -c "$WORK/tether.conf" & echo $! > "$WORK/tether.pid"
 
 nginx_conf nginx 1 $NGINX_PORT $NGINX_TLS_PORT $NGINX_EXPIRY_PORT
 taskset -c 0 nginx -c "$WORK/nginx.conf" -e "$WORK/nginx.err" & echo $! > "$WORK/nginx.pid"
@@ -115,7 +113,7 @@ taskset -c 0 haproxy -db -f "$WORK/haproxy.cfg" 2> "$WORK/haproxy.err" & echo $!
 
 # --- for the scaling row: Tether with 2 event loops and nginx with 2 workers, not pinned
 tether_conf tether2 2 $TETHER2_PORT
-"$TETHER" --event-loop "$LOOP" -c "$WORK/tether2.conf" & echo $! > "$WORK/tether2.pid"
+"$TETHER" -c "$WORK/tether2.conf" & echo $! > "$WORK/tether2.pid"
 nginx_conf nginx2 2 $NGINX2_PORT
 nginx -c "$WORK/nginx2.conf" -e "$WORK/nginx2.err" & echo $! > "$WORK/nginx2.pid"
 
@@ -293,7 +291,7 @@ row() {
 }
 
 {
-echo "Tether $(${TETHER} -v | awk '{print $3}') (event loop: $LOOP) vs $(nginx -v 2>&1 | sed 's/.*: //') and HAProxy $(haproxy -v | awk 'NR==1 {print $3}'), $(date -u +%Y-%m-%d), $(nproc) cores, ${DURATION}s per row, keep-alive both sides."
+echo "Tether $(${TETHER} -v | awk '{print $3}') vs $(nginx -v 2>&1 | sed 's/.*: //') and HAProxy $(haproxy -v | awk 'NR==1 {print $3}'), $(date -u +%Y-%m-%d), $(nproc) cores, ${DURATION}s per row, keep-alive both sides."
 echo "Each proxy pinned to core 0 (one event loop / worker / thread); wrk and the nginx backend on core 1."
 echo "Rows: client connections, then response size, pipelining depth, new connections or TLS where it says so (12-byte responses otherwise)."
 echo

@@ -2,7 +2,6 @@
 # System calls per proxied request, Tether against nginx, counted by strace.
 #
 #   bench/syscalls.sh                  # Tether on its own event loop (issue 15)
-#   TETHER_LOOP=nio bench/syscalls.sh  # Tether on SwiftNIO's
 #
 # Each proxy runs in front of the same nginx backend (12-byte answers, pooled keep-alive
 # upstream connections). After a warm-up, strace -c is attached to every thread of the proxy
@@ -22,7 +21,6 @@ fi
 scripts/build >/dev/null
 make_work
 BACKEND_PORT=18191; TETHER_PORT=18190; NGINX_PORT=18192
-LOOP=${TETHER_LOOP:-own}
 N=${REQUESTS:-4000}
 LG="python3 bench/loadgen.py"
 
@@ -54,13 +52,13 @@ count() {
 
 wait_up() { for _ in $(seq 100); do curl -fs "http://127.0.0.1:$1/" >/dev/null 2>&1 && return; sleep 0.1; done; echo "bench: port $1 did not answer" >&2; exit 1; }
 
-.build/release/tether --event-loop "$LOOP" -c "$WORK/tether.conf" & echo $! > "$WORK/tether.pid"
+.build/release/tether -c "$WORK/tether.conf" & echo $! > "$WORK/tether.pid"
 nginx -c "$WORK/nginx.conf" -e "$WORK/nginx.err" & echo $! > "$WORK/nginx.pid"
 wait_up $TETHER_PORT; wait_up $NGINX_PORT
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", a/b}'; }
 {
-echo "System calls per proxied request (strace -c, $N requests, 10 connections, 12-byte responses, Tether's $LOOP loop), $(date -u +%Y-%m-%d)."
+echo "System calls per proxied request (strace -c, $N requests, 10 connections, 12-byte responses), $(date -u +%Y-%m-%d)."
 echo
 echo "| workload | Tether | $(nginx -v 2>&1 | sed 's/.*: //') | Tether/nginx | Tether's calls | nginx's calls |"
 echo "|---|---|---|---|---|---|"

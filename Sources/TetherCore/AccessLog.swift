@@ -3,38 +3,8 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import NIOCore
-import NIOPosix
 
-/// Access log files, written by one background thread so that an event loop never blocks on
-/// disk. Loops hand over whole buffers of lines (every 100 ms or 32 KiB), not single lines.
-final class AccessLogSink: Sendable {
-    private let files: [String: Int32]
-    private let writer: NIOThreadPool
-
-    init(paths: Set<String>) throws {
-        var files: [String: Int32] = [:]
-        for path in paths { files[path] = try LogFile.open(path) }
-        self.files = files
-        writer = NIOThreadPool(numberOfThreads: 1)
-        writer.start()
-    }
-
-    func submit(path: String, _ buffer: ByteBuffer) {
-        guard let fd = files[path] else { return }
-        writer.submit { state in
-            guard state == .active else { return }
-            buffer.withUnsafeReadableBytes { LogFile.write(fd, $0) }
-        }
-    }
-
-    func shutdown() {
-        try? writer.syncShutdownGracefully()
-        for (_, fd) in files where fd > 2 { close(fd) }
-    }
-}
-
-/// Log files as nginx opens and writes them, on both paths.
+/// Log files as nginx opens and writes them.
 public enum LogFile {
     /// `path` opened for appending (created 0644); `stderr` and `stdout` are those streams.
     public static func open(_ path: String) throws(TetherError) -> Int32 {

@@ -1,4 +1,3 @@
-import NIOCore
 import TetherConfig
 #if canImport(Glibc)
 import Glibc
@@ -21,7 +20,7 @@ public enum Doctor {
     /// - Parameters:
     ///   - proc: where /proc is (tests give a fake tree).
     ///   - openFiles: the process's open-files limit (RLIMIT_NOFILE), or nil to read it.
-    public static func check(_ config: Configuration, proc: String = "/proc", openFiles: Int? = nil, cores: Int = NIOCore.System.coreCount) -> [Line] {
+    public static func check(_ config: Configuration, proc: String = "/proc", openFiles: Int? = nil, cores: Int = max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))) -> [Line] {
         var out: [Line] = []
         func sysctl(_ name: String) -> String? {
             let path = proc + "/sys/" + name.split(separator: ".").joined(separator: "/")

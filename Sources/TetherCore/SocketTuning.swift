@@ -1,8 +1,6 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import Logging
-import NIOCore
 import TetherConfig
 
 /// The host's keepalive timers, read once: what an empty `so_keepalive` field leaves in place.
@@ -66,20 +64,7 @@ struct SocketTuning: Sendable, Equatable {
         if let v = userTimeoutMs { body(Int32(IPPROTO_TCP), TCP_USER_TIMEOUT, v, "TCP_USER_TIMEOUT") }
     }
 
-    /// Sets the options on a channel's socket. A failure is logged (once per loop and option)
-    /// and the connection goes on without it.
-    func apply(to channel: Channel, loop: LoopContext, what: String) {
-        guard !isEmpty, let options = channel.syncOptions else { return }
-        forEachOption { level, name, value, label in
-            do {
-                try options.setOption(ChannelOptions.socket(SocketOptionLevel(level), SocketOptionName(name)), value: SocketOptionValue(value))
-            } catch {
-                loop.warnOnce("setsockopt(\(label), \(value)) failed on \(what) sockets: \(error)")
-            }
-        }
-    }
-
-    /// Sets the options on a socket (Tether's own loop: a listening socket, whose accepted
+    /// Sets the options on a socket (a listening socket, whose accepted
     /// sockets inherit them, or an upstream socket before its connect). Returns what failed.
     func apply(toSocket fd: Int32) -> [String] {
         var failed: [String] = []
@@ -91,9 +76,4 @@ struct SocketTuning: Sendable, Equatable {
         }
         return failed
     }
-}
-
-/// Whether an error is the kernel giving up on a peer: keepalive probes or TCP_USER_TIMEOUT.
-func isKernelTimeout(_ error: Error) -> Bool {
-    (error as? IOError)?.errnoCode == ETIMEDOUT
 }

@@ -1,5 +1,4 @@
 import TetherTLS
-import NIOCore
 import TetherPool
 import TetherIO
 

@@ -62,7 +62,7 @@ public struct HeadError: Error, Equatable, Sendable {
 
 /// A request or response head, parsed and validated: where its parts are (offsets from the
 /// head's first byte) and what its headers say. The bytes stay with whoever holds the buffer
-/// they were read into (a `ByteBuffer` on the NIO path, a loop buffer on TetherIO's), so the
+/// they were read into (a loop buffer of TetherIO's), so the
 /// parser copies nothing and depends on no buffer type.
 public struct HeadLayout: Sendable {
     public var headers: [HeaderField] = []

@@ -1,5 +1,5 @@
-/// Where the head writers put bytes: a `ByteBuffer` on the SwiftNIO path, a connection's
-/// outbound queue on Tether's own loop, an array for tests and local bodies. One writer per
+/// Where the head writers put bytes: a connection's outbound queue, a pool buffer, an array for
+/// tests and local bodies. One writer per
 /// piece of HTTP, whatever the buffers under it.
 public protocol HeadSink: ~Copyable {
     mutating func put(_ bytes: UnsafeRawBufferPointer)

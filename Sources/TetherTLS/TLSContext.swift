@@ -229,29 +229,11 @@ public final class TLSServerNames: @unchecked Sendable {
     func context(forName name: String) -> TLSContext? { pick(name) }
 }
 
-/// A server side connection whose certificates SNI picks: the SwiftNIO path's `TLSHandler` and
-/// the own loop's `TLSSocket`, either of which is the SSL object's app data.
-protocol TLSServerNameSwitching: AnyObject {
-    var serverNames: TLSServerNames? { get }
-    var selectedContext: TLSContext? { get set }
-}
-
-extension TLSHandler: TLSServerNameSwitching {}
-extension TLSSocket: TLSServerNameSwitching {}
-
-/// A client side connection that keeps the sessions OpenSSL hands out (the SSL object's app data).
-protocol TLSSessionKeeping: AnyObject {
-    var sessionSlot: TLSSessionSlot? { get }
-}
-
-extension TLSHandler: TLSSessionKeeping {}
-extension TLSSocket: TLSSessionKeeping {}
-
 /// The servername callback: switches the connection to the context of the `server` block that
 /// the client named; unknown names keep the default server's.
 private let sniPick: tether_sni_pick = { ssl, name in
     guard let ssl, let name, let raw = tether_SSL_get_app_data(ssl) else { return }
-    guard let connection = Unmanaged<AnyObject>.fromOpaque(raw).takeUnretainedValue() as? TLSServerNameSwitching,
+    guard let connection = Unmanaged<AnyObject>.fromOpaque(raw).takeUnretainedValue() as? TLSSocket,
           let names = connection.serverNames else { return }
     let lowered = String(cString: name).lowercased()
     if let ctx = names.context(forName: lowered), ctx !== names.defaultContext {
@@ -264,10 +246,17 @@ private let sniPick: tether_sni_pick = { ssl, name in
 /// handshake); the connection's pool keeps the latest for the next connection.
 private let storeClientSession: tether_new_session = { ssl, session in
     guard let ssl, let session, let raw = tether_SSL_get_app_data(ssl) else { return 0 }
-    guard let connection = Unmanaged<AnyObject>.fromOpaque(raw).takeUnretainedValue() as? TLSSessionKeeping,
+    guard let connection = Unmanaged<AnyObject>.fromOpaque(raw).takeUnretainedValue() as? TLSSocket,
           let slot = connection.sessionSlot else { return 0 }
     slot.replace(session)
     return 1
+}
+
+/// Whether `s` is an IPv4 or IPv6 address (verified as an IP SAN, not a host name).
+func isIPAddress(_ s: String) -> Bool {
+    var a4 = in_addr()
+    var a6 = in6_addr()
+    return inet_pton(AF_INET, s, &a4) == 1 || inet_pton(AF_INET6, s, &a6) == 1
 }
 
 /// The session an upstream server's pool resumes its next TLS connection with. Confined to the

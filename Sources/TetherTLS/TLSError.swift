@@ -93,25 +93,6 @@ public enum TLSHandshakeFailure: String, Sendable, CaseIterable {
     }
 }
 
-/// Errors the TLS handler fires down the pipeline (before it closes the connection).
-public enum TLSError: Error, CustomStringConvertible, Sendable {
-    /// The handshake failed; `detail` is OpenSSL's reason text.
-    case handshakeFailed(TLSHandshakeFailure, detail: String)
-    /// A record failed to decrypt or parse after the handshake.
-    case protocolError(detail: String)
-    /// The peer closed the TCP connection without sending `close_notify` first. Whether that
-    /// matters is the HTTP layer's call: it does when a response's end is marked by the close.
-    case uncleanShutdown
-
-    public var description: String {
-        switch self {
-        case .handshakeFailed(let f, let detail): return "TLS handshake failed (\(f.rawValue)): \(detail)"
-        case .protocolError(let detail): return "TLS error: \(detail)"
-        case .uncleanShutdown: return "the peer closed the connection without a TLS close_notify"
-        }
-    }
-}
-
 /// A configuration OpenSSL refused: a file that is missing or unreadable, a key that does not
 /// match its certificate, an unknown protocol, cipher or curve.
 public struct TLSConfigurationError: Error, CustomStringConvertible, Sendable {

@@ -74,11 +74,15 @@ public final class TLSSocket {
 
     deinit { SSL_free(ssl) }
 
+    /// The error `read` reports for a TCP close without `close_notify` where that is an error
+    /// (ENODATA: a value no TCP `recv` returns, so that the log can say what happened).
+    public static let raggedEnd = ENODATA
+
     /// Decrypts what the socket has into `buf`'s free space, until it is full or OpenSSL wants
     /// the socket again (no short-read rule: a record read may leave more in OpenSSL's hands).
     /// `close_notify` reads as an end of file; a TCP close without it too, unless
     /// `raggedEndIsError` (an upstream whose response the close may delimit: there it is a
-    /// truncation, ECONNRESET); a TLS error as EPROTO.
+    /// truncation, `raggedEnd`); a TLS error as EPROTO.
     public func read(into buf: inout IOBuffer, raggedEndIsError: Bool = false) -> TetherIO.ReadResult {
         var total = 0
         var outcome = ReadResult.wantRead
@@ -94,7 +98,7 @@ public final class TLSSocket {
         switch outcome {
         case .bytes, .wantRead, .wantWrite: return total > 0 ? .bytes(total, eof: false) : .wouldBlock
         case .closeNotify: return total > 0 ? .bytes(total, eof: true) : .eof
-        case .eof where raggedEndIsError: return .error(ECONNRESET)
+        case .eof where raggedEndIsError: return .error(Self.raggedEnd)
         case .eof: return total > 0 ? .bytes(total, eof: true) : .eof
         case .error: return .error(EPROTO)
         }

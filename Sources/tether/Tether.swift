@@ -1,8 +1,4 @@
 import ArgumentParser
-import Dispatch
-import Logging
-import NIOConcurrencyHelpers
-import NIOCore
 import TetherAdmin
 import TetherConfig
 import TetherCore
@@ -53,9 +49,6 @@ struct Tether: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("With doctor: the open-files limit to check instead of this process's own.", valueName: "n"))
     var openFiles: Int?
 
-    @Option(name: .long, help: ArgumentHelp("The event loop that serves: own (Tether's own epoll loop, the default) or nio (SwiftNIO's, the earlier path, kept for comparison).", valueName: "loop"))
-    var eventLoop = "own"
-
     @Option(name: .long, help: .hidden)
     var benchPort = 18480
 
@@ -72,7 +65,7 @@ struct Tether: ParsableCommand {
         if version || versionDetails {
             print("tether version: tether/\(tetherVersion)")
             if versionDetails {
-                print("built with Swift, SwiftNIO; event loops: epoll; listeners: one SO_REUSEPORT socket per event loop")
+                print("built with Swift and OpenSSL 3; event loops: epoll, edge-triggered, one per worker; listeners: one SO_REUSEPORT socket per event loop")
             }
             return
         }
@@ -109,24 +102,18 @@ struct Tether: ParsableCommand {
             return
         }
         if test || testAndDump {
-            do { try TetherServer.validate(config) } catch { throw reportInvalid(error) }
+            do { try CoreServer.validate(config) } catch { throw reportInvalid(error) }
             for w in config.warnings { printError("tether: [warn] \(w)") }
             printError("tether: the configuration file \(file) syntax is ok")
             printError("tether: configuration file \(file) test is successful")
             if testAndDump { print(config.effectiveText(), terminator: "") }
             return
         }
-        switch eventLoop {
-        case "nio": try serve(config)
-        case "own": try serveOnOwnLoop(config)
-        default:
-            printError("tether: [emerg] invalid option: \"--event-loop \(eventLoop)\" (use nio or own)")
-            throw ExitCode(1)
-        }
+        try serve(config)
     }
 
-    /// `--event-loop own`: the configuration on Tether's own loop until SIGTERM, SIGINT or SIGQUIT.
-    func serveOnOwnLoop(_ config: Configuration) throws {
+    /// Serves the configuration on Tether's event loops until SIGTERM, SIGINT or SIGQUIT.
+    func serve(_ config: Configuration) throws {
         for w in config.warnings { printError("tether: [warn] \(w)") }
         if let warning = Self.applyRlimit(config) { printError("tether: [warn] \(warning)") }
         // The signals are taken by sigwait here, so the loops' threads (which inherit the mask) never see them.
@@ -135,7 +122,7 @@ struct Tether: ParsableCommand {
         // SIGHUP and SIGUSR1 too: their default action would end the process.
         for s in [SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1] { sigaddset(&stopSignals, s) }
         pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
-        // error_log FILE: the own loop's lines (written to standard error, at error_log's level
+        // error_log FILE: the loops' lines (written to standard error, at error_log's level
         // and above) go to the file from the first request on; a start that fails says why on
         // the terminal, which is kept aside until the start is done.
         let terminal = dup(2)
@@ -166,7 +153,7 @@ struct Tether: ParsableCommand {
         while true {
             sigwait(&stopSignals, &received)
             if received == SIGHUP {
-                Self.reloadOwnLoop(server, path: file, log: log)
+                Self.reload(server, path: file, log: log)
             } else if received == SIGUSR1 {
                 // As logrotate expects: the error log file, moved away, is opened again by its name.
                 do {
@@ -180,7 +167,7 @@ struct Tether: ParsableCommand {
                 break
             }
         }
-        // As on the SwiftNIO path: SIGTERM and SIGQUIT let requests in flight finish (10 s),
+        // SIGTERM and SIGQUIT let requests in flight finish (10 s),
         // SIGINT gives them 1 s.
         let fast = received == SIGINT
         log(.notice, "\(fast ? "SIGINT" : received == SIGQUIT ? "SIGQUIT" : "SIGTERM") received, shutting down \(fast ? "fast" : "gracefully")")
@@ -189,10 +176,10 @@ struct Tether: ParsableCommand {
         log(.notice, "exiting")
     }
 
-    /// SIGHUP on the own loop: the file is read and checked again (OpenSSL's checks included), and
+    /// SIGHUP: the file is read and checked again (OpenSSL's checks included), and
     /// swapped in; a file that fails keeps the running configuration, with every error logged at
-    /// its place, as the SwiftNIO path does.
-    static func reloadOwnLoop(_ server: CoreServer, path: String, log: LoopErrorLog) {
+    /// its place.
+    static func reload(_ server: CoreServer, path: String, log: LoopErrorLog) {
         log(.notice, "SIGHUP received, reloading \(path)")
         switch Configuration.load(path: path) {
         case .failure(let errors):
@@ -219,11 +206,11 @@ struct Tether: ParsableCommand {
         }
     }
 
-    /// `error_log FILE`: standard error, where the own loop writes its lines, becomes that file
+    /// `error_log FILE`: standard error, where the loops write their lines, becomes that file
     /// (opened for appending); at a reopen, the file by that name now.
     static func pointStandardErrorAtErrorLog(_ config: Configuration) throws {
         guard config.errorLog.path != "stderr" else { return }
-        let fd = try FileLogSink.open(config.errorLog.path)
+        let fd = try LogFile.open(config.errorLog.path)
         if fd != 2 { dup2(fd, 2); close(fd) }
     }
 
@@ -281,132 +268,11 @@ struct Tether: ParsableCommand {
         close(fd)
         return nil
     }
-
-    func serve(_ config: Configuration) throws {
-        let level: Logger.Level
-        switch config.errorLog.level {
-        case .debug: level = .debug
-        case .info: level = .info
-        case .notice: level = .notice
-        case .warn: level = .warning
-        case .error: level = .error
-        case .crit, .alert, .emerg: level = .critical
-        }
-        let sink: FileLogSink
-        do {
-            sink = try FileLogSink(path: config.errorLog.path)
-        } catch {
-            printError("tether: [emerg] \(error)")
-            throw ExitCode(1)
-        }
-        LoggingSystem.bootstrap { label in
-            var h = NginxLogHandler(sink: sink)
-            h.logLevel = level
-            return h
-        }
-        let logger = Logger(label: "tether")
-        if let warning = Self.applyRlimit(config) { logger.warning("\(warning)") }
-        let server: TetherServer
-        do {
-            server = try TetherServer(configuration: config, logger: logger, admin: Renderer())
-            try server.start()
-        } catch let errors as ConfigErrors {
-            for e in errors.errors { logger.critical("\(e)") }
-            throw reportInvalid(errors)
-        } catch {
-            logger.critical("\(error)")
-            printError("tether: [emerg] \(error)")
-            throw ExitCode(1)
-        }
-        if let failure = Self.writePidFile(config) { logger.error("\(failure)") }
-        // Signals are handled one at a time on one queue: a reload never overlaps another.
-        let signals = DispatchQueue(label: "tether.signals")
-        let done = DispatchSemaphore(value: 0)
-        let drainSeconds = NIOLockedValueBox<Int64>(10)
-        var sources: [DispatchSourceSignal] = []
-        func on(_ sig: Int32, _ handler: @escaping @Sendable () -> Void) {
-            signal(sig, SIG_IGN)
-            let s = DispatchSource.makeSignalSource(signal: sig, queue: signals)
-            s.setEventHandler(handler: handler)
-            s.resume()
-            sources.append(s)
-        }
-        let path = file
-        on(SIGTERM) { logger.notice("SIGTERM received, shutting down gracefully"); done.signal() }
-        on(SIGQUIT) { logger.notice("SIGQUIT received, shutting down gracefully"); done.signal() }
-        on(SIGINT) {
-            logger.notice("SIGINT received, shutting down fast")
-            drainSeconds.withLockedValue { $0 = 1 }
-            done.signal()
-        }
-        on(SIGHUP) {
-            // The new file is checked first; a bad one leaves the running configuration in place.
-            switch Configuration.load(path: path) {
-            case .failure(let errors):
-                for e in errors.errors { logger.error("\(e)") }
-                logger.error("reload of \(path) failed: the running configuration stays in place")
-            case .success(let new):
-                let workersBefore = server.configuration.workerProcesses
-                do {
-                    try server.reload(new)
-                } catch let errors as ConfigErrors {
-                    for e in errors.errors { logger.error("\(e)") }
-                    logger.error("reload of \(path) failed: the running configuration stays in place")
-                    return
-                } catch {
-                    logger.error("reload of \(path) failed: \(error); the running configuration stays in place")
-                    return
-                }
-                if new.workerProcesses != workersBefore {
-                    logger.warning("\"worker_processes\" changes take effect at the next start, not on reload")
-                }
-            }
-        }
-        on(SIGUSR1) {
-            do {
-                try sink.reopen()
-                try server.reopenLogs()
-                logger.notice("log files reopened")
-            } catch {
-                logger.error("reopening log files failed: \(error)")
-            }
-        }
-        signal(SIGPIPE, SIG_IGN)
-        done.wait()
-        server.shutdown(timeout: .seconds(drainSeconds.withLockedValue { $0 }))
-        if let pid = config.pidFile { unlink(pid) }
-        logger.notice("exiting")
-        _ = sources
-    }
 }
 
 func printError(_ s: String) {
     var line = s + "\n"
     line.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
-}
-
-/// Where error log lines go: stderr, or a file opened for appending (reopened on SIGUSR1).
-final class FileLogSink: Sendable {
-    let path: String
-    let fd: NIOLockedValueBox<Int32>
-
-    init(path: String) throws {
-        self.path = path
-        fd = NIOLockedValueBox(try FileLogSink.open(path))
-    }
-
-    static func open(_ path: String) throws -> Int32 { try LogFile.open(path) }
-
-    func reopen() throws {
-        let new = try FileLogSink.open(path)
-        let old = fd.withLockedValue { f -> Int32 in let o = f; f = new; return o }
-        if old > 2 { close(old) }
-    }
-
-    func write(_ line: String) {
-        var l = line
-        fd.withLockedValue { fd in l.withUTF8 { _ = Glibc.write(fd, $0.baseAddress, $0.count) } }
-    }
 }
 
 extension String {
@@ -415,36 +281,5 @@ extension String {
         while let f = s.first, f.isWhitespace { s = s.dropFirst() }
         while let l = s.last, l.isWhitespace { s = s.dropLast() }
         return String(s)
-    }
-}
-
-/// Lines as nginx's error log writes them: `2026/11/25 11:00:45 [error] 1234#0: message`.
-struct NginxLogHandler: LogHandler {
-    let sink: FileLogSink
-    var logLevel: Logger.Level = .info
-    var metadata: Logger.Metadata = [:]
-
-    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-        get { metadata[key] }
-        set { metadata[key] = newValue }
-    }
-
-    func log(event: LogEvent) {
-        var t = time(nil)
-        var tmv = tm()
-        localtime_r(&t, &tmv)
-        var buf = [Int8](repeating: 0, count: 32)
-        let n = strftime(&buf, 32, "%Y/%m/%d %H:%M:%S", &tmv)
-        let stamp = String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        let name: String
-        switch event.level {
-        case .trace, .debug: name = "debug"
-        case .info: name = "info"
-        case .notice: name = "notice"
-        case .warning: name = "warn"
-        case .error: name = "error"
-        case .critical: name = "crit"
-        }
-        sink.write("\(stamp) [\(name)] \(getpid())#0: \(event.message)\n")
     }
 }

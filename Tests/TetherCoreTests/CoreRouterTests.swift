@@ -24,7 +24,7 @@ final class CoreRig: FrontRig {
         let c = try Configuration.parse(conf, file: "core.conf", resolver: { $0 }).get()
         let setup = try ProxySetup(c, hostKeepalive: HostKeepalive())
         var ups: [String: LoopUpstream] = [:]
-        for (name, u) in setup.upstreams { ups[name] = try LoopUpstream.make(u.config, loop: backend.loop, buffers: backend.rig.pool) }
+        for (name, u) in setup.upstreams { ups[name] = try LoopUpstream.make(u, loop: backend.loop, buffers: backend.rig.pool) }
         upstreams = ups
         let (_, hosts, servers) = setup.virtualHosts()[0]
         router = CoreRouter(hosts: hosts, servers: servers, upstreams: ups)

@@ -1,4 +1,3 @@
-import NIOCore
 import Testing
 @testable import TetherCore
 import TetherHTTP
@@ -6,7 +5,7 @@ import TetherHTTP
 @Suite struct HeadParserTests {
     func parse(_ text: String, kind: HeadParser.Kind = .request, line: Int = 8192, head: Int = 32768) -> ParsedHeadOutcome {
         var storage: [HeaderField] = []
-        return HeadParser.parse(ByteBuffer(string: text), kind: kind, limits: .init(lineLimit: line, headLimit: head), headers: &storage)
+        return HeadParser.parse(Array(text.utf8), kind: kind, limits: .init(lineLimit: line, headLimit: head), headers: &storage)
     }
 
     func complete(_ text: String, kind: HeadParser.Kind = .request) throws -> (ParsedHead, Int) {
@@ -108,15 +107,15 @@ import TetherHTTP
     }
 
     @Test func headerValuesAreTrimmedAndMayCarryObsText() throws {
-        var b = ByteBuffer()
-        b.writeString("GET / HTTP/1.1\r\nHost: a\r\nX-A:\t a b \t\r\nX-B:\r\nX-C: caf")
-        b.writeBytes([0xC3, 0xA9])
-        b.writeString("\r\nX-D: abc def          \r\nX-E:         \r\nX-F: Wed, 25 Nov 2026 16:30:00 GMT  \r\n\r\n")
+        var b: [UInt8] = []
+        b.put("GET / HTTP/1.1\r\nHost: a\r\nX-A:\t a b \t\r\nX-B:\r\nX-C: caf")
+        b.put([0xC3, 0xA9])
+        b.put("\r\nX-D: abc def          \r\nX-E:         \r\nX-F: Wed, 25 Nov 2026 16:30:00 GMT  \r\n\r\n")
         var storage: [HeaderField] = []
         guard case .complete(let h, let n) = HeadParser.parse(b, kind: .request, limits: .init(lineLimit: 8192, headLimit: 32768), headers: &storage) else {
             Issue.record("refused"); return
         }
-        #expect(n == b.readableBytes)
+        #expect(n == b.count)
         #expect(h.headers.count == 7)
         #expect(h.value(named: "x-d") == "abc def")
         #expect(h.value(named: "x-e") == "")
@@ -136,10 +135,10 @@ import TetherHTTP
             for place in 0..<20 {
                 var value = Array(repeating: UInt8(ascii: "v"), count: 20)
                 value[place] = c
-                var b = ByteBuffer()
-                b.writeString("GET / HTTP/1.1\r\nHost: a\r\nX: ")
-                b.writeBytes(value)
-                b.writeString("\r\n\r\n")
+                var b: [UInt8] = []
+                b.put("GET / HTTP/1.1\r\nHost: a\r\nX: ")
+                b.put(value)
+                b.put("\r\n\r\n")
                 let outcome = HeadParser.parse(b, kind: .request, limits: .init(lineLimit: 8192, headLimit: 32768), headers: &storage)
                 switch outcome {
                 case .complete(let h, _):
@@ -148,7 +147,7 @@ import TetherHTTP
                     while let f = trimmed.first, f == 0x20 || f == 0x09 { trimmed.removeFirst() }
                     while let l = trimmed.last, l == 0x20 || l == 0x09 { trimmed.removeLast() }
                     let x = h.headers[1]
-                    let got = h.bytes.getBytes(at: h.bytes.readerIndex + Int(x.valueStart), length: Int(x.valueEnd - x.valueStart))
+                    let got = Array(h.bytes[Int(x.valueStart)..<Int(x.valueEnd)])
                     #expect(got == Array(trimmed), "byte \(byte) at \(place)")
                 case .error:
                     // A CR followed by "v" is a bare CR; a LF a bare LF: refused as well.
@@ -183,12 +182,12 @@ import TetherHTTP
             b = Array(b[0..<Int(next() % UInt64(b.count + 1))])
             var storage: [HeaderField] = []
             for kind in [HeadParser.Kind.request, .response] {
-                var buf = ByteBuffer()
-                buf.writeBytes(b)
+                var buf: [UInt8] = []
+                buf.put(b)
                 switch HeadParser.parse(buf, kind: kind, limits: .init(lineLimit: 64, headLimit: 256), headers: &storage) {
                 case .incomplete, .error: outcomes += 1
                 case .complete(let h, let n):
-                    #expect(n <= b.count && h.bytes.readableBytes <= n)
+                    #expect(n <= b.count && h.bytes.count <= n)
                     outcomes += 1
                 }
             }
@@ -201,9 +200,9 @@ import TetherHTTP
 @Suite struct ChunkedWritingTests {
     @Test func canonicalSizeLines() {
         for (n, text) in [(Int64(1), "1"), (0xe3, "e3"), (0x10, "10"), (0xABCDEF, "abcdef"), (1 << 59, "800000000000000")] {
-            var b = ByteBuffer()
+            var b: [UInt8] = []
             ChunkedDecoder.writeSize(n, into: &b)
-            #expect(String(buffer: b) == text + "\r\n")
+            #expect(String(decoding: b, as: UTF8.self) == text + "\r\n")
         }
     }
 }

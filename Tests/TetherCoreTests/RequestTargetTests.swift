@@ -1,4 +1,3 @@
-import NIOCore
 import Testing
 @testable import TetherCore
 import TetherHTTP
@@ -6,7 +5,7 @@ import TetherHTTP
 @Suite struct RequestTargetTests {
     func parse(_ text: String) -> ParsedHeadOutcome {
         var storage: [HeaderField] = []
-        return HeadParser.parse(ByteBuffer(string: text), kind: .request, limits: .init(lineLimit: 8192, headLimit: 32768), headers: &storage)
+        return HeadParser.parse(Array(text.utf8), kind: .request, limits: .init(lineLimit: 8192, headLimit: 32768), headers: &storage)
     }
 
     func status(_ text: String) -> Int {

@@ -27,8 +27,8 @@ let adminLocations = """
     """
 
 @Suite struct AdminTests {
-    @Test(arguments: EventLoopUnderTest.allCases) func countersFollowKnownTraffic(on loop: EventLoopUnderTest) throws {
-        try withProxy(on: loop, workers: 2, server: adminLocations) { proxy, backend in
+    @Test func countersFollowKnownTraffic() throws {
+        try withProxy(workers: 2, server: adminLocations) { proxy, backend in
             let before = try scrape(proxy, "/metrics").bodyText
             let a = try proxy.client(), b = try proxy.client()
             for i in 0..<100 {
@@ -67,10 +67,10 @@ let adminLocations = """
         }
     }
 
-    @Test(arguments: EventLoopUnderTest.allCases) func closeReasonsAreCounted(on loop: EventLoopUnderTest) throws {
+    @Test func closeReasonsAreCounted() throws {
         var o = TestBackend.Options()
         o.closeIdleAfterMs = 200
-        try withProxy(on: loop, backend: o, workers: 1, http: "keepalive_timeout 300ms;", server: adminLocations) { proxy, backend in
+        try withProxy(backend: o, workers: 1, http: "keepalive_timeout 300ms;", server: adminLocations) { proxy, backend in
             let c = try proxy.client()
             try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             _ = try c.readResponse()
@@ -86,8 +86,8 @@ let adminLocations = """
         }
     }
 
-    @Test(arguments: EventLoopUnderTest.allCases) func allowAndDenyAsNginx(on loop: EventLoopUnderTest) throws {
-        try withProxy(on: loop, server: adminLocations) { proxy, _ in
+    @Test func allowAndDenyAsNginx() throws {
+        try withProxy(server: adminLocations) { proxy, _ in
             let denied = try scrape(proxy, "/denied")
             let allowed = try scrape(proxy, "/allowed")
             #expect(denied.status == 403)
@@ -97,8 +97,8 @@ let adminLocations = """
 
     /// Byte-compatible with nginx's stub_status (ngx_http_stub_status_module.c):
     /// "Active connections: %N \n" "server accepts handled requests\n" " %N %N %N \n" "Reading: %N Writing: %N Waiting: %N \n"
-    @Test(arguments: EventLoopUnderTest.allCases) func stubStatusMatchesNginxFormat(on loop: EventLoopUnderTest) throws {
-        try withProxy(on: loop, server: adminLocations) { proxy, _ in
+    @Test func stubStatusMatchesNginxFormat() throws {
+        try withProxy(server: adminLocations) { proxy, _ in
             let r = try scrape(proxy, "/status")
             #expect(r.header("content-type") == "text/plain")
             let pattern = #/Active connections: (\d+) \nserver accepts handled requests\n (\d+) (\d+) (\d+) \nReading: (\d+) Writing: (\d+) Waiting: (\d+) \n/#
@@ -109,8 +109,8 @@ let adminLocations = """
     }
 
     /// The Prometheus page passes the reference parser (the Python client's, from PyPI).
-    @Test(arguments: EventLoopUnderTest.allCases) func prometheusOutputParses(on loop: EventLoopUnderTest) throws {
-        try withProxy(on: loop, server: adminLocations) { proxy, _ in
+    @Test func prometheusOutputParses() throws {
+        try withProxy(server: adminLocations) { proxy, _ in
             let c = try proxy.client()
             try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             _ = try c.readResponse()

@@ -117,10 +117,10 @@ import Glibc
         }
     }
 
-    @Test(arguments: EventLoopUnderTest.allCases) func absoluteFormRoutesByItsAuthority(on loop: EventLoopUnderTest) throws {
+    @Test func absoluteFormRoutesByItsAuthority() throws {
         let backend = try TestBackend()
         defer { backend.stop() }
-        let proxy = try startProxy(on: loop, config: """
+        let proxy = try startProxy(config: """
             http {
                 upstream backend { server 127.0.0.1:\(backend.port); }
                 server { listen 127.0.0.1:0; server_name localhost; location / { return 200 "default"; } }
@@ -155,10 +155,10 @@ import Glibc
 
 /// Starts Tether in front of `backend` (one upstream server, `location /`), runs `body`, stops it.
 /// Tether on `loop` in front of a scripted backend (stopped with it).
-func withProxy(on loop: EventLoopUnderTest, scripted backend: ScriptedBackend, http: String = "", location: String = "",
+func withProxy(scripted backend: ScriptedBackend, http: String = "", location: String = "",
                _ body: (any ProxyUnderTest) throws -> Void) throws {
     defer { backend.stop() }
-    let proxy = try startProxy(on: loop, config: """
+    let proxy = try startProxy(config: """
         worker_processes 1;
         http {
             \(http)
@@ -175,7 +175,7 @@ func withProxy(on loop: EventLoopUnderTest, scripted backend: ScriptedBackend, h
 
 /// Chunked bodies are parsed strictly and written out again in canonical form, both ways.
 @Suite struct ChunkedFramingTests {
-    @Test(arguments: EventLoopUnderTest.allCases) func requestBodiesReachTheBackendReframed(on loop: EventLoopUnderTest) throws {
+    @Test func requestBodiesReachTheBackendReframed() throws {
         let seen = NIOLockedValueBox<String?>(nil)
         let backend = try ScriptedBackend { c in
             guard c.read(through: "\r\n\r\n") != nil, let body = c.read(through: "\r\n0\r\n"), let trailers = c.read(through: "\r\n\r\n") ?? c.read(through: "\r\n") else { c.close(); return }
@@ -183,7 +183,7 @@ func withProxy(on loop: EventLoopUnderTest, scripted backend: ScriptedBackend, h
             c.send("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             c.close()
         }
-        try withProxy(on: loop, scripted: backend) { proxy in
+        try withProxy(scripted: backend) { proxy in
             let c = try proxy.client()
             try c.send("POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0005;ext=\"a b\"\r\nhello\r\n6 ; x\r\n world\r\n00000000000000000000000000000000001\r\n!\r\n0\r\nX-Sum: 12\r\nContent-Length: 99\r\n\r\n")
             #expect(try c.readResponse().bodyText == "ok")
@@ -204,14 +204,14 @@ func withProxy(on loop: EventLoopUnderTest, scripted backend: ScriptedBackend, h
         }
     }
 
-    @Test(arguments: EventLoopUnderTest.allCases) func responsesReachTheClientReframed(on loop: EventLoopUnderTest) throws {
+    @Test func responsesReachTheClientReframed() throws {
         let backend = try ScriptedBackend { c in
             guard c.read(through: "\r\n\r\n") != nil else { c.close(); return }
             c.send("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0005 ;a=b\r\nhello\r\n000\r\nX-Sum: 5\r\nSet-Cookie: evil=1\r\n\r\n")
             _ = c.readToEOF()
             c.close()
         }
-        try withProxy(on: loop, scripted: backend) { proxy in
+        try withProxy(scripted: backend) { proxy in
             let c = try proxy.client()
             try c.send("GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
             let raw = String(decoding: c.readRawToClose(), as: UTF8.self)
@@ -219,15 +219,15 @@ func withProxy(on loop: EventLoopUnderTest, scripted backend: ScriptedBackend, h
         }
     }
 
-    @Test(arguments: EventLoopUnderTest.allCases, ["5 \r\nhello\r\n0\r\n\r\n", "5\r\nhello\r\n0\r\nNoColon\r\n\r\n", "5\r\nhello\r\n0\r\nX: a\r\n b\r\n\r\n"])
-    func aBadlyChunkedResponseIsNeverPassedOn(on loop: EventLoopUnderTest, _ body: String) throws {
+    @Test(arguments: ["5 \r\nhello\r\n0\r\n\r\n", "5\r\nhello\r\n0\r\nNoColon\r\n\r\n", "5\r\nhello\r\n0\r\nX: a\r\n b\r\n\r\n"])
+    func aBadlyChunkedResponseIsNeverPassedOn(_ body: String) throws {
         let backend = try ScriptedBackend { c in
             guard c.read(through: "\r\n\r\n") != nil else { c.close(); return }
             c.send("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
             _ = c.readToEOF()
             c.close()
         }
-        try withProxy(on: loop, scripted: backend) { proxy in
+        try withProxy(scripted: backend) { proxy in
             let c = try proxy.client()
             try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             let raw = String(decoding: c.readRawToClose(), as: UTF8.self)
@@ -243,8 +243,8 @@ func withProxy(on loop: EventLoopUnderTest, scripted backend: ScriptedBackend, h
 /// No h2c smuggling: an upgrade is forwarded only for an allowed protocol, and a tunnel opens only
 /// after a 101 to the protocol the request offered.
 @Suite struct UpgradeTests {
-    @Test(arguments: EventLoopUnderTest.allCases) func h2cAndHTTP2SettingsAreNeverForwarded(on loop: EventLoopUnderTest) throws {
-        try withProxy(on: loop, location: "proxy_allow_upgrade websocket echo;") { proxy, backend in
+    @Test func h2cAndHTTP2SettingsAreNeverForwarded() throws {
+        try withProxy(location: "proxy_allow_upgrade websocket echo;") { proxy, backend in
             let c = try proxy.client()
             try c.send("GET /x HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n")
             #expect(try c.readResponse().status == 200)
@@ -259,8 +259,8 @@ func withProxy(on loop: EventLoopUnderTest, scripted backend: ScriptedBackend, h
     }
 
     /// The default allows `websocket` only; a 101 to a request whose upgrade was not forwarded is a 502.
-    @Test(arguments: EventLoopUnderTest.allCases) func unlistedProtocolsAreNotForwardedAndAnUnaskedFor101Is502(on loop: EventLoopUnderTest) throws {
-        try withProxy(on: loop) { proxy, backend in
+    @Test func unlistedProtocolsAreNotForwardedAndAnUnaskedFor101Is502() throws {
+        try withProxy() { proxy, backend in
             let c = try proxy.client()
             try c.send("GET /upgrade HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nping")
             #expect(try c.readResponse().status == 502)
@@ -283,8 +283,8 @@ func withProxy(on loop: EventLoopUnderTest, scripted backend: ScriptedBackend, h
     }
 
     /// A WebSocket upgrade works by default, and only a 101 naming it opens the tunnel.
-    @Test(arguments: EventLoopUnderTest.allCases, [("websocket", true), ("WebSocket", true), ("h2c", false), ("", false), ("websocket, h2c", false)])
-    func theTunnelOpensOnlyForTheOfferedProtocol(on loop: EventLoopUnderTest, _ c: (answer: String, opens: Bool)) throws {
+    @Test(arguments: [("websocket", true), ("WebSocket", true), ("h2c", false), ("", false), ("websocket, h2c", false)])
+    func theTunnelOpensOnlyForTheOfferedProtocol(_ c: (answer: String, opens: Bool)) throws {
         let tunnelled = NIOLockedValueBox<String?>(nil)
         let backend = try ScriptedBackend { conn in
             guard conn.read(through: "\r\n\r\n") != nil else { conn.close(); return }
@@ -295,7 +295,7 @@ func withProxy(on loop: EventLoopUnderTest, scripted backend: ScriptedBackend, h
             }
             conn.close()
         }
-        try withProxy(on: loop, scripted: backend) { proxy in
+        try withProxy(scripted: backend) { proxy in
             let client = try proxy.client()
             try client.send("GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
             let r = try client.readResponse(head: c.opens)
@@ -334,10 +334,10 @@ func withProxy(on loop: EventLoopUnderTest, scripted backend: ScriptedBackend, h
 
     static let body = [UInt8](repeating: UInt8(ascii: "x"), count: 1000)
 
-    @Test(arguments: EventLoopUnderTest.allCases, End.allCases)
-    func closeDelimitedResponseToAnHTTP11Client(on loop: EventLoopUnderTest, _ end: End) throws {
+    @Test(arguments: End.allCases)
+    func closeDelimitedResponseToAnHTTP11Client(_ end: End) throws {
         let b = try backend(head: "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", body: Self.body, end: end)
-        try withProxy(on: loop, scripted: b) { proxy in
+        try withProxy(scripted: b) { proxy in
             for _ in 0..<5 {
                 let c = try proxy.client()
                 try c.send("GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
@@ -353,10 +353,10 @@ func withProxy(on loop: EventLoopUnderTest, scripted backend: ScriptedBackend, h
     }
 
     /// To an HTTP/1.0 client the close delimits the response, so a truncated one ends with a reset.
-    @Test(arguments: EventLoopUnderTest.allCases, End.allCases)
-    func closeDelimitedResponseToAnHTTP10Client(on loop: EventLoopUnderTest, _ end: End) throws {
+    @Test(arguments: End.allCases)
+    func closeDelimitedResponseToAnHTTP10Client(_ end: End) throws {
         let b = try backend(head: "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", body: Self.body, end: end)
-        try withProxy(on: loop, scripted: b) { proxy in
+        try withProxy(scripted: b) { proxy in
             for _ in 0..<5 {
                 let c = try proxy.client()
                 try c.send("GET / HTTP/1.0\r\n\r\n")
@@ -368,10 +368,10 @@ func withProxy(on loop: EventLoopUnderTest, scripted backend: ScriptedBackend, h
 
     /// A chunked response cut short (by a FIN or a reset): no last chunk to an HTTP/1.1 client,
     /// a reset to an HTTP/1.0 one (it was sent the data only, delimited by the close).
-    @Test(arguments: EventLoopUnderTest.allCases, End.allCases)
-    func chunkedResponseCutShort(on loop: EventLoopUnderTest, _ end: End) throws {
+    @Test(arguments: End.allCases)
+    func chunkedResponseCutShort(_ end: End) throws {
         let b = try backend(head: "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", body: Array("3e8\r\n".utf8) + Self.body + Array("\r\n3e8\r\nxx".utf8), end: end)
-        try withProxy(on: loop, scripted: b) { proxy in
+        try withProxy(scripted: b) { proxy in
             let c11 = try proxy.client()
             try c11.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             let raw = String(decoding: c11.readRawToClose(), as: UTF8.self)
@@ -383,9 +383,9 @@ func withProxy(on loop: EventLoopUnderTest, scripted backend: ScriptedBackend, h
         }
     }
 
-    @Test(arguments: EventLoopUnderTest.allCases) func aShortLengthDelimitedBodyIsCutNotPadded(on loop: EventLoopUnderTest) throws {
+    @Test func aShortLengthDelimitedBodyIsCutNotPadded() throws {
         let b = try backend(head: "HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n", body: Self.body, end: .reset)
-        try withProxy(on: loop, scripted: b) { proxy in
+        try withProxy(scripted: b) { proxy in
             let c = try proxy.client()
             try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             #expect(throws: TestError.self) { try c.readResponse() }

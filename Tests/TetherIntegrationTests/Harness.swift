@@ -1,5 +1,4 @@
 import Foundation
-import Logging
 import NIOCore
 import TetherAdmin
 import TetherConfig
@@ -9,7 +8,7 @@ import TetherTestSupport
 import Glibc
 #endif
 
-/// A Tether under test, on either event loop: what a test that only talks HTTP to it needs.
+/// A Tether under test: what a test that only talks HTTP to it needs.
 protocol ProxyUnderTest: Sendable {
     var port: Int { get }
     /// Every loop's counters, summed (what the admin pages show).
@@ -25,12 +24,9 @@ protocol ProxyUnderTest: Sendable {
     func stop()
 }
 
-/// Tether with `config` on the event loop `loop`.
-func startProxy(on loop: EventLoopUnderTest, config: String) throws -> any ProxyUnderTest {
-    switch loop {
-    case .nio: try RunningProxy(config: config)
-    case .own: try RunningCore(config: config)
-    }
+/// Tether with `config`, in-process.
+func startProxy(config: String) throws -> any ProxyUnderTest {
+    try RunningCore(config: config)
 }
 
 extension ProxyUnderTest {
@@ -38,28 +34,6 @@ extension ProxyUnderTest {
 }
 
 /// Tether running in-process on 127.0.0.1 with a port the kernel chose.
-final class RunningProxy: ProxyUnderTest {
-    let server: TetherServer
-    let port: Int
-
-    init(config text: String, logs: LogCapture? = nil) throws {
-        let config = try Configuration.parse(text, file: "test.conf", resolver: { Builder.isNumeric($0) ? $0 : ($0 == "localhost" ? "127.0.0.1" : nil) }).get()
-        var logger = logs.map { capture in Logger(label: "tether-test") { _ in capture } } ?? Logger(label: "tether-test")
-        logger.logLevel = logs == nil ? .critical : .info
-        server = try TetherServer(configuration: config, logger: logger, admin: Renderer())
-        try server.start()
-        port = server.boundAddresses[0].port
-    }
-
-    func stats() -> StatsSnapshot { server.stats() }
-    func reload(_ configuration: Configuration) throws { try server.reload(configuration) }
-    var listeningPorts: [Int] { server.boundAddresses.map(\.port) }
-    var configuration: Configuration { server.configuration }
-    func executeOnEachLoop(_ body: @escaping @Sendable () -> Void) { server.executeOnEachLoop(body) }
-    func stop() { server.shutdown(timeout: .seconds(2)) }
-}
-
-/// Tether's own event loop (`--event-loop own`, issue 15) running in-process the same way.
 final class RunningCore: ProxyUnderTest {
     let server: CoreServer
     let port: Int
@@ -78,19 +52,6 @@ final class RunningCore: ProxyUnderTest {
     var configuration: Configuration { server.configuration }
     func executeOnEachLoop(_ body: @escaping @Sendable () -> Void) { server.executeOnEachLoop(body) }
     func stop() { server.shutdown(timeoutMs: 2_000) }
-}
-
-enum EventLoopUnderTest: String, CaseIterable, Sendable {
-    case nio, own
-
-    /// The binary's command line that picks this loop.
-    var arguments: [String] { ["--event-loop", rawValue] }
-
-    /// The loops `withProxy` without a loop runs its body on: both, or the one
-    /// `TETHER_TEST_LOOP` names (to look at one when a test fails).
-    static var selected: [EventLoopUnderTest] {
-        ProcessInfo.processInfo.environment["TETHER_TEST_LOOP"].flatMap(EventLoopUnderTest.init(rawValue:)).map { [$0] } ?? allCases
-    }
 }
 
 /// The configuration `withProxy` makes: a backend's upstream and one server on port 0.
@@ -115,10 +76,8 @@ func proxyConfig(backendPort: Int, workers: Int, http: String, upstream: String,
     """
 }
 
-/// `withProxy` on the event loop `loop`, for tests that hold on either (the switch of issue 15
-/// waits for the rest).
+/// Starts a backend and Tether in front of it with the given snippets, runs `body`, stops both.
 func withProxy(
-    on loop: EventLoopUnderTest,
     backend options: TestBackend.Options = .init(),
     workers: Int = 2,
     http: String = "",
@@ -129,27 +88,10 @@ func withProxy(
 ) throws {
     let backend = try TestBackend(options: options)
     defer { backend.stop() }
-    let proxy = try startProxy(on: loop, config: proxyConfig(backendPort: backend.port, workers: workers, http: http, upstream: upstream,
-                                                             server: server, location: location))
+    let proxy = try startProxy(config: proxyConfig(backendPort: backend.port, workers: workers, http: http, upstream: upstream,
+                                                   server: server, location: location))
     defer { proxy.stop() }
     try body(proxy, backend)
-}
-
-/// Starts a backend and Tether in front of it with the given snippets, runs `body`, stops both;
-/// once on each event loop (each run with a backend of its own), until the switch of issue 15
-/// leaves one.
-func withProxy(
-    backend options: TestBackend.Options = .init(),
-    workers: Int = 2,
-    http: String = "",
-    upstream: String = "",
-    server: String = "",
-    location: String = "",
-    _ body: (any ProxyUnderTest, TestBackend) throws -> Void
-) throws {
-    for loop in EventLoopUnderTest.selected {
-        try withProxy(on: loop, backend: options, workers: workers, http: http, upstream: upstream, server: server, location: location, body)
-    }
 }
 
 /// Polls `condition` every 10 ms until it holds or `timeoutMs` passes; returns whether it held.
@@ -199,24 +141,25 @@ extension String {
     func leftPadded(_ n: Int) -> String { count >= n ? self : String(repeating: "0", count: n - count) + self }
 }
 
-/// Keeps every log message, for tests that check what Tether tells its operator.
-final class LogCapture: LogHandler, @unchecked Sendable {
-    private let lock = NSLock()
-    private var lines: [String] = []
-    var logLevel: Logger.Level = .info
-    var metadata: Logger.Metadata = [:]
+/// Tether's error log in a file of its own, for tests that check what Tether tells its operator.
+final class ErrorLogFile: @unchecked Sendable {
+    let path = NSTemporaryDirectory() + "tether-error-\(UUID().uuidString).log"
+    let fd: Int32
+    /// What `RunningCore` writes to (at `level` and above).
+    let log: LoopErrorLog
 
-    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-        get { metadata[key] }
-        set { metadata[key] = newValue }
+    init(level: Configuration.LogLevel = .info) {
+        fd = open(path, O_WRONLY | O_CREAT | O_APPEND, 0o644)
+        log = LoopErrorLog(level: level, fd: fd)
     }
 
-    func log(event: LogEvent) {
-        lock.lock(); lines.append("[\(event.level)] \(event.message)"); lock.unlock()
+    deinit {
+        close(fd)
+        unlink(path)
     }
 
-    var messages: [String] {
-        lock.lock(); defer { lock.unlock() }
-        return lines
+    /// The lines written so far.
+    var lines: [Substring] {
+        ((try? String(contentsOfFile: path, encoding: .utf8)) ?? "").split(separator: "\n")
     }
 }

@@ -33,11 +33,11 @@ func withTetherProcess(config: (String) -> String, port: Int, arguments: [String
 }
 
 @Suite(.serialized) struct LeakTests {
-    func withTether(on loop: EventLoopUnderTest, config: String, port: Int, _ body: (Int32) throws -> Void) throws {
-        try withTetherProcess(config: { _ in config }, port: port, arguments: loop.arguments) { pid, _ in try body(pid) }
+    func withTether(config: String, port: Int, _ body: (Int32) throws -> Void) throws {
+        try withTetherProcess(config: { _ in config }, port: port, arguments: []) { pid, _ in try body(pid) }
     }
 
-    @Test(arguments: EventLoopUnderTest.allCases) func tenThousandTLSHandshakesLeaveTheResidentSizeFlat(on loop: EventLoopUnderTest) throws {
+    @Test func tenThousandTLSHandshakesLeaveTheResidentSizeFlat() throws {
         let port = freePort()
         let config = """
             worker_processes 1;
@@ -50,7 +50,7 @@ func withTetherProcess(config: (String) -> String, port: Int, arguments: [String
                 }
             }
             """
-        try withTether(on: loop, config: config, port: port) { pid in
+        try withTether(config: config, port: port) { pid in
             // openssl s_time makes a new connection and handshake after another for the given time.
             func churn(seconds: Int) throws -> Int {
                 let r = try run("/usr/bin/openssl", ["s_time", "-connect", "127.0.0.1:\(port)", "-new", "-time", String(seconds)])
@@ -71,13 +71,13 @@ func withTetherProcess(config: (String) -> String, port: Int, arguments: [String
         }
     }
 
-    @Test(arguments: EventLoopUnderTest.allCases) func tenThousandPlainConnectionsLeaveTheResidentSizeFlat(on loop: EventLoopUnderTest) throws {
+    @Test func tenThousandPlainConnectionsLeaveTheResidentSizeFlat() throws {
         let port = freePort()
         let config = """
             worker_processes 1;
             http { server { listen 127.0.0.1:\(port); location / { return 200 "hi"; } } }
             """
-        try withTether(on: loop, config: config, port: port) { pid in
+        try withTether(config: config, port: port) { pid in
             func churn(_ n: Int) throws {
                 for _ in 0..<n {
                     let c = try TestClient(port: port)

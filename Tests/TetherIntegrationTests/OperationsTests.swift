@@ -4,11 +4,11 @@ import Testing
 import TetherTestSupport
 
 @Suite struct OperationsTests {
-    @Test(arguments: EventLoopUnderTest.allCases) func accessLogCombinedAndUpstreamVariables(on loop: EventLoopUnderTest) throws {
+    @Test func accessLogCombinedAndUpstreamVariables() throws {
         let dir = NSTemporaryDirectory() + "tether-log-" + UUID().uuidString
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        try withProxy(on: loop, workers: 1, http: """
+        try withProxy(workers: 1, http: """
             log_format up '$remote_addr "$request" $status $body_bytes_sent reused=$upstream_reused connect=$upstream_connect_time addr=$upstream_addr ustatus=$upstream_status';
             access_log \(dir)/access.log combined;
             access_log \(dir)/upstream.log up;
@@ -32,11 +32,11 @@ import TetherTestSupport
         }
     }
 
-    @Test(arguments: EventLoopUnderTest.allCases)
-    func gracefulShutdownFinishesRequestsInFlightAndClosesIdleConnections(on loop: EventLoopUnderTest) throws {
+    @Test
+    func gracefulShutdownFinishesRequestsInFlightAndClosesIdleConnections() throws {
         let backend = try TestBackend()
         defer { backend.stop() }
-        let proxy = try startProxy(on: loop, config: """
+        let proxy = try startProxy(config: """
             worker_processes 1;
             http {
                 upstream b { server 127.0.0.1:\(backend.port); }
@@ -68,9 +68,9 @@ import TetherTestSupport
 
     /// `worker_connections` bounds a loop's client connections: one more is closed unanswered,
     /// and a place freed by a close is taken again.
-    @Test(arguments: EventLoopUnderTest.allCases)
-    func workerConnectionsBoundTheClientsOfALoop(on loop: EventLoopUnderTest) throws {
-        let proxy = try startProxy(on: loop, config: """
+    @Test
+    func workerConnectionsBoundTheClientsOfALoop() throws {
+        let proxy = try startProxy(config: """
             worker_processes 1;
             events { worker_connections 3; }
             http { server { listen 127.0.0.1:0; location / { return 200 in; } } }
@@ -93,8 +93,8 @@ import TetherTestSupport
         for c in held { #expect(answered(c)) }
     }
 
-    @Test(arguments: EventLoopUnderTest.allCases) func upgradeIsTunnelled(on loop: EventLoopUnderTest) throws {
-        try withProxy(on: loop, location: "proxy_allow_upgrade echo;") { proxy, backend in
+    @Test func upgradeIsTunnelled() throws {
+        try withProxy(location: "proxy_allow_upgrade echo;") { proxy, backend in
             let c = try proxy.client()
             try c.send("GET /upgrade HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
             let r = try c.readResponse(head: true)
@@ -113,7 +113,7 @@ import TetherTestSupport
         }
     }
 
-    @Test(arguments: EventLoopUnderTest.allCases) func upstreamThatStopsReadingTimesOutWithProxySendTimeout(on loop: EventLoopUnderTest) throws {
+    @Test func upstreamThatStopsReadingTimesOutWithProxySendTimeout() throws {
         // A listener that accepts and never reads: the request body fills the socket buffers.
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         defer { close(fd) }
@@ -127,7 +127,7 @@ import TetherTestSupport
         var len = socklen_t(MemoryLayout<sockaddr_in>.size)
         _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
         let port = Int(UInt16(bigEndian: addr.sin_port))
-        let proxy = try startProxy(on: loop, config: """
+        let proxy = try startProxy(config: """
             worker_processes 1;
             http {
                 client_max_body_size 0;

@@ -41,11 +41,11 @@ func parse(_ text: String) throws -> Configuration {
     /// Reloads under steady load: no request fails, no client connection is dropped, the new
     /// configuration applies to the next request on each kept-alive connection, and the unchanged
     /// upstream keeps its warm connections.
-    @Test(arguments: EventLoopUnderTest.allCases) func reloadUnderLoadLosesNothing(on loop: EventLoopUnderTest) throws {
+    @Test func reloadUnderLoadLosesNothing() throws {
         let backend = try TestBackend()
         defer { backend.stop() }
         let port = freePort()
-        let proxy = try startProxy(on: loop, config: Self.config(port: port, backend: backend.port, generation: 1))
+        let proxy = try startProxy(config: Self.config(port: port, backend: backend.port, generation: 1))
         defer { proxy.stop() }
         let stop = NIOLockedValueBox(false)
         let failures = NIOLockedValueBox(0)
@@ -86,11 +86,11 @@ func parse(_ text: String) throws -> Configuration {
         #expect(proxy.stats().acceptedConnections == 4)
     }
 
-    @Test(arguments: EventLoopUnderTest.allCases) func removedUpstreamDrainsAndListenersFollowTheConfiguration(on loop: EventLoopUnderTest) throws {
+    @Test func removedUpstreamDrainsAndListenersFollowTheConfiguration() throws {
         let a = try TestBackend(), b = try TestBackend()
         defer { a.stop(); b.stop() }
         let port = freePort(), extraPort = freePort()
-        let proxy = try startProxy(on: loop, config: """
+        let proxy = try startProxy(config: """
             worker_processes 1;
             http {
                 upstream a { server 127.0.0.1:\(a.port); }
@@ -132,7 +132,7 @@ func parse(_ text: String) throws -> Configuration {
 
     /// A reload that binds two new ports and fails on a third leaves neither open, now or
     /// after a later successful reload, and the running listener keeps serving.
-    @Test(arguments: EventLoopUnderTest.allCases) func aRefusedReloadClosesWhatItOpened(on loop: EventLoopUnderTest) throws {
+    @Test func aRefusedReloadClosesWhatItOpened() throws {
         let port = freePort(), new1 = freePort(), new2 = freePort()
         // The third port is taken by a socket of the test's own (no SO_REUSEPORT).
         let taken = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
@@ -150,7 +150,7 @@ func parse(_ text: String) throws -> Configuration {
             worker_processes 2;
             http { server { listen 127.0.0.1:\(port); location / { return 200 "base"; } }
             """
-        let proxy = try startProxy(on: loop, config: base + "}")
+        let proxy = try startProxy(config: base + "}")
         defer { proxy.stop() }
         let before = proxy.listeningPorts
         #expect(throws: (any Error).self) {
@@ -173,9 +173,9 @@ func parse(_ text: String) throws -> Configuration {
         #expect(try c.readResponse().bodyText == "base")
     }
 
-    @Test(arguments: EventLoopUnderTest.allCases)
-    func shutdownLetsALargeDownloadFinish(on loop: EventLoopUnderTest) throws {
-        try withProxy(on: loop) { proxy, _ in
+    @Test
+    func shutdownLetsALargeDownloadFinish() throws {
+        try withProxy() { proxy, _ in
             let c = try proxy.client()
             let size = 100 << 20
             try c.send("GET /bytes/\(size) HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -196,7 +196,7 @@ func parse(_ text: String) throws -> Configuration {
 @Suite(.serialized) struct SignalTests {
     /// The real binary: SIGHUP with a broken file keeps the old configuration serving and logs
     /// the error with its place; `tether -s reload` applies a good one.
-    @Test(arguments: EventLoopUnderTest.allCases) func reloadBySignal(on loop: EventLoopUnderTest) throws {
+    @Test func reloadBySignal() throws {
         let dir = NSTemporaryDirectory() + "tether-sig-" + UUID().uuidString
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -214,7 +214,7 @@ func parse(_ text: String) throws -> Configuration {
         let exe = try tetherExecutable()
         let p = Process()
         p.executableURL = exe
-        p.arguments = (loop.arguments) + ["-c", file]
+        p.arguments = ["-c", file]
         try p.run()
         defer { if p.isRunning { p.terminate(); p.waitUntilExit() } }
         func get() throws -> String {
@@ -254,7 +254,7 @@ func parse(_ text: String) throws -> Configuration {
     }
 
     /// SIGUSR1 (as logrotate sends it after moving the files) makes Tether write to new files.
-    @Test(arguments: EventLoopUnderTest.allCases) func reopenLogsBySignal(on loop: EventLoopUnderTest) throws {
+    @Test func reopenLogsBySignal() throws {
         let dir = NSTemporaryDirectory() + "tether-reopen-" + UUID().uuidString
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -268,7 +268,7 @@ func parse(_ text: String) throws -> Configuration {
             """.write(toFile: file, atomically: true, encoding: .utf8)
         let p = Process()
         p.executableURL = try tetherExecutable()
-        p.arguments = (loop.arguments) + ["-c", file]
+        p.arguments = ["-c", file]
         try p.run()
         defer { if p.isRunning { p.terminate(); p.waitUntilExit() } }
         func get(_ path: String) throws {

@@ -157,10 +157,10 @@ import Glibc
         }
     }
 
-    @Test(arguments: EventLoopUnderTest.allCases) func routingByServerNameAndLocation(on loop: EventLoopUnderTest) throws {
+    @Test func routingByServerNameAndLocation() throws {
         let backend = try TestBackend()
         defer { backend.stop() }
-        let proxy = try startProxy(on: loop, config: """
+        let proxy = try startProxy(config: """
             worker_processes 1;
             http {
                 upstream b { server 127.0.0.1:\(backend.port); }
@@ -198,8 +198,8 @@ import Glibc
         #expect(backend.requests.last?.target == "/v2/items?q=1")
     }
 
-    @Test(arguments: EventLoopUnderTest.allCases) func returnDirectiveAndNotFound(on loop: EventLoopUnderTest) throws {
-        let proxy = try startProxy(on: loop, config: """
+    @Test func returnDirectiveAndNotFound() throws {
+        let proxy = try startProxy(config: """
             worker_processes 1;
             http {
                 server {
@@ -256,9 +256,9 @@ import Glibc
     static let size = 200 << 20
 
     /// 200 MB each way through the proxy, byte-exact, while the process grows far less than that.
-    @Test(arguments: EventLoopUnderTest.allCases)
-    func largeUploadAndDownloadAreStreamedInBoundedMemory(loop: EventLoopUnderTest) throws {
-        try withProxy(on: loop, http: "client_max_body_size 0;") { proxy, backend in
+    @Test
+    func largeUploadAndDownloadAreStreamedInBoundedMemory() throws {
+        try withProxy(http: "client_max_body_size 0;") { proxy, backend in
             let before = residentBytes()
             let up = try proxy.client()
             try up.send("POST /sum HTTP/1.1\r\nHost: t\r\nContent-Length: \(Self.size)\r\n\r\n")
@@ -287,9 +287,9 @@ import Glibc
 @Suite struct LiveFuzzTests {
     /// Thousands of mutated and cut requests over real connections (eight at a time): Tether
     /// answers or closes, never crashes, and a good request afterwards is served.
-    @Test(arguments: EventLoopUnderTest.allCases)
-    func mutatedRequestsNeverBreakTheProxy(loop: EventLoopUnderTest) throws {
-        try withProxy(on: loop, http: "client_header_timeout 200ms; client_body_timeout 200ms; client_max_body_size 4k;") { proxy, backend in
+    @Test
+    func mutatedRequestsNeverBreakTheProxy() throws {
+        try withProxy(http: "client_header_timeout 200ms; client_body_timeout 200ms; client_max_body_size 4k;") { proxy, backend in
             let samples = [
                 "GET /a?b=c HTTP/1.1\r\nHost: t\r\nConnection: keep-alive, X-Y\r\nX-Y: 1\r\n\r\n",
                 "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello",

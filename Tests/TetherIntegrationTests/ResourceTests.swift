@@ -12,7 +12,7 @@ import Glibc
 @Suite(.serialized) struct ResourceTests {
     /// With 64 descriptors and 120 clients, accept4() fails with EMFILE: Tether logs it (once a
     /// second at most), counts it, and serves again once descriptors come back.
-    @Test(arguments: EventLoopUnderTest.allCases) func runningOutOfDescriptorsIsLoggedCountedAndRecovered(on loop: EventLoopUnderTest) throws {
+    @Test func runningOutOfDescriptorsIsLoggedCountedAndRecovered() throws {
         let port = freePort()
         try withTetherProcess(config: { dir in """
             worker_processes 1;
@@ -25,7 +25,7 @@ import Glibc
                     location = /metrics { stats prometheus; }
                 }
             }
-            """ }, port: port, arguments: loop.arguments) { pid, dir in
+            """ }, port: port, arguments: []) { pid, dir in
             var clients: [TestClient] = []
             for _ in 0..<120 { clients.append(try TestClient(port: port)) }
             let log = dir + "/error.log"
@@ -57,7 +57,7 @@ extension ResourceTests {
     /// comes back near where it started once they are answered and gone, instead of staying at
     /// the burst's peak. (Answered by Tether itself: proxied, the pool would rightly keep upstream
     /// connections open.)
-    @Test(arguments: EventLoopUnderTest.allCases) func memoryComesBackAfterABurst(on loop: EventLoopUnderTest) throws {
+    @Test func memoryComesBackAfterABurst() throws {
         let port = freePort()
         try withTetherProcess(config: { _ in """
             worker_processes 2;
@@ -69,7 +69,7 @@ extension ResourceTests {
                     location /local { return 200 "local"; }
                 }
             }
-            """ }, port: port, arguments: loop.arguments) { pid, _ in
+            """ }, port: port, arguments: []) { pid, _ in
             let big = String(repeating: "v", count: 12_000)
             /// `n` clients send all of a large head but its last line, so that Tether holds each
             /// half-read; `during` runs then; then the heads are finished and answered.
@@ -106,9 +106,9 @@ extension ResourceTests {
 }
 
 @Suite struct AdminMethodTests {
-    @Test(arguments: EventLoopUnderTest.allCases, ["POST", "PUT", "DELETE", "OPTIONS"])
-    func adminPagesAnswerGETAndHEADOnly(on loop: EventLoopUnderTest, _ method: String) throws {
-        try withProxy(on: loop, server: "location = /status { stub_status; } location = /metrics { stats prometheus; }") { proxy, _ in
+    @Test(arguments: ["POST", "PUT", "DELETE", "OPTIONS"])
+    func adminPagesAnswerGETAndHEADOnly(_ method: String) throws {
+        try withProxy(server: "location = /status { stub_status; } location = /metrics { stats prometheus; }") { proxy, _ in
             let c = try proxy.client()
             for page in ["/status", "/metrics"] {
                 try c.send("\(method) \(page) HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
@@ -125,8 +125,8 @@ extension ResourceTests {
     }
 
     /// Concurrent scrapes share gatherings: all are answered, and none waits behind the others.
-    @Test(arguments: EventLoopUnderTest.allCases) func concurrentScrapesAreAllAnsweredTogether(on loop: EventLoopUnderTest) throws {
-        try withProxy(on: loop, server: "location = /metrics { stats prometheus; } location = /stats { stats json; }") { proxy, _ in
+    @Test func concurrentScrapesAreAllAnsweredTogether() throws {
+        try withProxy(server: "location = /metrics { stats prometheus; } location = /stats { stats json; }") { proxy, _ in
             let answered = NIOLockedValueBox(0)
             DispatchQueue.concurrentPerform(iterations: 100) { i in
                 guard let c = try? proxy.client() else { return }

@@ -83,11 +83,11 @@ func hostDefault(_ name: String) -> Int32 {
     ]
 
     /// The options read back from the live sockets on both sides match the configuration.
-    @Test(arguments: cases, EventLoopUnderTest.allCases)
-    func optionsReachTheKernel(_ c: Case, loop: EventLoopUnderTest) throws {
+    @Test(arguments: cases)
+    func optionsReachTheKernel(_ c: Case) throws {
         let backend = try TestBackend()
         defer { backend.stop() }
-        let proxy = try startProxy(on: loop, config: """
+        let proxy = try startProxy(config: """
             worker_processes 1;
             http {
                 upstream b { server 127.0.0.1:\(backend.port); \(c.upstream) }
@@ -109,9 +109,9 @@ func hostDefault(_ name: String) -> Int32 {
         #expect(tcpNoDelay(fd: pooled[0]) == 1)
     }
 
-    @Test(arguments: EventLoopUnderTest.allCases)
-    func proxySocketKeepaliveTurnsOnSOKeepaliveUpstream(loop: EventLoopUnderTest) throws {
-        try withProxy(on: loop, workers: 1, location: "proxy_socket_keepalive on;") { proxy, backend in
+    @Test
+    func proxySocketKeepaliveTurnsOnSOKeepaliveUpstream() throws {
+        try withProxy(workers: 1, location: "proxy_socket_keepalive on;") { proxy, backend in
             let client = try proxy.client()
             try client.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             _ = try client.readResponse()
@@ -129,12 +129,12 @@ func hostDefault(_ name: String) -> Int32 {
     /// closed) is found dead by `tcp_keepalive 1:1:2` within about 3 s, and the next request gets a
     /// fresh connection. Needs root to make a network namespace; skipped (and said so) otherwise.
     /// One loop after the other: the namespace's addresses are fixed.
-    @Test(.serialized, .enabled(if: canMakeNamespaces, "needs root and iproute2 to create a network namespace"), arguments: EventLoopUnderTest.allCases)
-    func deadPeerIsDetectedByKeepalive(on loop: EventLoopUnderTest) throws {
+    @Test(.serialized, .enabled(if: canMakeNamespaces, "needs root and iproute2 to create a network namespace"))
+    func deadPeerIsDetectedByKeepalive() throws {
         let net = try TestNamespace()
         defer { net.remove() }
         try net.startBackend(port: 8080)
-        let proxy = try startProxy(on: loop, config: """
+        let proxy = try startProxy(config: """
             worker_processes 1;
             http {
                 upstream b { server \(net.peerAddress):8080; tcp_keepalive 1:1:2; }

@@ -33,11 +33,11 @@ import Glibc
     /// least_conn counts a request as active on its server until it ends, however it ends: one
     /// whose client leaves before it has an upstream connection is no longer counted, so equal
     /// servers keep taking turns afterwards.
-    @Test(arguments: EventLoopUnderTest.allCases)
-    func aClientLeavingBeforeItsRequestHasAConnectionIsNotLeftActiveForLeastConn(on loop: EventLoopUnderTest) throws {
+    @Test
+    func aClientLeavingBeforeItsRequestHasAConnectionIsNotLeftActiveForLeastConn() throws {
         let b1 = try TestBackend(), b2 = try TestBackend()
         defer { b1.stop(); b2.stop() }
-        let proxy = try startProxy(on: loop, config: """
+        let proxy = try startProxy(config: """
             worker_processes 1;
             http {
                 upstream backend { least_conn; server 127.0.0.1:\(b1.port); server 127.0.0.1:\(b2.port); }
@@ -170,15 +170,12 @@ import Glibc
     }
 
     /// A backend that advertises a shorter keep-alive window than configured is warned about once.
-    @Test(arguments: EventLoopUnderTest.allCases) func shorterBackendTimeoutIsWarnedAboutOnce(on loop: EventLoopUnderTest) throws {
+    @Test func shorterBackendTimeoutIsWarnedAboutOnce() throws {
         var o = TestBackend.Options()
         o.keepAliveHeader = "timeout=5"
         let backend = try TestBackend(options: o)
         defer { backend.stop() }
-        let logs = LogCapture()
-        let file = NSTemporaryDirectory() + "tether-warn-\(UUID().uuidString).log"
-        let fd = open(file, O_WRONLY | O_CREAT | O_APPEND, 0o644)
-        defer { close(fd); unlink(file) }
+        let logs = ErrorLogFile(level: .notice)
         let config = """
             worker_processes 1;
             http {
@@ -186,8 +183,7 @@ import Glibc
                 server { listen 127.0.0.1:0; location / { proxy_pass http://app; } }
             }
             """
-        let proxy: any ProxyUnderTest = loop == .nio ? try RunningProxy(config: config, logs: logs)
-            : try RunningCore(config: config, errorLog: LoopErrorLog(level: .notice, fd: fd))
+        let proxy: any ProxyUnderTest = try RunningCore(config: config, errorLog: logs.log)
         defer { proxy.stop() }
         let c = try proxy.client()
         for _ in 0..<3 {
@@ -195,13 +191,8 @@ import Glibc
             #expect(try c.readResponse().status == 200)
         }
         let text = "upstream \"app\" server 127.0.0.1:\(backend.port) advertises Keep-Alive: timeout=5, shorter than its keepalive_timeout 1m; Tether expires its connections before the backend does"
-        if loop == .nio {
-            let warnings = logs.messages.filter { $0.contains("advertises Keep-Alive: timeout=5") }
-            #expect(warnings == ["[warning] " + text])
-        } else {
-            let lines = ((try? String(contentsOfFile: file, encoding: .utf8)) ?? "").split(separator: "\n").filter { $0.contains("advertises Keep-Alive") }
-            #expect(lines.count == 1 && lines[0].contains("[warn] ") && lines[0].hasSuffix(text), "\(lines)")
-        }
+        let lines = logs.lines.filter { $0.contains("advertises Keep-Alive") }
+        #expect(lines.count == 1 && lines[0].contains("[warn] ") && lines[0].hasSuffix(text), "\(lines)")
     }
 
     /// When the backend closes its side of an idle pooled connection, Tether closes its side at once.
@@ -219,8 +210,8 @@ import Glibc
         }
     }
 
-    @Test(arguments: EventLoopUnderTest.allCases) func backendDownGives502(on loop: EventLoopUnderTest) throws {
-        let proxy = try startProxy(on: loop, config: """
+    @Test func backendDownGives502() throws {
+        let proxy = try startProxy(config: """
             worker_processes 1;
             http { server { listen 127.0.0.1:0; location / { proxy_pass http://127.0.0.1:1; } } }
             """)
@@ -257,10 +248,10 @@ import Glibc
         }
     }
 
-    @Test(arguments: EventLoopUnderTest.allCases) func nextUpstreamAfterConnectFailure(on loop: EventLoopUnderTest) throws {
+    @Test func nextUpstreamAfterConnectFailure() throws {
         let backend = try TestBackend()
         defer { backend.stop() }
-        let proxy = try startProxy(on: loop, config: """
+        let proxy = try startProxy(config: """
             worker_processes 1;
             http {
                 upstream pair { server 127.0.0.1:1; server 127.0.0.1:\(backend.port); }

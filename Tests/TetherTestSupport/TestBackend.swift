@@ -1,7 +1,6 @@
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
-import TetherTLS
 
 /// A scriptable HTTP/1.1 backend for tests, written on raw bytes so that it shares nothing with
 /// Tether's own parser. It counts what it sees and misbehaves on request.
@@ -20,8 +19,8 @@ public final class TestBackend: Sendable {
         public var keepAliveHeader: String?
         /// Close the connection after this many requests (with `Connection: close`).
         public var closeAfterRequests: Int?
-        /// Serve HTTPS with this context (OpenSSL, through Tether's own TLS handler).
-        public var tls: TLSContext?
+        /// Serve HTTPS with this certificate (chain file) and key, through a `TLSFront`.
+        public var tls: (certificate: String, key: String)?
         public init() {}
     }
 
@@ -50,6 +49,8 @@ public final class TestBackend: Sendable {
     let group: MultiThreadedEventLoopGroup
     let channel: Channel
     let state: NIOLockedValueBox<State>
+    /// HTTPS in front, when `options.tls` asks for it: `port` is its.
+    let front: TLSFront?
     public let port: Int
     public let options: Options
 
@@ -67,14 +68,17 @@ public final class TestBackend: Sendable {
             .childChannelInitializer { ch in
                 ch.eventLoop.makeCompletedFuture {
                     let id = state.withLockedValue { s -> Int in s.connections += 1; s.open += 1; return s.connections }
-                    if let tls = opts.tls {
-                        try ch.pipeline.syncOperations.addHandler(TLSHandler(server: TLSServerNames(defaultContext: tls) { _ in nil }, observer: nil))
-                    }
                     try ch.pipeline.syncOperations.addHandler(BackendHandler(id: id, options: opts, state: state))
                 }
             }
             .bind(host: "127.0.0.1", port: 0).wait()
-        port = channel.localAddress!.port!
+        if let tls = options.tls {
+            front = try TLSFront(certificate: tls.certificate, key: tls.key, target: channel.localAddress!.port!)
+            port = front!.port
+        } else {
+            front = nil
+            port = channel.localAddress!.port!
+        }
     }
 
     /// Connections accepted so far.
@@ -86,6 +90,7 @@ public final class TestBackend: Sendable {
     public var droppedCount: Int { state.withLockedValue { $0.dropped } }
 
     public func stop() {
+        front?.stop()
         try? channel.close().wait()
         try? group.syncShutdownGracefully()
     }

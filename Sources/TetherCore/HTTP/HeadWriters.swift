@@ -1,14 +1,6 @@
-import NIOCore
 import TetherConfig
 import TetherHTTP
 import TetherIO
-
-extension ByteBuffer: HeadSink {
-    @inline(__always)
-    public mutating func put(_ bytes: UnsafeRawBufferPointer) { writeBytes(bytes) }
-    public var mark: Int { writerIndex }
-    public mutating func rollback(to mark: Int) { moveWriterIndex(to: mark) }
-}
 
 extension OutboundQueue: HeadSink {
     @inline(__always)
@@ -44,7 +36,7 @@ protocol VariableSource {
     func writeVariable<S: HeadSink & ~Copyable>(_ v: Variable, into out: inout S)
 }
 
-/// The head writers of both paths, blind to the buffers under them: the request head as it goes
+/// The head writers, blind to the buffers under them: the request head as it goes
 /// upstream and the response head as it goes to the client, from a parsed head's bytes and its
 /// `HeadLayout`.
 enum HeadWriter {

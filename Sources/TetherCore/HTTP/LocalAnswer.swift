@@ -1,7 +1,7 @@
 import TetherHTTP
 
-/// An answer Tether makes itself (`return`, an error page, an admin page), written the same way
-/// on both paths into any `HeadSink`: the status line, `Server` (with the version when
+/// An answer Tether makes itself (`return`, an error page, an admin page), written into any
+/// `HeadSink`: the status line, `Server` (with the version when
 /// `server_tokens` is on), `Date`, the body's type and length, a redirect's `Location` with
 /// nginx's small HTML page, the keep-alive headers, and the body unless the request was HEAD or
 /// the status has none.

@@ -1,6 +1,6 @@
 import TetherHTTP
 
-/// The rules of protocol upgrades, for both paths: what of a request's `Upgrade` goes upstream,
+/// The rules of protocol upgrades: what of a request's `Upgrade` goes upstream,
 /// and whether a 101 switches to something the request offered. A tunnel is never opened
 /// otherwise: the client's next bytes would reach the backend unparsed.
 enum Upgrade {
@@ -39,7 +39,7 @@ enum Upgrade {
         return s[a..<b]
     }
 
-    /// A head's `Upgrade` value (own loop: the head's bytes), as text; nil without one.
+    /// A head's `Upgrade` value (`bytes`: the head's bytes), as text; nil without one.
     static func value(_ head: HeadLayout, _ bytes: UnsafeRawBufferPointer) -> Substring? {
         guard let i = head.upgradeIndex else { return nil }
         let f = head.headers[i]

@@ -795,7 +795,7 @@ final class ClientConnection: IOHandler {
     }
 
     /// The keep-alive decision made when the request arrived, as it stands when its answer's head
-    /// is written: a shutdown begun meanwhile makes it close (as the SwiftNIO path does).
+    /// is written: a shutdown begun meanwhile makes it close.
     func keepsAliveAtResponse(_ decided: Bool) -> Bool {
         guard decided, shared.draining else { return decided }
         state.pendingReason = .shutdown

@@ -39,8 +39,7 @@ struct CoreSetupError: Error, CustomStringConvertible {
     init(_ description: String) { self.description = description }
 }
 
-/// The configuration's routing for the requests of one listening address on Tether's own loop,
-/// as the SwiftNIO path routes them: the server by `Host` (nginx's virtual host rules), the
+/// The configuration's routing for the requests of one listening address: the server by `Host` (nginx's virtual host rules), the
 /// location by the normalised path, then `client_max_body_size` (413), `CONNECT` (405),
 /// `allow`/`deny` (403), and the location's action: `proxy_pass` through the loop's pools,
 /// `return` (444 closes without an answer; a text is expanded with the request's variables),

@@ -7,13 +7,12 @@ import TetherHTTP
 import TetherIO
 import TetherTLS
 
-/// A configuration served on Tether's own loop (issue 15), beside the SwiftNIO path until the
-/// switch: `tether --event-loop own`. One loop per worker, each on its own thread with its own
+/// A configuration served on Tether's event loops (issue 15). One loop per worker, each on its own thread with its own
 /// `SO_REUSEPORT` socket per listening address, its own buffer pool and its own upstream pools;
 /// nothing is shared between loops, so the request path takes no lock. TLS at both ends through
 /// `TLSSocket`; the admin pages gather every loop's counters through `CoreAdmin`; access log lines
-/// are made on the loops and written by a thread of their own (`AccessLogWriter`). Not yet here:
-/// reload and upgrade tunnels.
+/// are made on the loops and written by a thread of their own (`AccessLogWriter`); a helper
+/// thread (`CoreAdmin`'s) gathers scrapes and gives memory back after a burst.
 public final class CoreServer: @unchecked Sendable {
     /// The running configuration and what was made of it (`reload` replaces both).
     private let current: Mutex<(configuration: Configuration, setup: ProxySetup)>
@@ -148,13 +147,19 @@ public final class CoreServer: @unchecked Sendable {
         log(.notice, "configuration reloaded from \(configuration.file)")
     }
 
+    /// The checks that need more than the configuration's text: TLS certificates, keys, cipher
+    /// lists and curves, as OpenSSL reads them (for `tether -t` and before a start or reload).
+    public static func validate(_ configuration: Configuration) throws(ConfigErrors) {
+        _ = try TLSSetup(configuration)
+    }
+
     /// What cannot be set up on a loop, found before any loop is touched: an upstream server
     /// that is not a numeric address (names are resolved when the configuration is read).
     static func check(_ setup: ProxySetup) throws(CoreSetupError) {
         for (_, u) in setup.upstreams {
-            guard !u.config.servers.isEmpty else { throw CoreSetupError("\(u.config.location): upstream \"\(u.config.name)\" has no server") }
-            for s in u.config.servers where UInt16(exactly: s.port) == nil || InetAddress(host: s.address, port: UInt16(clamping: s.port)) == nil {
-                throw CoreSetupError("\(u.config.location): server \(s.host):\(s.port) of upstream \"\(u.config.name)\": not a numeric address")
+            guard !u.servers.isEmpty else { throw CoreSetupError("\(u.location): upstream \"\(u.name)\" has no server") }
+            for s in u.servers where UInt16(exactly: s.port) == nil || InetAddress(host: s.address, port: UInt16(clamping: s.port)) == nil {
+                throw CoreSetupError("\(u.location): server \(s.host):\(s.port) of upstream \"\(u.name)\": not a numeric address")
             }
         }
     }
@@ -400,13 +405,13 @@ private final class LoopThread: @unchecked Sendable {
         var next: [String: LoopUpstream] = [:]
         for (key, g) in groups {
             guard let u = setup.upstreams[g.upstream] else { continue }
-            if let old = upstreams[key], old.config.sameDefinition(as: u.config), (old.tls == nil) == (g.context == nil) {
+            if let old = upstreams[key], old.config.sameDefinition(as: u), (old.tls == nil) == (g.context == nil) {
                 old.useTLS(g.context)
                 next[key] = old
                 continue
             }
             do {
-                next[key] = try LoopUpstream.make(u.config, loop: loop, buffers: buffers, log: log, socketKeepalive: socketKeepalive.contains(g.upstream),
+                next[key] = try LoopUpstream.make(u, loop: loop, buffers: buffers, log: log, socketKeepalive: socketKeepalive.contains(g.upstream),
                                                   host: setup.hostKeepalive, tls: g.context)
             } catch {
                 // `CoreServer.check` refused such a configuration before any loop was touched.
@@ -472,7 +477,7 @@ private final class LoopThread: @unchecked Sendable {
         }, failed: { e, loop in
             clients.stats.acceptFailures[e.errno == EMFILE ? "emfile" : e.errno == ENFILE ? "enfile" : "other", default: 0] += 1
             // A back-off of 100 ms follows each failure; the line at most once a second, with
-            // the count since the last one, as the SwiftNIO path logs it.
+            // the count since the last one.
             if let since = acceptLog.due(now: loop.now) {
                 log(.crit, "\(e) on \(name) (\(since) failures since the last message), accepting again in 100 ms")
             }
@@ -546,7 +551,7 @@ private final class LoopThread: @unchecked Sendable {
     }
 }
 
-/// A configuration the own loop refuses, or a start that failed: one `file:line: message` per line.
+/// A configuration the loops refuse, or a start that failed: one `file:line: message` per line.
 public struct CoreServerError: Error, CustomStringConvertible {
     public let lines: [String]
     public var description: String { lines.joined(separator: "\n") }

@@ -4,7 +4,7 @@ import Glibc
 import TetherConfig
 
 /// The error log of Tether's own loops, in nginx's format (`2026/12/07 07:00:45 [error] 1234#0:
-/// message`, the same as the SwiftNIO path's). A line below `error_log`'s level is dropped before
+/// message`). A line below `error_log`'s level is dropped before
 /// its text is made: `message` is only evaluated for a line that is written. Each line goes out
 /// whole in one `write` to standard error, which the executable points at the `error_log` file
 /// (and points again at a reopened file on SIGUSR1), so loops on several threads never interleave

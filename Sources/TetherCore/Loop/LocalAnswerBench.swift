@@ -5,8 +5,8 @@ import TetherPool
 
 /// Tether's own loop answering every request itself with a fixed body: what `tether bench-core`
 /// runs for `bench/core-local.sh`, which counts its instructions per request against nginx's
-/// `return 200` and against the SwiftNIO path's. A measuring tool for the new core's client
-/// side, not a server to deploy.
+/// `return 200` and against `tether -c`'s. A measuring tool for the floor of the client side,
+/// not a server to deploy.
 public enum LocalAnswerBench {
     final class Answer: ClientRequestHandler {
         let body: [UInt8]

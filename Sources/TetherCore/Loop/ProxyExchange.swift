@@ -4,6 +4,7 @@ import Glibc
 import TetherConfig
 import TetherHTTP
 import TetherIO
+import TetherTLS
 import TetherPool
 
 /// One request on its way through an upstream connection and its answer on the way back, on
@@ -14,8 +15,8 @@ import TetherPool
 /// Content-Length and close-delimited bodies by moving the upstream's buffers to the client
 /// (no copy), chunked ones re-framed canonically (their data copied into the client's queue:
 /// the size lines sit between the data), a close-delimited body chunked to an HTTP/1.1 client
-/// so that it can stay alive. Failures go through `NextUpstream`, the decisions the SwiftNIO
-/// path takes too: a reused connection that failed before any response byte is retried once on
+/// so that it can stay alive. Failures go through `NextUpstream` (pure decisions, tested on
+/// their own): a reused connection that failed before any response byte is retried once on
 /// a fresh one, `proxy_next_upstream` sends the request to another server, otherwise 502/504,
 /// and a response cut after its head ends the client connection (with a reset where a FIN
 /// would make the cut look complete). The connection goes back to the pool when the response
@@ -420,12 +421,17 @@ final class ProxyExchange: UpstreamLinkOwner {
 
     func upstreamConnectFailed(_ link: UpstreamLink, errno: Int32) {
         self.link = nil
-        failed(errno == ETIMEDOUT ? .timeout : .error, Self.callFailed("connect", errno))
+        // EPROTO: the TLS handshake failed (its reason is logged by the pool, with OpenSSL's words).
+        failed(errno == ETIMEDOUT ? .timeout : .error, errno == EPROTO ? "TLS handshake with upstream failed" : Self.callFailed("connect", errno))
     }
 
     func upstreamClosed(_ link: UpstreamLink, errno: Int32?) {
         self.link = nil
-        failed(.error, errno.map { Self.callFailed("recv", $0) } ?? "upstream prematurely closed connection")
+        switch errno {
+        case TLSSocket.raggedEnd?: failed(.error, "upstream closed the TLS connection without close_notify: the response may be truncated")
+        case let e?: failed(.error, Self.callFailed("recv", e))
+        case nil: failed(.error, "upstream prematurely closed connection")
+        }
     }
 
     func upstreamTimedOut(_ link: UpstreamLink) {

@@ -9,28 +9,11 @@ import TetherTestSupport
 import Glibc
 #endif
 
-/// Tether's own event loop (`tether --event-loop own`, issue 15) serving real sockets in front of
-/// a real backend: what it does today, ahead of the switch. The body and fuzz tests of
-/// RequestTests run on both loops too.
-@Suite struct OwnLoopTests {
-    /// 1,000 requests over ten kept-alive clients on two loops: every answer right, and the
-    /// backend sees at most one connection per client per loop (warm connections reused).
-    @Test func keptAliveClientsReuseWarmUpstreamConnections() throws {
-        try withProxy(on: .own, workers: 2) { proxy, backend in
-            let clients = try (0..<10).map { _ in try proxy.client() }
-            for i in 0..<1000 {
-                let c = clients[i % 10]
-                try c.send("GET /n/\(i) HTTP/1.1\r\nHost: t\r\n\r\n")
-                let r = try c.readResponse()
-                #expect(r.status == 200 && r.bodyText == "ok")
-            }
-            #expect(backend.requestCount == 1000)
-            #expect(backend.connectionCount <= 10, "backend accepted \(backend.connectionCount) connections")
-        }
-    }
-
+/// Tether's event loops (issue 15) serving real sockets in front of a real backend: loops sharing
+/// a port, admin pages gathered from every loop, shutdown, access logs, the binary's signals.
+@Suite struct EventLoopTests {
     @Test func keepaliveTimeoutAndRequestsAsNginx() throws {
-        try withProxy(on: .own, http: "keepalive_timeout 1s; keepalive_requests 3;") { proxy, _ in
+        try withProxy(http: "keepalive_timeout 1s; keepalive_requests 3;") { proxy, _ in
             let c = try proxy.client()
             for i in 1...3 {
                 try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -49,7 +32,7 @@ import Glibc
     }
 
     @Test func pipelinedRequestsAreAnsweredInOrder() throws {
-        try withProxy(on: .own) { proxy, _ in
+        try withProxy() { proxy, _ in
             let c = try proxy.client()
             try c.send("GET /status/201 HTTP/1.1\r\nHost: t\r\n\r\nPOST /sum HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabcGET /status/202 HTTP/1.1\r\nHost: t\r\n\r\n")
             #expect(try c.readResponse().status == 201)
@@ -63,7 +46,7 @@ import Glibc
     /// behind it wait for it and come in order, a body it was sent is dropped, and a client that
     /// leaves before its page is ready costs nothing (the next scrape is answered).
     @Test func anAdminPageKeepsItsPlaceInAPipeline() throws {
-        try withProxy(on: .own, workers: 2, server: adminLocations) { proxy, _ in
+        try withProxy(workers: 2, server: adminLocations) { proxy, _ in
             let c = try proxy.client()
             try c.send("GET /status/201 HTTP/1.1\r\nHost: t\r\n\r\nGET /status HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhelloGET /metrics HTTP/1.1\r\nHost: t\r\n\r\nGET /status/202 HTTP/1.1\r\nHost: t\r\n\r\n")
             #expect(try c.readResponse().status == 201)
@@ -96,7 +79,7 @@ import Glibc
         let c = try proxy.client()
         try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         #expect(try c.readResponse().status == 502)
-        try withProxy(on: .own) { proxy, _ in
+        try withProxy() { proxy, _ in
             let g = try proxy.client()
             try g.send("GET /garbage HTTP/1.1\r\nHost: t\r\n\r\n")
             #expect(try g.readResponse().status == 502)
@@ -114,9 +97,9 @@ import Glibc
 
     /// A shutdown closes the listener and the idle connections, and a request whose head was
     /// still arriving is answered (marked close) once the rest of it comes.
-    @Test(arguments: EventLoopUnderTest.allCases)
-    func aHeadHalfReadAtShutdownIsAnsweredAndClosed(on loop: EventLoopUnderTest) throws {
-        let proxy = try startProxy(on: loop, config: "worker_processes 1; http { server { listen 127.0.0.1:0; location / { return 200 up; } } }")
+    @Test
+    func aHeadHalfReadAtShutdownIsAnsweredAndClosed() throws {
+        let proxy = try startProxy(config: "worker_processes 1; http { server { listen 127.0.0.1:0; location / { return 200 up; } } }")
         let idle = try TestClient(port: proxy.port)
         try idle.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         #expect(try idle.readResponse().bodyText == "up")
@@ -145,7 +128,7 @@ import Glibc
     @Test func quitFinishesTheRequestInFlightThenExits() throws {
         let backend = try TestBackend()
         defer { backend.stop() }
-        let tether = try OwnLoopBinary(http: """
+        let tether = try TetherBinary(http: """
             upstream b { server 127.0.0.1:\(backend.port); }
             server { listen 127.0.0.1:PORT; location / { proxy_pass http://b; } }
             """)
@@ -176,7 +159,7 @@ import Glibc
     /// A failing backend: its 502 and an error-log line that says why and where, as nginx's.
     @Test func aFailingBackendIsLoggedWithItsCause() throws {
         let down = freePort()
-        let tether = try OwnLoopBinary(http: """
+        let tether = try TetherBinary(http: """
             upstream b { server 127.0.0.1:\(down); }
             server { listen 127.0.0.1:PORT; location / { proxy_pass http://b; } }
             """)
@@ -189,12 +172,12 @@ import Glibc
         })
     }
 
-    /// The access log on the own loop says what each request got, whichever way it ended: a
+    /// The access log says what each request got, whichever way it ended: a
     /// proxied answer (with the `$request_id` the backend was sent), a 502 made by Tether with
     /// the upstream's address, `return 444`, an admin page answered later, and 499 for a client
     /// that left before its answer began.
     @Test func theAccessLogSaysHowEachRequestEnded() throws {
-        let dir = NSTemporaryDirectory() + "tether-own-log-" + UUID().uuidString
+        let dir = NSTemporaryDirectory() + "tether-bin-log-" + UUID().uuidString
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let down = freePort()
@@ -253,7 +236,7 @@ import Glibc
     /// SIGUSR1 opens the file again by its name (as logrotate expects after moving it).
     @Test func theErrorLogKeepsItsLevelAndIsReopenedOnSIGUSR1() throws {
         let down = freePort()
-        let tether = try OwnLoopBinary(http: """
+        let tether = try TetherBinary(http: """
             upstream b { server 127.0.0.1:\(down); }
             server { listen 127.0.0.1:PORT; location / { proxy_pass http://b; } }
             """, level: "error")
@@ -318,11 +301,11 @@ import Glibc
     }
 }
 
-/// `tether --event-loop own` as a process, with a pid file and an error log in a folder of its
+/// `tether` as a process, with a pid file and an error log in a folder of its
 /// own; `PORT` in the `http` block's text is a free port, listening once `log()` says so.
-struct OwnLoopBinary {
+struct TetherBinary {
     let process = Process()
-    let dir = NSTemporaryDirectory() + "tether-own-" + UUID().uuidString
+    let dir = NSTemporaryDirectory() + "tether-bin-" + UUID().uuidString
     let port = freePort()
     var file: String { dir + "/t.conf" }
 
@@ -337,7 +320,7 @@ struct OwnLoopBinary {
             }
             """.write(toFile: file, atomically: true, encoding: .utf8)
         process.executableURL = try tetherExecutable()
-        process.arguments = ["--event-loop", "own", "-c", file]
+        process.arguments = ["-c", file]
         try process.run()
         let port = self.port
         guard eventually({ (try? TestClient(port: port, timeoutMs: 200)) != nil }) else {

@@ -1,12 +1,12 @@
-import NIOCore
+@testable import TetherCore
 import TetherHTTP
 import TetherPool
 
-/// A parsed head together with its bytes, on the NIO path: the bytes are a slice of the buffer
-/// the head was read into (no copy), the layout says where everything is in them.
+/// A parsed head together with a copy of its bytes, for the parser's tests: the layout says where
+/// everything is in them.
 struct ParsedHead {
     /// The head's bytes, from the first line to the blank line's CRLF inclusive.
-    var bytes: ByteBuffer
+    var bytes: [UInt8]
     var layout: HeadLayout
 
     // The layout's parts, read through (explicit: a key-path member lookup was not free).
@@ -41,7 +41,7 @@ struct ParsedHead {
     }
 
     func string(_ start: Int, _ end: Int) -> String {
-        bytes.getString(at: bytes.readerIndex + start, length: end - start) ?? ""
+        String(decoding: bytes[start..<end], as: UTF8.self)
     }
 
     var method: String { string(0, layout.methodEnd) }
@@ -51,13 +51,13 @@ struct ParsedHead {
 
     /// The value of the first header named `name` (lowercase), if any.
     func value(named name: String) -> String? {
-        let i = bytes.withUnsafeReadableBytes { p in layout.index(named: Array(name.utf8), in: p) }
+        let i = bytes.withUnsafeBytes { p in layout.index(named: Array(name.utf8), in: p) }
         return i.map { value(layout.headers[$0]) }
     }
 
-    var isIdempotent: Bool { bytes.withUnsafeReadableBytes { layout.isIdempotent(in: $0) } }
+    var isIdempotent: Bool { bytes.withUnsafeBytes { layout.isIdempotent(in: $0) } }
     var isHEAD: Bool { layout.methodEnd == 4 && methodIs("HEAD") }
-    func methodIs(_ m: StaticString) -> Bool { bytes.withUnsafeReadableBytes { layout.methodIs(m, in: $0) } }
+    func methodIs(_ m: StaticString) -> Bool { bytes.withUnsafeBytes { layout.methodIs(m, in: $0) } }
 
     func responseFraming(requestIsHEAD: Bool, upgrading: Bool = false) -> BodyFraming {
         layout.responseFraming(requestIsHEAD: requestIsHEAD, upgrading: upgrading)
@@ -77,15 +77,15 @@ enum ParsedHeadOutcome {
 }
 
 extension HeadParser {
-    /// Parses the head at the start of `buffer`'s readable bytes; the head's bytes are a slice of it.
-    static func parse(_ buffer: ByteBuffer, kind: Kind, limits: Limits, headers: inout [HeaderField]) -> ParsedHeadOutcome {
+    /// Parses the head at the start of `buffer`; the head's bytes are copied out of it.
+    static func parse(_ buffer: [UInt8], kind: Kind, limits: Limits, headers: inout [HeaderField]) -> ParsedHeadOutcome {
         var layout = HeadLayout()
-        let outcome = buffer.withUnsafeReadableBytes { p in parse(p, kind: kind, limits: limits, headers: &headers, into: &layout) }
+        let outcome = buffer.withUnsafeBytes { p in parse(p, kind: kind, limits: limits, headers: &headers, into: &layout) }
         switch outcome {
         case .incomplete: return .incomplete
         case .error(let e): return .error(e)
         case .complete(let start, let consumed):
-            let bytes = buffer.getSlice(at: buffer.readerIndex + start, length: consumed - start)!
+            let bytes = Array(buffer[start..<consumed])
             return .complete(ParsedHead(bytes: bytes, layout: layout), consumed: consumed)
         }
     }
