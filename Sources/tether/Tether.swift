@@ -147,7 +147,7 @@ struct Tether: ParsableCommand {
         close(terminal)
         let log = server.log
         let addresses = server.boundPorts.map { "\($0.address):\($0.port)" }.joined(separator: ", ")
-        log(.notice, "serving on Tether's own event loop: \(server.workerCount) loops, listening on \(addresses)")
+        log(.notice, "serving: \(server.workerCount) event loops, listening on \(addresses)")
         if let failure = Self.writePidFile(config) { log(.error, failure) }
         var received: Int32 = 0
         while true {
