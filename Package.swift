@@ -33,6 +33,8 @@ let package = Package(
             dependencies: ["COpenSSL", "TetherIO"],
             swiftSettings: release
         ),
+        // Operations tools, out of the core: `tether doctor` and the host probes (/proc).
+        .target(name: "TetherOps", dependencies: ["TetherConfig"], swiftSettings: release),
         .target(
             name: "TetherPool",
             dependencies: [.product(name: "DequeModule", package: "swift-collections")],
@@ -41,7 +43,7 @@ let package = Package(
         .target(
             name: "TetherCore",
             dependencies: [
-                "TetherConfig", "TetherPool", "TetherTLS", "TetherHTTP", "TetherIO", "CTether",
+                "TetherConfig", "TetherPool", "TetherTLS", "TetherHTTP", "TetherIO", "TetherOps", "CTether",
             ],
             swiftSettings: release
         ),
@@ -53,7 +55,7 @@ let package = Package(
         .executableTarget(
             name: "tether",
             dependencies: [
-                "TetherConfig", "TetherCore", "TetherAdmin", "TetherIO",
+                "TetherConfig", "TetherCore", "TetherAdmin", "TetherIO", "TetherOps",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: release

@@ -3,6 +3,7 @@ import TetherAdmin
 import TetherConfig
 import TetherCore
 import TetherIO
+import TetherOps
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -102,7 +103,7 @@ struct Tether: ParsableCommand {
             return
         }
         if test || testAndDump {
-            do { try CoreServer.validate(config) } catch { throw reportInvalid(error) }
+            do { try TetherServer.validate(config) } catch { throw reportInvalid(error) }
             for w in config.warnings { printError("tether: [warn] \(w)") }
             printError("tether: the configuration file \(file) syntax is ok")
             printError("tether: configuration file \(file) test is successful")
@@ -136,9 +137,9 @@ struct Tether: ParsableCommand {
             onTerminal("tether: [emerg] \(error)")
             throw ExitCode(1)
         }
-        let server: CoreServer
+        let server: TetherServer
         do {
-            server = try CoreServer(config, admin: Renderer())
+            server = try TetherServer(config, admin: Renderer())
             try server.start()
         } catch {
             for line in error.lines { onTerminal("tether: [emerg] \(line)") }
@@ -179,7 +180,7 @@ struct Tether: ParsableCommand {
     /// SIGHUP: the file is read and checked again (OpenSSL's checks included), and
     /// swapped in; a file that fails keeps the running configuration, with every error logged at
     /// its place.
-    static func reload(_ server: CoreServer, path: String, log: LoopErrorLog) {
+    static func reload(_ server: TetherServer, path: String, log: LoopErrorLog) {
         log(.notice, "SIGHUP received, reloading \(path)")
         switch Configuration.load(path: path) {
         case .failure(let errors):

@@ -33,8 +33,7 @@ let adminLocations = """
             let a = try proxy.client(), b = try proxy.client()
             for i in 0..<100 {
                 let c = i % 2 == 0 ? a : b
-                try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-                #expect(try c.readResponse().status == 200)
+                #expect(try c.get().status == 200)
             }
             let after = try scrape(proxy, "/metrics").bodyText
             let up = "{upstream=\"backend\",server=\"127.0.0.1:\(backend.port)\"}"
@@ -72,7 +71,7 @@ let adminLocations = """
         o.closeIdleAfterMs = 200
         try withProxy(backend: o, workers: 1, http: "keepalive_timeout 300ms;", server: adminLocations) { proxy, backend in
             let c = try proxy.client()
-            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            try c.sendGET()
             _ = try c.readResponse()
             #expect(c.waitForClose(timeoutMs: 2_000))
             #expect(eventually { backend.openConnections == 0 })
@@ -112,7 +111,7 @@ let adminLocations = """
     @Test func prometheusOutputParses() throws {
         try withProxy(server: adminLocations) { proxy, _ in
             let c = try proxy.client()
-            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            try c.sendGET()
             _ = try c.readResponse()
             let text = try scrape(proxy, "/metrics").bodyText
             let file = NSTemporaryDirectory() + "tether-metrics-\(UUID().uuidString).txt"
@@ -151,7 +150,7 @@ let adminLocations = """
         #expect(exprs.count >= 12)
         try withProxy(server: adminLocations) { proxy, _ in
             let c = try proxy.client()
-            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            try c.sendGET()
             _ = try c.readResponse()
             let text = try scrape(proxy, "/metrics").bodyText
             let exported = Set(text.split(separator: "\n").filter { $0.hasPrefix("# TYPE ") }.map { String($0.split(separator: " ")[2]) })

@@ -16,14 +16,12 @@ import Glibc
         try withProxy(http: "keepalive_timeout 1s; keepalive_requests 3;") { proxy, _ in
             let c = try proxy.client()
             for i in 1...3 {
-                try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-                let r = try c.readResponse()
+                let r = try c.get()
                 #expect(r.status == 200 && (r.header("connection") == "close") == (i == 3))
             }
             #expect(c.waitForClose(timeoutMs: 2_000))
             let idle = try proxy.client()
-            try idle.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            #expect(try idle.readResponse().header("keep-alive") == "timeout=1")
+            #expect(try idle.get().header("keep-alive") == "timeout=1")
             let t = NIODeadline.now()
             #expect(idle.waitForClose(timeoutMs: 3_000))
             let waited = seconds(since: t)
@@ -59,7 +57,7 @@ import Glibc
             #expect(try c.readResponse().status == 202)
             for _ in 0..<20 {
                 let gone = try proxy.client()
-                try gone.send("GET /stats HTTP/1.1\r\nHost: t\r\n\r\n")
+                try gone.sendGET("/stats")
             }
             let after = try scrape(proxy, "/stats")
             #expect(after.status == 200)
@@ -70,27 +68,24 @@ import Glibc
 
     @Test func aBackendThatIsDownIs502AndAGarbledAnswerToo() throws {
         let free = freePort()
-        let proxy = try RunningCore(config: """
+        let proxy = try RunningProxy(config: """
             worker_processes 1;
             http { upstream down { server 127.0.0.1:\(free); }
               server { listen 127.0.0.1:0; location / { proxy_pass http://down; } } }
             """)
         defer { proxy.stop() }
         let c = try proxy.client()
-        try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        #expect(try c.readResponse().status == 502)
+        #expect(try c.get().status == 502)
         try withProxy() { proxy, _ in
             let g = try proxy.client()
-            try g.send("GET /garbage HTTP/1.1\r\nHost: t\r\n\r\n")
-            #expect(try g.readResponse().status == 502)
+            #expect(try g.get("/garbage").status == 502)
         }
     }
 
     @Test func stopClosesTheListeners() throws {
-        let proxy = try RunningCore(config: "worker_processes 2; http { server { listen 127.0.0.1:0; location / { return 200 up; } } }")
+        let proxy = try RunningProxy(config: "worker_processes 2; http { server { listen 127.0.0.1:0; location / { return 200 up; } } }")
         let c = try proxy.client()
-        try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        #expect(try c.readResponse().bodyText == "up")
+        #expect(try c.get().bodyText == "up")
         proxy.stop()
         #expect(throws: (any Error).self) { try TestClient(port: proxy.port) }
     }
@@ -101,12 +96,11 @@ import Glibc
     func aHeadHalfReadAtShutdownIsAnsweredAndClosed() throws {
         let proxy = try startProxy(config: "worker_processes 1; http { server { listen 127.0.0.1:0; location / { return 200 up; } } }")
         let idle = try TestClient(port: proxy.port)
-        try idle.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        #expect(try idle.readResponse().bodyText == "up")
+        #expect(try idle.get().bodyText == "up")
         let half = try TestClient(port: proxy.port)
         try half.send("GET /half HTTP/1.1\r\nHo")
         // The proxy has read the half head before the shutdown begins.
-        #expect(eventually { (try? TestClient(port: proxy.port)).map { c in (try? c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")) != nil && (try? c.readResponse().status) == 200 } ?? false })
+        #expect(eventually { (try? TestClient(port: proxy.port)).map { c in (try? c.sendGET()) != nil && (try? c.readResponse().status) == 200 } ?? false })
         let stopped = DispatchSemaphore(value: 0)
         Thread.detachNewThread {
             proxy.stop()
@@ -136,14 +130,13 @@ import Glibc
         let (p, dir, port, file, log) = (tether.process, tether.dir, tether.port, tether.file, tether.log)
         #expect(eventually { (try? String(contentsOfFile: dir + "/tether.pid", encoding: .utf8)) == "\(p.processIdentifier)\n" })
         let busy = try TestClient(port: port)
-        try busy.send("GET /slow/500 HTTP/1.1\r\nHost: t\r\n\r\n")
+        try busy.sendGET("/slow/500")
         #expect(eventually { backend.requestCount == 1 })
         // SIGHUP reloads (the same file) with the request in flight; it must not end the process.
         kill(p.processIdentifier, SIGHUP)
         #expect(eventually { log().contains("configuration reloaded from \(file)") })
         let other = try TestClient(port: port)
-        try other.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        #expect(try other.readResponse().status == 200)
+        #expect(try other.get().status == 200)
         #expect(try runTether(["-s", "quit", "-c", file]).status == 0)
         let r = try busy.readResponse()
         #expect(r.status == 200 && r.bodyText == "slow")
@@ -165,8 +158,7 @@ import Glibc
             """)
         defer { tether.end() }
         let c = try TestClient(port: tether.port)
-        try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        #expect(try c.readResponse().status == 502)
+        #expect(try c.get().status == 502)
         #expect(eventually {
             tether.log().contains("[error] \(tether.process.processIdentifier)#0: connect() failed (111: Connection refused) while talking to upstream \"b\" server 127.0.0.1:\(down), answering 502")
         })
@@ -183,7 +175,7 @@ import Glibc
         let down = freePort()
         let backend = try TestBackend()
         defer { backend.stop() }
-        let proxy = try RunningCore(config: """
+        let proxy = try RunningProxy(config: """
             worker_processes 2;
             http {
                 log_format t '$request $status $body_bytes_sent up=$upstream_addr ustatus=$upstream_status id=$request_id';
@@ -202,19 +194,17 @@ import Glibc
             """)
         defer { proxy.stop() }
         let c = try proxy.client()
-        try c.send("GET /bytes/7 HTTP/1.1\r\nHost: t\r\n\r\n")
-        #expect(try c.readResponse().status == 200)
-        try c.send("GET /down HTTP/1.1\r\nHost: t\r\n\r\n")
-        #expect(try c.readResponse().status == 502)
+        #expect(try c.get("/bytes/7").status == 200)
+        #expect(try c.get("/down").status == 502)
         let c2 = try proxy.client()
         try c2.send("GET /status HTTP/1.1\r\nHost: t\r\n\r\nGET /quiet HTTP/1.1\r\nHost: t\r\n\r\n")
         #expect(try c2.readResponse().status == 200)
         #expect(try c2.readResponse().bodyText == "q")
         let gone = try proxy.client()
-        try gone.send("GET /gone HTTP/1.1\r\nHost: t\r\n\r\n")
+        try gone.sendGET("/gone")
         #expect(gone.waitForClose(timeoutMs: 2_000))
         let left = try proxy.client()
-        try left.send("GET /slow/300 HTTP/1.1\r\nHost: t\r\n\r\n")
+        try left.sendGET("/slow/300")
         #expect(eventually { backend.requestCount == 2 })
         left.close()
         func lines() -> [String] {
@@ -243,8 +233,7 @@ import Glibc
         defer { tether.end() }
         func failOnce() throws {
             let c = try TestClient(port: tether.port)
-            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            #expect(try c.readResponse().status == 502)
+            #expect(try c.get().status == 502)
         }
         let failure = "[error] \(tether.process.processIdentifier)#0: connect() failed (111: Connection refused) while talking to upstream \"b\""
         try failOnce()
@@ -262,9 +251,9 @@ import Glibc
     /// ipv6only=on: the same port on 127.0.0.1 is another socket), an upstream server at [::1];
     /// `$remote_addr` is the IPv6 peer on both.
     @Test func ipv6ListenersAndUpstreams() throws {
-        let back = try RunningCore(config: #"worker_processes 1; http { server { listen [::1]:0; location / { return 200 "from $remote_addr for $http_x_client"; } } }"#)
+        let back = try RunningProxy(config: #"worker_processes 1; http { server { listen [::1]:0; location / { return 200 "from $remote_addr for $http_x_client"; } } }"#)
         defer { back.stop() }
-        let front = try RunningCore(config: """
+        let front = try RunningProxy(config: """
             worker_processes 2;
             http {
                 upstream b { server [::1]:\(back.port); keepalive 4; }
@@ -274,17 +263,15 @@ import Glibc
         defer { front.stop() }
         let c = try TestClient(host: "::1", port: front.port)
         for _ in 0..<3 {
-            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            let r = try c.readResponse()
+            let r = try c.get()
             #expect(r.status == 200 && r.bodyText == "from ::1 for ::1")
         }
         #expect(throws: (any Error).self) { try TestClient(host: "127.0.0.1", port: front.port) }
         // A port the kernel chose for [::1] is free on 127.0.0.1: a second server binds it.
-        let v4 = try RunningCore(config: "worker_processes 1; http { server { listen 127.0.0.1:\(front.port); location / { return 200 v4; } } }")
+        let v4 = try RunningProxy(config: "worker_processes 1; http { server { listen 127.0.0.1:\(front.port); location / { return 200 v4; } } }")
         defer { v4.stop() }
         let c4 = try TestClient(port: front.port)
-        try c4.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        #expect(try c4.readResponse().bodyText == "v4")
+        #expect(try c4.get().bodyText == "v4")
     }
 
     /// A listening address that cannot be bound is an error with its place, as nginx says it.
@@ -294,7 +281,7 @@ import Glibc
         defer { close(holder) }
         let port = Int(bound)
         #expect {
-            try RunningCore(config: "worker_processes 2;\nhttp { server {\nlisten 127.0.0.1:\(port); location / { return 200 two; } } }")
+            try RunningProxy(config: "worker_processes 2;\nhttp { server {\nlisten 127.0.0.1:\(port); location / { return 200 two; } } }")
         } throws: { error in
             "\(error)" == "test.conf:3: bind() to 127.0.0.1:\(port) failed (98: Address already in use)"
         }

@@ -229,7 +229,7 @@ func withProxy(scripted backend: ScriptedBackend, http: String = "", location: S
         }
         try withProxy(scripted: backend) { proxy in
             let c = try proxy.client()
-            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            try c.sendGET()
             let raw = String(decoding: c.readRawToClose(), as: UTF8.self)
             // A 502; or, when the head had been relayed, a close without the last chunk (here the
             // head and the body arrive in one read, and nothing of the response goes out).
@@ -306,8 +306,7 @@ func withProxy(scripted backend: ScriptedBackend, http: String = "", location: S
             } else {
                 #expect(r.status == 502)
                 // What the client sends next is parsed as a request of its own, not tunnelled.
-                try client.send("GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n")
-                #expect(try client.readResponse().status == 502)
+                #expect(try client.get("/smuggled").status == 502)
                 #expect(backend.accepted.count == 2)
                 #expect(tunnelled.withLockedValue { $0 } == nil, "bytes went through a tunnel that should not exist")
             }
@@ -373,7 +372,7 @@ func withProxy(scripted backend: ScriptedBackend, http: String = "", location: S
         let b = try backend(head: "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", body: Array("3e8\r\n".utf8) + Self.body + Array("\r\n3e8\r\nxx".utf8), end: end)
         try withProxy(scripted: b) { proxy in
             let c11 = try proxy.client()
-            try c11.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            try c11.sendGET()
             let raw = String(decoding: c11.readRawToClose(), as: UTF8.self)
             #expect(!raw.hasSuffix("0\r\n\r\n"))
             let c10 = try proxy.client()
@@ -387,7 +386,7 @@ func withProxy(scripted backend: ScriptedBackend, http: String = "", location: S
         let b = try backend(head: "HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n", body: Self.body, end: .reset)
         try withProxy(scripted: b) { proxy in
             let c = try proxy.client()
-            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            try c.sendGET()
             #expect(throws: TestError.self) { try c.readResponse() }
             #expect(eventually { proxy.stats().upstreams.first?.servers.first?.counters.failures["truncated"] == 1 })
         }
@@ -422,7 +421,7 @@ func withProxy(scripted backend: ScriptedBackend, http: String = "", location: S
     @Test func aPausingReaderGetsTheWholeResponse() throws {
         try withProxy(location: "proxy_read_timeout 300ms; send_timeout 5s;") { proxy, _ in
             let c = try proxy.client()
-            try c.send("GET /bytes/20000000 HTTP/1.1\r\nHost: t\r\n\r\n")
+            try c.sendGET("/bytes/20000000")
             usleep(1_000_000)  // the scenario: the client reads nothing for a second
             let r = try c.readResponse(keepBody: false)
             #expect(r.status == 200)

@@ -26,7 +26,7 @@ protocol ProxyUnderTest: Sendable {
 
 /// Tether with `config`, in-process.
 func startProxy(config: String) throws -> any ProxyUnderTest {
-    try RunningCore(config: config)
+    try RunningProxy(config: config)
 }
 
 extension ProxyUnderTest {
@@ -34,14 +34,14 @@ extension ProxyUnderTest {
 }
 
 /// Tether running in-process on 127.0.0.1 with a port the kernel chose.
-final class RunningCore: ProxyUnderTest {
-    let server: CoreServer
+final class RunningProxy: ProxyUnderTest {
+    let server: TetherServer
     let port: Int
 
     /// `errorLog`: where its error log goes (standard error without one).
     init(config text: String, errorLog: LoopErrorLog? = nil) throws {
         let config = try Configuration.parse(text, file: "test.conf", resolver: { Builder.isNumeric($0) ? $0 : ($0 == "localhost" ? "127.0.0.1" : nil) }).get()
-        server = try CoreServer(config, admin: Renderer(), log: errorLog)
+        server = try TetherServer(config, admin: Renderer(), log: errorLog)
         try server.start()
         port = Int(server.boundPorts[0].port)
     }
@@ -145,7 +145,7 @@ extension String {
 final class ErrorLogFile: @unchecked Sendable {
     let path = NSTemporaryDirectory() + "tether-error-\(UUID().uuidString).log"
     let fd: Int32
-    /// What `RunningCore` writes to (at `level` and above).
+    /// What `RunningProxy` writes to (at `level` and above).
     let log: LoopErrorLog
 
     init(level: Configuration.LogLevel = .info) {

@@ -11,8 +11,7 @@ import Glibc
             let clients = try (0..<10).map { _ in try proxy.client() }
             for i in 0..<1000 {
                 let c = clients[i % 10]
-                try c.send("GET /n/\(i) HTTP/1.1\r\nHost: t\r\n\r\n")
-                let r = try c.readResponse()
+                let r = try c.get("/n/\(i)")
                 #expect(r.status == 200 && r.bodyText == "ok")
             }
             #expect(backend.requestCount == 1000)
@@ -26,8 +25,7 @@ import Glibc
     @Test func keepaliveTimeoutClosesAfterItNotBefore() throws {
         try withProxy(http: "keepalive_timeout 1s;") { proxy, _ in
             let c = try proxy.client()
-            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            let r = try c.readResponse()
+            let r = try c.get()
             #expect(r.header("keep-alive") == "timeout=1")
             let t = NIODeadline.now()
             #expect(c.waitForClose(timeoutMs: 3_000))
@@ -42,8 +40,7 @@ import Glibc
     func keepaliveTimeoutOfTheAnsweringLocationApplies() throws {
         try withProxy(http: "keepalive_timeout 75s;", server: "location /short { keepalive_timeout 300ms; return 200 short; }") { proxy, _ in
             let c = try proxy.client()
-            try c.send("GET /short HTTP/1.1\r\nHost: t\r\n\r\n")
-            let r = try c.readResponse()
+            let r = try c.get("/short")
             #expect(r.bodyText == "short" && r.header("keep-alive") == nil, "timeout=0 is not advertised for under a second")
             let t = NIODeadline.now()
             #expect(c.waitForClose(timeoutMs: 3_000))
@@ -55,8 +52,7 @@ import Glibc
         try withProxy(http: "keepalive_requests 3;") { proxy, _ in
             let c = try proxy.client()
             for i in 1...3 {
-                try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-                let r = try c.readResponse()
+                let r = try c.get()
                 #expect(r.status == 200)
                 #expect((r.header("connection") == "close") == (i == 3))
             }
@@ -69,8 +65,7 @@ import Glibc
     @Test func keepaliveTimeZeroClosesAfterFirstResponse() throws {
         try withProxy(http: "keepalive_time 0s;") { proxy, _ in
             let c = try proxy.client()
-            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            #expect(try c.readResponse().header("connection") == "close")
+            #expect(try c.get().header("connection") == "close")
             #expect(c.waitForClose(timeoutMs: 2_000))
             #expect(eventually { proxy.stats().downstreamClosed == ["keepalive_time": 1] })
         }

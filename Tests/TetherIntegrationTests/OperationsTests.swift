@@ -44,10 +44,9 @@ import TetherTestSupport
             }
             """)
         let idle = try proxy.client()
-        try idle.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        #expect(try idle.readResponse().status == 200)
+        #expect(try idle.get().status == 200)
         let busy = try proxy.client()
-        try busy.send("GET /slow/700 HTTP/1.1\r\nHost: t\r\n\r\n")
+        try busy.sendGET("/slow/700")
         #expect(eventually { backend.requestCount == 2 })
         let stopped = DispatchSemaphore(value: 0)
         let started = NIODeadline.now()
@@ -77,7 +76,7 @@ import TetherTestSupport
             """)
         defer { proxy.stop() }
         func answered(_ c: TestClient) -> Bool {
-            (try? c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")) != nil && (try? c.readResponse().bodyText) == "in"
+            (try? c.sendGET()) != nil && (try? c.readResponse().bodyText) == "in"
         }
         var held: [TestClient] = []
         for _ in 0..<3 {

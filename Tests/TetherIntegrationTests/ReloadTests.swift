@@ -57,7 +57,7 @@ func parse(_ text: String) throws -> Configuration {
                 defer { done.leave() }
                 while !stop.withLockedValue({ $0 }) {
                     do {
-                        try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                        try c.sendGET()
                         if try c.readResponse().status != 200 { failures.withLockedValue { $0 += 1 } }
                     } catch {
                         failures.withLockedValue { $0 += 1 }
@@ -77,8 +77,7 @@ func parse(_ text: String) throws -> Configuration {
         done.wait()
         #expect(failures.withLockedValue { $0 } == 0)
         for c in clients {
-            try c.send("GET /last HTTP/1.1\r\nHost: t\r\n\r\n")
-            #expect(try c.readResponse().status == 200)
+            #expect(try c.get("/last").status == 200)
         }
         let last = backend.requests.filter { $0.target == "/last" }
         #expect(last.count == 4 && last.allSatisfy { $0.header("x-gen") == "4" })
@@ -99,8 +98,7 @@ func parse(_ text: String) throws -> Configuration {
             """)
         defer { proxy.stop() }
         let c = try TestClient(port: port)
-        try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        #expect(try c.readResponse().status == 200)
+        #expect(try c.get().status == 200)
         #expect(a.openConnections == 1)
 
         try proxy.reload(try parse("""
@@ -112,12 +110,10 @@ func parse(_ text: String) throws -> Configuration {
             }
             """))
         #expect(eventually { a.openConnections == 0 }, "the removed upstream's idle connection is closed")
-        try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        #expect(try c.readResponse().status == 200)
+        #expect(try c.get().status == 200)
         #expect(b.requestCount == 1, "the same client connection now goes to the new upstream")
         let extra = try TestClient(port: extraPort)
-        try extra.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        #expect(try extra.readResponse().bodyText == "extra")
+        #expect(try extra.get().bodyText == "extra")
 
         try proxy.reload(try parse("""
             worker_processes 1;
@@ -169,8 +165,7 @@ func parse(_ text: String) throws -> Configuration {
         try proxy.reload(try parse(base + "server { listen 127.0.0.1:\(freePort()); location / { return 200 \"4\"; } } }"))
         #expect(socketsInState("0A", localPort: new1) == 0 && socketsInState("0A", localPort: new2) == 0)
         let c = try TestClient(port: port)
-        try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        #expect(try c.readResponse().bodyText == "base")
+        #expect(try c.get().bodyText == "base")
     }
 
     @Test
@@ -178,7 +173,7 @@ func parse(_ text: String) throws -> Configuration {
         try withProxy() { proxy, _ in
             let c = try proxy.client()
             let size = 100 << 20
-            try c.send("GET /bytes/\(size) HTTP/1.1\r\nHost: t\r\n\r\n")
+            try c.sendGET("/bytes/\(size)")
             let stopped = DispatchSemaphore(value: 0)
             Thread.detachNewThread {
                 usleep(50_000)
@@ -219,7 +214,7 @@ func parse(_ text: String) throws -> Configuration {
         defer { if p.isRunning { p.terminate(); p.waitUntilExit() } }
         func get() throws -> String {
             let c = try TestClient(port: port)
-            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            try c.sendGET()
             return try c.readResponse().bodyText
         }
         #expect(eventually { (try? get()) == "one" })
@@ -273,7 +268,7 @@ func parse(_ text: String) throws -> Configuration {
         defer { if p.isRunning { p.terminate(); p.waitUntilExit() } }
         func get(_ path: String) throws {
             let c = try TestClient(port: port)
-            try c.send("GET \(path) HTTP/1.1\r\nHost: t\r\n\r\n")
+            try c.sendGET("\(path)")
             _ = try c.readResponse()
         }
         func read(_ name: String) -> String { (try? String(contentsOfFile: dir + "/" + name, encoding: .utf8)) ?? "" }

@@ -53,7 +53,7 @@ import Glibc
             let r = try client.readResponse()
             #expect(r.status == c.status)
             // Followed by a request that would be forwarded if the connection were still in use.
-            try? client.send("GET /after HTTP/1.1\r\nHost: t\r\n\r\n")
+            try? client.sendGET("/after")
             #expect(client.waitForClose(timeoutMs: 2_000))
             #expect(backend.requestCount == 0, "forwarded: \(backend.requests.map(\.target))")
         }
@@ -212,18 +212,14 @@ import Glibc
             """)
         defer { proxy.stop() }
         let c = try proxy.client()
-        try c.send("GET /moved HTTP/1.1\r\nHost: t\r\n\r\n")
-        let moved = try c.readResponse()
+        let moved = try c.get("/moved")
         #expect(moved.status == 301 && moved.header("location") == "https://example.com/new")
-        try c.send("GET /nothing HTTP/1.1\r\nHost: t\r\n\r\n")
-        #expect(try c.readResponse().status == 404)
-        try c.send("GET /known/x HTTP/1.1\r\nHost: t\r\n\r\n")
-        #expect(try c.readResponse().status == 204)
+        #expect(try c.get("/nothing").status == 404)
+        #expect(try c.get("/known/x").status == 204)
         // A local answer with a request body still keeps the connection in step.
         try c.send("POST /nothing HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nbody")
         #expect(try c.readResponse().status == 404)
-        try c.send("GET /known HTTP/1.1\r\nHost: t\r\n\r\n")
-        #expect(try c.readResponse().status == 204)
+        #expect(try c.get("/known").status == 204)
     }
 
     @Test func expectContinueIsAnsweredBeforeTheBody() throws {
@@ -268,7 +264,7 @@ import Glibc
             #expect(r.bodyText == "\(Self.size) \(expected.value)")
 
             let down = try proxy.client()
-            try down.send("GET /bytes/\(Self.size) HTTP/1.1\r\nHost: t\r\n\r\n")
+            try down.sendGET("/bytes/\(Self.size)")
             let d = try down.readResponse(keepBody: false)
             #expect(d.bodySum == expected)
 
@@ -325,8 +321,7 @@ import Glibc
             #expect(finished.withLockedValue { $0 } == workers * perWorker, "every connection was accepted")
             #expect(answered.withLockedValue { $0 } > 100, "most mutations still get an answer")
             let c = try proxy.client()
-            try c.send("GET /after HTTP/1.1\r\nHost: t\r\n\r\n")
-            #expect(try c.readResponse().status == 200)
+            #expect(try c.get("/after").status == 200)
             // Whatever reached the backend was a well-formed request line.
             #expect(backend.requests.allSatisfy { !$0.method.isEmpty && $0.target.hasPrefix("/") })
         }

@@ -40,11 +40,11 @@ import Glibc
             clients.removeAll()  // every client closes
             #expect(eventually(timeoutMs: 5_000) {
                 guard let c = try? TestClient(port: port, timeoutMs: 1_000) else { return false }
-                guard (try? c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")) != nil else { return false }
+                guard (try? c.sendGET()) != nil else { return false }
                 return (try? c.readResponse())?.bodyText == "hi"
             }, "not serving again after descriptors came back")
             let c = try TestClient(port: port)
-            try c.send("GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+            try c.sendGET("/metrics")
             let metrics = try c.readResponse().bodyText
             let line = metrics.split(separator: "\n").first { $0.hasPrefix("tether_downstream_cx_accept_failed_total{reason=\"emfile\"}") }
             #expect((line?.split(separator: " ").last.flatMap { Int($0) } ?? 0) > 0, "\(line ?? "no emfile sample")")
@@ -119,8 +119,7 @@ extension ResourceTests {
             try c.send("HEAD /status HTTP/1.1\r\nHost: t\r\n\r\n")
             let h = try c.readResponse(head: true)
             #expect(h.status == 200 && h.header("content-length").map { Int($0)! > 0 } == true)
-            try c.send("GET /status HTTP/1.1\r\nHost: t\r\n\r\n")
-            #expect(try c.readResponse().bodyText.hasPrefix("Active connections: "))
+            #expect(try c.get("/status").bodyText.hasPrefix("Active connections: "))
         }
     }
 
@@ -131,7 +130,7 @@ extension ResourceTests {
             DispatchQueue.concurrentPerform(iterations: 100) { i in
                 guard let c = try? proxy.client() else { return }
                 let page = i % 2 == 0 ? "/metrics" : "/stats"
-                guard (try? c.send("GET \(page) HTTP/1.1\r\nHost: t\r\n\r\n")) != nil, let r = try? c.readResponse() else { return }
+                guard (try? c.sendGET("\(page)")) != nil, let r = try? c.readResponse() else { return }
                 if r.status == 200 && !r.body.isEmpty { answered.withLockedValue { $0 += 1 } }
             }
             #expect(answered.withLockedValue { $0 } == 100)

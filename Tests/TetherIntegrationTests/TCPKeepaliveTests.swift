@@ -96,8 +96,7 @@ func hostDefault(_ name: String) -> Int32 {
             """)
         defer { proxy.stop() }
         let client = try proxy.client()
-        try client.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        #expect(try client.readResponse().status == 200)
+        #expect(try client.get().status == 200)
         let accepted = socketsOfThisProcess(localPort: proxy.port)
         let pooled = socketsOfThisProcess(remotePort: backend.port)
         try #require(accepted.count == 1 && pooled.count == 1)
@@ -113,7 +112,7 @@ func hostDefault(_ name: String) -> Int32 {
     func proxySocketKeepaliveTurnsOnSOKeepaliveUpstream() throws {
         try withProxy(workers: 1, location: "proxy_socket_keepalive on;") { proxy, backend in
             let client = try proxy.client()
-            try client.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            try client.sendGET()
             _ = try client.readResponse()
             let pooled = socketsOfThisProcess(remotePort: backend.port)
             try #require(pooled.count == 1)
@@ -128,8 +127,7 @@ func hostDefault(_ name: String) -> Int32 {
     /// A pooled connection to a backend host that stops answering (its link goes down, nothing is
     /// closed) is found dead by `tcp_keepalive 1:1:2` within about 3 s, and the next request gets a
     /// fresh connection. Needs root to make a network namespace; skipped (and said so) otherwise.
-    /// One loop after the other: the namespace's addresses are fixed.
-    @Test(.serialized, .enabled(if: canMakeNamespaces, "needs root and iproute2 to create a network namespace"))
+    @Test(.enabled(if: canMakeNamespaces, "needs root and iproute2 to create a network namespace"))
     func deadPeerIsDetectedByKeepalive() throws {
         let net = try TestNamespace()
         defer { net.remove() }
@@ -143,8 +141,7 @@ func hostDefault(_ name: String) -> Int32 {
             """)
         defer { proxy.stop() }
         let client = try proxy.client()
-        try client.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        #expect(try client.readResponse().status == 200)
+        #expect(try client.get().status == 200)
         #expect(proxy.stats().idleUpstreamConnections == 1)
 
         try net.linkDown()
@@ -156,8 +153,7 @@ func hostDefault(_ name: String) -> Int32 {
 
         try net.linkUp()
         #expect(net.waitUntilReachable(port: 8080))
-        try client.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        #expect(try client.readResponse().status == 200)
+        #expect(try client.get().status == 200)
         #expect(proxy.stats().upstreamConnects == 2)
     }
 }

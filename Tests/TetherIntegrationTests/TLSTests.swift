@@ -43,7 +43,7 @@ import Glibc
                 }
             }
             """
-        let proxy: any ProxyUnderTest = try RunningCore(config: config, errorLog: logs?.log)
+        let proxy: any ProxyUnderTest = try RunningProxy(config: config, errorLog: logs?.log)
         defer { proxy.stop() }
         try body(proxy, backend)
     }
@@ -315,7 +315,7 @@ import Glibc
                 }
             }
             """
-        let proxy: any ProxyUnderTest = try RunningCore(config: config, errorLog: logs?.log)
+        let proxy: any ProxyUnderTest = try RunningProxy(config: config, errorLog: logs?.log)
         defer { proxy.stop() }
         try body(proxy, backend)
     }
@@ -325,8 +325,7 @@ import Glibc
             let clients = try (0..<4).map { _ in try proxy.client() }
             for i in 0..<200 {
                 let c = clients[i % 4]
-                try c.send("GET /x/\(i) HTTP/1.1\r\nHost: t\r\n\r\n")
-                let r = try c.readResponse()
+                let r = try c.get("/x/\(i)")
                 #expect(r.status == 200 && r.bodyText == "ok")
             }
             #expect(backend.requestCount == 200)
@@ -342,16 +341,14 @@ import Glibc
         let logs = ErrorLogFile()
         try withTLSBackend(location: "proxy_ssl_verify on; proxy_ssl_trusted_certificate \(TestPKI.path("other-ca.pem"));", logs: logs) { proxy, backend in
             let c = try proxy.client()
-            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            #expect(try c.readResponse().status == 502)
+            #expect(try c.get().status == 502)
             #expect(backend.requestCount == 0)
             #expect(proxy.stats().upstreams[0].servers[0].counters.tlsFailures == 1)
             #expect(logs.lines.contains { $0.contains("TLS handshake with upstream") && $0.contains("certificate verify failed") })
         }
         try withTLSBackend(location: "proxy_ssl_verify on; proxy_ssl_trusted_certificate \(TLSTests.ca); proxy_ssl_name b.test;") { proxy, _ in
             let c = try proxy.client()
-            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            #expect(try c.readResponse().status == 502, "localhost's certificate is not b.test's")
+            #expect(try c.get().status == 502, "localhost's certificate is not b.test's")
         }
     }
 
@@ -360,13 +357,11 @@ import Glibc
         o.closeIdleAfterMs = 200
         try withTLSBackend(backend: o, location: "proxy_ssl_trusted_certificate \(TLSTests.ca);") { proxy, backend in
             let c = try proxy.client()
-            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            #expect(try c.readResponse().status == 200)
+            #expect(try c.get().status == 200)
             #expect(eventually { proxy.stats().upstreams[0].servers[0].counters.closed["peer_closed"] == 1 })
             #expect(proxy.stats().upstreams[0].servers[0].idle == 0)
             #expect(eventually { socketsInState("CLOSE_WAIT", remotePort: backend.port) == 0 })
-            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            #expect(try c.readResponse().status == 200)
+            #expect(try c.get().status == 200)
             let srv = proxy.stats().upstreams[0].servers[0]
             #expect(srv.counters.tlsHandshakes == 2)
             #expect(srv.counters.tlsResumed == 1, "proxy_ssl_session_reuse resumes the session")
@@ -393,8 +388,7 @@ import Glibc
         defer { proxy.stop() }
         let c = try proxy.client()
         for path in ["/a", "/b", "/c", "/a", "/b", "/c"] {
-            try c.send("GET \(path) HTTP/1.1\r\nHost: t\r\n\r\n")
-            #expect(try c.readResponse().status == 200)
+            #expect(try c.get("\(path)").status == 200)
         }
         #expect(backend.requestCount == 6)
         #expect(backend.connectionCount == 2, "one pool for SNI a.test (/a and /c), one for b.test")
@@ -424,14 +418,12 @@ import Glibc
         let proxy = try startProxy(config: config)
         defer { proxy.stop() }
         let c = try proxy.client()
-        try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        #expect(try c.readResponse().status == 502, "the other CA does not verify the backend")
+        #expect(try c.get().status == 502, "the other CA does not verify the backend")
         try FileManager.default.removeItem(atPath: ca)
         try FileManager.default.copyItem(atPath: TestPKI.path("ca.pem"), toPath: ca)
         try proxy.reload(try parse(config))
         let d = try proxy.client()
-        try d.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        #expect(try d.readResponse().status == 200)
+        #expect(try d.get().status == 200)
     }
 
     @Test func sessionReuseOffMakesFullHandshakes() throws {
@@ -440,8 +432,7 @@ import Glibc
         try withTLSBackend(backend: o, location: "proxy_ssl_session_reuse off;") { proxy, _ in
             let c = try proxy.client()
             for _ in 0..<3 {
-                try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-                #expect(try c.readResponse().status == 200)
+                #expect(try c.get().status == 200)
             }
             let srv = proxy.stats().upstreams[0].servers[0]
             #expect(srv.counters.tlsHandshakes == 3)
@@ -489,10 +480,10 @@ import Glibc
             worker_processes 1;
             http { server { listen 127.0.0.1:0; location / { proxy_pass https://127.0.0.1:\(port); } } }
             """
-        let proxy: any ProxyUnderTest = try RunningCore(config: config, errorLog: logs.log)
+        let proxy: any ProxyUnderTest = try RunningProxy(config: config, errorLog: logs.log)
         defer { proxy.stop() }
         let c = try proxy.client()
-        try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        try c.sendGET()
         if clean {
             let r = try c.readResponse()
             #expect(r.status == 200 && r.body.count == 5000 && r.header("transfer-encoding") == "chunked")

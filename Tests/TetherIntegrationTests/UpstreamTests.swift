@@ -16,13 +16,12 @@ import Glibc
     func aClientLeavingMidResponseLeavesTheConnectionPooled(framing: String) throws {
         try withProxy(workers: 1) { proxy, backend in
             let a = try proxy.client()
-            try a.send("GET /slow/1000\(framing) HTTP/1.1\r\nHost: t\r\n\r\n")
+            try a.sendGET("/slow/1000\(framing)")
             #expect(eventually { backend.requestCount == 1 })
             a.close()
             #expect(eventually { proxy.stats().upstreams[0].servers[0].counters.drained == 1 })
             let b = try proxy.client()
-            try b.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            #expect(try b.readResponse().status == 200)
+            #expect(try b.get().status == 200)
             #expect(backend.connectionCount == 1)
             let counters = proxy.stats().upstreams[0].servers[0].counters
             #expect(counters.reused == 1)
@@ -52,13 +51,12 @@ import Glibc
             usleep(300_000)
         }
         #expect(eventually { held.withLockedValue { $0 } })
-        try a.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        try a.sendGET()
         a.close()
         #expect(eventually { proxy.stats().downstreamClosed.values.reduce(0, +) == 1 })
         let c = try proxy.client()
         for _ in 0..<4 {
-            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            #expect(try c.readResponse().status == 200)
+            #expect(try c.get().status == 200)
         }
         let served = (b1.requestCount, b2.requestCount)
         #expect(served.0 + served.1 <= 5)
@@ -71,14 +69,13 @@ import Glibc
     func aResponseThatWouldTakeLongIsNotWaitedFor(path: String) throws {
         try withProxy(workers: 1, location: "proxy_read_timeout 1s;") { proxy, backend in
             let a = try proxy.client()
-            try a.send("GET \(path) HTTP/1.1\r\nHost: t\r\n\r\n")
+            try a.sendGET("\(path)")
             #expect(eventually { backend.requestCount == 1 })
             a.close()
             #expect(eventually { proxy.stats().upstreams[0].servers[0].counters.closed["client_abort"] == 1 })
             #expect(proxy.stats().upstreams[0].servers[0].counters.drained == 0)
             let b = try proxy.client()
-            try b.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            #expect(try b.readResponse().status == 200)
+            #expect(try b.get().status == 200)
             #expect(backend.connectionCount == 2)
         }
     }
@@ -93,7 +90,7 @@ import Glibc
             for i in 0..<30 {
                 // Around the backend's window: 0.9 s .. 1.1 s.
                 usleep(UInt32(900_000 + (i % 3) * 100_000))
-                try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                try c.sendGET()
                 if try c.readResponse().status != 200 { failures += 1 }
             }
             #expect(failures == 0)
@@ -113,12 +110,11 @@ import Glibc
         o.dropRequestsIdleForMs = 1_000
         try withProxy(backend: o, workers: 1) { proxy, backend in
             let c = try proxy.client()
-            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            #expect(try c.readResponse().status == 200)
+            #expect(try c.get().status == 200)
             var getFailures = 0
             for _ in 0..<4 {
                 usleep(1_050_000)
-                try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                try c.sendGET()
                 if try c.readResponse().status != 200 { getFailures += 1 }
             }
             #expect(getFailures == 0)
@@ -143,8 +139,7 @@ import Glibc
         o.dropRequestsIdleForMs = 300
         try withProxy(backend: o, workers: 1) { proxy, backend in
             let c = try proxy.client()
-            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            #expect(try c.readResponse().status == 200)
+            #expect(try c.get().status == 200)
             usleep(400_000)
             try c.send("POST /sum HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\nx")
             #expect(try c.readResponse().status == 502)
@@ -161,8 +156,7 @@ import Glibc
             let c = try proxy.client()
             for pause in [0, 500_000, 1_200_000, 2_100_000, 300_000, 1_700_000] {
                 usleep(UInt32(pause))
-                try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-                #expect(try c.readResponse().status == 200)
+                #expect(try c.get().status == 200)
             }
             #expect(backend.requests.allSatisfy { $0.idleMs < 2_000 }, "\(backend.requests.map(\.idleMs))")
             #expect(backend.requests.contains { $0.idleMs >= 400 }, "connections are still reused within the window")
@@ -183,12 +177,11 @@ import Glibc
                 server { listen 127.0.0.1:0; location / { proxy_pass http://app; } }
             }
             """
-        let proxy: any ProxyUnderTest = try RunningCore(config: config, errorLog: logs.log)
+        let proxy: any ProxyUnderTest = try RunningProxy(config: config, errorLog: logs.log)
         defer { proxy.stop() }
         let c = try proxy.client()
         for _ in 0..<3 {
-            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            #expect(try c.readResponse().status == 200)
+            #expect(try c.get().status == 200)
         }
         let text = "upstream \"app\" server 127.0.0.1:\(backend.port) advertises Keep-Alive: timeout=5, shorter than its keepalive_timeout 1m; Tether expires its connections before the backend does"
         let lines = logs.lines.filter { $0.contains("advertises Keep-Alive") }
@@ -201,8 +194,7 @@ import Glibc
         o.closeIdleAfterMs = 200
         try withProxy(backend: o, workers: 1) { proxy, backend in
             let c = try proxy.client()
-            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            #expect(try c.readResponse().status == 200)
+            #expect(try c.get().status == 200)
             #expect(eventually { backend.openConnections == 0 })
             #expect(eventually { proxy.stats().idleUpstreamConnections == 0 })
             #expect(eventually { socketsInState("08", remotePort: backend.port) == 0 })
@@ -217,13 +209,11 @@ import Glibc
             """)
         defer { proxy.stop() }
         let c = try proxy.client()
-        try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        let r = try c.readResponse()
+        let r = try c.get()
         #expect(r.status == 502)
         #expect(r.bodyText.contains("502 Bad Gateway"))
         // The client connection stays usable.
-        try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        #expect(try c.readResponse().status == 502)
+        #expect(try c.get().status == 502)
         #expect(proxy.stats().upstreamFailures["error"] == 2)
     }
 
@@ -231,8 +221,7 @@ import Glibc
         try withProxy(location: "proxy_read_timeout 300ms;") { proxy, _ in
             let c = try proxy.client()
             let t = NIODeadline.now()
-            try c.send("GET /slow/3000 HTTP/1.1\r\nHost: t\r\n\r\n")
-            let r = try c.readResponse()
+            let r = try c.get("/slow/3000")
             #expect(r.status == 504)
             #expect(seconds(since: t) < 2)
         }
@@ -241,8 +230,7 @@ import Glibc
     @Test func malformedUpstreamResponseGives502() throws {
         try withProxy { proxy, _ in
             let c = try proxy.client()
-            try c.send("GET /garbage HTTP/1.1\r\nHost: t\r\n\r\n")
-            let r = try c.readResponse()
+            let r = try c.get("/garbage")
             #expect(r.status == 502)
             #expect(!r.bodyText.contains("nonsense"))
         }
@@ -261,8 +249,7 @@ import Glibc
         defer { proxy.stop() }
         let c = try proxy.client()
         for _ in 0..<4 {
-            try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            #expect(try c.readResponse().status == 200)
+            #expect(try c.get().status == 200)
         }
         #expect(backend.requestCount == 4)
     }
@@ -273,8 +260,7 @@ import Glibc
         try withProxy(backend: o, workers: 1) { proxy, backend in
             let c = try proxy.client()
             for _ in 0..<3 {
-                try c.send("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-                let r = try c.readResponse()
+                let r = try c.get()
                 #expect(r.status == 200)
                 // The backend's Connection: close is hop-by-hop: the client connection stays open.
                 #expect(r.header("connection") == nil)
@@ -288,8 +274,7 @@ import Glibc
         try withProxy { proxy, backend in
             let c = try proxy.client()
             for _ in 0..<2 {
-                try c.send("GET /bytes/100000?mode=close HTTP/1.1\r\nHost: t\r\n\r\n")
-                let r = try c.readResponse()
+                let r = try c.get("/bytes/100000?mode=close")
                 #expect(r.header("transfer-encoding") == "chunked")
                 #expect(r.bodySum == Pattern.checksum(count: 100_000))
             }

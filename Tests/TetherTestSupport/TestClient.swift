@@ -67,6 +67,15 @@ public final class TestClient: @unchecked Sendable {
 
     public func send(_ s: String) throws { try send(Array(s.utf8)) }
 
+    /// Sends the tests' usual request: `GET path HTTP/1.1` with `Host: t` and nothing else.
+    public func sendGET(_ path: String = "/") throws { try send("GET \(path) HTTP/1.1\r\nHost: t\r\n\r\n") }
+
+    /// `sendGET`, then its response.
+    public func get(_ path: String = "/") throws -> Response {
+        try sendGET(path)
+        return try readResponse()
+    }
+
     public func send(_ bytes: [UInt8]) throws {
         try bytes.withUnsafeBytes { try sendAll($0) }
     }

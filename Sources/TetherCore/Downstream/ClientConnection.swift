@@ -51,7 +51,7 @@ final class ClientLoop {
     var emptied: (() -> Void)?
     /// Connections open now (registered and not yet closed).
     private(set) var open = 0
-    /// The counters of the admin pages (`CoreServer` sums each loop's at a scrape): connections,
+    /// The counters of the admin pages (`TetherServer` sums each loop's at a scrape): connections,
     /// requests, close reasons, accept failures in `stats`; answers by status class and `server`
     /// block in `answers` (`LoopStats.answers`' layout), counted on every answer.
     var stats: LoopStats

@@ -8,12 +8,12 @@ import TetherHTTP
 import TetherIO
 @testable import TetherCore
 
-/// A configuration's first listening address served by `CoreRouter` on the rig's loop, with its
+/// A configuration's first listening address served by `Router` on the rig's loop, with its
 /// upstreams' servers at the `ok:` backend (`BACKEND` in the text stands for its port).
 final class CoreRig: FrontRig {
     let backend: PoolRig
     let front: ClientLoop
-    let router: CoreRouter
+    let router: Router
     let upstreams: [String: LoopUpstream]
     var raw: [RawBackend] = []
 
@@ -27,7 +27,7 @@ final class CoreRig: FrontRig {
         for (name, u) in setup.upstreams { ups[name] = try LoopUpstream.make(u, loop: backend.loop, buffers: backend.rig.pool) }
         upstreams = ups
         let (_, hosts, servers) = setup.virtualHosts()[0]
-        router = CoreRouter(hosts: hosts, servers: servers, upstreams: ups)
+        router = Router(hosts: hosts, servers: servers, upstreams: ups)
         front = ClientLoop(loop: backend.loop, pool: backend.rig.pool, settings: ClientSettings(), handler: router)
     }
 
@@ -42,7 +42,7 @@ final class CoreRig: FrontRig {
     }
 }
 
-@Suite struct CoreRouterTests {
+@Suite struct RouterTests {
     static let twoServers = """
         upstream backend { server 127.0.0.1:BACKEND; }
         server { listen 127.0.0.1:8080; server_name a.test; location / { return 200 "a:$host:$uri"; } }

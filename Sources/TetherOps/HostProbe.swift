@@ -4,10 +4,14 @@ import Glibc
 import TetherConfig
 
 /// Reads the kernel's TCP socket table and the process's own figures from /proc.
-enum HostProbe {
-    struct Peer: Hashable, Sendable {
-        var address: String
-        var port: Int
+public enum HostProbe {
+    public struct Peer: Hashable, Sendable {
+        public var address: String
+        public var port: Int
+        public init(address: String, port: Int) {
+            self.address = address
+            self.port = port
+        }
     }
 
     /// /proc/net/tcp state codes.
@@ -16,7 +20,7 @@ enum HostProbe {
         "06": "time_wait", "07": "close", "08": "close_wait", "09": "last_ack", "0A": "listen", "0B": "closing",
     ]
 
-    static func read(listenPorts: Set<Int>, upstreamPeers: Set<Peer>, proc: String = "/proc") -> HostSnapshot {
+    public static func read(listenPorts: Set<Int>, upstreamPeers: Set<Peer>, proc: String = "/proc") -> HostSnapshot {
         var h = HostSnapshot()
         for s in ["established", "time_wait", "close_wait"] { h.sockets[s] = 0 }
         let peerKeys = Set(upstreamPeers.compactMap { p in hexAddress(p.address).map { "\($0):\(hex4(p.port))" } })
@@ -70,4 +74,19 @@ enum HostProbe {
         guard let b = Builder.addressBytes(address), b.count == 4 else { return nil }
         return b.reversed().map { let s = String($0, radix: 16, uppercase: true); return s.count == 1 ? "0" + s : s }.joined()
     }
+}
+
+/// What the kernel and the process say, read at scrape time (never on the request path).
+public struct HostSnapshot: Sendable {
+    public init() {}
+
+    /// TCP sockets of Tether's listening ports and upstream peers, by state name
+    /// (`established`, `time_wait`, `close_wait`, ...).
+    public var sockets: [String: Int] = [:]
+    public var openFDs = 0
+    public var maxFDs = 0
+    public var residentBytes = 0
+    public var virtualBytes = 0
+    public var cpuSeconds: Double = 0
+    public var startTimeSeconds: Double = 0
 }

@@ -16,7 +16,7 @@ import TetherIO
 /// job and the helper one read of /proc, and none queues behind another.
 ///
 /// All of its state lives on the helper's thread; the loops only hand it jobs.
-final class CoreAdmin: @unchecked Sendable {
+final class AdminPages: @unchecked Sendable {
     typealias Page = (contentType: String, body: String)
 
     /// What the helper asks of one serving loop, run on that loop's thread.
@@ -35,7 +35,7 @@ final class CoreAdmin: @unchecked Sendable {
     private let helper: IOLoopThread
     /// The running configuration (the pages list its upstreams and servers); helper's thread.
     private var configuration: Configuration
-    /// Set by `CoreServer.start` before any loop serves, read only on the helper's thread after.
+    /// Set by `TetherServer.start` before any loop serves, read only on the helper's thread after.
     private var sources: [Source] = []
     private var listenPorts = Set<Int>()
     /// The rounds under way, by page, with the receivers waiting for each (helper's thread only).
@@ -85,7 +85,7 @@ final class CoreAdmin: @unchecked Sendable {
     }
 
     /// Every loop's figures summed, passed to `done` on the helper's thread (for tests and tools:
-    /// `CoreServer.stats`). Callable from any thread.
+    /// `TetherServer.stats`). Callable from any thread.
     func snapshot(_ done: @escaping @Sendable (StatsSnapshot) -> Void) {
         helper.loop.execute { [self] _ in gather(done) }
     }
@@ -131,7 +131,7 @@ final class CoreAdmin: @unchecked Sendable {
     /// every arena, which no serving loop should wait for.
     func giveBackMemory() {
         helper.loop.execute { _ in
-            guard tether_malloc_free_bytes() > CoreAdmin.trimThreshold else { return }
+            guard tether_malloc_free_bytes() > AdminPages.trimThreshold else { return }
             _ = tether_malloc_trim()
         }
     }

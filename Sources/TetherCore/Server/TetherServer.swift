@@ -10,10 +10,10 @@ import TetherTLS
 /// A configuration served on Tether's event loops (issue 15). One loop per worker, each on its own thread with its own
 /// `SO_REUSEPORT` socket per listening address, its own buffer pool and its own upstream pools;
 /// nothing is shared between loops, so the request path takes no lock. TLS at both ends through
-/// `TLSSocket`; the admin pages gather every loop's counters through `CoreAdmin`; access log lines
+/// `TLSSocket`; the admin pages gather every loop's counters through `AdminPages`; access log lines
 /// are made on the loops and written by a thread of their own (`AccessLogWriter`); a helper
-/// thread (`CoreAdmin`'s) gathers scrapes and gives memory back after a burst.
-public final class CoreServer: @unchecked Sendable {
+/// thread (`AdminPages`'s) gathers scrapes and gives memory back after a burst.
+public final class TetherServer: @unchecked Sendable {
     /// The running configuration and what was made of it (`reload` replaces both).
     private let current: Mutex<(configuration: Configuration, setup: ProxySetup)>
     public var configuration: Configuration { current.withLock { $0.configuration } }
@@ -21,7 +21,7 @@ public final class CoreServer: @unchecked Sendable {
     private var workers: [LoopThread] = []
     private var threads: [pthread_t] = []
     /// The admin pages' gathering (and `stats`); its helper thread runs from `init` to `stop`.
-    private var admin: CoreAdmin?
+    private var admin: AdminPages?
     /// The error log, at `error_log`'s level.
     public let log: LoopErrorLog
     /// The access log files, when some location has one; opened at `start`.
@@ -33,13 +33,13 @@ public final class CoreServer: @unchecked Sendable {
     private var listenKeys: [String] = []
 
     /// `admin` renders the admin pages (TetherAdmin's `Renderer`); without one they answer 501.
-    public init(_ configuration: Configuration, admin: AdminRenderer? = nil, log: LoopErrorLog? = nil) throws(CoreServerError) {
+    public init(_ configuration: Configuration, admin: AdminRenderer? = nil, log: LoopErrorLog? = nil) throws(TetherServerError) {
         self.log = log ?? LoopErrorLog(level: configuration.errorLog.level)
         do {
             current = Mutex((configuration, try ProxySetup(configuration)))
-            self.admin = try CoreAdmin(renderer: admin, configuration: configuration)
+            self.admin = try AdminPages(renderer: admin, configuration: configuration)
         } catch {
-            throw CoreServerError(lines: ["\(error)"])
+            throw TetherServerError(lines: ["\(error)"])
         }
     }
 
@@ -52,7 +52,7 @@ public final class CoreServer: @unchecked Sendable {
     }
 
     /// Binds every listening address on every loop, then runs each loop on a thread of its own.
-    public func start() throws(CoreServerError) {
+    public func start() throws(TetherServerError) {
         let setup = current.withLock { $0.setup }
         var made: [IOLoop] = []
         var bound: Bound
@@ -62,7 +62,7 @@ public final class CoreServer: @unchecked Sendable {
             bound = try bind(setup, loops: made, keeping: [:])
         } catch {
             for l in made { l.closeAll() }
-            throw CoreServerError(lines: ["\(error)"])
+            throw TetherServerError(lines: ["\(error)"])
         }
         let writer: AccessLogWriter?
         do {
@@ -71,7 +71,7 @@ public final class CoreServer: @unchecked Sendable {
         } catch {
             bound.closeAll()
             for l in made { l.closeAll() }
-            throw CoreServerError(lines: [error.description])
+            throw TetherServerError(lines: [error.description])
         }
         accessLog = writer
         let workers = made.enumerated().map { i, loop in LoopThread(loop: loop, log: log, admin: admin) }
@@ -93,11 +93,11 @@ public final class CoreServer: @unchecked Sendable {
             }, box.toOpaque())
             guard rc == 0 else {
                 box.release()
-                throw CoreServerError(lines: ["pthread_create failed (\(rc))"])
+                throw TetherServerError(lines: ["pthread_create failed (\(rc))"])
             }
             threads.append(t)
         }
-        admin?.serve(workers.map { w in CoreAdmin.Source(loop: w.loop, part: { w.snapshotPart(index: $0) }) },
+        admin?.serve(workers.map { w in AdminPages.Source(loop: w.loop, part: { w.snapshotPart(index: $0) }) },
                      configuration: setup.configuration, listenPorts: Set(boundPorts.map { Int($0.port) }))
     }
 
@@ -122,7 +122,7 @@ public final class CoreServer: @unchecked Sendable {
             writer = paths.isEmpty ? nil : try AccessLogWriter(paths: paths)
         } catch {
             bound.closeAll()
-            throw CoreServerError(lines: [error.description])
+            throw TetherServerError(lines: [error.description])
         }
         // Each loop takes the new configuration between two of its passes; this waits for all.
         let pending = Atomic<Int>(workers.count)
@@ -155,11 +155,11 @@ public final class CoreServer: @unchecked Sendable {
 
     /// What cannot be set up on a loop, found before any loop is touched: an upstream server
     /// that is not a numeric address (names are resolved when the configuration is read).
-    static func check(_ setup: ProxySetup) throws(CoreSetupError) {
+    static func check(_ setup: ProxySetup) throws(SetupError) {
         for (_, u) in setup.upstreams {
-            guard !u.servers.isEmpty else { throw CoreSetupError("\(u.location): upstream \"\(u.name)\" has no server") }
+            guard !u.servers.isEmpty else { throw SetupError("\(u.location): upstream \"\(u.name)\" has no server") }
             for s in u.servers where UInt16(exactly: s.port) == nil || InetAddress(host: s.address, port: UInt16(clamping: s.port)) == nil {
-                throw CoreSetupError("\(u.location): server \(s.host):\(s.port) of upstream \"\(u.name)\": not a numeric address")
+                throw SetupError("\(u.location): server \(s.host):\(s.port) of upstream \"\(u.name)\": not a numeric address")
             }
         }
     }
@@ -188,7 +188,7 @@ public final class CoreServer: @unchecked Sendable {
 
     /// Binds the listening addresses of `setup` that `keeping` does not name, on every loop
     /// (a `SO_REUSEPORT` socket each); on a failure, closes what it bound and throws nginx's words.
-    private func bind(_ setup: ProxySetup, loops: [IOLoop], keeping: [String: Bool]) throws(CoreSetupError) -> Bound {
+    private func bind(_ setup: ProxySetup, loops: [IOLoop], keeping: [String: Bool]) throws(SetupError) -> Bound {
         var b = Bound()
         for (listen, _, _) in setup.virtualHosts() {
             let key = "\(listen.address):\(listen.port)"
@@ -209,7 +209,7 @@ public final class CoreServer: @unchecked Sendable {
                     for fd in row { Glibc.close(fd) }
                     b.closeAll()
                     // As nginx: bind() to [::1]:8080 failed (98: Address already in use).
-                    throw CoreSetupError("\(listen.location): \(error.call)() to \(listen.addressText) failed (\(error.errno): \(String(cString: strerror(error.errno))))")
+                    throw SetupError("\(listen.location): \(error.call)() to \(listen.addressText) failed (\(error.errno): \(String(cString: strerror(error.errno))))")
                 }
             }
             b.listens.append(.init(address: listen.address, port: port, key: "\(listen.address):\(port)"))
@@ -349,7 +349,7 @@ private final class LogLimiter {
 private final class LoopThread: @unchecked Sendable {
     let loop: IOLoop
     let log: LoopErrorLog
-    let admin: CoreAdmin?
+    let admin: AdminPages?
     let buffers = BufferPool()
     let admission: Admission
     /// The listening addresses of the running configuration, by `address:port`.
@@ -365,12 +365,12 @@ private final class LoopThread: @unchecked Sendable {
     /// `run` has returned (read by the thread that shuts the server down).
     let finished = Atomic<Bool>(false)
     /// Gives back what a burst left behind (`keepHouse`).
-    private var housekeeping: LoopTicker?
+    private var housekeeping: LoopTimer?
     static let housekeepingNanoseconds: UInt64 = 5_000_000_000
     /// Spare buffers a loop keeps however long they lie unused (1 MiB of 16 KiB buffers).
     static let keptSpares = 64
 
-    init(loop: IOLoop, log: LoopErrorLog, admin: CoreAdmin?) {
+    init(loop: IOLoop, log: LoopErrorLog, admin: AdminPages?) {
         self.loop = loop
         self.log = log
         self.admin = admin
@@ -384,7 +384,7 @@ private final class LoopThread: @unchecked Sendable {
         let configuration = setup.configuration
         if housekeeping == nil {
             do {
-                housekeeping = try LoopTicker(loop: loop, intervalNanoseconds: Self.housekeepingNanoseconds) { [unowned self] _ in keepHouse() }
+                housekeeping = try LoopTimer.repeating(loop: loop, intervalNanoseconds: Self.housekeepingNanoseconds) { [unowned self] in keepHouse() }
             } catch {
                 log(.alert, "housekeeping: \(error)")
             }
@@ -414,7 +414,7 @@ private final class LoopThread: @unchecked Sendable {
                 next[key] = try LoopUpstream.make(u, loop: loop, buffers: buffers, log: log, socketKeepalive: socketKeepalive.contains(g.upstream),
                                                   host: setup.hostKeepalive, tls: g.context)
             } catch {
-                // `CoreServer.check` refused such a configuration before any loop was touched.
+                // `TetherServer.check` refused such a configuration before any loop was touched.
                 log(.alert, "\(error)")
             }
         }
@@ -430,8 +430,8 @@ private final class LoopThread: @unchecked Sendable {
         // kept-alive connections); a new one starts accepting; a removed one stops.
         var nextListening: [String: (listener: Listener, clients: ClientLoop)] = [:]
         for (i, (listen, vhosts, compiled)) in setup.virtualHosts().enumerated() {
-            let router = CoreRouter(hosts: vhosts, servers: compiled, upstreams: upstreams, admin: admin)
-            let settings = CoreServer.clientSettings(compiled[vhosts.defaultIndex].server.settings)
+            let router = Router(hosts: vhosts, servers: compiled, upstreams: upstreams, admin: admin)
+            let settings = TetherServer.clientSettings(compiled[vhosts.defaultIndex].server.settings)
             let tls = listen.ssl ? setup.tls.names(hosts: vhosts, servers: compiled) : nil
             let (fd, key) = i < sockets.count ? sockets[i] : (-1, "")
             if fd < 0, let kept = listening.removeValue(forKey: key) {
@@ -538,7 +538,7 @@ private final class LoopThread: @unchecked Sendable {
         finished.store(true, ordering: .releasing)
     }
 
-    /// On the loop: the graceful shutdown's start (`CoreServer.shutdown`).
+    /// On the loop: the graceful shutdown's start (`TetherServer.shutdown`).
     func drain() {
         for (_, l) in listening { l.listener.stop(on: loop) }
         for c in clients { c.beginDrain() }
@@ -552,7 +552,7 @@ private final class LoopThread: @unchecked Sendable {
 }
 
 /// A configuration the loops refuse, or a start that failed: one `file:line: message` per line.
-public struct CoreServerError: Error, CustomStringConvertible {
+public struct TetherServerError: Error, CustomStringConvertible {
     public let lines: [String]
     public var description: String { lines.joined(separator: "\n") }
 }

@@ -16,7 +16,7 @@ final class AccessLogWriter: @unchecked Sendable {
     private var fds: [Int32]
     private let thread: IOLoopThread
 
-    init(paths: [String]) throws(CoreSetupError) {
+    init(paths: [String]) throws(SetupError) {
         var fds: [Int32] = []
         for p in paths {
             do {
@@ -32,15 +32,15 @@ final class AccessLogWriter: @unchecked Sendable {
             thread = IOLoopThread(loop: try IOLoop(), name: "tether-log")
         } catch {
             for fd in fds where fd > 2 { close(fd) }
-            throw CoreSetupError("\(error)")
+            throw SetupError("\(error)")
         }
     }
 
-    private static func open(_ path: String) throws(CoreSetupError) -> Int32 {
+    private static func open(_ path: String) throws(SetupError) -> Int32 {
         do {
             return try LogFile.open(path)
         } catch {
-            throw CoreSetupError(error.description)
+            throw SetupError(error.description)
         }
     }
 
@@ -109,14 +109,13 @@ struct UpstreamFacts {
 /// (`$status`, `$body_bytes_sent`, `$upstream_*`, `$request_time`, `$time_local`, taken at the
 /// end as nginx's are). Nothing of this runs for a location without `access_log`.
 ///
-/// Its record in the loop is an eventfd that nothing writes: the record carries the batch's timer.
-final class LoopAccessLog: IOHandler {
+/// A batch is handed over when it reaches 32 KiB or 100 ms after its first line (`timer`).
+final class LoopAccessLog {
     let writer: AccessLogWriter
     private let formats: [String: LogFormat]
     private unowned(unsafe) let loop: IOLoop
-    private var handle = Handle(token: UInt64(UInt32.max))
+    private var timer: LoopTimer!
     private var pending: [[UInt8]]
-    private var armed = false
     static let batchBytes = 32 * 1024
     static let batchNanoseconds: UInt64 = 100_000_000
 
@@ -125,26 +124,12 @@ final class LoopAccessLog: IOHandler {
         self.formats = formats
         self.loop = loop
         pending = writer.paths.map { _ in [] }
-        let fd = tether_eventfd()
-        guard fd >= 0 else { throw IOError("eventfd", errno: tether_errno()) }
-        do {
-            handle = try loop.register(fd, handler: self)
-        } catch {
-            Glibc.close(fd)
-            throw error
-        }
-    }
-
-    func ioEvent(_ events: IOEvents, handle: Handle, loop: IOLoop) {}
-
-    func timerFired(handle: Handle, loop: IOLoop) {
-        armed = false
-        flush()
+        timer = try LoopTimer(loop: loop) { [weak self] _ in self?.flush() }
     }
 
     /// Ends its record in the loop (a reload made another); `flush` first.
     func close() {
-        loop.close(handle)
+        timer.close()
     }
 
     /// Hands every batch to the writer.
@@ -218,9 +203,8 @@ final class LoopAccessLog: IOHandler {
             if line.count >= Self.batchBytes {
                 writer.write(file, line)
                 pending[file].removeAll(keepingCapacity: true)
-            } else if !armed {
-                armed = true
-                loop.arm(handle, afterNanoseconds: Self.batchNanoseconds)
+            } else if !timer.isArmed {
+                timer.arm(afterNanoseconds: Self.batchNanoseconds)
             }
         }
     }

@@ -12,7 +12,7 @@ extension LoopUpstream {
     /// where neither the server nor the block sets `tcp_keepalive`).
     /// `tls`: the client context of `proxy_pass https://` (each pool then speaks TLS).
     static func make(_ u: Upstream, loop: IOLoop, buffers: BufferPool, log: LoopErrorLog = .all, socketKeepalive: Bool = false,
-                     host: HostKeepalive = HostKeepalive(), tls: TLSContext? = nil) throws(CoreSetupError) -> LoopUpstream {
+                     host: HostKeepalive = HostKeepalive(), tls: TLSContext? = nil) throws(SetupError) -> LoopUpstream {
         let policy = PoolPolicy(keepalive: u.keepalive, idleTimeoutMs: u.keepaliveTimeoutMs, maxRequests: u.keepaliveRequests,
                                 maxLifetimeMs: u.keepaliveTimeMs)
         var pools: [UpstreamPool] = []
@@ -21,12 +21,12 @@ extension LoopUpstream {
                   let pool = UpstreamPool(loop: loop, buffers: buffers, host: s.address, port: port, policy: policy, log: log,
                                           tuning: SocketTuning(keepalive: s.tcpKeepalive ?? u.tcpKeepalive ?? (socketKeepalive ? TCPKeepalive(enabled: true) : nil),
                                                                userTimeout: s.tcpUserTimeout ?? u.tcpUserTimeout, host: host), tls: tls) else {
-                throw CoreSetupError("\(u.location): server \(s.host):\(s.port) of upstream \"\(u.name)\": not a numeric address")
+                throw SetupError("\(u.location): server \(s.host):\(s.port) of upstream \"\(u.name)\": not a numeric address")
             }
             pool.upstreamName = u.name
             pools.append(pool)
         }
-        guard !pools.isEmpty else { throw CoreSetupError("\(u.location): upstream \"\(u.name)\" has no server") }
+        guard !pools.isEmpty else { throw SetupError("\(u.location): upstream \"\(u.name)\" has no server") }
         let peers = u.servers.map { PeerSpec(weight: $0.weight, maxFails: $0.maxFails, failTimeoutMs: $0.failTimeoutMs, backup: $0.backup, down: $0.down) }
         return LoopUpstream(name: u.name, pools: pools, peers: peers, method: u.balancing == .leastConn ? .leastConn : .roundRobin, log: log,
                             config: u)
@@ -34,7 +34,7 @@ extension LoopUpstream {
 }
 
 /// Why a configuration could not be set up on Tether's own loop: what failed, where.
-struct CoreSetupError: Error, CustomStringConvertible {
+struct SetupError: Error, CustomStringConvertible {
     let description: String
     init(_ description: String) { self.description = description }
 }
@@ -44,8 +44,8 @@ struct CoreSetupError: Error, CustomStringConvertible {
 /// `allow`/`deny` (403), and the location's action: `proxy_pass` through the loop's pools,
 /// `return` (444 closes without an answer; a text is expanded with the request's variables),
 /// or 404 where nothing handles the request; admin pages (GET and HEAD, others 405) are answered
-/// once `CoreAdmin` has gathered every loop's figures.
-final class CoreRouter: ClientRequestHandler {
+/// once `AdminPages` has gathered every loop's figures.
+final class Router: ClientRequestHandler {
     let hosts: VirtualHosts
     let servers: [CompiledServer]
     /// Each server's first name: `$server_name`, and `$host` for a request without Host.
@@ -55,9 +55,9 @@ final class CoreRouter: ClientRequestHandler {
     private var lastRoute: CompiledLocation?
     private var lastUpstream: LoopUpstream?
     /// The admin pages' gathering (nil: they answer 501).
-    private let admin: CoreAdmin?
+    private let admin: AdminPages?
 
-    init(hosts: VirtualHosts, servers: [CompiledServer], upstreams: [String: LoopUpstream], admin: CoreAdmin? = nil) {
+    init(hosts: VirtualHosts, servers: [CompiledServer], upstreams: [String: LoopUpstream], admin: AdminPages? = nil) {
         self.hosts = hosts
         self.servers = servers
         serverNames = servers.map { Array(($0.server.names.first?.description ?? "").utf8) }
@@ -126,7 +126,7 @@ final class CoreRouter: ClientRequestHandler {
             default: page = .stubStatus
             }
             let later = connection.answerLater(head: head, isHEAD: isHEAD, route: route)
-            let receiver = CoreAdmin.Receiver(loop: connection.loop) { [connection] p in
+            let receiver = AdminPages.Receiver(loop: connection.loop) { [connection] p in
                 Array(p.body.utf8).withUnsafeBytes { connection.answer(later, status: 200, body: $0, contentType: p.contentType) }
             }
             admin.page(page, to: receiver)
