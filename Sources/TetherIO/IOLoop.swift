@@ -191,6 +191,10 @@ public final class IOLoop: @unchecked Sendable {
         // The time after the wait: timers armed while handling these events count from it.
         now = Self.monotonicNanoseconds()
         for i in 0..<handled {
+            // A long pass (hundreds of events, each with work) must not leave the clock behind:
+            // a timer armed late in it would count from the pass's start and fire early. Read
+            // again every 32 events, so that it is at most 32 events' work behind.
+            if i & 31 == 31 { now = Self.monotonicNanoseconds() }
             let (token, events) = poller.event(i)
             if token == Self.wakeToken { runJobs(); continue }
             let handle = Handle(token: token)

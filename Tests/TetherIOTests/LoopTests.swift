@@ -229,6 +229,37 @@ final class Recorder: IOHandler {
         #expect(firedAt - eventAt >= 100_000_000, "fired \((firedAt - eventAt) / 1_000_000) ms after the event")
     }
 
+    /// A timer armed late in a long pass counts from about when it was armed, not from the pass's
+    /// start: 200 events of 1 ms or more each in one pass, each arming 300 ms. Were the clock read
+    /// only once per pass, the last would fire over 200 ms early; it is read every 32 events, so
+    /// none is early by more than 32 events' work (about 35 ms here; microseconds in practice).
+    @Test func aTimerArmedLateInALongPassIsNotEarly() throws {
+        let loop = try IOLoop()
+        var pairs: [(Int32, Int32)] = []
+        defer { for (a, b) in pairs { Glibc.close(a); Glibc.close(b) } }
+        var armedAt: [Handle: UInt64] = [:]
+        var early: [Int64] = []
+        let r = Recorder()
+        r.onEvent = { e, h, loop in
+            guard e.contains(.readable), armedAt[h] == nil else { return }
+            usleep(1_000)
+            armedAt[h] = IOLoop.monotonicNanoseconds()
+            loop.arm(h, afterNanoseconds: 300_000_000)
+        }
+        r.onTimer = { h, _ in early.append(Int64(armedAt[h]! + 300_000_000) - Int64(IOLoop.monotonicNanoseconds())) }
+        for _ in 0..<200 {
+            let p = socketPair()
+            pairs.append(p)
+            _ = try loop.register(p.0, handler: r)
+        }
+        try loop.runOnce(timeoutMs: 1_000)  // writable, all of them
+        for p in pairs { send(p.1, "x") }
+        for _ in 0..<200 where early.count < 200 { try loop.runOnce(timeoutMs: 2_000) }
+        #expect(armedAt.count == 200 && early.count == 200)
+        let worst = early.max() ?? 0
+        #expect(worst < 100_000_000, "a timer fired \(worst / 1_000_000) ms early")
+    }
+
     /// Work handed over from another thread wakes a loop that waits without a time limit.
     @Test func workFromAnotherThreadWakesTheLoop() throws {
         let loop = try IOLoop()
