@@ -25,6 +25,8 @@ public struct Renderer: AdminRenderer {
 
     static let downstreamCloseReasons = ReasonCounts<DownstreamCloseReason>.labels
     static let upstreamCloseReasons = CloseReason.allCases.map(\.rawValue)
+    /// The failures charged to an upstream as a whole, not to one of its servers.
+    static let groupReasons = [UpstreamFailedReason.noLiveUpstreams, .queueFull, .queueTimeout].map(\.label)
 
     /// The Prometheus text exposition format, version 0.0.4.
     public static func prometheus(_ s: StatsSnapshot, host: HostSnapshot) -> String {
@@ -94,7 +96,28 @@ public struct Renderer: AdminRenderer {
         perServer("tether_upstream_rq_abandoned_drained_total", "counter", "Responses read to their end after the client left, so that the upstream connection was kept.") { $0.counters.drained }
         perServerReason("tether_upstream_cx_closed_total", "Upstream connections closed, by reason.", known: upstreamCloseReasons) { $0.counters.closed }
         perServerReason("tether_upstream_rq_retry_total", "Requests sent again, by reason.", known: ReasonCounts<UpstreamRetryReason>.labels) { $0.counters.retries.byLabel }
-        perServerReason("tether_upstream_rq_failed_total", "Requests that failed upstream, by reason.", known: ReasonCounts<UpstreamFailedReason>.labels.filter { $0 != UpstreamFailedReason.noLiveUpstreams.label }) { $0.counters.failures.byLabel }
+        perServerReason("tether_upstream_rq_failed_total", "Requests that failed upstream, by reason.", known: ReasonCounts<UpstreamFailedReason>.labels.filter { !groupReasons.contains($0) }) { $0.counters.failures.byLabel }
+        perServer("tether_upstream_server_max_conns", "gauge", "The server's max_conns (0: no cap); tether_upstream_cx_active + tether_upstream_cx_idle is what it caps, over all event loops.") { $0.maxConns }
+        family("tether_upstream_rq_refused_total", "counter", "Requests refused for the whole upstream: no live upstreams (502), or every server at its max_conns and the queue full or waited out (503).")
+        for u in s.upstreams {
+            let v = u.refused.byLabel
+            for r in groupReasons { sample("tether_upstream_rq_refused_total", [("upstream", u.name), ("reason", r)], v[r] ?? 0) }
+        }
+        family("tether_upstream_queue_length", "gauge", "Requests waiting in the upstream's queue for a server below its max_conns.")
+        for u in s.upstreams { sample("tether_upstream_queue_length", [("upstream", u.name)], u.queueLength) }
+        family("tether_upstream_queue_size", "gauge", "The upstream's queue size (queue N; 0: none).")
+        for u in s.upstreams { sample("tether_upstream_queue_size", [("upstream", u.name)], u.queueSize) }
+        family("tether_upstream_queue_wait_seconds", "histogram", "Time requests waited in the upstream's queue.")
+        for u in s.upstreams {
+            var cumulative = 0
+            for (i, le) in histogramBuckets.enumerated() {
+                cumulative += u.queueWait.buckets[i]
+                sample("tether_upstream_queue_wait_seconds_bucket", [("upstream", u.name), ("le", number(le))], cumulative)
+            }
+            sample("tether_upstream_queue_wait_seconds_bucket", [("upstream", u.name), ("le", "+Inf")], u.queueWait.count)
+            sample("tether_upstream_queue_wait_seconds_sum", [("upstream", u.name)], number(u.queueWait.sum))
+            sample("tether_upstream_queue_wait_seconds_count", [("upstream", u.name)], u.queueWait.count)
+        }
         perServer("tether_upstream_tls_handshakes_total", "counter", "TLS handshakes with upstream servers (proxy_pass https://).") { $0.counters.tlsHandshakes }
         perServer("tether_upstream_tls_sessions_reused_total", "counter", "Upstream TLS handshakes that resumed a session (proxy_ssl_session_reuse).") { $0.counters.tlsResumed }
         perServer("tether_upstream_tls_handshake_failures_total", "counter", "Upstream TLS handshakes that failed.") { $0.counters.tlsFailures }
@@ -149,6 +172,8 @@ public struct Renderer: AdminRenderer {
                 "keepalive": u.keepalive,
                 "requests": reqs,
                 "reuse_ratio": ratio(reused, reqs),
+                "refused": groupReasons.reduce(into: u.refused.byLabel) { $0[$1] = $0[$1] ?? 0 },
+                "queue": ["size": u.queueSize, "length": u.queueLength, "wait_seconds": hist(u.queueWait)],
                 "servers": u.servers.map { srv -> [String: Any] in
                     var d: [String: Any] = [
                         "address": srv.address, "up": srv.up, "active": srv.active, "idle": srv.idle,
@@ -161,6 +186,7 @@ public struct Renderer: AdminRenderer {
                     if srv.counters.tlsHandshakes + srv.counters.tlsFailures > 0 {
                         d["tls"] = ["handshakes": srv.counters.tlsHandshakes, "sessions_reused": srv.counters.tlsResumed, "failures": srv.counters.tlsFailures]
                     }
+                    if srv.maxConns > 0 { d["max_conns"] = srv.maxConns }
                     if let l = srv.learnedIdleMs { d["learned_idle_seconds"] = Double(l) / 1000 }
                     if let a = srv.advertisedTimeoutMs { d["advertised_keepalive_timeout_seconds"] = Double(a) / 1000 }
                     return d

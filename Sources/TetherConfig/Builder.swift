@@ -244,6 +244,7 @@ public struct Builder {
             case ("weight", .some): server.weight = try Value.count(arg, d, min: 1, max: 1000)
             case ("max_fails", .some): server.maxFails = try Value.count(arg, d, min: 0, max: 1000)
             case ("fail_timeout", .some): server.failTimeoutMs = try Value.time(arg, d)
+            case ("max_conns", .some): server.maxConns = try Value.count(arg, d, min: 0, max: 1 << 20)
             case ("backup", nil): server.backup = true
             case ("down", nil): server.down = true
             case ("tcp_keepalive", .some(let v)): server.tcpKeepalive = try Value.tcpKeepalive(v, what: "\"tcp_keepalive=\" value")

@@ -70,6 +70,18 @@ public struct Upstream: Sendable {
     /// `tcp_keepalive` for every connection to this upstream's servers.
     public var tcpKeepalive: TCPKeepalive?
     public var tcpUserTimeout = UserTimeout.auto
+    /// `queue N [timeout=T]`: requests that find every server at its `max_conns` wait, first in
+    /// first out, up to N at a time process-wide and T each (nginx's default: 60 s).
+    public var queue: Queue?
+
+    public struct Queue: Hashable, Sendable {
+        public var size: Int
+        public var timeoutMs: Int64
+        public init(size: Int, timeoutMs: Int64 = 60_000) {
+            self.size = size
+            self.timeoutMs = timeoutMs
+        }
+    }
 
     public init(name: String, location: SourceLocation) {
         self.name = name
@@ -87,6 +99,8 @@ public struct UpstreamServer: Hashable, Sendable {
     public var failTimeoutMs: Int64 = 10_000
     public var backup = false
     public var down = false
+    /// `max_conns=N`: connections to this server, idle and busy, process-wide; 0: no limit.
+    public var maxConns = 0
     /// `tcp_keepalive=` on the server line, over the upstream block's.
     public var tcpKeepalive: TCPKeepalive?
     public var tcpUserTimeout: UserTimeout?

@@ -482,6 +482,15 @@ let directiveTable: [DirectiveSpec] = {
         S("upstream", .http, args: 1...1, block: true, repeats: true) { b, d throws(ConfigErrorReason) in try b.upstreamBlock(d) },
         S("server", .upstream, args: 1...many, repeats: true) { b, d throws(ConfigErrorReason) in try b.upstreamServer(d) },
         S("least_conn", .upstream, args: 0...0) { b, _ in b.upstreams[b.upstreams.count - 1].balancing = .leastConn },
+        S("queue", .upstream, args: 1...2) { b, d throws(ConfigErrorReason) in
+            var q = Upstream.Queue(size: try Value.count(d.args[0], d, min: 1, max: 1 << 20))
+            if d.args.count == 2 {
+                let (key, value) = Builder.split(d.args[1].text)
+                guard key == "timeout", let value else { throw ConfigErrorReason("invalid parameter \"\(d.args[1].text)\"") }
+                q.timeoutMs = try Value.time(Argument(text: value, quoted: false, location: d.args[1].location), d)
+            }
+            b.upstreams[b.upstreams.count - 1].queue = q
+        },
         S("keepalive", .upstream, args: 1...1) { b, d throws(ConfigErrorReason) in
             b.upstreams[b.upstreams.count - 1].keepalive = try Value.count(d.args[0], d, min: 0, max: 1 << 20)
         },

@@ -18,12 +18,14 @@ extension Configuration {
             if u.balancing == .leastConn { out += "        least_conn;\n" }
             for s in u.servers {
                 var line = "        server \(s.host == s.address ? s.addressText : "\(s.host):\(s.port)") weight=\(s.weight) max_fails=\(s.maxFails) fail_timeout=\(Units.formatTime(s.failTimeoutMs))"
+                if s.maxConns > 0 { line += " max_conns=\(s.maxConns)" }
                 if s.backup { line += " backup" }
                 if s.down { line += " down" }
                 if let k = s.tcpKeepalive { line += " tcp_keepalive=\(k)" }
                 if let t = s.tcpUserTimeout { line += " tcp_user_timeout=\(t)" }
                 out += line + ";\n"
             }
+            if let q = u.queue { out += "        queue \(q.size) timeout=\(Units.formatTime(q.timeoutMs));\n" }
             out += "        keepalive \(u.keepalive);\n"
             out += "        keepalive_timeout \(Units.formatTime(u.keepaliveTimeoutMs));\n"
             out += "        keepalive_requests \(u.keepaliveRequests);\n"

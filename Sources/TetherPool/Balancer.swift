@@ -126,4 +126,13 @@ public struct PeerSet: Sendable, Equatable, ExpressibleByArrayLiteral {
     public mutating func insert(_ i: Int) {
         if i < 64 { bits |= 1 << UInt64(i) } else { more = (more ?? []).union([i]) }
     }
+
+    public var isEmpty: Bool { bits == 0 && (more?.isEmpty ?? true) }
+
+    public func union(_ o: PeerSet) -> PeerSet {
+        var u = self
+        u.bits |= o.bits
+        if let m = o.more { u.more = (u.more ?? []).union(m) }
+        return u
+    }
 }

@@ -16,6 +16,8 @@ public enum CloseReason: String, Sendable, CaseIterable {
     case shutdown = "shutdown"
     /// The client left mid-exchange and the rest of the response could not be waited for.
     case clientAbort = "client_abort"
+    /// Idle, and its `max_conns` slot was wanted by a request waiting on another event loop.
+    case slotWanted = "slot_wanted"
 }
 
 /// The limits a pool keeps to; times in milliseconds.
@@ -263,6 +265,11 @@ public struct ConnectionPool<ID: Hashable & Sendable>: Sendable {
     }
 
     /// Closes every idle connection (shutdown or a removed upstream).
+    /// Takes the least recently used idle connection out (to be closed), if there is one.
+    public mutating func takeOneIdle() -> ID? {
+        idle.popFirst()?.id
+    }
+
     public mutating func drainIdle() -> [ID] {
         let ids = idle.map(\.id)
         idle.removeAll()

@@ -109,6 +109,16 @@ import Testing
              expected: ["t.conf:3: \"h2c\" cannot be allowed in \"proxy_allow_upgrade\" directive: an HTTP/2 upgrade would tunnel requests past the locations' rules"]),
         Case(name: "merge_slashes in a location", text: "http { server { location / { merge_slashes off; } } }\n",
              expected: ["t.conf:1: \"merge_slashes\" directive is not allowed here"]),
+        Case(name: "max_conns not a number", text: "http {\n  upstream a { server 127.0.0.1:1 max_conns=x; }\n}\n",
+             expected: ["t.conf:2: invalid value \"x\" in \"server\" directive, it must be a number"]),
+        Case(name: "empty queue", text: "http {\n  upstream a { server 127.0.0.1:1; queue 0; }\n}\n",
+             expected: ["t.conf:2: invalid value \"0\" in \"queue\" directive, it must be a number from 1 to 1048576"]),
+        Case(name: "queue timeout", text: "http {\n  upstream a { server 127.0.0.1:1; queue 10 timeout=abc; }\n}\n",
+             expected: ["t.conf:2: invalid value \"abc\" in \"queue\" directive, it must be a time (for example 500ms, 30s, 1h30m)"]),
+        Case(name: "queue parameter", text: "http {\n  upstream a { server 127.0.0.1:1; queue 10 foo=1; }\n}\n",
+             expected: ["t.conf:2: invalid parameter \"foo=1\""]),
+        Case(name: "queue outside upstream", text: "http {\n  server { queue 1; }\n}\n",
+             expected: ["t.conf:2: \"queue\" directive is not allowed here"]),
     ]
 
     @Test(arguments: cases)

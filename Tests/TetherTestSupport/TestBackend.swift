@@ -42,6 +42,7 @@ public final class TestBackend: Sendable {
     struct State {
         var connections = 0
         var open = 0
+        var peakOpen = 0
         var requests: [Request] = []
         var dropped = 0
     }
@@ -67,7 +68,7 @@ public final class TestBackend: Sendable {
             .serverChannelOption(.backlog, value: 4096)
             .childChannelInitializer { ch in
                 ch.eventLoop.makeCompletedFuture {
-                    let id = state.withLockedValue { s -> Int in s.connections += 1; s.open += 1; return s.connections }
+                    let id = state.withLockedValue { s -> Int in s.connections += 1; s.open += 1; s.peakOpen = max(s.peakOpen, s.open); return s.connections }
                     try ch.pipeline.syncOperations.addHandler(BackendHandler(id: id, options: opts, state: state))
                 }
             }
@@ -84,6 +85,8 @@ public final class TestBackend: Sendable {
     /// Connections accepted so far.
     public var connectionCount: Int { state.withLockedValue { $0.connections } }
     public var openConnections: Int { state.withLockedValue { $0.open } }
+    /// The most connections open at once so far.
+    public var peakOpenConnections: Int { state.withLockedValue { $0.peakOpen } }
     public var requests: [Request] { state.withLockedValue { $0.requests } }
     public var requestCount: Int { state.withLockedValue { $0.requests.count } }
     /// Requests closed unanswered by `dropRequestsIdleForMs`.

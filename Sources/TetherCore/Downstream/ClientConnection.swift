@@ -674,7 +674,7 @@ final class ClientConnection: IOHandler {
     /// The exchange failed: an answer if none began (502, 504), else the connection ends.
     /// As nginx, the client connection stays when the request was read whole and keep-alive
     /// allows it: a 502 is an answer like another, and the next request may follow.
-    func exchangeFailed(status: Int, responseStarted: Bool) {
+    func exchangeFailed(status: Int, responseStarted: Bool, retryAfter: Int? = nil) {
         guard let x = exchange else { return }
         if responseStarted {
             retireExchange()
@@ -683,8 +683,9 @@ final class ClientConnection: IOHandler {
         }
         let keep = keepsAliveAtResponse(x.clientKeepAlive) && bodyLeft == 0 && chunked == nil
         shared.countAnswer(status: status, server: x.serverIndex)
-        let answer = LocalAnswer(status: status, text: nil, serverTokens: x.route.settings.serverTokens, keepAlive: keep,
+        var answer = LocalAnswer(status: status, text: nil, serverTokens: x.route.settings.serverTokens, keepAlive: keep,
                                  clientMinor: x.clientMinor, keepAliveHeader: keep ? x.route.keepAliveHeader : [])
+        answer.retryAfterSeconds = retryAfter
         retireExchange(answered: writeAnswer(answer))
         if !keep { state.pendingReason = .error }
         closeAfterWrite = !keep

@@ -14,6 +14,8 @@ struct LocalAnswer {
     var serverTokens = true
     /// `Allow: GET, HEAD` (a 405 from an admin page).
     var allow = false
+    /// `Retry-After: N` (a 503 from a full upstream queue).
+    var retryAfterSeconds: Int?
     var keepAlive: Bool
     /// The client's HTTP minor version: an HTTP/1.0 client kept alive is told so.
     var clientMinor = 1
@@ -93,6 +95,11 @@ struct LocalAnswer {
         out.put(date)
         out.put("\r\n")
         if allow { out.put("Allow: GET, HEAD\r\n") }
+        if let n = retryAfterSeconds {
+            out.put("Retry-After: ")
+            out.putDecimal(n)
+            out.put("\r\n")
+        }
         let bodyless = status == 204 || status == 304 || status < 200
         var page = false
         if let text, !isRedirect {

@@ -70,6 +70,10 @@ public enum UpstreamFailedReason: Int, CountedReason {
     case truncated
     /// No server of the upstream group could be tried (counted for the group, not a server).
     case noLiveUpstreams
+    /// Every server was at its `max_conns` and the `queue` was full (503; the group's).
+    case queueFull
+    /// The request waited in the `queue` for its whole timeout (503; the group's).
+    case queueTimeout
 
     public var label: String {
         switch self {
@@ -78,6 +82,8 @@ public enum UpstreamFailedReason: Int, CountedReason {
         case .invalidHeader: "invalid_header"
         case .truncated: "truncated"
         case .noLiveUpstreams: "no_live_upstreams"
+        case .queueFull: "queue_full"
+        case .queueTimeout: "queue_timeout"
         }
     }
 

@@ -11,8 +11,9 @@ extension LoopUpstream {
     /// `socketKeepalive`: some location proxying here has `proxy_socket_keepalive on` (used
     /// where neither the server nor the block sets `tcp_keepalive`).
     /// `tls`: the client context of `proxy_pass https://` (each pool then speaks TLS).
+    /// `limits`: the upstream's process-wide `max_conns` and `queue` (shared with the other loops).
     static func make(_ u: Upstream, loop: IOLoop, buffers: BufferPool, log: LoopErrorLog = .all, socketKeepalive: Bool = false,
-                     host: HostKeepalive = HostKeepalive(), tls: TLSContext? = nil) throws(SetupError) -> LoopUpstream {
+                     host: HostKeepalive = HostKeepalive(), tls: TLSContext? = nil, limits: UpstreamLimits? = nil) throws(SetupError) -> LoopUpstream {
         let policy = PoolPolicy(keepalive: u.keepalive, idleTimeoutMs: u.keepaliveTimeoutMs, maxRequests: u.keepaliveRequests,
                                 maxLifetimeMs: u.keepaliveTimeMs)
         var pools: [UpstreamPool] = []
@@ -29,7 +30,7 @@ extension LoopUpstream {
         guard !pools.isEmpty else { throw SetupError("\(u.location): upstream \"\(u.name)\" has no server") }
         let peers = u.servers.map { PeerSpec(weight: $0.weight, maxFails: $0.maxFails, failTimeoutMs: $0.failTimeoutMs, backup: $0.backup, down: $0.down) }
         return LoopUpstream(name: u.name, pools: pools, peers: peers, method: u.balancing == .leastConn ? .leastConn : .roundRobin, log: log,
-                            config: u)
+                            config: u, limits: limits)
     }
 }
 

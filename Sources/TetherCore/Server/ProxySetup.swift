@@ -203,6 +203,13 @@ struct SnapshotPart: Sendable {
     var writing = 0
     var waiting = 0
     var servers: [ServerKey: Server] = [:]
+    /// Each upstream's queue on this loop, and the requests refused for want of a connection.
+    struct Queue: Sendable {
+        var waiting = 0
+        var wait = Histogram()
+        var refused = ReasonCounts<UpstreamFailedReason>()
+    }
+    var queues: [String: Queue] = [:]
 
     init(index: Int, stats: LoopStats) {
         self.index = index
@@ -246,7 +253,16 @@ extension StatsSnapshot {
                 servers.append(Server(address: spec.addressText, up: sum.up, active: sum.active, idle: sum.idle, counters: sum.counters,
                                       learnedIdleMs: sum.learnedIdleMs, advertisedTimeoutMs: sum.advertisedTimeoutMs))
             }
-            s.upstreams.append(.init(name: u.name, keepalive: u.keepalive, servers: servers))
+            var up = Upstream(name: u.name, keepalive: u.keepalive, servers: servers)
+            for (i, spec) in u.servers.enumerated() { up.servers[i].maxConns = spec.maxConns }
+            up.queueSize = u.queue?.size ?? 0
+            for p in parts {
+                guard let q = p.queues[u.name] else { continue }
+                up.queueLength += q.waiting
+                up.queueWait.add(q.wait)
+                up.refused.add(q.refused)
+            }
+            s.upstreams.append(up)
         }
         return s
     }
@@ -254,10 +270,12 @@ extension StatsSnapshot {
 
 extension TetherConfig.Upstream {
     /// Whether a reloaded upstream can keep the old pools: same servers, same pool settings.
+    /// `max_conns` and `queue` may differ: they change in place (`UpstreamLimits.apply`), so that
+    /// neither warm connections nor queued requests are dropped.
     func sameDefinition(as o: TetherConfig.Upstream) -> Bool {
         // Where a server line stands in the file does not matter, only what it says.
         func placeless(_ list: [UpstreamServer]) -> [UpstreamServer] {
-            list.map { var s = $0; s.location = SourceLocation(file: "", line: 0); return s }
+            list.map { var s = $0; s.location = SourceLocation(file: "", line: 0); s.maxConns = 0; return s }
         }
         return placeless(servers) == placeless(o.servers)
             && balancing == o.balancing && keepalive == o.keepalive && keepaliveTimeoutMs == o.keepaliveTimeoutMs

@@ -16,6 +16,24 @@ import TetherTLS
 public final class TetherServer: @unchecked Sendable {
     /// The running configuration and what was made of it (`reload` replaces both).
     private let current: Mutex<(configuration: Configuration, setup: ProxySetup)>
+    /// Each upstream's process-wide `max_conns` and `queue`, by name: kept across reloads that
+    /// keep its servers (the caps change in place), made anew otherwise.
+    private(set) var limits: [String: UpstreamLimits] = [:]
+
+    /// The limits for `setup`'s upstreams (the start's or a reload's thread).
+    private func limits(for setup: ProxySetup) -> [String: UpstreamLimits] {
+        var next: [String: UpstreamLimits] = [:]
+        for (name, u) in setup.upstreams {
+            if let old = limits[name], old.fits(u) {
+                old.apply(u)
+                next[name] = old
+            } else {
+                next[name] = UpstreamLimits(u)
+            }
+        }
+        limits = next
+        return next
+    }
     public var configuration: Configuration { current.withLock { $0.configuration } }
     private var loops: [IOLoop] = []
     private var workers: [LoopThread] = []
@@ -75,9 +93,10 @@ public final class TetherServer: @unchecked Sendable {
         }
         accessLog = writer
         let workers = made.enumerated().map { i, loop in LoopThread(loop: loop, log: log, admin: admin) }
+        let upstreamLimits = limits(for: setup)
         for (i, w) in workers.enumerated() {
             // Before the loop's thread runs: nothing else touches it yet.
-            w.install(setup, sockets: bound.sockets(loop: i), accessLog: writer)
+            w.install(setup, limits: upstreamLimits, sockets: bound.sockets(loop: i), accessLog: writer)
         }
         boundPorts = bound.listens.map { ($0.address, $0.port) }
         listenKeys = bound.listens.map(\.key)
@@ -124,12 +143,13 @@ public final class TetherServer: @unchecked Sendable {
             bound.closeAll()
             throw TetherServerError(lines: [error.description])
         }
+        let upstreamLimits = limits(for: setup)
         // Each loop takes the new configuration between two of its passes; this waits for all.
         let pending = Atomic<Int>(workers.count)
         for (i, w) in workers.enumerated() {
             let sockets = bound.sockets(loop: i)
             w.loop.execute { _ in
-                w.install(setup, sockets: sockets, accessLog: writer)
+                w.install(setup, limits: upstreamLimits, sockets: sockets, accessLog: writer)
                 pending.subtract(1, ordering: .releasing)
             }
         }
@@ -380,7 +400,7 @@ private final class LoopThread: @unchecked Sendable {
     /// Takes `setup` on this loop's thread (or before the thread runs). `sockets`: for each of
     /// its listening addresses a new listening socket, or -1 where the address is listened on
     /// already (that listener stays, with its accept queue).
-    func install(_ setup: ProxySetup, sockets: [(fd: Int32, key: String)], accessLog writer: AccessLogWriter?) {
+    func install(_ setup: ProxySetup, limits: [String: UpstreamLimits], sockets: [(fd: Int32, key: String)], accessLog writer: AccessLogWriter?) {
         let configuration = setup.configuration
         if housekeeping == nil {
             do {
@@ -407,12 +427,13 @@ private final class LoopThread: @unchecked Sendable {
             guard let u = setup.upstreams[g.upstream] else { continue }
             if let old = upstreams[key], old.config.sameDefinition(as: u), (old.tls == nil) == (g.context == nil) {
                 old.useTLS(g.context)
+                old.limitsChanged()
                 next[key] = old
                 continue
             }
             do {
                 next[key] = try LoopUpstream.make(u, loop: loop, buffers: buffers, log: log, socketKeepalive: socketKeepalive.contains(g.upstream),
-                                                  host: setup.hostKeepalive, tls: g.context)
+                                                  host: setup.hostKeepalive, tls: g.context, limits: limits[g.upstream])
             } catch {
                 // `TetherServer.check` refused such a configuration before any loop was touched.
                 log(.alert, "\(error)")
@@ -508,6 +529,9 @@ private final class LoopThread: @unchecked Sendable {
         let now = Int64(loop.now / 1_000_000)
         for u in upstreams.values {
             part.stats.upstreamFailures.add(u.groupFailures)
+            part.queues[u.name, default: .init()].waiting += u.waitingCount
+            part.queues[u.name, default: .init()].wait.add(u.queueWait)
+            part.queues[u.name, default: .init()].refused.add(u.groupFailures)
             for (i, p) in u.pools.enumerated() {
                 // The same upstream over plain and TLS, or with other TLS settings: one figure.
                 part.servers[ServerKey(upstream: u.name, index: i), default: .none].add(SnapshotPart.Server(

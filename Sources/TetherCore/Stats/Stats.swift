@@ -168,12 +168,26 @@ public struct StatsSnapshot: Sendable {
         public var learnedIdleMs: Int64?
         /// What the backend advertised in `Keep-Alive: timeout=`, milliseconds.
         public var advertisedTimeoutMs: Int64?
+        /// `max_conns` (0: none); `active + idle` is what it caps.
+        public var maxConns = 0
     }
 
     public struct Upstream: Sendable {
         public var name: String
         public var keepalive: Int
         public var servers: [Server]
+        /// `queue N` (0: none), the requests waiting now, how long those that left it waited, and
+        /// the requests refused for the whole group (no live upstreams, queue full or timed out).
+        public var queueSize = 0
+        public var queueLength = 0
+        public var queueWait = Histogram()
+        public var refused = ReasonCounts<UpstreamFailedReason>()
+
+        public init(name: String, keepalive: Int, servers: [Server]) {
+            self.name = name
+            self.keepalive = keepalive
+            self.servers = servers
+        }
     }
 
     /// A `server` block: its names and addresses, and the requests it answered.

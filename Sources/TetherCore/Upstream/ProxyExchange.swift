@@ -104,6 +104,9 @@ final class ProxyExchange: UpstreamLinkOwner {
     private var headerNs: Int64 = -1
     /// The loop pass in which it was retired (`LoopUpstream.retire`).
     var retiredPass: UInt64 = 0
+    /// Waiting in the upstream's `queue` for a server below its `max_conns`, since `queuedAt`.
+    var isQueued = false
+    var queuedAt: UInt64 = 0
 
     init(connection: ClientConnection, upstream: LoopUpstream, route: CompiledLocation, request: Request) {
         self.connection = connection
@@ -133,6 +136,7 @@ final class ProxyExchange: UpstreamLinkOwner {
         requestBodyDone = request.framing == .none
         server = -1
         tried = PeerSet()
+        isQueued = false
         tries = 0
         reused = false
         retriedFresh = false
@@ -252,7 +256,7 @@ final class ProxyExchange: UpstreamLinkOwner {
 
     /// The upstream takes no more body now (its queue is at the limit); `upstreamDrained` tells
     /// the client connection to go on.
-    var bodyBlocked: Bool { link?.isBackedUp ?? false }
+    var bodyBlocked: Bool { isQueued || (link?.isBackedUp ?? false) }
 
     /// The client's socket took what was queued: read on from the upstream.
     func clientDrained() {
@@ -269,6 +273,8 @@ final class ProxyExchange: UpstreamLinkOwner {
     func clientLeft() {
         guard !finished else { return }
         clientGone = true
+        // A client that leaves while its request waits leaves the queue at once.
+        if isQueued { upstream.leaveQueue(self) }
         if let l = link, l.phase == .leased, requestBodyDone, l.outboundBytes == 0, !isTunnel, !l.peerClosed,
            plan.map({ $0.framing != .untilClose }) ?? true, !(plan != nil && remainingBeyondDrain) {
             draining = true
@@ -298,21 +304,72 @@ final class ProxyExchange: UpstreamLinkOwner {
 
     private var pool: UpstreamPool { upstream.pools[server] }
 
-    /// Picks a server not tried yet and sends the request on a connection to it.
-    private func connectNext() {
-        guard let i = upstream.balancer.select(now: upstream.nowMs, exclude: tried) else {
+    /// Picks a server not tried yet and sends the request on a connection to it. Servers at
+    /// their `max_conns` with no idle connection on this loop are passed over (as nginx's
+    /// balancer does); when every candidate is, the request waits in the upstream's `queue`, or
+    /// without one gets a 502 (no live upstreams).
+    private func connectNext(front: Bool = false) {
+        var full = PeerSet()
+        while true {
+            guard let i = upstream.balancer.select(now: upstream.nowMs, exclude: full.isEmpty ? tried : tried.union(full)) else {
+                if !full.isEmpty { return waitForRoom(full: full, front: front) }
+                upstream.groupFailures[.noLiveUpstreams] += 1
+                upstream.log(.error, "no live upstreams while connecting to upstream \"\(upstream.name)\"")
+                return answer(502)
+            }
+            if !upstream.hasRoom(i) {
+                full.insert(i)
+                continue
+            }
+            upstream.balancer.started(i)
+            let (l, e) = upstream.pools[i].lease(for: self)
+            if l == nil && e == UpstreamPool.atCapacity {
+                // Another loop took the last slot meanwhile.
+                upstream.balancer.ended(i)
+                full.insert(i)
+                continue
+            }
+            server = i
+            tried.insert(i)
+            tries += 1
+            active = true
+            guard let l else { return failed(e == ETIMEDOUT ? .timeout : .error, Self.callFailed("connect", e)) }
+            return send(on: l)
+        }
+    }
+
+    /// Every server it may go to is at its cap: it waits in the queue, or is refused.
+    private func waitForRoom(full: PeerSet, front: Bool) {
+        guard let limits = upstream.limits, limits.queueSize.load(ordering: .relaxed) > 0 else {
             upstream.groupFailures[.noLiveUpstreams] += 1
-            upstream.log(.error, "no live upstreams while connecting to upstream \"\(upstream.name)\"")
+            upstream.log(.error, "no live upstreams while connecting to upstream \"\(upstream.name)\" (every server is at its max_conns)")
             return answer(502)
         }
-        server = i
-        tried.insert(i)
-        tries += 1
-        upstream.balancer.started(i)
-        active = true
-        let (l, e) = upstream.pools[i].lease(for: self)
-        guard let l else { return failed(e == ETIMEDOUT ? .timeout : .error, Self.callFailed("connect", e)) }
-        send(on: l)
+        guard upstream.enqueue(self, full: full, front: front) else {
+            upstream.groupFailures[.queueFull] += 1
+            return refuseFromQueue(timedOut: false)
+        }
+    }
+
+    /// Taken out of the queue because a server has room: it goes now (or, having lost the slot
+    /// to another loop, waits again at the front).
+    func dequeuedToGo() {
+        guard !finished else { return }
+        connectNext(front: true)
+        // The client connection held the body back while the request waited.
+        if link != nil && !requestBodyDone && !clientGone { connection.upstreamTakesBody() }
+    }
+
+    /// A 503 with `Retry-After`, as nginx Plus and HAProxy answer an overflowing queue: the
+    /// queue is full, or the request waited its whole `timeout`.
+    func refuseFromQueue(timedOut: Bool) {
+        let timeout = Units.formatTime(Int64(upstream.limits?.queueTimeoutMs.load(ordering: .relaxed) ?? 0))
+        upstream.log(.error, timedOut ? "request waited \(timeout) in the queue of upstream \"\(upstream.name)\" (every server at its max_conns), answering 503"
+                                      : "the queue of upstream \"\(upstream.name)\" is full (every server at its max_conns), answering 503")
+        if clientGone { return abandonDrain() }
+        finished = true
+        dropSavedHead()
+        connection.exchangeFailed(status: 503, responseStarted: false, retryAfter: 1)
     }
 
     private func send(on l: UpstreamLink) {

@@ -65,6 +65,8 @@ final class UpstreamLink: IOHandler {
     private var pendingError: Int32 = 0
     /// `proxy_pass https://`: the TLS session over the socket, its handshake after the connect.
     fileprivate var tls: TLSSocket?
+    /// It holds one of its server's `max_conns` slots (given back when its socket closes).
+    fileprivate var holdsSlot = false
     /// The TCP connect is done (with TLS, the handshake may still be under way).
     private var tcpConnected = false
     /// The link ends on an error: no close_notify.
@@ -267,6 +269,10 @@ final class UpstreamLink: IOHandler {
         if let tls, !failed, !peerClosed { tls.shutdown() }
         tls = nil
         pool.loop.close(handle)
+        if holdsSlot {
+            holdsSlot = false
+            pool.slotFreed()
+        }
     }
 
     /// Ready for the next lease: no buffer held, nothing queued.
@@ -325,6 +331,17 @@ final class UpstreamPool {
     var tls: TLSContext?
     /// A reload changed or removed the upstream: no connection is kept any more.
     private(set) var retired = false
+    /// The server's share of `max_conns` (process-wide), and the group to tell when a slot frees
+    /// or a connection goes idle while requests wait.
+    var slot: UpstreamLimits.Server?
+    /// Its group (which owns it: never gone while the pool is in use).
+    unowned(unsafe) var group: LoopUpstream?
+    /// The group's limits, read directly where a request's release looks at the queue.
+    var limits: UpstreamLimits?
+    /// Its index in the group (the balancer's peer).
+    var index = 0
+    /// `lease` and `connectFresh` give this errno when the server is at its `max_conns`.
+    static let atCapacity: Int32 = -1
     private let session = TLSSessionSlot()
     /// TLS handshakes done (of which resumed) and failed.
     private(set) var tlsHandshakes = 0
@@ -398,6 +415,23 @@ final class UpstreamPool {
     }
 
     private func connect(for owner: UpstreamLinkOwner) -> (UpstreamLink?, errno: Int32) {
+        if let slot, !slot.acquire() {
+            state.connectFailed()
+            return (nil, Self.atCapacity)
+        }
+        let (link, e) = openConnection(for: owner)
+        if link == nil, let slot { slot.release() }
+        link?.holdsSlot = slot != nil
+        return (link, e)
+    }
+
+    /// A slot of `max_conns` came back (a connection closed): requests waiting anywhere may go.
+    fileprivate func slotFreed() {
+        slot?.release()
+        limits?.wake()
+    }
+
+    private func openConnection(for owner: UpstreamLinkOwner) -> (UpstreamLink?, errno: Int32) {
         let fd = address.tcpSocket()
         guard fd >= 0 else { state.connectFailed(); connectFailures += 1; return (nil, errno) }
         var one: Int32 = 1
@@ -506,9 +540,18 @@ final class UpstreamPool {
             log(.warn, "upstream \"\(upstreamName)\" server \(addressText) advertises Keep-Alive: timeout=\(warn / 1000), shorter than its keepalive_timeout \(Units.formatTime(state.policy.idleTimeoutMs)); Tether expires its connections before the backend does")
         }
         switch decision {
+        case .keep where (limits?.queued.load(ordering: .relaxed) ?? 0) > 0 && group?.waitingCount == 0:
+            // Requests wait on another loop for a slot this connection holds: it goes, and the
+            // slot with it, rather than idling here.
+            state.idleClosed(link.handle, now: now, byPeer: false)
+            links.removeValue(forKey: link.handle)
+            count(.slotWanted)
+            link.closeSocket()
         case .keep:
             link.becomeIdle()
             armIdleCheck(link.handle)
+            // A request waiting on this loop takes it (after this pass).
+            if let g = group, g.waitingCount > 0 { g.scheduleServe() }
         case .close(let reason):
             links.removeValue(forKey: link.handle)
             count(reason)
@@ -571,6 +614,13 @@ final class UpstreamPool {
         loop.arm(h, afterNanoseconds: UInt64(ms) * 1_000_000)
     }
 
+    /// Another loop waits for a slot of this server: one idle connection goes (its slot with it).
+    func shedOneIdle() -> Bool {
+        guard let h = state.takeOneIdle() else { return false }
+        close(h, .slotWanted)
+        return true
+    }
+
     /// A reload changed or removed this server's upstream: idle connections close now, leased
     /// ones when their exchange ends.
     func retire() {
@@ -610,7 +660,7 @@ final class LoopUpstream {
     let log: LoopErrorLog
 
     init(name: String, pools: [UpstreamPool], peers: [PeerSpec]? = nil, method: Balancer.Method = .roundRobin, log: LoopErrorLog = .all,
-         config: Upstream? = nil) {
+         config: Upstream? = nil, limits: UpstreamLimits? = nil) {
         self.log = log
         self.config = config ?? Upstream(name: name, location: SourceLocation(file: "", line: 0))
         precondition(!pools.isEmpty && (peers == nil || peers!.count == pools.count), "an upstream needs a pool per server")
@@ -619,6 +669,148 @@ final class LoopUpstream {
         loop = pools[0].loop
         balancer = Balancer(peers ?? pools.map { _ in PeerSpec() }, method: method)
         headerScratch.reserveCapacity(32)
+        self.limits = limits
+        capped = limits?.isCapped ?? false
+        for (i, p) in pools.enumerated() {
+            p.index = i
+            p.group = self
+            p.limits = limits
+            p.slot = limits.map { $0.servers[i] }
+        }
+        if let limits {
+            let w = UpstreamLimits.Waker(self)
+            waker = w
+            limits.register(w)
+        }
+    }
+
+    deinit {
+        // On the loop's thread: jobs already posted for this group find it gone.
+        if let waker {
+            waker.group = nil
+            limits?.unregister(waker)
+        }
+    }
+
+    /// What the other loops post this group's wake-ups through.
+    private var waker: UpstreamLimits.Waker?
+
+    // MARK: max_conns and the queue
+
+    /// The process-wide caps and queue of this upstream (shared with the other loops).
+    let limits: UpstreamLimits?
+    /// Some server has `max_conns` (read per request: kept here, refreshed at a reload).
+    private(set) var capped: Bool
+    /// Requests waiting on this loop for a connection, oldest first (from `waitHead` on).
+    private var waiting: [ProxyExchange] = []
+    private var waitHead = 0
+    private var queueTimer: LoopTimer?
+    private var serveScheduled = false
+    /// Requests answered 503 from the queue, by reason, and how long requests waited.
+    var queueWait = Histogram()
+
+    var waitingCount: Int { waiting.count - waitHead }
+
+    /// A reload changed `max_conns` or `queue` (on this loop).
+    func limitsChanged() {
+        capped = limits?.isCapped ?? false
+        scheduleServe()
+    }
+
+    /// Whether server `i` can take a request from this loop now: an idle connection here, or a
+    /// free slot.
+    func hasRoom(_ i: Int) -> Bool {
+        !capped || pools[i].idleCount > 0 || !(pools[i].slot?.isFull ?? false)
+    }
+
+    /// Every server the balancer would try is at its cap: `x` waits if the queue has room
+    /// (returns true), at the front when it had been taken out to go and lost its slot.
+    func enqueue(_ x: ProxyExchange, full: PeerSet, front: Bool = false) -> Bool {
+        guard let limits else { return false }
+        if !front {
+            guard limits.enqueue() else { return false }
+            x.queuedAt = loop.now
+        }
+        if front && waitHead > 0 {
+            waitHead -= 1
+            waiting[waitHead] = x
+        } else if front {
+            waiting.insert(x, at: 0)
+        } else {
+            waiting.append(x)
+        }
+        x.isQueued = true
+        armQueueTimer()
+        // Idle connections of other loops hold the slots: one of them is asked to let one go.
+        for i in pools.indices where full.contains(i) { limits.askForSlot(server: i, from: loop) }
+        return true
+    }
+
+    /// `x` leaves the queue (it goes to a server, or its client left).
+    func leaveQueue(_ x: ProxyExchange) {
+        guard x.isQueued else { return }
+        x.isQueued = false
+        limits?.dequeued()
+        queueWait.observe(nanoseconds: Int64(loop.now &- x.queuedAt))
+        if let i = waiting[waitHead...].firstIndex(where: { $0 === x }) {
+            if i == waitHead { waitHead += 1 } else { waiting.remove(at: i) }
+        }
+        if waitHead == waiting.count {
+            waiting.removeAll(keepingCapacity: true)
+            waitHead = 0
+        }
+    }
+
+    /// Serves the queue after this pass (a connection went idle here).
+    func scheduleServe() {
+        guard waitingCount > 0, !serveScheduled else { return }
+        guard let w = waker else { return }
+        serveScheduled = true
+        loop.execute { _ in
+            w.group?.serveScheduled = false
+            w.group?.serveQueue()
+        }
+    }
+
+    /// The oldest waiting requests go, as long as a server has room for them.
+    func serveQueue() {
+        while waitHead < waiting.count {
+            let x = waiting[waitHead]
+            guard pools.indices.contains(where: { hasRoom($0) && balancer.isAvailable($0, now: nowMs) }) else { break }
+            leaveQueue(x)
+            x.dequeuedToGo()
+            // It lost the race for the slot to another loop: it went back to the front.
+            if x.isQueued { break }
+        }
+        armQueueTimer()
+    }
+
+    /// Another loop waits for a slot of server `i`: this loop lets an idle connection to it go,
+    /// unless requests wait here too.
+    func shedIdle(server i: Int) {
+        guard waitingCount == 0 else { return }
+        _ = pools[i].shedOneIdle()
+    }
+
+    /// The queue's one timer, armed for its oldest request.
+    private func armQueueTimer() {
+        guard waitHead < waiting.count, let limits else { queueTimer?.close(); queueTimer = nil; return }
+        if queueTimer == nil { queueTimer = try? LoopTimer(loop: loop) { [weak self] _ in self?.queueTimedOut() } }
+        let timeout = UInt64(limits.queueTimeoutMs.load(ordering: .relaxed)) * 1_000_000
+        let waited = loop.now &- waiting[waitHead].queuedAt
+        queueTimer?.arm(afterNanoseconds: waited >= timeout ? 0 : timeout - waited)
+    }
+
+    private func queueTimedOut() {
+        guard let limits else { return }
+        let timeout = UInt64(limits.queueTimeoutMs.load(ordering: .relaxed)) * 1_000_000
+        while waitHead < waiting.count, loop.now &- waiting[waitHead].queuedAt >= timeout {
+            let x = waiting[waitHead]
+            leaveQueue(x)
+            groupFailures[.queueTimeout] += 1
+            x.refuseFromQueue(timedOut: true)
+        }
+        armQueueTimer()
     }
 
     /// Ended exchanges, kept for the next requests (no allocation per proxied request), at most
