@@ -66,6 +66,18 @@ import Glibc
         }
     }
 
+    /// 300 requests through one connection: each leaves the queue after a different wait. (The
+    /// queue's timer once was armed for whatever time its oldest request had left, and the loop
+    /// keeps a timer list per distinct duration: past 256 of them the process stopped.)
+    @Test func manyRequestsThroughOneConnection() throws {
+        try withQueue(maxConns: 1, queue: "queue 500 timeout=30s;") { proxy, backend in
+            let clients = try (0..<300).map { _ in try proxy.client() }
+            for (i, c) in clients.enumerated() { try c.sendGET("/slow/1?n=\(i)") }
+            for c in clients { #expect(try c.readResponse().status == 200) }
+            #expect(backend.requestCount == 300 && backend.connectionCount == 1)
+        }
+    }
+
     /// One connection, held by a slow request; three more requests wait and go in the order
     /// they came.
     @Test func waitingRequestsGoFirstInFirstOut() throws {

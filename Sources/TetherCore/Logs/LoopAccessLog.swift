@@ -124,8 +124,12 @@ final class LoopAccessLog {
         self.formats = formats
         self.loop = loop
         pending = writer.paths.map { _ in [] }
-        timer = try LoopTimer(loop: loop) { [weak self] _ in self?.flush() }
+        // Unowned, not weak (a weak reference would put every retain of the log on the runtime's
+        // slow path); the timer is closed with the log.
+        timer = try LoopTimer(loop: loop) { [unowned(unsafe) self] _ in self.flush() }
     }
+
+    deinit { timer?.close() }
 
     /// Ends its record in the loop (a reload made another); `flush` first.
     func close() {

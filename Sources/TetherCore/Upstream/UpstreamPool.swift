@@ -685,6 +685,7 @@ final class LoopUpstream {
     }
 
     deinit {
+        queueTimer?.close()
         // On the loop's thread: jobs already posted for this group find it gone.
         if let waker {
             waker.group = nil
@@ -792,14 +793,21 @@ final class LoopUpstream {
         _ = pools[i].shedOneIdle()
     }
 
-    /// The queue's one timer, armed for its oldest request.
+    /// The queue's one timer, which looks at the oldest request every `queueCheckNanoseconds`
+    /// while requests wait (a fixed period: the loop keeps a timer list per distinct duration,
+    /// so a timer may not be armed for whatever time is left). A request is refused at most
+    /// that much after its timeout.
     private func armQueueTimer() {
         guard waitHead < waiting.count, let limits else { queueTimer?.close(); queueTimer = nil; return }
-        if queueTimer == nil { queueTimer = try? LoopTimer(loop: loop) { [weak self] _ in self?.queueTimedOut() } }
+        // Unowned: a weak reference would put every retain of the group on the slow path. The
+        // group closes the timer in its deinit, so it never fires for a group that is gone.
+        if queueTimer == nil { queueTimer = try? LoopTimer(loop: loop) { [unowned(unsafe) self] _ in self.queueTimedOut() } }
+        guard let t = queueTimer, !t.isArmed else { return }
         let timeout = UInt64(limits.queueTimeoutMs.load(ordering: .relaxed)) * 1_000_000
-        let waited = loop.now &- waiting[waitHead].queuedAt
-        queueTimer?.arm(afterNanoseconds: waited >= timeout ? 0 : timeout - waited)
+        t.arm(afterNanoseconds: min(timeout, Self.queueCheckNanoseconds))
     }
+
+    static let queueCheckNanoseconds: UInt64 = 100_000_000
 
     private func queueTimedOut() {
         guard let limits else { return }
