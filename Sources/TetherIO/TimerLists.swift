@@ -22,9 +22,11 @@ public struct TimerLists {
     @usableFromInline var lists: [List] = []
     public private(set) var armed = 0
 
-    /// More distinct timeout values than a configuration can name: a sign that a caller arms
-    /// computed durations, which belong in fewer lists.
-    public static let maximumLists = 256
+    /// Lists kept: a list whose timers have all gone is given to the next new duration, so that
+    /// durations that come and go (a reload's, a learned idle window's) do not pile up. Beyond
+    /// this many in use at once, arming still works, at the cost of a longer scan: a sign that a
+    /// caller arms computed durations, which belong in fewer lists.
+    public var listCount: Int { lists.count }
 
     public init() {}
 
@@ -86,7 +88,10 @@ public struct TimerLists {
 
     @usableFromInline mutating func list(for duration: UInt64) -> Int {
         if let i = lists.firstIndex(where: { $0.duration == duration }) { return i }
-        precondition(lists.count < Self.maximumLists, "TimerLists: more than \(Self.maximumLists) distinct timeout values armed")
+        if let i = lists.firstIndex(where: { $0.head < 0 }) {
+            lists[i].duration = duration
+            return i
+        }
         lists.append(List(duration: duration))
         return lists.count - 1
     }

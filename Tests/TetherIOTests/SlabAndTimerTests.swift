@@ -74,6 +74,27 @@ import Testing
     }
 
     /// Arming and re-arming a thousand timers many times grows nothing past the first round.
+    /// Durations that come and go reuse the lists of those gone, and many at once still work in
+    /// deadline order (no limit that would stop the process).
+    @Test func manyDistinctDurationsWork() {
+        var t = TimerLists()
+        for round in 0..<10 {
+            for i in 0..<100 { t.arm(i, after: UInt64(round * 1000 + i + 1), now: 0) }
+            var fired: [Int] = []
+            while let id = t.popExpired(now: .max) { fired.append(id) }
+            #expect(fired == Array(0..<100), "round \(round)")
+        }
+        #expect(t.listCount == 100, "the lists of durations gone were reused")
+        for i in 0..<1_000 { t.arm(i, after: UInt64(5_000 + i), now: 0) }
+        #expect(t.listCount == 1_000 && t.nextDeadline == 5_000)
+        var last: UInt64 = 0
+        while let id = t.popExpired(now: .max) {
+            #expect(UInt64(5_000 + id) >= last)
+            last = UInt64(5_000 + id)
+        }
+        #expect(t.armed == 0)
+    }
+
     @Test func reArmingAllocatesNothingOnceGrown() {
         var t = TimerLists()
         for id in 0..<1_000 { t.arm(id, after: 5, now: 0) }
