@@ -444,7 +444,10 @@ final class ProxyExchange: UpstreamLinkOwner {
             upstream.balancer.started(server)
             active = true
             let (l, e) = pool.connectFresh(for: self)
-            guard let l else { return failed(e == ETIMEDOUT ? .timeout : .error, Self.callFailed("connect", e)) }
+            guard let l else {
+                let why = e == UpstreamPool.atCapacity ? "no connection slot left under max_conns for the retry" : Self.callFailed("connect", e)
+                return failed(e == ETIMEDOUT ? .timeout : .error, why)
+            }
             send(on: l)
         case .nextServer:
             log(.warn, why(), ", trying the next server")

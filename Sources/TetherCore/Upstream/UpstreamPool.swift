@@ -540,7 +540,7 @@ final class UpstreamPool {
             log(.warn, "upstream \"\(upstreamName)\" server \(addressText) advertises Keep-Alive: timeout=\(warn / 1000), shorter than its keepalive_timeout \(Units.formatTime(state.policy.idleTimeoutMs)); Tether expires its connections before the backend does")
         }
         switch decision {
-        case .keep where (limits?.queued.load(ordering: .relaxed) ?? 0) > 0 && group?.waitingCount == 0:
+        case .keep where (limits?.queued.load(ordering: .relaxed) ?? 0) > 0 && (slot?.isFull ?? false) && group?.waitingCount == 0:
             // Requests wait on another loop for a slot this connection holds: it goes, and the
             // slot with it, rather than idling here.
             state.idleClosed(link.handle, now: now, byPeer: false)
