@@ -97,6 +97,20 @@ public struct Renderer: AdminRenderer {
         perServerReason("tether_upstream_cx_closed_total", "Upstream connections closed, by reason.", known: upstreamCloseReasons) { $0.counters.closed }
         perServerReason("tether_upstream_rq_retry_total", "Requests sent again, by reason.", known: ReasonCounts<UpstreamRetryReason>.labels) { $0.counters.retries.byLabel }
         perServerReason("tether_upstream_rq_failed_total", "Requests that failed upstream, by reason.", known: ReasonCounts<UpstreamFailedReason>.labels.filter { !groupReasons.contains($0) }) { $0.counters.failures.byLabel }
+        family("tether_upstream_health_checks_total", "counter", "Active health checks (health_check), by result.")
+        for (u, srv) in servers {
+            guard let h = srv.health else { continue }
+            sample("tether_upstream_health_checks_total", [("upstream", u), ("server", srv.address), ("result", "pass")], h.passed)
+            sample("tether_upstream_health_checks_total", [("upstream", u), ("server", srv.address), ("result", "fail")], h.failed)
+        }
+        family("tether_upstream_health_transitions_total", "counter", "Times a server went out of service or came back by its health checks.")
+        for (u, srv) in servers { if let h = srv.health { sample("tether_upstream_health_transitions_total", [("upstream", u), ("server", srv.address)], h.transitions) } }
+        family("tether_upstream_server_healthy", "gauge", "1 while the server passes its health checks.")
+        for (u, srv) in servers { if let h = srv.health { sample("tether_upstream_server_healthy", [("upstream", u), ("server", srv.address)], h.healthy ? 1 : 0) } }
+        family("tether_upstream_health_check_last_seconds", "gauge", "How long the server's last health check took.")
+        for (u, srv) in servers {
+            if let s = srv.health?.lastCheckSeconds { sample("tether_upstream_health_check_last_seconds", [("upstream", u), ("server", srv.address)], number(s)) }
+        }
         perServer("tether_upstream_server_max_conns", "gauge", "The server's max_conns (0: no cap); tether_upstream_cx_active + tether_upstream_cx_idle is what it caps, over all event loops.") { $0.maxConns }
         family("tether_upstream_rq_refused_total", "counter", "Requests refused for the whole upstream: no live upstreams (502), or every server at its max_conns and the queue full or waited out (503).")
         for u in s.upstreams {
@@ -187,6 +201,12 @@ public struct Renderer: AdminRenderer {
                         d["tls"] = ["handshakes": srv.counters.tlsHandshakes, "sessions_reused": srv.counters.tlsResumed, "failures": srv.counters.tlsFailures]
                     }
                     if srv.maxConns > 0 { d["max_conns"] = srv.maxConns }
+                    if let h = srv.health {
+                        var hd: [String: Any] = ["state": h.healthy ? "up" : "down", "checks_passed": h.passed, "checks_failed": h.failed,
+                                                 "transitions": h.transitions]
+                        if let s = h.lastCheckSeconds { hd["last_check_seconds"] = s }
+                        d["health"] = hd
+                    }
                     if let l = srv.learnedIdleMs { d["learned_idle_seconds"] = Double(l) / 1000 }
                     if let a = srv.advertisedTimeoutMs { d["advertised_keepalive_timeout_seconds"] = Double(a) / 1000 }
                     return d

@@ -73,6 +73,22 @@ public struct Upstream: Sendable {
     /// `queue N [timeout=T]`: requests that find every server at its `max_conns` wait, first in
     /// first out, up to N at a time process-wide and T each (nginx's default: 60 s).
     public var queue: Queue?
+    /// `health_check ...`: each server is asked `uri` every `interval` on a connection of its
+    /// own; `fails` failed checks in a row take it out, `passes` in a row bring it back.
+    public var healthCheck: HealthCheck?
+
+    public struct HealthCheck: Hashable, Sendable {
+        public var intervalMs: Int64 = 5_000
+        public var fails = 1
+        public var passes = 1
+        public var uri = "/"
+        /// Statuses that pass (nginx Plus: 2xx and 3xx).
+        public var match: ClosedRange<Int> = 200...399
+        public var timeoutMs: Int64?
+        public init() {}
+        /// A check not answered in this long fails: `timeout`, or the interval.
+        public var effectiveTimeoutMs: Int64 { timeoutMs ?? intervalMs }
+    }
 
     public struct Queue: Hashable, Sendable {
         public var size: Int

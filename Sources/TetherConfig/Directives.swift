@@ -482,6 +482,34 @@ let directiveTable: [DirectiveSpec] = {
         S("upstream", .http, args: 1...1, block: true, repeats: true) { b, d throws(ConfigErrorReason) in try b.upstreamBlock(d) },
         S("server", .upstream, args: 1...many, repeats: true) { b, d throws(ConfigErrorReason) in try b.upstreamServer(d) },
         S("least_conn", .upstream, args: 0...0) { b, _ in b.upstreams[b.upstreams.count - 1].balancing = .leastConn },
+        S("health_check", .upstream, args: 0...6) { b, d throws(ConfigErrorReason) in
+            var h = Upstream.HealthCheck()
+            for a in d.args {
+                let (key, value) = Builder.split(a.text)
+                guard let value else { throw ConfigErrorReason("invalid parameter \"\(a.text)\"") }
+                let arg = Argument(text: value, quoted: false, location: a.location)
+                switch key {
+                case "interval": h.intervalMs = max(1, try Value.time(arg, d))
+                case "fails": h.fails = try Value.count(arg, d, min: 1, max: 1000)
+                case "passes": h.passes = try Value.count(arg, d, min: 1, max: 1000)
+                case "timeout": h.timeoutMs = max(1, try Value.time(arg, d))
+                case "uri":
+                    guard value.hasPrefix("/"), value.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else {
+                        throw ConfigErrorReason("invalid uri \"\(value)\" in \"health_check\" directive, it must start with \"/\" and have no spaces")
+                    }
+                    h.uri = value
+                case "match":
+                    let parts = value.split(separator: "-", omittingEmptySubsequences: false)
+                    guard parts.count <= 2, let lo = Int(parts[0]), let hi = parts.count == 2 ? Int(parts[1]) : lo,
+                          (100...599).contains(lo), (lo...599).contains(hi) else {
+                        throw ConfigErrorReason("invalid match \"\(value)\" in \"health_check\" directive, it must be a status or a range such as 200-399")
+                    }
+                    h.match = lo...hi
+                default: throw ConfigErrorReason("invalid parameter \"\(a.text)\"")
+                }
+            }
+            b.upstreams[b.upstreams.count - 1].healthCheck = h
+        },
         S("queue", .upstream, args: 1...2) { b, d throws(ConfigErrorReason) in
             var q = Upstream.Queue(size: try Value.count(d.args[0], d, min: 1, max: 1 << 20))
             if d.args.count == 2 {

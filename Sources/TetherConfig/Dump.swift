@@ -25,6 +25,10 @@ extension Configuration {
                 if let t = s.tcpUserTimeout { line += " tcp_user_timeout=\(t)" }
                 out += line + ";\n"
             }
+            if let h = u.healthCheck {
+                out += "        health_check interval=\(Units.formatTime(h.intervalMs)) fails=\(h.fails) passes=\(h.passes) uri=\(h.uri) match=\(h.match.lowerBound)-\(h.match.upperBound)"
+                out += " timeout=\(Units.formatTime(h.effectiveTimeoutMs));\n"
+            }
             if let q = u.queue { out += "        queue \(q.size) timeout=\(Units.formatTime(q.timeoutMs));\n" }
             out += "        keepalive \(u.keepalive);\n"
             out += "        keepalive_timeout \(Units.formatTime(u.keepaliveTimeoutMs));\n"

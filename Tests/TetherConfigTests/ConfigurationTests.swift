@@ -205,7 +205,7 @@ final class TempDir {
         let c = try load("""
             http {
                 upstream up { server 127.0.0.1:9000 weight=3; keepalive 4; }
-                upstream capped { server 127.0.0.2:9000 max_conns=64; queue 100; }
+                upstream capped { server 127.0.0.2:9000 max_conns=64; queue 100; health_check interval=2s fails=3 passes=2 uri=/healthz match=200-299; }
                 server {
                     listen 127.0.0.1:8080 default_server;
                     server_name a.example;
@@ -219,6 +219,7 @@ final class TempDir {
         #expect(text.contains("keepalive_timeout 1h30m 20s;"))
         #expect(text.contains("server 127.0.0.2:9000 weight=1 max_fails=1 fail_timeout=10s max_conns=64;"))
         #expect(text.contains("queue 100 timeout=1m;"))
+        #expect(text.contains("health_check interval=2s fails=3 passes=2 uri=/healthz match=200-299 timeout=2s;"))
         #expect(c.upstreams.first { $0.name == "capped" }?.queue == .init(size: 100, timeoutMs: 60_000))
         #expect(c.upstreams.first { $0.name == "capped" }?.servers[0].maxConns == 64)
         #expect(text.contains("server 127.0.0.1:9000 weight=3 max_fails=1 fail_timeout=10s;"))

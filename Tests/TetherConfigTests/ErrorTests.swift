@@ -117,6 +117,12 @@ import Testing
              expected: ["t.conf:2: invalid value \"abc\" in \"queue\" directive, it must be a time (for example 500ms, 30s, 1h30m)"]),
         Case(name: "queue parameter", text: "http {\n  upstream a { server 127.0.0.1:1; queue 10 foo=1; }\n}\n",
              expected: ["t.conf:2: invalid parameter \"foo=1\""]),
+        Case(name: "health_check uri", text: "http {\n  upstream a { server 127.0.0.1:1; health_check uri=healthz; }\n}\n",
+             expected: ["t.conf:2: invalid uri \"healthz\" in \"health_check\" directive, it must start with \"/\" and have no spaces"]),
+        Case(name: "health_check match", text: "http {\n  upstream a { server 127.0.0.1:1; health_check match=99; }\n}\n",
+             expected: ["t.conf:2: invalid match \"99\" in \"health_check\" directive, it must be a status or a range such as 200-399"]),
+        Case(name: "health_check parameter", text: "http {\n  upstream a { server 127.0.0.1:1; health_check fails; }\n}\n",
+             expected: ["t.conf:2: invalid parameter \"fails\""]),
         Case(name: "queue outside upstream", text: "http {\n  server { queue 1; }\n}\n",
              expected: ["t.conf:2: \"queue\" directive is not allowed here"]),
     ]

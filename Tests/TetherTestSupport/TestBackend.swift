@@ -7,7 +7,7 @@ import NIOPosix
 ///
 /// Paths: `/bytes/N[?mode=length|chunked|close]` answers N bytes of `Pattern`; `/echo` answers the
 /// request body; `/sum` answers `"<count> <checksum>"` of the request body; `/slow/MS` answers after
-/// MS milliseconds; `/garbage` answers bytes that are not HTTP; `/status/N` answers status N; anything
+/// MS milliseconds; `/healthz` answers 200 or 503 (`setHealthy`); `/garbage` answers bytes that are not HTTP; `/status/N` answers status N; anything
 /// else answers "ok".
 public final class TestBackend: Sendable {
     public struct Options: Sendable {
@@ -45,6 +45,7 @@ public final class TestBackend: Sendable {
         var peakOpen = 0
         var requests: [Request] = []
         var dropped = 0
+        var healthy = true
     }
 
     let group: MultiThreadedEventLoopGroup
@@ -85,6 +86,9 @@ public final class TestBackend: Sendable {
     /// Connections accepted so far.
     public var connectionCount: Int { state.withLockedValue { $0.connections } }
     public var openConnections: Int { state.withLockedValue { $0.open } }
+    /// What `/healthz` answers: 200 while healthy, 503 otherwise (every other path is unaffected).
+    public func setHealthy(_ healthy: Bool) { state.withLockedValue { $0.healthy = healthy } }
+
     /// The most connections open at once so far.
     public var peakOpenConnections: Int { state.withLockedValue { $0.peakOpen } }
     public var requests: [Request] { state.withLockedValue { $0.requests } }
@@ -260,6 +264,11 @@ final class BackendHandler: ChannelInboundHandler {
         }
         if path == "/garbage" {
             send(context, "HTP/9 nonsense\r\n\r\n", close: true)
+            return
+        }
+        if path == "/healthz" {
+            let ok = state.withLockedValue { $0.healthy }
+            send(context, ok ? "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\(extra)\r\nok" : "HTTP/1.1 503 Unhealthy\r\nContent-Length: 4\r\n\(extra)\r\nsick", close: close)
             return
         }
         if path.hasPrefix("/status/"), let code = Int(path.dropFirst(8)) {

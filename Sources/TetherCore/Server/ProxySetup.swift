@@ -181,6 +181,7 @@ struct SnapshotPart: Sendable {
         var counters: ServerCounters
         var learnedIdleMs: Int64?
         var advertisedTimeoutMs: Int64?
+        var health: StatsSnapshot.Health?
 
         /// Nothing yet: what `add` starts from.
         static let none = Server(up: true, active: 0, idle: 0, counters: ServerCounters())
@@ -194,6 +195,8 @@ struct SnapshotPart: Sendable {
             counters.add(o.counters)
             if let l = o.learnedIdleMs { learnedIdleMs = min(learnedIdleMs ?? .max, l) }
             if let a = o.advertisedTimeoutMs { advertisedTimeoutMs = a }
+            // The same process-wide figures from every loop: taken once, not summed.
+            if health == nil { health = o.health }
         }
     }
 
@@ -250,8 +253,10 @@ extension StatsSnapshot {
                 var sum = SnapshotPart.Server.none
                 sum.up = !spec.down
                 for p in parts { if let x = p.servers[ServerKey(upstream: u.name, index: i)] { sum.add(x) } }
-                servers.append(Server(address: spec.addressText, up: sum.up, active: sum.active, idle: sum.idle, counters: sum.counters,
-                                      learnedIdleMs: sum.learnedIdleMs, advertisedTimeoutMs: sum.advertisedTimeoutMs))
+                var srv = Server(address: spec.addressText, up: sum.up && (sum.health?.healthy ?? true), active: sum.active, idle: sum.idle,
+                                 counters: sum.counters, learnedIdleMs: sum.learnedIdleMs, advertisedTimeoutMs: sum.advertisedTimeoutMs)
+                srv.health = sum.health
+                servers.append(srv)
             }
             var up = Upstream(name: u.name, keepalive: u.keepalive, servers: servers)
             for (i, spec) in u.servers.enumerated() { up.servers[i].maxConns = spec.maxConns }

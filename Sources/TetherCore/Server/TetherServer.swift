@@ -19,6 +19,17 @@ public final class TetherServer: @unchecked Sendable {
     /// Each upstream's process-wide `max_conns` and `queue`, by name: kept across reloads that
     /// keep its servers (the caps change in place), made anew otherwise.
     private(set) var limits: [String: UpstreamLimits] = [:]
+    /// `health_check`: run on the admin helper's loop, once per process.
+    private var healthChecks: HealthChecks?
+
+    /// Hands the health checks `setup`'s upstreams (start and reload).
+    private func configureHealthChecks(_ setup: ProxySetup, _ limits: [String: UpstreamLimits]) {
+        guard let loop = admin?.helperLoop else { return }
+        if healthChecks == nil { healthChecks = HealthChecks(loop: loop, log: log) }
+        let list = setup.upstreams.values.compactMap { u in limits[u.name].map { (u, $0) } }
+        let checks = UncheckedBox(healthChecks!)
+        loop.execute { _ in checks.value.configure(list) }
+    }
 
     /// The limits for `setup`'s upstreams (the start's or a reload's thread).
     private func limits(for setup: ProxySetup) -> [String: UpstreamLimits] {
@@ -94,6 +105,7 @@ public final class TetherServer: @unchecked Sendable {
         accessLog = writer
         let workers = made.enumerated().map { i, loop in LoopThread(loop: loop, log: log, admin: admin) }
         let upstreamLimits = limits(for: setup)
+        configureHealthChecks(setup, upstreamLimits)
         for (i, w) in workers.enumerated() {
             // Before the loop's thread runs: nothing else touches it yet.
             w.install(setup, limits: upstreamLimits, sockets: bound.sockets(loop: i), accessLog: writer)
@@ -144,6 +156,7 @@ public final class TetherServer: @unchecked Sendable {
             throw TetherServerError(lines: [error.description])
         }
         let upstreamLimits = limits(for: setup)
+        configureHealthChecks(setup, upstreamLimits)
         // Each loop takes the new configuration between two of its passes; this waits for all.
         let pending = Atomic<Int>(workers.count)
         for (i, w) in workers.enumerated() {
@@ -176,6 +189,12 @@ public final class TetherServer: @unchecked Sendable {
     /// What cannot be set up on a loop, found before any loop is touched: an upstream server
     /// that is not a numeric address (names are resolved when the configuration is read).
     static func check(_ setup: ProxySetup) throws(SetupError) {
+        for server in setup.servers {
+            for l in server.locations {
+                guard case .proxy(let p) = l.action, l.upstreamTLS != nil, let u = setup.upstreams[p.upstream], u.healthCheck != nil else { continue }
+                throw SetupError("\(u.location): \"health_check\" of upstream \"\(u.name)\" checks over plain HTTP, but it is reached with proxy_pass https:// (TLS health checks are not supported yet)")
+            }
+        }
         for (_, u) in setup.upstreams {
             guard !u.servers.isEmpty else { throw SetupError("\(u.location): upstream \"\(u.name)\" has no server") }
             for s in u.servers where UInt16(exactly: s.port) == nil || InetAddress(host: s.address, port: UInt16(clamping: s.port)) == nil {
@@ -262,6 +281,11 @@ public final class TetherServer: @unchecked Sendable {
         threads = []
         loops = []
         workers = []
+        if let checks = healthChecks, let loop = admin?.helperLoop {
+            let box = UncheckedBox(checks)
+            loop.execute { _ in box.value.stop() }
+        }
+        healthChecks = nil
         admin?.stop()
         admin = nil
         // After the loops, which handed it their last lines as they stopped.
@@ -534,9 +558,16 @@ private final class LoopThread: @unchecked Sendable {
             part.queues[u.name, default: .init()].refused.add(u.groupFailures)
             for (i, p) in u.pools.enumerated() {
                 // The same upstream over plain and TLS, or with other TLS settings: one figure.
+                var health: StatsSnapshot.Health?
+                if u.checked, let slot = p.slot {
+                    let ns = slot.lastCheckNs.load(ordering: .relaxed)
+                    health = .init(healthy: slot.healthy.load(ordering: .relaxed), passed: slot.checksPassed.load(ordering: .relaxed),
+                                   failed: slot.checksFailed.load(ordering: .relaxed), transitions: slot.transitions.load(ordering: .relaxed),
+                                   lastCheckSeconds: ns < 0 ? nil : Double(ns) / 1e9)
+                }
                 part.servers[ServerKey(upstream: u.name, index: i), default: .none].add(SnapshotPart.Server(
                     up: u.balancer.isAvailable(i, now: now), active: p.openCount - p.idleCount, idle: p.idleCount, counters: p.counters,
-                    learnedIdleMs: p.state.learnedIdleMs, advertisedTimeoutMs: p.state.advertisedTimeoutMs))
+                    learnedIdleMs: p.state.learnedIdleMs, advertisedTimeoutMs: p.state.advertisedTimeoutMs, health: health))
             }
         }
         return part
@@ -579,4 +610,10 @@ private final class LoopThread: @unchecked Sendable {
 public struct TetherServerError: Error, CustomStringConvertible {
     public let lines: [String]
     public var description: String { lines.joined(separator: "\n") }
+}
+
+/// A reference handed to the thread that alone uses it (the helper's loop).
+struct UncheckedBox<T: AnyObject>: @unchecked Sendable {
+    let value: T
+    init(_ value: T) { self.value = value }
 }

@@ -141,4 +141,7 @@ final class AdminPages: @unchecked Sendable {
     func stop() {
         helper.stopAndJoin()
     }
+
+    /// The helper's loop, which also runs the process's health checks (`HealthChecks`).
+    var helperLoop: IOLoop { helper.loop }
 }

@@ -170,6 +170,17 @@ public struct StatsSnapshot: Sendable {
         public var advertisedTimeoutMs: Int64?
         /// `max_conns` (0: none); `active + idle` is what it caps.
         public var maxConns = 0
+        /// `health_check`: its verdict and figures (process-wide), when the upstream has one.
+        public var health: Health?
+    }
+
+    public struct Health: Sendable {
+        public var healthy: Bool
+        public var passed: Int
+        public var failed: Int
+        public var transitions: Int
+        /// How long the last check took; nil before the first.
+        public var lastCheckSeconds: Double?
     }
 
     public struct Upstream: Sendable {

@@ -310,8 +310,14 @@ final class ProxyExchange: UpstreamLinkOwner {
     /// without one gets a 502 (no live upstreams).
     private func connectNext(front: Bool = false) {
         var full = PeerSet()
+        var failing = PeerSet()
+        if upstream.checked {
+            // Servers that fail their health checks are not tried (as nginx Plus).
+            for i in upstream.pools.indices where !upstream.isHealthy(i) { failing.insert(i) }
+        }
         while true {
-            guard let i = upstream.balancer.select(now: upstream.nowMs, exclude: full.isEmpty ? tried : tried.union(full)) else {
+            let exclude = full.isEmpty && failing.isEmpty ? tried : tried.union(full).union(failing)
+            guard let i = upstream.balancer.select(now: upstream.nowMs, exclude: exclude) else {
                 if !full.isEmpty { return waitForRoom(full: full, front: front) }
                 upstream.groupFailures[.noLiveUpstreams] += 1
                 upstream.log(.error, "no live upstreams while connecting to upstream \"\(upstream.name)\"")

@@ -21,6 +21,13 @@ final class UpstreamLimits: Sendable {
         /// most there were at once.
         let open = Atomic<Int>(0)
         let peak = Atomic<Int>(0)
+        /// `health_check`: whether the server passes its checks (true until it fails `fails` in
+        /// a row), the checks and transitions so far, and how long the last check took.
+        let healthy = Atomic<Bool>(true)
+        let checksPassed = Atomic<Int>(0)
+        let checksFailed = Atomic<Int>(0)
+        let transitions = Atomic<Int>(0)
+        let lastCheckNs = Atomic<Int>(-1)
 
         init(maxConns: Int) { self.maxConns = Atomic(maxConns) }
 
@@ -73,6 +80,7 @@ final class UpstreamLimits: Sendable {
         servers = u.servers.map { Server(maxConns: $0.maxConns) }
         queueSize = Atomic(u.queue?.size ?? 0)
         queueTimeoutMs = Atomic(Int(u.queue?.timeoutMs ?? 60_000))
+        isChecked.store(u.healthCheck != nil, ordering: .relaxed)
     }
 
     /// Whether `u` (a reloaded definition) can keep this object: the same number of servers.
@@ -83,10 +91,15 @@ final class UpstreamLimits: Sendable {
         for (s, spec) in zip(servers, u.servers) { s.maxConns.store(spec.maxConns, ordering: .relaxed) }
         queueSize.store(u.queue?.size ?? 0, ordering: .relaxed)
         queueTimeoutMs.store(Int(u.queue?.timeoutMs ?? 60_000), ordering: .relaxed)
+        isChecked.store(u.healthCheck != nil, ordering: .relaxed)
+        if u.healthCheck == nil { for s in servers { s.healthy.store(true, ordering: .relaxed) } }
         wake()
     }
 
     var isCapped: Bool { servers.contains { $0.maxConns.load(ordering: .relaxed) > 0 } }
+
+    /// `health_check` is configured (the loops then pass over servers that fail theirs).
+    let isChecked = Atomic<Bool>(false)
 
     /// Takes a place in the queue; false when it is full (or there is none).
     func enqueue() -> Bool {

@@ -671,6 +671,7 @@ final class LoopUpstream {
         headerScratch.reserveCapacity(32)
         self.limits = limits
         capped = limits?.isCapped ?? false
+        checked = limits?.isChecked.load(ordering: .relaxed) ?? false
         for (i, p) in pools.enumerated() {
             p.index = i
             p.group = self
@@ -702,6 +703,8 @@ final class LoopUpstream {
     let limits: UpstreamLimits?
     /// Some server has `max_conns` (read per request: kept here, refreshed at a reload).
     private(set) var capped: Bool
+    /// `health_check` runs for this upstream (likewise).
+    private(set) var checked: Bool
     /// Requests waiting on this loop for a connection, oldest first (from `waitHead` on).
     private var waiting: [ProxyExchange] = []
     private var waitHead = 0
@@ -715,7 +718,13 @@ final class LoopUpstream {
     /// A reload changed `max_conns` or `queue` (on this loop).
     func limitsChanged() {
         capped = limits?.isCapped ?? false
+        checked = limits?.isChecked.load(ordering: .relaxed) ?? false
         scheduleServe()
+    }
+
+    /// Whether server `i` passes its health checks (always, without `health_check`).
+    func isHealthy(_ i: Int) -> Bool {
+        !checked || (pools[i].slot?.healthy.load(ordering: .relaxed) ?? true)
     }
 
     /// Whether server `i` can take a request from this loop now: an idle connection here, or a
@@ -777,7 +786,7 @@ final class LoopUpstream {
     func serveQueue() {
         while waitHead < waiting.count {
             let x = waiting[waitHead]
-            guard pools.indices.contains(where: { hasRoom($0) && balancer.isAvailable($0, now: nowMs) }) else { break }
+            guard pools.indices.contains(where: { hasRoom($0) && isHealthy($0) && balancer.isAvailable($0, now: nowMs) }) else { break }
             leaveQueue(x)
             x.dequeuedToGo()
             // It lost the race for the slot to another loop: it went back to the front.
