@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TetherCore
 import TetherIO
 import TetherTestSupport
 
@@ -73,5 +74,40 @@ import TetherTestSupport
         #expect(eventually { proxy.stats().upstreams[0].servers[0].health.map { !$0.healthy && $0.failed >= 1 } ?? false })
         #expect(try proxy.client().get().status == 502)
         #expect(proxy.stats().upstreams[0].refused.byLabel["no_live_upstreams"] == 1)
+    }
+
+    /// An upstream reached with `proxy_pass https://` is checked over TLS, verified as its
+    /// location says: a backend whose certificate does not verify fails its checks.
+    @Test(arguments: [true, false]) func anHTTPSUpstreamIsCheckedOverTLS(_ verifies: Bool) throws {
+        var o = TestBackend.Options()
+        o.tls = (TestPKI.path("localhost.pem"), TestPKI.path("localhost.key"))
+        let backend = try TestBackend(options: o)
+        defer { backend.stop() }
+        let ca = verifies ? TestPKI.path("ca.pem") : TestPKI.path("other-ca.pem")
+        let proxy = try startProxy(config: """
+            worker_processes 1;
+            http {
+                upstream app { server 127.0.0.1:\(backend.port); health_check interval=100ms uri=/healthz; }
+                server {
+                    listen 127.0.0.1:0;
+                    location / { proxy_pass https://app; proxy_ssl_verify on; proxy_ssl_trusted_certificate \(ca); proxy_ssl_name localhost; }
+                }
+            }
+            """)
+        defer { proxy.stop() }
+        func health() -> StatsSnapshot.Health? { proxy.stats().upstreams[0].servers[0].health }
+        if verifies {
+            #expect(eventually { (health()?.passed ?? 0) >= 2 }, "no check passed over TLS")
+            #expect(backend.requests.contains { $0.target == "/healthz" })
+            backend.setHealthy(false)
+            #expect(eventually { health()?.healthy == false })
+            #expect(try proxy.client().get().status == 502)
+            backend.setHealthy(true)
+            #expect(eventually { health()?.healthy == true })
+            #expect(try proxy.client().get().status == 200)
+        } else {
+            #expect(eventually { (health()?.failed ?? 0) >= 1 && health()?.healthy == false })
+            #expect(!backend.requests.contains { $0.target == "/healthz" }, "a check went through a certificate that does not verify")
+        }
     }
 }

@@ -27,8 +27,16 @@ public final class TetherServer: @unchecked Sendable {
         guard let loop = admin?.helperLoop else { return }
         if healthChecks == nil { healthChecks = HealthChecks(loop: loop, log: log) }
         let list = setup.upstreams.values.compactMap { u in limits[u.name].map { (u, $0) } }
+        // An upstream reached over TLS is checked over TLS, with a proxying location's settings.
+        var tls: [String: TLSContext] = [:]
+        for server in setup.servers {
+            for l in server.locations {
+                if case .proxy(let p) = l.action, let ctx = l.upstreamTLS, tls[p.upstream] == nil { tls[p.upstream] = ctx }
+            }
+        }
         let checks = UncheckedBox(healthChecks!)
-        loop.execute { _ in checks.value.configure(list) }
+        let contexts = UncheckedBox(TLSContexts(tls))
+        loop.execute { _ in checks.value.configure(list, tls: contexts.value.byUpstream) }
     }
 
     /// The limits for `setup`'s upstreams (the start's or a reload's thread).
@@ -189,12 +197,6 @@ public final class TetherServer: @unchecked Sendable {
     /// What cannot be set up on a loop, found before any loop is touched: an upstream server
     /// that is not a numeric address (names are resolved when the configuration is read).
     static func check(_ setup: ProxySetup) throws(SetupError) {
-        for server in setup.servers {
-            for l in server.locations {
-                guard case .proxy(let p) = l.action, l.upstreamTLS != nil, let u = setup.upstreams[p.upstream], u.healthCheck != nil else { continue }
-                throw SetupError("\(u.location): \"health_check\" of upstream \"\(u.name)\" checks over plain HTTP, but it is reached with proxy_pass https:// (TLS health checks are not supported yet)")
-            }
-        }
         for (_, u) in setup.upstreams {
             guard !u.servers.isEmpty else { throw SetupError("\(u.location): upstream \"\(u.name)\" has no server") }
             for s in u.servers where UInt16(exactly: s.port) == nil || InetAddress(host: s.address, port: UInt16(clamping: s.port)) == nil {
@@ -616,4 +618,10 @@ public struct TetherServerError: Error, CustomStringConvertible {
 struct UncheckedBox<T: AnyObject>: @unchecked Sendable {
     let value: T
     init(_ value: T) { self.value = value }
+}
+
+/// TLS contexts by upstream name, handed to the helper's loop.
+final class TLSContexts {
+    let byUpstream: [String: TLSContext]
+    init(_ byUpstream: [String: TLSContext]) { self.byUpstream = byUpstream }
 }

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import TetherConfig
 import TetherIO
+import TetherTLS
 
 /// Active health checks (`health_check` in an `upstream`): every `interval`, each server is asked
 /// `GET uri` on a connection of its own (never a pooled one), with `Connection: close`. A status
@@ -11,8 +12,8 @@ import TetherIO
 /// server out of every loop's balancer, `passes` passes in a row bring it back; passive
 /// `max_fails` works beside it. The checks run once per process, on the helper loop, and the
 /// verdict is an atomic flag in the server's `UpstreamLimits.Server` that the loops read.
-/// Plain HTTP: a `proxy_pass https://` upstream's servers are checked without TLS (a TCP and
-/// HTTP check of a TLS port fails), so such upstreams are refused a `health_check` for now.
+/// An upstream reached with `proxy_pass https://` is checked over TLS, with the TLS settings
+/// (verification, SNI) of a location that proxies to it.
 final class HealthChecks {
     private unowned(unsafe) let loop: IOLoop
     private let log: LoopErrorLog
@@ -23,8 +24,9 @@ final class HealthChecks {
         self.log = log
     }
 
-    /// Replaces the running checks with `setup`'s (on the helper loop's thread).
-    func configure(_ upstreams: [(Upstream, UpstreamLimits)]) {
+    /// Replaces the running checks with `setup`'s (on the helper loop's thread). `tls`: the
+    /// client context of the upstreams reached over TLS.
+    func configure(_ upstreams: [(Upstream, UpstreamLimits)], tls: [String: TLSContext]) {
         for p in probes { p.stop() }
         probes = []
         for (u, limits) in upstreams {
@@ -32,7 +34,7 @@ final class HealthChecks {
             for (i, s) in u.servers.enumerated() where !s.down {
                 guard let port = UInt16(exactly: s.port), let address = InetAddress(host: s.address, port: port) else { continue }
                 if let p = try? HealthProbe(loop: loop, log: log, upstream: u.name, server: s, address: address, check: check,
-                                            state: limits.servers[i]) {
+                                            state: limits.servers[i], tls: tls[u.name]) {
                     probes.append(p)
                 }
             }
@@ -64,9 +66,13 @@ final class HealthProbe: IOHandler {
     private var passesInARow = 0
     private var failsInARow = 0
     private var stopped = false
+    /// `proxy_pass https://`: the context, and the session of the check under way.
+    private let tlsContext: TLSContext?
+    private var tls: TLSSocket?
 
     init(loop: IOLoop, log: LoopErrorLog, upstream: String, server: UpstreamServer, address: InetAddress,
-         check: Upstream.HealthCheck, state: UpstreamLimits.Server) throws(IOError) {
+         check: Upstream.HealthCheck, state: UpstreamLimits.Server, tls: TLSContext? = nil) throws(IOError) {
+        tlsContext = tls
         self.loop = loop
         self.log = log
         self.upstream = upstream
@@ -101,6 +107,13 @@ final class HealthProbe: IOHandler {
             Glibc.close(fd)
             return finish(pass: false, why: "connect() failed (\(e): \(String(cString: strerror(e))))")
         }
+        if let ctx = tlsContext {
+            guard let session = TLSSocket(client: ctx, fd: fd, session: nil) else {
+                Glibc.close(fd)
+                return finish(pass: false, why: "no TLS session")
+            }
+            tls = session
+        }
         do {
             let h = try loop.register(fd, handler: self)
             handle = h
@@ -119,26 +132,49 @@ final class HealthProbe: IOHandler {
             getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len)
             return finish(pass: false, why: "connect() failed (\(err): \(String(cString: strerror(err))))")
         }
-        if events.contains(.writable) && written < request.count {
-            let n = request[written...].withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
-            if n > 0 { written += n } else if n < 0 && errno != EAGAIN {
-                return finish(pass: false, why: "send() failed (\(errno): \(String(cString: strerror(errno))))")
+        if let tls, !tls.handshakeDone {
+            switch tls.handshake() {
+            case .done: break
+            case .wantRead, .wantWrite: return
+            case .failed(let f, let detail): return finish(pass: false, why: "TLS handshake failed (\(f.rawValue)): \(detail)")
             }
         }
-        guard events.contains(.readable) || events.contains(.readHangup) || events.contains(.hangup) else { return }
+        while written < request.count {
+            let n: Int
+            if let tls {
+                switch request[written...].withUnsafeBytes({ tls.write($0) }) {
+                case .wrote(let w): n = w
+                case .wantRead, .wantWrite: n = 0
+                case .error(let e): return finish(pass: false, why: "TLS error: \(e)")
+                }
+            } else {
+                n = request[written...].withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+                if n < 0 && errno != EAGAIN { return finish(pass: false, why: "send() failed (\(errno): \(String(cString: strerror(errno))))") }
+            }
+            guard n > 0 else { break }
+            written += n
+        }
         var buf = [UInt8](repeating: 0, count: 512)
-        while response.count < 4096 {
-            let n = Glibc.read(fd, &buf, buf.count)
-            if n > 0 { response += buf[0..<n]; continue }
-            if n == 0 { break }
-            if errno == EAGAIN { break }
-            return finish(pass: false, why: "recv() failed (\(errno): \(String(cString: strerror(errno))))")
+        var ended = events.contains(.readHangup) || events.contains(.hangup)
+        reading: while response.count < 4096 {
+            if let tls {
+                switch buf.withUnsafeMutableBytes({ tls.read(into: $0) }) {
+                case .bytes(let n): response += buf[0..<n]
+                case .wantRead, .wantWrite: break reading
+                case .closeNotify, .eof: ended = true; break reading
+                case .error(let e): return finish(pass: false, why: "TLS error: \(e)")
+                }
+            } else {
+                let n = Glibc.read(fd, &buf, buf.count)
+                if n > 0 { response += buf[0..<n]; continue }
+                if n == 0 { ended = true; break }
+                if errno == EAGAIN { break }
+                return finish(pass: false, why: "recv() failed (\(errno): \(String(cString: strerror(errno))))")
+            }
         }
         // The status line is all a check needs.
         guard let end = response.firstIndex(of: UInt8(ascii: "\n")) else {
-            if response.count >= 4096 || events.contains(.readHangup) || events.contains(.hangup) {
-                finish(pass: false, why: "no status line")
-            }
+            if response.count >= 4096 || ended { finish(pass: false, why: "no status line") }
             return
         }
         let line = String(decoding: response[..<end], as: UTF8.self)
@@ -156,6 +192,7 @@ final class HealthProbe: IOHandler {
     /// A check's verdict: counted, the server's state changed after `fails` or `passes` in a row,
     /// and the next check in `interval`.
     private func finish(pass: Bool, why: String) {
+        tls = nil
         if let h = handle { loop.close(h) }
         handle = nil
         state.lastCheckNs.store(Int(IOLoop.monotonicNanoseconds() &- startedAt), ordering: .relaxed)
