@@ -25,6 +25,8 @@ public struct Builder {
         var proxy: (raw: String, scheme: String, host: String, port: Int?, uri: String?, at: SourceLocation)?
         var returnAction: ReturnAction?
         var admin: Location.Action?
+        /// `health_check` here: for the upstream of this location's `proxy_pass`.
+        var healthCheck: (Upstream.HealthCheck, SourceLocation)?
         var location: SourceLocation
     }
 
@@ -484,6 +486,17 @@ public struct Builder {
                     action = .respond(r)
                 } else if let p = loc.proxy {
                     if let pass = proxyTarget(p) { action = .proxy(pass) }
+                }
+                if let (check, at) = loc.healthCheck {
+                    if case .proxy(let pass) = action, let u = upstreams.firstIndex(where: { $0.name == pass.upstream }) {
+                        if let other = upstreams[u].healthCheck, other != check {
+                            errors.append(ConfigError("upstream \"\(pass.upstream)\" has another \"health_check\" already", at: at))
+                        } else {
+                            upstreams[u].healthCheck = check
+                        }
+                    } else if loc.proxy == nil {
+                        errors.append(ConfigError("\"health_check\" needs \"proxy_pass\" in its location", at: at))
+                    }
                 }
                 server.locations.append(Location(match: loc.match, path: loc.path, settings: loc.settings.over(serverPartial).resolved(), action: action, location: loc.location))
             }

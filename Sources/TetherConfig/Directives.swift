@@ -482,7 +482,7 @@ let directiveTable: [DirectiveSpec] = {
         S("upstream", .http, args: 1...1, block: true, repeats: true) { b, d throws(ConfigErrorReason) in try b.upstreamBlock(d) },
         S("server", .upstream, args: 1...many, repeats: true) { b, d throws(ConfigErrorReason) in try b.upstreamServer(d) },
         S("least_conn", .upstream, args: 0...0) { b, _ in b.upstreams[b.upstreams.count - 1].balancing = .leastConn },
-        S("health_check", .upstream, args: 0...6) { b, d throws(ConfigErrorReason) in
+        S("health_check", [.upstream, .location], args: 0...6) { b, d throws(ConfigErrorReason) in
             var h = Upstream.HealthCheck()
             for a in d.args {
                 let (key, value) = Builder.split(a.text)
@@ -508,7 +508,12 @@ let directiveTable: [DirectiveSpec] = {
                 default: throw ConfigErrorReason("invalid parameter \"\(a.text)\"")
                 }
             }
-            b.upstreams[b.upstreams.count - 1].healthCheck = h
+            // In a location (nginx Plus's place for it), it checks the upstream of its proxy_pass.
+            if case .location(let si, let li) = b.cursor {
+                b.servers[si].locations[li].healthCheck = (h, d.location)
+            } else {
+                b.upstreams[b.upstreams.count - 1].healthCheck = h
+            }
         },
         S("queue", .upstream, args: 1...2) { b, d throws(ConfigErrorReason) in
             var q = Upstream.Queue(size: try Value.count(d.args[0], d, min: 1, max: 1 << 20))

@@ -222,6 +222,9 @@ final class TempDir {
         #expect(text.contains("health_check interval=2s fails=3 passes=2 uri=/healthz match=200-299 timeout=2s;"))
         #expect(c.upstreams.first { $0.name == "capped" }?.queue == .init(size: 100, timeoutMs: 60_000))
         #expect(c.upstreams.first { $0.name == "capped" }?.servers[0].maxConns == 64)
+        // nginx Plus's place for it: a location's health_check checks the upstream it proxies to.
+        let inLocation = try load("http { upstream up { server 127.0.0.1:9000; } server { location / { proxy_pass http://up; health_check uri=/ping fails=2; } } }")
+        #expect(inLocation.upstreams[0].healthCheck?.uri == "/ping" && inLocation.upstreams[0].healthCheck?.fails == 2)
         #expect(text.contains("server 127.0.0.1:9000 weight=3 max_fails=1 fail_timeout=10s;"))
         let again = try load(text)
         #expect(again.effectiveText().dropFirst(again.effectiveText().firstIndex(of: "\n")!.utf16Offset(in: text)) ==

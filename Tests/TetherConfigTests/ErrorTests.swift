@@ -123,6 +123,10 @@ import Testing
              expected: ["t.conf:2: invalid match \"99\" in \"health_check\" directive, it must be a status or a range such as 200-399"]),
         Case(name: "health_check parameter", text: "http {\n  upstream a { server 127.0.0.1:1; health_check fails; }\n}\n",
              expected: ["t.conf:2: invalid parameter \"fails\""]),
+        Case(name: "health_check without proxy_pass", text: "http {\n  server { location / {\n    return 200;\n    health_check;\n  } }\n}\n",
+             expected: ["t.conf:4: \"health_check\" needs \"proxy_pass\" in its location"]),
+        Case(name: "two health checks", text: "http {\n  upstream a { server 127.0.0.1:1; health_check interval=2s; }\n  server { location / { proxy_pass http://a; health_check interval=1s; } }\n}\n",
+             expected: ["t.conf:3: upstream \"a\" has another \"health_check\" already"]),
         Case(name: "queue outside upstream", text: "http {\n  server { queue 1; }\n}\n",
              expected: ["t.conf:2: \"queue\" directive is not allowed here"]),
     ]
