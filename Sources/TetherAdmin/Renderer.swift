@@ -202,7 +202,9 @@ public struct Renderer: AdminRenderer {
                     }
                     if srv.maxConns > 0 { d["max_conns"] = srv.maxConns }
                     if let h = srv.health {
-                        var hd: [String: Any] = ["state": h.healthy ? "up" : "down", "checks_passed": h.passed, "checks_failed": h.failed,
+                        // "checking" until the first check has a verdict (the server takes requests meanwhile).
+                        let state = h.passed + h.failed == 0 ? "checking" : h.healthy ? "up" : "down"
+                        var hd: [String: Any] = ["state": state, "checks_passed": h.passed, "checks_failed": h.failed,
                                                  "transitions": h.transitions]
                         if let s = h.lastCheckSeconds { hd["last_check_seconds"] = s }
                         d["health"] = hd

@@ -23,6 +23,7 @@ import TetherTestSupport
                     listen 127.0.0.1:0;
                     location / { proxy_pass http://app; }
                     location = /metrics { stats prometheus; }
+                    location = /stats { stats json; }
                 }
             }
             """, errorLog: errorLog.log)
@@ -43,6 +44,10 @@ import TetherTestSupport
         let took = Double(IOLoop.monotonicNanoseconds() - failedAt) / 1e9
         #expect(took < 0.2 * 2 + 0.3, "out of service after \(took) s (interval 100ms x fails 2)")
         #expect(health(0).transitions == 1 && health(1).up)
+        let json = try JSONSerialization.jsonObject(with: Data(try c.get("/stats").bodyText.utf8)) as! [String: Any]
+        let servers = ((json["upstreams"] as! [[String: Any]])[0]["servers"] as! [[String: Any]])
+        #expect((servers[0]["health"] as? [String: Any])?["state"] as? String == "down")
+        #expect((servers[1]["health"] as? [String: Any])?["state"] as? String == "up")
         let before = proxied(a)
         for _ in 0..<20 { #expect(try c.get("/y").status == 200, "no request fails while the other server is up") }
         #expect(proxied(a) == before, "a server out of service got requests")
