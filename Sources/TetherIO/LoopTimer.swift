@@ -8,7 +8,10 @@ import CTether
 /// eventfd that nothing writes, so that the record can carry the timer: arming it allocates
 /// nothing and needs no thread.
 public final class LoopTimer: IOHandler {
-    private unowned(unsafe) let loop: IOLoop
+    /// Held strongly: an owner's deinit may close the timer after its loop was let go (a stopped
+    /// server), and an unowned reference would then close whatever descriptor reused the number.
+    /// (The loop holds the timer only until `close` or `closeAll`, so there is no lasting cycle.)
+    private let loop: IOLoop
     private var handle = Handle(token: UInt64(UInt32.max))
     private let fired: (LoopTimer) -> Void
 

@@ -158,7 +158,8 @@ struct Tether: ParsableCommand {
             } else if received == SIGUSR1 {
                 // As logrotate expects: the error log file, moved away, is opened again by its name.
                 do {
-                    try Self.pointStandardErrorAtErrorLog(config)
+                    // The file the running configuration names (a reload may have changed it).
+                    try Self.pointStandardErrorAtErrorLog(server.configuration)
                     server.reopenLogs()
                     log(.notice, "log files reopened")
                 } catch {
@@ -188,6 +189,7 @@ struct Tether: ParsableCommand {
             log(.error, "reload of \(path) failed: the running configuration stays in place")
         case .success(let new):
             let workersBefore = server.configuration.workerProcesses
+            let errorLogBefore = server.configuration.errorLog
             do {
                 try server.reload(new)
             } catch let errors as ConfigErrors {
@@ -201,8 +203,19 @@ struct Tether: ParsableCommand {
             if new.workerProcesses != workersBefore {
                 log(.warn, "\"worker_processes\" changes take effect at the next start, not on reload")
             }
-            if new.errorLog != server.configuration.errorLog {
-                log(.warn, "\"error_log\" changes take effect at the next start, not on reload")
+            // error_log, as nginx's reload applies it: the new level from now on, and lines go
+            // to the new file. (Back to stderr needs a restart: the terminal was let go at the start.)
+            log.setLevel(new.errorLog.level)
+            if new.errorLog.path != errorLogBefore.path {
+                if new.errorLog.path == "stderr" {
+                    log(.warn, "\"error_log stderr\" takes effect at the next start: lines go on to \(errorLogBefore.path)")
+                } else {
+                    do {
+                        try pointStandardErrorAtErrorLog(new)
+                    } catch {
+                        log(.alert, "\(error): lines go on to \(errorLogBefore.path)")
+                    }
+                }
             }
         }
     }

@@ -247,6 +247,45 @@ import Glibc
         #expect(tether.process.isRunning)
     }
 
+    /// A reload applies `error_log` as nginx's does: the lines go to the new file, at the new level.
+    @Test func aReloadAppliesANewErrorLogFileAndLevel() throws {
+        let tether = try TetherBinary(http: "server { listen 127.0.0.1:PORT; location / { return 200 \"hi\"; } }", level: "notice")
+        defer { tether.end() }
+        let other = tether.dir + "/other.log"
+        func configure(_ path: String, _ level: String, broken: Bool = false) throws {
+            try """
+                pid \(tether.dir)/tether.pid;
+                error_log \(path) \(level);
+                worker_processes 2;
+                http {
+                    server { listen 127.0.0.1:\(tether.port); location / { return 200 "hi"; } }
+                    \(broken ? "frobnicate;" : "")
+                }
+                """.write(toFile: tether.file, atomically: true, encoding: .utf8)
+        }
+        func lines(_ text: String) -> Int {
+            ((try? String(contentsOfFile: other, encoding: .utf8)) ?? "").components(separatedBy: "\n").filter { $0.contains(text) }.count
+        }
+        func reload() { kill(tether.process.processIdentifier, SIGHUP) }
+        // The reload that names the new file says so in the old one; what follows goes to the new.
+        try configure(other, "notice")
+        reload()
+        #expect(eventually { tether.log().contains("configuration reloaded") })
+        try configure(other, "error", broken: true)
+        reload()
+        #expect(eventually { lines("the running configuration stays in place") == 1 }, "no line in the new error_log file")
+        #expect(lines("SIGHUP received") == 1)
+        // The new level: lines below it are no longer written.
+        try configure(other, "error")
+        reload()
+        #expect(eventually { lines("configuration reloaded") == 1 })
+        try configure(other, "error", broken: true)
+        reload()
+        #expect(eventually { lines("the running configuration stays in place") == 2 })
+        #expect(lines("SIGHUP received") == 2, "a notice line was written at level error")
+        #expect(try TestClient(port: tether.port).get().bodyText == "hi")
+    }
+
     /// IPv6 on both sides: a client over ::1, a listener on [::1] (IPv6 only, as nginx's
     /// ipv6only=on: the same port on 127.0.0.1 is another socket), an upstream server at [::1];
     /// `$remote_addr` is the IPv6 peer on both.

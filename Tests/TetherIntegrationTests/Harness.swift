@@ -154,7 +154,9 @@ final class ErrorLogFile: @unchecked Sendable {
     }
 
     deinit {
-        close(fd)
+        // The descriptor stays open: a proxy may outlive this object (Swift may release it after
+        // its last use, before the proxy stops), and its lines must never go to a descriptor
+        // number that another test reused.
         unlink(path)
     }
 

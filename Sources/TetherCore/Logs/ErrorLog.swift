@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import Synchronization
 import TetherConfig
 
 /// The error log of Tether's own loops, in nginx's format (`2026/12/07 07:00:45 [error] 1234#0:
@@ -10,23 +11,26 @@ import TetherConfig
 /// (and points again at a reopened file on SIGUSR1), so loops on several threads never interleave
 /// within a line.
 public final class LoopErrorLog: Sendable {
-    /// The lowest level written (`error_log FILE LEVEL`).
-    public let level: Configuration.LogLevel
-    private let threshold: Int
+    /// The rank of the lowest level written (`error_log FILE LEVEL`); a reload may change it.
+    private let threshold: Atomic<Int>
     /// Where lines go: standard error by default; tests may give a pipe or a file.
     private let fd: Int32
 
     public init(level: Configuration.LogLevel, fd: Int32 = 2) {
-        self.level = level
-        threshold = Self.rank(level)
+        threshold = Atomic(Self.rank(level))
         self.fd = fd
+    }
+
+    /// A reload's `error_log` level, from the next line on.
+    public func setLevel(_ level: Configuration.LogLevel) {
+        threshold.store(Self.rank(level), ordering: .relaxed)
     }
 
     /// Every line, on standard error (for tests and tools that make loops by hand).
     public static let all = LoopErrorLog(level: .debug)
 
     /// Whether lines of `level` are written.
-    public func enabled(_ level: Configuration.LogLevel) -> Bool { Self.rank(level) >= threshold }
+    public func enabled(_ level: Configuration.LogLevel) -> Bool { Self.rank(level) >= threshold.load(ordering: .relaxed) }
 
     public func callAsFunction(_ level: Configuration.LogLevel, _ message: @autoclosure () -> String) {
         guard enabled(level) else { return }

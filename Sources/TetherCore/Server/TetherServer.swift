@@ -149,7 +149,8 @@ public final class TetherServer: @unchecked Sendable {
     /// are read again (the files may have been replaced), and the access log files are opened
     /// anew. All or nothing: a configuration that cannot be set up (a certificate OpenSSL refuses,
     /// a port that cannot be bound) is refused whole, and what it opened is closed again.
-    /// `worker_processes` and `error_log` changes take effect at the next start.
+    /// `worker_processes` changes take effect at the next start (`error_log` is the binary's: it
+    /// applies the new level and file).
     public func reload(_ configuration: Configuration) throws {
         let setup = try ProxySetup(configuration)
         try Self.check(setup)

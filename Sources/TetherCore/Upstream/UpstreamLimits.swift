@@ -59,7 +59,8 @@ final class UpstreamLimits: Sendable {
     /// reference to the group would put every retain and release of it on the runtime's slow path.
     final class Waker: @unchecked Sendable {
         unowned(unsafe) var group: LoopUpstream?
-        unowned(unsafe) let loop: IOLoop
+        /// Strong: a wake-up may come after the server stopped and let its loops go.
+        let loop: IOLoop
         init(_ group: LoopUpstream) {
             self.group = group
             loop = group.loop
