@@ -241,6 +241,14 @@ public struct OutboundQueue: ~Copyable {
     /// Appends bytes to the queue's last buffer while it has room, then to fresh pool buffers:
     /// how a head is written straight into what goes out (no intermediate copy).
     public mutating func append(_ bytes: UnsafeRawBufferPointer) {
+        // The common case first: everything goes into the one buffer queued so far (an answer's
+        // head, written piece by piece), without looking at the arrays.
+        if second == nil, let f = first, bytes.count <= pool.bufferSize - firstRange.end, bytes.count > 0 {
+            (f + firstRange.end).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
+            firstRange.end += bytes.count
+            queuedBytes += bytes.count
+            return
+        }
         var rest = bytes
         while !rest.isEmpty {
             let size = pool.bufferSize
