@@ -42,6 +42,17 @@ public struct Renderer: AdminRenderer {
             out += " \(value)\n"
         }
         func sample(_ name: String, _ labels: [(String, String)], _ value: Int) { sample(name, labels, String(value)) }
+        /// A histogram's cumulative buckets, sum and count under `labels`.
+        func histogram(_ name: String, _ labels: [(String, String)], _ h: Histogram) {
+            var cumulative = 0
+            for (i, le) in histogramBuckets.enumerated() {
+                cumulative += h.buckets[i]
+                sample(name + "_bucket", labels + [("le", number(le))], cumulative)
+            }
+            sample(name + "_bucket", labels + [("le", "+Inf")], h.count)
+            sample(name + "_sum", labels, number(h.sum))
+            sample(name + "_count", labels, h.count)
+        }
 
         family("tether_downstream_cx_total", "counter", "Client connections accepted.")
         sample("tether_downstream_cx_total", [], s.acceptedConnections)
@@ -122,16 +133,7 @@ public struct Renderer: AdminRenderer {
         family("tether_upstream_queue_size", "gauge", "The upstream's queue size (queue N; 0: none).")
         for u in s.upstreams { sample("tether_upstream_queue_size", [("upstream", u.name)], u.queueSize) }
         family("tether_upstream_queue_wait_seconds", "histogram", "Time requests waited in the upstream's queue.")
-        for u in s.upstreams {
-            var cumulative = 0
-            for (i, le) in histogramBuckets.enumerated() {
-                cumulative += u.queueWait.buckets[i]
-                sample("tether_upstream_queue_wait_seconds_bucket", [("upstream", u.name), ("le", number(le))], cumulative)
-            }
-            sample("tether_upstream_queue_wait_seconds_bucket", [("upstream", u.name), ("le", "+Inf")], u.queueWait.count)
-            sample("tether_upstream_queue_wait_seconds_sum", [("upstream", u.name)], number(u.queueWait.sum))
-            sample("tether_upstream_queue_wait_seconds_count", [("upstream", u.name)], u.queueWait.count)
-        }
+        for u in s.upstreams { histogram("tether_upstream_queue_wait_seconds", [("upstream", u.name)], u.queueWait) }
         perServer("tether_upstream_tls_handshakes_total", "counter", "TLS handshakes with upstream servers (proxy_pass https://).") { $0.counters.tlsHandshakes }
         perServer("tether_upstream_tls_sessions_reused_total", "counter", "Upstream TLS handshakes that resumed a session (proxy_ssl_session_reuse).") { $0.counters.tlsResumed }
         perServer("tether_upstream_tls_handshake_failures_total", "counter", "Upstream TLS handshakes that failed.") { $0.counters.tlsFailures }
@@ -145,17 +147,7 @@ public struct Renderer: AdminRenderer {
             ("tether_upstream_response_seconds", "Time from sending a request upstream to the end of its response.", { (x: StatsSnapshot.Server) in x.counters.responseTime }),
         ] as [(String, String, (StatsSnapshot.Server) -> Histogram)] {
             family(name, "histogram", help)
-            for (u, srv) in servers {
-                let h = pick(srv)
-                var cumulative = 0
-                for (i, le) in histogramBuckets.enumerated() {
-                    cumulative += h.buckets[i]
-                    sample(name + "_bucket", [("upstream", u), ("server", srv.address), ("le", number(le))], cumulative)
-                }
-                sample(name + "_bucket", [("upstream", u), ("server", srv.address), ("le", "+Inf")], h.count)
-                sample(name + "_sum", [("upstream", u), ("server", srv.address)], number(h.sum))
-                sample(name + "_count", [("upstream", u), ("server", srv.address)], h.count)
-            }
+            for (u, srv) in servers { histogram(name, [("upstream", u), ("server", srv.address)], pick(srv)) }
         }
         family("tether_sockets", "gauge", "TCP sockets of Tether's listening ports and upstream servers in the kernel's table, by state.")
         for state in host.sockets.keys.sorted() { sample("tether_sockets", [("state", state)], host.sockets[state]!) }

@@ -35,8 +35,7 @@ public final class TetherServer: @unchecked Sendable {
             }
         }
         let checks = UncheckedBox(healthChecks!)
-        let contexts = UncheckedBox(TLSContexts(tls))
-        loop.execute { _ in checks.value.configure(list, tls: contexts.value.byUpstream) }
+        loop.execute { [tls] _ in checks.value.configure(list, tls: tls) }
     }
 
     /// The limits for `setup`'s upstreams (the start's or a reload's thread).
@@ -619,10 +618,4 @@ public struct TetherServerError: Error, CustomStringConvertible {
 struct UncheckedBox<T: AnyObject>: @unchecked Sendable {
     let value: T
     init(_ value: T) { self.value = value }
-}
-
-/// TLS contexts by upstream name, handed to the helper's loop.
-final class TLSContexts {
-    let byUpstream: [String: TLSContext]
-    init(_ byUpstream: [String: TLSContext]) { self.byUpstream = byUpstream }
 }

@@ -47,10 +47,12 @@ final class ProxyExchange: UpstreamLinkOwner {
     private var request: Request
     /// The location's settings this exchange reads on every event, copied out of `route` (a
     /// variable since exchanges are reused: reading through it costs a retain each time).
-    private var readTimeoutMs: Int64
-    private var sendTimeoutMs: Int64
-    private var nextUpstream: Set<NextUpstreamCondition>
-    private var nextUpstreamTries: Int
+    // The location's settings, read where they are needed (not copied per request: the set
+    // of conditions would cost a retain and a release each time).
+    private var readTimeoutMs: Int64 { route.settings.proxyReadTimeoutMs }
+    private var sendTimeoutMs: Int64 { route.settings.proxySendTimeoutMs }
+    private var nextUpstream: Set<NextUpstreamCondition> { route.settings.proxyNextUpstream }
+    private var nextUpstreamTries: Int { route.settings.proxyNextUpstreamTries }
     /// The request head as written for the upstream, kept while the request may be sent again
     /// (until a response head arrives, or the first body byte goes).
     private var savedHead: IOBuffer?
@@ -114,10 +116,6 @@ final class ProxyExchange: UpstreamLinkOwner {
         self.route = route
         serverIndex = route.serverIndex
         self.request = request
-        readTimeoutMs = route.settings.proxyReadTimeoutMs
-        sendTimeoutMs = route.settings.proxySendTimeoutMs
-        nextUpstream = route.settings.proxyNextUpstream
-        nextUpstreamTries = route.settings.proxyNextUpstreamTries
         requestBodyDone = request.framing == .none
     }
 
@@ -129,10 +127,6 @@ final class ProxyExchange: UpstreamLinkOwner {
         self.route = route
         serverIndex = route.serverIndex
         self.request = request
-        readTimeoutMs = route.settings.proxyReadTimeoutMs
-        sendTimeoutMs = route.settings.proxySendTimeoutMs
-        nextUpstream = route.settings.proxyNextUpstream
-        nextUpstreamTries = route.settings.proxyNextUpstreamTries
         requestBodyDone = request.framing == .none
         server = -1
         tried = PeerSet()
@@ -369,8 +363,8 @@ final class ProxyExchange: UpstreamLinkOwner {
     /// A 503 with `Retry-After`, as nginx Plus and HAProxy answer an overflowing queue: the
     /// queue is full, or the request waited its whole `timeout`.
     func refuseFromQueue(timedOut: Bool) {
-        let timeout = Units.formatTime(Int64(upstream.limits?.queueTimeoutMs.load(ordering: .relaxed) ?? 0))
-        upstream.log(.error, timedOut ? "request waited \(timeout) in the queue of upstream \"\(upstream.name)\" (every server at its max_conns), answering 503"
+        let timeoutMs = Int64(upstream.limits?.queueTimeoutMs.load(ordering: .relaxed) ?? 0)
+        upstream.log(.error, timedOut ? "request waited \(Units.formatTime(timeoutMs)) in the queue of upstream \"\(upstream.name)\" (every server at its max_conns), answering 503"
                                       : "the queue of upstream \"\(upstream.name)\" is full (every server at its max_conns), answering 503")
         if clientGone { return abandonDrain() }
         finished = true

@@ -544,9 +544,7 @@ final class UpstreamPool {
             // Requests wait on another loop for a slot this connection holds: it goes, and the
             // slot with it, rather than idling here.
             state.idleClosed(link.handle, now: now, byPeer: false)
-            links.removeValue(forKey: link.handle)
-            count(.slotWanted)
-            link.closeSocket()
+            close(link.handle, .slotWanted)
         case .keep:
             link.becomeIdle()
             armIdleCheck(link.handle)
@@ -615,10 +613,8 @@ final class UpstreamPool {
     }
 
     /// Another loop waits for a slot of this server: one idle connection goes (its slot with it).
-    func shedOneIdle() -> Bool {
-        guard let h = state.takeOneIdle() else { return false }
-        close(h, .slotWanted)
-        return true
+    func shedOneIdle() {
+        if let h = state.takeOneIdle() { close(h, .slotWanted) }
     }
 
     /// A reload changed or removed this server's upstream: idle connections close now, leased
@@ -799,7 +795,7 @@ final class LoopUpstream {
     /// unless requests wait here too.
     func shedIdle(server i: Int) {
         guard waitingCount == 0 else { return }
-        _ = pools[i].shedOneIdle()
+        pools[i].shedOneIdle()
     }
 
     /// The queue's one timer, which looks at the oldest request every `queueCheckNanoseconds`
