@@ -430,6 +430,18 @@ func withProxy(scripted backend: ScriptedBackend, http: String = "", location: S
         }
     }
 
+    /// A client that takes nothing of its answer for send_timeout is closed, the close counted
+    /// under its reason, and what it then reads is short of the length announced.
+    @Test func aClientThatStopsReadingIsClosedAfterSendTimeout() throws {
+        try withProxy(server: "send_timeout 300ms;") { proxy, _ in
+            let c = try proxy.client()
+            try c.sendGET("/bytes/20000000")
+            #expect(eventually { proxy.stats().downstreamClosed["send_timeout"] == 1 })
+            let got = c.readRawToClose(timeoutMs: 5_000)
+            #expect(got.count > 0 && got.count < 20_000_000)
+        }
+    }
+
     /// The backend is still blamed when it is the one that is silent.
     @Test func aSilentBackendIsStillA504() throws {
         try withProxy(location: "proxy_read_timeout 300ms;") { proxy, _ in

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CTether
+import TetherConfig
 import TetherHTTP
 import TetherIO
 import TetherPool
@@ -13,6 +14,8 @@ struct ClientSettings {
     var headLimits = HeadParser.Limits(lineLimit: 8192, headLimit: 32768)
     var headerTimeoutMs: Int64 = 60_000
     var bodyTimeoutMs: Int64 = 60_000
+    /// `send_timeout`: how long a client may take nothing of what is queued for it.
+    var sendTimeoutMs: Int64 = 60_000
     var keepaliveTimeoutMs: Int64 = 75_000
     var keepaliveRequests = 1000
     var keepaliveTimeMs: Int64 = 3_600_000
@@ -211,7 +214,7 @@ final class ClientConnection: IOHandler {
 
     /// What the one timer is armed for. Each use arms it with one configured duration (the
     /// loop keeps a timer list per duration), at the transition into that use.
-    private enum TimerUse: Equatable { case none, handshake, firstHead, head, keepalive, body, linger }
+    private enum TimerUse: Equatable { case none, handshake, firstHead, head, keepalive, body, send, linger }
     private var timerUse = TimerUse.none
     /// Body bytes arrived since the body timer was armed.
     private var bodyProgress = false
@@ -273,6 +276,13 @@ final class ClientConnection: IOHandler {
 
     func timerFired(handle: Handle, loop: IOLoop) {
         if lingering { return close(nil) }
+        if timerUse == .send {
+            // send_timeout: the client took nothing of its answer for that long (nginx closes
+            // too; over TLS without close_notify, since the answer is cut).
+            shared.log(.info, "client timed out (send_timeout: the client took nothing of its answer for \(Units.formatTime(shared.settings.sendTimeoutMs)))")
+            tlsAbort = true
+            return close(.sendTimeout)
+        }
         if let tls, !tls.handshakeDone {
             handshakeFailed(.timeout, "ssl_handshake_timeout passed")
             return close(.tlsError)
@@ -924,11 +934,26 @@ final class ClientConnection: IOHandler {
 
     private func flush() {
         guard !outbound.isEmpty, let fd = openSocket else { return }
+        let before = outbound.queuedBytes
         if let tls {
-            if case .error = tls.flush(&outbound) { close(.tlsError) }
-            return
+            if case .error = tls.flush(&outbound) { return close(.tlsError) }
+        } else if case .error = outbound.flush(to: fd) {
+            return close(.clientClose)
         }
-        if case .error = outbound.flush(to: fd) { close(.clientClose) }
+        // send_timeout runs while the client leaves bytes queued, from the last write that
+        // took some (nginx's: between two successive writes).
+        if !outbound.isEmpty {
+            if timerUse != .send || outbound.queuedBytes < before { armSendTimer() }
+        } else if timerUse == .send {
+            timerUse = .none
+            armTimer()
+        }
+    }
+
+    private func armSendTimer() {
+        guard isOpen, !lingering else { return }
+        timerUse = .send
+        shared.loop.arm(handle, afterNanoseconds: UInt64(shared.settings.sendTimeoutMs) * 1_000_000)
     }
 
     /// After the input was handled: writes what is queued, then closes, lingers or waits, as
@@ -1012,6 +1037,10 @@ final class ClientConnection: IOHandler {
         let want: TimerUse
         if let tls, !tls.handshakeDone {
             want = .handshake
+        } else if !outbound.isEmpty {
+            // The client is not taking what is queued (`flush` arms and re-arms it).
+            if timerUse != .send { armSendTimer() }
+            return
         } else if state.inExchange {
             // A tunnel's client may be quiet as long as it likes: the upstream's read timeout
             // bounds the tunnel's silence, as nginx's upgraded connections are timed.
@@ -1028,7 +1057,7 @@ final class ClientConnection: IOHandler {
         let s = shared.settings
         let ms: Int64
         switch want {
-        case .none, .linger: return shared.loop.cancelTimer(handle)
+        case .none, .linger, .send: return shared.loop.cancelTimer(handle)
         case .handshake: ms = tls?.handshakeTimeoutMs ?? s.headerTimeoutMs
         case .firstHead, .head: ms = s.headerTimeoutMs
         case .keepalive: ms = Int64(keepaliveTimeoutMs)

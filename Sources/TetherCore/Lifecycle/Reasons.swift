@@ -18,6 +18,8 @@ public enum DownstreamCloseReason: Int, CountedReason {
     case tcpKeepalive
     /// Drain or shutdown.
     case shutdown
+    /// The client took nothing of its answer for `send_timeout`.
+    case sendTimeout
 
     public var label: String {
         switch self {
@@ -30,6 +32,7 @@ public enum DownstreamCloseReason: Int, CountedReason {
         case .tlsError: "tls_error"
         case .tcpKeepalive: "tcp_keepalive"
         case .shutdown: "shutdown"
+        case .sendTimeout: "send_timeout"
         }
     }
 

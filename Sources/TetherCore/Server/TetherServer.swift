@@ -339,6 +339,7 @@ public final class TetherServer: @unchecked Sendable {
         c.headLimits = HeadParser.Limits(lineLimit: size, headLimit: count * size, mergeSlashes: s.mergeSlashes)
         c.headerTimeoutMs = s.clientHeaderTimeoutMs
         c.bodyTimeoutMs = s.clientBodyTimeoutMs
+        c.sendTimeoutMs = s.sendTimeoutMs
         c.keepaliveTimeoutMs = s.keepaliveTimeoutMs
         c.keepaliveRequests = s.keepaliveRequests
         c.keepaliveTimeMs = s.keepaliveTimeMs
