@@ -4,6 +4,10 @@
 #include <sys/socket.h>
 #include <errno.h>
 #include <pthread.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
 #include "ctether.h"
 
 #ifdef __linux__
@@ -14,4 +18,16 @@ int tether_accept(int fd) {
 }
 
 void tether_set_thread_name(const char *name) { pthread_setname_np(pthread_self(), name); }
+
+int tether_open_temp(const char *dir) {
+    // O_TMPFILE: a file that never has a name (nothing to unlink, nothing left after a crash).
+    int fd = open(dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+    if (fd >= 0 || (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL)) return fd;
+    // A file system without O_TMPFILE: a named file, unlinked at once.
+    char path[4096];
+    if (snprintf(path, sizeof path, "%s/tether.XXXXXX", dir) >= (int)sizeof path) { errno = ENAMETOOLONG; return -1; }
+    fd = mkostemp(path, O_CLOEXEC);
+    if (fd >= 0) unlink(path);
+    return fd;
+}
 #endif

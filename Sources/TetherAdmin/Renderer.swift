@@ -85,6 +85,16 @@ public struct Renderer: AdminRenderer {
         family("tether_tls_sessions_reused_total", "counter", "Client TLS handshakes that resumed a session (ticket or cache).")
         sample("tether_tls_sessions_reused_total", [], s.tlsSessionsReused)
 
+        family("tether_buffered_bytes", "gauge", "Bytes held for the slower side of exchanges (proxy_request_buffering, proxy_buffering), in memory and in temp files.")
+        sample("tether_buffered_bytes", [("where", "memory")], s.buffered.memoryBytes)
+        sample("tether_buffered_bytes", [("where", "file")], Int(s.buffered.fileBytes))
+        family("tether_temp_files_total", "counter", "Temp files opened for request or response bodies that did not fit their memory buffers.")
+        sample("tether_temp_files_total", [], s.buffered.filesOpened)
+        family("tether_temp_file_written_bytes_total", "counter", "Bytes written to temp files.")
+        sample("tether_temp_file_written_bytes_total", [], Int(s.buffered.bytesWrittenToFiles))
+        family("tether_temp_file_errors_total", "counter", "Temp file opens, writes or reads that failed (each failed its request: 500, or a cut response).")
+        sample("tether_temp_file_errors_total", [], s.buffered.fileErrors)
+
         let servers = s.upstreams.flatMap { u in u.servers.map { (u.name, $0) } }
         func perServer(_ name: String, _ type: String, _ help: String, _ value: (StatsSnapshot.Server) -> Int) {
             family(name, type, help)
@@ -214,6 +224,8 @@ public struct Renderer: AdminRenderer {
                 "accept_failed": StatsSnapshot.acceptFailureReasons.reduce(into: s.acceptFailures) { $0[$1] = $0[$1] ?? 0 },
             ],
             "tls": ["handshakes": s.tlsHandshakes, "sessions_reused": s.tlsSessionsReused, "handshake_failures": s.tlsHandshakeFailures],
+            "buffered": ["memory_bytes": s.buffered.memoryBytes, "file_bytes": s.buffered.fileBytes, "temp_files": s.buffered.filesOpened,
+                         "temp_file_written_bytes": s.buffered.bytesWrittenToFiles, "temp_file_errors": s.buffered.fileErrors],
             "requests": ["total": s.requests, "by_status": (1...5).reduce(into: [String: Int]()) { $0["\($1)xx"] = s.responsesByClass[$1] }],
             "upstreams": upstreams,
             "servers": s.servers.map { v -> [String: Any] in

@@ -367,6 +367,22 @@ public struct Builder {
         return String(config.file[..<slash]) + "/" + p
     }
 
+    /// `proxy_temp_path` / `client_body_temp_path DIR [LEVELS]`: a directory Tether can create files
+    /// in, checked now so that `tether -t` finds a wrong one. nginx's levels name subdirectories
+    /// for its named temp files; Tether's have no names (`O_TMPFILE`), so they are accepted and
+    /// not used.
+    func tempDirectory(_ d: Directive) throws(ConfigErrorReason) -> String {
+        let dir = path(d.args[0].text)
+        for level in d.args.dropFirst() where !["1", "2"].contains(level.text) {
+            throw ConfigErrorReason("invalid value \"\(level.text)\" in \"\(d.name)\" directive, a level must be 1 or 2")
+        }
+        var st = stat()
+        guard stat(dir, &st) == 0, st.st_mode & S_IFMT == S_IFDIR, access(dir, W_OK | X_OK) == 0 else {
+            throw ConfigErrorReason("\"\(d.name)\" directory \"\(dir)\" is not a directory Tether can write to")
+        }
+        return dir
+    }
+
     static func split(_ text: String) -> (String, String?) {
         guard let eq = text.firstIndex(of: "=") else { return (text, nil) }
         return (String(text[..<eq]), String(text[text.index(after: eq)...]))

@@ -346,6 +346,23 @@ public struct HTTPSettings: Sendable {
     /// nginx's `proxy_socket_keepalive`: SO_KEEPALIVE with the host's timers on upstream
     /// connections, when the upstream sets no `tcp_keepalive` of its own.
     public var proxySocketKeepalive = false
+    /// `proxy_request_buffering`: a request body is read whole (memory first, then a temp file)
+    /// before an upstream connection is taken for it.
+    public var proxyRequestBuffering = true
+    /// `proxy_buffering`: a response is read from the upstream as fast as it comes (memory up to
+    /// `proxy_buffers`, then a temp file up to `proxy_max_temp_file_size`), so that its
+    /// connection goes back to the pool while a slow client drains the rest.
+    public var proxyBuffering = true
+    /// `client_body_buffer_size`: the part of a buffered request body held in memory.
+    public var clientBodyBufferSize = 16 * 1024
+    /// `proxy_buffers NUMBER SIZE`: the part of a buffered response held in memory is their product.
+    public var proxyBuffers = (count: 8, size: 4096)
+    /// `proxy_buffer_size`: the largest response head (at most one of Tether's 16 KiB buffers).
+    public var proxyBufferSize = 16 * 1024
+    /// `proxy_max_temp_file_size`: the most a response's temp file holds at once; 0: no temp file.
+    public var proxyMaxTempFileSize: Int64 = 1 << 30
+    public var proxyTempPath = "/tmp"
+    public var clientBodyTempPath = "/tmp"
     /// nginx's `allow` / `deny`, in order; the first that matches decides, none matching allows.
     public var accessRules: [AccessRule] = []
     /// TLS termination (`ssl_*`, server level).

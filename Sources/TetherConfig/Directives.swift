@@ -64,6 +64,14 @@ struct PartialSettings {
     var proxyNextUpstream: Set<NextUpstreamCondition>?
     var proxyNextUpstreamTries: Int?
     var proxySocketKeepalive: Bool?
+    var proxyRequestBuffering: Bool?
+    var proxyBuffering: Bool?
+    var clientBodyBufferSize: Int?
+    var proxyBuffers: (count: Int, size: Int)?
+    var proxyBufferSize: Int?
+    var proxyMaxTempFileSize: Int64?
+    var proxyTempPath: String?
+    var clientBodyTempPath: String?
     var accessRules: [AccessRule]?
     /// `ssl_certificate` / `ssl_certificate_key` as written at this level, paired in order.
     var sslCertificates: [(String, SourceLocation)]?
@@ -99,6 +107,14 @@ struct PartialSettings {
         r.proxyNextUpstream = proxyNextUpstream ?? p.proxyNextUpstream
         r.proxyNextUpstreamTries = proxyNextUpstreamTries ?? p.proxyNextUpstreamTries
         r.proxySocketKeepalive = proxySocketKeepalive ?? p.proxySocketKeepalive
+        r.proxyRequestBuffering = proxyRequestBuffering ?? p.proxyRequestBuffering
+        r.proxyBuffering = proxyBuffering ?? p.proxyBuffering
+        r.clientBodyBufferSize = clientBodyBufferSize ?? p.clientBodyBufferSize
+        r.proxyBuffers = proxyBuffers ?? p.proxyBuffers
+        r.proxyBufferSize = proxyBufferSize ?? p.proxyBufferSize
+        r.proxyMaxTempFileSize = proxyMaxTempFileSize ?? p.proxyMaxTempFileSize
+        r.proxyTempPath = proxyTempPath ?? p.proxyTempPath
+        r.clientBodyTempPath = clientBodyTempPath ?? p.clientBodyTempPath
         r.accessRules = accessRules ?? p.accessRules
         r.sslCertificates = sslCertificates ?? p.sslCertificates
         r.sslCertificateKeys = sslCertificateKeys ?? p.sslCertificateKeys
@@ -134,6 +150,14 @@ struct PartialSettings {
         s.proxyNextUpstream = proxyNextUpstream ?? s.proxyNextUpstream
         s.proxyNextUpstreamTries = proxyNextUpstreamTries ?? s.proxyNextUpstreamTries
         s.proxySocketKeepalive = proxySocketKeepalive ?? s.proxySocketKeepalive
+        s.proxyRequestBuffering = proxyRequestBuffering ?? s.proxyRequestBuffering
+        s.proxyBuffering = proxyBuffering ?? s.proxyBuffering
+        s.clientBodyBufferSize = clientBodyBufferSize ?? s.clientBodyBufferSize
+        s.proxyBuffers = proxyBuffers ?? s.proxyBuffers
+        s.proxyBufferSize = proxyBufferSize ?? s.proxyBufferSize
+        s.proxyMaxTempFileSize = proxyMaxTempFileSize ?? s.proxyMaxTempFileSize
+        s.proxyTempPath = proxyTempPath ?? s.proxyTempPath
+        s.clientBodyTempPath = clientBodyTempPath ?? s.clientBodyTempPath
         s.accessRules = accessRules ?? s.accessRules
         for apply in ssl ?? [] { apply(&s.ssl) }
         for apply in proxySSL ?? [] { apply(&s.proxySSL) }
@@ -162,6 +186,12 @@ enum Value {
         case .failure(.overflow): throw ConfigErrorReason("invalid value \"\(a.text)\" in \"\(d.name)\" directive, the size is too large")
         case .failure(.invalid): throw ConfigErrorReason("invalid value \"\(a.text)\" in \"\(d.name)\" directive, it must be a size (for example 512, 8k, 1m)")
         }
+    }
+
+    static func size(_ a: Argument, _ d: Directive, max: Int64) throws(ConfigErrorReason) -> Int64 {
+        let v = try size(a, d)
+        guard v <= max else { throw ConfigErrorReason("invalid value \"\(a.text)\" in \"\(d.name)\" directive, it must be at most \(Units.formatSize(max))") }
+        return v
     }
 
     static func count(_ a: Argument, _ d: Directive, min: Int = 0, max: Int = Int(Int32.max)) throws(ConfigErrorReason) -> Int {
@@ -467,15 +497,31 @@ let directiveTable: [DirectiveSpec] = {
             s.proxyNextUpstream = set
         },
         setting("proxy_next_upstream_tries") { s, d throws(ConfigErrorReason) in s.proxyNextUpstreamTries = try Value.count(d.args[0], d) },
-        S("proxy_buffering", .httpAll, args: 1...1) { b, d throws(ConfigErrorReason) in
-            if try Value.flag(d.args[0], d) {
-                b.warn("\"proxy_buffering on\" is not supported: Tether streams responses to the client as they arrive, as with \"proxy_buffering off\"", at: d.location)
-            }
+        setting("proxy_buffering") { s, d throws(ConfigErrorReason) in s.proxyBuffering = try Value.flag(d.args[0], d) },
+        setting("proxy_request_buffering") { s, d throws(ConfigErrorReason) in s.proxyRequestBuffering = try Value.flag(d.args[0], d) },
+        setting("client_body_buffer_size") { s, d throws(ConfigErrorReason) in
+            s.clientBodyBufferSize = Int(try Value.size(d.args[0], d, max: 1 << 30))
         },
-        S("proxy_request_buffering", .httpAll, args: 1...1) { b, d throws(ConfigErrorReason) in
-            if try Value.flag(d.args[0], d) {
-                b.warn("\"proxy_request_buffering on\" is not supported: Tether streams request bodies to the upstream as they arrive", at: d.location)
+        setting("proxy_buffers", args: 2...2) { s, d throws(ConfigErrorReason) in
+            let n = try Value.count(d.args[0], d, min: 1, max: 1 << 16)
+            let size = Int(try Value.size(d.args[1], d, max: 1 << 24))
+            guard size >= 1024 else { throw ConfigErrorReason("invalid value \"\(d.args[1].text)\" in \"proxy_buffers\" directive, it must be at least 1k") }
+            s.proxyBuffers = (n, size)
+        },
+        setting("proxy_buffer_size") { s, d throws(ConfigErrorReason) in
+            let size = Int(try Value.size(d.args[0], d))
+            // A response head is read into one of the loop's buffers.
+            guard size >= 1024, size <= 16 * 1024 else {
+                throw ConfigErrorReason("invalid value \"\(d.args[0].text)\" in \"proxy_buffer_size\" directive, it must be from 1k to 16k (the size of Tether's buffers)")
             }
+            s.proxyBufferSize = size
+        },
+        setting("proxy_max_temp_file_size") { s, d throws(ConfigErrorReason) in s.proxyMaxTempFileSize = try Value.size(d.args[0], d) },
+        S("proxy_temp_path", .httpAll, args: 1...4) { b, d throws(ConfigErrorReason) in
+            b.settings.proxyTempPath = try b.tempDirectory(d)
+        },
+        S("client_body_temp_path", .httpAll, args: 1...4) { b, d throws(ConfigErrorReason) in
+            b.settings.clientBodyTempPath = try b.tempDirectory(d)
         },
 
         // upstream

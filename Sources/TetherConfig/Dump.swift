@@ -113,6 +113,14 @@ extension Configuration {
         lines.append("proxy_next_upstream \(conds.isEmpty ? "off" : conds.joined(separator: " "))")
         lines.append("proxy_next_upstream_tries \(s.proxyNextUpstreamTries)")
         lines.append("proxy_socket_keepalive \(s.proxySocketKeepalive ? "on" : "off")")
+        lines.append("proxy_request_buffering \(s.proxyRequestBuffering ? "on" : "off")")
+        lines.append("client_body_buffer_size \(Units.formatSize(Int64(s.clientBodyBufferSize)))")
+        lines.append("client_body_temp_path \(s.clientBodyTempPath)")
+        lines.append("proxy_buffering \(s.proxyBuffering ? "on" : "off")")
+        lines.append("proxy_buffers \(s.proxyBuffers.count) \(Units.formatSize(Int64(s.proxyBuffers.size)))")
+        lines.append("proxy_buffer_size \(Units.formatSize(Int64(s.proxyBufferSize)))")
+        lines.append("proxy_max_temp_file_size \(Units.formatSize(s.proxyMaxTempFileSize))")
+        lines.append("proxy_temp_path \(s.proxyTempPath)")
         for r in s.accessRules { lines.append(r.description) }
         return lines.map { indent + $0 + ";\n" }.joined()
     }

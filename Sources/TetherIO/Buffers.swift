@@ -32,6 +32,13 @@ public struct IOBuffer: ~Copyable {
         self.capacity = capacity
     }
 
+    init(adopting base: UnsafeMutableRawPointer, capacity: Int, range: (start: Int, end: Int)) {
+        self.base = base
+        self.capacity = capacity
+        readerIndex = range.start
+        writerIndex = range.end
+    }
+
     public var readableBytes: Int { writerIndex - readerIndex }
     public var writableBytes: Int { capacity - writerIndex }
     public var isEmpty: Bool { readerIndex == writerIndex }
@@ -142,6 +149,8 @@ public final class BufferPool {
     public private(set) var allocations = 0
     /// The fewest spares there were since the last `trimUnused`: that many lay unused all along.
     var lowWater = 0
+    /// What the loop's spools hold (bytes buffered for a slow side, in memory and temp files).
+    public let spools = SpoolCounters()
 
     public init(bufferSize: Int = 16 * 1024, maximumSpare: Int = 1024) {
         self.bufferSize = bufferSize
@@ -236,6 +245,23 @@ public struct OutboundQueue: ~Copyable {
             moreRanges.append(range)
             more.append(buffer.take())
         }
+    }
+
+    /// Takes the front buffer out of the queue, its unwritten bytes readable (moved, not copied).
+    public mutating func takeFront() -> IOBuffer? {
+        guard let f = first else { return nil }
+        let buffer = IOBuffer(adopting: f, capacity: pool.bufferSize, range: firstRange)
+        queuedBytes -= firstRange.end - firstRange.start
+        first = second
+        firstRange = secondRange
+        if more.isEmpty {
+            second = nil
+        } else {
+            second = more.removeFirst()
+            secondRange = moreRanges.removeFirst()
+            if more.isEmpty { more = []; moreRanges = [] }
+        }
+        return buffer
     }
 
     /// Appends bytes to the queue's last buffer while it has room, then to fresh pool buffers:

@@ -194,11 +194,38 @@ final class TempDir {
         #expect(e.description == "open() \"/nonexistent/tether.conf\" failed (2: No such file or directory)")
     }
 
-    @Test func proxyBufferingOnIsAWarningNotAnError() throws {
-        let c = try load("http {\n proxy_buffering on;\n}\n")
-        #expect(c.warnings.map(\.description) == [
-            "t.conf:2: \"proxy_buffering on\" is not supported: Tether streams responses to the client as they arrive, as with \"proxy_buffering off\"",
-        ])
+    @Test func bufferingDirectivesAreNginxs() throws {
+        let c = try load("""
+        http {
+            proxy_buffers 4 16k;
+            server {
+                listen 80;
+                client_body_buffer_size 64k;
+                location /a { proxy_buffering off; proxy_request_buffering off; proxy_pass http://127.0.0.1:1; }
+                location /b { proxy_max_temp_file_size 0; proxy_buffer_size 8k; proxy_temp_path /tmp 1 2; client_body_temp_path /tmp; proxy_pass http://127.0.0.1:1; }
+            }
+        }
+        """)
+        #expect(c.warnings.isEmpty)
+        let a = c.servers[0].locations[0].settings, b = c.servers[0].locations[1].settings
+        #expect(!a.proxyBuffering && !a.proxyRequestBuffering && a.clientBodyBufferSize == 64 << 10 && a.proxyBuffers == (4, 16 << 10))
+        #expect(b.proxyBuffering && b.proxyRequestBuffering && b.proxyMaxTempFileSize == 0 && b.proxyBufferSize == 8 << 10 && b.proxyTempPath == "/tmp")
+        // nginx's defaults, but for proxy_buffer_size (one of Tether's buffers).
+        let d = HTTPSettings()
+        #expect(d.proxyBuffering && d.proxyRequestBuffering && d.clientBodyBufferSize == 16 << 10 && d.proxyBuffers == (8, 4 << 10)
+                && d.proxyMaxTempFileSize == 1 << 30 && d.proxyBufferSize == 16 << 10)
+    }
+
+    @Test(arguments: [
+        ("proxy_temp_path /nonexistent/t;", "t.conf:1: \"proxy_temp_path\" directory \"/nonexistent/t\" is not a directory Tether can write to"),
+        ("proxy_buffer_size 32k;", "t.conf:1: invalid value \"32k\" in \"proxy_buffer_size\" directive, it must be from 1k to 16k (the size of Tether's buffers)"),
+        ("proxy_buffers 8 100;", "t.conf:1: invalid value \"100\" in \"proxy_buffers\" directive, it must be at least 1k"),
+        ("proxy_buffering maybe;", "t.conf:1: invalid value \"maybe\" in \"proxy_buffering\" directive, it must be \"on\" or \"off\""),
+        ("client_body_temp_path /tmp 3;", "t.conf:1: invalid value \"3\" in \"client_body_temp_path\" directive, a level must be 1 or 2"),
+    ])
+    func badBufferingDirectivesAreFileLineErrors(directive: String, expected: String) {
+        guard case .failure(let e) = Configuration.parse("http { \(directive) }\n", file: "t.conf", resolver: offlineResolver) else { Issue.record("loaded"); return }
+        #expect(e.errors.map(\.description) == [expected])
     }
 
     @Test func effectiveTextReloadsToTheSameConfiguration() throws {

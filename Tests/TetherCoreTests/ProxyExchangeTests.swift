@@ -210,7 +210,8 @@ extension ProxyRig: FrontRig {}
     }
 
     @Test func aClientThatLeavesMidExchangeTakesItsUpstreamConnectionWithIt() throws {
-        let r = try ProxyRig()
+        // Streamed (with proxy_buffering on, the answer would be read whole and its connection kept).
+        let r = try ProxyRig(location: "proxy_buffering off;")
         let c = try r.connect()
         r.backend.rig.send(c, "GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
         // Run until the upstream answer is flowing, then leave.
@@ -423,7 +424,8 @@ extension ProxyRig: FrontRig {}
             guard answered == 0, RawBackend.heads(received) > 0 else { return nil }
             return ("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", false)
         }
-        let r = try ProxyRig(raw: [b])
+        // The body streams (with proxy_request_buffering on, nothing goes before it is whole).
+        let r = try ProxyRig(raw: [b], location: "proxy_request_buffering off;")
         let c = try r.connect()
         r.backend.rig.send(c, "POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
         var got: [UInt8] = []
@@ -442,7 +444,7 @@ extension ProxyRig: FrontRig {}
         let b = try RawBackend { _, received, answered in
             RawBackend.heads(received) > answered ? ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false) : nil
         }
-        let r = try ProxyRig(raw: [b])
+        let r = try ProxyRig(raw: [b], location: "proxy_request_buffering off;")
         let c1 = try r.connect()
         r.backend.rig.send(c1, "POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 20000\r\n\r\n" + String(repeating: "x", count: 100))
         var got: [UInt8] = []

@@ -57,6 +57,10 @@ static inline int tether_epoll_delete(int epfd, int fd) {
     return epoll_ctl(epfd, EPOLL_CTL_DEL, fd, &ev);
 }
 
+/// An anonymous temp file in `dir`, open for reading and writing: created with O_TMPFILE, or
+/// created and unlinked at once where the file system has no O_TMPFILE. -1 with errno on failure.
+int tether_open_temp(const char *dir);
+
 /// The size of one event in the buffer `tether_epoll_wait` fills.
 static inline size_t tether_epoll_event_size(void) { return sizeof(struct epoll_event); }
 

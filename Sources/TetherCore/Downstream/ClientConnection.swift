@@ -492,6 +492,8 @@ final class ClientConnection: IOHandler {
                 return refuseBody(400, x)
             }
             buf.consume(n)
+            // proxy_request_buffering: a temp file that failed ends the request with 500, as nginx.
+            if x.spoolFailure != nil { return refuseBody(500, x) }
             let limit = x.route.settings.clientMaxBodySize
             // A chunked body's size is known only as it comes: client_max_body_size is held to it here.
             if limit > 0 && x.requestBodyBytes > limit { return refuseBody(413, x) }
@@ -515,6 +517,7 @@ final class ClientConnection: IOHandler {
             bodyLeft -= Int64(n)
             x.sendBody(chunk)
         }
+        if x.spoolFailure != nil { return refuseBody(500, x) }
         if bodyLeft == 0 { x.requestBodyFinished() }
     }
 

@@ -213,6 +213,7 @@ struct SnapshotPart: Sendable {
         var refused = ReasonCounts<UpstreamFailedReason>()
     }
     var queues: [String: Queue] = [:]
+    var buffered = StatsSnapshot.Buffered()
 
     init(index: Int, stats: LoopStats) {
         self.index = index
@@ -238,6 +239,7 @@ extension StatsSnapshot {
             s.otherUpstreamFailures.merge(p.stats.upstreamFailures.byLabel, uniquingKeysWith: +)
             s.tlsHandshakes.merge(p.stats.tlsHandshakes, uniquingKeysWith: +)
             s.tlsSessionsReused += p.stats.tlsResumed
+            s.buffered.add(p.buffered)
             s.tlsHandshakeFailures.merge(p.stats.tlsFailures, uniquingKeysWith: +)
             for i in s.servers.indices where i < p.stats.servers {
                 s.servers[i].requests += p.stats.requests(server: i)

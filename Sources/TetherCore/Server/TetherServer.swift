@@ -545,6 +545,9 @@ private final class LoopThread: @unchecked Sendable {
         // Connections over worker_connections were accepted, then closed at once: not handled.
         stats.downstreamAccepted += admission.refusedTotal
         var part = SnapshotPart(index: index, stats: stats)
+        let spools = buffers.spools
+        part.buffered = .init(memoryBytes: spools.memoryBytes, fileBytes: spools.fileBytes, filesOpened: spools.filesOpened,
+                              bytesWrittenToFiles: spools.bytesWrittenToFiles, fileErrors: spools.fileErrors)
         for h in loop.handlers {
             guard let c = h as? ClientConnection, c.isOpen else { continue }
             switch c.state.activity {

@@ -240,6 +240,25 @@ public struct StatsSnapshot: Sendable {
     public var tlsSessionsReused = 0
     public var tlsHandshakeFailures: [String: Int] = [:]
 
+    /// proxy_request_buffering and proxy_buffering: bytes held now for the slower side, in
+    /// memory and in temp files, and the temp files' totals.
+    public struct Buffered: Sendable {
+        public var memoryBytes = 0
+        public var fileBytes: Int64 = 0
+        public var filesOpened = 0
+        public var bytesWrittenToFiles: Int64 = 0
+        public var fileErrors = 0
+
+        mutating func add(_ o: Buffered) {
+            memoryBytes += o.memoryBytes
+            fileBytes += o.fileBytes
+            filesOpened += o.filesOpened
+            bytesWrittenToFiles += o.bytesWrittenToFiles
+            fileErrors += o.fileErrors
+        }
+    }
+    public var buffered = Buffered()
+
     var allServers: [Server] { upstreams.flatMap(\.servers) }
 
     public var upstreamConnects: Int { allServers.reduce(0) { $0 + $1.counters.connects } }

@@ -110,6 +110,25 @@ final class ProxyExchange: UpstreamLinkOwner {
     var isQueued = false
     var queuedAt: UInt64 = 0
 
+    // MARK: Buffering (proxy_request_buffering, proxy_buffering)
+
+    /// The request body held until it is whole, then the response held while the client is
+    /// slower than the upstream: made on first use and kept with the exchange (spares reuse it).
+    private var spool: Spool?
+    /// `proxy_request_buffering`: the body goes into the spool, and a server is chosen once it is whole.
+    private var bodyBuffered = false
+    /// Buffered body bytes not handed to the upstream connection yet.
+    private var bodyUnsent = false
+    /// `proxy_buffering`: response bytes the client cannot take now go into the spool, and the
+    /// upstream is read on.
+    private var responseBuffered = false
+    /// The spool holds response bytes the client has not taken yet.
+    private var spooled = false
+    /// The spool was configured for this response (`spoolHasRoom`).
+    private var spoolReady = false
+    /// A temp file failed; the exchange fails with it (the request: 500; a response: cut).
+    private(set) var spoolFailure: IOError?
+
     init(connection: ClientConnection, upstream: LoopUpstream, route: CompiledLocation, request: Request) {
         self.connection = connection
         self.upstream = upstream
@@ -155,6 +174,12 @@ final class ProxyExchange: UpstreamLinkOwner {
         connectNs = -1
         headerNs = -1
         sentAt = 0
+        bodyBuffered = false
+        bodyUnsent = false
+        responseBuffered = false
+        spooled = false
+        spoolReady = false
+        spoolFailure = nil
     }
 
     /// Whether a failure before any response byte may send the request again (RFC 9110 9.2.2,
@@ -179,13 +204,62 @@ final class ProxyExchange: UpstreamLinkOwner {
             return false
         }
         savedHead = consume written
+        if request.framing != .none && route.settings.proxyRequestBuffering {
+            // The body is read whole before a connection is taken for it (`requestBodyFinished`).
+            bodyBuffered = true
+            bodyUnsent = true
+            useSpool(memory: route.settings.clientBodyBufferSize, file: .max, directory: route.settings.clientBodyTempPath)
+            return true
+        }
         connectNext()
         return true
+    }
+
+    /// The spool, configured for its next use.
+    private func useSpool(memory: Int, file: Int64, directory: String) {
+        if spool == nil { spool = Spool(pool: upstream.buffers) }
+        spool!.configure(memoryLimit: memory, fileLimit: file, directory: directory)
+    }
+
+    /// Empties the spool (the exchange is over, or its request body is no longer wanted).
+    func dropSpool() {
+        spooled = false
+        if let spool, !spool.isEmpty || spool.hasFile { spool.reset() }
+    }
+
+    /// Keeps request body or response bytes in the spool (the buffer itself while memory takes
+    /// them); a failure is kept for `spoolFailure`, and the bytes are dropped with it.
+    private func spoolAppend(_ chunk: consuming IOBuffer, request: Bool) {
+        guard spoolFailure == nil else { return upstream.buffers.recycle(chunk) }
+        let hadFile = spool!.hasFile
+        do throws(IOError) { try spool!.append(chunk) } catch { return spoolFailed(error, request: request) }
+        if !hadFile && spool!.hasFile { noteTempFile(request: request) }
+    }
+
+    private func spoolAppend(copying bytes: UnsafeRawBufferPointer, request: Bool) {
+        guard spoolFailure == nil else { return }
+        let hadFile = spool!.hasFile
+        do throws(IOError) { try spool!.append(copying: bytes) } catch { return spoolFailed(error, request: request) }
+        if !hadFile && spool!.hasFile { noteTempFile(request: request) }
+    }
+
+    /// nginx's warning when a body goes to a temp file (it tells to raise the memory buffers).
+    @inline(never)
+    private func noteTempFile(request: Bool) {
+        upstream.log(.warn, request ? "a client request body is buffered to a temporary file in \"\(route.settings.clientBodyTempPath)\""
+                                    : "an upstream response is buffered to a temporary file in \"\(route.settings.proxyTempPath)\" while talking to upstream \"\(upstream.name)\"")
+    }
+
+    @inline(never)
+    private func spoolFailed(_ e: IOError, request: Bool) {
+        spoolFailure = e
+        upstream.log(.crit, "\(e) on a temporary file in \"\(request ? route.settings.clientBodyTempPath : route.settings.proxyTempPath)\"")
     }
 
     /// Request body bytes, already in the framing the upstream gets. Dropped when no connection
     /// carries the request any more (it failed; the client is being answered).
     func sendBody(_ chunk: consuming IOBuffer) {
+        if bodyBuffered && !finished { return spoolAppend(chunk, request: true) }
         guard let l = link, !finished else { return upstream.buffers.recycle(chunk) }
         bodyStarted = true
         dropSavedHead()
@@ -195,6 +269,7 @@ final class ProxyExchange: UpstreamLinkOwner {
     }
 
     func sendBody(copying bytes: UnsafeRawBufferPointer) {
+        if bodyBuffered && !finished { return spoolAppend(copying: bytes, request: true) }
         guard let l = link, !finished else { return }
         bodyStarted = true
         dropSavedHead()
@@ -213,7 +288,36 @@ final class ProxyExchange: UpstreamLinkOwner {
     /// The request body was read to its end: the wait for the answer begins (proxy_read_timeout).
     func requestBodyFinished() {
         requestBodyDone = true
+        if bodyBuffered {
+            // A temp file failed: the client connection answers 500 (`spoolFailure`).
+            if spoolFailure != nil || finished { return }
+            return connectNext()
+        }
         if let l = link { armTimer(l) }
+    }
+
+    /// Hands the buffered body to the upstream connection as far as it takes it (the rest
+    /// follows on `upstreamDrained`).
+    private func sendSpooledBody(_ l: UpstreamLink) {
+        guard let spool else { return }
+        while !l.isBackedUp {
+            let front: IOBuffer?
+            do throws(IOError) { front = try spool.takeFront() } catch {
+                spoolFailed(error, request: true)
+                return failed(.error, "the buffered request body could not be read back")
+            }
+            guard let b = front else { break }
+            if !bodyStarted {
+                bodyStarted = true
+                dropSavedHead()
+            }
+            l.write(b)
+        }
+        if spool.isEmpty {
+            bodyUnsent = false
+            spool.reset()
+        }
+        armTimer(l)
     }
 
     /// `n` bytes of a chunked body's data went upstream (framing not counted).
@@ -239,9 +343,9 @@ final class ProxyExchange: UpstreamLinkOwner {
     /// the request is sent and the client takes the answer; none while the client is still
     /// sending its body (that is client_body_timeout's) or not reading the answer.
     private func armTimer(_ l: UpstreamLink) {
-        if !requestBodyDone {
-            if l.isBackedUp { l.armTimer(milliseconds: sendTimeoutMs) } else { l.cancelTimer() }
-        } else if headSent && !clientGone && !connection.clientTakesMore {
+        if !requestBodyDone || bodyUnsent {
+            if l.isBackedUp { l.armTimer(milliseconds: sendTimeoutMs) } else if bodyUnsent { l.armTimer(milliseconds: readTimeoutMs) } else { l.cancelTimer() }
+        } else if headSent && !clientGone && !connection.clientTakesMore && !(responseBuffered && spoolHasRoom) {
             l.cancelTimer()
         } else {
             l.armTimer(milliseconds: readTimeoutMs)
@@ -250,10 +354,19 @@ final class ProxyExchange: UpstreamLinkOwner {
 
     /// The upstream takes no more body now (its queue is at the limit); `upstreamDrained` tells
     /// the client connection to go on.
-    var bodyBlocked: Bool { isQueued || (link?.isBackedUp ?? false) }
+    var bodyBlocked: Bool { !bodyBuffered && (isQueued || (link?.isBackedUp ?? false)) }
 
     /// The client's socket took what was queued: read on from the upstream.
     func clientDrained() {
+        if spooled {
+            guard pumpSpool() else { return }
+            if finished {
+                // The upstream's part ended before the client took the rest: the answer ends
+                // once the spool is empty.
+                if !spooled { connection.exchangeEnded(keepAlive: plan?.clientKeepAlive ?? false) }
+                return
+            }
+        }
         if let l = link, headSent {
             armTimer(l)
             upstreamReadable(l)
@@ -265,11 +378,12 @@ final class ProxyExchange: UpstreamLinkOwner {
     /// read and dropped so that the connection goes back to the pool; otherwise the upstream
     /// connection cannot be trusted with a half-read answer and is closed (`client_abort`).
     func clientLeft() {
-        guard !finished else { return }
+        dropSpool()
         clientGone = true
+        guard !finished else { return }
         // A client that leaves while its request waits leaves the queue at once.
         if isQueued { upstream.leaveQueue(self) }
-        if let l = link, l.phase == .leased, requestBodyDone, l.outboundBytes == 0, !isTunnel, !l.peerClosed,
+        if let l = link, l.phase == .leased, requestBodyDone, !bodyUnsent, l.outboundBytes == 0, !isTunnel, !l.peerClosed,
            plan.map({ $0.framing != .untilClose }) ?? true, !(plan != nil && remainingBeyondDrain) {
             draining = true
             drainBudget = Self.drainLimit
@@ -388,6 +502,7 @@ final class ProxyExchange: UpstreamLinkOwner {
             l.write(head)
         }
         // A connection still connecting runs the connect timeout; the read timeout starts once it is up.
+        if bodyUnsent { return sendSpooledBody(l) }
         armTimer(l)
     }
 
@@ -436,6 +551,7 @@ final class ProxyExchange: UpstreamLinkOwner {
             log(.error, why(), ", after part of the response was sent: the client connection is cut")
             finished = true
             dropSavedHead()
+            dropSpool()
             connection.exchangeAborted(reset: reset)
         case .retryFresh:
             pool.reusedConnectionFailed(idleMs: idleMsAtLease)
@@ -503,6 +619,7 @@ final class ProxyExchange: UpstreamLinkOwner {
 
     /// The request body may flow again.
     func upstreamDrained(_ link: UpstreamLink) {
+        if bodyUnsent { return sendSpooledBody(link) }
         guard !clientGone else { return }
         armTimer(link)
         connection.upstreamTakesBody()
@@ -514,9 +631,18 @@ final class ProxyExchange: UpstreamLinkOwner {
             // Backpressure: while the client is not taking the answer, the upstream's bytes wait
             // in its socket (`clientDrained` resumes, on the client's next writable edge). Write
             // first: a socket that takes the whole queue gives no edge, and nothing would resume.
-            if !draining && !connection.clientTakesMore {
-                connection.flushFromUpstream()
-                guard connection.clientTakesMore, !finished else { break }
+            if !draining {
+                if spooled && connection.clientTakesMore {
+                    guard pumpSpool() else { return }
+                }
+                if !connection.clientTakesMore {
+                    connection.flushFromUpstream()
+                    guard !finished else { break }
+                }
+                // proxy_buffering: the upstream is read on into the spool while it has room.
+                if spooled || !connection.clientTakesMore {
+                    guard responseBuffered, spoolHasRoom else { break }
+                }
             }
             let more = link.read()
             guard link.isOpen, self.link === link else { return }
@@ -534,6 +660,10 @@ final class ProxyExchange: UpstreamLinkOwner {
                 continue
             }
             if headSent && !finished { relayBody(link) }
+            if spoolFailure != nil && !finished {
+                failed(.error, "a temporary file of the response failed")
+                break
+            }
             if draining && drainBudget < 0 { abandonDrain() }
             if finished { break }
             if link.peerClosed {
@@ -545,6 +675,9 @@ final class ProxyExchange: UpstreamLinkOwner {
         if clientGone { return }
         if progressed && !finished { armTimer(link) }
         connection.flushFromUpstream()
+        // The client took everything queued without a full socket: no writable edge will come
+        // for what waits in the spool.
+        if spooled && !clientGone && connection.clientTakesMore { clientDrained() }
     }
 
     // MARK: Response
@@ -599,6 +732,11 @@ final class ProxyExchange: UpstreamLinkOwner {
         }
         upstream.balancer.succeeded(server)
         dropSavedHead()
+        if bodyUnsent {
+            // Answered before the whole body went: the rest is not sent (and the connection is
+            // not kept, `finish`).
+            dropSpool()
+        }
         let framing = layout.responseFraming(requestIsHEAD: request.isHEAD, upgrading: upgrading)
         if draining { return drainHead(layout, framing: framing, upgrading: upgrading, consumed: consumed, buf, link) }
         let plan = ResponsePlan(framing: framing, upgrading: upgrading, headKeepsConnection: layout.keepsConnection,
@@ -607,6 +745,8 @@ final class ProxyExchange: UpstreamLinkOwner {
         self.plan = plan
         upstreamReusable = plan.upstreamReusable
         if case .length(let n) = framing { remaining = n }
+        // (The spool is configured when the client first falls behind: `spoolHasRoom`.)
+        responseBuffered = plan.phase == .body && route.settings.proxyBuffering
         let response = HeadWriter.ClientResponse(
             dropContentLength: plan.relay != .verbatim, chunked: plan.relay == .rechunk || plan.relay == .chunkify, upgrading: upgrading,
             closeAfter: !plan.clientKeepAlive, clientMinor: request.minorVersion, keepAliveHeader: route.keepAliveHeader)
@@ -757,19 +897,77 @@ final class ProxyExchange: UpstreamLinkOwner {
             return upstream.buffers.recycle(buf)
         }
         bodyBytes += buf.readableBytes
+        if spooled || responseBuffered && !connection.clientTakesMore { return spoolResponse(buf) }
         connection.sendFromUpstream(buf)
     }
 
     private func relay(_ bytes: UnsafeRawBufferPointer) {
         if draining { drainBudget -= bytes.count; return }
         bodyBytes += bytes.count
+        if spooled || responseBuffered && !connection.clientTakesMore { return spoolResponse(copying: bytes) }
         connection.sendBytes(bytes)
     }
 
     private func relay(_ s: StaticString) {
-        if draining { return }
-        bodyBytes += s.utf8CodeUnitCount
-        connection.sendBytes(s)
+        s.withUTF8Buffer { relay(UnsafeRawBufferPointer($0)) }
+    }
+
+    /// The response's spool has room, configured for it on the first call (most answers never
+    /// need it: the client takes them as they come).
+    private var spoolHasRoom: Bool {
+        if !spoolReady {
+            spoolReady = true
+            let buffers = route.settings.proxyBuffers
+            useSpool(memory: buffers.count * buffers.size, file: route.settings.proxyMaxTempFileSize, directory: route.settings.proxyTempPath)
+        }
+        return spool!.hasRoom
+    }
+
+    /// proxy_buffering: response bytes the client cannot take now wait in the spool.
+    private func spoolResponse(_ buf: consuming IOBuffer) {
+        _ = spoolHasRoom
+        spooled = true
+        spoolAppend(buf, request: false)
+    }
+
+    private func spoolResponse(copying bytes: UnsafeRawBufferPointer) {
+        _ = spoolHasRoom
+        spooled = true
+        spoolAppend(copying: bytes, request: false)
+    }
+
+    /// Moves what the spool holds to the client while it takes more (and writes it). False when
+    /// a temp file failed: the answer was cut, and the exchange is over.
+    private func pumpSpool() -> Bool {
+        guard spooled, let spool else { return true }
+        // Until the spool is empty or the client's socket is full (a write that hit EAGAIN: its
+        // writable edge brings `clientDrained`). A queue the socket took whole gives no edge.
+        repeat {
+        while connection.clientTakesMore {
+            let front: IOBuffer?
+            do throws(IOError) { front = try spool.takeFront() } catch {
+                spoolFailed(error, request: false)
+                dropSpool()
+                if finished {
+                    connection.exchangeAborted(reset: plan?.closeDelimitedToClient ?? false)
+                } else {
+                    failed(.error, "a temporary file of the response could not be read back")
+                }
+                return false
+            }
+            guard let b = front else { break }
+            connection.sendFromUpstream(b)
+            if !connection.clientTakesMore {
+                connection.flushFromUpstream()
+                if clientGone { return false }
+            }
+        }
+        connection.flushFromUpstream()
+        if clientGone { return false }
+        } while !spool.isEmpty && connection.clientTakesMore
+        // An emptied file is truncated and kept for the rest of this answer (closed at `dropSpool`).
+        if spool.isEmpty { spooled = false }
+        return true
     }
 
     /// The upstream closed its side: the end of a close-delimited body, or a cut response.
@@ -788,6 +986,8 @@ final class ProxyExchange: UpstreamLinkOwner {
     }
 
     private func finish(_ link: UpstreamLink) {
+        // A temp file failed on the way: part of the answer is lost, so it must not end as if complete.
+        if spoolFailure != nil && !draining { return failed(.error, "a temporary file of the response failed") }
         finished = true
         self.link = nil
         // An answer that came before the whole request body (nginx's `return` with a body on the
@@ -795,7 +995,7 @@ final class ProxyExchange: UpstreamLinkOwner {
         // backend would read what comes next as the body's end.
         let pool = self.pool
         pool.responseTime.observe(nanoseconds: Int64(upstream.loop.now &- sentAt))
-        pool.release(link, reusable: upstreamReusable && requestBodyDone, backend: backendKeepAlive)
+        pool.release(link, reusable: upstreamReusable && requestBodyDone && !bodyUnsent, backend: backendKeepAlive)
         endOnBalancer()
         if draining {
             // The answer of a client that left, read to its end: the connection was kept.
@@ -803,6 +1003,9 @@ final class ProxyExchange: UpstreamLinkOwner {
             if upstreamReusable { pool.drained += 1 }
             return
         }
+        // proxy_buffering: the connection went back to the pool; the client takes the rest
+        // from the spool, and the answer ends when it has (`clientDrained`).
+        if spooled { return }
         connection.exchangeEnded(keepAlive: plan?.clientKeepAlive ?? false)
     }
 }

@@ -189,7 +189,12 @@ final class UpstreamLink: IOHandler {
                 }
             }
             pool.connected(self)
+            // A request queued while connecting goes now; an owner held back by the full queue
+            // (a body) goes on once it empties, as after any writable edge.
+            let wasFull = outbound.isFull
             flush()
+            if wasFull && !outbound.isFull && phase == .leased { owner?.upstreamDrained(self) }
+            guard phase == .leased else { return }
             if events.contains(.readHangup) { hangupReported = true }
             if events.contains(.readable) || events.contains(.readHangup) { readable = true; owner?.upstreamReadable(self) }
         case .idle:
@@ -852,6 +857,7 @@ final class LoopUpstream {
 
     /// An exchange that ended (its upstream link released or closed) becomes a spare.
     func retire(_ x: ProxyExchange) {
+        x.dropSpool()
         guard spareExchanges.count < Self.maximumSpareExchanges else { return }
         x.retiredPass = loop.passes
         spareExchanges.append(x)
