@@ -46,6 +46,10 @@ public struct Builder {
     var formatUses: [(String, SourceLocation)] = []
     /// Upstreams that had `server` lines, valid or not (an invalid one is reported itself).
     var upstreamsWithServerLines = Set<Int>()
+    /// `resolver` and `resolver_timeout` at http level (an upstream block's own win).
+    var httpResolver: Upstream.Resolver?
+    var httpResolverTimeoutMs: Int64?
+    var upstreamResolverTimeoutMs: [Int: Int64] = [:]
     /// Whether `access_log` / `proxy_set_header` already appeared in the current block (they
     /// accumulate within a block and replace what is inherited).
     var accessLogSeenHere = false
@@ -249,6 +253,7 @@ public struct Builder {
             case ("max_conns", .some): server.maxConns = try Value.count(arg, d, min: 0, max: 1 << 20)
             case ("backup", nil): server.backup = true
             case ("down", nil): server.down = true
+            case ("resolve", nil): server.resolve = true
             case ("tcp_keepalive", .some(let v)): server.tcpKeepalive = try Value.tcpKeepalive(v, what: "\"tcp_keepalive=\" value")
             case ("tcp_user_timeout", .some(let v)): server.tcpUserTimeout = try Value.userTimeout(v, what: "\"tcp_user_timeout=\" value")
             default: throw ConfigErrorReason("invalid parameter \"\(a.text)\"")
@@ -383,6 +388,38 @@ public struct Builder {
         return dir
     }
 
+    /// `resolver ADDRESS[:PORT]... [valid=T] [ipv6=on|off] [status_zone=NAME]`: numeric addresses
+    /// (port 53 by default), as nginx's, which also takes names (Tether asks for numbers: a
+    /// resolver found through another resolver would be one more thing to go wrong).
+    func resolverDirective(_ d: Directive) throws(ConfigErrorReason) -> Upstream.Resolver {
+        var r = Upstream.Resolver(servers: [], location: d.location)
+        for a in d.args {
+            let (key, value) = Builder.split(a.text)
+            switch (key, value) {
+            case ("valid", .some(let v)):
+                r.validMs = max(1, try Value.time(Argument(text: v, quoted: false, location: a.location), d))
+            case ("ipv6", .some(let v)):
+                r.ipv6 = try Value.flag(Argument(text: v, quoted: false, location: a.location), d)
+            case ("ipv4", .some(let v)):
+                guard try Value.flag(Argument(text: v, quoted: false, location: a.location), d) else {
+                    throw ConfigErrorReason("\"ipv4=off\" is not supported in \"resolver\" directive")
+                }
+            case ("status_zone", .some):
+                break
+            case (_, nil):
+                let (host, port) = try Builder.hostPort(a.text, defaultPort: 53, what: "resolver")
+                guard Builder.isNumeric(host), (1...65535).contains(port) else {
+                    throw ConfigErrorReason("invalid address \"\(a.text)\" in \"resolver\" directive, it must be a numeric IPv4 or IPv6 address with an optional port")
+                }
+                r.servers.append(.init(host: host, port: port))
+            default:
+                throw ConfigErrorReason("invalid parameter \"\(a.text)\"")
+            }
+        }
+        guard !r.servers.isEmpty else { throw ConfigErrorReason("no address in \"resolver\" directive") }
+        return r
+    }
+
     static func split(_ text: String) -> (String, String?) {
         guard let eq = text.firstIndex(of: "=") else { return (text, nil) }
         return (String(text[..<eq]), String(text[text.index(after: eq)...]))
@@ -452,8 +489,23 @@ public struct Builder {
             if upstreams[i].servers.isEmpty && !upstreamsWithServerLines.contains(i) {
                 errors.append(ConfigError("no servers are inside upstream", at: upstreams[i].location))
             }
+            if upstreams[i].resolver == nil { upstreams[i].resolver = httpResolver }
+            if upstreams[i].resolves, upstreams[i].healthCheck != nil {
+                errors.append(ConfigError("\"health_check\" cannot be used in upstream \"\(upstreams[i].name)\", whose servers are resolved at run time (\"resolve\")", at: upstreams[i].location))
+            }
+            if let t = upstreamResolverTimeoutMs[i] ?? httpResolverTimeoutMs { upstreams[i].resolver?.timeoutMs = t }
             for j in upstreams[i].servers.indices {
                 let s = upstreams[i].servers[j]
+                if s.resolve {
+                    // Resolved at run time (`ResolvedSets`), never here.
+                    if upstreams[i].resolver == nil {
+                        errors.append(ConfigError("no resolver defined to resolve \(s.host)", at: s.location))
+                    } else if s.maxConns > 0 {
+                        errors.append(ConfigError("\"max_conns\" cannot be used with \"resolve\" (each address would need a cap of its own)", at: s.location))
+                    }
+                    upstreams[i].servers[j].address = Builder.isNumeric(s.host) ? s.host : ""
+                    continue
+                }
                 if let a = resolver(s.host) {
                     upstreams[i].servers[j].address = a
                 } else {
@@ -505,7 +557,9 @@ public struct Builder {
                 }
                 if let (check, at) = loc.healthCheck {
                     if case .proxy(let pass) = action, let u = upstreams.firstIndex(where: { $0.name == pass.upstream }) {
-                        if let other = upstreams[u].healthCheck, other != check {
+                        if upstreams[u].resolves {
+                            errors.append(ConfigError("\"health_check\" cannot be used in upstream \"\(pass.upstream)\", whose servers are resolved at run time (\"resolve\")", at: at))
+                        } else if let other = upstreams[u].healthCheck, other != check {
                             errors.append(ConfigError("upstream \"\(pass.upstream)\" has another \"health_check\" already", at: at))
                         } else {
                             upstreams[u].healthCheck = check

@@ -90,6 +90,28 @@ public struct Upstream: Sendable {
         public var effectiveTimeoutMs: Int64 { timeoutMs ?? intervalMs }
     }
 
+    /// `resolver ADDRESS... [valid=T] [ipv6=on|off]` and `resolver_timeout T` (the upstream
+    /// block's, else http's): the DNS servers that `server NAME resolve` lines are resolved with.
+    public struct Resolver: Hashable, Sendable {
+        /// Numeric `address:port` pairs, asked in turn.
+        public var servers: [HostPort]
+        /// Overrides the answers' TTL.
+        public var validMs: Int64?
+        public var ipv6 = false
+        public var timeoutMs: Int64 = 30_000
+        public var location: SourceLocation
+    }
+
+    public struct HostPort: Hashable, Sendable {
+        public var host: String
+        public var port: Int
+    }
+
+    /// The DNS servers for the `resolve` servers; nil when no server resolves.
+    public var resolver: Resolver?
+    /// Some `server` line has `resolve`.
+    public var resolves: Bool { servers.contains(where: \.resolve) }
+
     public struct Queue: Hashable, Sendable {
         public var size: Int
         public var timeoutMs: Int64
@@ -117,6 +139,10 @@ public struct UpstreamServer: Hashable, Sendable {
     public var down = false
     /// `max_conns=N`: connections to this server, idle and busy, process-wide; 0: no limit.
     public var maxConns = 0
+    /// `resolve`: `host` is a name resolved again as its TTL (or the resolver's `valid`) runs out;
+    /// each address it has is a server of its own with this line's parameters. In the
+    /// configuration as read, `address` is empty: `ResolvedSets` fills in the addresses.
+    public var resolve = false
     /// `tcp_keepalive=` on the server line, over the upstream block's.
     public var tcpKeepalive: TCPKeepalive?
     public var tcpUserTimeout: UserTimeout?

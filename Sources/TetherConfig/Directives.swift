@@ -524,6 +524,15 @@ let directiveTable: [DirectiveSpec] = {
             b.settings.clientBodyTempPath = try b.tempDirectory(d)
         },
 
+        S("resolver", [.http, .upstream], args: 1...many) { b, d throws(ConfigErrorReason) in
+            let r = try b.resolverDirective(d)
+            if case .upstream(let u) = b.cursor { b.upstreams[u].resolver = r } else { b.httpResolver = r }
+        },
+        S("resolver_timeout", [.http, .upstream], args: 1...1) { b, d throws(ConfigErrorReason) in
+            let t = max(1, try Value.time(d.args[0], d))
+            if case .upstream(let u) = b.cursor { b.upstreamResolverTimeoutMs[u] = t } else { b.httpResolverTimeoutMs = t }
+        },
+
         // upstream
         S("upstream", .http, args: 1...1, block: true, repeats: true) { b, d throws(ConfigErrorReason) in try b.upstreamBlock(d) },
         S("server", .upstream, args: 1...many, repeats: true) { b, d throws(ConfigErrorReason) in try b.upstreamServer(d) },

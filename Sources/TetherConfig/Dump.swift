@@ -1,6 +1,8 @@
 extension Configuration {
     /// The effective configuration in nginx syntax, with every default written out (`tether -T`).
-    public func effectiveText() -> String {
+    /// `resolvedNow` says, for a `resolve` server (its upstream and index), what its name resolves
+    /// to now (a comment after the line).
+    public func effectiveText(resolvedNow: (Upstream, Int) -> String? = { _, _ in nil }) -> String {
         var out = "# configuration file \(file), with defaults filled in\n"
         switch workerProcesses {
         case .auto: out += "worker_processes auto;\n"
@@ -16,14 +18,23 @@ extension Configuration {
         for u in upstreams {
             out += "\n    upstream \(u.name) {\(u.implicit ? "  # from proxy_pass" : "")\n"
             if u.balancing == .leastConn { out += "        least_conn;\n" }
-            for s in u.servers {
+            if let r = u.resolver {
+                var line = "        resolver " + r.servers.map { $0.host.contains(":") ? "[\($0.host)]:\($0.port)" : "\($0.host):\($0.port)" }.joined(separator: " ")
+                if let v = r.validMs { line += " valid=\(Units.formatTime(v))" }
+                line += " ipv6=\(r.ipv6 ? "on" : "off");\n        resolver_timeout \(Units.formatTime(r.timeoutMs));\n"
+                out += line
+            }
+            for (i, s) in u.servers.enumerated() {
                 var line = "        server \(s.host == s.address ? s.addressText : "\(s.host):\(s.port)") weight=\(s.weight) max_fails=\(s.maxFails) fail_timeout=\(Units.formatTime(s.failTimeoutMs))"
                 if s.maxConns > 0 { line += " max_conns=\(s.maxConns)" }
                 if s.backup { line += " backup" }
                 if s.down { line += " down" }
                 if let k = s.tcpKeepalive { line += " tcp_keepalive=\(k)" }
                 if let t = s.tcpUserTimeout { line += " tcp_user_timeout=\(t)" }
-                out += line + ";\n"
+                if s.resolve { line += " resolve" }
+                line += ";"
+                if s.resolve, let now = resolvedNow(u, i) { line += "  # \(now)" }
+                out += line + "\n"
             }
             if let h = u.healthCheck {
                 out += "        health_check interval=\(Units.formatTime(h.intervalMs)) fails=\(h.fails) passes=\(h.passes) uri=\(h.uri) match=\(h.match.lowerBound)-\(h.match.upperBound)"

@@ -107,7 +107,7 @@ struct Tether: ParsableCommand {
             for w in config.warnings { printError("tether: [warn] \(w)") }
             printError("tether: the configuration file \(file) syntax is ok")
             printError("tether: configuration file \(file) test is successful")
-            if testAndDump { print(config.effectiveText(), terminator: "") }
+            if testAndDump { print(config.effectiveText(resolvedNow: TetherServer.resolvedNow(config)), terminator: "") }
             return
         }
         try serve(config)

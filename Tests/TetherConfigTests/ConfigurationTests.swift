@@ -228,6 +228,37 @@ final class TempDir {
         #expect(e.errors.map(\.description) == [expected])
     }
 
+    @Test func resolveNeedsAResolverAndIsResolvedAtRunTime() throws {
+        let c = try load("""
+        http {
+            resolver 10.0.0.53 [::1]:5353 valid=30s ipv6=on;
+            resolver_timeout 2s;
+            upstream a { server api.internal:8080 resolve weight=2; server 127.0.0.1:81; }
+            upstream b { resolver 127.0.0.1:53; server web.internal resolve; }
+        }
+        """)
+        let a = try #require(c.upstream(named: "a")), b = try #require(c.upstream(named: "b"))
+        #expect(a.servers[0].resolve && a.servers[0].address == "" && a.servers[0].weight == 2 && !a.servers[1].resolve)
+        #expect(a.resolver?.servers == [.init(host: "10.0.0.53", port: 53), .init(host: "::1", port: 5353)])
+        #expect(a.resolver?.validMs == 30_000 && a.resolver?.ipv6 == true && a.resolver?.timeoutMs == 2_000)
+        #expect(b.resolver?.servers == [.init(host: "127.0.0.1", port: 53)] && b.resolver?.timeoutMs == 2_000)
+        #expect(c.effectiveText().contains("        resolver 10.0.0.53:53 [::1]:5353 valid=30s ipv6=on;\n        resolver_timeout 2s;\n"))
+    }
+
+    @Test(arguments: [
+        ("upstream u { server api.internal:80 resolve; }", "t.conf:1: no resolver defined to resolve api.internal"),
+        ("resolver 127.0.0.1; upstream u { server api.internal:80 resolve max_conns=4; }",
+         "t.conf:1: \"max_conns\" cannot be used with \"resolve\" (each address would need a cap of its own)"),
+        ("resolver 127.0.0.1; upstream u { server api.internal:80 resolve; health_check; }",
+         "t.conf:1: \"health_check\" cannot be used in upstream \"u\", whose servers are resolved at run time (\"resolve\")"),
+        ("resolver dns.example;", "t.conf:1: invalid address \"dns.example\" in \"resolver\" directive, it must be a numeric IPv4 or IPv6 address with an optional port"),
+        ("resolver valid=5s;", "t.conf:1: no address in \"resolver\" directive"),
+    ])
+    func badResolveConfigurationsAreFileLineErrors(text: String, expected: String) {
+        guard case .failure(let e) = Configuration.parse("http { \(text) }\n", file: "t.conf", resolver: offlineResolver) else { Issue.record("loaded"); return }
+        #expect(e.errors.map(\.description) == [expected])
+    }
+
     @Test func effectiveTextReloadsToTheSameConfiguration() throws {
         let c = try load("""
             http {

@@ -96,6 +96,11 @@ func responses(_ bytes: [UInt8]) -> [(status: String, head: String, body: String
 @Suite struct ClientConnectionTests {
     static let get = "GET /a HTTP/1.1\r\nHost: t\r\nUser-Agent: test\r\n\r\n"
 
+    static func withoutDate(_ bytes: [UInt8]) -> String {
+        String(decoding: bytes, as: UTF8.self).split(separator: "\r\n", omittingEmptySubsequences: false)
+            .filter { !$0.hasPrefix("Date: ") }.joined(separator: "\r\n")
+    }
+
     @Test func aRequestSplitAtEveryByteGetsTheSameAnswer() throws {
         let rig = try ClientRig()
         var whole: [UInt8] = []
@@ -112,7 +117,8 @@ func responses(_ bytes: [UInt8]) -> [(status: String, head: String, body: String
             #expect(try !rig.run(c, into: &got, passes: 3, timeoutMs: 0) { got, _ in !got.isEmpty })
             rig.send(c, String(decoding: bytes[k...], as: UTF8.self))
             #expect(try rig.run(c, into: &got) { got, _ in responses(got).count == 1 }, "split at \(k)")
-            #expect(got == whole, "split at \(k)")
+            // The same bytes but the Date line's second, which may have turned meanwhile.
+            #expect(Self.withoutDate(got) == Self.withoutDate(whole), "split at \(k)")
             Glibc.close(c)
         }
         #expect(rig.handler.seen.count == bytes.count)

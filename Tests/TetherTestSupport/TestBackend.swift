@@ -21,6 +21,10 @@ public final class TestBackend: Sendable {
         public var closeAfterRequests: Int?
         /// Serve HTTPS with this certificate (chain file) and key, through a `TLSFront`.
         public var tls: (certificate: String, key: String)?
+        /// Where to listen: any 127.x.y.z address is loopback on Linux (several backends can
+        /// share a port, as the addresses of one DNS name do).
+        public var host = "127.0.0.1"
+        public var port = 0
         public init() {}
     }
 
@@ -73,7 +77,7 @@ public final class TestBackend: Sendable {
                     try ch.pipeline.syncOperations.addHandler(BackendHandler(id: id, options: opts, state: state))
                 }
             }
-            .bind(host: "127.0.0.1", port: 0).wait()
+            .bind(host: options.host, port: options.port).wait()
         if let tls = options.tls {
             front = try TLSFront(certificate: tls.certificate, key: tls.key, target: channel.localAddress!.port!)
             port = front!.port

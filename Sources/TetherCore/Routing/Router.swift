@@ -12,12 +12,19 @@ extension LoopUpstream {
     /// where neither the server nor the block sets `tcp_keepalive`).
     /// `tls`: the client context of `proxy_pass https://` (each pool then speaks TLS).
     /// `limits`: the upstream's process-wide `max_conns` and `queue` (shared with the other loops).
+    /// `reusing`: pools of a group this one replaces, by `address:port`: a server found there
+    /// keeps its pool and its warm connections.
     static func make(_ u: Upstream, loop: IOLoop, buffers: BufferPool, log: LoopErrorLog = .all, socketKeepalive: Bool = false,
-                     host: HostKeepalive = HostKeepalive(), tls: TLSContext? = nil, limits: UpstreamLimits? = nil) throws(SetupError) -> LoopUpstream {
+                     host: HostKeepalive = HostKeepalive(), tls: TLSContext? = nil, limits: UpstreamLimits? = nil,
+                     reusing: [String: UpstreamPool] = [:]) throws(SetupError) -> LoopUpstream {
         let policy = PoolPolicy(keepalive: u.keepalive, idleTimeoutMs: u.keepaliveTimeoutMs, maxRequests: u.keepaliveRequests,
                                 maxLifetimeMs: u.keepaliveTimeMs)
         var pools: [UpstreamPool] = []
         for s in u.servers {
+            if let kept = reusing[s.addressText] {
+                pools.append(kept)
+                continue
+            }
             guard let port = UInt16(exactly: s.port),
                   let pool = UpstreamPool(loop: loop, buffers: buffers, host: s.address, port: port, policy: policy, log: log,
                                           tuning: SocketTuning(keepalive: s.tcpKeepalive ?? u.tcpKeepalive ?? (socketKeepalive ? TCPKeepalive(enabled: true) : nil),
@@ -51,10 +58,18 @@ final class Router: ClientRequestHandler {
     let servers: [CompiledServer]
     /// Each server's first name: `$server_name`, and `$host` for a request without Host.
     let serverNames: [[UInt8]]
-    private let upstreams: [String: LoopUpstream]
+    private var upstreams: [String: LoopUpstream]
     /// The last location's upstream: requests to the same location do not hash its name.
     private var lastRoute: CompiledLocation?
     private var lastUpstream: LoopUpstream?
+
+    /// The upstream group of `key` was remade (its `resolve` names have new addresses): the next
+    /// requests go to `group`.
+    func replace(_ key: String, with group: LoopUpstream) {
+        upstreams[key] = group
+        lastRoute = nil
+        lastUpstream = nil
+    }
     /// The admin pages' gathering (nil: they answer 501).
     private let admin: AdminPages?
 

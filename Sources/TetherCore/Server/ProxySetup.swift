@@ -22,6 +22,19 @@ final class ProxySetup: Sendable {
         servers = configuration.servers.enumerated().map { CompiledServer($1, index: $0, tls: tls) }
     }
 
+    /// `old` with `u` (an upstream whose `resolve` names changed) in place of its namesake.
+    init(replacing old: ProxySetup, upstream u: Upstream) {
+        var c = old.configuration
+        if let i = c.upstreams.firstIndex(where: { $0.name == u.name }) { c.upstreams[i] = u }
+        configuration = c
+        hostKeepalive = old.hostKeepalive
+        var ups = old.upstreams
+        ups[u.name] = u
+        upstreams = ups
+        tls = old.tls
+        servers = old.servers
+    }
+
     /// The virtual hosts of each listening address, in configuration order.
     func virtualHosts() -> [(Listen, VirtualHosts, [CompiledServer])] {
         var order: [String] = []

@@ -21,6 +21,58 @@ public final class TetherServer: @unchecked Sendable {
     private(set) var limits: [String: UpstreamLimits] = [:]
     /// `health_check`: run on the admin helper's loop, once per process.
     private var healthChecks: HealthChecks?
+    /// `server … resolve`: the names' addresses, kept fresh on a thread of their own.
+    private var resolver: ResolverThread?
+    /// Reloads and the resolver's changes take turns (each reads and replaces the setup).
+    private let changing = Mutex<Int>(0)
+
+    /// What the resolver thread reaches the server through (it is made before the server is).
+    private final class Forward: @unchecked Sendable { weak var server: TetherServer? }
+    private let forward = Forward()
+
+    /// `configuration` as the loops run it: each `resolve` line expanded into its addresses now.
+    private static func expanded(_ configuration: Configuration, _ resolver: ResolverThread?) -> Configuration {
+        guard let resolver else { return configuration }
+        var c = configuration
+        c.upstreams = c.upstreams.map { u in u.expanded { resolver.addresses(upstream: u.name, server: $0) } }
+        return c
+    }
+
+    /// Looks up the configuration's `resolve` names (on the calling thread) and keeps them fresh.
+    private static func prepareResolver(_ existing: ResolverThread?, _ configuration: Configuration, log: LoopErrorLog,
+                                        forward: Forward) -> ResolverThread? {
+        guard existing != nil || configuration.upstreams.contains(where: \.resolves) else { return nil }
+        let r = existing ?? ResolverThread(log: log) { [forward] name in forward.server?.resolvedChanged(name) }
+        r.configure(configuration.upstreams)
+        return r
+    }
+
+    /// The resolver found new addresses for `name`: each loop remakes that upstream's group,
+    /// keeping the pools of the addresses that stay; removed ones finish what they carry and
+    /// close (their idle connections at once). On the resolver's thread.
+    private func resolvedChanged(_ name: String) {
+        changing.withLock { _ in
+            guard let resolver, let u = current.withLock({ $0.configuration.upstream(named: name) }) else { return }
+            let e = u.expanded { resolver.addresses(upstream: name, server: $0) }
+            let setup = current.withLock { c -> ProxySetup in
+                c.setup = ProxySetup(replacing: c.setup, upstream: e)
+                return c.setup
+            }
+            let l = UpstreamLimits(e)
+            limits[name] = l
+            for w in workers { w.loop.execute { _ in w.resolved(e, limits: l) } }
+            admin?.reconfigure(setup.configuration, listenPorts: Set(boundPorts.map { Int($0.port) }))
+        }
+    }
+
+    /// For `tether -T`: looks up the configuration's `resolve` names once, and says for each
+    /// line (its upstream and index) what it resolves to now.
+    public static func resolvedNow(_ configuration: Configuration) -> (Upstream, Int) -> String? {
+        guard configuration.upstreams.contains(where: \.resolves) else { return { _, _ in nil } }
+        let r = ResolverThread(log: LoopErrorLog(level: .emerg)) { _ in }
+        r.configure(configuration.upstreams, keepFresh: false)
+        return { u, i in r.describe(upstream: u.name, server: i) }
+    }
 
     /// Hands the health checks `setup`'s upstreams (start and reload).
     private func configureHealthChecks(_ setup: ProxySetup, _ limits: [String: UpstreamLimits]) {
@@ -70,13 +122,16 @@ public final class TetherServer: @unchecked Sendable {
 
     /// `admin` renders the admin pages (TetherAdmin's `Renderer`); without one they answer 501.
     public init(_ configuration: Configuration, admin: AdminRenderer? = nil, log: LoopErrorLog? = nil) throws(TetherServerError) {
-        self.log = log ?? LoopErrorLog(level: configuration.errorLog.level)
+        let log = log ?? LoopErrorLog(level: configuration.errorLog.level)
+        self.log = log
+        resolver = Self.prepareResolver(nil, configuration, log: log, forward: forward)
         do {
-            current = Mutex((configuration, try ProxySetup(configuration)))
+            current = Mutex((configuration, try ProxySetup(Self.expanded(configuration, resolver))))
             self.admin = try AdminPages(renderer: admin, configuration: configuration)
         } catch {
             throw TetherServerError(lines: ["\(error)"])
         }
+        forward.server = self
     }
 
     public var workerCount: Int {
@@ -151,7 +206,12 @@ public final class TetherServer: @unchecked Sendable {
     /// `worker_processes` changes take effect at the next start (`error_log` is the binary's: it
     /// applies the new level and file).
     public func reload(_ configuration: Configuration) throws {
-        let setup = try ProxySetup(configuration)
+        try changing.withLock { _ throws in try reloadLocked(configuration) }
+    }
+
+    private func reloadLocked(_ configuration: Configuration) throws {
+        resolver = Self.prepareResolver(resolver, configuration, log: log, forward: forward)
+        let setup = try ProxySetup(Self.expanded(configuration, resolver))
         try Self.check(setup)
         let keep = Dictionary(uniqueKeysWithValues: listenKeys.map { ($0, true) })
         var bound = try bind(setup, loops: loops, keeping: keep)
@@ -179,7 +239,7 @@ public final class TetherServer: @unchecked Sendable {
         current.withLock { $0 = (configuration, setup) }
         boundPorts = bound.listens.map { ($0.address, $0.port) }
         listenKeys = bound.listens.map(\.key)
-        admin?.reconfigure(configuration, listenPorts: Set(boundPorts.map { Int($0.port) }))
+        admin?.reconfigure(setup.configuration, listenPorts: Set(boundPorts.map { Int($0.port) }))
         // The loops handed the old writer their last lines as they switched.
         let old = accessLog
         accessLog = writer
@@ -277,6 +337,7 @@ public final class TetherServer: @unchecked Sendable {
     /// Stops every loop after its pass under way, waits for their threads, and closes every
     /// listener and connection at once (a fast stop: answers under way are cut).
     public func stop() {
+        resolver?.stop()
         for l in loops { l.stop() }
         for t in threads { pthread_join(t, nil) }
         for l in loops { l.closeAll() }
@@ -406,6 +467,9 @@ private final class LoopThread: @unchecked Sendable {
     private(set) var clients: [ClientLoop] = []
     /// The upstream groups by pool key (an upstream's name; with its TLS settings for https).
     private(set) var upstreams: [String: LoopUpstream] = [:]
+    /// What the last `install` made the groups with (a group remade by `resolved` needs them).
+    private var socketKeepalive = Set<String>()
+    private var hostKeepalive = HostKeepalive()
     /// The configuration's `server` blocks.
     private(set) var servers = 0
     private(set) var accessLog: LoopAccessLog?
@@ -439,12 +503,12 @@ private final class LoopThread: @unchecked Sendable {
         // Upstreams: an unchanged definition keeps its pools and their warm connections (TLS
         // ones take the new context for their next connections); the others are made anew, and
         // the replaced ones close what is idle and the rest as their exchanges end.
-        var socketKeepalive = Set<String>()
+        var socketKeepaliveGroups = Set<String>()
         var groups: [String: (upstream: String, context: TLSContext?)] = [:]
         for server in setup.servers {
             for l in server.locations {
                 guard case .proxy(let p) = l.action else { continue }
-                if l.settings.proxySocketKeepalive { socketKeepalive.insert(p.upstream) }
+                if l.settings.proxySocketKeepalive { socketKeepaliveGroups.insert(p.upstream) }
                 groups[l.poolKey] = (p.upstream, l.upstreamTLS)
             }
         }
@@ -459,7 +523,7 @@ private final class LoopThread: @unchecked Sendable {
                 continue
             }
             do {
-                next[key] = try LoopUpstream.make(u, loop: loop, buffers: buffers, log: log, socketKeepalive: socketKeepalive.contains(g.upstream),
+                next[key] = try LoopUpstream.make(u, loop: loop, buffers: buffers, log: log, socketKeepalive: socketKeepaliveGroups.contains(g.upstream),
                                                   host: setup.hostKeepalive, tls: g.context, limits: limits[g.upstream])
             } catch {
                 // `TetherServer.check` refused such a configuration before any loop was touched.
@@ -468,6 +532,8 @@ private final class LoopThread: @unchecked Sendable {
         }
         for (key, old) in upstreams where next[key] !== old { old.retire() }
         upstreams = next
+        socketKeepalive = socketKeepaliveGroups
+        hostKeepalive = setup.hostKeepalive
         servers = configuration.servers.count
         // The access log: lines from now on go to the new files.
         accessLog?.flush()
@@ -513,6 +579,28 @@ private final class LoopThread: @unchecked Sendable {
         for (_, removed) in listening { removed.listener.stop(on: loop) }
         listening = nextListening
         admission.clients = self.clients
+    }
+
+    /// `u`'s `resolve` names have new addresses (`u` expanded with them): each group of it is
+    /// remade, keeping the pools of the servers that stay; the others finish what they carry and
+    /// close, their idle connections at once. Requests from now on go to the new group.
+    func resolved(_ u: Upstream, limits: UpstreamLimits) {
+        for (key, old) in upstreams where old.config.name == u.name && !old.config.sameDefinition(as: u) {
+            var reuse: [String: UpstreamPool] = [:]
+            for p in old.pools where reuse[p.addressText] == nil { reuse[p.addressText] = p }
+            let group: LoopUpstream
+            do {
+                group = try LoopUpstream.make(u, loop: loop, buffers: buffers, log: log, socketKeepalive: socketKeepalive.contains(u.name),
+                                              host: hostKeepalive, tls: old.tls, limits: limits, reusing: reuse)
+            } catch {
+                log(.alert, "\(error)")
+                continue
+            }
+            for p in old.pools where !group.pools.contains(where: { $0 === p }) { p.retire() }
+            old.letGo()
+            upstreams[key] = group
+            for (_, l) in listening { (l.clients.handler as? Router)?.replace(key, with: group) }
+        }
     }
 
     private func makeListener(fd: Int32, clients: ClientLoop, name: String) -> Listener {

@@ -858,7 +858,8 @@ final class LoopUpstream {
     /// An exchange that ended (its upstream link released or closed) becomes a spare.
     func retire(_ x: ProxyExchange) {
         x.dropSpool()
-        guard spareExchanges.count < Self.maximumSpareExchanges else { return }
+        // A replaced group keeps no spares: each holds the group, which would never be freed.
+        guard !replaced, spareExchanges.count < Self.maximumSpareExchanges else { return }
         x.retiredPass = loop.passes
         spareExchanges.append(x)
     }
@@ -873,8 +874,18 @@ final class LoopUpstream {
     /// A reload changed or removed this upstream: its pools close what is idle now and the rest
     /// as their exchanges end. Exchanges under way finish on it.
     func retire() {
+        letGo()
         for p in pools { p.retire() }
     }
+
+    /// Another group took this one's place (a reload, new addresses for its names): the requests
+    /// under way finish here, and nothing is kept for more.
+    func letGo() {
+        replaced = true
+        spareExchanges = []
+    }
+
+    private var replaced = false
 
     var buffers: BufferPool { pools[0].buffers }
     /// The pools' loop, held by them (read on every exchange: not counted).
