@@ -85,6 +85,9 @@ public struct Renderer: AdminRenderer {
         family("tether_tls_sessions_reused_total", "counter", "Client TLS handshakes that resumed a session (ticket or cache).")
         sample("tether_tls_sessions_reused_total", [], s.tlsSessionsReused)
 
+        family("tether_proxy_protocol_headers_total", "counter", "PROXY protocol headers read on listen ... proxy_protocol addresses (the refused ones close with reason proxy_protocol).")
+        sample("tether_proxy_protocol_headers_total", [], s.proxyProtocolHeaders)
+
         family("tether_buffered_bytes", "gauge", "Bytes held for the slower side of exchanges (proxy_request_buffering, proxy_buffering), in memory and in temp files.")
         sample("tether_buffered_bytes", [("where", "memory")], s.buffered.memoryBytes)
         sample("tether_buffered_bytes", [("where", "file")], Int(s.buffered.fileBytes))

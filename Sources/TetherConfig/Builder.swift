@@ -55,6 +55,7 @@ public struct Builder {
     var accessLogSeenHere = false
     var proxyHeadersSeenHere = false
     var accessRulesSeenHere = false
+    var realIPFromSeenHere = false
 
     /// Turns a host name into a numeric address; the system's getaddrinfo unless a test gives another.
     var resolver: @Sendable (String) -> String?
@@ -104,7 +105,7 @@ public struct Builder {
     // MARK: Walking
 
     mutating func walk(_ directives: [Directive], in context: Context) {
-        let saved = (cursor, accessLogSeenHere, proxyHeadersSeenHere, accessRulesSeenHere)
+        let saved = (cursor, accessLogSeenHere, proxyHeadersSeenHere, accessRulesSeenHere, realIPFromSeenHere)
         switch context {
         case .events: cursor = .events
         case .http: cursor = .http
@@ -113,7 +114,8 @@ public struct Builder {
         accessLogSeenHere = false
         proxyHeadersSeenHere = false
         accessRulesSeenHere = false
-        defer { (cursor, accessLogSeenHere, proxyHeadersSeenHere, accessRulesSeenHere) = saved }
+        realIPFromSeenHere = false
+        defer { (cursor, accessLogSeenHere, proxyHeadersSeenHere, accessRulesSeenHere, realIPFromSeenHere) = saved }
 
         var seen = Set<String>()
         for d in directives {
@@ -254,6 +256,7 @@ public struct Builder {
             case ("backup", nil): server.backup = true
             case ("down", nil): server.down = true
             case ("resolve", nil): server.resolve = true
+            case ("proxy_protocol", nil): server.proxyProtocol = true
             case ("tcp_keepalive", .some(let v)): server.tcpKeepalive = try Value.tcpKeepalive(v, what: "\"tcp_keepalive=\" value")
             case ("tcp_user_timeout", .some(let v)): server.tcpUserTimeout = try Value.userTimeout(v, what: "\"tcp_user_timeout=\" value")
             default: throw ConfigErrorReason("invalid parameter \"\(a.text)\"")
@@ -285,6 +288,7 @@ public struct Builder {
                 guard let n = Int(v), n >= 1, n <= 65535 else { throw ConfigErrorReason("invalid backlog \"\(v)\"") }
                 l.backlog = n
             case ("ssl", nil): l.ssl = true
+            case ("proxy_protocol", nil): l.proxyProtocol = true
             case ("so_keepalive", .some(let v)): l.soKeepalive = try Value.tcpKeepalive(v, what: "so_keepalive value")
             case ("tcp_user_timeout", .some(let v)): l.tcpUserTimeout = try Value.userTimeout(v, what: "tcp_user_timeout value")
             default: throw ConfigErrorReason("invalid parameter \"\(a.text)\"")
@@ -575,8 +579,11 @@ public struct Builder {
         // As in nginx, `ssl` belongs to the address: every server on an address that one of them
         // marks `ssl` speaks TLS there, and needs a certificate.
         let sslAddresses = Set(out.flatMap { $0.listens.filter(\.ssl).map(\.addressText) })
+        // So does `proxy_protocol`: a connection cannot say which server it is for before its header.
+        let proxyProtocolAddresses = Set(out.flatMap { $0.listens.filter(\.proxyProtocol).map(\.addressText) })
         for i in out.indices {
             for k in out[i].listens.indices where sslAddresses.contains(out[i].listens[k].addressText) { out[i].listens[k].ssl = true }
+            for k in out[i].listens.indices where proxyProtocolAddresses.contains(out[i].listens[k].addressText) { out[i].listens[k].proxyProtocol = true }
             guard let l = out[i].listens.first(where: \.ssl) else { continue }
             if out[i].settings.ssl.certificates.isEmpty {
                 errors.append(ConfigError("no \"ssl_certificate\" is defined for the \"listen ... ssl\" directive", at: l.location))

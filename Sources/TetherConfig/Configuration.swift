@@ -139,6 +139,10 @@ public struct UpstreamServer: Hashable, Sendable {
     public var down = false
     /// `max_conns=N`: connections to this server, idle and busy, process-wide; 0: no limit.
     public var maxConns = 0
+    /// `proxy_protocol` (HAProxy's `send-proxy-v2`): each connection to this server starts with
+    /// a PROXY protocol v2 header naming the client. Such connections serve one request each and
+    /// are never pooled: a pooled one would carry the header of the client that opened it.
+    public var proxyProtocol = false
     /// `resolve`: `host` is a name resolved again as its TTL (or the resolver's `valid`) runs out;
     /// each address it has is a server of its own with this line's parameters. In the
     /// configuration as read, `address` is empty: `ResolvedSets` fills in the addresses.
@@ -207,6 +211,9 @@ public struct Listen: Hashable, Sendable {
     public var tcpUserTimeout = UserTimeout.auto
     /// `ssl`: connections on this address speak TLS.
     public var ssl = false
+    /// `proxy_protocol`: each connection starts with a PROXY protocol header (v1 or v2), read
+    /// before TLS and HTTP.
+    public var proxyProtocol = false
     public var location: SourceLocation
 
     /// The address as nginx prints it in errors: `0.0.0.0:8080`, `[::1]:8080`.
@@ -391,6 +398,13 @@ public struct HTTPSettings: Sendable {
     public var clientBodyTempPath = "/tmp"
     /// nginx's `allow` / `deny`, in order; the first that matches decides, none matching allows.
     public var accessRules: [AccessRule] = []
+    /// `set_real_ip_from`: the peers trusted to say who the client is (none: nobody is).
+    public var realIPFrom: [AccessRule] = []
+    /// `real_ip_header`: where a trusted peer says it, lowercased: a header (`x-real-ip` by
+    /// default, `x-forwarded-for`, any other), or `proxy_protocol`.
+    public var realIPHeader = "x-real-ip"
+    /// `real_ip_recursive`: in `X-Forwarded-For`, trusted addresses from the right are skipped.
+    public var realIPRecursive = false
     /// TLS termination (`ssl_*`, server level).
     public var ssl = SSLSettings()
     /// TLS to upstreams (`proxy_ssl_*`).

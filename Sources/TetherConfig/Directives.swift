@@ -73,6 +73,9 @@ struct PartialSettings {
     var proxyTempPath: String?
     var clientBodyTempPath: String?
     var accessRules: [AccessRule]?
+    var realIPFrom: [AccessRule]?
+    var realIPHeader: String?
+    var realIPRecursive: Bool?
     /// `ssl_certificate` / `ssl_certificate_key` as written at this level, paired in order.
     var sslCertificates: [(String, SourceLocation)]?
     var sslCertificateKeys: [(String, SourceLocation)]?
@@ -116,6 +119,9 @@ struct PartialSettings {
         r.proxyTempPath = proxyTempPath ?? p.proxyTempPath
         r.clientBodyTempPath = clientBodyTempPath ?? p.clientBodyTempPath
         r.accessRules = accessRules ?? p.accessRules
+        r.realIPFrom = realIPFrom ?? p.realIPFrom
+        r.realIPHeader = realIPHeader ?? p.realIPHeader
+        r.realIPRecursive = realIPRecursive ?? p.realIPRecursive
         r.sslCertificates = sslCertificates ?? p.sslCertificates
         r.sslCertificateKeys = sslCertificateKeys ?? p.sslCertificateKeys
         r.ssl = (p.ssl ?? []) + (ssl ?? [])
@@ -159,6 +165,9 @@ struct PartialSettings {
         s.proxyTempPath = proxyTempPath ?? s.proxyTempPath
         s.clientBodyTempPath = clientBodyTempPath ?? s.clientBodyTempPath
         s.accessRules = accessRules ?? s.accessRules
+        s.realIPFrom = realIPFrom ?? s.realIPFrom
+        s.realIPHeader = realIPHeader ?? s.realIPHeader
+        s.realIPRecursive = realIPRecursive ?? s.realIPRecursive
         for apply in ssl ?? [] { apply(&s.ssl) }
         for apply in proxySSL ?? [] { apply(&s.proxySSL) }
         let keys = sslCertificateKeys ?? []
@@ -652,6 +661,23 @@ let directiveTable: [DirectiveSpec] = {
             b.setAdmin(.stats(f))
         },
         S("allow", .httpAll, args: 1...1, repeats: true) { b, d throws(ConfigErrorReason) in try b.addAccessRule(d) },
+        S("set_real_ip_from", .httpAll, args: 1...1, repeats: true) { b, d throws(ConfigErrorReason) in
+            var rule = try Value.accessRule(d)
+            rule.allow = true
+            if !b.realIPFromSeenHere {
+                b.settings.realIPFrom = []
+                b.realIPFromSeenHere = true
+            }
+            b.settings.realIPFrom!.append(rule)
+        },
+        setting("real_ip_header") { s, d throws(ConfigErrorReason) in
+            let v = d.args[0].text
+            guard v == "proxy_protocol" || (!v.isEmpty && v.utf8.allSatisfy(HeaderName.isTokenByte)) else {
+                throw ConfigErrorReason("invalid header name \"\(v)\" in \"real_ip_header\" directive")
+            }
+            s.realIPHeader = v.lowercased()
+        },
+        setting("real_ip_recursive") { s, d throws(ConfigErrorReason) in s.realIPRecursive = try Value.flag(d.args[0], d) },
         S("deny", .httpAll, args: 1...1, repeats: true) { b, d throws(ConfigErrorReason) in try b.addAccessRule(d) },
     ]
 }()

@@ -32,6 +32,7 @@ extension Configuration {
                 if let k = s.tcpKeepalive { line += " tcp_keepalive=\(k)" }
                 if let t = s.tcpUserTimeout { line += " tcp_user_timeout=\(t)" }
                 if s.resolve { line += " resolve" }
+                if s.proxyProtocol { line += " proxy_protocol" }
                 line += ";"
                 if s.resolve, let now = resolvedNow(u, i) { line += "  # \(now)" }
                 out += line + "\n"
@@ -54,6 +55,7 @@ extension Configuration {
             for l in s.listens {
                 var line = "        listen \(l.addressText)"
                 if l.ssl { line += " ssl" }
+                if l.proxyProtocol { line += " proxy_protocol" }
                 if l.defaultServer { line += " default_server" }
                 line += " backlog=\(l.backlog)"
                 if let k = l.soKeepalive { line += " so_keepalive=\(k)" }
@@ -133,6 +135,9 @@ extension Configuration {
         lines.append("proxy_max_temp_file_size \(Units.formatSize(s.proxyMaxTempFileSize))")
         lines.append("proxy_temp_path \(s.proxyTempPath)")
         for r in s.accessRules { lines.append(r.description) }
+        for r in s.realIPFrom { lines.append("set_real_ip_from \(r.source)") }
+        lines.append("real_ip_header \(s.realIPHeader)")
+        lines.append("real_ip_recursive \(s.realIPRecursive ? "on" : "off")")
         return lines.map { indent + $0 + ";\n" }.joined()
     }
 }

@@ -39,6 +39,17 @@ public enum Variable: Hashable, Sendable {
     case sslCipher
     case sslServerName
     case sslSessionReused
+    /// `$proxy_protocol_addr`, `$proxy_protocol_port`: the client as the PROXY protocol header
+    /// named it; `$proxy_protocol_server_addr`, `$proxy_protocol_server_port`: the address it
+    /// connected to. Empty without a header (or with one that names no client).
+    case proxyProtocolAddr
+    case proxyProtocolPort
+    case proxyProtocolServerAddr
+    case proxyProtocolServerPort
+    /// `$realip_remote_addr`, `$realip_remote_port`: the peer's own address, whatever
+    /// `real_ip_header` made `$remote_addr`.
+    case realipRemoteAddr
+    case realipRemotePort
     /// `$http_NAME`: a request header, with `_` standing for `-`, matched case-insensitively.
     case httpHeader(String)
     /// `$sent_http_NAME`: a response header.
@@ -59,6 +70,9 @@ public enum Variable: Hashable, Sendable {
         "connection": .connection, "connection_requests": .connectionRequests,
         "https": .https, "ssl_protocol": .sslProtocol, "ssl_cipher": .sslCipher,
         "ssl_server_name": .sslServerName, "ssl_session_reused": .sslSessionReused,
+        "proxy_protocol_addr": .proxyProtocolAddr, "proxy_protocol_port": .proxyProtocolPort,
+        "proxy_protocol_server_addr": .proxyProtocolServerAddr, "proxy_protocol_server_port": .proxyProtocolServerPort,
+        "realip_remote_addr": .realipRemoteAddr, "realip_remote_port": .realipRemotePort,
     ]
 
     public var name: String {

@@ -69,7 +69,7 @@ public enum ProxyProtocol {
     public static let maximumLength = 4096
     /// A v1 line's limit, CRLF included (the specification's 107).
     public static let v1MaximumLength = 107
-    static let v2Signature: [UInt8] = [0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A]
+    public static let v2Signature: [UInt8] = [0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A]
 
     public struct Header: Equatable, Sendable {
         /// The client and the address it connected to; nil for `UNKNOWN` (v1), `LOCAL` (v2) and
@@ -219,5 +219,51 @@ public enum ProxyProtocol {
         put(destination)
         h += [UInt8(source.port >> 8), UInt8(source.port & 0xFF), UInt8(destination.port >> 8), UInt8(destination.port & 0xFF)]
         return h
+    }
+}
+
+/// nginx's realip rules (`real_ip_header`, `real_ip_recursive`) over a request's head: the client
+/// address a trusted peer says the request is from. Pure: the caller checks the peer is trusted
+/// (`set_real_ip_from`) and applies the answer.
+public enum RealIP {
+    /// From the header `name` (lowercased): a single address (`X-Real-IP` and any other
+    /// header; the first line), or with `forwardedFor` an `X-Forwarded-For` list, read from the
+    /// right over every line of it: the last address, or with `recursive` the last one that is
+    /// not `trusted` (the first of the list when all are). Nil when the header is missing or an
+    /// address in the way is not one: the peer's own address stands, as in nginx.
+    public static func fromHeader(_ head: HeadLayout, _ p: UnsafeRawBufferPointer, name: [UInt8], forwardedFor: Bool,
+                                  recursive: Bool, trusted: (ForwardedAddress) -> Bool) -> ForwardedAddress? {
+        func named(_ h: HeaderField) -> Bool {
+            guard Int(h.nameEnd - h.lineStart) == name.count else { return false }
+            for k in 0..<name.count where ASCII.lower(p[Int(h.lineStart) + k]) != name[k] { return false }
+            return true
+        }
+        guard forwardedFor else {
+            guard let h = head.headers.first(where: named) else { return nil }
+            return ForwardedAddress(text: trimmed(UnsafeRawBufferPointer(rebasing: p[Int(h.valueStart)..<Int(h.valueEnd)])))
+        }
+        var found: ForwardedAddress?
+        for h in head.headers.reversed() where named(h) {
+            var end = Int(h.valueEnd)
+            let start = Int(h.valueStart)
+            while end >= start {
+                var comma = end - 1
+                while comma >= start && p[comma] != UInt8(ascii: ",") { comma -= 1 }
+                let item = trimmed(UnsafeRawBufferPointer(rebasing: p[(comma + 1)..<end]))
+                end = comma
+                if item.isEmpty { continue }
+                guard let a = ForwardedAddress(text: item) else { return nil }
+                found = a
+                if !recursive || !trusted(a) { return a }
+            }
+        }
+        return found
+    }
+
+    static func trimmed(_ b: UnsafeRawBufferPointer) -> UnsafeRawBufferPointer {
+        var s = 0, e = b.count
+        while s < e && (b[s] == 0x20 || b[s] == 0x09) { s += 1 }
+        while e > s && (b[e - 1] == 0x20 || b[e - 1] == 0x09) { e -= 1 }
+        return UnsafeRawBufferPointer(rebasing: b[s..<e])
     }
 }

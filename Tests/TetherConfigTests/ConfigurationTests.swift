@@ -259,6 +259,43 @@ final class TempDir {
         #expect(e.errors.map(\.description) == [expected])
     }
 
+    @Test func edgeDirectivesAreNginxs() throws {
+        let c = try load("""
+        http {
+            set_real_ip_from 10.0.0.0/8;
+            set_real_ip_from 2001:db8::/32;
+            real_ip_header X-Forwarded-For;
+            upstream u { server 127.0.0.1:81 proxy_protocol; }
+            server {
+                listen 127.0.0.1:8443 ssl proxy_protocol;
+                ssl_certificate a.pem; ssl_certificate_key a.key;
+                location / { real_ip_recursive on; set_real_ip_from 192.0.2.1; proxy_pass http://u; }
+            }
+            server { listen 127.0.0.1:8443; server_name b; ssl_certificate a.pem; ssl_certificate_key a.key; }
+        }
+        """)
+        #expect(c.servers[0].listens[0].proxyProtocol && c.servers[1].listens[0].proxyProtocol, "proxy_protocol belongs to the address")
+        let server = c.servers[0].settings, loc = c.servers[0].locations[0].settings
+        #expect(server.realIPFrom.map(\.source) == ["10.0.0.0/8", "2001:db8::/32"] && server.realIPHeader == "x-forwarded-for" && !server.realIPRecursive)
+        #expect(loc.realIPFrom.map(\.source) == ["192.0.2.1"] && loc.realIPRecursive, "a level's own list replaces the inherited one, as nginx's")
+        #expect(c.upstream(named: "u")?.servers[0].proxyProtocol == true)
+        let text = c.effectiveText()
+        #expect(text.contains("listen 127.0.0.1:8443 ssl proxy_protocol default_server") || text.contains("listen 127.0.0.1:8443 ssl proxy_protocol"))
+        #expect(text.contains("server 127.0.0.1:81 weight=1 max_fails=1 fail_timeout=10s proxy_protocol;"))
+        #expect(text.contains("set_real_ip_from 192.0.2.1;") && text.contains("real_ip_recursive on;"))
+    }
+
+    @Test(arguments: [
+        ("set_real_ip_from 10.0.0.0/33;", "t.conf:1: invalid parameter \"10.0.0.0/33\" in \"set_real_ip_from\" directive"),
+        ("set_real_ip_from example.com;", "t.conf:1: invalid parameter \"example.com\" in \"set_real_ip_from\" directive"),
+        ("real_ip_header \"X Real\";", "t.conf:1: invalid header name \"X Real\" in \"real_ip_header\" directive"),
+        ("real_ip_recursive maybe;", "t.conf:1: invalid value \"maybe\" in \"real_ip_recursive\" directive, it must be \"on\" or \"off\""),
+    ])
+    func badEdgeDirectivesAreFileLineErrors(text: String, expected: String) {
+        guard case .failure(let e) = Configuration.parse("http { \(text) }\n", file: "t.conf", resolver: offlineResolver) else { Issue.record("loaded"); return }
+        #expect(e.errors.map(\.description) == [expected])
+    }
+
     @Test func effectiveTextReloadsToTheSameConfiguration() throws {
         let c = try load("""
             http {

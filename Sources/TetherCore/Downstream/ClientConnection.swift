@@ -92,6 +92,15 @@ final class ClientLoop {
     }
     /// `$request_id` of the request being handled, made when first asked for.
     var requestID: RequestID?
+    /// `real_ip_header`: the client address a trusted peer gave for the request being handled
+    /// (`$remote_addr`, `allow`/`deny`, logs and `X-Forwarded-For` see it); nil: the peer's own.
+    var realAddress: ForwardedAddress?
+    /// `listen … proxy_protocol`: connections start with a PROXY protocol header.
+    var proxyProtocol = false
+    /// What the PROXY protocol header said, by connection (`Handle.token`), for those whose
+    /// header named a client: kept here rather than in each connection, which would grow every
+    /// connection's object by a malloc size class.
+    var proxied: [UInt64: ProxiedAddresses] = [:]
 
     /// `servers`: the configuration's `server` blocks (answers are counted per block).
     init(loop: IOLoop, pool: BufferPool, settings: ClientSettings, handler: ClientRequestHandler, servers: Int = 1) {
@@ -198,6 +207,14 @@ final class ClientConnection: IOHandler {
     /// The connection ends cut (an answer broken off): no `close_notify`, so that a client
     /// reading to the end does not take what it got for a complete answer.
     private var tlsAbort = false
+    /// `listen … proxy_protocol`: the header is still to be read (before TLS and HTTP).
+    private var awaitingProxyHeader = false
+    /// The PROXY protocol header named a client: it is in `shared.proxied`.
+    private var hasProxied = false
+
+    /// What the PROXY protocol header said, when it named a client (`$proxy_protocol_addr`,
+    /// `real_ip_header proxy_protocol`).
+    var proxied: ProxiedAddresses? { hasProxied ? shared.proxied[handle.token] : nil }
 
     init(shared: ClientLoop) {
         self.shared = shared
@@ -209,6 +226,7 @@ final class ClientConnection: IOHandler {
     fileprivate func start(_ fd: Int32) throws(IOError) {
         handle = try shared.loop.register(fd, handler: self)
         socket = fd
+        awaitingProxyHeader = shared.proxyProtocol
         armTimer()
     }
 
@@ -262,6 +280,9 @@ final class ClientConnection: IOHandler {
         }
         if events.contains(.readable) || events.contains(.readHangup) { readable = true }
         if events.contains(.readHangup) { hangupReported = true }
+        if awaitingProxyHeader {
+            guard readable, readProxyHeader() else { return }
+        }
         if let tls, !tls.handshakeDone {
             guard continueHandshake(tls) else { return }
         }
@@ -276,6 +297,10 @@ final class ClientConnection: IOHandler {
 
     func timerFired(handle: Handle, loop: IOLoop) {
         if lingering { return close(nil) }
+        if awaitingProxyHeader {
+            shared.log(.error, "client timed out while reading PROXY protocol header")
+            return close(.proxyProtocol)
+        }
         if timerUse == .send {
             // send_timeout: the client took nothing of its answer for that long (nginx closes
             // too; over TLS without close_notify, since the answer is cut).
@@ -346,6 +371,56 @@ final class ClientConnection: IOHandler {
         settle()
     }
 
+    // MARK: PROXY protocol
+
+    /// Reads the PROXY protocol header off the socket and leaves what follows (TLS or HTTP) in
+    /// it: the bytes are peeked, and exactly the header's length is then read. True once it is
+    /// read; false while more is awaited (the next readable edge comes back here) or after the
+    /// connection was closed (a missing or malformed header never reaches TLS or HTTP).
+    private func readProxyHeader() -> Bool {
+        guard let fd = openSocket else { return false }
+        return withUnsafeTemporaryAllocation(byteCount: ProxyProtocol.maximumLength, alignment: 16) { buf -> Bool in
+            var n = 0
+            repeat { n = recv(fd, buf.baseAddress, buf.count, Int32(MSG_PEEK)) } while n < 0 && errno == EINTR
+            if n < 0 {
+                if errno == EAGAIN || errno == EWOULDBLOCK { readable = false; return false }
+                close(.clientClose)
+                return false
+            }
+            if n == 0 {
+                shared.log(.error, "the client closed the connection before a whole PROXY protocol header")
+                close(.proxyProtocol)
+                return false
+            }
+            switch ProxyProtocol.parse(UnsafeRawBufferPointer(rebasing: buf[0..<n])) {
+            case .incomplete:
+                readable = false
+                return false
+            case .invalid(let why):
+                shared.log(.error, "broken header: \(why) while reading PROXY protocol")
+                close(.proxyProtocol)
+                return false
+            case .complete(let h):
+                var taken = 0
+                while taken < h.length {
+                    let k = recv(fd, buf.baseAddress! + taken, h.length - taken, 0)
+                    if k < 0 && errno == EINTR { continue }
+                    guard k > 0 else { close(.clientClose); return false }
+                    taken += k
+                }
+                awaitingProxyHeader = false
+                shared.stats.proxyProtocolHeaders += 1
+                if h.source != nil {
+                    shared.proxied[handle.token] = ProxiedAddresses(source: h.source, destination: h.destination)
+                    hasProxied = true
+                }
+                // What follows (a ClientHello, a request) may be in the socket already.
+                readable = true
+                return true
+            }
+        }
+    }
+
     // MARK: TLS
 
     /// Drives the handshake; true once it is done (the connection goes on to HTTP), false while
@@ -411,6 +486,7 @@ final class ClientConnection: IOHandler {
             _ = state.headParsed()
             shared.stats.downstreamRequests += 1
             shared.requestID = nil
+            if shared.realAddress != nil { shared.realAddress = nil }
             if layout.chunked { chunked = ChunkedDecoder() } else { bodyLeft = layout.contentLength ?? 0 }
             answered = false
             buf.withReadableBytes { p in
@@ -721,10 +797,59 @@ final class ClientConnection: IOHandler {
         close(.error)
     }
 
+    /// The client as `$remote_addr` says (`real_ip_header`'s address, or the peer) and the address
+    /// it connected to: what `server … proxy_protocol` tells the backend.
+    func clientAddresses() -> (source: ForwardedAddress, destination: ForwardedAddress)? {
+        guard let fd = openSocket, let local = Self.socketAddress(fd, peer: false) else { return nil }
+        if let real = shared.realAddress { return (real, local) }
+        guard let peer = Self.socketAddress(fd, peer: true) else { return nil }
+        return (peer, local)
+    }
+
+    static func socketAddress(_ fd: Int32, peer: Bool) -> ForwardedAddress? {
+        var storage = sockaddr_storage()
+        var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let rc = withUnsafeMutablePointer(to: &storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { peer ? getpeername(fd, $0, &len) : getsockname(fd, $0, &len) }
+        }
+        guard rc == 0 else { return nil }
+        let family = Int32(storage.ss_family)
+        return withUnsafeBytes(of: &storage) { raw -> ForwardedAddress? in
+            switch family {
+            case AF_INET:
+                let a = raw.load(as: sockaddr_in.self)
+                return withUnsafeBytes(of: a.sin_addr) { ForwardedAddress(bytes: $0, port: UInt16(bigEndian: a.sin_port)) }
+            case AF_INET6:
+                let a = raw.load(as: sockaddr_in6.self)
+                return withUnsafeBytes(of: a.sin6_addr) { ForwardedAddress(bytes: $0, port: UInt16(bigEndian: a.sin6_port)) }
+            default:
+                return nil
+            }
+        }
+    }
+
+    /// `set_real_ip_from` trusts the peer: the client address it gives (`real_ip_header`) is the
+    /// request's `$remote_addr` from now on (the caller resets it with each request).
+    func applyRealIP(_ route: CompiledLocation, _ head: HeadLayout, _ bytes: UnsafeRawBufferPointer) {
+        let s = route.settings
+        let peer = peerAddressBytes(own: true)
+        guard !peer.isEmpty, s.realIPFrom.contains(where: { $0.matches(peer) }) else { return }
+        if route.realIPFromProxyProtocol {
+            if let src = proxied?.source { shared.realAddress = src }
+            return
+        }
+        shared.realAddress = RealIP.fromHeader(head, bytes, name: route.realIPHeaderName, forwardedFor: route.realIPForwardedFor,
+                                               recursive: s.realIPRecursive) { a in
+            let b = a.bytes
+            return s.realIPFrom.contains { $0.matches(b) }
+        }
+    }
+
     /// The client's address as 4 or 16 bytes (for `allow` / `deny`); empty for a Unix socket.
     /// Asked of the kernel when a location has rules (not cached: an idle connection holds no
-    /// copy of it).
-    func peerAddressBytes() -> [UInt8] {
+    /// copy of it). `real_ip_header`'s address instead, unless `own`.
+    func peerAddressBytes(own: Bool = false) -> [UInt8] {
+        if !own, let real = shared.realAddress { return real.bytes }
         guard let fd = openSocket else { return [] }
         var storage = sockaddr_storage()
         var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
@@ -756,8 +881,14 @@ final class ClientConnection: IOHandler {
     }
 
     /// The peer's (`peer`) or our own address of the connection, as text: the address or the
-    /// port. A Unix socket's peer is `unix:` (as nginx's `$remote_addr`).
-    func writeAddress<S: HeadSink & ~Copyable>(peer: Bool, port: Bool, into out: inout S) {
+    /// port. A Unix socket's peer is `unix:` (as nginx's `$remote_addr`). The peer is the address
+    /// `real_ip_header` gave for the request, unless `own`.
+    func writeAddress<S: HeadSink & ~Copyable>(peer: Bool, port: Bool, own: Bool = false, into out: inout S) {
+        if peer && !own, let real = shared.realAddress {
+            // A header gives no port: the peer's own stands for it.
+            if !port { return real.writeText(into: &out) }
+            if real.port != 0 { return out.putDecimal(Int(real.port)) }
+        }
         guard let fd = openSocket else { return }
         var storage = sockaddr_storage()
         var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
@@ -1015,6 +1146,10 @@ final class ClientConnection: IOHandler {
             retireExchange(status: started ? nil : 499)
         }
         if let r = state.close(reason) { shared.stats.downstreamClosed[r] += 1 }
+        if hasProxied {
+            shared.proxied.removeValue(forKey: handle.token)
+            hasProxied = false
+        }
         if let b = inbound.take() { shared.pool.recycle(b) }
         outbound = OutboundQueue(pool: shared.pool)
         // close_notify, unless the answer was cut (or the lingering close sent it already).
@@ -1067,5 +1202,15 @@ final class ClientConnection: IOHandler {
         case .body: ms = s.bodyTimeoutMs
         }
         shared.loop.arm(handle, afterNanoseconds: UInt64(ms) * 1_000_000)
+    }
+}
+
+/// What a PROXY protocol header said of a connection: the client, and the address it connected to.
+final class ProxiedAddresses {
+    let source: ForwardedAddress?
+    let destination: ForwardedAddress?
+    init(source: ForwardedAddress?, destination: ForwardedAddress?) {
+        self.source = source
+        self.destination = destination
     }
 }

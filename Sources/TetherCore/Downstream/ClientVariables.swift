@@ -73,6 +73,12 @@ struct ClientVariables: VariableSource {
         case .remoteUser: out.put("-")
         case .connection: out.putDecimal(UInt(bitPattern: ObjectIdentifier(connection).hashValue) % 1_000_000_000)
         case .connectionRequests: out.putDecimal(connection.state.requests)
+        case .proxyProtocolAddr: connection.proxied?.source?.writeText(into: &out)
+        case .proxyProtocolPort: if let a = connection.proxied?.source { out.putDecimal(Int(a.port)) }
+        case .proxyProtocolServerAddr: connection.proxied?.destination?.writeText(into: &out)
+        case .proxyProtocolServerPort: if let a = connection.proxied?.destination { out.putDecimal(Int(a.port)) }
+        case .realipRemoteAddr: connection.writeAddress(peer: true, port: false, own: true, into: &out)
+        case .realipRemotePort: connection.writeAddress(peer: true, port: true, own: true, into: &out)
         case .httpHeader(let name):
             if let f = Self.field(named: name, in: h, bytes) {
                 out.put(UnsafeRawBufferPointer(rebasing: bytes[Int(f.valueStart)..<Int(f.valueEnd)]))

@@ -20,6 +20,8 @@ public enum DownstreamCloseReason: Int, CountedReason {
     case shutdown
     /// The client took nothing of its answer for `send_timeout`.
     case sendTimeout
+    /// `listen … proxy_protocol`: the header was missing, malformed or late.
+    case proxyProtocol
 
     public var label: String {
         switch self {
@@ -33,6 +35,7 @@ public enum DownstreamCloseReason: Int, CountedReason {
         case .tcpKeepalive: "tcp_keepalive"
         case .shutdown: "shutdown"
         case .sendTimeout: "send_timeout"
+        case .proxyProtocol: "proxy_protocol"
         }
     }
 

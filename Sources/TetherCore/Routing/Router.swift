@@ -32,6 +32,7 @@ extension LoopUpstream {
                 throw SetupError("\(u.location): server \(s.host):\(s.port) of upstream \"\(u.name)\": not a numeric address")
             }
             pool.upstreamName = u.name
+            pool.sendsProxyProtocol = s.proxyProtocol
             pools.append(pool)
         }
         guard !pools.isEmpty else { throw SetupError("\(u.location): upstream \"\(u.name)\" has no server") }
@@ -86,6 +87,8 @@ final class Router: ClientRequestHandler {
         let route = servers[index].route(head, bytes)
         let s = route.settings
         let isHEAD = head.methodIs("HEAD", in: bytes)
+        // set_real_ip_from: a trusted peer's word on who the client is, before anything uses it.
+        if route.realIP { connection.applyRealIP(route, head, bytes) }
         if route.logsAccess {
             connection.draftAccessLog(route, ClientVariables(head: head, bytes: bytes, connection: connection, route: route,
                                                              serverName: serverNames[index]))

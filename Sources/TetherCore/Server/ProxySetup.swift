@@ -88,6 +88,13 @@ final class CompiledLocation: Sendable {
     let upstreamTLS: TLSContext?
     /// `proxy_http_version 1.0` (checked per request, so not a string comparison each time).
     let proxyHTTP10: Bool
+    /// `real_ip_header`: the header's lowercased name, whether it is `X-Forwarded-For` (a list),
+    /// or `proxy_protocol` (the PROXY protocol header's client).
+    let realIPHeaderName: [UInt8]
+    let realIPForwardedFor: Bool
+    let realIPFromProxyProtocol: Bool
+    /// `set_real_ip_from` names some peer (checked per request).
+    let realIP: Bool
     /// From `proxy_pass`, taken out once so that a request does not copy the whole `ProxyPass`
     /// (several strings to retain and release): the upstream's name and the URI part.
     let upstreamName: String
@@ -108,6 +115,10 @@ final class CompiledLocation: Sendable {
         }
         self.upstreamTLS = upstreamTLS
         proxyHTTP10 = settings.proxyHTTPVersion == "1.0"
+        realIPHeaderName = Array(settings.realIPHeader.utf8)
+        realIPForwardedFor = settings.realIPHeader == "x-forwarded-for"
+        realIPFromProxyProtocol = settings.realIPHeader == "proxy_protocol"
+        realIP = !settings.realIPFrom.isEmpty
         pathBytes = Array((location?.path ?? "").utf8)
         match = location?.match ?? .prefix
         self.settings = settings
@@ -253,6 +264,7 @@ extension StatsSnapshot {
             s.tlsHandshakes.merge(p.stats.tlsHandshakes, uniquingKeysWith: +)
             s.tlsSessionsReused += p.stats.tlsResumed
             s.buffered.add(p.buffered)
+            s.proxyProtocolHeaders += p.stats.proxyProtocolHeaders
             s.tlsHandshakeFailures.merge(p.stats.tlsFailures, uniquingKeysWith: +)
             for i in s.servers.indices where i < p.stats.servers {
                 s.servers[i].requests += p.stats.requests(server: i)

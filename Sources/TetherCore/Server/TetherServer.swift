@@ -551,6 +551,7 @@ private final class LoopThread: @unchecked Sendable {
             if fd < 0, let kept = listening.removeValue(forKey: key) {
                 kept.clients.reconfigure(handler: router, settings: settings, servers: servers, tls: tls)
                 kept.clients.accessLog = accessLog
+                kept.clients.proxyProtocol = listen.proxyProtocol
                 nextListening[key] = kept
                 continue
             }
@@ -559,6 +560,7 @@ private final class LoopThread: @unchecked Sendable {
             clients.accessLog = accessLog
             clients.log = log
             clients.tls = tls
+            clients.proxyProtocol = listen.proxyProtocol
             clients.emptied = { [unowned self] in self.stopIfEmpty() }
             // Set once on the listening socket: accepted sockets inherit TCP_NODELAY and the
             // keepalive options (Linux copies them), so no setsockopt per connection.

@@ -92,6 +92,8 @@ struct LoopStats: Sendable {
     var tlsHandshakes: [String: Int] = [:]
     var tlsResumed = 0
     var tlsFailures: [String: Int] = [:]
+    /// `listen … proxy_protocol`: headers read whole (the failures are close reasons).
+    var proxyProtocolHeaders = 0
 
     init(servers: Int) {
         answers = [Int](repeating: 0, count: Self.answerSlots(servers: servers))
@@ -147,6 +149,7 @@ struct LoopStats: Sendable {
         tlsHandshakes.merge(o.tlsHandshakes, uniquingKeysWith: +)
         tlsResumed += o.tlsResumed
         tlsFailures.merge(o.tlsFailures, uniquingKeysWith: +)
+        proxyProtocolHeaders += o.proxyProtocolHeaders
     }
 
     /// After a reload the `server` blocks are new: their counters start over.
@@ -258,6 +261,8 @@ public struct StatsSnapshot: Sendable {
         }
     }
     public var buffered = Buffered()
+    /// `listen … proxy_protocol`: headers read whole (the refused ones are in `downstreamClosed`).
+    public var proxyProtocolHeaders = 0
 
     var allServers: [Server] { upstreams.flatMap(\.servers) }
 

@@ -112,20 +112,35 @@ final class ProxyExchange: UpstreamLinkOwner {
 
     // MARK: Buffering (proxy_request_buffering, proxy_buffering)
 
+    /// The buffering state's flags, in one byte (`reuse` clears them with one store).
+    private struct Flags: OptionSet {
+        let rawValue: UInt8
+        static let bodyBuffered = Flags(rawValue: 1 << 0)
+        static let bodyUnsent = Flags(rawValue: 1 << 1)
+        static let responseBuffered = Flags(rawValue: 1 << 2)
+        static let spooled = Flags(rawValue: 1 << 3)
+        static let spoolReady = Flags(rawValue: 1 << 4)
+        mutating func set(_ f: Flags, _ on: Bool) { if on { insert(f) } else { remove(f) } }
+    }
+    private var flags = Flags()
+
     /// The request body held until it is whole, then the response held while the client is
     /// slower than the upstream: made on first use and kept with the exchange (spares reuse it).
     private var spool: Spool?
     /// `proxy_request_buffering`: the body goes into the spool, and a server is chosen once it is whole.
-    private var bodyBuffered = false
+    private var bodyBuffered: Bool { get { flags.contains(.bodyBuffered) } set { flags.set(.bodyBuffered, newValue) } }
     /// Buffered body bytes not handed to the upstream connection yet.
-    private var bodyUnsent = false
+    private var bodyUnsent: Bool { get { flags.contains(.bodyUnsent) } set { flags.set(.bodyUnsent, newValue) } }
     /// `proxy_buffering`: response bytes the client cannot take now go into the spool, and the
     /// upstream is read on.
-    private var responseBuffered = false
+    private var responseBuffered: Bool { get { flags.contains(.responseBuffered) } set { flags.set(.responseBuffered, newValue) } }
     /// The spool holds response bytes the client has not taken yet.
-    private var spooled = false
+    private var spooled: Bool { get { flags.contains(.spooled) } set { flags.set(.spooled, newValue) } }
     /// The spool was configured for this response (`spoolHasRoom`).
-    private var spoolReady = false
+    private var spoolReady: Bool { get { flags.contains(.spoolReady) } set { flags.set(.spoolReady, newValue) } }
+    /// `server … proxy_protocol`: the PROXY protocol v2 header for this request's client, made
+    /// while the client connection is sure to be there, written first on such a server's connection.
+    private var proxyHeader: [UInt8]?
     /// A temp file failed; the exchange fails with it (the request: 500; a response: cut).
     private(set) var spoolFailure: IOError?
 
@@ -174,12 +189,9 @@ final class ProxyExchange: UpstreamLinkOwner {
         connectNs = -1
         headerNs = -1
         sentAt = 0
-        bodyBuffered = false
-        bodyUnsent = false
-        responseBuffered = false
-        spooled = false
-        spoolReady = false
-        spoolFailure = nil
+        flags = []
+        if spoolFailure != nil { spoolFailure = nil }
+        if proxyHeader != nil { proxyHeader = nil }
     }
 
     /// Whether a failure before any response byte may send the request again (RFC 9110 9.2.2,
@@ -204,6 +216,9 @@ final class ProxyExchange: UpstreamLinkOwner {
             return false
         }
         savedHead = consume written
+        if upstream.sendsProxyProtocol, let (source, destination) = connection.clientAddresses() {
+            proxyHeader = ProxyProtocol.v2Header(source: source, destination: destination)
+        }
         if request.framing != .none && route.settings.proxyRequestBuffering {
             // The body is read whole before a connection is taken for it (`requestBodyFinished`).
             bodyBuffered = true
@@ -495,6 +510,7 @@ final class ProxyExchange: UpstreamLinkOwner {
         connectNs = l.reused ? 0 : -1
         headerNs = -1
         guard let head = savedHead.take() else { return }
+        if let h = proxyHeader, pool.sendsProxyProtocol { h.withUnsafeBytes { l.write(copying: $0) } }
         if mayRetry {
             head.withReadableBytes { l.write(copying: $0) }
             savedHead = consume head
@@ -631,7 +647,7 @@ final class ProxyExchange: UpstreamLinkOwner {
             // Backpressure: while the client is not taking the answer, the upstream's bytes wait
             // in its socket (`clientDrained` resumes, on the client's next writable edge). Write
             // first: a socket that takes the whole queue gives no edge, and nothing would resume.
-            if !draining {
+            if !draining && (spooled || !connection.clientTakesMore) {
                 if spooled && connection.clientTakesMore {
                     guard pumpSpool() else { return }
                 }

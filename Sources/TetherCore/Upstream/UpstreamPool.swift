@@ -354,6 +354,10 @@ final class UpstreamPool {
     private(set) var tlsFailures = 0
 
     /// `host` is a numeric IPv4 or IPv6 address (names are resolved before a pool is made).
+    /// `server … proxy_protocol`: each connection starts with a PROXY protocol v2 header naming
+    /// its client, serves one request and is closed (never pooled).
+    var sendsProxyProtocol = false
+
     init?(loop: IOLoop, buffers: BufferPool, host: String, port: UInt16, policy: PoolPolicy, log: LoopErrorLog = .all,
           connectTimeoutMs: Int64 = 60_000, tuning: SocketTuning? = nil, tls: TLSContext? = nil) {
         self.log = log
@@ -395,6 +399,8 @@ final class UpstreamPool {
     /// being connected (`owner.upstreamConnected` follows, or `upstreamConnectFailed`). Nil when
     /// no socket could be made (the errno is in the return's second part).
     func lease(for owner: UpstreamLinkOwner) -> (UpstreamLink?, errno: Int32) {
+        // `proxy_protocol`: a connection carries its first client's header, so none is reused.
+        if sendsProxyProtocol { return connectFresh(for: owner) }
         let (lease, expired) = state.lease(now: now)
         for (h, reason) in expired { close(h, reason) }
         switch lease {
@@ -530,7 +536,7 @@ final class UpstreamPool {
         precondition(link.phase == .leased, "release of a link that is \(link.phase)")
         // A request still being written (an answer that came before the whole body) leaves the
         // connection mid-request: never pooled.
-        let clean = reusable && !link.peerClosed && link.inboundBytes == 0 && link.outboundBytes == 0
+        let clean = reusable && !sendsProxyProtocol && !link.peerClosed && link.inboundBytes == 0 && link.outboundBytes == 0
         if retired {
             // The upstream changed or vanished in a reload: its connections are not kept.
             links.removeValue(forKey: link.handle)
@@ -645,6 +651,8 @@ final class LoopUpstream {
     let name: String
     let pools: [UpstreamPool]
     var balancer: Balancer
+    /// Some server has `proxy_protocol` (its requests carry their client's header).
+    let sendsProxyProtocol: Bool
     /// The `upstream` block it was made from (a reload keeps the group when it is unchanged).
     var config: Upstream
     /// `proxy_pass https://`: the pools' TLS context.
@@ -667,6 +675,7 @@ final class LoopUpstream {
         precondition(!pools.isEmpty && (peers == nil || peers!.count == pools.count), "an upstream needs a pool per server")
         self.name = name
         self.pools = pools
+        sendsProxyProtocol = pools.contains { $0.sendsProxyProtocol }
         loop = pools[0].loop
         balancer = Balancer(peers ?? pools.map { _ in PeerSpec() }, method: method)
         headerScratch.reserveCapacity(32)
