@@ -17,7 +17,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
     ],
     targets: [
-        .target(name: "TetherConfig", swiftSettings: release),
+        // PCRE2 with JIT for `location ~` (Debian: libpcre2-dev), as nginx uses it.
+        .systemLibrary(name: "CPCRE2", pkgConfig: "libpcre2-8", providers: [.apt(["libpcre2-dev"])]),
+        .target(name: "TetherConfig", dependencies: ["CPCRE2"], swiftSettings: release),
         // glibc functions Swift's Glibc module leaves out (malloc_trim, mallinfo2).
         .target(name: "CTether"),
         // Tether's own event loop: epoll, slab records with generation tags, timer lists, eventfd

@@ -28,6 +28,7 @@ public struct Builder {
         /// `health_check` here: for the upstream of this location's `proxy_pass`.
         var healthCheck: (Upstream.HealthCheck, SourceLocation)?
         var location: SourceLocation
+        var regex: Regex?
     }
 
     enum Cursor {
@@ -56,6 +57,8 @@ public struct Builder {
     var proxyHeadersSeenHere = false
     var accessRulesSeenHere = false
     var realIPFromSeenHere = false
+    /// The named groups of the regex locations read so far (`$name` refers to them, as in nginx).
+    var captureNames = Set<String>()
 
     /// Turns a host name into a numeric address; the system's getaddrinfo unless a test gives another.
     var resolver: @Sendable (String) -> String?
@@ -198,11 +201,15 @@ public struct Builder {
         guard case .server(let s) = cursor else { preconditionFailure("location outside server: \(cursor)") }
         var match = Location.Match.prefix
         var path = d.args[0].text
+        var regex: Regex?
         if d.args.count == 2 {
             switch d.args[0].text {
             case "=": match = .exact
-            case "^~": match = .prefix
-            case "~", "~*": throw ConfigErrorReason("regular expression locations (\"\(d.args[0].text)\") are not supported; use \"=\" or a prefix")
+            case "^~": match = .prefixStop
+            case "~", "~*":
+                match = .regex
+                regex = try Regex(d.args[1].text, caseInsensitive: d.args[0].text == "~*")
+                captureNames.formUnion(regex!.names.keys)
             default: throw ConfigErrorReason("invalid location modifier \"\(d.args[0].text)\"")
             }
             path = d.args[1].text
@@ -215,10 +222,12 @@ public struct Builder {
         if path.hasPrefix("@") {
             throw ConfigErrorReason("named locations (\"\(path)\") are not supported")
         }
-        if servers[s].locations.contains(where: { $0.path == path && $0.match == match }) {
+        // `^~ /a` and `/a` are the same prefix, as in nginx.
+        let kind = { (m: Location.Match) in m == .prefixStop ? .prefix : m }
+        if servers[s].locations.contains(where: { $0.path == path && kind($0.match) == kind(match) && $0.regex == regex }) {
             throw ConfigErrorReason("duplicate location \"\(path)\"")
         }
-        servers[s].locations.append(LocationDraft(match: match, path: path, location: d.location))
+        servers[s].locations.append(LocationDraft(match: match, path: path, location: d.location, regex: regex))
         let saved = cursor
         cursor = .location(s, servers[s].locations.count - 1)
         walk(d.block!, in: .location)
@@ -301,9 +310,9 @@ public struct Builder {
         var action: ReturnAction
         if let code = Int(d.args[0].text), d.args[0].text.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) {
             guard (100...599).contains(code) || code == 444 else { throw ConfigErrorReason("invalid return code \"\(d.args[0].text)\"") }
-            action = ReturnAction(code: code, text: d.args.count == 2 ? try Value.template(d.args[1], d) : nil)
+            action = ReturnAction(code: code, text: d.args.count == 2 ? try Value.template(d.args[1], d, captures: captureNames) : nil)
         } else if d.args.count == 1, d.args[0].text.hasPrefix("http://") || d.args[0].text.hasPrefix("https://") || d.args[0].text.hasPrefix("$scheme") {
-            action = ReturnAction(code: 302, text: try Value.template(d.args[0], d))
+            action = ReturnAction(code: 302, text: try Value.template(d.args[0], d, captures: captureNames))
         } else {
             throw ConfigErrorReason("invalid return code \"\(d.args[0].text)\"")
         }
@@ -350,8 +359,8 @@ public struct Builder {
         } else {
             throw ConfigErrorReason("invalid URL prefix in \"\(raw)\"")
         }
-        if raw.contains("$") { throw ConfigErrorReason("variables in \"proxy_pass\" are not supported") }
         let authority = rest.prefix { $0 != "/" }
+        if authority.contains("$") { throw ConfigErrorReason("variables in the host of \"proxy_pass\" are not supported") }
         let uri = authority.count < rest.count ? String(rest.dropFirst(authority.count)) : nil
         guard !authority.isEmpty else { throw ConfigErrorReason("no host in \"\(raw)\" of the \"proxy_pass\" directive") }
         var host = String(authority)
@@ -557,7 +566,18 @@ public struct Builder {
                 } else if let r = loc.returnAction {
                     action = .respond(r)
                 } else if let p = loc.proxy {
-                    if let pass = proxyTarget(p) { action = .proxy(pass) }
+                    if var pass = proxyTarget(p) {
+                        if let uri = pass.uri, uri.contains("$") {
+                            // A URI with captures replaces the request's URI whole, as in nginx.
+                            switch Template.parse(uri, captures: captureNames) {
+                            case .success(let t): pass.uriTemplate = t; pass.uri = nil
+                            case .failure(let r): errors.append(ConfigError(r.message, at: p.at))
+                            }
+                        } else if loc.match == .regex, pass.uri != nil {
+                            errors.append(ConfigError("\"proxy_pass\" cannot have URI part in location given by regular expression (use captures: proxy_pass http://backend/$1;)", at: p.at))
+                        }
+                        action = .proxy(pass)
+                    }
                 }
                 if let (check, at) = loc.healthCheck {
                     if case .proxy(let pass) = action, let u = upstreams.firstIndex(where: { $0.name == pass.upstream }) {
@@ -572,7 +592,8 @@ public struct Builder {
                         errors.append(ConfigError("\"health_check\" needs \"proxy_pass\" in its location", at: at))
                     }
                 }
-                server.locations.append(Location(match: loc.match, path: loc.path, settings: loc.settings.over(serverPartial).resolved(), action: action, location: loc.location))
+                server.locations.append(Location(match: loc.match, path: loc.path, settings: loc.settings.over(serverPartial).resolved(), action: action,
+                                                 location: loc.location, regex: loc.regex))
             }
             out.append(server)
         }

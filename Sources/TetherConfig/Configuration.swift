@@ -259,6 +259,10 @@ public struct Location: Sendable {
     public enum Match: Hashable, Sendable {
         case exact
         case prefix
+        /// `^~`: a prefix that, when it is the longest match, stops the regex search.
+        case prefixStop
+        /// `~` (or `~*`, case-insensitive): `regex` is searched in the normalised path.
+        case regex
     }
 
     public enum Action: Sendable {
@@ -277,6 +281,8 @@ public struct Location: Sendable {
     public var settings: HTTPSettings
     public var action: Action
     public var location: SourceLocation
+    /// `location ~ REGEX` / `~* REGEX`: the compiled pattern.
+    public var regex: Regex?
 }
 
 public enum StatsFormat: String, Hashable, Sendable {
@@ -319,6 +325,9 @@ public struct ProxyPass: Hashable, Sendable {
     public var upstream: String
     /// The URI part of `proxy_pass`, or nil when none was given (the request URI passes unchanged).
     public var uri: String?
+    /// A URI part with variables (a regex location's captures): the upstream request's whole
+    /// URI, expanded per request, as nginx does.
+    public var uriTemplate: Template? = nil
     /// What `$proxy_host` expands to: the upstream's name, or `host:port` for an explicit address.
     public var proxyHost: String
     /// The text as written, for `-T`.

@@ -323,8 +323,8 @@ enum Value {
         return .sessions(sessions)
     }
 
-    static func template(_ a: Argument, _ d: Directive) throws(ConfigErrorReason) -> Template {
-        switch Template.parse(a.text) {
+    static func template(_ a: Argument, _ d: Directive, captures: Set<String> = []) throws(ConfigErrorReason) -> Template {
+        switch Template.parse(a.text, captures: captures) {
         case .success(let t): return t
         case .failure(let r): throw r
         }
@@ -432,7 +432,7 @@ let directiveTable: [DirectiveSpec] = {
                 throw ConfigErrorReason("duplicate \"log_format\" name \"\(name)\"")
             }
             let joined = d.args.dropFirst().filter { !$0.text.hasPrefix("escape=") }.map(\.text).joined()
-            b.config.logFormats[name] = LogFormat(name: name, template: try Value.template(Argument(text: joined, quoted: true, location: d.location), d))
+            b.config.logFormats[name] = LogFormat(name: name, template: try Value.template(Argument(text: joined, quoted: true, location: d.location), d, captures: b.captureNames))
         },
         setting("server_tokens") { s, d throws(ConfigErrorReason) in s.serverTokens = try Value.flag(d.args[0], d) },
         S("merge_slashes", [.http, .server], args: 1...1) { b, d throws(ConfigErrorReason) in b.settings.mergeSlashes = try Value.flag(d.args[0], d) },
@@ -472,7 +472,7 @@ let directiveTable: [DirectiveSpec] = {
                 b.warn("\"proxy_set_header \(name)\" is ignored: Tether forwards Upgrade and Connection itself, for the protocols \"proxy_allow_upgrade\" allows (websocket by default)", at: d.location)
                 return
             }
-            let setting = HeaderSetting(name: name, value: try Value.template(d.args[1], d))
+            let setting = HeaderSetting(name: name, value: try Value.template(d.args[1], d, captures: b.captureNames))
             if !b.proxyHeadersSeenHere {
                 // The first proxy_set_header at a level replaces the inherited list; Host
                 // keeps its default unless this level sets it too.

@@ -68,7 +68,14 @@ extension Configuration {
             if s.listens.contains(where: \.ssl) { out += Configuration.sslText(s.settings.ssl, indent: "        ") }
             if let r = s.returnAction { out += "        return \(Configuration.returnText(r));\n" }
             for loc in s.locations {
-                out += "\n        location \(loc.match == .exact ? "= " : "")\(loc.path) {\n"
+                let modifier: String
+                switch loc.match {
+                case .exact: modifier = "= "
+                case .prefix: modifier = ""
+                case .prefixStop: modifier = "^~ "
+                case .regex: modifier = loc.regex?.caseInsensitive == true ? "~* " : "~ "
+                }
+                out += "\n        location \(modifier)\(loc.path) {\n"
                 out += Configuration.settingsText(loc.settings, indent: "            ")
                 switch loc.action {
                 case .proxy(let p):

@@ -172,9 +172,17 @@ struct Parser {
                 break
             }
             if c == UInt8(ascii: "\\"), index + 1 < bytes.count {
+                // As nginx: \" \' \\ \t \r \n are escapes; before anything else the backslash
+                // stays (a regex's `\d`, `\.`), and the next character never ends the word.
                 let n = bytes[index + 1]
                 if n == 0x0A { line += 1 }
-                out.append(n)
+                switch n {
+                case UInt8(ascii: "\""), UInt8(ascii: "'"), UInt8(ascii: "\\"): out.append(n)
+                case UInt8(ascii: "t"): out.append(0x09)
+                case UInt8(ascii: "r"): out.append(0x0D)
+                case UInt8(ascii: "n"): out.append(0x0A)
+                default: out.append(c); out.append(n)
+                }
                 index += 2
                 continue
             }

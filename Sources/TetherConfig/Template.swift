@@ -50,6 +50,10 @@ public enum Variable: Hashable, Sendable {
     /// `real_ip_header` made `$remote_addr`.
     case realipRemoteAddr
     case realipRemotePort
+    /// `$1` … `$9`: a group of the regex location that matched (empty otherwise).
+    case capture(Int)
+    /// `$name`: a named group (`(?<name>…)`) of the regex location that matched.
+    case namedCapture(String)
     /// `$http_NAME`: a request header, with `_` standing for `-`, matched case-insensitively.
     case httpHeader(String)
     /// `$sent_http_NAME`: a response header.
@@ -79,6 +83,8 @@ public enum Variable: Hashable, Sendable {
         switch self {
         case .httpHeader(let h): return "http_" + h
         case .sentHTTPHeader(let h): return "sent_http_" + h
+        case .capture(let n): return "\(n)"
+        case .namedCapture(let n): return n
         default: return Variable.named.first(where: { $0.value == self })!.key
         }
     }
@@ -118,7 +124,8 @@ public struct Template: Hashable, Sendable, CustomStringConvertible {
     public var description: String { source }
 
     /// Parses `$name` and `${name}` references; `$` not followed by a name is literal.
-    public static func parse(_ text: String) -> Result<Template, ConfigErrorReason> {
+    /// `captures`: the names of regex groups defined so far (`$name` refers to them).
+    public static func parse(_ text: String, captures: Set<String> = []) -> Result<Template, ConfigErrorReason> {
         var parts: [Part] = []
         var literal = ""
         let chars = Array(text.unicodeScalars)
@@ -144,7 +151,17 @@ public struct Template: Hashable, Sendable, CustomStringConvertible {
             if name.isEmpty {
                 literal.unicodeScalars.append(c); i += 1; continue
             }
-            guard let v = Variable.lookup(name) else { return .failure(.init("unknown \"\(name)\" variable")) }
+            if name.unicodeScalars.allSatisfy({ $0 >= "0" && $0 <= "9" }) {
+                // `$1`…`$9` (a second digit is text, as nginx reads `$10`).
+                if !literal.isEmpty { parts.append(.literal(literal)); literal = "" }
+                parts.append(.variable(.capture(Int(String(name.unicodeScalars.first!))!)))
+                literal = String(name.unicodeScalars.dropFirst())
+                i = j
+                continue
+            }
+            guard let v = Variable.lookup(name) ?? (captures.contains(name) ? .namedCapture(name) : nil) else {
+                return .failure(.init("unknown \"\(name)\" variable"))
+            }
             if !literal.isEmpty { parts.append(.literal(literal)); literal = "" }
             parts.append(.variable(v))
             i = j

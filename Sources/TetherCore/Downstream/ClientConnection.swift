@@ -97,6 +97,8 @@ final class ClientLoop {
     var realAddress: ForwardedAddress?
     /// `listen … proxy_protocol`: connections start with a PROXY protocol header.
     var proxyProtocol = false
+    /// `location ~`: the loop's match data and the last match, made on the first regex search.
+    var regexMatches: RegexMatches?
     /// What the PROXY protocol header said, by connection (`Handle.token`), for those whose
     /// header named a client: kept here rather than in each connection, which would grow every
     /// connection's object by a malloc size class.
@@ -796,6 +798,19 @@ final class ClientConnection: IOHandler {
         }
         close(.error)
     }
+
+    /// The loop's regex matching (made when first needed).
+    func regexMatches() -> RegexMatches {
+        if let m = shared.regexMatches { return m }
+        let m = RegexMatches()
+        shared.regexMatches = m
+        return m
+    }
+
+    /// The regex match of the request being handled, if a regex location matched it.
+    var lastRegexMatches: RegexMatches? { shared.regexMatches }
+
+    func logError(_ message: String) { shared.log(.error, message) }
 
     /// The client as `$remote_addr` says (`real_ip_header`'s address, or the peer) and the address
     /// it connected to: what `server … proxy_protocol` tells the backend.

@@ -73,6 +73,8 @@ struct ClientVariables: VariableSource {
         case .remoteUser: out.put("-")
         case .connection: out.putDecimal(UInt(bitPattern: ObjectIdentifier(connection).hashValue) % 1_000_000_000)
         case .connectionRequests: out.putDecimal(connection.state.requests)
+        case .capture(let n): writeCapture(n, into: &out)
+        case .namedCapture(let name): if let n = route.location?.regex?.names[name] { writeCapture(n, into: &out) }
         case .proxyProtocolAddr: connection.proxied?.source?.writeText(into: &out)
         case .proxyProtocolPort: if let a = connection.proxied?.source { out.putDecimal(Int(a.port)) }
         case .proxyProtocolServerAddr: connection.proxied?.destination?.writeText(into: &out)
@@ -86,6 +88,14 @@ struct ClientVariables: VariableSource {
         case .status, .bodyBytesSent, .bytesSent, .requestTime, .upstreamAddr, .upstreamStatus, .upstreamConnectTime,
              .upstreamResponseTime, .upstreamHeaderTime, .upstreamReused, .sentHTTPHeader:
             break
+        }
+    }
+
+    /// Group `n` of the regex location that matched this request (nothing if none did).
+    func writeCapture<S: HeadSink & ~Copyable>(_ n: Int, into out: inout S) {
+        guard let r = connection.lastRegexMatches?.group(n, of: route) else { return }
+        CompiledServer.withMatchedPath(head, bytes) { p in
+            if r.upperBound <= p.count { out.put(UnsafeRawBufferPointer(rebasing: p[r])) }
         }
     }
 

@@ -66,11 +66,11 @@ enum HeadWriter {
     ) {
         let names = route.setHeaderNames
         var run = LineRun(start: 0, end: 0)
-        if p[h.targetStart] == UInt8(ascii: "/") && route.proxyURI == nil && h.minorVersion == 1 && !route.proxyHTTP10 {
+        if p[h.targetStart] == UInt8(ascii: "/") && !route.rewritesURI && h.minorVersion == 1 && !route.proxyHTTP10 {
             // The usual request line goes as it came: it starts the first run of lines.
             run.end = h.targetEnd + 11  // " HTTP/1.1\r\n"
         } else {
-            upstreamRequestLine(h, p, route: route, into: &out)
+            upstreamRequestLine(h, p, route: route, variables: variables, into: &out)
         }
         for f in h.headers {
             var keep = !(f.kind.isHopByHop || f.droppedByConnection || f.kind == .contentLength || f.kind == .expect)
@@ -120,9 +120,17 @@ enum HeadWriter {
     /// The request line for the upstream when it cannot go as it came: the origin-form target
     /// (an absolute-form one loses its scheme and authority; `proxy_pass` with a URI replaces the
     /// location's prefix) and the HTTP version `proxy_http_version` says.
-    static func upstreamRequestLine<S: HeadSink & ~Copyable>(_ h: HeadLayout, _ p: UnsafeRawBufferPointer, route: CompiledLocation, into out: inout S) {
+    static func upstreamRequestLine<S: HeadSink & ~Copyable, V: VariableSource>(_ h: HeadLayout, _ p: UnsafeRawBufferPointer, route: CompiledLocation,
+                                                                             variables: V, into out: inout S) {
         out.put(UnsafeRawBufferPointer(rebasing: p[0..<h.methodEnd]))
         out.put(" ")
+        if let t = route.proxyURITemplate {
+            // proxy_pass with captures: the whole URI, as nginx; what the variables bring from
+            // the decoded path is escaped, so that it cannot break the request line.
+            template(t, EscapedVariables(base: variables), into: &out)
+            out.put(route.proxyHTTP10 ? " HTTP/1.0\r\n" : " HTTP/1.1\r\n")
+            return
+        }
         let start = h.pathStart
         let query = UnsafeRawBufferPointer(rebasing: p[h.pathEnd..<h.targetEnd])
         if let uri = route.proxyURI, let loc = route.location {
@@ -228,5 +236,25 @@ extension ChunkedDecoder {
     static func writeSize<S: HeadSink & ~Copyable>(_ n: Int64, into out: inout S) {
         out.putHex(UInt64(n))
         out.put("\r\n")
+    }
+}
+
+/// Variables written into a request line: everything but `$args` and `$request_uri` (the raw
+/// target's own, already valid there) is percent-escaped as a path is, so that a decoded capture
+/// (`%20`, `%0d%0a`, `?`) stays inside the path.
+struct EscapedVariables<V: VariableSource>: VariableSource {
+    let base: V
+
+    func writeVariable<S: HeadSink & ~Copyable>(_ v: Variable, into out: inout S) {
+        switch v {
+        case .args, .requestURI:
+            base.writeVariable(v, into: &out)
+        default:
+            var raw: [UInt8] = []
+            base.writeVariable(v, into: &raw)
+            var escaped: [UInt8] = []
+            raw.withUnsafeBytes { NormalizedPath.escape($0, into: &escaped) }
+            out.put(escaped)
+        }
     }
 }

@@ -73,6 +73,8 @@ final class Router: ClientRequestHandler {
     }
     /// The admin pages' gathering (nil: they answer 501).
     private let admin: AdminPages?
+    /// Some server has `location ~` (checked per request: a flag, not the array).
+    private let hasRegex: Bool
 
     init(hosts: VirtualHosts, servers: [CompiledServer], upstreams: [String: LoopUpstream], admin: AdminPages? = nil) {
         self.hosts = hosts
@@ -80,12 +82,23 @@ final class Router: ClientRequestHandler {
         serverNames = servers.map { Array(($0.server.names.first?.description ?? "").utf8) }
         self.upstreams = upstreams
         self.admin = admin
+        hasRegex = servers.contains { !$0.regexLocations.isEmpty }
     }
 
     func request(_ head: HeadLayout, bytes: UnsafeRawBufferPointer, connection: ClientConnection) {
         let index = servers.count == 1 ? 0 : hosts.server(forHost: hostName(head, bytes))
-        let route = servers[index].route(head, bytes)
-        let s = route.settings
+        var regex: RegexMatches?
+        if hasRegex && !servers[index].regexLocations.isEmpty {
+            let m = connection.regexMatches()
+            m.route = nil
+            regex = m
+        }
+        let route = servers[index].route(head, bytes, regex: regex)
+        if hasRegex, let m = regex, let why = m.failure {
+            m.failure = nil
+            connection.logError(why)
+            return connection.respond(status: 500, text: nil, head: head, isHEAD: head.methodIs("HEAD", in: bytes), route: route)
+        }
         let isHEAD = head.methodIs("HEAD", in: bytes)
         // set_real_ip_from: a trusted peer's word on who the client is, before anything uses it.
         if route.realIP { connection.applyRealIP(route, head, bytes) }
@@ -93,15 +106,16 @@ final class Router: ClientRequestHandler {
             connection.draftAccessLog(route, ClientVariables(head: head, bytes: bytes, connection: connection, route: route,
                                                              serverName: serverNames[index]))
         }
-        if let n = head.contentLength, s.clientMaxBodySize > 0, n > s.clientMaxBodySize {
+        // The settings are read where needed (a copy of the struct would retain every list in it).
+        if let n = head.contentLength, route.settings.clientMaxBodySize > 0, n > route.settings.clientMaxBodySize {
             return connection.respond(status: 413, text: nil, head: head, isHEAD: isHEAD, route: route, close: true)
         }
         if head.methodIs("CONNECT", in: bytes) {
             return connection.respond(status: 405, text: nil, head: head, isHEAD: isHEAD, route: route, close: true)
         }
-        if !s.accessRules.isEmpty {
+        if !route.settings.accessRules.isEmpty {
             let address = connection.peerAddressBytes()
-            if let rule = s.accessRules.first(where: { $0.matches(address) }), !rule.allow {
+            if let rule = route.settings.accessRules.first(where: { $0.matches(address) }), !rule.allow {
                 return connection.respond(status: 403, text: nil, head: head, isHEAD: isHEAD, route: route)
             }
         }

@@ -99,6 +99,10 @@ final class CompiledLocation: Sendable {
     /// (several strings to retain and release): the upstream's name and the URI part.
     let upstreamName: String
     let proxyURI: String?
+    /// `proxy_pass http://b/$1`: the upstream request's whole URI, expanded per request.
+    let proxyURITemplate: Template?
+    /// `proxy_pass` has a URI part (with or without variables): the request line is rewritten.
+    let rewritesURI: Bool
 
     init(location: Location?, settings: HTTPSettings, action: Location.Action, serverIndex: Int, poolKey: String? = nil, upstreamTLS: TLSContext? = nil) {
         self.location = location
@@ -108,12 +112,15 @@ final class CompiledLocation: Sendable {
             self.poolKey = poolKey ?? pass.upstream
             upstreamName = pass.upstream
             proxyURI = pass.uri
+            proxyURITemplate = pass.uriTemplate
         } else {
             self.poolKey = ""
             upstreamName = ""
             proxyURI = nil
+            proxyURITemplate = nil
         }
         self.upstreamTLS = upstreamTLS
+        rewritesURI = proxyURI != nil || proxyURITemplate != nil
         proxyHTTP10 = settings.proxyHTTPVersion == "1.0"
         realIPHeaderName = Array(settings.realIPHeader.utf8)
         realIPForwardedFor = settings.realIPHeader == "x-forwarded-for"
@@ -151,6 +158,8 @@ final class CompiledServer: Sendable {
     let locations: [CompiledLocation]
     /// For requests no location matches: the server's settings, its `return` or a 404.
     let fallback: CompiledLocation
+    /// The `location ~` ones, in configuration order (searched after the prefixes, as nginx).
+    let regexLocations: [CompiledLocation]
 
     init(_ server: Server, index: Int, tls: TLSSetup) {
         self.server = server
@@ -161,17 +170,27 @@ final class CompiledServer: Sendable {
                              poolKey: keys[j], upstreamTLS: keys[j].flatMap { tls.upstreams[$0] })
         }
         fallback = CompiledLocation(location: nil, settings: server.settings, action: server.returnAction.map { .respond($0) } ?? .none, serverIndex: index)
+        regexLocations = locations.filter { $0.match == .regex }
+    }
+
+    /// The path locations are matched against (and regex captures refer to): the normalised
+    /// path, or the target's own path when normalising changed nothing.
+    static func withMatchedPath<R>(_ head: HeadLayout, _ bytes: UnsafeRawBufferPointer, _ body: (UnsafeRawBufferPointer) -> R) -> R {
+        if let m = head.path.match ?? head.path.uri { return m.withUnsafeBytes(body) }
+        return body(UnsafeRawBufferPointer(rebasing: bytes[head.pathStart..<head.pathEnd]))
     }
 
     /// nginx's location choice for the request's normalised path (see `NormalizedPath`): an
-    /// exact match wins, otherwise the longest matching prefix (`bytes`: the head's bytes).
-    func route(_ head: HeadLayout, _ bytes: UnsafeRawBufferPointer) -> CompiledLocation {
+    /// exact match wins; otherwise the longest matching prefix, if it is `^~`; otherwise the
+    /// first regex that matches, in configuration order (its groups left in `regex`); otherwise
+    /// the longest prefix (`bytes`: the head's bytes).
+    func route(_ head: HeadLayout, _ bytes: UnsafeRawBufferPointer, regex: RegexMatches?) -> CompiledLocation {
         if server.returnAction != nil { return fallback }
-        if let m = head.path.match ?? head.path.uri { return m.withUnsafeBytes { route(path: $0) } }
-        return route(path: UnsafeRawBufferPointer(rebasing: bytes[head.pathStart..<head.pathEnd]))
+        if let m = head.path.match ?? head.path.uri { return m.withUnsafeBytes { route(path: $0, regex: regex) } }
+        return route(path: UnsafeRawBufferPointer(rebasing: bytes[head.pathStart..<head.pathEnd]), regex: regex)
     }
 
-    private func route(path: UnsafeRawBufferPointer) -> CompiledLocation {
+    private func route(path: UnsafeRawBufferPointer, regex: RegexMatches?) -> CompiledLocation {
         var best: CompiledLocation?
         var bestLength = -1
         for c in locations {
@@ -179,10 +198,30 @@ final class CompiledServer: Sendable {
             switch c.match {
             case .exact:
                 if path.count == lp.count && path.elementsEqual(lp) { return c }
-            case .prefix:
+            case .prefix, .prefixStop:
                 if lp.count > bestLength && path.count >= lp.count && UnsafeRawBufferPointer(rebasing: path[0..<lp.count]).elementsEqual(lp) {
                     best = c
                     bestLength = lp.count
+                }
+            case .regex:
+                break
+            }
+        }
+        // `regex` comes only for a server with regex locations.
+        guard let regex else { return best ?? fallback }
+        if let best, best.match == .prefixStop { return best }
+        do {
+            for c in regexLocations {
+                switch c.location!.regex!.match(path, regex.data) {
+                case .match:
+                    regex.route = c
+                    return c
+                case .noMatch:
+                    continue
+                case .failed(let why):
+                    // A match that gave up (its limits): the request gets 500, as from nginx.
+                    regex.failure = "pcre2_match() failed: \(why) in location \"\(c.location!.regex!)\""
+                    return c
                 }
             }
         }
@@ -317,3 +356,18 @@ extension TetherConfig.Upstream {
 }
 
 public let tetherVersion = "0.1.0"
+
+/// One loop's regex matching: PCRE2's match data (not shared between threads), the location
+/// whose regex matched the request being handled (its groups are `$1`…, named ones by name),
+/// and why a match gave up, if one did. Reset for each request.
+final class RegexMatches {
+    let data = Regex.MatchData()
+    var route: CompiledLocation?
+    var failure: String?
+
+    /// Group `i`'s bytes in the matched path, for the request the match was made for.
+    func group(_ i: Int, of route: CompiledLocation) -> Range<Int>? {
+        guard self.route === route else { return nil }
+        return data.group(i)
+    }
+}
