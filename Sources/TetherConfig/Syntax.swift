@@ -125,13 +125,7 @@ struct Parser {
             if c == 0x0A { line += 1 }
             if c == UInt8(ascii: "\\"), index + 1 < bytes.count {
                 let n = bytes[index + 1]
-                switch n {
-                case UInt8(ascii: "\""), UInt8(ascii: "'"), UInt8(ascii: "\\"): out.append(n)
-                case UInt8(ascii: "t"): out.append(0x09)
-                case UInt8(ascii: "r"): out.append(0x0D)
-                case UInt8(ascii: "n"): out.append(0x0A)
-                default: out.append(c); out.append(n)
-                }
+                Parser.unescape(n, into: &out)
                 if n == 0x0A { line += 1 }
                 index += 2
                 continue
@@ -148,6 +142,17 @@ struct Parser {
             }
         }
         return Argument(text: String(decoding: out, as: UTF8.self), quoted: true, location: start)
+    }
+
+    /// nginx's escapes after a backslash: \" \' \\ \t \r \n; before anything else the backslash stays.
+    static func unescape(_ n: UInt8, into out: inout [UInt8]) {
+        switch n {
+        case UInt8(ascii: "\""), UInt8(ascii: "'"), UInt8(ascii: "\\"): out.append(n)
+        case UInt8(ascii: "t"): out.append(0x09)
+        case UInt8(ascii: "r"): out.append(0x0D)
+        case UInt8(ascii: "n"): out.append(0x0A)
+        default: out.append(UInt8(ascii: "\\")); out.append(n)
+        }
     }
 
     private mutating func bare() throws(ConfigError) -> Argument {
@@ -176,13 +181,7 @@ struct Parser {
                 // stays (a regex's `\d`, `\.`), and the next character never ends the word.
                 let n = bytes[index + 1]
                 if n == 0x0A { line += 1 }
-                switch n {
-                case UInt8(ascii: "\""), UInt8(ascii: "'"), UInt8(ascii: "\\"): out.append(n)
-                case UInt8(ascii: "t"): out.append(0x09)
-                case UInt8(ascii: "r"): out.append(0x0D)
-                case UInt8(ascii: "n"): out.append(0x0A)
-                default: out.append(c); out.append(n)
-                }
+                Parser.unescape(n, into: &out)
                 index += 2
                 continue
             }
