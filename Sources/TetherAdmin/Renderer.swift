@@ -85,6 +85,8 @@ public struct Renderer: AdminRenderer {
         family("tether_tls_sessions_reused_total", "counter", "Client TLS handshakes that resumed a session (ticket or cache).")
         sample("tether_tls_sessions_reused_total", [], s.tlsSessionsReused)
 
+        family("tether_tls_client_certificates_refused_total", "counter", "Requests answered 400 under ssl_verify_client: no certificate (none) or one that failed verification (invalid).")
+        for r in ["invalid", "none"] { sample("tether_tls_client_certificates_refused_total", [("reason", r)], s.clientCertificatesRefused[r] ?? 0) }
         family("tether_proxy_protocol_headers_total", "counter", "PROXY protocol headers read on listen ... proxy_protocol addresses (the refused ones close with reason proxy_protocol).")
         sample("tether_proxy_protocol_headers_total", [], s.proxyProtocolHeaders)
 

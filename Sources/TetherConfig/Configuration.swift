@@ -456,6 +456,20 @@ public struct SSLSettings: Hashable, Sendable {
     public var sessionTimeoutMs: Int64 = 300_000
     public var sessionTickets = true
     public var handshakeTimeoutMs: Int64 = 60_000
+    /// `ssl_verify_client`: whether a client certificate is asked for, and what a missing or
+    /// failed one gets (nginx's 400 pages).
+    public enum VerifyClient: String, Hashable, Sendable {
+        case off, on, optional
+        case optionalNoCA = "optional_no_ca"
+    }
+    public var verifyClient = VerifyClient.off
+    /// `ssl_client_certificate`: trusted CAs, also sent to the client as the acceptable ones.
+    public var clientCertificate: String?
+    /// `ssl_trusted_certificate`: trusted CAs not sent.
+    public var trustedCertificate: String?
+    public var verifyDepth = 1
+    /// `ssl_crl`: revocation lists (PEM) the client's chain is checked against.
+    public var crl: String?
     /// Where each `ssl_*` directive that applies was written, by name (for errors found when
     /// OpenSSL reads the settings).
     public var sources: [String: SourceLocation] = [:]
@@ -475,6 +489,10 @@ public struct ProxySSLSettings: Hashable, Sendable {
     public var sessionReuse = true
     public var protocols: [String] = ["TLSv1.2", "TLSv1.3"]
     public var ciphers = "DEFAULT"
+    /// `proxy_ssl_certificate` / `proxy_ssl_certificate_key`: Tether's own certificate for
+    /// upstreams that ask for one.
+    public var certificate: String?
+    public var certificateKey: String?
     public var sources: [String: SourceLocation] = [:]
 
     public init() {}

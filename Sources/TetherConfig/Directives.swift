@@ -628,6 +628,28 @@ let directiveTable: [DirectiveSpec] = {
         },
         ssl("ssl_session_timeout") { d throws(ConfigErrorReason) in let v = try Value.time(d.args[0], d); return { $0.sessionTimeoutMs = v } },
         ssl("ssl_session_tickets") { d throws(ConfigErrorReason) in let v = try Value.flag(d.args[0], d); return { $0.sessionTickets = v } },
+        ssl("ssl_verify_client") { d throws(ConfigErrorReason) in
+            guard let v = SSLSettings.VerifyClient(rawValue: d.args[0].text) else {
+                throw ConfigErrorReason("invalid value \"\(d.args[0].text)\" in \"ssl_verify_client\" directive, it must be \"on\", \"off\", \"optional\" or \"optional_no_ca\"")
+            }
+            return { $0.verifyClient = v }
+        },
+        S("ssl_client_certificate", [.http, .server], args: 1...1) { b, d in
+            let v = b.path(d.args[0].text)
+            let at = d.location
+            b.settings.ssl = (b.settings.ssl ?? []) + [{ $0.clientCertificate = v; $0.sources["ssl_client_certificate"] = at }]
+        },
+        S("ssl_trusted_certificate", [.http, .server], args: 1...1) { b, d in
+            let v = b.path(d.args[0].text)
+            let at = d.location
+            b.settings.ssl = (b.settings.ssl ?? []) + [{ $0.trustedCertificate = v; $0.sources["ssl_trusted_certificate"] = at }]
+        },
+        S("ssl_crl", [.http, .server], args: 1...1) { b, d in
+            let v = b.path(d.args[0].text)
+            let at = d.location
+            b.settings.ssl = (b.settings.ssl ?? []) + [{ $0.crl = v; $0.sources["ssl_crl"] = at }]
+        },
+        ssl("ssl_verify_depth") { d throws(ConfigErrorReason) in let v = try Value.count(d.args[0], d, min: 1, max: 100); return { $0.verifyDepth = v } },
         ssl("ssl_handshake_timeout") { d throws(ConfigErrorReason) in let v = try Value.time(d.args[0], d); return { $0.handshakeTimeoutMs = v } },
 
         // TLS to upstreams (http, server, location)
@@ -641,6 +663,8 @@ let directiveTable: [DirectiveSpec] = {
             return { $0.protocols = list }
         },
         proxySSL("proxy_ssl_ciphers") { _, d in let v = d.args[0].text; return { $0.ciphers = v } },
+        proxySSL("proxy_ssl_certificate") { b, d in let v = b.path(d.args[0].text); return { $0.certificate = v } },
+        proxySSL("proxy_ssl_certificate_key") { b, d in let v = b.path(d.args[0].text); return { $0.certificateKey = v } },
 
         // server
         S("server", .http, args: 0...0, block: true, repeats: true) { b, d in b.serverBlock(d) },

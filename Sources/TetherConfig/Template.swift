@@ -50,6 +50,15 @@ public enum Variable: Hashable, Sendable {
     /// `real_ip_header` made `$remote_addr`.
     case realipRemoteAddr
     case realipRemotePort
+    /// `ssl_verify_client`: `$ssl_client_verify` (`SUCCESS`, `FAILED:reason`, `NONE`), the
+    /// certificate's subject and issuer (RFC 2253), serial (hex), SHA-1 fingerprint, and the PEM
+    /// percent-encoded (`$ssl_client_escaped_cert`), for headers to the backend.
+    case sslClientVerify
+    case sslClientSDN
+    case sslClientIDN
+    case sslClientSerial
+    case sslClientFingerprint
+    case sslClientEscapedCert
     /// `$1` … `$9`: a group of the regex location that matched (empty otherwise).
     case capture(Int)
     /// `$name`: a named group (`(?<name>…)`) of the regex location that matched.
@@ -77,6 +86,9 @@ public enum Variable: Hashable, Sendable {
         "proxy_protocol_addr": .proxyProtocolAddr, "proxy_protocol_port": .proxyProtocolPort,
         "proxy_protocol_server_addr": .proxyProtocolServerAddr, "proxy_protocol_server_port": .proxyProtocolServerPort,
         "realip_remote_addr": .realipRemoteAddr, "realip_remote_port": .realipRemotePort,
+        "ssl_client_verify": .sslClientVerify, "ssl_client_s_dn": .sslClientSDN, "ssl_client_i_dn": .sslClientIDN,
+        "ssl_client_serial": .sslClientSerial, "ssl_client_fingerprint": .sslClientFingerprint,
+        "ssl_client_escaped_cert": .sslClientEscapedCert,
     ]
 
     public var name: String {

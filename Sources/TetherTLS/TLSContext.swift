@@ -40,6 +40,14 @@ public struct TLSServerSettings: Sendable {
     public var sessionCacheSize = 0
     public var sessionTimeoutSeconds = 300
     public var sessionTickets = true
+    /// `ssl_verify_client` (not `off`): the client is asked for a certificate, checked against
+    /// `clientCertificate` (also sent as the acceptable CAs) and `trustedCertificate`, `verifyDepth`
+    /// deep, and against the CRLs in `crl`.
+    public var verifyClient = false
+    public var clientCertificate: String?
+    public var trustedCertificate: String?
+    public var verifyDepth = 1
+    public var crl: String?
 
     public init(certificates: [(certificate: String, key: String)]) {
         self.certificates = certificates
@@ -57,13 +65,16 @@ public struct TLSClientSettings: Hashable, Sendable {
     public var sessionReuse = true
     public var protocols: Set<TLSVersion> = [.tls1_2, .tls1_3]
     public var ciphers = "DEFAULT"
+    /// A certificate and key of Tether's own, for upstreams that ask for one (PEM).
+    public var certificate: String?
+    public var certificateKey: String?
 
     public init(name: String) { self.name = name }
 
     /// Everything that makes a connection with these settings different from another: part of
     /// the upstream pool's key, so connections are reused only under the same settings.
     public var poolKey: String {
-        "tls|\(verify)|\(trustedCertificate ?? "")|\(name)|\(sendServerName)|\(sessionReuse)|\(protocols.map(\.rawValue).sorted())|\(ciphers)"
+        "tls|\(verify)|\(trustedCertificate ?? "")|\(name)|\(sendServerName)|\(sessionReuse)|\(protocols.map(\.rawValue).sorted())|\(ciphers)|\(certificate ?? "")|\(certificateKey ?? "")"
     }
 }
 
@@ -131,6 +142,28 @@ public final class TLSContext: @unchecked Sendable {
                 throw TLSConfigurationError("certificate key \"\(pair.key)\" does not match certificate \"\(pair.certificate)\": \(OpenSSLErrors.drain())", certificate: i, aboutKey: true)
             }
         }
+        if s.verifyClient {
+            tether_SSL_CTX_verify_client(ctx, Int32(s.verifyDepth))
+            if let ca = s.clientCertificate {
+                try readable(ca, "cannot load client certificate", directive: "ssl_client_certificate")
+                guard SSL_CTX_load_verify_locations(ctx, ca, nil) == 1, let names = SSL_load_client_CA_file(ca) else {
+                    throw TLSConfigurationError("cannot load client certificate \"\(ca)\": \(OpenSSLErrors.drain())", directive: "ssl_client_certificate")
+                }
+                SSL_CTX_set_client_CA_list(ctx, names)
+            }
+            if let ca = s.trustedCertificate {
+                try readable(ca, "cannot load trusted certificate", directive: "ssl_trusted_certificate")
+                guard SSL_CTX_load_verify_locations(ctx, ca, nil) == 1 else {
+                    throw TLSConfigurationError("cannot load trusted certificate \"\(ca)\": \(OpenSSLErrors.drain())", directive: "ssl_trusted_certificate")
+                }
+            }
+            if let crl = s.crl {
+                try readable(crl, "cannot load CRL", directive: "ssl_crl")
+                guard tether_SSL_CTX_load_crl(ctx, crl) > 0 else {
+                    throw TLSConfigurationError("cannot load CRL \"\(crl)\": \(OpenSSLErrors.drain())", directive: "ssl_crl")
+                }
+            }
+        }
         let sidContext: [UInt8] = Array("tether".utf8)
         _ = SSL_CTX_set_session_id_context(ctx, sidContext, UInt32(sidContext.count))
         if s.sessionCacheSize > 0 {
@@ -166,6 +199,17 @@ public final class TLSContext: @unchecked Sendable {
             _ = SSL_CTX_set_default_verify_paths(ctx)
         }
         if s.verify { SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, nil) }
+        if let cert = s.certificate {
+            guard let key = s.certificateKey else {
+                throw TLSConfigurationError("no \"proxy_ssl_certificate_key\" is defined for certificate \"\(cert)\"", directive: "proxy_ssl_certificate")
+            }
+            try readable(cert, "cannot load certificate", directive: "proxy_ssl_certificate")
+            try readable(key, "cannot load certificate key", directive: "proxy_ssl_certificate_key")
+            guard SSL_CTX_use_certificate_chain_file(ctx, cert) == 1, SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) == 1,
+                  SSL_CTX_check_private_key(ctx) == 1 else {
+                throw TLSConfigurationError("cannot load certificate \"\(cert)\" with key \"\(key)\": \(OpenSSLErrors.drain())", directive: "proxy_ssl_certificate")
+            }
+        }
         _ = tether_SSL_CTX_offer_http11(ctx)
         if s.sessionReuse { tether_SSL_CTX_set_client_session_store(ctx, storeClientSession) }
         return context
@@ -238,6 +282,7 @@ private let sniPick: tether_sni_pick = { ssl, name in
     let lowered = String(cString: name).lowercased()
     if let ctx = names.context(forName: lowered), ctx !== names.defaultContext {
         SSL_set_SSL_CTX(ssl, ctx.ctx)
+        tether_SSL_adopt_verify(ssl, ctx.ctx)
         connection.selectedContext = ctx
     }
 }

@@ -219,4 +219,33 @@ public final class TLSSocket {
     public var serverName: String? { SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name).map { String(cString: $0) } }
     /// `$ssl_session_reused`: the handshake resumed a session (ticket or cache).
     public var resumed: Bool { SSL_session_reused(ssl) == 1 }
+
+    /// The client's certificate (`ssl_verify_client`): none, or the verdict on its chain.
+    public enum ClientCertificate: Equatable, Sendable {
+        case none
+        case verified
+        /// OpenSSL's reason (`certificate has expired`) and whether it is only about finding the
+        /// issuer (what `optional_no_ca` lets through, as nginx's `ngx_ssl_verify_error_optional`).
+        case failed(reason: String, caOnly: Bool)
+    }
+
+    public var clientCertificate: ClientCertificate {
+        guard let cert = SSL_get1_peer_certificate(ssl) else { return .none }
+        X509_free(cert)
+        let r = Int32(SSL_get_verify_result(ssl))
+        if r == X509_V_OK { return .verified }
+        let caOnly = [X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT, X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN, X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT,
+                      X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY, X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE].contains(r)
+        return .failed(reason: String(cString: X509_verify_cert_error_string(Int(r))), caOnly: caOnly)
+    }
+
+    public enum PeerFact: Int32 { case subject = 0, issuer, serial, fingerprint, pem }
+
+    /// A fact of the client's certificate as nginx's `$ssl_client_*` show it (nil without one).
+    public func peerFact(_ what: PeerFact) -> [UInt8]? {
+        var buf = [CChar](repeating: 0, count: what == .pem ? 16384 : 1024)
+        let n = tether_SSL_peer_fact(ssl, what.rawValue, &buf, Int32(buf.count))
+        guard n >= 0 else { return nil }
+        return buf[0..<Int(n)].map { UInt8(bitPattern: $0) }
+    }
 }

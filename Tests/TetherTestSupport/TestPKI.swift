@@ -64,5 +64,49 @@ public enum TestPKI {
         try leaf("chain.test", cn: "chain.test", key: ec, signer: "intermediate")
         let chain = try String(contentsOfFile: "\(dir)/chain.test.pem", encoding: .utf8) + String(contentsOfFile: "\(dir)/intermediate.pem", encoding: .utf8)
         try chain.write(toFile: "\(dir)/chain.test.pem", atomically: true, encoding: .utf8)
+        try clientCertificates(in: dir, root: root, ec: ec)
+    }
+
+    /// Client certificates for `ssl_verify_client`, issued by `openssl ca` (so that one can be
+    /// expired and one revoked): client.pem (valid), client-expired.pem, client-revoked.pem (in
+    /// client-crl.pem) from client-ca.pem, and client-other.pem from an unrelated CA.
+    static func clientCertificates(in dir: String, root: (String, String) throws -> Void, ec: [String]) throws {
+        try root("client-ca", "Tether Test Client CA")
+        let ca = dir + "/client-ca.d"
+        try FileManager.default.createDirectory(atPath: ca + "/newcerts", withIntermediateDirectories: true)
+        try "".write(toFile: ca + "/index.txt", atomically: true, encoding: .utf8)
+        try "1000\n".write(toFile: ca + "/serial", atomically: true, encoding: .utf8)
+        try "1000\n".write(toFile: ca + "/crlnumber", atomically: true, encoding: .utf8)
+        try """
+            [ca]
+            default_ca = client_ca
+            [client_ca]
+            dir = \(ca)
+            database = $dir/index.txt
+            new_certs_dir = $dir/newcerts
+            certificate = \(dir)/client-ca.pem
+            private_key = \(dir)/client-ca.key
+            serial = $dir/serial
+            crlnumber = $dir/crlnumber
+            default_md = sha256
+            default_crl_days = 30
+            policy = any
+            unique_subject = no
+            [any]
+            commonName = supplied
+            organizationName = optional
+            """.write(toFile: ca + "/ca.cnf", atomically: true, encoding: .utf8)
+        try "extendedKeyUsage=clientAuth\n".write(toFile: dir + "/client.ext", atomically: true, encoding: .utf8)
+        for (name, start, end) in [("client", "20250101000000Z", "20991231000000Z"), ("client-expired", "20200101000000Z", "20200201000000Z"),
+                                   ("client-revoked", "20250101000000Z", "20991231000000Z")] {
+            try openssl(["req"] + ec + ["-keyout", "\(name).key", "-out", "\(name).csr", "-subj", "/CN=\(name)/O=Tether Tests"], in: dir)
+            try openssl(["ca", "-batch", "-config", ca + "/ca.cnf", "-in", "\(name).csr", "-out", "\(name).pem",
+                         "-startdate", start, "-enddate", end, "-extfile", "client.ext", "-notext"], in: dir)
+        }
+        try openssl(["ca", "-config", ca + "/ca.cnf", "-revoke", "client-revoked.pem"], in: dir)
+        try openssl(["ca", "-config", ca + "/ca.cnf", "-gencrl", "-out", "client-crl.pem"], in: dir)
+        try openssl(["req"] + ec + ["-keyout", "client-other.key", "-out", "client-other.csr", "-subj", "/CN=client-other"], in: dir)
+        try openssl(["x509", "-req", "-in", "client-other.csr", "-CA", "other-ca.pem", "-CAkey", "other-ca.key", "-CAcreateserial",
+                     "-out", "client-other.pem", "-days", "2", "-extfile", "client.ext"], in: dir)
     }
 }

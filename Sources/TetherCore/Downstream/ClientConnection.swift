@@ -812,6 +812,13 @@ final class ClientConnection: IOHandler {
 
     func logError(_ message: String) { shared.log(.error, message) }
 
+    /// `ssl_verify_client` refused a request (no certificate, or one that failed).
+    func countRefusedCertificate(missing: Bool) {
+        if missing { shared.stats.clientCertificatesMissing += 1 } else { shared.stats.clientCertificatesInvalid += 1 }
+        shared.log(.info, missing ? "client sent no required SSL certificate while reading client request headers"
+                                  : "client SSL certificate verify error: \(tls.map { "\($0.clientCertificate)" } ?? "")")
+    }
+
     /// The client as `$remote_addr` says (`real_ip_header`'s address, or the peer) and the address
     /// it connected to: what `server … proxy_protocol` tells the backend.
     func clientAddresses() -> (source: ForwardedAddress, destination: ForwardedAddress)? {

@@ -73,6 +73,30 @@ struct ClientVariables: VariableSource {
         case .remoteUser: out.put("-")
         case .connection: out.putDecimal(UInt(bitPattern: ObjectIdentifier(connection).hashValue) % 1_000_000_000)
         case .connectionRequests: out.putDecimal(connection.state.requests)
+        case .sslClientVerify:
+            guard let t = connection.tls else { break }
+            switch t.clientCertificate {
+            case .none: out.put("NONE")
+            case .verified: out.put("SUCCESS")
+            case .failed(let reason, _): out.put("FAILED:"); out.put(Array(reason.utf8))
+            }
+        case .sslClientSDN: if let b = connection.tls?.peerFact(.subject) { out.put(b) }
+        case .sslClientIDN: if let b = connection.tls?.peerFact(.issuer) { out.put(b) }
+        case .sslClientSerial: if let b = connection.tls?.peerFact(.serial) { out.put(b) }
+        case .sslClientFingerprint: if let b = connection.tls?.peerFact(.fingerprint) { out.put(b) }
+        case .sslClientEscapedCert:
+            if let pem = connection.tls?.peerFact(.pem) {
+                let hex = Array("0123456789ABCDEF".utf8)
+                var escaped: [UInt8] = []
+                for c in pem {
+                    if (c >= 0x30 && c <= 0x39) || (c >= 0x41 && c <= 0x5A) || (c >= 0x61 && c <= 0x7A) || c == 0x2D || c == 0x2E || c == 0x5F || c == 0x7E {
+                        escaped.append(c)
+                    } else {
+                        escaped += [UInt8(ascii: "%"), hex[Int(c >> 4)], hex[Int(c & 15)]]
+                    }
+                }
+                out.put(escaped)
+            }
         case .capture(let n): writeCapture(n, into: &out)
         case .namedCapture(let name): if let n = route.location?.regex?.names[name] { writeCapture(n, into: &out) }
         case .proxyProtocolAddr: connection.proxied?.source?.writeText(into: &out)

@@ -85,6 +85,27 @@ final class Router: ClientRequestHandler {
         hasRegex = servers.contains { !$0.regexLocations.isEmpty }
     }
 
+    /// nginx's pages for a missing (496) and a failed (495) client certificate, answered as 400.
+    static let noCertificate = Array("""
+        <html>\r\n<head><title>400 No required SSL certificate was sent</title></head>\r\n<body>\r\n\
+        <center><h1>400 Bad Request</h1></center>\r\n<center>No required SSL certificate was sent</center>\r\n\
+        <hr><center>tether</center>\r\n</body>\r\n</html>\r\n
+        """.utf8)
+    static let badCertificate = Array("""
+        <html>\r\n<head><title>400 The SSL certificate error</title></head>\r\n<body>\r\n\
+        <center><h1>400 Bad Request</h1></center>\r\n<center>The SSL certificate error</center>\r\n\
+        <hr><center>tether</center>\r\n</body>\r\n</html>\r\n
+        """.utf8)
+
+    /// The page a request on `tls` gets under `mode`, or nil when it may go on.
+    static func refusedCertificate(_ tls: TLSSocket, _ mode: SSLSettings.VerifyClient) -> [UInt8]? {
+        switch tls.clientCertificate {
+        case .verified: return nil
+        case .none: return mode == .on ? noCertificate : nil
+        case .failed(_, let caOnly): return mode == .optionalNoCA && caOnly ? nil : badCertificate
+        }
+    }
+
     func request(_ head: HeadLayout, bytes: UnsafeRawBufferPointer, connection: ClientConnection) {
         let index = servers.count == 1 ? 0 : hosts.server(forHost: hostName(head, bytes))
         var regex: RegexMatches?
@@ -107,6 +128,13 @@ final class Router: ClientRequestHandler {
                                                              serverName: serverNames[index]))
         }
         // The settings are read where needed (a copy of the struct would retain every list in it).
+        // ssl_verify_client: nginx's 400 pages, and the connection closes.
+        if route.verifyClient != .off, let tls = connection.tls, let page = Self.refusedCertificate(tls, route.verifyClient) {
+            connection.countRefusedCertificate(missing: page == Self.noCertificate)
+            return page.withUnsafeBytes {
+                connection.respond(status: 400, text: $0, contentType: "text/html", head: head, isHEAD: isHEAD, route: route, close: true)
+            }
+        }
         if let n = head.contentLength, route.settings.clientMaxBodySize > 0, n > route.settings.clientMaxBodySize {
             return connection.respond(status: 413, text: nil, head: head, isHEAD: isHEAD, route: route, close: true)
         }

@@ -95,6 +95,8 @@ final class CompiledLocation: Sendable {
     let realIPFromProxyProtocol: Bool
     /// `set_real_ip_from` names some peer (checked per request).
     let realIP: Bool
+    /// `ssl_verify_client` of the server (checked per request on TLS connections).
+    let verifyClient: SSLSettings.VerifyClient
     /// From `proxy_pass`, taken out once so that a request does not copy the whole `ProxyPass`
     /// (several strings to retain and release): the upstream's name and the URI part.
     let upstreamName: String
@@ -126,6 +128,7 @@ final class CompiledLocation: Sendable {
         realIPForwardedFor = settings.realIPHeader == "x-forwarded-for"
         realIPFromProxyProtocol = settings.realIPHeader == "proxy_protocol"
         realIP = !settings.realIPFrom.isEmpty
+        verifyClient = settings.ssl.verifyClient
         pathBytes = Array((location?.path ?? "").utf8)
         match = location?.match ?? .prefix
         self.settings = settings
@@ -304,6 +307,8 @@ extension StatsSnapshot {
             s.tlsSessionsReused += p.stats.tlsResumed
             s.buffered.add(p.buffered)
             s.proxyProtocolHeaders += p.stats.proxyProtocolHeaders
+            s.clientCertificatesRefused["none", default: 0] += p.stats.clientCertificatesMissing
+            s.clientCertificatesRefused["invalid", default: 0] += p.stats.clientCertificatesInvalid
             s.tlsHandshakeFailures.merge(p.stats.tlsFailures, uniquingKeysWith: +)
             for i in s.servers.indices where i < p.stats.servers {
                 s.servers[i].requests += p.stats.requests(server: i)

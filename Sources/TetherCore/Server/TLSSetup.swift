@@ -67,6 +67,11 @@ struct TLSSetup: Sendable {
         }
         t.sessionTimeoutSeconds = Int(max(1, s.sessionTimeoutMs / 1000))
         t.sessionTickets = s.sessionTickets
+        t.verifyClient = s.verifyClient != .off
+        t.clientCertificate = s.clientCertificate
+        t.trustedCertificate = s.trustedCertificate
+        t.verifyDepth = s.verifyDepth
+        t.crl = s.crl
         return t
     }
 
@@ -78,6 +83,8 @@ struct TLSSetup: Sendable {
         c.sessionReuse = p.sessionReuse
         c.protocols = Set(p.protocols.compactMap(TLSVersion.init(rawValue:)))
         c.ciphers = p.ciphers
+        c.certificate = p.certificate
+        c.certificateKey = p.certificateKey
         return c
     }
 

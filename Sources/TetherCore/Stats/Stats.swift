@@ -94,6 +94,9 @@ struct LoopStats: Sendable {
     var tlsFailures: [String: Int] = [:]
     /// `listen … proxy_protocol`: headers read whole (the failures are close reasons).
     var proxyProtocolHeaders = 0
+    /// `ssl_verify_client`: requests refused for a missing or a failed client certificate.
+    var clientCertificatesMissing = 0
+    var clientCertificatesInvalid = 0
 
     init(servers: Int) {
         answers = [Int](repeating: 0, count: Self.answerSlots(servers: servers))
@@ -150,6 +153,8 @@ struct LoopStats: Sendable {
         tlsResumed += o.tlsResumed
         tlsFailures.merge(o.tlsFailures, uniquingKeysWith: +)
         proxyProtocolHeaders += o.proxyProtocolHeaders
+        clientCertificatesMissing += o.clientCertificatesMissing
+        clientCertificatesInvalid += o.clientCertificatesInvalid
     }
 
     /// After a reload the `server` blocks are new: their counters start over.
@@ -263,6 +268,8 @@ public struct StatsSnapshot: Sendable {
     public var buffered = Buffered()
     /// `listen … proxy_protocol`: headers read whole (the refused ones are in `downstreamClosed`).
     public var proxyProtocolHeaders = 0
+    /// `ssl_verify_client`: requests refused with 400, by reason (`none`, `invalid`).
+    public var clientCertificatesRefused: [String: Int] = [:]
 
     var allServers: [Server] { upstreams.flatMap(\.servers) }
 
