@@ -13,67 +13,6 @@
 
 #if OPENSSL_VERSION_MAJOR < 3
 #error "Tether needs OpenSSL 3 (Debian: apt-get install libssl-dev)"
-/// Client certificates (ssl_verify_client): the certificate is asked for and its chain checked,
-/// and the handshake goes on whatever the result, as nginx does: the verdict is read after it
-/// (SSL_get_verify_result) and answered at the HTTP level (400).
-static inline int tether_accept_any_chain(int ok, X509_STORE_CTX *store) { (void)ok; (void)store; return 1; }
-static inline void tether_SSL_CTX_verify_client(SSL_CTX *ctx, int depth) {
-    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, tether_accept_any_chain);
-    SSL_CTX_set_verify_depth(ctx, depth);
-}
-/// After an SNI switch (SSL_set_SSL_CTX), the connection takes the chosen context's verification
-/// (OpenSSL copies it only at SSL_new).
-static inline void tether_SSL_adopt_verify(SSL *ssl, SSL_CTX *ctx) {
-    SSL_set_verify(ssl, SSL_CTX_get_verify_mode(ctx), SSL_CTX_get_verify_callback(ctx));
-    SSL_set_verify_depth(ssl, SSL_CTX_get_verify_depth(ctx));
-}
-/// Loads the CRLs of a PEM file into the context's store and checks the whole chain against
-/// them. Returns how many were loaded (0: none, or an error).
-static inline int tether_SSL_CTX_load_crl(SSL_CTX *ctx, const char *path) {
-    X509_STORE *store = SSL_CTX_get_cert_store(ctx);
-    X509_LOOKUP *lookup = X509_STORE_add_lookup(store, X509_LOOKUP_file());
-    if (lookup == NULL) return 0;
-    int n = X509_load_crl_file(lookup, path, X509_FILETYPE_PEM);
-    if (n > 0) X509_STORE_set_flags(store, X509_V_FLAG_CRL_CHECK | X509_V_FLAG_CRL_CHECK_ALL);
-    return n;
-}
-/// The client's certificate facts, as nginx's $ssl_client_* variables show them, written into
-/// `out` (at most `size` bytes, NUL-terminated); the length, or -1 without a certificate.
-/// what: 0 subject DN, 1 issuer DN (RFC 2253), 2 serial (hex), 3 SHA-1 fingerprint (hex), 4 PEM.
-static inline int tether_SSL_peer_fact(SSL *ssl, int what, char *out, int size) {
-    X509 *cert = SSL_get1_peer_certificate(ssl);
-    if (cert == NULL) return -1;
-    int n = 0;
-    if (what == 0 || what == 1 || what == 4) {
-        BIO *b = BIO_new(BIO_s_mem());
-        if (b != NULL) {
-            if (what == 4) PEM_write_bio_X509(b, cert);
-            else X509_NAME_print_ex(b, what == 0 ? X509_get_subject_name(cert) : X509_get_issuer_name(cert), 0, XN_FLAG_RFC2253);
-            n = BIO_read(b, out, size - 1);
-            if (n < 0) n = 0;
-            BIO_free(b);
-        }
-    } else if (what == 2) {
-        BIGNUM *bn = ASN1_INTEGER_to_BN(X509_get_serialNumber(cert), NULL);
-        char *hex = bn ? BN_bn2hex(bn) : NULL;
-        if (hex) { n = (int)strlen(hex); if (n > size - 1) n = size - 1; memcpy(out, hex, n); OPENSSL_free(hex); }
-        BN_free(bn);
-    } else if (what == 3) {
-        unsigned char md[EVP_MAX_MD_SIZE];
-        unsigned int len = 0;
-        if (X509_digest(cert, EVP_sha1(), md, &len) == 1) {
-            static const char hexdigits[] = "0123456789abcdef";
-            for (unsigned int i = 0; i < len && 2 * (int)i + 2 < size; i++) {
-                out[n++] = hexdigits[md[i] >> 4];
-                out[n++] = hexdigits[md[i] & 15];
-            }
-        }
-    }
-    out[n] = 0;
-    X509_free(cert);
-    return n;
-}
-
 #endif
 
 static inline uint64_t tether_op_no_ticket(void) { return SSL_OP_NO_TICKET; }
