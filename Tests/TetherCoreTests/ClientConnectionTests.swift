@@ -160,7 +160,9 @@ func responses(_ bytes: [UInt8]) -> [(status: String, head: String, body: String
         let answered = rig.loop.now
         #expect(rig.pool.outstanding == 0, "an idle connection holds no buffer")
         #expect(try rig.run(c, into: &got) { _, eof in eof })
-        #expect(rig.loop.now - answered >= 60_000_000)
+        // `answered` is read when the client has seen the answer, which may be a pass after the
+        // one that wrote it and armed the timer: a millisecond is allowed for that.
+        #expect(rig.loop.now - answered >= 59_000_000)
         #expect(rig.clients.stats.downstreamClosed[.keepaliveTimeout] == 1)
         #expect(rig.loop.registered == 0)
     }
