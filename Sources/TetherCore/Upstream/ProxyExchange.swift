@@ -698,6 +698,18 @@ final class ProxyExchange: UpstreamLinkOwner {
 
     // MARK: Response
 
+    /// `proxy_next_upstream http_NNN`: whether this status sends the request to another server
+    /// (the facts are gathered only for such a status: the set of conditions costs a retain).
+    @inline(never)
+    private func retryOnStatus(_ status: Int) -> NextUpstreamCondition? {
+        let facts = NextUpstream.Facts(
+            responseStarted: false, closeDelimitedToClient: false, reused: reused, retriedFresh: retriedFresh,
+            replayable: mayRetry && savedHead != nil, tries: tries, conditions: nextUpstream,
+            maxTries: nextUpstreamTries, requestBodyDone: requestBodyDone)
+        let now = upstream.nowMs
+        return NextUpstream.afterStatus(status, facts, hasCandidate: { upstream.balancer.hasCandidate(now: now, exclude: tried) })
+    }
+
     /// Parses the response head in the link's buffer and writes the client's; false while incomplete.
     private func parseHead(_ link: UpstreamLink) -> Bool {
         guard var buf = link.takeInbound() else { return false }
@@ -729,19 +741,13 @@ final class ProxyExchange: UpstreamLinkOwner {
             link.putBack(buf)
             return parseHead(link)
         }
-        let statusFacts = NextUpstream.Facts(
-            responseStarted: false, closeDelimitedToClient: false, reused: reused, retriedFresh: retriedFresh,
-            replayable: mayRetry && savedHead != nil, tries: tries, conditions: nextUpstream,
-            maxTries: nextUpstreamTries, requestBodyDone: requestBodyDone)
-        let now = upstream.nowMs
-        if !draining, NextUpstream.condition(forStatus: layout.status) != nil,
-           let c = NextUpstream.afterStatus(layout.status, statusFacts, hasCandidate: { upstream.balancer.hasCandidate(now: now, exclude: tried) }) {
+        if !draining, NextUpstream.condition(forStatus: layout.status) != nil, let c = retryOnStatus(layout.status) {
             // proxy_next_upstream http_NNN: this answer is not relayed; another server gets the request.
             link.putBack(buf)
             self.link = nil
             pool.discard(link, reason: .notReusable)
             endOnBalancer()
-            if NextUpstream.countsAsServerFailure(c) { upstream.balancer.failed(server, now: now) }
+            if NextUpstream.countsAsServerFailure(c) { upstream.balancer.failed(server, now: upstream.nowMs) }
             pool.retries[NextUpstream.retryReason(c)] += 1
             connectNext()
             return false
