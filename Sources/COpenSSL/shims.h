@@ -10,6 +10,7 @@
 #include <openssl/pem.h>
 #include <openssl/x509v3.h>
 #include <string.h>
+#include <stdio.h>
 
 #if OPENSSL_VERSION_MAJOR < 3
 #error "Tether needs OpenSSL 3 (Debian: apt-get install libssl-dev)"
@@ -145,6 +146,71 @@ static inline int tether_SSL_peer_fact(SSL *ssl, int what, char *out, int size) 
     out[n] = 0;
     X509_free(cert);
     return n;
+}
+
+#include <openssl/ocsp.h>
+/// OCSP stapling (ssl_stapling): the response the context staples, handed to each client that
+/// asks for one (a copy: OpenSSL frees what it is given).
+typedef struct { unsigned char *der; int len; } tether_staple;
+static inline int tether_staple_callback(SSL *ssl, void *arg) {
+    tether_staple *staple = (tether_staple *)arg;
+    if (staple == NULL || staple->der == NULL || staple->len <= 0) return SSL_TLSEXT_ERR_NOACK;
+    unsigned char *copy = OPENSSL_malloc(staple->len);
+    if (copy == NULL) return SSL_TLSEXT_ERR_NOACK;
+    memcpy(copy, staple->der, staple->len);
+    SSL_set_tlsext_status_ocsp_resp(ssl, copy, staple->len);
+    return SSL_TLSEXT_ERR_OK;
+}
+static inline void tether_SSL_CTX_set_staple(SSL_CTX *ctx, tether_staple *staple) {
+    SSL_CTX_set_tlsext_status_cb(ctx, tether_staple_callback);
+    SSL_CTX_set_tlsext_status_arg(ctx, staple);
+}
+/// Checks a DER OCSP response for the context's certificate: 1 when it says "good" and is
+/// current (and, with `verify`, is signed by a CA the context trusts); otherwise 0, with the
+/// reason in `why` (at most `size` bytes).
+static inline int tether_check_ocsp(SSL_CTX *ctx, const unsigned char *der, long len, int verify, char *why, int size) {
+    const unsigned char *p = der;
+    int ok = 0;
+    OCSP_RESPONSE *resp = d2i_OCSP_RESPONSE(NULL, &p, len);
+    OCSP_BASICRESP *basic = NULL;
+    OCSP_CERTID *id = NULL;
+    X509 *leaf = SSL_CTX_get0_certificate(ctx);
+    STACK_OF(X509) *chain = NULL;
+    if (resp == NULL) { snprintf(why, size, "not an OCSP response"); goto done; }
+    if (OCSP_response_status(resp) != OCSP_RESPONSE_STATUS_SUCCESSFUL) { snprintf(why, size, "the responder said %s", OCSP_response_status_str(OCSP_response_status(resp))); goto done; }
+    basic = OCSP_response_get1_basic(resp);
+    if (basic == NULL || leaf == NULL) { snprintf(why, size, "no basic response"); goto done; }
+    SSL_CTX_get0_chain_certs(ctx, &chain);
+    X509 *issuer = NULL;
+    for (int i = 0; chain != NULL && i < sk_X509_num(chain); i++) {
+        X509 *c = sk_X509_value(chain, i);
+        if (X509_check_issued(c, leaf) == X509_V_OK) { issuer = c; break; }
+    }
+    if (issuer == NULL) {
+        X509_STORE_CTX *sctx = X509_STORE_CTX_new();
+        if (sctx != NULL && X509_STORE_CTX_init(sctx, SSL_CTX_get_cert_store(ctx), leaf, NULL) == 1) {
+            X509_STORE_CTX_get1_issuer(&issuer, sctx, leaf);
+        }
+        X509_STORE_CTX_free(sctx);
+        if (issuer == NULL) { snprintf(why, size, "the certificate's issuer is not in its chain nor in ssl_trusted_certificate"); goto done; }
+        id = OCSP_cert_to_id(NULL, leaf, issuer);
+        X509_free(issuer);
+    } else {
+        id = OCSP_cert_to_id(NULL, leaf, issuer);
+    }
+    int status = -1, reason = 0;
+    ASN1_GENERALIZEDTIME *rev = NULL, *thisupd = NULL, *nextupd = NULL;
+    if (id == NULL || OCSP_resp_find_status(basic, id, &status, &reason, &rev, &thisupd, &nextupd) != 1) { snprintf(why, size, "the response is not about this certificate"); goto done; }
+    if (status != V_OCSP_CERTSTATUS_GOOD) { snprintf(why, size, "the certificate's status is %s", OCSP_cert_status_str(status)); goto done; }
+    if (OCSP_check_validity(thisupd, nextupd, 300, -1) != 1) { snprintf(why, size, "the response is not current (thisUpdate/nextUpdate)"); goto done; }
+    if (verify && OCSP_basic_verify(basic, chain, SSL_CTX_get_cert_store(ctx), 0) != 1) { snprintf(why, size, "the response's signature does not verify"); goto done; }
+    ok = 1;
+done:
+    OCSP_CERTID_free(id);
+    OCSP_BASICRESP_free(basic);
+    OCSP_RESPONSE_free(resp);
+    ERR_clear_error();
+    return ok;
 }
 
 #endif

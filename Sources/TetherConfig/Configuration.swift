@@ -470,6 +470,11 @@ public struct SSLSettings: Hashable, Sendable {
     public var verifyDepth = 1
     /// `ssl_crl`: revocation lists (PEM) the client's chain is checked against.
     public var crl: String?
+    /// `ssl_stapling`, `ssl_stapling_file` (a DER OCSP response, read at start and reload),
+    /// `ssl_stapling_verify`.
+    public var stapling = false
+    public var staplingFile: String?
+    public var staplingVerify = false
     /// Where each `ssl_*` directive that applies was written, by name (for errors found when
     /// OpenSSL reads the settings).
     public var sources: [String: SourceLocation] = [:]

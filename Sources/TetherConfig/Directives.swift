@@ -649,6 +649,13 @@ let directiveTable: [DirectiveSpec] = {
             let at = d.location
             b.settings.ssl = (b.settings.ssl ?? []) + [{ $0.crl = v; $0.sources["ssl_crl"] = at }]
         },
+        ssl("ssl_stapling") { d throws(ConfigErrorReason) in let v = try Value.flag(d.args[0], d); return { $0.stapling = v } },
+        ssl("ssl_stapling_verify") { d throws(ConfigErrorReason) in let v = try Value.flag(d.args[0], d); return { $0.staplingVerify = v } },
+        S("ssl_stapling_file", [.http, .server], args: 1...1) { b, d in
+            let v = b.path(d.args[0].text)
+            let at = d.location
+            b.settings.ssl = (b.settings.ssl ?? []) + [{ $0.staplingFile = v; $0.sources["ssl_stapling_file"] = at }]
+        },
         ssl("ssl_verify_depth") { d throws(ConfigErrorReason) in let v = try Value.count(d.args[0], d, min: 1, max: 100); return { $0.verifyDepth = v } },
         ssl("ssl_handshake_timeout") { d throws(ConfigErrorReason) in let v = try Value.time(d.args[0], d); return { $0.handshakeTimeoutMs = v } },
 

@@ -48,6 +48,12 @@ public struct TLSServerSettings: Sendable {
     public var trustedCertificate: String?
     public var verifyDepth = 1
     public var crl: String?
+    /// `ssl_stapling` with `ssl_stapling_file`: the DER OCSP response stapled to handshakes whose
+    /// client asks, when it says the certificate is good and is current (and, with
+    /// `staplingVerify`, is signed by a trusted CA).
+    public var stapling = false
+    public var staplingFile: String?
+    public var staplingVerify = false
 
     public init(certificates: [(certificate: String, key: String)]) {
         self.certificates = certificates
@@ -91,8 +97,18 @@ public final class TLSContext: @unchecked Sendable {
     let sendServerName: Bool
     let sessionReuse: Bool
     public let handshakeTimeoutMs: Int64
+    /// The OCSP response stapled (owned here; OpenSSL gets a copy per handshake).
+    private var staple: UnsafeMutablePointer<tether_staple>?
+    /// Why `ssl_stapling` staples nothing, for the error log (nil when it staples, or is off).
+    public private(set) var staplingProblem: String?
 
-    deinit { SSL_CTX_free(ctx) }
+    deinit {
+        SSL_CTX_free(ctx)
+        if let staple {
+            staple.pointee.der?.deallocate()
+            staple.deallocate()
+        }
+    }
 
     private init(ctx: OpaquePointer, isServer: Bool, peerName: String?, verifyPeer: Bool, sendServerName: Bool, sessionReuse: Bool, handshakeTimeoutMs: Int64) {
         self.ctx = ctx
@@ -164,6 +180,15 @@ public final class TLSContext: @unchecked Sendable {
                 }
             }
         }
+        if s.stapling {
+            if !s.verifyClient, s.staplingVerify, let ca = s.trustedCertificate {
+                try readable(ca, "cannot load trusted certificate", directive: "ssl_trusted_certificate")
+                guard SSL_CTX_load_verify_locations(ctx, ca, nil) == 1 else {
+                    throw TLSConfigurationError("cannot load trusted certificate \"\(ca)\": \(OpenSSLErrors.drain())", directive: "ssl_trusted_certificate")
+                }
+            }
+            try context.loadStaple(s)
+        }
         let sidContext: [UInt8] = Array("tether".utf8)
         _ = SSL_CTX_set_session_id_context(ctx, sidContext, UInt32(sidContext.count))
         if s.sessionCacheSize > 0 {
@@ -176,6 +201,37 @@ public final class TLSContext: @unchecked Sendable {
         tether_SSL_CTX_select_http11(ctx)
         tether_SSL_CTX_set_sni_pick(ctx, sniPick)
         return context
+    }
+
+    /// Reads `ssl_stapling_file` and staples it if it is good (`staplingProblem` says why not).
+    private func loadStaple(_ s: TLSServerSettings) throws {
+        guard let file = s.staplingFile else {
+            staplingProblem = "\"ssl_stapling\" without \"ssl_stapling_file\": fetching from the OCSP responder is not supported, nothing is stapled"
+            return
+        }
+        guard let f = fopen(file, "rb") else {
+            throw TLSConfigurationError("cannot load OCSP response \"\(file)\": \(String(cString: strerror(errno)))", directive: "ssl_stapling_file")
+        }
+        defer { fclose(f) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = fread(&chunk, 1, chunk.count, f)
+            if n <= 0 { break }
+            bytes += chunk[0..<n]
+            guard bytes.count <= 1 << 20 else { throw TLSConfigurationError("OCSP response \"\(file)\" is over 1 MiB", directive: "ssl_stapling_file") }
+        }
+        var why = [CChar](repeating: 0, count: 256)
+        guard tether_check_ocsp(ctx, bytes, bytes.count, s.staplingVerify ? 1 : 0, &why, 256) == 1 else {
+            staplingProblem = "OCSP response \"\(file)\" is not stapled: \(String(cString: why))"
+            return
+        }
+        let der = UnsafeMutablePointer<UInt8>.allocate(capacity: bytes.count)
+        der.initialize(from: bytes, count: bytes.count)
+        let st = UnsafeMutablePointer<tether_staple>.allocate(capacity: 1)
+        st.initialize(to: tether_staple(der: der, len: Int32(bytes.count)))
+        staple = st
+        tether_SSL_CTX_set_staple(ctx, st)
     }
 
     /// A client context for upstream connections.

@@ -127,3 +127,54 @@ import Glibc
         }
     }
 }
+
+/// `ssl_stapling` with `ssl_stapling_file`: a good, current response is stapled to clients that
+/// ask (`openssl s_client -status`); a revoked one is never stapled as good, and the error log
+/// says why; handshakes go on either way.
+@Suite struct StaplingTests {
+    func sClientStatus(_ port: Int) throws -> String {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
+        p.arguments = ["s_client", "-connect", "127.0.0.1:\(port)", "-servername", "localhost", "-status", "-CAfile", TestPKI.path("ca.pem")]
+        let inPipe = Pipe(), out = Pipe()
+        p.standardInput = inPipe
+        p.standardOutput = out
+        p.standardError = out
+        try p.run()
+        try inPipe.fileHandleForWriting.close()
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return String(decoding: data, as: UTF8.self)
+    }
+
+    @Test(arguments: ["good", "revoked", "none"])
+    func aResponseIsStapledOnlyWhenGood(_ status: String) throws {
+        let file = status == "none" ? nil : try TestPKI.ocspResponse(status)
+        let log = ErrorLogFile(level: .warn)
+        let proxy = try RunningProxy(config: """
+            worker_processes 1;
+            http {
+                server {
+                    listen 127.0.0.1:0 ssl;
+                    ssl_certificate \(TestPKI.path("localhost.pem"));
+                    ssl_certificate_key \(TestPKI.path("localhost.key"));
+                    ssl_stapling on;
+                    ssl_stapling_verify on;
+                    ssl_trusted_certificate \(TestPKI.path("ca.pem"));
+                    \(file.map { "ssl_stapling_file \($0);" } ?? "")
+                    location / { return 200 "ok"; }
+                }
+            }
+            """, errorLog: log.log)
+        defer { proxy.stop() }
+        let out = try sClientStatus(proxy.port)
+        #expect(out.contains("Verify return code: 0 (ok)"), "the handshake works either way")
+        if status == "good" {
+            #expect(out.contains("OCSP Response Status: successful") && out.contains("Cert Status: good"), "\(out.prefix(600))")
+        } else {
+            #expect(out.contains("OCSP response: no response sent"), "\(out.prefix(600))")
+            let why = status == "revoked" ? "is not stapled: the certificate's status is revoked" : "fetching from the OCSP responder is not supported"
+            #expect(log.lines.contains { $0.contains(why) })
+        }
+    }
+}

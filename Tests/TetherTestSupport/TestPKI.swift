@@ -67,6 +67,21 @@ public enum TestPKI {
         try clientCertificates(in: dir, root: root, ec: ec)
     }
 
+    /// An OCSP response (DER) from the test CA about localhost.pem, saying `good` or `revoked`
+    /// (made with `openssl ocsp` from an index of its own); returns its path.
+    public static func ocspResponse(_ status: String) throws -> String {
+        let dir = directory
+        let serial = try openssl(["x509", "-in", "localhost.pem", "-serial", "-noout"], in: dir)
+            .trimmingCharacters(in: .whitespacesAndNewlines).split(separator: "=").last.map(String.init) ?? ""
+        let line = status == "revoked" ? "R\t301231000000Z\t240101000000Z\t\(serial)\tunknown\t/CN=localhost\n"
+                                       : "V\t301231000000Z\t\t\(serial)\tunknown\t/CN=localhost\n"
+        try line.write(toFile: "\(dir)/ocsp-\(status).idx", atomically: true, encoding: .utf8)
+        _ = try openssl(["ocsp", "-issuer", "ca.pem", "-cert", "localhost.pem", "-reqout", "ocsp-\(status).req", "-no_nonce"], in: dir)
+        _ = try openssl(["ocsp", "-index", "ocsp-\(status).idx", "-CA", "ca.pem", "-rsigner", "ca.pem", "-rkey", "ca.key",
+                         "-reqin", "ocsp-\(status).req", "-respout", "ocsp-\(status).der", "-ndays", "1"], in: dir)
+        return "\(dir)/ocsp-\(status).der"
+    }
+
     /// Client certificates for `ssl_verify_client`, issued by `openssl ca` (so that one can be
     /// expired and one revoked): client.pem (valid), client-expired.pem, client-revoked.pem (in
     /// client-crl.pem) from client-ca.pem, and client-other.pem from an unrelated CA.

@@ -72,6 +72,9 @@ struct TLSSetup: Sendable {
         t.trustedCertificate = s.trustedCertificate
         t.verifyDepth = s.verifyDepth
         t.crl = s.crl
+        t.stapling = s.stapling
+        t.staplingFile = s.staplingFile
+        t.staplingVerify = s.staplingVerify
         return t
     }
 

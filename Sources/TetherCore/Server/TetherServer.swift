@@ -90,6 +90,15 @@ public final class TetherServer: @unchecked Sendable {
         loop.execute { [tls] _ in checks.value.configure(list, tls: tls) }
     }
 
+    /// `ssl_stapling` that staples nothing (no file, a revoked or stale response): handshakes go
+    /// on without a staple, and the error log says why, at start and at each reload.
+    private func logStaplingProblems(_ setup: ProxySetup) {
+        var seen = Set<ObjectIdentifier>()
+        for ctx in setup.tls.servers.values where seen.insert(ObjectIdentifier(ctx)).inserted {
+            if let p = ctx.staplingProblem { log(.warn, p) }
+        }
+    }
+
     /// The limits for `setup`'s upstreams (the start's or a reload's thread).
     private func limits(for setup: ProxySetup) -> [String: UpstreamLimits] {
         var next: [String: UpstreamLimits] = [:]
@@ -168,6 +177,7 @@ public final class TetherServer: @unchecked Sendable {
         let workers = made.enumerated().map { i, loop in LoopThread(loop: loop, log: log, admin: admin) }
         let upstreamLimits = limits(for: setup)
         configureHealthChecks(setup, upstreamLimits)
+        logStaplingProblems(setup)
         for (i, w) in workers.enumerated() {
             // Before the loop's thread runs: nothing else touches it yet.
             w.install(setup, limits: upstreamLimits, sockets: bound.sockets(loop: i), accessLog: writer)
@@ -225,6 +235,7 @@ public final class TetherServer: @unchecked Sendable {
         }
         let upstreamLimits = limits(for: setup)
         configureHealthChecks(setup, upstreamLimits)
+        logStaplingProblems(setup)
         // Each loop takes the new configuration between two of its passes; this waits for all.
         let pending = Atomic<Int>(workers.count)
         for (i, w) in workers.enumerated() {
