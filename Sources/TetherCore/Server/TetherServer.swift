@@ -153,6 +153,11 @@ public final class TetherServer: @unchecked Sendable {
 
     /// Binds every listening address on every loop, then runs each loop on a thread of its own.
     public func start() throws(TetherServerError) {
+        // The resolver's changes wait until the loops have the setup this start reads.
+        try changing.withLock { _ throws(TetherServerError) in try startLocked() }
+    }
+
+    private func startLocked() throws(TetherServerError) {
         let setup = current.withLock { $0.setup }
         var made: [IOLoop] = []
         var bound: Bound
