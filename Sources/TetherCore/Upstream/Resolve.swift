@@ -86,11 +86,14 @@ final class ResolverThread: @unchecked Sendable {
         }
     }
 
+    /// Tells the thread to end, without waiting for it: a lookup under way may take up to
+    /// `resolver_timeout` per DNS server, and a shutdown does not wait for DNS. The thread holds
+    /// this object until it ends, and reaches the server only through a weak reference.
     func stop() {
         stopping.store(true, ordering: .releasing)
         poke()
         if let t = thread {
-            pthread_join(t, nil)
+            pthread_detach(t)
             thread = nil
         }
     }
