@@ -124,12 +124,15 @@ public struct HeadLayout: Sendable {
 
     /// The index of the first header named `name` (lowercase ASCII), if any.
     public func index(named name: [UInt8], in p: UnsafeRawBufferPointer) -> Int? {
-        for (i, h) in headers.enumerated() where Int(h.nameEnd - h.lineStart) == name.count {
-            var same = true
-            for k in 0..<name.count where ASCII.lower(p[Int(h.lineStart) + k]) != name[k] { same = false; break }
-            if same { return i }
-        }
-        return nil
+        headers.firstIndex { Self.field($0, isNamed: name, in: p) }
+    }
+
+    /// Whether `h`'s name is `name` (lowercase ASCII), in any case.
+    @inline(__always)
+    public static func field(_ h: HeaderField, isNamed name: [UInt8], in p: UnsafeRawBufferPointer) -> Bool {
+        guard Int(h.nameEnd - h.lineStart) == name.count else { return false }
+        for k in 0..<name.count where ASCII.lower(p[Int(h.lineStart) + k]) != name[k] { return false }
+        return true
     }
 
     /// How this response's body is delimited (RFC 9112 6.3): none after HEAD, 204, 304 or an

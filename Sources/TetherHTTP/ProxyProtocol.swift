@@ -172,18 +172,15 @@ public enum ProxyProtocol {
             addressLength = body.count
         } else {
             switch family {
-            case 0x11:  // TCP over IPv4
-                addressLength = 12
-                guard body.count >= 12 else { return .invalid("a PROXY protocol v2 TCP4 header without its addresses") }
-                let sport = UInt16(body[8]) << 8 | UInt16(body[9]), dport = UInt16(body[10]) << 8 | UInt16(body[11])
-                header.source = ForwardedAddress(bytes: UnsafeRawBufferPointer(rebasing: body[0..<4]), port: sport)
-                header.destination = ForwardedAddress(bytes: UnsafeRawBufferPointer(rebasing: body[4..<8]), port: dport)
-            case 0x21:  // TCP over IPv6
-                addressLength = 36
-                guard body.count >= 36 else { return .invalid("a PROXY protocol v2 TCP6 header without its addresses") }
-                let sport = UInt16(body[32]) << 8 | UInt16(body[33]), dport = UInt16(body[34]) << 8 | UInt16(body[35])
-                header.source = ForwardedAddress(bytes: UnsafeRawBufferPointer(rebasing: body[0..<16]), port: sport)
-                header.destination = ForwardedAddress(bytes: UnsafeRawBufferPointer(rebasing: body[16..<32]), port: dport)
+            case 0x11, 0x21:  // TCP over IPv4, IPv6: source, destination, their ports
+                let n = family == 0x11 ? 4 : 16
+                addressLength = 2 * n + 4
+                guard body.count >= addressLength else {
+                    return .invalid("a PROXY protocol v2 \(n == 4 ? "TCP4" : "TCP6") header without its addresses")
+                }
+                let sport = UInt16(body[2 * n]) << 8 | UInt16(body[2 * n + 1]), dport = UInt16(body[2 * n + 2]) << 8 | UInt16(body[2 * n + 3])
+                header.source = ForwardedAddress(bytes: UnsafeRawBufferPointer(rebasing: body[0..<n]), port: sport)
+                header.destination = ForwardedAddress(bytes: UnsafeRawBufferPointer(rebasing: body[n..<(2 * n)]), port: dport)
             default:
                 // UNSPEC, UDP, UNIX: not a TCP client's address; the connection's own stands.
                 addressLength = family == 0x00 ? 0 : min(body.count, family >> 4 == 3 ? 216 : family >> 4 == 1 ? 12 : 36)
@@ -233,11 +230,7 @@ public enum RealIP {
     /// address in the way is not one: the peer's own address stands, as in nginx.
     public static func fromHeader(_ head: HeadLayout, _ p: UnsafeRawBufferPointer, name: [UInt8], forwardedFor: Bool,
                                   recursive: Bool, trusted: (ForwardedAddress) -> Bool) -> ForwardedAddress? {
-        func named(_ h: HeaderField) -> Bool {
-            guard Int(h.nameEnd - h.lineStart) == name.count else { return false }
-            for k in 0..<name.count where ASCII.lower(p[Int(h.lineStart) + k]) != name[k] { return false }
-            return true
-        }
+        func named(_ h: HeaderField) -> Bool { HeadLayout.field(h, isNamed: name, in: p) }
         guard forwardedFor else {
             guard let h = head.headers.first(where: named) else { return nil }
             return ForwardedAddress(text: trimmed(UnsafeRawBufferPointer(rebasing: p[Int(h.valueStart)..<Int(h.valueEnd)])))

@@ -133,6 +133,20 @@ import Testing
              expected: ["t.conf:3: upstream \"a\" has another \"health_check\" already"]),
         Case(name: "queue outside upstream", text: "http {\n  server { queue 1; }\n}\n",
              expected: ["t.conf:2: \"queue\" directive is not allowed here"]),
+        Case(name: "buffering 1", text: "http { proxy_temp_path /nonexistent/t; }\n", expected: ["t.conf:1: \"proxy_temp_path\" directory \"/nonexistent/t\" is not a directory Tether can write to"]),
+        Case(name: "buffering 2", text: "http { proxy_buffer_size 32k; }\n", expected: ["t.conf:1: invalid value \"32k\" in \"proxy_buffer_size\" directive, it must be from 1k to 16k (the size of Tether's buffers)"]),
+        Case(name: "buffering 3", text: "http { proxy_buffers 8 100; }\n", expected: ["t.conf:1: invalid value \"100\" in \"proxy_buffers\" directive, it must be at least 1k"]),
+        Case(name: "buffering 4", text: "http { proxy_buffering maybe; }\n", expected: ["t.conf:1: invalid value \"maybe\" in \"proxy_buffering\" directive, it must be \"on\" or \"off\""]),
+        Case(name: "buffering 5", text: "http { client_body_temp_path /tmp 3; }\n", expected: ["t.conf:1: invalid value \"3\" in \"client_body_temp_path\" directive, a level must be 1 or 2"]),
+        Case(name: "resolve 1", text: "http { upstream u { server api.internal:80 resolve; } }\n", expected: ["t.conf:1: no resolver defined to resolve api.internal"]),
+        Case(name: "resolve 2", text: "http { resolver 127.0.0.1; upstream u { server api.internal:80 resolve max_conns=4; } }\n", expected: ["t.conf:1: \"max_conns\" cannot be used with \"resolve\" (each address would need a cap of its own)"]),
+        Case(name: "resolve 3", text: "http { resolver 127.0.0.1; upstream u { server api.internal:80 resolve; health_check; } }\n", expected: ["t.conf:1: \"health_check\" cannot be used in upstream \"u\", whose servers are resolved at run time (\"resolve\")"]),
+        Case(name: "resolve 4", text: "http { resolver dns.example; }\n", expected: ["t.conf:1: invalid address \"dns.example\" in \"resolver\" directive, it must be a numeric IPv4 or IPv6 address with an optional port"]),
+        Case(name: "resolve 5", text: "http { resolver valid=5s; }\n", expected: ["t.conf:1: no address in \"resolver\" directive"]),
+        Case(name: "edge 1", text: "http { set_real_ip_from 10.0.0.0/33; }\n", expected: ["t.conf:1: invalid parameter \"10.0.0.0/33\" in \"set_real_ip_from\" directive"]),
+        Case(name: "edge 2", text: "http { set_real_ip_from example.com; }\n", expected: ["t.conf:1: invalid parameter \"example.com\" in \"set_real_ip_from\" directive"]),
+        Case(name: "edge 3", text: "http { real_ip_header \"X Real\"; }\n", expected: ["t.conf:1: invalid header name \"X Real\" in \"real_ip_header\" directive"]),
+        Case(name: "edge 4", text: "http { real_ip_recursive maybe; }\n", expected: ["t.conf:1: invalid value \"maybe\" in \"real_ip_recursive\" directive, it must be \"on\" or \"off\""]),
     ]
 
     @Test(arguments: cases)

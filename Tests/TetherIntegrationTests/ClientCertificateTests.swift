@@ -38,18 +38,9 @@ import Glibc
 
     /// curl with `cert` (a name in the test PKI, or nil for none); returns the body.
     func curl(_ proxy: any ProxyUnderTest, cert: String?, path: String = "/") throws -> String {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
         var args = ["-sS", "--max-time", "10", "--cacert", TestPKI.path("ca.pem"), "--resolve", "localhost:\(proxy.port):127.0.0.1"]
         if let cert { args += ["--cert", TestPKI.path("\(cert).pem"), "--key", TestPKI.path("\(cert).key")] }
-        p.arguments = args + ["https://localhost:\(proxy.port)\(path)"]
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = Pipe()
-        try p.run()
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return String(decoding: data, as: UTF8.self)
+        return try run("/usr/bin/curl", args + ["https://localhost:\(proxy.port)\(path)"]).out
     }
 
     static let noCertificate = "No required SSL certificate was sent"
@@ -133,18 +124,9 @@ import Glibc
 /// says why; handshakes go on either way.
 @Suite struct StaplingTests {
     func sClientStatus(_ port: Int) throws -> String {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
-        p.arguments = ["s_client", "-connect", "127.0.0.1:\(port)", "-servername", "localhost", "-status", "-CAfile", TestPKI.path("ca.pem")]
-        let inPipe = Pipe(), out = Pipe()
-        p.standardInput = inPipe
-        p.standardOutput = out
-        p.standardError = out
-        try p.run()
-        try inPipe.fileHandleForWriting.close()
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return String(decoding: data, as: UTF8.self)
+        let r = try run("/usr/bin/openssl", ["s_client", "-connect", "127.0.0.1:\(port)", "-servername", "localhost", "-status",
+                                             "-CAfile", TestPKI.path("ca.pem")])
+        return r.out + r.err
     }
 
     @Test(arguments: ["good", "revoked", "none"])

@@ -7,6 +7,8 @@ func run(_ exe: String, _ args: [String], cwd: String? = nil) throws -> (status:
     p.executableURL = URL(fileURLWithPath: exe)
     p.arguments = args
     if let cwd { p.currentDirectoryURL = URL(fileURLWithPath: cwd) }
+    // Nothing on standard input (`openssl s_client` would wait for it).
+    p.standardInput = FileHandle.nullDevice
     let out = Pipe(), err = Pipe()
     p.standardOutput = out
     p.standardError = err

@@ -93,16 +93,9 @@ import Glibc
             ssl_certificate \(TestPKI.path("localhost.pem"));
             ssl_certificate_key \(TestPKI.path("localhost.key"));
             """) { proxy in
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
-            p.arguments = ["-sS", "--max-time", "10", "--haproxy-protocol", "--cacert", TestPKI.path("ca.pem"),
-                           "--resolve", "localhost:\(proxy.port):127.0.0.1", "https://localhost:\(proxy.port)/"]
-            let out = Pipe()
-            p.standardOutput = out
-            try p.run()
-            let data = out.fileHandleForReading.readDataToEndOfFile()
-            p.waitUntilExit()
-            #expect(String(decoding: data, as: UTF8.self).hasPrefix("pp=127.0.0.1:"))
+            let out = try run("/usr/bin/curl", ["-sS", "--max-time", "10", "--haproxy-protocol", "--cacert", TestPKI.path("ca.pem"),
+                                                "--resolve", "localhost:\(proxy.port):127.0.0.1", "https://localhost:\(proxy.port)/"]).out
+            #expect(out.hasPrefix("pp=127.0.0.1:"))
             #expect(proxy.stats().tlsHandshakes["TLSv1.3"] == 1)
         }
     }

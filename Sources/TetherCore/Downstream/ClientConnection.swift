@@ -872,26 +872,8 @@ final class ClientConnection: IOHandler {
     /// copy of it). `real_ip_header`'s address instead, unless `own`.
     func peerAddressBytes(own: Bool = false) -> [UInt8] {
         if !own, let real = shared.realAddress { return real.bytes }
-        guard let fd = openSocket else { return [] }
-        var storage = sockaddr_storage()
-        var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
-        let rc = withUnsafeMutablePointer(to: &storage) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd, $0, &len) }
-        }
-        guard rc == 0 else { return [] }
-        let family = Int32(storage.ss_family)
-        return withUnsafeBytes(of: &storage) { raw in
-            switch family {
-            case AF_INET:
-                let a = raw.load(as: sockaddr_in.self)
-                return withUnsafeBytes(of: a.sin_addr) { Array($0) }
-            case AF_INET6:
-                let a = raw.load(as: sockaddr_in6.self)
-                return withUnsafeBytes(of: a.sin6_addr) { Array($0) }
-            default:
-                return []
-            }
-        }
+        guard let fd = openSocket, let peer = Self.socketAddress(fd, peer: true) else { return [] }
+        return peer.bytes
     }
 
     /// nginx's `return 444`: the connection closes without an answer.
@@ -977,15 +959,17 @@ final class ClientConnection: IOHandler {
     /// asked for); `close` forces a close. `route` gives `server_tokens` and the `Keep-Alive` line.
     /// `allow`: the answer says `Allow: GET, HEAD` (a 405 from an admin page).
     func respond(status: Int, text: UnsafeRawBufferPointer?, contentType: String = "text/plain", head: HeadLayout,
-                 isHEAD: Bool = false, route: CompiledLocation? = nil, close: Bool = false, allow: Bool = false) {
+                 isHEAD: Bool = false, route: CompiledLocation? = nil, close: Bool = false, allow: Bool = false, detail: StaticString? = nil) {
         precondition(state.inExchange && !answered, "respond outside an exchange or twice: \(state.phase)")
         answered = true
         // A body still coming is read and dropped before the next request (its framing is known).
         let keepAlive = clientKeepAlive(head: head, close: close, route: route)
         shared.countAnswer(status: status, server: route?.serverIndex)
-        logLocalAnswer(writeAnswer(LocalAnswer(status: status, text: text, contentType: contentType, serverTokens: route?.settings.serverTokens ?? true,
-                                               allow: allow, keepAlive: keepAlive, clientMinor: head.minorVersion, isHEAD: isHEAD,
-                                               keepAliveHeader: keepAlive ? route?.keepAliveHeader ?? [] : [])))
+        var answer = LocalAnswer(status: status, text: text, contentType: contentType, serverTokens: route?.settings.serverTokens ?? true,
+                                 allow: allow, keepAlive: keepAlive, clientMinor: head.minorVersion, isHEAD: isHEAD,
+                                 keepAliveHeader: keepAlive ? route?.keepAliveHeader ?? [] : [])
+        answer.detail = detail
+        logLocalAnswer(writeAnswer(answer))
         closeAfterWrite = !keepAlive
         if !keepAlive && (bodyLeft > 0 || chunked != nil) {
             // The connection closes after this answer: the rest of the body is not waited for.

@@ -16,6 +16,9 @@ struct LocalAnswer {
     var allow = false
     /// `Retry-After: N` (a 503 from a full upstream queue).
     var retryAfterSeconds: Int?
+    /// nginx's pages that say more than the status (its 495 and 496, answered as 400): the
+    /// title says this instead of the reason, and a line under the heading says it again.
+    var detail: StaticString?
     var keepAlive: Bool
     /// The client's HTTP minor version: an HTTP/1.0 client kept alive is told so.
     var clientMinor = 1
@@ -72,7 +75,7 @@ struct LocalAnswer {
         let bodyless = status == 204 || status == 304 || status < 200
         if bodyless || isHEAD { return 0 }
         if let text, !isRedirect { return text.count }
-        return status >= 300 ? Self.pageLength(status, Self.reason(status)) : 0
+        return status >= 300 ? Self.pageLength(status, Self.reason(status), detail) : 0
     }
 
     var isRedirect: Bool {
@@ -115,7 +118,7 @@ struct LocalAnswer {
             }
             out.put("Content-Type: text/html\r\n")
             page = true
-            putLength(Self.pageLength(status, reason), &out)
+            putLength(Self.pageLength(status, reason, detail), &out)
         } else if !bodyless {
             putLength(0, &out)
         }
@@ -128,7 +131,7 @@ struct LocalAnswer {
         out.put("\r\n")
         if !bodyless && !isHEAD {
             if page {
-                Self.putPage(status, reason, &out)
+                Self.putPage(status, reason, detail, &out)
             } else if let text, !isRedirect {
                 out.put(text)
             }
@@ -142,24 +145,31 @@ struct LocalAnswer {
         out.put("\r\n")
     }
 
-    // nginx's error page, in pieces (no String is built per answer).
-    private static let pageParts: (StaticString, StaticString, StaticString) = (
+    // nginx's error page, in pieces (no String is built per answer): the title, the heading, a
+    // line of detail when there is one, the signature.
+    private static let pageParts: (StaticString, StaticString, StaticString, StaticString) = (
         "<html>\r\n<head><title>",
         "</title></head>\r\n<body>\r\n<center><h1>",
-        "</h1></center>\r\n<hr><center>tether</center>\r\n</body>\r\n</html>\r\n"
+        "</h1></center>",
+        "\r\n<hr><center>tether</center>\r\n</body>\r\n</html>\r\n"
     )
+    private static let detailParts: (StaticString, StaticString) = ("\r\n<center>", "</center>")
 
-    private static func pageLength(_ status: Int, _ reason: StaticString) -> Int {
-        let title = decimalDigits(status) + 1 + reason.utf8CodeUnitCount
-        return pageParts.0.utf8CodeUnitCount + pageParts.1.utf8CodeUnitCount + pageParts.2.utf8CodeUnitCount + 2 * title
+    private static func pageLength(_ status: Int, _ reason: StaticString, _ detail: StaticString?) -> Int {
+        let digits = decimalDigits(status) + 1
+        let fixed = pageParts.0.utf8CodeUnitCount + pageParts.1.utf8CodeUnitCount + pageParts.2.utf8CodeUnitCount + pageParts.3.utf8CodeUnitCount
+        let more = detail.map { detailParts.0.utf8CodeUnitCount + $0.utf8CodeUnitCount + detailParts.1.utf8CodeUnitCount } ?? 0
+        return fixed + 2 * digits + (detail ?? reason).utf8CodeUnitCount + reason.utf8CodeUnitCount + more
     }
 
-    private static func putPage<S: HeadSink & ~Copyable>(_ status: Int, _ reason: StaticString, _ out: inout S) {
+    private static func putPage<S: HeadSink & ~Copyable>(_ status: Int, _ reason: StaticString, _ detail: StaticString?, _ out: inout S) {
         out.put(pageParts.0)
-        out.putDecimal(status); out.put(" "); out.put(reason)
+        out.putDecimal(status); out.put(" "); out.put(detail ?? reason)
         out.put(pageParts.1)
         out.putDecimal(status); out.put(" "); out.put(reason)
         out.put(pageParts.2)
+        if let detail { out.put(detailParts.0); out.put(detail); out.put(detailParts.1) }
+        out.put(pageParts.3)
     }
 
     private static func decimalDigits(_ n: Int) -> Int {

@@ -86,19 +86,11 @@ final class Router: ClientRequestHandler {
     }
 
     /// nginx's pages for a missing (496) and a failed (495) client certificate, answered as 400.
-    static let noCertificate = Array("""
-        <html>\r\n<head><title>400 No required SSL certificate was sent</title></head>\r\n<body>\r\n\
-        <center><h1>400 Bad Request</h1></center>\r\n<center>No required SSL certificate was sent</center>\r\n\
-        <hr><center>tether</center>\r\n</body>\r\n</html>\r\n
-        """.utf8)
-    static let badCertificate = Array("""
-        <html>\r\n<head><title>400 The SSL certificate error</title></head>\r\n<body>\r\n\
-        <center><h1>400 Bad Request</h1></center>\r\n<center>The SSL certificate error</center>\r\n\
-        <hr><center>tether</center>\r\n</body>\r\n</html>\r\n
-        """.utf8)
+    static let noCertificate: StaticString = "No required SSL certificate was sent"
+    static let badCertificate: StaticString = "The SSL certificate error"
 
-    /// The page a request on `tls` gets under `mode`, or nil when it may go on.
-    static func refusedCertificate(_ tls: TLSSocket, _ mode: SSLSettings.VerifyClient) -> [UInt8]? {
+    /// The detail of the 400 a request on `tls` gets under `mode`, or nil when it may go on.
+    static func refusedCertificate(_ tls: TLSSocket, _ mode: SSLSettings.VerifyClient) -> StaticString? {
         switch tls.clientCertificate {
         case .verified: return nil
         case .none: return mode == .on ? noCertificate : nil
@@ -129,11 +121,9 @@ final class Router: ClientRequestHandler {
         }
         // The settings are read where needed (a copy of the struct would retain every list in it).
         // ssl_verify_client: nginx's 400 pages, and the connection closes.
-        if route.verifyClient != .off, let tls = connection.tls, let page = Self.refusedCertificate(tls, route.verifyClient) {
-            connection.countRefusedCertificate(missing: page == Self.noCertificate)
-            return page.withUnsafeBytes {
-                connection.respond(status: 400, text: $0, contentType: "text/html", head: head, isHEAD: isHEAD, route: route, close: true)
-            }
+        if route.verifyClient != .off, let tls = connection.tls, let detail = Self.refusedCertificate(tls, route.verifyClient) {
+            connection.countRefusedCertificate(missing: tls.clientCertificate == .none)
+            return connection.respond(status: 400, text: nil, head: head, isHEAD: isHEAD, route: route, close: true, detail: detail)
         }
         if let n = head.contentLength, route.settings.clientMaxBodySize > 0, n > route.settings.clientMaxBodySize {
             return connection.respond(status: 413, text: nil, head: head, isHEAD: isHEAD, route: route, close: true)
