@@ -80,12 +80,12 @@ let package = Package(
         .testTarget(name: "TetherHTTPTests", dependencies: ["TetherHTTP"]),
         .testTarget(
             name: "TetherCoreTests",
-            dependencies: ["TetherCore", "TetherHTTP", "TetherPool", "TetherIO"]
+            dependencies: ["TetherCore", "TetherHTTP", "TetherPool", "TetherIO", "TetherTLS"]
         ),
         .testTarget(
             name: "TetherIntegrationTests",
             dependencies: [
-                "TetherCore", "TetherConfig", "TetherAdmin", "TetherTestSupport", "TetherIO",
+                "TetherCore", "TetherConfig", "TetherAdmin", "TetherTestSupport", "TetherIO", "TetherTLS",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ]

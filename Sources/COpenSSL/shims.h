@@ -149,61 +149,157 @@ static inline int tether_SSL_peer_fact(SSL *ssl, int what, char *out, int size) 
 }
 
 #include <openssl/ocsp.h>
-/// OCSP stapling (ssl_stapling): the response the context staples, handed to each client that
-/// asks for one (a copy: OpenSSL frees what it is given).
-typedef struct { unsigned char *der; int len; } tether_staple;
+#include <pthread.h>
+#include <stdlib.h>
+#include <time.h>
+/// OCSP stapling (ssl_stapling): the response a context staples for its certificate `cert`,
+/// handed to each client that asks for one (a copy: OpenSSL frees what it is given). The
+/// response may be replaced at any time by the thread that fetches it from the responder, so it
+/// is read and swapped under `lock`; one past `valid_until` (its nextUpdate) is not stapled.
+typedef struct {
+    pthread_mutex_t lock;
+    unsigned char *der;
+    int len;
+    time_t valid_until;
+    X509 *cert;
+} tether_staple;
 static inline int tether_staple_callback(SSL *ssl, void *arg) {
     tether_staple *staple = (tether_staple *)arg;
-    if (staple == NULL || staple->der == NULL || staple->len <= 0) return SSL_TLSEXT_ERR_NOACK;
-    unsigned char *copy = OPENSSL_malloc(staple->len);
-    if (copy == NULL) return SSL_TLSEXT_ERR_NOACK;
-    memcpy(copy, staple->der, staple->len);
-    SSL_set_tlsext_status_ocsp_resp(ssl, copy, staple->len);
-    return SSL_TLSEXT_ERR_OK;
+    if (staple == NULL || SSL_get_certificate(ssl) != staple->cert) return SSL_TLSEXT_ERR_NOACK;
+    int rc = SSL_TLSEXT_ERR_NOACK;
+    pthread_mutex_lock(&staple->lock);
+    if (staple->der != NULL && staple->len > 0 && time(NULL) < staple->valid_until) {
+        unsigned char *copy = OPENSSL_malloc(staple->len);
+        if (copy != NULL) {
+            memcpy(copy, staple->der, staple->len);
+            SSL_set_tlsext_status_ocsp_resp(ssl, copy, staple->len);
+            rc = SSL_TLSEXT_ERR_OK;
+        }
+    }
+    pthread_mutex_unlock(&staple->lock);
+    return rc;
 }
-static inline void tether_SSL_CTX_set_staple(SSL_CTX *ctx, tether_staple *staple) {
+/// A staple for the certificate the context has now (the last one loaded), with nothing in it.
+static inline tether_staple *tether_staple_new(SSL_CTX *ctx) {
+    tether_staple *st = calloc(1, sizeof(tether_staple));
+    if (st == NULL) return NULL;
+    pthread_mutex_init(&st->lock, NULL);
+    st->cert = SSL_CTX_get0_certificate(ctx);
     SSL_CTX_set_tlsext_status_cb(ctx, tether_staple_callback);
-    SSL_CTX_set_tlsext_status_arg(ctx, staple);
+    SSL_CTX_set_tlsext_status_arg(ctx, st);
+    return st;
+}
+/// Replaces what is stapled with a copy of `der` (NULL: nothing), good until `valid_until`.
+static inline void tether_staple_set(tether_staple *st, const unsigned char *der, int len, time_t valid_until) {
+    unsigned char *copy = NULL;
+    if (der != NULL && len > 0 && (copy = malloc(len)) != NULL) memcpy(copy, der, len);
+    pthread_mutex_lock(&st->lock);
+    unsigned char *old = st->der;
+    st->der = copy;
+    st->len = copy != NULL ? len : 0;
+    st->valid_until = valid_until;
+    pthread_mutex_unlock(&st->lock);
+    free(old);
+}
+/// Whether something is stapled now (for tests and logs).
+static inline int tether_staple_present(tether_staple *st) {
+    pthread_mutex_lock(&st->lock);
+    int present = st->der != NULL && time(NULL) < st->valid_until;
+    pthread_mutex_unlock(&st->lock);
+    return present;
+}
+static inline void tether_staple_free(tether_staple *st) {
+    if (st == NULL) return;
+    pthread_mutex_destroy(&st->lock);
+    free(st->der);
+    free(st);
+}
+/// The issuer of the context's certificate: from its chain, else from its trusted store (a
+/// reference the caller frees), or NULL.
+static inline X509 *tether_ocsp_issuer(SSL_CTX *ctx, X509 *leaf) {
+    STACK_OF(X509) *chain = NULL;
+    SSL_CTX_get0_chain_certs(ctx, &chain);
+    for (int i = 0; chain != NULL && i < sk_X509_num(chain); i++) {
+        X509 *c = sk_X509_value(chain, i);
+        if (X509_check_issued(c, leaf) == X509_V_OK) { X509_up_ref(c); return c; }
+    }
+    X509 *issuer = NULL;
+    X509_STORE_CTX *sctx = X509_STORE_CTX_new();
+    if (sctx != NULL && X509_STORE_CTX_init(sctx, SSL_CTX_get_cert_store(ctx), leaf, NULL) == 1) {
+        X509_STORE_CTX_get1_issuer(&issuer, sctx, leaf);
+    }
+    X509_STORE_CTX_free(sctx);
+    return issuer;
+}
+/// The OCSP request (DER, in a buffer the caller frees with `free`) about the context's
+/// certificate, and the first OCSP responder URL of its Authority Information Access, copied
+/// into `url` (empty when there is none). Returns the request's length, or -1 with the reason
+/// in `why`.
+static inline int tether_ocsp_request(SSL_CTX *ctx, unsigned char **out, char *url, int urlsize, char *why, int size) {
+    X509 *leaf = SSL_CTX_get0_certificate(ctx);
+    int len = -1;
+    url[0] = 0;
+    if (leaf == NULL) { snprintf(why, size, "no certificate"); return -1; }
+    STACK_OF(OPENSSL_STRING) *aia = X509_get1_ocsp(leaf);
+    if (aia != NULL && sk_OPENSSL_STRING_num(aia) > 0) snprintf(url, urlsize, "%s", sk_OPENSSL_STRING_value(aia, 0));
+    X509_email_free(aia);
+    X509 *issuer = tether_ocsp_issuer(ctx, leaf);
+    if (issuer == NULL) { snprintf(why, size, "the certificate's issuer is not in its chain nor in ssl_trusted_certificate"); ERR_clear_error(); return -1; }
+    OCSP_REQUEST *req = OCSP_REQUEST_new();
+    OCSP_CERTID *id = OCSP_cert_to_id(NULL, leaf, issuer);
+    X509_free(issuer);
+    if (req == NULL || id == NULL || OCSP_request_add0_id(req, id) == NULL) {
+        OCSP_CERTID_free(id);
+        snprintf(why, size, "cannot make an OCSP request");
+    } else {
+        unsigned char *der = NULL;
+        int n = i2d_OCSP_REQUEST(req, &der);
+        if (n > 0) {
+            *out = malloc(n);
+            if (*out != NULL) { memcpy(*out, der, n); len = n; }
+        }
+        OPENSSL_free(der);
+        if (len < 0) snprintf(why, size, "cannot encode the OCSP request");
+    }
+    OCSP_REQUEST_free(req);
+    ERR_clear_error();
+    return len;
 }
 /// Checks a DER OCSP response for the context's certificate: 1 when it says "good" and is
 /// current (and, with `verify`, is signed by a CA the context trusts); otherwise 0, with the
-/// reason in `why` (at most `size` bytes).
-static inline int tether_check_ocsp(SSL_CTX *ctx, const unsigned char *der, long len, int verify, char *why, int size) {
+/// reason in `why` (at most `size` bytes). `status` gets the certificate's status when the
+/// response names it (V_OCSP_CERTSTATUS_*, else -1) and `valid_until` the response's nextUpdate
+/// as a time (0 when it has none).
+static inline int tether_check_ocsp(SSL_CTX *ctx, const unsigned char *der, long len, int verify, char *why, int size, int *status, time_t *valid_until) {
     const unsigned char *p = der;
     int ok = 0;
+    *status = -1;
+    *valid_until = 0;
     OCSP_RESPONSE *resp = d2i_OCSP_RESPONSE(NULL, &p, len);
     OCSP_BASICRESP *basic = NULL;
     OCSP_CERTID *id = NULL;
     X509 *leaf = SSL_CTX_get0_certificate(ctx);
     STACK_OF(X509) *chain = NULL;
+    SSL_CTX_get0_chain_certs(ctx, &chain);
     if (resp == NULL) { snprintf(why, size, "not an OCSP response"); goto done; }
     if (OCSP_response_status(resp) != OCSP_RESPONSE_STATUS_SUCCESSFUL) { snprintf(why, size, "the responder said %s", OCSP_response_status_str(OCSP_response_status(resp))); goto done; }
     basic = OCSP_response_get1_basic(resp);
     if (basic == NULL || leaf == NULL) { snprintf(why, size, "no basic response"); goto done; }
-    SSL_CTX_get0_chain_certs(ctx, &chain);
-    X509 *issuer = NULL;
-    for (int i = 0; chain != NULL && i < sk_X509_num(chain); i++) {
-        X509 *c = sk_X509_value(chain, i);
-        if (X509_check_issued(c, leaf) == X509_V_OK) { issuer = c; break; }
-    }
-    if (issuer == NULL) {
-        X509_STORE_CTX *sctx = X509_STORE_CTX_new();
-        if (sctx != NULL && X509_STORE_CTX_init(sctx, SSL_CTX_get_cert_store(ctx), leaf, NULL) == 1) {
-            X509_STORE_CTX_get1_issuer(&issuer, sctx, leaf);
-        }
-        X509_STORE_CTX_free(sctx);
-        if (issuer == NULL) { snprintf(why, size, "the certificate's issuer is not in its chain nor in ssl_trusted_certificate"); goto done; }
-        id = OCSP_cert_to_id(NULL, leaf, issuer);
-        X509_free(issuer);
-    } else {
-        id = OCSP_cert_to_id(NULL, leaf, issuer);
-    }
-    int status = -1, reason = 0;
+    X509 *issuer = tether_ocsp_issuer(ctx, leaf);
+    if (issuer == NULL) { snprintf(why, size, "the certificate's issuer is not in its chain nor in ssl_trusted_certificate"); goto done; }
+    id = OCSP_cert_to_id(NULL, leaf, issuer);
+    X509_free(issuer);
+    int reason = 0;
     ASN1_GENERALIZEDTIME *rev = NULL, *thisupd = NULL, *nextupd = NULL;
-    if (id == NULL || OCSP_resp_find_status(basic, id, &status, &reason, &rev, &thisupd, &nextupd) != 1) { snprintf(why, size, "the response is not about this certificate"); goto done; }
-    if (status != V_OCSP_CERTSTATUS_GOOD) { snprintf(why, size, "the certificate's status is %s", OCSP_cert_status_str(status)); goto done; }
+    if (id == NULL || OCSP_resp_find_status(basic, id, status, &reason, &rev, &thisupd, &nextupd) != 1) { *status = -1; snprintf(why, size, "the response is not about this certificate"); goto done; }
+    // A response that does not verify says nothing about the status, whatever it claims.
+    if (verify && OCSP_basic_verify(basic, chain, SSL_CTX_get_cert_store(ctx), 0) != 1) { *status = -1; snprintf(why, size, "the response's signature does not verify"); goto done; }
+    if (*status != V_OCSP_CERTSTATUS_GOOD) { snprintf(why, size, "the certificate's status is %s", OCSP_cert_status_str(*status)); goto done; }
     if (OCSP_check_validity(thisupd, nextupd, 300, -1) != 1) { snprintf(why, size, "the response is not current (thisUpdate/nextUpdate)"); goto done; }
-    if (verify && OCSP_basic_verify(basic, chain, SSL_CTX_get_cert_store(ctx), 0) != 1) { snprintf(why, size, "the response's signature does not verify"); goto done; }
+    if (nextupd != NULL) {
+        struct tm tm;
+        if (ASN1_TIME_to_tm(nextupd, &tm) == 1) *valid_until = timegm(&tm);
+    }
     ok = 1;
 done:
     OCSP_CERTID_free(id);

@@ -87,6 +87,8 @@ public struct Renderer: AdminRenderer {
 
         family("tether_tls_client_certificates_refused_total", "counter", "Requests answered 400 under ssl_verify_client: no certificate (none) or one that failed verification (invalid).")
         for r in ["invalid", "none"] { sample("tether_tls_client_certificates_refused_total", [("reason", r)], s.clientCertificatesRefused[r] ?? 0) }
+        family("tether_ssl_stapling_fetches_total", "counter", "OCSP responses fetched for ssl_stapling, by result: good (stapled), revoked (nothing stapled), failed (the last good one stays until its nextUpdate).")
+        for r in ["failed", "good", "revoked"] { sample("tether_ssl_stapling_fetches_total", [("result", r)], s.ocspFetches[r] ?? 0) }
         family("tether_proxy_protocol_headers_total", "counter", "PROXY protocol headers read on listen ... proxy_protocol addresses (the refused ones close with reason proxy_protocol).")
         sample("tether_proxy_protocol_headers_total", [], s.proxyProtocolHeaders)
 
@@ -228,7 +230,8 @@ public struct Renderer: AdminRenderer {
                 "reading": s.reading, "writing": s.writing, "waiting": s.waiting, "closed": s.downstreamClosed,
                 "accept_failed": StatsSnapshot.acceptFailureReasons.reduce(into: s.acceptFailures) { $0[$1] = $0[$1] ?? 0 },
             ],
-            "tls": ["handshakes": s.tlsHandshakes, "sessions_reused": s.tlsSessionsReused, "handshake_failures": s.tlsHandshakeFailures],
+            "tls": ["handshakes": s.tlsHandshakes, "sessions_reused": s.tlsSessionsReused, "handshake_failures": s.tlsHandshakeFailures,
+                    "stapling_fetches": ["failed", "good", "revoked"].reduce(into: s.ocspFetches) { $0[$1] = $0[$1] ?? 0 }],
             "buffered": ["memory_bytes": s.buffered.memoryBytes, "file_bytes": s.buffered.fileBytes, "temp_files": s.buffered.filesOpened,
                          "temp_file_written_bytes": s.buffered.bytesWrittenToFiles, "temp_file_errors": s.buffered.fileErrors],
             "requests": ["total": s.requests, "by_status": (1...5).reduce(into: [String: Int]()) { $0["\($1)xx"] = s.responsesByClass[$1] }],

@@ -612,6 +612,11 @@ public struct Builder {
             for c in out[i].settings.ssl.certificates where c.key.isEmpty {
                 errors.append(ConfigError("no \"ssl_certificate_key\" is defined for certificate \"\(c.certificate)\"", at: c.location))
             }
+            // OCSP responses are fetched through http's `resolver` (a responder named by a name).
+            if out[i].settings.ssl.stapling && out[i].settings.ssl.staplingFile == nil, var r = httpResolver {
+                if let t = httpResolverTimeoutMs { r.timeoutMs = t }
+                out[i].settings.ssl.resolver = r
+            }
         }
         config.servers = out
         config.upstreams = upstreams

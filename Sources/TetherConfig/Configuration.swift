@@ -471,10 +471,13 @@ public struct SSLSettings: Hashable, Sendable {
     /// `ssl_crl`: revocation lists (PEM) the client's chain is checked against.
     public var crl: String?
     /// `ssl_stapling`, `ssl_stapling_file` (a DER OCSP response, read at start and reload),
-    /// `ssl_stapling_verify`.
+    /// `ssl_stapling_verify`, `ssl_stapling_responder` (overrides the certificate's responder).
     public var stapling = false
     public var staplingFile: String?
     public var staplingVerify = false
+    public var staplingResponder: String?
+    /// http's `resolver` (and `resolver_timeout`), for a responder named by a name.
+    public var resolver: Upstream.Resolver?
     /// Where each `ssl_*` directive that applies was written, by name (for errors found when
     /// OpenSSL reads the settings).
     public var sources: [String: SourceLocation] = [:]

@@ -656,6 +656,13 @@ let directiveTable: [DirectiveSpec] = {
             let at = d.location
             b.settings.ssl = (b.settings.ssl ?? []) + [{ $0.staplingFile = v; $0.sources["ssl_stapling_file"] = at }]
         },
+        ssl("ssl_stapling_responder") { d throws(ConfigErrorReason) in
+            let url = d.args[0].text
+            // Plain HTTP only, as nginx: a response is signed, and fetching it over TLS would need one of its own.
+            guard url.lowercased().hasPrefix("http://") else { throw ConfigErrorReason("invalid URL prefix in \"\(url)\" of \"ssl_stapling_responder\", only \"http://\" is supported") }
+            guard url.count > 7 else { throw ConfigErrorReason("no host in \"\(url)\" of \"ssl_stapling_responder\"") }
+            return { $0.staplingResponder = url }
+        },
         ssl("ssl_verify_depth") { d throws(ConfigErrorReason) in let v = try Value.count(d.args[0], d, min: 1, max: 100); return { $0.verifyDepth = v } },
         ssl("ssl_handshake_timeout") { d throws(ConfigErrorReason) in let v = try Value.time(d.args[0], d); return { $0.handshakeTimeoutMs = v } },
 

@@ -48,12 +48,14 @@ public struct TLSServerSettings: Sendable {
     public var trustedCertificate: String?
     public var verifyDepth = 1
     public var crl: String?
-    /// `ssl_stapling` with `ssl_stapling_file`: the DER OCSP response stapled to handshakes whose
-    /// client asks, when it says the certificate is good and is current (and, with
-    /// `staplingVerify`, is signed by a trusted CA).
+    /// `ssl_stapling`: an OCSP response stapled to handshakes whose client asks, when it says
+    /// the certificate is good and is current (and, with `staplingVerify`, is signed by a trusted
+    /// CA). From `staplingFile` (DER) when set, else fetched (`TLSContext.ocspQuery`) from
+    /// `staplingResponder` or the responder the certificate names.
     public var stapling = false
     public var staplingFile: String?
     public var staplingVerify = false
+    public var staplingResponder: String?
 
     public init(certificates: [(certificate: String, key: String)]) {
         self.certificates = certificates
@@ -97,17 +99,20 @@ public final class TLSContext: @unchecked Sendable {
     let sendServerName: Bool
     let sessionReuse: Bool
     public let handshakeTimeoutMs: Int64
-    /// The OCSP response stapled (owned here; OpenSSL gets a copy per handshake).
+    /// The OCSP response stapled (owned here; OpenSSL gets a copy per handshake, under the
+    /// staple's lock, since the thread that fetches responses may replace it at any time).
     private var staple: UnsafeMutablePointer<tether_staple>?
     /// Why `ssl_stapling` staples nothing, for the error log (nil when it staples, or is off).
     public private(set) var staplingProblem: String?
+    /// `ssl_stapling` without a file: what to ask the responder (nil when nothing is fetched).
+    public private(set) var ocspQuery: OCSPQuery?
+    private var staplingVerify = false
+    /// The certificate's file, for log lines about its staple.
+    public private(set) var certificateFile = ""
 
     deinit {
         SSL_CTX_free(ctx)
-        if let staple {
-            staple.pointee.der?.deallocate()
-            staple.deallocate()
-        }
+        tether_staple_free(staple)
     }
 
     private init(ctx: OpaquePointer, isServer: Bool, peerName: String?, verifyPeer: Bool, sendServerName: Bool, sessionReuse: Bool, handshakeTimeoutMs: Int64) {
@@ -181,7 +186,8 @@ public final class TLSContext: @unchecked Sendable {
             }
         }
         if s.stapling {
-            if !s.verifyClient, s.staplingVerify, let ca = s.trustedCertificate {
+            // The issuer named in the OCSP request may be found only here, verification or not.
+            if !s.verifyClient, let ca = s.trustedCertificate {
                 try readable(ca, "cannot load trusted certificate", directive: "ssl_trusted_certificate")
                 guard SSL_CTX_load_verify_locations(ctx, ca, nil) == 1 else {
                     throw TLSConfigurationError("cannot load trusted certificate \"\(ca)\": \(OpenSSLErrors.drain())", directive: "ssl_trusted_certificate")
@@ -203,12 +209,15 @@ public final class TLSContext: @unchecked Sendable {
         return context
     }
 
-    /// Reads `ssl_stapling_file` and staples it if it is good (`staplingProblem` says why not).
+    /// Sets up `ssl_stapling`: reads `ssl_stapling_file` and staples it if it is good, or makes
+    /// the query a fetcher sends to the responder (`staplingProblem` says why nothing will be
+    /// stapled).
     private func loadStaple(_ s: TLSServerSettings) throws {
-        guard let file = s.staplingFile else {
-            staplingProblem = "\"ssl_stapling\" without \"ssl_stapling_file\": fetching from the OCSP responder is not supported, nothing is stapled"
-            return
-        }
+        staplingVerify = s.staplingVerify
+        certificateFile = s.certificates.last?.certificate ?? ""
+        guard let st = tether_staple_new(ctx) else { throw TLSConfigurationError("cannot allocate the OCSP staple", directive: "ssl_stapling") }
+        staple = st
+        guard let file = s.staplingFile else { return makeQuery(s) }
         guard let f = fopen(file, "rb") else {
             throw TLSConfigurationError("cannot load OCSP response \"\(file)\": \(String(cString: strerror(errno)))", directive: "ssl_stapling_file")
         }
@@ -221,18 +230,58 @@ public final class TLSContext: @unchecked Sendable {
             bytes += chunk[0..<n]
             guard bytes.count <= 1 << 20 else { throw TLSConfigurationError("OCSP response \"\(file)\" is over 1 MiB", directive: "ssl_stapling_file") }
         }
+        switch staple(response: bytes) {
+        case .stapled: break
+        case .revoked(let why), .refused(let why): staplingProblem = "OCSP response \"\(file)\" is not stapled: \(why)"
+        }
+    }
+
+    private func makeQuery(_ s: TLSServerSettings) {
+        var url = [CChar](repeating: 0, count: 1024)
         var why = [CChar](repeating: 0, count: 256)
-        guard tether_check_ocsp(ctx, bytes, bytes.count, s.staplingVerify ? 1 : 0, &why, 256) == 1 else {
-            staplingProblem = "OCSP response \"\(file)\" is not stapled: \(String(cString: why))"
+        var der: UnsafeMutablePointer<UInt8>?
+        let n = tether_ocsp_request(ctx, &der, &url, 1024, &why, 256)
+        defer { free(der) }
+        guard n > 0, let der else {
+            staplingProblem = "\"ssl_stapling\" ignored for \"\(certificateFile)\": \(String(decoding: why.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))"
             return
         }
-        let der = UnsafeMutablePointer<UInt8>.allocate(capacity: bytes.count)
-        der.initialize(from: bytes, count: bytes.count)
-        let st = UnsafeMutablePointer<tether_staple>.allocate(capacity: 1)
-        st.initialize(to: tether_staple(der: der, len: Int32(bytes.count)))
-        staple = st
-        tether_SSL_CTX_set_staple(ctx, st)
+        let named = String(decoding: url.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        guard let responder = s.staplingResponder ?? (named.isEmpty ? nil : named) else {
+            staplingProblem = "\"ssl_stapling\" ignored, no OCSP responder URL in the certificate \"\(certificateFile)\""
+            return
+        }
+        guard let parts = OCSPQuery.responder(responder) else {
+            staplingProblem = "\"ssl_stapling\" ignored for \"\(certificateFile)\": invalid OCSP responder URL \"\(responder)\" (only http:// is supported)"
+            return
+        }
+        ocspQuery = OCSPQuery(url: responder, host: parts.host, port: parts.port, path: parts.path,
+                              request: Array(UnsafeBufferPointer(start: der, count: Int(n))))
     }
+
+    /// Checks an OCSP response (DER) about this context's certificate and staples it when it
+    /// says good and is current; a revoked (or unknown) status takes down what was stapled, any
+    /// other fault leaves it. Any thread: handshakes read the staple under its lock.
+    public func staple(response: [UInt8]) -> StapleOutcome {
+        guard let staple else { return .refused("\"ssl_stapling\" is off") }
+        var why = [CChar](repeating: 0, count: 256)
+        var status: Int32 = -1
+        var validUntil = time_t(0)
+        if tether_check_ocsp(ctx, response, response.count, staplingVerify ? 1 : 0, &why, 256, &status, &validUntil) == 1 {
+            let until = validUntil == 0 ? Int.max : Int(validUntil)
+            tether_staple_set(staple, response, Int32(response.count), time_t(clamping: until))
+            return .stapled(validUntil: until)
+        }
+        let reason = String(decoding: why.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        if status == V_OCSP_CERTSTATUS_REVOKED || status == V_OCSP_CERTSTATUS_UNKNOWN {
+            tether_staple_set(staple, nil, 0, 0)
+            return .revoked(reason)
+        }
+        return .refused(reason)
+    }
+
+    /// Whether a current OCSP response is stapled now.
+    public var isStapling: Bool { staple.map { tether_staple_present($0) == 1 } ?? false }
 
     /// A client context for upstream connections.
     public static func client(_ s: TLSClientSettings, handshakeTimeoutMs: Int64 = 60_000) throws -> TLSContext {

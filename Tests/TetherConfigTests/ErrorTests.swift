@@ -146,6 +146,8 @@ import Testing
         Case(name: "edge 1", text: "http { set_real_ip_from 10.0.0.0/33; }\n", expected: ["t.conf:1: invalid parameter \"10.0.0.0/33\" in \"set_real_ip_from\" directive"]),
         Case(name: "edge 2", text: "http { set_real_ip_from example.com; }\n", expected: ["t.conf:1: invalid parameter \"example.com\" in \"set_real_ip_from\" directive"]),
         Case(name: "edge 3", text: "http { real_ip_header \"X Real\"; }\n", expected: ["t.conf:1: invalid header name \"X Real\" in \"real_ip_header\" directive"]),
+        Case(name: "edge 5", text: "http {\n  ssl_stapling_responder https://ocsp.example/;\n}\n", expected: ["t.conf:2: invalid URL prefix in \"https://ocsp.example/\" of \"ssl_stapling_responder\", only \"http://\" is supported"]),
+        Case(name: "edge 6", text: "http { server { ssl_stapling_responder http://; } }\n", expected: ["t.conf:1: no host in \"http://\" of \"ssl_stapling_responder\""]),
         Case(name: "edge 4", text: "http { real_ip_recursive maybe; }\n", expected: ["t.conf:1: invalid value \"maybe\" in \"real_ip_recursive\" directive, it must be \"on\" or \"off\""]),
     ]
 

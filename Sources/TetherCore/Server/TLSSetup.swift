@@ -75,6 +75,7 @@ struct TLSSetup: Sendable {
         t.stapling = s.stapling
         t.staplingFile = s.staplingFile
         t.staplingVerify = s.staplingVerify
+        t.staplingResponder = s.staplingResponder
         return t
     }
 

@@ -23,6 +23,8 @@ public final class TetherServer: @unchecked Sendable {
     private var healthChecks: HealthChecks?
     /// `server … resolve`: the names' addresses, kept fresh on a thread of their own.
     private var resolver: ResolverThread?
+    /// `ssl_stapling` responses fetched from the responders, on a thread of its own.
+    private let stapler: Stapler
     /// Reloads and the resolver's changes take turns (each reads and replaces the setup).
     private let changing = Mutex<Int>(0)
 
@@ -90,13 +92,18 @@ public final class TetherServer: @unchecked Sendable {
         loop.execute { [tls] _ in checks.value.configure(list, tls: tls) }
     }
 
-    /// `ssl_stapling` that staples nothing (no file, a revoked or stale response): handshakes go
-    /// on without a staple, and the error log says why, at start and at each reload.
-    private func logStaplingProblems(_ setup: ProxySetup) {
+    /// `ssl_stapling` (start and reload): contexts that staple nothing (no responder, a revoked
+    /// or stale file) go on without a staple, and the error log says why; those that fetch their
+    /// response are handed to the stapler's thread.
+    private func configureStapling(_ setup: ProxySetup) {
         var seen = Set<ObjectIdentifier>()
-        for ctx in setup.tls.servers.values where seen.insert(ObjectIdentifier(ctx)).inserted {
+        var fetching: [(TLSContext, Upstream.Resolver?)] = []
+        for (i, ctx) in setup.tls.servers.sorted(by: { $0.key < $1.key }).map({ ($0.key, $0.value) })
+        where seen.insert(ObjectIdentifier(ctx)).inserted {
             if let p = ctx.staplingProblem { log(.warn, p) }
+            if ctx.ocspQuery != nil { fetching.append((ctx, setup.configuration.servers[i].settings.ssl.resolver)) }
         }
+        stapler.configure(fetching)
     }
 
     /// The limits for `setup`'s upstreams (the start's or a reload's thread).
@@ -134,9 +141,11 @@ public final class TetherServer: @unchecked Sendable {
         let log = log ?? LoopErrorLog(level: configuration.errorLog.level)
         self.log = log
         resolver = Self.prepareResolver(nil, configuration, log: log, forward: forward)
+        let stapler = Stapler(log: log)
+        self.stapler = stapler
         do {
             current = Mutex((configuration, try ProxySetup(Self.expanded(configuration, resolver))))
-            self.admin = try AdminPages(renderer: admin, configuration: configuration)
+            self.admin = try AdminPages(renderer: admin, configuration: configuration, stapling: { stapler.fetches })
         } catch {
             throw TetherServerError(lines: ["\(error)"])
         }
@@ -182,7 +191,7 @@ public final class TetherServer: @unchecked Sendable {
         let workers = made.enumerated().map { i, loop in LoopThread(loop: loop, log: log, admin: admin) }
         let upstreamLimits = limits(for: setup)
         configureHealthChecks(setup, upstreamLimits)
-        logStaplingProblems(setup)
+        configureStapling(setup)
         for (i, w) in workers.enumerated() {
             // Before the loop's thread runs: nothing else touches it yet.
             w.install(setup, limits: upstreamLimits, sockets: bound.sockets(loop: i), accessLog: writer)
@@ -240,7 +249,7 @@ public final class TetherServer: @unchecked Sendable {
         }
         let upstreamLimits = limits(for: setup)
         configureHealthChecks(setup, upstreamLimits)
-        logStaplingProblems(setup)
+        configureStapling(setup)
         // Each loop takes the new configuration between two of its passes; this waits for all.
         let pending = Atomic<Int>(workers.count)
         for (i, w) in workers.enumerated() {
@@ -354,6 +363,7 @@ public final class TetherServer: @unchecked Sendable {
     /// listener and connection at once (a fast stop: answers under way are cut).
     public func stop() {
         resolver?.stop()
+        stapler.stop()
         for l in loops { l.stop() }
         for t in threads { pthread_join(t, nil) }
         for l in loops { l.closeAll() }

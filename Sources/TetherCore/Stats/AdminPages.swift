@@ -41,9 +41,13 @@ final class AdminPages: @unchecked Sendable {
     /// The rounds under way, by page, with the receivers waiting for each (helper's thread only).
     private var rounds: [AdminPage: [Receiver]] = [:]
 
-    init(renderer: AdminRenderer?, configuration: Configuration) throws(IOError) {
+    /// The OCSP fetches by result (any thread).
+    private let stapling: @Sendable () -> [String: Int]
+
+    init(renderer: AdminRenderer?, configuration: Configuration, stapling: @escaping @Sendable () -> [String: Int] = { [:] }) throws(IOError) {
         self.renderer = renderer
         self.configuration = configuration
+        self.stapling = stapling
         helper = IOLoopThread(loop: try IOLoop(), name: "tether-admin")
     }
 
@@ -118,7 +122,9 @@ final class AdminPages: @unchecked Sendable {
     }
 
     private func combine(_ parts: [SnapshotPart]) -> StatsSnapshot {
-        StatsSnapshot.combining(parts, upstreams: configuration.upstreams, servers: configuration.servers)
+        var s = StatsSnapshot.combining(parts, upstreams: configuration.upstreams, servers: configuration.servers)
+        s.ocspFetches = stapling()
+        return s
     }
 
     private func hostSnapshot() -> HostSnapshot {

@@ -270,6 +270,8 @@ public struct StatsSnapshot: Sendable {
     public var proxyProtocolHeaders = 0
     /// `ssl_verify_client`: requests refused with 400, by reason (`none`, `invalid`).
     public var clientCertificatesRefused: [String: Int] = [:]
+    /// `ssl_stapling`: OCSP responses fetched from responders, by result (`good`, `revoked`, `failed`).
+    public var ocspFetches: [String: Int] = [:]
 
     var allServers: [Server] { upstreams.flatMap(\.servers) }
 

@@ -28,9 +28,7 @@ final class ResolverThread: @unchecked Sendable {
     }
 
     private let entries = Mutex<[Key: Entry]>([:])
-    private let stopping = Atomic<Bool>(false)
-    private let wake: Int32
-    private var thread: pthread_t?
+    private let thread = ServiceThread()
     private let log: LoopErrorLog
     /// Called on the resolver's thread when an upstream's addresses changed.
     private let changed: @Sendable (String) -> Void
@@ -41,10 +39,7 @@ final class ResolverThread: @unchecked Sendable {
     init(log: LoopErrorLog, changed: @escaping @Sendable (String) -> Void) {
         self.log = log
         self.changed = changed
-        wake = eventfd(0, Int32(EFD_CLOEXEC))
     }
-
-    deinit { Glibc.close(wake) }
 
     /// The `resolve` lines of `upstreams` (start and reload). Lines whose name and resolver are
     /// unchanged keep their addresses; new ones are looked up now, on the calling thread (a start
@@ -68,8 +63,10 @@ final class ResolverThread: @unchecked Sendable {
             }
         }
         entries.withLock { $0 = next }
-        if keepFresh && !next.isEmpty && thread == nil { startThread() }
-        poke()
+        if keepFresh && !next.isEmpty && !thread.isRunning && !thread.start(name: "tether-resolve", { self.run() }) {
+            log(.alert, "pthread_create failed for the resolver: names are not resolved again")
+        }
+        thread.poke()
     }
 
     /// What line `server` of `upstream` resolves to now (nil: no good answer yet).
@@ -89,19 +86,7 @@ final class ResolverThread: @unchecked Sendable {
     /// Tells the thread to end, without waiting for it: a lookup under way may take up to
     /// `resolver_timeout` per DNS server, and a shutdown does not wait for DNS. The thread holds
     /// this object until it ends, and reaches the server only through a weak reference.
-    func stop() {
-        stopping.store(true, ordering: .releasing)
-        poke()
-        if let t = thread {
-            pthread_detach(t)
-            thread = nil
-        }
-    }
-
-    private func poke() {
-        var one: UInt64 = 1
-        _ = Glibc.write(wake, &one, 8)
-    }
+    func stop() { thread.stop() }
 
     /// Looks the name up (A, and AAAA with `ipv6=on`) and sets when to ask again.
     private func refresh(_ e: inout Entry, upstream: String) {
@@ -141,20 +126,8 @@ final class ResolverThread: @unchecked Sendable {
         }
     }
 
-    private func startThread() {
-        let box = Unmanaged.passRetained(self)
-        var t = pthread_t()
-        let rc = pthread_create(&t, nil, { arg in
-            let me = Unmanaged<ResolverThread>.fromOpaque(arg!).takeRetainedValue()
-            tether_set_thread_name("tether-resolve")
-            me.run()
-            return nil
-        }, box.toOpaque())
-        if rc == 0 { thread = t } else { box.release(); log(.alert, "pthread_create failed (\(rc)) for the resolver: names are not resolved again") }
-    }
-
     private func run() {
-        while !stopping.load(ordering: .acquiring) {
+        while !thread.isStopping {
             let now = IOLoop.monotonicNanoseconds()
             let due = entries.withLock { e in e.filter { $0.value.dueAt <= now } }
             var changedUpstreams = Set<String>()
@@ -172,18 +145,10 @@ final class ResolverThread: @unchecked Sendable {
             }
             for u in changedUpstreams.sorted() { changed(u) }
             let next = entries.withLock { $0.values.map(\.dueAt).min() }
-            let waitMs: Int32
-            if let next {
-                let n = IOLoop.monotonicNanoseconds()
-                waitMs = next <= n ? 0 : Int32(clamping: (next - n) / 1_000_000 + 1)
-            } else {
-                waitMs = -1
-            }
-            var p = pollfd(fd: wake, events: Int16(POLLIN), revents: 0)
-            if poll(&p, 1, waitMs) > 0 {
-                var v: UInt64 = 0
-                _ = Glibc.read(wake, &v, 8)
-            }
+            thread.sleep(ms: next.map { n in
+                let now = IOLoop.monotonicNanoseconds()
+                return n <= now ? 0 : Int32(clamping: (n - now) / 1_000_000 + 1)
+            })
         }
     }
 }
