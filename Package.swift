@@ -15,6 +15,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
         .package(url: "https://github.com/apple/swift-collections.git", from: "1.6.0"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        // NIOHPACK only (it needs NIOCore alone): HPACK decoding for HTTP/2 (issue 19).
+        .package(url: "https://github.com/apple/swift-nio-http2.git", from: "1.46.0"),
     ],
     targets: [
         // PCRE2 with JIT for `location ~` (Debian: libpcre2-dev), as nginx uses it.
@@ -28,6 +30,13 @@ let package = Package(
         // HTTP/1 pieces without I/O: the request target and path normalisation, the chunked
         // decoder, body framing. Stdlib only.
         .target(name: "TetherHTTP", swiftSettings: release),
+        // HTTP/2 without I/O (RFC 9113): frames, the connection's state machine with flow control
+        // and its defences, and the mapping of a stream's fields to and from HTTP/1.1 heads.
+        .target(
+            name: "TetherH2",
+            dependencies: [.product(name: "NIOHPACK", package: "swift-nio-http2"), .product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: release
+        ),
         // The system's OpenSSL 3 (Debian: libssl-dev). Not swift-nio-ssl, which bundles BoringSSL.
         .systemLibrary(name: "COpenSSL", pkgConfig: "openssl", providers: [.apt(["libssl-dev"])]),
         .target(
@@ -78,6 +87,7 @@ let package = Package(
         .testTarget(name: "TetherPoolTests", dependencies: ["TetherPool"]),
         .testTarget(name: "TetherIOTests", dependencies: ["TetherIO", "CTether"]),
         .testTarget(name: "TetherHTTPTests", dependencies: ["TetherHTTP"]),
+        .testTarget(name: "TetherH2Tests", dependencies: ["TetherH2", .product(name: "NIOHPACK", package: "swift-nio-http2"), .product(name: "NIOCore", package: "swift-nio")]),
         .testTarget(
             name: "TetherCoreTests",
             dependencies: ["TetherCore", "TetherHTTP", "TetherPool", "TetherIO", "TetherTLS"]
