@@ -15,7 +15,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
         .package(url: "https://github.com/apple/swift-collections.git", from: "1.6.0"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
-        // NIOHPACK only (it needs NIOCore alone): HPACK decoding for HTTP/2 (issue 19).
+        // NIOHPACK: an independent HPACK encoder and decoder for the HTTP/2 tests (never in the binary).
         .package(url: "https://github.com/apple/swift-nio-http2.git", from: "1.46.0"),
     ],
     targets: [
@@ -34,7 +34,6 @@ let package = Package(
         // and its defences, and the mapping of a stream's fields to and from HTTP/1.1 heads.
         .target(
             name: "TetherH2",
-            dependencies: [.product(name: "NIOHPACK", package: "swift-nio-http2"), .product(name: "NIOCore", package: "swift-nio")],
             swiftSettings: release
         ),
         // The system's OpenSSL 3 (Debian: libssl-dev). Not swift-nio-ssl, which bundles BoringSSL.

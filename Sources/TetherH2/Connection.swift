@@ -1,12 +1,9 @@
-import NIOCore
-import NIOHPACK
-
 /// What a server connection tells its owner as it reads the client's frames.
 public protocol H2Receiver {
     /// A stream's request head (or, `trailers`, its trailer fields), decoded. `endStream`: no
     /// body follows (or, for trailers, the body is complete). Fields over the header list limit
     /// come as `tooLarge` (answer 431), with the fields decoded so far dropped.
-    mutating func headers(stream: UInt32, fields: HPACKHeaders, endStream: Bool, trailers: Bool, tooLarge: Bool)
+    mutating func headers(stream: UInt32, fields: [H2Field], endStream: Bool, trailers: Bool, tooLarge: Bool)
     /// Request body bytes of a stream (valid during the call only); hand back what is used with
     /// `H2Connection.consumed`, which opens the client's window again.
     mutating func data(stream: UInt32, bytes: UnsafeRawBufferPointer, endStream: Bool)
@@ -83,9 +80,9 @@ public struct H2Connection {
     private var streams: [UInt32: Stream] = [:]
     /// Streams this side reset lately: frames still in flight on them are dropped (§5.4.2).
     private var resetLately: [UInt32] = []
-    private var decoder: HPACKDecoder
+    private var decoder: H2HeaderDecoder
     /// A header block being gathered from HEADERS and CONTINUATION frames.
-    private var block: ByteBuffer
+    private var block: [UInt8] = []
     private var blockStream: UInt32 = 0
     private var blockEndStream = false
     private var inBlock = false
@@ -100,12 +97,9 @@ public struct H2Connection {
 
     public init(settings: Settings = Settings()) {
         self.settings = settings
-        let allocator = ByteBufferAllocator()
         // Decoding stops past four times the limit (an HPACK bomb costs no more than that); up
         // to it the stream is answered 431 and the connection goes on.
-        decoder = HPACKDecoder(allocator: allocator, maxDynamicTableSize: settings.headerTableSize,
-                               maxHeaderListSize: 4 * settings.maxHeaderListSize)
-        block = allocator.buffer(capacity: 0)
+        decoder = H2HeaderDecoder(maxTableSize: settings.headerTableSize, maxListSize: 4 * settings.maxHeaderListSize)
         // The connection's window covers every stream's at once.
         connectionWindow = min(Self.maxWindow, settings.initialWindowSize * settings.maxConcurrentStreams)
         connectionRecvWindow = connectionWindow
@@ -245,7 +239,7 @@ public struct H2Connection {
                             "HEADERS on closed stream \(h.stream)")
             }
         }
-        block.clear()
+        block.removeAll(keepingCapacity: true)
         blockStream = h.stream
         blockEndStream = h.flags.contains(.endStream)
         guard append(fragment) else { return }
@@ -265,25 +259,27 @@ public struct H2Connection {
     /// Adds a fragment to the header block; false (and the connection failed) past the limit:
     /// an encoded block larger than the decoded limit cannot be a fair request.
     private mutating func append(_ fragment: UnsafeRawBufferPointer) -> Bool {
-        guard block.readableBytes + fragment.count <= settings.maxHeaderListSize else {
+        guard block.count + fragment.count <= settings.maxHeaderListSize else {
             fail(.enhanceYourCalm, "a header block over \(settings.maxHeaderListSize) bytes")
             return false
         }
-        block.writeBytes(fragment)
+        block.append(contentsOf: fragment)
         return true
     }
 
     private mutating func endBlock<R: H2Receiver>(_ r: inout R) {
         let id = blockStream
-        let fields: HPACKHeaders
-        do {
-            fields = try decoder.decodeHeaders(from: &block)
-        } catch is NIOHPACKErrors.MaxHeaderListSizeViolation {
-            return fail(.enhanceYourCalm, "a header list over \(4 * settings.maxHeaderListSize) bytes decoded")
-        } catch {
-            return fail(.compressionError, "a header block HPACK cannot decode")
+        var decoded: Result<[H2Field], H2HeaderDecoder.Failure> = .success([])
+        block.withUnsafeBytes { b in
+            do throws(H2HeaderDecoder.Failure) { decoded = .success(try decoder.decode(b)) } catch { decoded = .failure(error) }
         }
-        let size = fields.reduce(0) { $0 + $1.name.utf8.count + $1.value.utf8.count + 32 }
+        let fields: [H2Field]
+        switch decoded {
+        case .success(let f): fields = f
+        case .failure(.tooLarge): return fail(.enhanceYourCalm, "a header list over \(4 * settings.maxHeaderListSize) bytes decoded")
+        case .failure(.malformed): return fail(.compressionError, "a header block HPACK cannot decode")
+        }
+        let size = fields.reduce(0) { $0 + $1.size }
         let tooLarge = size > settings.maxHeaderListSize
         if var s = streams[id] {
             // Trailers.
@@ -307,7 +303,7 @@ public struct H2Connection {
         }
         var s = Stream(id: id, recvWindow: settings.initialWindowSize, sendWindow: peerInitialWindow)
         s.remoteClosed = blockEndStream
-        if let v = fields.first(name: "content-length"), let n = Int64(v), n >= 0 {
+        if let v = fields.first(where: { $0.name == H2Request.contentLength })?.value, let n = H2Request.decimal(v) {
             s.expectedLength = n
             if blockEndStream && n != 0 { return streamError(id, .protocolError, &r) }
         }

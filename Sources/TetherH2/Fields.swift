@@ -1,5 +1,3 @@
-import NIOHPACK
-
 /// Why a stream's request fields are malformed (RFC 9113 §8.1.1): the stream is reset with
 /// PROTOCOL_ERROR, and the request never reaches routing.
 public struct H2Malformed: Error, Equatable, CustomStringConvertible, Sendable {
@@ -9,37 +7,49 @@ public struct H2Malformed: Error, Equatable, CustomStringConvertible, Sendable {
 
 /// A request as a stream's fields give it, checked by RFC 9113 §8.2-8.3, and written as the
 /// HTTP/1.1 head the rest of Tether reads (so that the head parser's checks, the path
-/// normalisation and routing are the same for both protocols).
+/// normalisation and routing are the same for both protocols). Bytes throughout: nothing is
+/// turned into text on the way.
 public struct H2Request: Equatable, Sendable {
-    public var method: String
-    public var scheme: String?
-    public var authority: String?
-    public var path: String?
-    /// The regular fields in order, `cookie` crumbs joined into one (§8.2.3).
-    public var fields: [(name: String, value: String)]
+    public var method: [UInt8]
+    public var scheme: [UInt8]?
+    public var authority: [UInt8]?
+    public var path: [UInt8]?
+    /// The regular fields in order, `cookie` crumbs joined into one at the end (§8.2.3).
+    public var fields: [H2Field]
 
-    public static func == (a: H2Request, b: H2Request) -> Bool {
-        a.method == b.method && a.scheme == b.scheme && a.authority == b.authority && a.path == b.path
-            && a.fields.elementsEqual(b.fields) { $0.name == $1.name && $0.value == $1.value }
+    static let contentLength = Array("content-length".utf8)
+    static let cookie = Array("cookie".utf8)
+    static let host = Array("host".utf8)
+    static let te = Array("te".utf8)
+    static let trailers = Array("trailers".utf8)
+    static let connect = Array("CONNECT".utf8)
+    static let options = Array("OPTIONS".utf8)
+    /// Fields HTTP/2 has no place for (§8.2.2).
+    static let connectionSpecific: [[UInt8]] = ["connection", "proxy-connection", "keep-alive", "transfer-encoding", "upgrade"].map { Array($0.utf8) }
+
+    static func text(_ b: [UInt8]) -> String { String(decoding: b, as: UTF8.self) }
+
+    /// A content-length value: decimal digits only, at most 18 of them.
+    static func decimal(_ b: [UInt8]) -> Int64? {
+        guard !b.isEmpty, b.count <= 18, b.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) else { return nil }
+        return b.reduce(Int64(0)) { $0 * 10 + Int64($1 - 0x30) }
     }
 
-    /// Fields HTTP/2 has no place for (§8.2.2).
-    static let connectionSpecific: Set<String> = ["connection", "proxy-connection", "keep-alive", "transfer-encoding", "upgrade"]
-
-    public static func parse(_ headers: HPACKHeaders) -> Result<H2Request, H2Malformed> {
-        var method: String?, scheme: String?, authority: String?, path: String?
-        var fields: [(name: String, value: String)] = []
-        var cookies: [String] = []
-        var host: String?
+    public static func parse(_ list: [H2Field]) -> Result<H2Request, H2Malformed> {
+        var method: [UInt8]?, scheme: [UInt8]?, authority: [UInt8]?, path: [UInt8]?
+        var fields: [H2Field] = []
+        var cookies: [[UInt8]] = []
+        var host: [UInt8]?
         var regularSeen = false
-        for (name, value, _) in headers {
-            guard !name.isEmpty else { return .failure(H2Malformed("an empty field name")) }
-            guard Self.validValue(value) else { return .failure(H2Malformed("field \"\(name)\" has a value with NUL, CR, LF or surrounding whitespace")) }
-            if name.utf8.first == UInt8(ascii: ":") {
+        for f in list {
+            let name = text(f.name)
+            guard !f.name.isEmpty else { return .failure(H2Malformed("an empty field name")) }
+            guard validValue(f.value) else { return .failure(H2Malformed("field \"\(name)\" has a value with NUL, CR, LF or surrounding whitespace")) }
+            if f.name[0] == UInt8(ascii: ":") {
                 guard !regularSeen else { return .failure(H2Malformed("pseudo-header \(name) after a regular field")) }
-                func set(_ slot: inout String?) -> H2Malformed? {
+                func set(_ slot: inout [UInt8]?) -> H2Malformed? {
                     guard slot == nil else { return H2Malformed("pseudo-header \(name) twice") }
-                    slot = value
+                    slot = f.value
                     return nil
                 }
                 let problem: H2Malformed?
@@ -54,34 +64,48 @@ public struct H2Request: Equatable, Sendable {
                 continue
             }
             regularSeen = true
-            guard Self.validName(name) else { return .failure(H2Malformed("field name \"\(name)\" is not a lowercase token")) }
-            guard !connectionSpecific.contains(name) else { return .failure(H2Malformed("connection-specific field \"\(name)\"")) }
-            if name == "te" && value != "trailers" { return .failure(H2Malformed("\"te: \(value)\" (only \"trailers\" is allowed)")) }
-            if name == "cookie" { cookies.append(value); continue }
-            if name == "host" {
+            guard validName(f.name) else { return .failure(H2Malformed("field name \"\(name)\" is not a lowercase token")) }
+            guard !connectionSpecific.contains(f.name) else { return .failure(H2Malformed("connection-specific field \"\(name)\"")) }
+            if f.name == Self.te && f.value != Self.trailers { return .failure(H2Malformed("\"te: \(text(f.value))\" (only \"trailers\" is allowed)")) }
+            if f.name == Self.cookie { cookies.append(f.value); continue }
+            if f.name == Self.host {
                 guard host == nil else { return .failure(H2Malformed("two host fields")) }
-                host = value
+                host = f.value
             }
-            fields.append((name, value))
+            if f.name == Self.contentLength && decimal(f.value) == nil { return .failure(H2Malformed("content-length \"\(text(f.value))\" is not a number")) }
+            fields.append(f)
         }
-        guard let method else { return .failure(H2Malformed("no :method")) }
-        if method == "CONNECT" {
+        guard let method, !method.isEmpty, validName(method.map { $0 | 0x20 }) else { return .failure(H2Malformed("no :method")) }
+        if method == Self.connect {
             guard scheme == nil, path == nil, authority != nil else { return .failure(H2Malformed("CONNECT needs :authority and no :scheme or :path")) }
         } else {
             guard scheme != nil else { return .failure(H2Malformed("no :scheme")) }
             guard let p = path, !p.isEmpty else { return .failure(H2Malformed("no :path")) }
-            guard p.utf8.first == UInt8(ascii: "/") || (p == "*" && method == "OPTIONS") else { return .failure(H2Malformed(":path \"\(p)\" is not origin-form")) }
+            guard p[0] == UInt8(ascii: "/") || (p == [UInt8(ascii: "*")] && method == Self.options) else {
+                return .failure(H2Malformed(":path \"\(text(p))\" is not origin-form"))
+            }
+            guard !p.contains(where: { $0 <= 0x20 || $0 == 0x7f }) else { return .failure(H2Malformed(":path has spaces or control characters")) }
+        }
+        if let a = authority, a.contains(where: { $0 <= 0x20 || $0 == 0x7f || $0 == UInt8(ascii: "@") }) {
+            return .failure(H2Malformed(":authority \"\(text(a))\" is not a host"))
         }
         // §8.3.1: Host and :authority must name the same.
-        if let authority, let host, authority.lowercased() != host.lowercased() {
-            return .failure(H2Malformed("host \"\(host)\" differs from :authority \"\(authority)\""))
+        if let authority, let host, authority.map({ ASCIIFold.lower($0) }) != host.map({ ASCIIFold.lower($0) }) {
+            return .failure(H2Malformed("host \"\(text(host))\" differs from :authority \"\(text(authority))\""))
         }
-        if !cookies.isEmpty { fields.append(("cookie", cookies.joined(separator: "; "))) }
+        if !cookies.isEmpty {
+            var joined: [UInt8] = []
+            for (i, c) in cookies.enumerated() {
+                if i > 0 { joined += [UInt8(ascii: ";"), 0x20] }
+                joined += c
+            }
+            fields.append(H2Field(name: Self.cookie, value: joined))
+        }
         return .success(H2Request(method: method, scheme: scheme, authority: authority, path: path, fields: fields))
     }
 
-    static func validName(_ name: String) -> Bool {
-        name.utf8.allSatisfy { c in
+    static func validName(_ name: [UInt8]) -> Bool {
+        name.allSatisfy { c in
             switch c {
             case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "0")...UInt8(ascii: "9"): return true
             default: return "!#$%&'*+-.^_`|~".utf8.contains(c)
@@ -89,38 +113,43 @@ public struct H2Request: Equatable, Sendable {
         }
     }
 
-    static func validValue(_ value: String) -> Bool {
-        let u = value.utf8
+    static func validValue(_ u: [UInt8]) -> Bool {
         if let f = u.first, f == 0x20 || f == 0x09 { return false }
         if let l = u.last, l == 0x20 || l == 0x09 { return false }
         return !u.contains { $0 == 0 || $0 == 0x0a || $0 == 0x0d }
     }
 
+    /// Whether a content-length field gives the body's size.
+    public var hasContentLength: Bool { fields.contains { $0.name == Self.contentLength } }
+
     /// The HTTP/1.1 head of this request: the request line, `host` from :authority (else the
-    /// host field), the fields, and `transfer-encoding: chunked` when a body of unknown length
-    /// follows (`bodyFollows` without content-length), so that it can be framed as HTTP/1.1.
+    /// host field), the fields, `transfer-encoding: chunked` when a body of unknown length
+    /// follows (`bodyFollows` without content-length), so that it can be framed as HTTP/1.1, and
+    /// `connection: close` (one request per stream).
     public func http1Head(bodyFollows: Bool, into out: inout [UInt8]) {
-        out.append(contentsOf: method.utf8)
+        out += method
         out.append(0x20)
-        out.append(contentsOf: (path ?? authority ?? "").utf8)
-        out.append(contentsOf: " HTTP/1.1\r\n".utf8)
+        out += path ?? authority ?? []
+        out += Array(" HTTP/1.1\r\n".utf8)
         if let authority {
-            out.append(contentsOf: "host: ".utf8)
-            out.append(contentsOf: authority.utf8)
-            out.append(contentsOf: "\r\n".utf8)
+            out += Array("host: ".utf8)
+            out += authority
+            out += [13, 10]
         }
-        var length = false
         for f in fields {
-            if f.name == "host" && authority != nil { continue }
-            if f.name == "content-length" { length = true }
-            out.append(contentsOf: f.name.utf8)
-            out.append(contentsOf: ": ".utf8)
-            out.append(contentsOf: f.value.utf8)
-            out.append(contentsOf: "\r\n".utf8)
+            if f.name == Self.host && authority != nil { continue }
+            out += f.name
+            out += [UInt8(ascii: ":"), 0x20]
+            out += f.value
+            out += [13, 10]
         }
-        if bodyFollows && !length { out.append(contentsOf: "transfer-encoding: chunked\r\n".utf8) }
-        out.append(contentsOf: "\r\n".utf8)
+        if bodyFollows && !hasContentLength { out += Array("transfer-encoding: chunked\r\n".utf8) }
+        out += Array("connection: close\r\n\r\n".utf8)
     }
+}
+
+enum ASCIIFold {
+    static func lower(_ c: UInt8) -> UInt8 { c >= 0x41 && c <= 0x5a ? c | 0x20 : c }
 }
 
 /// A response's header block (RFC 7541), written without a dynamic table or Huffman coding, so
@@ -143,7 +172,7 @@ public enum H2ResponseBlock {
         }
         for f in fields {
             let name = f.name.lowercased()
-            guard !H2Request.connectionSpecific.contains(name), !named.contains(name) else { continue }
+            guard !H2Request.connectionSpecific.contains(Array(name.utf8)), !named.contains(name) else { continue }
             out.append(0x00)
             string(Array(name.utf8), into: &out)
             string(Array(f.value.utf8), into: &out)

@@ -45,8 +45,8 @@ struct Recorder: H2Receiver {
         case goaway(UInt32, H2ErrorCode)
     }
     var events: [Event] = []
-    mutating func headers(stream: UInt32, fields: HPACKHeaders, endStream: Bool, trailers: Bool, tooLarge: Bool) {
-        events.append(.headers(stream, fields.map { "\($0.name)=\($0.value)" }.joined(separator: " "), end: endStream, trailers: trailers, tooLarge: tooLarge))
+    mutating func headers(stream: UInt32, fields: [H2Field], endStream: Bool, trailers: Bool, tooLarge: Bool) {
+        events.append(.headers(stream, fields.map { "\(H2Request.text($0.name))=\(H2Request.text($0.value))" }.joined(separator: " "), end: endStream, trailers: trailers, tooLarge: tooLarge))
     }
     mutating func data(stream: UInt32, bytes: UnsafeRawBufferPointer, endStream: Bool) { events.append(.data(stream, Array(bytes), end: endStream)) }
     mutating func streamReset(stream: UInt32, code: H2ErrorCode, byPeer: Bool) { events.append(.reset(stream, code, byPeer: byPeer)) }

@@ -6,23 +6,23 @@ import Testing
 /// A stream's fields as a request (RFC 9113 §8.2-8.3) and the HTTP/1.1 head made of it; a
 /// response's head as a header block.
 @Suite struct H2FieldsTests {
-    static func parse(_ fields: [(String, String)]) -> Result<H2Request, H2Malformed> { H2Request.parse(HPACKHeaders(fields)) }
+    static func parse(_ fields: [(String, String)]) -> Result<H2Request, H2Malformed> { H2Request.parse(fields.map { H2Field($0.0, $0.1) }) }
     static let get = [(":method", "GET"), (":scheme", "https"), (":authority", "example.test"), (":path", "/a?b=1")]
 
     @Test func aRequestBecomesAnHTTP11Head() throws {
         let r = try Self.parse(Self.get + [("accept", "*/*"), ("cookie", "a=1"), ("user-agent", "t"), ("cookie", "b=2")]).get()
         var out: [UInt8] = []
         r.http1Head(bodyFollows: false, into: &out)
-        #expect(String(decoding: out, as: UTF8.self) == "GET /a?b=1 HTTP/1.1\r\nhost: example.test\r\naccept: */*\r\nuser-agent: t\r\ncookie: a=1; b=2\r\n\r\n")
+        #expect(String(decoding: out, as: UTF8.self) == "GET /a?b=1 HTTP/1.1\r\nhost: example.test\r\naccept: */*\r\nuser-agent: t\r\ncookie: a=1; b=2\r\nconnection: close\r\n\r\n")
         // A body of unknown length is framed as chunked; one with content-length keeps it.
         let post = try Self.parse([(":method", "POST"), (":scheme", "https"), (":path", "/u"), ("host", "h.test")]).get()
         out = []
         post.http1Head(bodyFollows: true, into: &out)
-        #expect(String(decoding: out, as: UTF8.self) == "POST /u HTTP/1.1\r\nhost: h.test\r\ntransfer-encoding: chunked\r\n\r\n")
+        #expect(String(decoding: out, as: UTF8.self) == "POST /u HTTP/1.1\r\nhost: h.test\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n")
         let sized = try Self.parse([(":method", "POST"), (":scheme", "https"), (":authority", "h.test"), (":path", "/u"), ("content-length", "5")]).get()
         out = []
         sized.http1Head(bodyFollows: true, into: &out)
-        #expect(String(decoding: out, as: UTF8.self) == "POST /u HTTP/1.1\r\nhost: h.test\r\ncontent-length: 5\r\n\r\n")
+        #expect(String(decoding: out, as: UTF8.self) == "POST /u HTTP/1.1\r\nhost: h.test\r\ncontent-length: 5\r\nconnection: close\r\n\r\n")
     }
 
     @Test(arguments: [
@@ -58,7 +58,7 @@ import Testing
         let r = try Self.parse(Self.get + [("host", "EXAMPLE.test"), ("te", "trailers")]).get()
         var out: [UInt8] = []
         r.http1Head(bodyFollows: false, into: &out)
-        #expect(String(decoding: out, as: UTF8.self) == "GET /a?b=1 HTTP/1.1\r\nhost: example.test\r\nte: trailers\r\n\r\n", "host from :authority, once")
+        #expect(String(decoding: out, as: UTF8.self) == "GET /a?b=1 HTTP/1.1\r\nhost: example.test\r\nte: trailers\r\nconnection: close\r\n\r\n", "host from :authority, once")
     }
 
     /// The response block decodes (NIOHPACK's decoder as the client's) to the status and the
