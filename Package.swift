@@ -53,7 +53,7 @@ let package = Package(
         .target(
             name: "TetherCore",
             dependencies: [
-                "TetherConfig", "TetherPool", "TetherTLS", "TetherHTTP", "TetherIO", "TetherOps", "CTether",
+                "TetherConfig", "TetherPool", "TetherTLS", "TetherHTTP", "TetherH2", "TetherIO", "TetherOps", "CTether",
             ],
             swiftSettings: release
         ),
@@ -73,7 +73,8 @@ let package = Package(
         .target(
             name: "TetherTestSupport",
             dependencies: [
-                "COpenSSL",
+                "COpenSSL", "TetherH2",
+                .product(name: "NIOHPACK", package: "swift-nio-http2"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),

@@ -38,11 +38,23 @@ static inline int tether_ERR_GET_REASON(unsigned long e) { return ERR_GET_REASON
 
 /// ALPN on the server: `http/1.1` is selected when the client offers it; a client that offers
 /// only other protocols gets the `no_application_protocol` alert (RFC 7301; nginx does the same).
+/// With `arg` set (`http2 on`), `h2` is preferred when offered, whatever the client's order.
 static inline int tether_alpn_select_http11(SSL *ssl, const unsigned char **out, unsigned char *outlen,
                                             const unsigned char *in, unsigned int inlen, void *arg) {
-    (void)ssl; (void)arg;
+    (void)ssl;
     static const unsigned char h11[] = { 8, 'h', 't', 't', 'p', '/', '1', '.', '1' };
     unsigned int i = 0;
+    while (arg != NULL && i < inlen) {
+        unsigned int n = in[i];
+        if (i + 1 + n > inlen) break;
+        if (n == 2 && in[i + 1] == 'h' && in[i + 2] == '2') {
+            *out = in + i + 1;
+            *outlen = 2;
+            return SSL_TLSEXT_ERR_OK;
+        }
+        i += 1 + n;
+    }
+    i = 0;
     while (i < inlen) {
         unsigned int n = in[i];
         if (i + 1 + n > inlen) break;
@@ -56,8 +68,15 @@ static inline int tether_alpn_select_http11(SSL *ssl, const unsigned char **out,
     return SSL_TLSEXT_ERR_ALERT_FATAL;
 }
 
-static inline void tether_SSL_CTX_select_http11(SSL_CTX *ctx) {
-    SSL_CTX_set_alpn_select_cb(ctx, tether_alpn_select_http11, NULL);
+static inline void tether_SSL_CTX_select_http11(SSL_CTX *ctx, int h2) {
+    SSL_CTX_set_alpn_select_cb(ctx, tether_alpn_select_http11, h2 ? (void *)1 : NULL);
+}
+/// Whether the handshake selected `h2`.
+static inline int tether_SSL_selected_h2(const SSL *ssl) {
+    const unsigned char *p = NULL;
+    unsigned int n = 0;
+    SSL_get0_alpn_selected(ssl, &p, &n);
+    return n == 2 && p[0] == 'h' && p[1] == '2';
 }
 
 /// ALPN on the client side (upstream TLS): offers `http/1.1`.

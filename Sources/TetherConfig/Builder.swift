@@ -298,6 +298,7 @@ public struct Builder {
                 l.backlog = n
             case ("ssl", nil): l.ssl = true
             case ("proxy_protocol", nil): l.proxyProtocol = true
+            case ("http2", nil): l.http2 = true
             case ("so_keepalive", .some(let v)): l.soKeepalive = try Value.tcpKeepalive(v, what: "so_keepalive value")
             case ("tcp_user_timeout", .some(let v)): l.tcpUserTimeout = try Value.userTimeout(v, what: "tcp_user_timeout value")
             default: throw ConfigErrorReason("invalid parameter \"\(a.text)\"")
@@ -602,6 +603,7 @@ public struct Builder {
         let sslAddresses = Set(out.flatMap { $0.listens.filter(\.ssl).map(\.addressText) })
         // So does `proxy_protocol`: a connection cannot say which server it is for before its header.
         let proxyProtocolAddresses = Set(out.flatMap { $0.listens.filter(\.proxyProtocol).map(\.addressText) })
+        let http2Addresses = Set(out.flatMap { $0.listens.filter(\.http2).map(\.addressText) })
         for i in out.indices {
             for k in out[i].listens.indices where sslAddresses.contains(out[i].listens[k].addressText) { out[i].listens[k].ssl = true }
             for k in out[i].listens.indices where proxyProtocolAddresses.contains(out[i].listens[k].addressText) { out[i].listens[k].proxyProtocol = true }
@@ -612,6 +614,8 @@ public struct Builder {
             for c in out[i].settings.ssl.certificates where c.key.isEmpty {
                 errors.append(ConfigError("no \"ssl_certificate_key\" is defined for certificate \"\(c.certificate)\"", at: c.location))
             }
+            // `listen … http2` applies to the address, as `ssl` does.
+            if out[i].listens.contains(where: { http2Addresses.contains($0.addressText) }) { out[i].settings.ssl.http2 = true }
             // OCSP responses are fetched through http's `resolver` (a responder named by a name).
             if out[i].settings.ssl.stapling && out[i].settings.ssl.staplingFile == nil, var r = httpResolver {
                 if let t = httpResolverTimeoutMs { r.timeoutMs = t }

@@ -214,6 +214,8 @@ public struct Listen: Hashable, Sendable {
     /// `proxy_protocol`: each connection starts with a PROXY protocol header (v1 or v2), read
     /// before TLS and HTTP.
     public var proxyProtocol = false
+    /// `http2`: TLS clients on this address may choose HTTP/2 (nginx's older spelling of `http2 on`).
+    public var http2 = false
     public var location: SourceLocation
 
     /// The address as nginx prints it in errors: `0.0.0.0:8080`, `[::1]:8080`.
@@ -478,6 +480,12 @@ public struct SSLSettings: Hashable, Sendable {
     public var staplingResponder: String?
     /// http's `resolver` (and `resolver_timeout`), for a responder named by a name.
     public var resolver: Upstream.Resolver?
+    /// `http2 on` (or `listen … ssl http2`): clients that offer `h2` in ALPN speak HTTP/2.
+    public var http2 = false
+    /// `http2_max_concurrent_streams`: streams a client may have open at once.
+    public var http2MaxConcurrentStreams = 128
+    /// `http2_chunk_size`: the largest DATA frame sent.
+    public var http2ChunkSize = 8_192
     /// Where each `ssl_*` directive that applies was written, by name (for errors found when
     /// OpenSSL reads the settings).
     public var sources: [String: SourceLocation] = [:]

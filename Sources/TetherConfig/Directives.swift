@@ -663,6 +663,16 @@ let directiveTable: [DirectiveSpec] = {
             guard url.count > 7 else { throw ConfigErrorReason("no host in \"\(url)\" of \"ssl_stapling_responder\"") }
             return { $0.staplingResponder = url }
         },
+        ssl("http2") { d throws(ConfigErrorReason) in let v = try Value.flag(d.args[0], d); return { $0.http2 = v } },
+        ssl("http2_max_concurrent_streams") { d throws(ConfigErrorReason) in
+            let v = try Value.count(d.args[0], d, min: 1, max: 1 << 16)
+            return { $0.http2MaxConcurrentStreams = v }
+        },
+        ssl("http2_chunk_size") { d throws(ConfigErrorReason) in
+            let v = try Value.size(d.args[0], d)
+            guard v >= 1, v <= 16_384 else { throw ConfigErrorReason("invalid value \"\(d.args[0].text)\" in \"http2_chunk_size\" directive, it must be from 1 to 16k (the largest frame a client must take)") }
+            return { $0.http2ChunkSize = Int(v) }
+        },
         ssl("ssl_verify_depth") { d throws(ConfigErrorReason) in let v = try Value.count(d.args[0], d, min: 1, max: 100); return { $0.verifyDepth = v } },
         ssl("ssl_handshake_timeout") { d throws(ConfigErrorReason) in let v = try Value.time(d.args[0], d); return { $0.handshakeTimeoutMs = v } },
 

@@ -104,7 +104,7 @@ public struct H2Request: Equatable, Sendable {
         return .success(H2Request(method: method, scheme: scheme, authority: authority, path: path, fields: fields))
     }
 
-    static func validName(_ name: [UInt8]) -> Bool {
+    public static func validName(_ name: [UInt8]) -> Bool {
         name.allSatisfy { c in
             switch c {
             case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "0")...UInt8(ascii: "9"): return true
@@ -113,7 +113,7 @@ public struct H2Request: Equatable, Sendable {
         }
     }
 
-    static func validValue(_ u: [UInt8]) -> Bool {
+    public static func validValue(_ u: [UInt8]) -> Bool {
         if let f = u.first, f == 0x20 || f == 0x09 { return false }
         if let l = u.last, l == 0x20 || l == 0x09 { return false }
         return !u.contains { $0 == 0 || $0 == 0x0a || $0 == 0x0d }
@@ -157,14 +157,11 @@ enum ASCIIFold {
 /// static table), then each field as a literal not indexed, its name lowercased. Fields HTTP/2
 /// has no place for, and those a `Connection` field names, are left out (§8.2.2).
 public enum H2ResponseBlock {
-    public static func encode(status: Int, fields: [(name: String, value: String)], into out: inout [UInt8]) {
+    /// `status` nil: a trailer block (no pseudo-header).
+    public static func encode(status: Int?, fields: [(name: String, value: String)], into out: inout [UInt8]) {
         let indexed: [Int: UInt8] = [200: 8, 204: 9, 206: 10, 304: 11, 400: 12, 404: 13, 500: 14]
-        if let i = indexed[status] {
-            out.append(0x80 | i)
-        } else {
-            // Literal without indexing, name index 8 (:status).
-            out.append(0x08)
-            string(Array(String(status).utf8), into: &out)
+        if let status {
+            encodeStatus(status, indexed: indexed, into: &out)
         }
         var named = Set<String>()
         for f in fields where f.name.lowercased() == "connection" {
@@ -176,6 +173,16 @@ public enum H2ResponseBlock {
             out.append(0x00)
             string(Array(name.utf8), into: &out)
             string(Array(f.value.utf8), into: &out)
+        }
+    }
+
+    static func encodeStatus(_ status: Int, indexed: [Int: UInt8], into out: inout [UInt8]) {
+        if let i = indexed[status] {
+            out.append(0x80 | i)
+        } else {
+            // Literal without indexing, name index 8 (:status).
+            out.append(0x08)
+            string(Array(String(status).utf8), into: &out)
         }
     }
 

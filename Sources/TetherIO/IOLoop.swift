@@ -21,7 +21,7 @@ public protocol IOHandler: AnyObject {
 public final class IOLoop: @unchecked Sendable {
     @usableFromInline struct Registration {
         @usableFromInline let fd: Int32
-        @usableFromInline let handler: IOHandler
+        @usableFromInline var handler: IOHandler
     }
 
     public typealias Job = @Sendable (IOLoop) -> Void
@@ -110,6 +110,22 @@ public final class IOLoop: @unchecked Sendable {
         return handle
     }
 
+    /// A record without a descriptor (an HTTP/2 stream's request, which its connection drives):
+    /// it has the timer and the generation-checked handle of any record, and no events of its
+    /// own; `close` frees it.
+    public func registerVirtual(handler: IOHandler) -> Handle {
+        records.insert(Registration(fd: -1, handler: handler))
+    }
+
+    /// Hands the record's events and timer to `handler` from now on (a connection that turned
+    /// out to speak HTTP/2 after its TLS handshake).
+    public func replaceHandler(_ handle: Handle, with handler: IOHandler) {
+        _ = records.update(handle) { r in
+            retired.append(r.handler)
+            r.handler = handler
+        }
+    }
+
     /// The descriptor `handle` names, while it is registered.
     /// Inlined into callers: it runs several times per request, and as a call it cost a retain
     /// and a release of the loop each time.
@@ -120,7 +136,7 @@ public final class IOLoop: @unchecked Sendable {
     public func close(_ handle: Handle) {
         guard let r = records.remove(handle) else { return }
         timers.cancel(Int(handle.index))
-        Glibc.close(r.fd)
+        if r.fd >= 0 { Glibc.close(r.fd) }
         retired.append(r.handler)
     }
 

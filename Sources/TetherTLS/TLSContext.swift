@@ -56,6 +56,8 @@ public struct TLSServerSettings: Sendable {
     public var staplingFile: String?
     public var staplingVerify = false
     public var staplingResponder: String?
+    /// `http2 on` (or `listen … http2`): ALPN selects `h2` when the client offers it.
+    public var http2 = false
 
     public init(certificates: [(certificate: String, key: String)]) {
         self.certificates = certificates
@@ -204,7 +206,7 @@ public final class TLSContext: @unchecked Sendable {
             _ = tether_SSL_CTX_set_session_cache_mode(ctx, Int(SSL_SESS_CACHE_OFF))
         }
         _ = SSL_CTX_set_timeout(ctx, s.sessionTimeoutSeconds)
-        tether_SSL_CTX_select_http11(ctx)
+        tether_SSL_CTX_select_http11(ctx, s.http2 ? 1 : 0)
         tether_SSL_CTX_set_sni_pick(ctx, sniPick)
         return context
     }

@@ -220,6 +220,9 @@ public final class TLSSocket {
     /// `$ssl_session_reused`: the handshake resumed a session (ticket or cache).
     public var resumed: Bool { SSL_session_reused(ssl) == 1 }
 
+    /// ALPN selected `h2`: the connection speaks HTTP/2.
+    public var selectedH2: Bool { tether_SSL_selected_h2(ssl) == 1 }
+
     /// The client's certificate (`ssl_verify_client`): none, or the verdict on its chain.
     public enum ClientCertificate: Equatable, Sendable {
         case none

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import CTether
 import TetherConfig
+import TetherH2
 import TetherHTTP
 import TetherIO
 import TetherPool
@@ -22,6 +23,9 @@ struct ClientSettings {
     /// After Tether's FIN with request bytes still arriving, how long they are read and dropped
     /// before the connection is closed (nginx's `lingering_timeout`-like wait).
     var lingerMs: Int64 = 5_000
+    /// HTTP/2 (`http2 on`): the connection's limits, and the largest DATA frame sent.
+    var http2 = H2Connection.Settings()
+    var http2ChunkSize = 8_192
 }
 
 /// Answers the requests of client connections on one loop. Called on the loop's thread.
@@ -103,6 +107,8 @@ final class ClientLoop {
     /// header named a client: kept here rather than in each connection, which would grow every
     /// connection's object by a malloc size class.
     var proxied: [UInt64: ProxiedAddresses] = [:]
+    /// HTTP/2 streams' ports, by their connection's record (`Handle.token`).
+    var streamPorts: [UInt64: H2StreamPort] = [:]
 
     /// `servers`: the configuration's `server` blocks (answers are counted per block).
     init(loop: IOLoop, pool: BufferPool, settings: ClientSettings, handler: ClientRequestHandler, servers: Int = 1) {
@@ -157,7 +163,7 @@ final class ClientLoop {
         draining = true
     }
 
-    fileprivate func connectionClosed() {
+    func connectionClosed() {
         open -= 1
         if draining && open == 0 { emptied?() }
     }
@@ -197,6 +203,8 @@ final class ClientConnection: IOHandler {
     private var answered = false
     /// The answer comes later (`answerLater`): an admin page being gathered from every loop.
     private var answerPending = false
+    /// An HTTP/2 stream's connection (`stream`); declared here, where the layout has room.
+    private var streamed = false
     /// Request body bytes still to be read and dropped, or a chunked body's decoder.
     private var bodyLeft: Int64 = 0
     private var chunked: ChunkedDecoder?
@@ -213,6 +221,13 @@ final class ClientConnection: IOHandler {
     private var awaitingProxyHeader = false
     /// The PROXY protocol header named a client: it is in `shared.proxied`.
     private var hasProxied = false
+    /// An HTTP/2 stream's request (`H2Session`): its bytes come from the session and its answer
+    /// goes back to it; the socket and TLS session are the session's, used here only for what
+    /// they say of the client (addresses, certificates), never read or written.
+    /// (A flag, in a padding hole above, and the port in `shared.streamPorts`: a reference
+    /// would grow every connection's object past its malloc size class.)
+    var isStream: Bool { streamed }
+    private var stream: H2StreamPort? { streamed ? shared.streamPorts[handle.token] : nil }
 
     /// What the PROXY protocol header said, when it named a client (`$proxy_protocol_addr`,
     /// `real_ip_header proxy_protocol`).
@@ -223,6 +238,17 @@ final class ClientConnection: IOHandler {
         state = ClientConnectionState(acceptedAt: Int64(shared.loop.now), headerTimeoutMs: shared.settings.headerTimeoutMs)
         outbound = OutboundQueue(pool: shared.pool)
         keepaliveTimeoutMs = Int32(clamping: shared.settings.keepaliveTimeoutMs)
+    }
+
+    /// Starts as the HTTP/1.1 side of an HTTP/2 stream: a record without a descriptor of its own
+    /// (its timers are the client timeouts), `fd` and `tls` the session's.
+    func startStream(_ port: H2StreamPort, socket fd: Int32, tls: TLSSocket?) {
+        handle = shared.loop.registerVirtual(handler: self)
+        shared.streamPorts[handle.token] = port
+        streamed = true
+        socket = fd
+        self.tls = tls
+        armTimer()
     }
 
     fileprivate func start(_ fd: Int32) throws(IOError) {
@@ -353,7 +379,7 @@ final class ClientConnection: IOHandler {
                 break
             }
             guard buf.writableBytes > 0, let fd = openSocket else { inbound = consume buf; break }
-            let result = tls?.read(into: &buf) ?? buf.read(from: fd, shortReadDrains: !hangupReported)
+            let result = streamed ? stream!.read(into: &buf) : tls?.read(into: &buf) ?? buf.read(from: fd, shortReadDrains: !hangupReported)
             let drained = buf.writableBytes > 0
             inbound = consume buf
             switch result {
@@ -432,6 +458,10 @@ final class ClientConnection: IOHandler {
         case .done:
             shared.stats.tlsHandshakes[tls.version, default: 0] += 1
             if tls.resumed { shared.stats.tlsResumed += 1 }
+            if tls.selectedH2 {
+                handOverToHTTP2(tls)
+                return false
+            }
             // The first request may have come with the handshake's last flight; the header
             // timeout runs from here.
             readable = true
@@ -444,6 +474,17 @@ final class ClientConnection: IOHandler {
             close(.tlsError)
             return false
         }
+    }
+
+    /// ALPN chose `h2`: the socket, its TLS session and its record go to an `H2Session`, and
+    /// this object is done (it closes nothing: the connection goes on).
+    private func handOverToHTTP2(_ tls: TLSSocket) {
+        let session = H2Session(shared: shared, handle: handle, socket: socket, tls: tls)
+        self.tls = nil
+        socket = -1
+        if let b = inbound.take() { shared.pool.recycle(b) }
+        shared.loop.replaceHandler(handle, with: session)
+        session.start()
     }
 
     private func handshakeFailed(_ failure: TLSHandshakeFailure, _ detail: @autoclosure () -> String) {
@@ -792,7 +833,7 @@ final class ClientConnection: IOHandler {
         retireExchange()
         tlsAbort = true
         flush()
-        if reset, let fd = openSocket {
+        if reset, !streamed, let fd = openSocket {
             var l = linger(l_onoff: 1, l_linger: 0)
             setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, socklen_t(MemoryLayout<linger>.size))
         }
@@ -1075,7 +1116,9 @@ final class ClientConnection: IOHandler {
     private func flush() {
         guard !outbound.isEmpty, let fd = openSocket else { return }
         let before = outbound.queuedBytes
-        if let tls {
+        if streamed, let stream {
+            if case .error = stream.flush(&outbound) { return close(.clientClose) }
+        } else if let tls {
             if case .error = tls.flush(&outbound) { return close(.tlsError) }
         } else if case .error = outbound.flush(to: fd) {
             return close(.clientClose)
@@ -1119,7 +1162,7 @@ final class ClientConnection: IOHandler {
                 return
             }
             let moreInput = inboundBytes > 0 || bodyLeft > 0 || chunked != nil || readable
-            guard moreInput, !peerClosed, let fd = openSocket else { return close(nil) }
+            guard moreInput, !peerClosed, !streamed, let fd = openSocket else { return close(nil) }
             // Client bytes are still coming: our FIN, then read and drop them for a while, so
             // that a close with unread data (a reset) cannot destroy the answer in flight.
             tls?.shutdown()
@@ -1150,6 +1193,18 @@ final class ClientConnection: IOHandler {
             x.clientLeft()
             // As nginx: 499 for a client that left before its answer began.
             retireExchange(status: started ? nil : 499)
+        }
+        if streamed, let port = shared.streamPorts.removeValue(forKey: handle.token) {
+            // The stream ends; the session's connection goes on.
+            _ = state.close(reason)
+            streamed = false
+            tls = nil
+            if let b = inbound.take() { shared.pool.recycle(b) }
+            outbound = OutboundQueue(pool: shared.pool)
+            shared.loop.close(handle)
+            socket = -1
+            port.closed(cut: tlsAbort)
+            return
         }
         if let r = state.close(reason) { shared.stats.downstreamClosed[r] += 1 }
         if hasProxied {

@@ -307,6 +307,11 @@ extension StatsSnapshot {
             s.tlsSessionsReused += p.stats.tlsResumed
             s.buffered.add(p.buffered)
             s.proxyProtocolHeaders += p.stats.proxyProtocolHeaders
+            s.http2Connections += p.stats.http2Connections
+            s.http2Streams += p.stats.http2Streams
+            s.http2Resets.merge(p.stats.http2Resets, uniquingKeysWith: +)
+            s.http2Errors.merge(p.stats.http2Errors, uniquingKeysWith: +)
+            s.http2GoawaysReceived += p.stats.http2GoawaysReceived
             s.clientCertificatesRefused["none", default: 0] += p.stats.clientCertificatesMissing
             s.clientCertificatesRefused["invalid", default: 0] += p.stats.clientCertificatesInvalid
             s.tlsHandshakeFailures.merge(p.stats.tlsFailures, uniquingKeysWith: +)

@@ -76,6 +76,7 @@ struct TLSSetup: Sendable {
         t.staplingFile = s.staplingFile
         t.staplingVerify = s.staplingVerify
         t.staplingResponder = s.staplingResponder
+        t.http2 = s.http2
         return t
     }
 

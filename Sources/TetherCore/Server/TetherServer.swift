@@ -430,6 +430,9 @@ public final class TetherServer: @unchecked Sendable {
         c.keepaliveTimeoutMs = s.keepaliveTimeoutMs
         c.keepaliveRequests = s.keepaliveRequests
         c.keepaliveTimeMs = s.keepaliveTimeMs
+        c.http2.maxConcurrentStreams = s.ssl.http2MaxConcurrentStreams
+        c.http2.maxHeaderListSize = count * size
+        c.http2ChunkSize = s.ssl.http2ChunkSize
         return c
     }
 }
@@ -665,7 +668,11 @@ private final class LoopThread: @unchecked Sendable {
         part.buffered = .init(memoryBytes: spools.memoryBytes, fileBytes: spools.fileBytes, filesOpened: spools.filesOpened,
                               bytesWrittenToFiles: spools.bytesWrittenToFiles, fileErrors: spools.fileErrors)
         for h in loop.handlers {
-            guard let c = h as? ClientConnection, c.isOpen else { continue }
+            if let session = h as? H2Session {
+                if session.streamCount > 0 { part.writing += 1 } else { part.waiting += 1 }
+                continue
+            }
+            guard let c = h as? ClientConnection, c.isOpen, !c.isStream else { continue }
             switch c.state.activity {
             case .reading: part.reading += 1
             case .writing: part.writing += 1
@@ -719,7 +726,10 @@ private final class LoopThread: @unchecked Sendable {
     func drain() {
         for (_, l) in listening { l.listener.stop(on: loop) }
         for c in clients { c.beginDrain() }
-        for h in loop.handlers { (h as? ClientConnection)?.drain() }
+        for h in loop.handlers {
+            (h as? ClientConnection)?.drain()
+            (h as? H2Session)?.drain()
+        }
         stopIfEmpty()
     }
 

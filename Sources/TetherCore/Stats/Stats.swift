@@ -97,6 +97,13 @@ struct LoopStats: Sendable {
     /// `ssl_verify_client`: requests refused for a missing or a failed client certificate.
     var clientCertificatesMissing = 0
     var clientCertificatesInvalid = 0
+    /// HTTP/2: connections, streams taken, resets the clients sent (by code), connection errors
+    /// and refused requests (by code or `malformed_request`), GOAWAYs received.
+    var http2Connections = 0
+    var http2Streams = 0
+    var http2Resets: [String: Int] = [:]
+    var http2Errors: [String: Int] = [:]
+    var http2GoawaysReceived = 0
 
     init(servers: Int) {
         answers = [Int](repeating: 0, count: Self.answerSlots(servers: servers))
@@ -155,6 +162,11 @@ struct LoopStats: Sendable {
         proxyProtocolHeaders += o.proxyProtocolHeaders
         clientCertificatesMissing += o.clientCertificatesMissing
         clientCertificatesInvalid += o.clientCertificatesInvalid
+        http2Connections += o.http2Connections
+        http2Streams += o.http2Streams
+        http2Resets.merge(o.http2Resets, uniquingKeysWith: +)
+        http2Errors.merge(o.http2Errors, uniquingKeysWith: +)
+        http2GoawaysReceived += o.http2GoawaysReceived
     }
 
     /// After a reload the `server` blocks are new: their counters start over.
@@ -272,6 +284,12 @@ public struct StatsSnapshot: Sendable {
     public var clientCertificatesRefused: [String: Int] = [:]
     /// `ssl_stapling`: OCSP responses fetched from responders, by result (`good`, `revoked`, `failed`).
     public var ocspFetches: [String: Int] = [:]
+    /// HTTP/2 (see `LoopStats`).
+    public var http2Connections = 0
+    public var http2Streams = 0
+    public var http2Resets: [String: Int] = [:]
+    public var http2Errors: [String: Int] = [:]
+    public var http2GoawaysReceived = 0
 
     var allServers: [Server] { upstreams.flatMap(\.servers) }
 
