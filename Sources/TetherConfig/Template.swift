@@ -33,6 +33,8 @@ public enum Variable: Hashable, Sendable {
     case connectionRequests
     /// `$https`: `on` on a TLS connection, empty otherwise.
     case https
+    /// `$http2`: `h2` for a request on an HTTP/2 connection over TLS, `h2c` on a plain one, empty otherwise.
+    case http2
     /// `$ssl_protocol`, `$ssl_cipher`, `$ssl_server_name` (SNI), `$ssl_session_reused` (`r` or `.`):
     /// empty on plain connections.
     case sslProtocol
@@ -81,7 +83,7 @@ public enum Variable: Hashable, Sendable {
         "upstream_connect_time": .upstreamConnectTime, "upstream_response_time": .upstreamResponseTime,
         "upstream_header_time": .upstreamHeaderTime, "upstream_reused": .upstreamReused,
         "connection": .connection, "connection_requests": .connectionRequests,
-        "https": .https, "ssl_protocol": .sslProtocol, "ssl_cipher": .sslCipher,
+        "https": .https, "http2": .http2, "ssl_protocol": .sslProtocol, "ssl_cipher": .sslCipher,
         "ssl_server_name": .sslServerName, "ssl_session_reused": .sslSessionReused,
         "proxy_protocol_addr": .proxyProtocolAddr, "proxy_protocol_port": .proxyProtocolPort,
         "proxy_protocol_server_addr": .proxyProtocolServerAddr, "proxy_protocol_server_port": .proxyProtocolServerPort,

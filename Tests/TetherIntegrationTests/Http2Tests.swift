@@ -280,4 +280,39 @@ import Glibc
         #expect(r.status == "200" && r.body == Array("slow".utf8), "\(r)")
         #expect(r.others.contains { $0.type == 7 && $0.code == 0 } || c.frames { $0.type == 7 }.last?.type == 7)
     }
+
+    /// `http2 on` on a plain listener: a client with prior knowledge (its preface first) speaks
+    /// HTTP/2 (h2c), another speaks HTTP/1.1 on the same port; `$http2`, `$server_protocol` and
+    /// `$request` say which in the access log.
+    @Test func priorKnowledgeOnAPlainListener() throws {
+        let backend = try TestBackend()
+        defer { backend.stop() }
+        let logPath = NSTemporaryDirectory() + "tether-h2c-\(UUID().uuidString).log"
+        defer { unlink(logPath) }
+        let proxy = try RunningProxy(config: """
+            worker_processes 1;
+            http {
+                log_format p '$request|$server_protocol|$http2';
+                upstream backend { server 127.0.0.1:\(backend.port); keepalive 8; }
+                server {
+                    listen 127.0.0.1:0;
+                    http2 on;
+                    access_log \(logPath) p;
+                    location / { proxy_pass http://backend; }
+                }
+            }
+            """)
+        defer { proxy.stop() }
+        let h2 = try run("/usr/bin/curl", ["-sS", "--http2-prior-knowledge", "-w", " %{http_version}", "http://127.0.0.1:\(proxy.port)/a"])
+        #expect(h2.out == "ok 2", "\(h2.out) \(h2.err)")
+        let h1 = try run("/usr/bin/curl", ["-sS", "-w", " %{http_version}", "http://127.0.0.1:\(proxy.port)/b"])
+        #expect(h1.out == "ok 1.1")
+        let load = try run("/usr/bin/h2load", ["-n", "500", "-c", "2", "-m", "10", "http://127.0.0.1:\(proxy.port)/c"])
+        #expect(load.out.contains("500 succeeded, 0 failed, 0 errored"), "\(load.out)")
+        #expect(eventually { ((try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "").split(separator: "\n").count >= 502 })
+        let lines = ((try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "").split(separator: "\n")
+        #expect(lines.first == "GET /a HTTP/2.0|HTTP/2.0|h2c", "\(lines.prefix(2))")
+        #expect(lines.dropFirst().first == "GET /b HTTP/1.1|HTTP/1.1|-", "an empty variable logs as -, as nginx")
+        #expect(proxy.stats().http2Connections == 3)
+    }
 }

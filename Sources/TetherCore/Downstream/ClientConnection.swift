@@ -26,6 +26,8 @@ struct ClientSettings {
     /// HTTP/2 (`http2 on`): the connection's limits, and the largest DATA frame sent.
     var http2 = H2Connection.Settings()
     var http2ChunkSize = 8_192
+    /// A plain listener with `http2 on`: a connection that starts with HTTP/2's preface speaks it.
+    var h2c = false
 }
 
 /// Answers the requests of client connections on one loop. Called on the loop's thread.
@@ -478,8 +480,10 @@ final class ClientConnection: IOHandler {
 
     /// ALPN chose `h2`: the socket, its TLS session and its record go to an `H2Session`, and
     /// this object is done (it closes nothing: the connection goes on).
-    private func handOverToHTTP2(_ tls: TLSSocket) {
+    /// `input`: what was read already (h2c's preface and what followed it).
+    private func handOverToHTTP2(_ tls: TLSSocket?, input: UnsafeRawBufferPointer? = nil) {
         let session = H2Session(shared: shared, handle: handle, socket: socket, tls: tls)
+        if let input { session.take(input) }
         self.tls = nil
         socket = -1
         if let b = inbound.take() { shared.pool.recycle(b) }
@@ -514,6 +518,18 @@ final class ClientConnection: IOHandler {
                 continue
             }
             guard state.awaitingHead, !outbound.isFull else { break }
+            if shared.settings.h2c && state.requests == 0 {
+                // Prior knowledge: the preface (or what came of it) instead of a request line.
+                // Its request line ("PRI * HTTP/2.0"): the session checks the rest of the preface.
+                let line = H2Write.preface.prefix(16)
+                let preface = buf.withReadableBytes { p in line.starts(with: p.prefix(line.count)) }
+                if preface {
+                    guard buf.readableBytes >= line.count else { break }
+                    buf.withReadableBytes { handOverToHTTP2(nil, input: $0) }
+                    shared.pool.recycle(buf)
+                    return true
+                }
+            }
             state.headBytesArrived(now: Int64(shared.loop.now))
             var layout = HeadLayout()
             var headers: [HeaderField] = []

@@ -35,6 +35,7 @@ struct ClientVariables: VariableSource {
         case .serverPort: connection.writeAddress(peer: false, port: true, into: &out)
         case .scheme: if connection.tls != nil { out.put("https") } else { out.put("http") }
         case .https: if connection.tls != nil { out.put("on") }
+        case .http2: if connection.isStream { out.put(connection.tls != nil ? "h2" : "h2c") }
         case .sslProtocol: if let t = connection.tls { out.put(t.version) }
         case .sslCipher: if let t = connection.tls { out.put(t.cipher) }
         case .sslServerName: if let n = connection.tls?.serverName { out.put(n) }
@@ -47,6 +48,7 @@ struct ClientVariables: VariableSource {
         case .requestMethod: out.put(UnsafeRawBufferPointer(rebasing: bytes[0..<h.methodEnd]))
         case .request:
             out.put(UnsafeRawBufferPointer(rebasing: bytes[0..<h.targetEnd]))
+            if connection.isStream { return out.put(" HTTP/2.0") }
             out.put(" HTTP/1.")
             out.putDecimal(h.minorVersion)
         case .proxyAddXForwardedFor:
@@ -62,6 +64,7 @@ struct ClientVariables: VariableSource {
             connection.writeRequestID(into: &out)
         case .serverName: out.put(serverName)
         case .serverProtocol:
+            if connection.isStream { return out.put("HTTP/2.0") }
             out.put("HTTP/1.")
             out.putDecimal(h.minorVersion)
         case .timeLocal: out.put(connection.dateCache.localTime)

@@ -34,7 +34,8 @@ final class H2Session: IOHandler {
     private var requests = 0
     private let chunkSize: Int
 
-    init(shared: ClientLoop, handle: Handle, socket: Int32, tls: TLSSocket) {
+    /// `tls` nil: h2c (prior knowledge on a plain listener).
+    init(shared: ClientLoop, handle: Handle, socket: Int32, tls: TLSSocket?) {
         self.shared = shared
         self.handle = handle
         self.socket = socket
@@ -46,9 +47,23 @@ final class H2Session: IOHandler {
 
     var streamCount: Int { streams.count }
 
+    /// Bytes read before the session took the connection (h2c: the preface and what followed).
+    func take(_ bytes: UnsafeRawBufferPointer) { input.append(contentsOf: bytes) }
+
+    private func read(into buf: inout IOBuffer) -> ReadResult {
+        if let tls { return tls.read(into: &buf) }
+        return socket >= 0 ? buf.read(from: socket) : .error(EBADF)
+    }
+
+    private func write() -> OutboundQueue.FlushResult {
+        if let tls { return tls.flush(&outbound) }
+        return socket >= 0 ? outbound.flush(to: socket) : .error(EBADF)
+    }
+
     /// The server's preface (SETTINGS), then whatever came with the handshake's last flight.
     func start() {
         shared.stats.http2Connections += 1
+        process()
         pump()
     }
 
@@ -80,7 +95,7 @@ final class H2Session: IOHandler {
         flush()
         while !closed && readable && !peerClosed && !outbound.isFull {
             var buf = shared.pool.take()
-            let result = tls?.read(into: &buf) ?? .error(EBADF)
+            let result = read(into: &buf)
             switch result {
             case .bytes(let n, let eof):
                 buf.withReadableBytes { input.append(contentsOf: $0) }
@@ -163,9 +178,18 @@ final class H2Session: IOHandler {
     }
 
     private func flush() {
-        guard !outbound.isEmpty, let tls, !closed else { return }
+        guard !outbound.isEmpty, !closed else { return }
         let wasFull = outbound.isFull
-        if case .error = tls.flush(&outbound) { return close(.tlsError) }
+        if case .error = write() {
+            let reason: DownstreamCloseReason = tls != nil ? .tlsError : .clientClose
+            // From inside a stream's own write, whose queue is in use: the close comes right after.
+            guard !inStreamWrite else {
+                let me = UncheckedBox(self)
+                shared.loop.execute { _ in me.value.close(reason) }
+                return
+            }
+            return close(reason)
+        }
         // Room again: the streams that wait for it go on.
         if wasFull && !outbound.isFull {
             for port in streams.values.sorted(by: { $0.id < $1.id }) { port.resume() }
@@ -199,9 +223,9 @@ final class H2Session: IOHandler {
         for port in streams.values { port.connection?.close(.clientClose) }
         streams = [:]
         shared.stats.downstreamClosed[reason] += 1
-        if let tls, !outbound.isEmpty { _ = tls.flush(&outbound) }
-        guard !peerClosed, outbound.isEmpty, let tls, socket >= 0 else { return release() }
-        tls.shutdown()
+        if !outbound.isEmpty { _ = write() }
+        guard !peerClosed, outbound.isEmpty, socket >= 0 else { return release() }
+        tls?.shutdown()
         shutdown(socket, Int32(SHUT_WR))
         lingering = true
         shared.loop.arm(handle, afterNanoseconds: UInt64(shared.settings.lingerMs) * 1_000_000)
@@ -212,9 +236,9 @@ final class H2Session: IOHandler {
 
     /// Lingering: reads and drops until the client's EOF.
     private func discard() {
-        while let tls {
+        while socket >= 0 {
             var buf = shared.pool.take()
-            let r = tls.read(into: &buf)
+            let r = read(into: &buf)
             shared.pool.recycle(buf)
             switch r {
             case .bytes(_, let eof): if eof { return release() }
@@ -316,7 +340,14 @@ final class H2Session: IOHandler {
     }
 
     /// Sends what the streams queued.
-    func streamWrote() { writeOutput() }
+    func streamWrote() {
+        inStreamWrite = true
+        writeOutput()
+        inStreamWrite = false
+    }
+
+    /// A stream's connection is writing (its queue is in use): nothing may close it now.
+    private var inStreamWrite = false
 
     /// The stream's client took `n` body bytes: its window opens again.
     func consumed(_ id: UInt32, _ n: Int) {

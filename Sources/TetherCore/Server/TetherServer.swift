@@ -574,7 +574,9 @@ private final class LoopThread: @unchecked Sendable {
         var nextListening: [String: (listener: Listener, clients: ClientLoop)] = [:]
         for (i, (listen, vhosts, compiled)) in setup.virtualHosts().enumerated() {
             let router = Router(hosts: vhosts, servers: compiled, upstreams: upstreams, admin: admin)
-            let settings = TetherServer.clientSettings(compiled[vhosts.defaultIndex].server.settings)
+            var settings = TetherServer.clientSettings(compiled[vhosts.defaultIndex].server.settings)
+            // `http2 on` on a plain address: HTTP/2 with prior knowledge (h2c), told by its preface.
+            settings.h2c = !listen.ssl && compiled[vhosts.defaultIndex].server.settings.ssl.http2
             let tls = listen.ssl ? setup.tls.names(hosts: vhosts, servers: compiled) : nil
             let (fd, key) = i < sockets.count ? sockets[i] : (-1, "")
             if fd < 0, let kept = listening.removeValue(forKey: key) {
