@@ -93,12 +93,15 @@ public struct Renderer: AdminRenderer {
         sample("tether_http2_connections_total", [], s.http2Connections)
         family("tether_http2_streams_total", "counter", "HTTP/2 streams (requests) taken.")
         sample("tether_http2_streams_total", [], s.http2Streams)
+        family("tether_http2_streams_active", "gauge", "HTTP/2 streams open now.")
+        sample("tether_http2_streams_active", [], s.http2StreamsActive)
         family("tether_http2_resets_received_total", "counter", "RST_STREAM frames from clients, by error code.")
         for (code, n) in s.http2Resets.sorted(by: { $0.key < $1.key }) { sample("tether_http2_resets_received_total", [("code", code)], n) }
         family("tether_http2_errors_total", "counter", "HTTP/2 connections ended for an error (by code; ENHANCE_YOUR_CALM for floods and rapid resets) and streams refused as malformed_request.")
         for (code, n) in s.http2Errors.sorted(by: { $0.key < $1.key }) { sample("tether_http2_errors_total", [("code", code)], n) }
-        family("tether_http2_goaways_received_total", "counter", "GOAWAY frames from clients.")
-        sample("tether_http2_goaways_received_total", [], s.http2GoawaysReceived)
+        family("tether_http2_goaways_total", "counter", "GOAWAY frames sent to clients (direction=sent: idle, keepalive_requests, shutdown, errors) and received from them.")
+        sample("tether_http2_goaways_total", [("direction", "received")], s.http2GoawaysReceived)
+        sample("tether_http2_goaways_total", [("direction", "sent")], s.http2GoawaysSent)
         family("tether_proxy_protocol_headers_total", "counter", "PROXY protocol headers read on listen ... proxy_protocol addresses (the refused ones close with reason proxy_protocol).")
         sample("tether_proxy_protocol_headers_total", [], s.proxyProtocolHeaders)
 
@@ -242,8 +245,9 @@ public struct Renderer: AdminRenderer {
             ],
             "tls": ["handshakes": s.tlsHandshakes, "sessions_reused": s.tlsSessionsReused, "handshake_failures": s.tlsHandshakeFailures,
                     "stapling_fetches": ["failed", "good", "revoked"].reduce(into: s.ocspFetches) { $0[$1] = $0[$1] ?? 0 }],
-            "http2": ["connections": s.http2Connections, "streams": s.http2Streams, "resets_received": s.http2Resets,
-                      "errors": s.http2Errors, "goaways_received": s.http2GoawaysReceived],
+            "http2": ["connections": s.http2Connections, "streams": s.http2Streams, "streams_active": s.http2StreamsActive,
+                      "resets_received": s.http2Resets, "errors": s.http2Errors,
+                      "goaways_received": s.http2GoawaysReceived, "goaways_sent": s.http2GoawaysSent],
             "buffered": ["memory_bytes": s.buffered.memoryBytes, "file_bytes": s.buffered.fileBytes, "temp_files": s.buffered.filesOpened,
                          "temp_file_written_bytes": s.buffered.bytesWrittenToFiles, "temp_file_errors": s.buffered.fileErrors],
             "requests": ["total": s.requests, "by_status": (1...5).reduce(into: [String: Int]()) { $0["\($1)xx"] = s.responsesByClass[$1] }],

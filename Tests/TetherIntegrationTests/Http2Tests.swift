@@ -264,6 +264,7 @@ import Glibc
         let frames = c.frames { $0.type == 7 }
         #expect(frames.last?.type == 7 && frames.last?.code == 0)
         #expect(c.next() == nil && c.closed)
+        #expect(proxy.stats().http2GoawaysSent == 1)
     }
 
     /// A graceful shutdown sends GOAWAY and lets the stream under way finish.
@@ -274,6 +275,7 @@ import Glibc
         let c = try TestH2Client(port: proxy.port)
         c.request(1, TestH2Client.get("/slow/400"))
         #expect(eventually { backend.connectionCount == 1 })
+        #expect(proxy.stats().http2StreamsActive == 1)
         let stopper = Thread { proxy.stop() }
         stopper.start()
         let r = c.response(1)

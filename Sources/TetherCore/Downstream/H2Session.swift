@@ -170,6 +170,10 @@ final class H2Session: IOHandler {
 
     /// Queues the machine's frames and writes.
     private func writeOutput() {
+        if machine.goingAway && !goawayCounted {
+            goawayCounted = true
+            shared.stats.http2GoawaysSent += 1
+        }
         if !machine.output.isEmpty {
             machine.output.withUnsafeBytes { outbound.append($0) }
             machine.output.removeAll(keepingCapacity: true)
@@ -348,6 +352,8 @@ final class H2Session: IOHandler {
 
     /// A stream's connection is writing (its queue is in use): nothing may close it now.
     private var inStreamWrite = false
+    /// The GOAWAY this side sent is counted.
+    private var goawayCounted = false
 
     /// The stream's client took `n` body bytes: its window opens again.
     func consumed(_ id: UInt32, _ n: Int) {

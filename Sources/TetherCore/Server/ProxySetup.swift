@@ -271,6 +271,8 @@ struct SnapshotPart: Sendable {
     var reading = 0
     var writing = 0
     var waiting = 0
+    /// HTTP/2 streams open now on this loop's connections.
+    var http2StreamsActive = 0
     var servers: [ServerKey: Server] = [:]
     /// Each upstream's queue on this loop, and the requests refused for want of a connection.
     struct Queue: Sendable {
@@ -297,6 +299,7 @@ extension StatsSnapshot {
             s.activeConnections += p.stats.downstreamActive
             s.requests += p.stats.downstreamRequests
             s.reading += p.reading
+            s.http2StreamsActive += p.http2StreamsActive
             s.writing += p.writing
             s.waiting += p.waiting
             for i in s.responsesByClass.indices { s.responsesByClass[i] += p.stats.responses(class: i) }
@@ -312,6 +315,7 @@ extension StatsSnapshot {
             s.http2Resets.merge(p.stats.http2Resets, uniquingKeysWith: +)
             s.http2Errors.merge(p.stats.http2Errors, uniquingKeysWith: +)
             s.http2GoawaysReceived += p.stats.http2GoawaysReceived
+            s.http2GoawaysSent += p.stats.http2GoawaysSent
             s.clientCertificatesRefused["none", default: 0] += p.stats.clientCertificatesMissing
             s.clientCertificatesRefused["invalid", default: 0] += p.stats.clientCertificatesInvalid
             s.tlsHandshakeFailures.merge(p.stats.tlsFailures, uniquingKeysWith: +)

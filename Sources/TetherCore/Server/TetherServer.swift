@@ -672,6 +672,7 @@ private final class LoopThread: @unchecked Sendable {
         for h in loop.handlers {
             if let session = h as? H2Session {
                 if session.streamCount > 0 { part.writing += 1 } else { part.waiting += 1 }
+                part.http2StreamsActive += session.streamCount
                 continue
             }
             guard let c = h as? ClientConnection, c.isOpen, !c.isStream else { continue }

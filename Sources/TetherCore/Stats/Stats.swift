@@ -104,6 +104,7 @@ struct LoopStats: Sendable {
     var http2Resets: [String: Int] = [:]
     var http2Errors: [String: Int] = [:]
     var http2GoawaysReceived = 0
+    var http2GoawaysSent = 0
 
     init(servers: Int) {
         answers = [Int](repeating: 0, count: Self.answerSlots(servers: servers))
@@ -167,6 +168,7 @@ struct LoopStats: Sendable {
         http2Resets.merge(o.http2Resets, uniquingKeysWith: +)
         http2Errors.merge(o.http2Errors, uniquingKeysWith: +)
         http2GoawaysReceived += o.http2GoawaysReceived
+        http2GoawaysSent += o.http2GoawaysSent
     }
 
     /// After a reload the `server` blocks are new: their counters start over.
@@ -290,6 +292,9 @@ public struct StatsSnapshot: Sendable {
     public var http2Resets: [String: Int] = [:]
     public var http2Errors: [String: Int] = [:]
     public var http2GoawaysReceived = 0
+    public var http2GoawaysSent = 0
+    /// HTTP/2 streams open now.
+    public var http2StreamsActive = 0
 
     var allServers: [Server] { upstreams.flatMap(\.servers) }
 
