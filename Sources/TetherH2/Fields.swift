@@ -176,6 +176,34 @@ public enum H2ResponseBlock {
         }
     }
 
+    /// The `:status` of a response block.
+    public static func status(_ status: Int, into out: inout [UInt8]) {
+        switch status {
+        case 200: out.append(0x88)
+        case 204: out.append(0x89)
+        case 206: out.append(0x8a)
+        case 304: out.append(0x8b)
+        case 400: out.append(0x8c)
+        case 404: out.append(0x8d)
+        case 500: out.append(0x8e)
+        default:
+            out.append(0x08)
+            out.append(3)
+            out.append(UInt8(ascii: "0") + UInt8(status / 100 % 10))
+            out.append(UInt8(ascii: "0") + UInt8(status / 10 % 10))
+            out.append(UInt8(ascii: "0") + UInt8(status % 10))
+        }
+    }
+
+    /// One field, a literal not indexed, its name lowercased as it is copied (no text made).
+    public static func field(name: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer, into out: inout [UInt8]) {
+        out.append(0x00)
+        integer(name.count, prefixBits: 7, into: &out)
+        for c in name { out.append(c >= 0x41 && c <= 0x5a ? c | 0x20 : c) }
+        integer(value.count, prefixBits: 7, into: &out)
+        out.append(contentsOf: value)
+    }
+
     static func encodeStatus(_ status: Int, indexed: [Int: UInt8], into out: inout [UInt8]) {
         if let i = indexed[status] {
             out.append(0x80 | i)

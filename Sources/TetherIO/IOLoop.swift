@@ -18,6 +18,12 @@ public protocol IOHandler: AnyObject {
 ///
 /// Everything but `execute` and `stop` must be called on the loop's own thread (or, in tests, by
 /// the one thread that drives `runOnce`).
+/// Work a handler asks to do once at the end of the loop's pass, after every event of it (nginx's
+/// posted events): writes gathered from many events go out in one.
+public protocol PostedWork: AnyObject {
+    func runPosted()
+}
+
 public final class IOLoop: @unchecked Sendable {
     @usableFromInline struct Registration {
         @usableFromInline let fd: Int32
@@ -36,6 +42,8 @@ public final class IOLoop: @unchecked Sendable {
     /// one (its own, or another handler's, such as an upstream link ending its client's
     /// connection) never runs on in freed memory. Its capacity is kept: no allocation per close.
     var retired: [IOHandler] = []
+    /// Work posted for the end of the pass under way (`post`).
+    private var posted: [PostedWork] = []
     /// Passes run so far (`runOnce` calls): an object retired during pass N is referenced by no
     /// running call once pass N + 1 begins.
     public private(set) var passes: UInt64 = 0
@@ -140,6 +148,12 @@ public final class IOLoop: @unchecked Sendable {
         retired.append(r.handler)
     }
 
+    /// Runs `work.runPosted()` once the events of this pass are handled (the caller posts it
+    /// once: it keeps its own flag).
+    public func post(_ work: PostedWork) {
+        posted.append(work)
+    }
+
     // MARK: Timers
 
     /// Arms the record's one timer to fire `nanoseconds` from now, replacing what it was set to.
@@ -218,6 +232,7 @@ public final class IOLoop: @unchecked Sendable {
             guard let r = records[handle] else { continue }
             r.handler.ioEvent(events, handle: handle, loop: self)
         }
+        if !posted.isEmpty { runPosted() }
         now = Self.monotonicNanoseconds()
         while let id = timers.popExpired(now: now) {
             let handle = records.handle(at: id)
@@ -225,8 +240,19 @@ public final class IOLoop: @unchecked Sendable {
             handled += 1
             r.handler.timerFired(handle: handle, loop: self)
         }
+        if !posted.isEmpty { runPosted() }
         retired.removeAll(keepingCapacity: true)
         return handled
+    }
+
+    private func runPosted() {
+        var i = 0
+        // Work may post more work: it runs in this pass too.
+        while i < posted.count {
+            posted[i].runPosted()
+            i += 1
+        }
+        posted.removeAll(keepingCapacity: true)
     }
 
     /// Runs passes until `stop`.

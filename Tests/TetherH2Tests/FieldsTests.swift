@@ -76,6 +76,20 @@ import Testing
         #expect(fields.map { "\($0.name): \($0.value)" } == [":status: \(status)", "content-type: text/plain", "set-cookie: a=1", "set-cookie: b=2", "x-long: \(long)"])
     }
 
+    /// The bytes path the streams use: `:status` and fields copied from a head, names lowercased.
+    @Test(arguments: [200, 204, 206, 304, 400, 404, 500, 100, 302, 599])
+    func blocksFromBytes(_ status: Int) throws {
+        var block: [UInt8] = []
+        H2ResponseBlock.status(status, into: &block)
+        let long = Array(String(repeating: "w", count: 200).utf8)
+        Array("Content-Type".utf8).withUnsafeBytes { n in Array("text/plain".utf8).withUnsafeBytes { v in H2ResponseBlock.field(name: n, value: v, into: &block) } }
+        Array("X-Long".utf8).withUnsafeBytes { n in long.withUnsafeBytes { v in H2ResponseBlock.field(name: n, value: v, into: &block) } }
+        var decoder = HPACKDecoder(allocator: ByteBufferAllocator())
+        var buffer = ByteBufferAllocator().buffer(bytes: block)
+        let fields = try decoder.decodeHeaders(from: &buffer)
+        #expect(fields.map { "\($0.name): \($0.value)" } == [":status: \(status)", "content-type: text/plain", "x-long: " + String(repeating: "w", count: 200)])
+    }
+
     @Test func integersPastTheirPrefix() {
         var out: [UInt8] = []
         H2ResponseBlock.integer(1337, prefixBits: 5, into: &out)

@@ -17,7 +17,7 @@ import TetherTLS
 ///
 /// The session itself times only its idleness (`keepalive_timeout` with no stream open, then a
 /// GOAWAY and the close); each stream's connection has the client timeouts and `send_timeout`.
-final class H2Session: IOHandler {
+final class H2Session: IOHandler, PostedWork {
     private unowned(unsafe) let shared: ClientLoop
     private var handle: Handle
     private var socket: Int32
@@ -154,7 +154,13 @@ final class H2Session: IOHandler {
             writeOutput()
             return close(.error)
         }
-        writeOutput()
+        // The answers made while these frames are acted on go out together, in as few TLS
+        // records and writes as the queue allows, not one write per stream.
+        batching = true
+        defer {
+            batching = false
+            writeOutput()
+        }
         for e in collector.events {
             if closed { return }
             switch e {
@@ -168,7 +174,10 @@ final class H2Session: IOHandler {
         }
     }
 
-    /// Queues the machine's frames and writes.
+    /// The session is acting on what it read: writes wait for the end of it.
+    private var batching = false
+
+    /// Queues the machine's frames and writes (unless batching).
     private func writeOutput() {
         if machine.goingAway && !goawayCounted {
             goawayCounted = true
@@ -178,27 +187,41 @@ final class H2Session: IOHandler {
             machine.output.withUnsafeBytes { outbound.append($0) }
             machine.output.removeAll(keepingCapacity: true)
         }
-        flush()
+        if !batching || outbound.isFull { flush() }
     }
 
     private func flush() {
-        guard !outbound.isEmpty, !closed else { return }
-        let wasFull = outbound.isFull
-        if case .error = write() {
-            let reason: DownstreamCloseReason = tls != nil ? .tlsError : .clientClose
-            // From inside a stream's own write, whose queue is in use: the close comes right after.
-            guard !inStreamWrite else {
-                let me = UncheckedBox(self)
-                shared.loop.execute { _ in me.value.close(reason) }
-                return
+        guard !closed else { return }
+        if !outbound.isEmpty {
+            let wasFull = outbound.isFull
+            if case .error = write() {
+                let reason: DownstreamCloseReason = tls != nil ? .tlsError : .clientClose
+                // From inside a stream's own write, whose queue is in use: the close comes right after.
+                guard !inStreamWrite else {
+                    let me = UncheckedBox(self)
+                    shared.loop.execute { _ in me.value.close(reason) }
+                    return
+                }
+                return close(reason)
             }
-            return close(reason)
+            if wasFull && !outbound.isFull { resumePending = true }
         }
-        // Room again: the streams that wait for it go on.
-        if wasFull && !outbound.isFull {
-            for port in streams.values.sorted(by: { $0.id < $1.id }) { port.resume() }
+        // Room again: the streams that wait for it go on; from inside a stream's write (its
+        // queue in use), at the end of the pass.
+        guard resumePending && !outbound.isFull else { return }
+        if inStreamWrite {
+            if !flushPosted {
+                flushPosted = true
+                shared.loop.post(self)
+            }
+            return
         }
+        resumePending = false
+        for port in streams.values.sorted(by: { $0.id < $1.id }) { port.resume() }
     }
+
+    /// Streams wait to be resumed (room came while a stream was writing).
+    private var resumePending = false
 
     private func armTimer() {
         guard !closed else { return }
@@ -329,6 +352,11 @@ final class H2Session: IOHandler {
     func sendHeaders(_ id: UInt32, status: Int?, fields: [(name: String, value: String)], end: Bool) {
         var block: [UInt8] = []
         H2ResponseBlock.encode(status: status, fields: fields, into: &block)
+        sendBlock(id, block, end: end)
+    }
+
+    /// A header block already encoded (`H2ResponseBlock`), as HEADERS and CONTINUATION frames.
+    func sendBlock(_ id: UInt32, _ block: [UInt8], end: Bool) {
         var frames: [UInt8] = []
         H2Write.headers(id, block: block, endStream: end, maxFrame: machine.peerMaxFrameSize, to: &frames)
         frames.withUnsafeBytes { outbound.append($0) }
@@ -343,11 +371,27 @@ final class H2Session: IOHandler {
         machine.sent(id, bytes.count, end: end)
     }
 
-    /// Sends what the streams queued.
+    /// What the streams queued goes out at the end of the loop's pass, with what other streams
+    /// queue in the same pass (their upstreams' answers arrive as events of their own).
     func streamWrote() {
-        inStreamWrite = true
+        guard !batching, !closed else { return }
+        if outbound.isFull {
+            inStreamWrite = true
+            writeOutput()
+            inStreamWrite = false
+            return
+        }
+        if !flushPosted {
+            flushPosted = true
+            shared.loop.post(self)
+        }
+    }
+
+    private var flushPosted = false
+
+    func runPosted() {
+        flushPosted = false
         writeOutput()
-        inStreamWrite = false
     }
 
     /// A stream's connection is writing (its queue is in use): nothing may close it now.
@@ -596,16 +640,20 @@ final class H2StreamPort {
                 offset += consumed
                 continue
             }
-            var fields: [(name: String, value: String)] = []
+            // The block is written from the head's bytes (no text made of them): hop-by-hop
+            // fields, and those its Connection field names, stay behind (RFC 9113 §8.2.2).
+            var block: [UInt8] = []
+            block.reserveCapacity(consumed)
+            H2ResponseBlock.status(layout.status, into: &block)
             head.withUnsafeBytes { all in
                 let p = UnsafeRawBufferPointer(rebasing: all[(offset + start)...])
                 for h in layout.headers where !h.kind.isHopByHop && !h.droppedByConnection {
-                    fields.append((String(decoding: UnsafeRawBufferPointer(rebasing: p[Int(h.lineStart)..<Int(h.nameEnd)]), as: UTF8.self),
-                                   String(decoding: UnsafeRawBufferPointer(rebasing: p[Int(h.valueStart)..<Int(h.valueEnd)]), as: UTF8.self)))
+                    H2ResponseBlock.field(name: UnsafeRawBufferPointer(rebasing: p[Int(h.lineStart)..<Int(h.nameEnd)]),
+                                          value: UnsafeRawBufferPointer(rebasing: p[Int(h.valueStart)..<Int(h.valueEnd)]), into: &block)
                 }
             }
             let noBody = isHEAD || layout.status == 204 || layout.status == 304 || layout.contentLength == 0
-            session.sendHeaders(id, status: layout.status, fields: fields, end: noBody)
+            session.sendBlock(id, block, end: noBody)
             if noBody {
                 phase = .done
             } else if layout.chunked {
