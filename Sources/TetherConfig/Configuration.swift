@@ -486,6 +486,8 @@ public struct SSLSettings: Hashable, Sendable {
     public var http2MaxConcurrentStreams = 128
     /// `http2_chunk_size`: the largest DATA frame sent.
     public var http2ChunkSize = 8_192
+    /// `http2_recv_buffer_size`: what one connection reads and acts on in one pass of its loop.
+    public var http2RecvBufferSize = 256 * 1024
     /// Where each `ssl_*` directive that applies was written, by name (for errors found when
     /// OpenSSL reads the settings).
     public var sources: [String: SourceLocation] = [:]

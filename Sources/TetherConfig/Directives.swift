@@ -673,6 +673,11 @@ let directiveTable: [DirectiveSpec] = {
             guard v >= 1, v <= 16_384 else { throw ConfigErrorReason("invalid value \"\(d.args[0].text)\" in \"http2_chunk_size\" directive, it must be from 1 to 16k (the largest frame a client must take)") }
             return { $0.http2ChunkSize = Int(v) }
         },
+        ssl("http2_recv_buffer_size") { d throws(ConfigErrorReason) in
+            let v = try Value.size(d.args[0], d)
+            guard v >= 16_384 else { throw ConfigErrorReason("invalid value \"\(d.args[0].text)\" in \"http2_recv_buffer_size\" directive, it must be at least 16k (one pool buffer)") }
+            return { $0.http2RecvBufferSize = Int(min(v, 1 << 30)) }
+        },
         ssl("ssl_verify_depth") { d throws(ConfigErrorReason) in let v = try Value.count(d.args[0], d, min: 1, max: 100); return { $0.verifyDepth = v } },
         ssl("ssl_handshake_timeout") { d throws(ConfigErrorReason) in let v = try Value.time(d.args[0], d); return { $0.handshakeTimeoutMs = v } },
 

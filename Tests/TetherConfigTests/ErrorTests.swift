@@ -148,6 +148,9 @@ import Testing
         Case(name: "edge 3", text: "http { real_ip_header \"X Real\"; }\n", expected: ["t.conf:1: invalid header name \"X Real\" in \"real_ip_header\" directive"]),
         Case(name: "edge 5", text: "http {\n  ssl_stapling_responder https://ocsp.example/;\n}\n", expected: ["t.conf:2: invalid URL prefix in \"https://ocsp.example/\" of \"ssl_stapling_responder\", only \"http://\" is supported"]),
         Case(name: "edge 6", text: "http { server { ssl_stapling_responder http://; } }\n", expected: ["t.conf:1: no host in \"http://\" of \"ssl_stapling_responder\""]),
+        Case(name: "http2 1", text: "http { http2_recv_buffer_size 1k; }\n", expected: ["t.conf:1: invalid value \"1k\" in \"http2_recv_buffer_size\" directive, it must be at least 16k (one pool buffer)"]),
+        Case(name: "http2 2", text: "http { http2_chunk_size 32k; }\n", expected: ["t.conf:1: invalid value \"32k\" in \"http2_chunk_size\" directive, it must be from 1 to 16k (the largest frame a client must take)"]),
+        Case(name: "http2 3", text: "http { http2 maybe; }\n", expected: ["t.conf:1: invalid value \"maybe\" in \"http2\" directive, it must be \"on\" or \"off\""]),
         Case(name: "edge 4", text: "http { real_ip_recursive maybe; }\n", expected: ["t.conf:1: invalid value \"maybe\" in \"real_ip_recursive\" directive, it must be \"on\" or \"off\""]),
     ]
 

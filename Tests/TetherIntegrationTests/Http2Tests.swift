@@ -78,11 +78,13 @@ import Glibc
 
     /// Bodies both ways, with their checksums: a request body of known length and one of unknown
     /// length (chunked upstream), and answers framed by length, by chunks and by the close.
+    /// (http2_recv_buffer_size at its least: the upload is read 16k a pass, the rest at each
+    /// pass's end.)
     @Test(arguments: ["length", "chunked", "close"])
     func bodiesArriveWhole(_ mode: String) throws {
         let backend = try TestBackend()
         defer { backend.stop() }
-        let proxy = try RunningProxy(config: Self.config(backend: backend.port))
+        let proxy = try RunningProxy(config: Self.config(backend: backend.port, server: "http2_recv_buffer_size 16k;"))
         defer { proxy.stop() }
         let size = 3_000_000
         var expected = Checksum()
@@ -316,5 +318,53 @@ import Glibc
         #expect(lines.first == "GET /a HTTP/2.0|HTTP/2.0|h2c", "\(lines.prefix(2))")
         #expect(lines.dropFirst().first == "GET /b HTTP/1.1|HTTP/1.1|-", "an empty variable logs as -, as nginx")
         #expect(proxy.stats().http2Connections == 3)
+    }
+
+    /// keepalive_requests counts streams: the last one allowed gets its answer, with a GOAWAY
+    /// naming it, and the connection then closes (counted as keepalive_requests).
+    @Test func keepaliveRequestsCountsStreams() throws {
+        let backend = try TestBackend()
+        defer { backend.stop() }
+        let proxy = try RunningProxy(config: Self.config(backend: backend.port, server: "keepalive_requests 3;"))
+        defer { proxy.stop() }
+        let c = try TestH2Client(port: proxy.port)
+        var seen: [TestH2Client.Frame] = []
+        for id in [1, 3, 5] as [UInt32] {
+            c.request(id, TestH2Client.get("/x"))
+            let r = c.response(id)
+            #expect(r.status == "200")
+            seen += r.others
+        }
+        if !seen.contains(where: { $0.type == 7 }) { seen += c.frames { $0.type == 7 } }
+        let goaway = seen.last { $0.type == 7 }
+        #expect(goaway?.code == 0 && goaway?.payload.prefix(4) == [0, 0, 0, 5], "GOAWAY NO_ERROR, last stream 5")
+        #expect(c.next() == nil && c.closed)
+        #expect(eventually { proxy.stats().downstreamClosed["keepalive_requests"] == 1 })
+    }
+
+    /// `listen … ssl proxy_protocol` with HTTP/2: the header's client is every stream's
+    /// (`$proxy_protocol_addr`, and `$remote_addr` through `real_ip_header proxy_protocol`).
+    @Test func proxyProtocolAddressesReachStreams() throws {
+        let proxy = try RunningProxy(config: """
+            worker_processes 1;
+            http {
+                server {
+                    listen 127.0.0.1:0 ssl proxy_protocol;
+                    http2 on;
+                    ssl_certificate \(TestPKI.path("localhost.pem"));
+                    ssl_certificate_key \(TestPKI.path("localhost.key"));
+                    set_real_ip_from 127.0.0.1;
+                    real_ip_header proxy_protocol;
+                    location / { return 200 "$proxy_protocol_addr $remote_addr"; }
+                }
+            }
+            """)
+        defer { proxy.stop() }
+        let c = try TestH2Client(port: proxy.port, proxyHeader: "PROXY TCP4 203.0.113.7 127.0.0.1 40000 443\r\n")
+        for id in [1, 3] as [UInt32] {
+            c.request(id, TestH2Client.get("/"))
+            let r = c.response(id)
+            #expect(r.status == "200" && String(decoding: r.body, as: UTF8.self) == "203.0.113.7 203.0.113.7", "\(String(decoding: r.body, as: UTF8.self))")
+        }
     }
 }

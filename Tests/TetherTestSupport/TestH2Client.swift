@@ -33,7 +33,8 @@ public final class TestH2Client {
 
     /// Connects, handshakes with ALPN `h2` only, and sends the preface and an empty SETTINGS
     /// (or `settings`).
-    public init(port: Int, settings: [(H2Setting, UInt32)] = []) throws {
+    /// `proxyHeader`: sent on the socket before TLS (a load balancer's PROXY protocol line).
+    public init(port: Int, settings: [(H2Setting, UInt32)] = [], proxyHeader: String? = nil) throws {
         guard let ctx = SSL_CTX_new(TLS_client_method()) else { throw TestBackendError("SSL_CTX_new failed") }
         self.ctx = ctx
         let h2: [UInt8] = [2, 0x68, 0x32]
@@ -48,6 +49,7 @@ public final class TestH2Client {
         var tv = timeval(tv_sec: 10, tv_usec: 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         guard rc == 0, let ssl = SSL_new(ctx) else { throw TestBackendError("connect failed") }
+        if let proxyHeader { _ = Array(proxyHeader.utf8).withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, 0) } }
         self.ssl = ssl
         SSL_set_fd(ssl, fd)
         guard SSL_connect(ssl) == 1 else { throw TestBackendError("TLS handshake failed") }

@@ -26,6 +26,8 @@ struct ClientSettings {
     /// HTTP/2 (`http2 on`): the connection's limits, and the largest DATA frame sent.
     var http2 = H2Connection.Settings()
     var http2ChunkSize = 8_192
+    /// `http2_recv_buffer_size`: what one HTTP/2 connection reads and acts on in one pass.
+    var http2RecvBufferSize = 256 * 1024
     /// A plain listener with `http2 on`: a connection that starts with HTTP/2's preface speaks it.
     var h2c = false
 }
@@ -244,10 +246,15 @@ final class ClientConnection: IOHandler {
 
     /// Starts as the HTTP/1.1 side of an HTTP/2 stream: a record without a descriptor of its own
     /// (its timers are the client timeouts), `fd` and `tls` the session's.
-    func startStream(_ port: H2StreamPort, socket fd: Int32, tls: TLSSocket?) {
+    func startStream(_ port: H2StreamPort, socket fd: Int32, tls: TLSSocket?, proxied: ProxiedAddresses?) {
         handle = shared.loop.registerVirtual(handler: self)
         shared.streamPorts[handle.token] = port
         streamed = true
+        // The PROXY protocol header of the connection the stream is on.
+        if let proxied {
+            shared.proxied[handle.token] = proxied
+            hasProxied = true
+        }
         socket = fd
         self.tls = tls
         armTimer()
@@ -1214,6 +1221,10 @@ final class ClientConnection: IOHandler {
             // The stream ends; the session's connection goes on.
             _ = state.close(reason)
             streamed = false
+            if hasProxied {
+                shared.proxied.removeValue(forKey: handle.token)
+                hasProxied = false
+            }
             tls = nil
             if let b = inbound.take() { shared.pool.recycle(b) }
             outbound = OutboundQueue(pool: shared.pool)

@@ -33,6 +33,8 @@ final class H2Session: IOHandler, PostedWork {
     /// Streams taken (`keepalive_requests` counts them).
     private var requests = 0
     private let chunkSize: Int
+    /// What the connection's PROXY protocol header said (its streams see it too).
+    private let proxied: ProxiedAddresses?
 
     /// `tls` nil: h2c (prior knowledge on a plain listener).
     init(shared: ClientLoop, handle: Handle, socket: Int32, tls: TLSSocket?) {
@@ -41,6 +43,7 @@ final class H2Session: IOHandler, PostedWork {
         self.socket = socket
         self.tls = tls
         machine = H2Connection(settings: shared.settings.http2)
+        proxied = shared.proxied[handle.token]
         outbound = OutboundQueue(pool: shared.pool, limit: 256 * 1024)
         chunkSize = shared.settings.http2ChunkSize
     }
@@ -93,11 +96,23 @@ final class H2Session: IOHandler, PostedWork {
     private func pump() {
         guard !closed else { return }
         flush()
+        var taken = 0
         while !closed && readable && !peerClosed && !outbound.isFull {
+            // http2_recv_buffer_size: at most that much is read and acted on in one pass; the
+            // rest waits for the end of the pass, after the loop's other connections.
+            if taken >= recvLimit {
+                readPosted = true
+                if !flushPosted {
+                    flushPosted = true
+                    shared.loop.post(self)
+                }
+                break
+            }
             var buf = shared.pool.take()
             let result = read(into: &buf)
             switch result {
             case .bytes(let n, let eof):
+                taken += n
                 buf.withReadableBytes { input.append(contentsOf: $0) }
                 if eof { peerClosed = true }
                 if n == 0 { readable = false }
@@ -117,7 +132,7 @@ final class H2Session: IOHandler, PostedWork {
             // The client is gone: its streams end with it.
             return close(.clientClose)
         }
-        if machine.goingAway && streams.isEmpty { return close(machine.failure == nil ? .shutdown : .error) }
+        if machine.goingAway && streams.isEmpty { return close(goawayReason) }
         armTimer()
     }
 
@@ -277,6 +292,7 @@ final class H2Session: IOHandler, PostedWork {
 
     private func release() {
         lingering = false
+        if proxied != nil { shared.proxied.removeValue(forKey: handle.token) }
         outbound = OutboundQueue(pool: shared.pool)
         tls = nil
         shared.loop.close(handle)
@@ -293,7 +309,10 @@ final class H2Session: IOHandler, PostedWork {
         }
         requests += 1
         shared.stats.http2Streams += 1
-        if requests >= shared.settings.keepaliveRequests { machine.goAway(.noError) }
+        if requests >= shared.settings.keepaliveRequests && !machine.goingAway {
+            goawayReason = .keepaliveRequests
+            machine.goAway(.noError)
+        }
         if tooLarge {
             shared.log(.info, "client sent too large a header list on HTTP/2 stream \(id) (large_client_header_buffers)")
             return answerLocally(id, status: 431, fields: fields)
@@ -311,7 +330,7 @@ final class H2Session: IOHandler, PostedWork {
         streams[id] = port
         let connection = ClientConnection(shared: shared)
         port.connection = connection
-        connection.startStream(port, socket: socket, tls: tls)
+        connection.startStream(port, socket: socket, tls: tls, proxied: proxied)
         port.deliver()
     }
 
@@ -392,7 +411,18 @@ final class H2Session: IOHandler, PostedWork {
     func runPosted() {
         flushPosted = false
         writeOutput()
+        if readPosted {
+            readPosted = false
+            pump()
+        }
     }
+
+    /// Reading stopped at `http2_recv_buffer_size` with more to read.
+    private var readPosted = false
+    private var recvLimit: Int { shared.settings.http2RecvBufferSize }
+
+    /// Why the connection closes once its streams are done after a GOAWAY of this side's.
+    private var goawayReason = DownstreamCloseReason.shutdown
 
     /// A stream's connection is writing (its queue is in use): nothing may close it now.
     private var inStreamWrite = false
@@ -415,7 +445,7 @@ final class H2Session: IOHandler, PostedWork {
         }
         streams.removeValue(forKey: port.id)
         writeOutput()
-        if machine.goingAway && streams.isEmpty && !closed { close(machine.failure == nil ? .shutdown : .error) } else { armTimer() }
+        if machine.goingAway && streams.isEmpty && !closed { close(goawayReason) } else { armTimer() }
     }
 
     /// An answer of the session's own (nginx's 431 page for a header list over the limit), made

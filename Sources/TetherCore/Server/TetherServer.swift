@@ -433,6 +433,7 @@ public final class TetherServer: @unchecked Sendable {
         c.http2.maxConcurrentStreams = s.ssl.http2MaxConcurrentStreams
         c.http2.maxHeaderListSize = count * size
         c.http2ChunkSize = s.ssl.http2ChunkSize
+        c.http2RecvBufferSize = s.ssl.http2RecvBufferSize
         return c
     }
 }
