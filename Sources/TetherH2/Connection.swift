@@ -55,7 +55,8 @@ public struct H2Connection {
         var localClosed = false
         var recvWindow: Int
         var sendWindow: Int
-        /// Consumed bytes not yet given back to the client in a WINDOW_UPDATE.
+        /// Consumed bytes not yet given back to the client in the stream's WINDOW_UPDATE (the
+        /// connection's count is `connectionUnacked`, given back as they are consumed).
         var unacked = 0
         /// The request's content-length, to check the DATA against (RFC 9113 §8.1.1).
         var expectedLength: Int64?
@@ -318,7 +319,6 @@ public struct H2Connection {
         guard let s = streams.removeValue(forKey: h.stream) else { return }
         // A stream reset before its answer is complete: the rapid-reset pattern, when repeated.
         if !s.localClosed { glitch() }
-        giveBackConnection(s.unacked)
         r.streamReset(stream: h.stream, code: H2ErrorCode(rawValue: Self.u32(p, 0)) ?? .internalError, byPeer: true)
     }
 
@@ -394,7 +394,6 @@ public struct H2Connection {
             if glitches > 0 { glitches -= 1 }
             if s.remoteClosed {
                 streams[stream] = nil
-                giveBackConnection(s.unacked)
                 return
             }
         }
@@ -418,10 +417,9 @@ public struct H2Connection {
 
     /// Ends a stream with RST_STREAM (an answer cut short, an upstream failure after the head).
     public mutating func reset(_ stream: UInt32, _ code: H2ErrorCode) {
-        guard let s = streams.removeValue(forKey: stream) else { return }
+        guard streams.removeValue(forKey: stream) != nil else { return }
         H2Write.rstStream(stream, code, to: &output)
         remember(stream)
-        giveBackConnection(s.unacked)
     }
 
     /// Sends GOAWAY (keepalive_timeout, keepalive_requests, a reload or a drain): the streams
@@ -457,8 +455,7 @@ public struct H2Connection {
     private mutating func streamError<R: H2Receiver>(_ id: UInt32, _ code: H2ErrorCode, _ r: inout R) {
         H2Write.rstStream(id, code, to: &output)
         remember(id)
-        if let s = streams.removeValue(forKey: id) {
-            giveBackConnection(s.unacked)
+        if streams.removeValue(forKey: id) != nil {
             r.streamReset(stream: id, code: code, byPeer: false)
         }
     }

@@ -415,6 +415,33 @@ extension H2Connection {
         #expect(w.contains { $0.type == 3 && $0.code == H2ErrorCode.flowControlError.rawValue } && c.failure == nil)
     }
 
+    /// What a stream consumed is given back to the connection's window once, whether the stream
+    /// then ends, is reset, or its answer completes first.
+    @Test func theConnectionWindowIsGivenBackOnce() {
+        var settings = H2Connection.Settings()
+        settings.maxConcurrentStreams = 1
+        var (c, r, client) = Self.open(settings)
+        c.output = []
+        func stream(_ id: UInt32, end: (inout H2Connection, inout Client) -> Void) -> [Written] {
+            client.bytes = []
+            client.request(id, endStream: false)
+            client.add(.data, [], id, [UInt8](repeating: 1, count: 10_000))
+            _ = c.feed(client.bytes, &r)
+            c.consumed(id, 10_000)
+            client.bytes = []
+            end(&c, &client)
+            // (feed returns what was written since the last call, the consumed's too)
+            return c.feed(client.bytes, &r).filter { $0.type == 8 && $0.stream == 0 }
+        }
+        // Half the connection's window (65,535 with one stream) is 32,767: three streams of
+        // 10,000 bytes give back nothing yet, however they end; the fourth gives back 40,000.
+        #expect(stream(1) { c, client in c.sent(1, 0, end: true); client.add(.data, .endStream, 1, []) }.isEmpty)
+        #expect(stream(3) { _, client in client.add(.rstStream, [], 3, [0, 0, 0, 8]) }.isEmpty)
+        #expect(stream(5) { c, _ in c.reset(5, .cancel) }.isEmpty)
+        let updates = stream(7) { _, client in client.add(.data, .endStream, 7, []) }
+        #expect(updates == [Written(type: 8, flags: 0, stream: 0, payload: [0, 0, 0x9c, 0x40])], "40,000 once")
+    }
+
     @Test func goAwayTakesNoNewStream() {
         var (c, r, client) = Self.open()
         client.request(1, endStream: false)

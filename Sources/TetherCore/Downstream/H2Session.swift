@@ -709,6 +709,12 @@ final class H2StreamPort {
     /// The stream's connection closed.
     func closed(cut: Bool) {
         connection = nil
+        // Body bytes that came and were never read (a 413, an answer that did not wait for the
+        // body) still count against the connection's window: they are given back.
+        if uncredited > 0 {
+            session.consumed(id, uncredited)
+            uncredited = 0
+        }
         if ended { return session.streamEnded(self, complete: true, requestDone: true) }
         let cut = cut || failed
         if phase == .close && !cut {
