@@ -18,6 +18,10 @@ public struct H2Request: Equatable, Sendable {
     public var fields: [H2Field]
 
     static let contentLength = Array("content-length".utf8)
+    static let pseudoMethod = Array(":method".utf8)
+    static let pseudoScheme = Array(":scheme".utf8)
+    static let pseudoAuthority = Array(":authority".utf8)
+    static let pseudoPath = Array(":path".utf8)
     static let cookie = Array("cookie".utf8)
     static let host = Array("host".utf8)
     static let te = Array("te".utf8)
@@ -42,7 +46,8 @@ public struct H2Request: Equatable, Sendable {
         var host: [UInt8]?
         var regularSeen = false
         for f in list {
-            let name = text(f.name)
+            // Text is made of a name only for an error's message.
+            var name: String { text(f.name) }
             guard !f.name.isEmpty else { return .failure(H2Malformed("an empty field name")) }
             guard validValue(f.value) else { return .failure(H2Malformed("field \"\(name)\" has a value with NUL, CR, LF or surrounding whitespace")) }
             if f.name[0] == UInt8(ascii: ":") {
@@ -53,12 +58,16 @@ public struct H2Request: Equatable, Sendable {
                     return nil
                 }
                 let problem: H2Malformed?
-                switch name {
-                case ":method": problem = set(&method)
-                case ":scheme": problem = set(&scheme)
-                case ":authority": problem = set(&authority)
-                case ":path": problem = set(&path)
-                default: problem = H2Malformed("pseudo-header \(name) in a request")
+                if f.name == Self.pseudoMethod {
+                    problem = set(&method)
+                } else if f.name == Self.pseudoScheme {
+                    problem = set(&scheme)
+                } else if f.name == Self.pseudoAuthority {
+                    problem = set(&authority)
+                } else if f.name == Self.pseudoPath {
+                    problem = set(&path)
+                } else {
+                    problem = H2Malformed("pseudo-header \(name) in a request")
                 }
                 if let problem { return .failure(problem) }
                 continue

@@ -41,6 +41,9 @@ public struct H2HeaderDecoder {
         self.maxListSize = maxListSize
     }
 
+    /// The static table as fields, made once (a lookup copies no bytes: arrays are shared).
+    static let staticFields: [H2Field] = StaticTable.entries.map { H2Field($0.name, $0.value) }
+
     /// The dynamic table's size now (RFC 7541 §4.1).
     public var dynamicTableSize: Int { tableSize }
 
@@ -86,9 +89,8 @@ public struct H2HeaderDecoder {
     }
 
     private func entry(_ index: Int) throws(Failure) -> H2Field {
-        if index >= 1 && index <= StaticTable.entries.count {
-            let e = StaticTable.entries[index - 1]
-            return H2Field(e.name, e.value)
+        if index >= 1 && index <= Self.staticFields.count {
+            return Self.staticFields[index - 1]
         }
         let d = index - StaticTable.entries.count - 1
         guard index > 0, d < table.count else { throw .malformed("index \(index) is in no table") }
