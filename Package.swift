@@ -73,7 +73,7 @@ let package = Package(
         .target(
             name: "TetherTestSupport",
             dependencies: [
-                "COpenSSL", "TetherH2",
+                "COpenSSL", "TetherH2", "CTether",
                 .product(name: "NIOHPACK", package: "swift-nio-http2"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
+#include <spawn.h>
 #include "ctether.h"
 
 #ifdef __linux__
@@ -18,6 +19,12 @@ int tether_accept(int fd) {
 }
 
 void tether_set_thread_name(const char *name) { pthread_setname_np(pthread_self(), name); }
+
+int tether_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
+
+int tether_spawn_actions_chdir(void *actions, const char *dir) {
+    return posix_spawn_file_actions_addchdir_np((posix_spawn_file_actions_t *)actions, dir);
+}
 
 int tether_open_temp(const char *dir) {
     // O_TMPFILE: a file that never has a name (nothing to unlink, nothing left after a crash).

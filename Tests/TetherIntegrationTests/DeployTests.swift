@@ -1,22 +1,11 @@
 import Foundation
 import Testing
+import TetherTestSupport
 
-/// Runs a program to completion, with its output collected.
+/// Runs a program to its end: nothing on its standard input (`openssl s_client` would wait for
+/// it), both outputs returned (posix_spawn: see `Spawn`).
 func run(_ exe: String, _ args: [String], cwd: String? = nil) throws -> (status: Int32, out: String, err: String) {
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: exe)
-    p.arguments = args
-    if let cwd { p.currentDirectoryURL = URL(fileURLWithPath: cwd) }
-    // Nothing on standard input (`openssl s_client` would wait for it).
-    p.standardInput = FileHandle.nullDevice
-    let out = Pipe(), err = Pipe()
-    p.standardOutput = out
-    p.standardError = err
-    try p.run()
-    let o = out.fileHandleForReading.readDataToEndOfFile()
-    let e = err.fileHandleForReading.readDataToEndOfFile()
-    p.waitUntilExit()
-    return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+    try Spawn.run(exe, args, cwd: cwd)
 }
 
 @Suite struct DeployTests {

@@ -26,18 +26,9 @@ public enum TestPKI {
 
     @discardableResult
     static func openssl(_ args: [String], in dir: String) throws -> String {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
-        p.arguments = args
-        p.currentDirectoryURL = URL(fileURLWithPath: dir)
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = out
-        try p.run()
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        let text = String(decoding: data, as: UTF8.self)
-        guard p.terminationStatus == 0 else { throw Failed(description: "openssl \(args.joined(separator: " ")): \(text)") }
+        let r = try Spawn.run("/usr/bin/openssl", args, cwd: dir)
+        let text = r.out + r.err
+        guard r.status == 0 else { throw Failed(description: "openssl \(args.joined(separator: " ")): \(text)") }
         return text
     }
 

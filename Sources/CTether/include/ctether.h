@@ -88,6 +88,10 @@ static inline int tether_errno(void) { return errno; }
 
 /// Names the calling thread (15 bytes at most), as top and gdb show it. In shims.c.
 void tether_set_thread_name(const char *name);
+/// pipe2(O_CLOEXEC): both ends closed in any program spawned meanwhile (the tests' Spawn).
+int tether_pipe_cloexec(int fds[2]);
+/// posix_spawn_file_actions_addchdir_np, on a `posix_spawn_file_actions_t *`.
+int tether_spawn_actions_chdir(void *actions, const char *dir);
 #endif
 
 #endif
