@@ -79,7 +79,7 @@ public final class IOLoop: @unchecked Sendable {
         for h in records.handles {
             if let r = records.remove(h) {
                 timers.cancel(Int(h.index))
-                Glibc.close(r.fd)
+                if r.fd >= 0 { Glibc.close(r.fd) }
             }
         }
         retired.removeAll()

@@ -370,3 +370,75 @@ final class Recorder: IOHandler {
         #expect(early == 0, "\(early) timers fired early")
     }
 }
+
+/// What HTTP/2 needs of the loop: records without a descriptor (a stream's request), a record
+/// handed to another handler (a connection that turned out to speak HTTP/2), and work posted to
+/// the end of a pass (writes gathered from many events).
+@Suite struct LoopRecordTests {
+    final class Posted: PostedWork {
+        var runs = 0
+        var seenEvents = 0
+        let recorder: Recorder
+        init(_ r: Recorder) { recorder = r }
+        func runPosted() {
+            runs += 1
+            seenEvents = recorder.events.count
+        }
+    }
+
+    @Test func postedWorkRunsOnceAfterThePassesEvents() throws {
+        let loop = try IOLoop()
+        let (a, pa) = socketPair()
+        let (b, pb) = socketPair()
+        defer { Glibc.close(pa); Glibc.close(pb) }
+        let ra = Recorder(), rb = Recorder()
+        _ = try loop.register(a, handler: ra)
+        _ = try loop.register(b, handler: rb)
+        try loop.runOnce(timeoutMs: 1_000)
+        let work = Posted(rb)
+        // Both events in one pass; the first handler posts the work, which must see the second's event.
+        ra.onEvent = { _, _, loop in loop.post(work) }
+        let before = rb.events.count
+        send(pa, "x")
+        send(pb, "y")
+        usleep(10_000)
+        try loop.runOnce(timeoutMs: 1_000)
+        #expect(work.runs == 1 && work.seenEvents == before + 1, "ran once, after both events")
+        try loop.runOnce(timeoutMs: 10)
+        #expect(work.runs == 1, "posted for one pass only")
+    }
+
+    @Test func aRecordWithoutADescriptorHasATimerAndClosesNothing() throws {
+        let loop = try IOLoop()
+        let (a, pa) = socketPair()
+        defer { Glibc.close(pa) }
+        let r = Recorder()
+        let v = loop.registerVirtual(handler: r)
+        #expect(loop.fd(v) == -1)
+        loop.arm(v, afterNanoseconds: 5_000_000)
+        for _ in 0..<100 where r.timers == 0 { try loop.runOnce(timeoutMs: 100) }
+        #expect(r.timers == 1 && r.events.isEmpty)
+        loop.close(v)
+        #expect(loop.fd(v) == nil)
+        // No descriptor was closed with it: a descriptor of the test's is still open.
+        #expect(fcntl(a, F_GETFD) >= 0)
+        Glibc.close(a)
+    }
+
+    @Test func aRecordHandedToAnotherHandler() throws {
+        let loop = try IOLoop()
+        let (a, pa) = socketPair()
+        defer { Glibc.close(pa) }
+        let first = Recorder(), second = Recorder()
+        let h = try loop.register(a, handler: first)
+        try loop.runOnce(timeoutMs: 1_000)
+        let seen = first.events.count
+        loop.replaceHandler(h, with: second)
+        send(pa, "z")
+        loop.arm(h, afterNanoseconds: 1_000_000)
+        for _ in 0..<100 where second.timers == 0 { try loop.runOnce(timeoutMs: 100) }
+        #expect(first.events.count == seen && first.timers == 0)
+        #expect(second.readableEvents == 1 && second.timers == 1, "events and the timer go to the new handler")
+        loop.close(h)
+    }
+}
