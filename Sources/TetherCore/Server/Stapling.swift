@@ -93,7 +93,8 @@ final class Stapler: @unchecked Sendable {
                 }
             }
             let next = entries.withLock { $0.values.map(\.dueAt).min() }
-            thread.sleep(ms: next.map { n in Int32(clamping: max(0, n - Int(time(nil))) * 1000) })
+            // At most a day at a time (an answer with no nextUpdate is asked again hourly anyway).
+            thread.sleep(ms: next.map { n in Int32(max(0, min(n - Int(time(nil)), 86_400)) * 1000) })
         }
     }
 
@@ -101,7 +102,8 @@ final class Stapler: @unchecked Sendable {
     /// remember and when to fetch again.
     private func refresh(_ e: Entry) -> (last: (response: [UInt8], outcome: StapleOutcome)?, next: Int) {
         let contexts = e.contexts.compactMap(\.context)
-        guard let first = contexts.first else { return (nil, Int.max) }
+        // Every context went with a reload meanwhile (the new ones have an entry of their own).
+        guard let first = contexts.first else { return (nil, Int(time(nil)) + 300) }
         let timeout = Int(e.resolver?.timeoutMs ?? Int64(Self.defaultTimeoutMs))
         let fetched = Self.fetch(e.query, resolver: e.resolver, timeoutMs: timeout)
         let now = Int(time(nil))
