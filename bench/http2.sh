@@ -29,22 +29,9 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -su
     -keyout "$WORK/tls.key" -out "$WORK/tls.pem" 2>/dev/null
 cat "$WORK/tls.pem" "$WORK/tls.key" > "$WORK/tls-haproxy.pem"
 
-cat > "$WORK/backend.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $WORK/backend.nginxpid;
-error_log $WORK/backend.err;
-worker_rlimit_nofile 65536;
-events { worker_connections 65536; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    keepalive_timeout 300s;
-    server { listen 127.0.0.1:$BACKEND_PORT backlog=4096; location / { return 200 "hello world\n"; } }
-    server { listen 127.0.0.1:$STATUS_PORT; location / { stub_status; } }
-}
-CONF
-taskset -c 1 nginx -c "$WORK/backend.conf" -e "$WORK/backend.err" & echo $! > "$WORK/backend.pid"
+# The backend: nginx answering 12 bytes, with stub_status to count accepted connections, on core 1.
+source bench/proxies.sh
+BACKEND_CPU=1 start_backend_12
 
 cat > "$WORK/tether.conf" <<CONF
 worker_processes 1;

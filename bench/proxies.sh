@@ -3,14 +3,20 @@
 
 # --- The backend of the instruction and syscall counts: one nginx worker answering 12 bytes on
 # BACKEND_PORT, started here (its pid in $WORK/backend.pid).
+# With STATUS_PORT set, a stub_status server there too (to count accepted connections); with
+# BACKEND_CPU set, pinned to that core.
 start_backend_12() {
+    local status=""
+    [ -n "${STATUS_PORT:-}" ] && status="server { listen 127.0.0.1:$STATUS_PORT; location / { stub_status; } }"
     cat > "$WORK/backend.conf" <<CONF
 worker_processes 1; daemon off; pid $WORK/backend.nginxpid; error_log $WORK/backend.err;
-events { worker_connections 4096; }
+worker_rlimit_nofile 65536;
+events { worker_connections 65536; }
 http { access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
-    server { listen 127.0.0.1:$BACKEND_PORT; location / { return 200 "hello world\n"; } } }
+    server { listen 127.0.0.1:$BACKEND_PORT backlog=4096; location / { return 200 "hello world\n"; } }
+    $status }
 CONF
-    nginx -c "$WORK/backend.conf" -e "$WORK/backend.err" & echo $! > "$WORK/backend.pid"
+    ${BACKEND_CPU:+taskset -c $BACKEND_CPU} nginx -c "$WORK/backend.conf" -e "$WORK/backend.err" & echo $! > "$WORK/backend.pid"
 }
 
 # --- Tether: tether_conf NAME LOOPS PORT [TLS-PORT [EXPIRY-PORT]] writes $WORK/NAME.conf

@@ -512,7 +512,7 @@ final class H2StreamPort {
 
     func requestData(_ bytes: UnsafeRawBufferPointer, end: Bool) {
         if chunkedRequest && !bytes.isEmpty {
-            input += Array(String(bytes.count, radix: 16).utf8) + [13, 10]
+            ChunkedDecoder.writeSize(Int64(bytes.count), into: &input)
             input.append(contentsOf: bytes)
             input += [13, 10]
         } else {
