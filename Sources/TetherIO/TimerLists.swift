@@ -6,65 +6,82 @@
 /// heads. A proxy's timeouts come from its configuration (`keepalive_timeout`,
 /// `client_header_timeout`, `proxy_read_timeout`, ...), so there are a handful of lists, each
 /// possibly long. Timers are numbered by the caller (a loop uses its slab's slot indices), and
-/// the arrays grow to the highest number armed; nothing is allocated per arm.
-public struct TimerLists {
-    @usableFromInline var deadline: ContiguousArray<UInt64> = []
-    @usableFromInline var prev: ContiguousArray<Int32> = []
-    @usableFromInline var next: ContiguousArray<Int32> = []
-    /// The list a timer is in, or -1 when it is not armed.
-    @usableFromInline var listOf: ContiguousArray<Int16> = []
+/// the storage grows to the highest number armed; nothing is allocated per arm.
+///
+/// The timers' fields are one record each (deadline, links, list), and the lists' too, in memory
+/// of their own, read and written through pointers: arming is a handful of stores, with no array
+/// to check for uniqueness on each of them (a proxied request arms three timers and cancels two).
+/// It cannot be copied (its memory is freed with it).
+public struct TimerLists: ~Copyable {
+    @usableFromInline struct Entry {
+        var deadline: UInt64 = 0
+        var prev: Int32 = -1
+        var next: Int32 = -1
+        /// The list the timer is in, or -1 when it is not armed.
+        var list: Int32 = -1
+    }
+    @usableFromInline var entries: UnsafeMutablePointer<Entry>
+    /// How many entries there are room for: timers 0..<capacity.
+    @usableFromInline private(set) var capacity = 0
 
     @usableFromInline struct List {
         var duration: UInt64
         var head: Int32 = -1
         var tail: Int32 = -1
     }
-    @usableFromInline var lists: [List] = []
+    @usableFromInline var lists: UnsafeMutablePointer<List>
+    /// Lists kept (`lists[0..<listCount]`): a list whose timers have all gone is given to the
+    /// next new duration, so that durations that come and go (a reload's, a learned idle
+    /// window's) do not pile up. Beyond a few in use at once, arming still works, at the cost of a
+    /// longer scan: a sign that a caller arms computed durations, which belong in fewer lists.
+    public private(set) var listCount = 0
+    @usableFromInline private(set) var listCapacity = 4
     public private(set) var armed = 0
 
-    /// Lists kept: a list whose timers have all gone is given to the next new duration, so that
-    /// durations that come and go (a reload's, a learned idle window's) do not pile up. Beyond
-    /// this many in use at once, arming still works, at the cost of a longer scan: a sign that a
-    /// caller arms computed durations, which belong in fewer lists.
-    public var listCount: Int { lists.count }
+    public init() {
+        entries = .allocate(capacity: 1)
+        lists = .allocate(capacity: listCapacity)
+    }
 
-    public init() {}
+    deinit {
+        entries.deallocate()
+        lists.deallocate()
+    }
 
-    public func isArmed(_ id: Int) -> Bool { id < listOf.count && listOf[id] >= 0 }
+    public func isArmed(_ id: Int) -> Bool { id >= 0 && id < capacity && entries[id].list >= 0 }
 
     /// The deadline of an armed timer.
-    public func deadline(of id: Int) -> UInt64? { isArmed(id) ? deadline[id] : nil }
+    public func deadline(of id: Int) -> UInt64? { isArmed(id) ? entries[id].deadline : nil }
 
     /// Arms timer `id` to fire `duration` after `now` (nanoseconds of one monotonic clock, which
     /// must not go backwards between calls), replacing what it was armed for.
     public mutating func arm(_ id: Int, after duration: UInt64, now: UInt64) {
-        grow(to: id)
+        precondition(id >= 0 && id < Int(Int32.max), "timer \(id)")
+        if id >= capacity { grow(to: id) }
         cancel(id)
         let l = list(for: duration)
-        deadline[id] = now &+ duration
-        listOf[id] = Int16(l)
-        prev[id] = lists[l].tail
-        next[id] = -1
-        if lists[l].tail >= 0 { next[Int(lists[l].tail)] = Int32(id) } else { lists[l].head = Int32(id) }
+        let tail = lists[l].tail
+        entries[id] = Entry(deadline: now &+ duration, prev: tail, next: -1, list: Int32(l))
+        if tail >= 0 { entries[Int(tail)].next = Int32(id) } else { lists[l].head = Int32(id) }
         lists[l].tail = Int32(id)
         armed += 1
     }
 
     public mutating func cancel(_ id: Int) {
         guard isArmed(id) else { return }
-        let l = Int(listOf[id])
-        let p = prev[id], n = next[id]
-        if p >= 0 { next[Int(p)] = n } else { lists[l].head = n }
-        if n >= 0 { prev[Int(n)] = p } else { lists[l].tail = p }
-        listOf[id] = -1
+        let e = entries[id]
+        let l = Int(e.list)
+        if e.prev >= 0 { entries[Int(e.prev)].next = e.next } else { lists[l].head = e.next }
+        if e.next >= 0 { entries[Int(e.next)].prev = e.prev } else { lists[l].tail = e.prev }
+        entries[id].list = -1
         armed -= 1
     }
 
     /// The earliest deadline armed, if any.
     public var nextDeadline: UInt64? {
         var best: UInt64?
-        for l in lists where l.head >= 0 {
-            let d = deadline[Int(l.head)]
+        for i in 0..<listCount where lists[i].head >= 0 {
+            let d = entries[Int(lists[i].head)].deadline
             if best == nil || d < best! { best = d }
         }
         return best
@@ -76,8 +93,8 @@ public struct TimerLists {
     public mutating func popExpired(now: UInt64) -> Int? {
         var bestList = -1
         var best = UInt64.max
-        for (i, l) in lists.enumerated() where l.head >= 0 {
-            let d = deadline[Int(l.head)]
+        for i in 0..<listCount where lists[i].head >= 0 {
+            let d = entries[Int(lists[i].head)].deadline
             if d <= now && d < best { best = d; bestList = i }
         }
         guard bestList >= 0 else { return nil }
@@ -86,23 +103,37 @@ public struct TimerLists {
         return id
     }
 
+    /// The list of timers of `duration`: found by a scan of the few lists there are; a new
+    /// duration takes a list left empty, or a new one.
     @usableFromInline mutating func list(for duration: UInt64) -> Int {
-        if let i = lists.firstIndex(where: { $0.duration == duration }) { return i }
-        if let i = lists.firstIndex(where: { $0.head < 0 }) {
-            lists[i].duration = duration
-            return i
+        var free = -1
+        for i in 0..<listCount {
+            if lists[i].duration == duration { return i }
+            if free < 0 && lists[i].head < 0 { free = i }
         }
-        lists.append(List(duration: duration))
-        return lists.count - 1
+        if free >= 0 {
+            lists[free].duration = duration
+            return free
+        }
+        if listCount == listCapacity {
+            let more = UnsafeMutablePointer<List>.allocate(capacity: listCapacity * 2)
+            more.moveInitialize(from: lists, count: listCount)
+            lists.deallocate()
+            lists = more
+            listCapacity *= 2
+        }
+        (lists + listCount).initialize(to: List(duration: duration))
+        listCount += 1
+        return listCount - 1
     }
 
     @usableFromInline mutating func grow(to id: Int) {
-        guard id >= listOf.count else { return }
-        let n = max(id + 1, listOf.count * 2, 64)
-        let more = n - listOf.count
-        deadline.append(contentsOf: repeatElement(0, count: more))
-        prev.append(contentsOf: repeatElement(-1, count: more))
-        next.append(contentsOf: repeatElement(-1, count: more))
-        listOf.append(contentsOf: repeatElement(-1, count: more))
+        let n = max(id + 1, capacity * 2, 64)
+        let more = UnsafeMutablePointer<Entry>.allocate(capacity: n)
+        more.moveInitialize(from: entries, count: capacity)
+        (more + capacity).initialize(repeating: Entry(), count: n - capacity)
+        entries.deallocate()
+        entries = more
+        capacity = n
     }
 }

@@ -98,8 +98,8 @@ import Testing
     @Test func reArmingAllocatesNothingOnceGrown() {
         var t = TimerLists()
         for id in 0..<1_000 { t.arm(id, after: 5, now: 0) }
-        let capacity = t.listOf.capacity
+        let capacity = t.capacity, storage = t.entries
         for round in 1...10 { for id in 0..<1_000 { t.arm(id, after: 5, now: UInt64(round)) } }
-        #expect(t.listOf.capacity == capacity && t.lists.count == 1 && t.armed == 1_000)
+        #expect(t.capacity == capacity && t.entries == storage && t.listCount == 1 && t.armed == 1_000)
     }
 }
