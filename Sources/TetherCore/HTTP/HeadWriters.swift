@@ -231,13 +231,6 @@ enum HeadWriter {
     }
 }
 
-/// A byte array as a sink (an HTTP/2 stream's request body, framed as HTTP/1.1 chunks).
-extension Array: HeadSink where Element == UInt8 {
-    mutating func put(_ bytes: UnsafeRawBufferPointer) { append(contentsOf: bytes) }
-    var mark: Int { count }
-    mutating func rollback(to mark: Int) { removeLast(count - mark) }
-}
-
 extension ChunkedDecoder {
     /// A canonical chunk-size line: lowercase hex without leading zeros, no extension, CRLF.
     static func writeSize<S: HeadSink & ~Copyable>(_ n: Int64, into out: inout S) {
