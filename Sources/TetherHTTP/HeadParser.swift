@@ -203,6 +203,14 @@ public enum HeadParser {
             // Finds the end of the line starting at `i`: the index of its CR, or nil if incomplete.
             func lineEnd(_ i: Int) -> Result<Int?, HeadError> {
                 var j = i
+                // Eight bytes at a time up to the first CR or LF (the masks are exact below it).
+                while j + 8 <= n {
+                    let w = p.loadUnaligned(fromByteOffset: j, as: UInt64.self)
+                    let cr = w ^ 0x0D0D_0D0D_0D0D_0D0D, lf = w ^ 0x0A0A_0A0A_0A0A_0A0A
+                    let flags = ((cr &- 0x0101_0101_0101_0101) & ~cr | (lf &- 0x0101_0101_0101_0101) & ~lf) & 0x8080_8080_8080_8080
+                    if flags != 0 { j += flags.trailingZeroBitCount >> 3; break }
+                    j += 8
+                }
                 while j < n {
                     let c = p[j]
                     if c == 0x0A { return .failure(HeadError(status: bad, reason: "bare LF in head")) }
@@ -326,35 +334,41 @@ public enum HeadParser {
         var j = valueStart
         var valueEnd = j
         while j < n {
-            // Eight bytes at a time while they hold no control byte or DEL (spaces and obs-text
-            // are fine): the usual run of a value.
+            // Eight bytes at a time: a word with no control byte or DEL (spaces and obs-text are
+            // fine) is the usual run of a value; in the one that has, the first such byte is
+            // found at once (below it the masks are exact) and is the line's CR as a rule.
             if j + 8 <= n {
                 let w = p.loadUnaligned(fromByteOffset: j, as: UInt64.self)
                 let ctl = (w &- 0x2020_2020_2020_2020) & ~w & 0x8080_8080_8080_8080
                 let x = w ^ 0x7F7F_7F7F_7F7F_7F7F
                 let del = (x &- 0x0101_0101_0101_0101) & ~x & 0x8080_8080_8080_8080
-                if ctl | del == 0 {
-                    var k = j + 7
-                    while k >= j && p[k] == 0x20 { k -= 1 }
-                    if k >= j { valueEnd = k + 1 }
-                    j += 8
-                    continue
-                }
-            }
-            // Otherwise byte by byte through these eight (the line's end is among them).
-            let stop = min(j + 8, n)
-            while j < stop {
+                let flags = ctl | del
+                let stop = flags == 0 ? j + 8 : j + flags.trailingZeroBitCount >> 3
+                var k = stop - 1
+                while k >= j && p[k] == 0x20 { k -= 1 }
+                if k >= j { valueEnd = k + 1 }
+                j = stop
+                if flags == 0 { continue }
                 let c = p[j]
-                if c > 0x20 && c != 0x7F {
-                    valueEnd = j + 1
-                } else if c == 0x0D {
+                if c == 0x0D {
                     guard j + 1 < n, p[j + 1] == 0x0A else { return nil }
                     return (nameEnd, valueStart, valueEnd, j)
-                } else if c != 0x20 && c != 0x09 {
-                    return nil
                 }
+                guard c == 0x09 else { return nil }
                 j += 1
+                continue
             }
+            // The last few bytes, one at a time.
+            let c = p[j]
+            if c > 0x20 && c != 0x7F {
+                valueEnd = j + 1
+            } else if c == 0x0D {
+                guard j + 1 < n, p[j + 1] == 0x0A else { return nil }
+                return (nameEnd, valueStart, valueEnd, j)
+            } else if c != 0x20 && c != 0x09 {
+                return nil
+            }
+            j += 1
         }
         return nil
     }
@@ -422,11 +436,32 @@ public enum HeadParser {
     }
 
     private static func classify(_ p: UnsafeRawBufferPointer, from: Int, to: Int) -> HeaderKind {
+        // A name is made of tokens (scanName saw to it), and for a token byte `b | 0x20` equals a
+        // lowercase letter, digit or "-" exactly when `ASCII.lower(b)` does: the names below are
+        // compared a word at a time (overlapping words at the end), not byte by byte.
         @inline(__always) func eq(_ s: StaticString) -> Bool {
-            guard s.utf8CodeUnitCount == to - from else { return false }
+            let length = to - from
+            guard s.utf8CodeUnitCount == length else { return false }
             return s.withUTF8Buffer { b in
-                for k in 0..<b.count where ASCII.lower(p[from + k]) != b[k] { return false }
-                return true
+                let lit = UnsafeRawBufferPointer(b)
+                @inline(__always) func same<T: FixedWidthInteger>(_ off: Int, _: T.Type) -> Bool {
+                    p.loadUnaligned(fromByteOffset: from + off, as: T.self) | T(truncatingIfNeeded: 0x2020_2020_2020_2020 as UInt64)
+                        == lit.loadUnaligned(fromByteOffset: off, as: T.self)
+                }
+                switch length {
+                case 2: return same(0, UInt16.self)
+                case 4: return same(0, UInt32.self)
+                case 6: return same(0, UInt32.self) && same(4, UInt16.self)
+                case 7: return same(0, UInt32.self) && same(3, UInt32.self)
+                default:
+                    precondition(length >= 8, "a header name of \(length) bytes")
+                    var off = 0
+                    while off + 8 < length {
+                        if !same(off, UInt64.self) { return false }
+                        off += 8
+                    }
+                    return same(length - 8, UInt64.self)
+                }
             }
         }
         switch to - from {

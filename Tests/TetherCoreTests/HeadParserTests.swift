@@ -194,6 +194,85 @@ import TetherHTTP
         }
         #expect(outcomes == 10_000)
     }
+
+    /// The parser reads header lines and the first line a word at a time. Random lines (tokens,
+    /// spaces, tabs, CR, LF, DEL, NUL, obs-text, colons) at every alignment get the outcome and
+    /// the value a byte-by-byte reading of RFC 9112 gives: a complete head with the value's
+    /// bytes, trailing spaces and tabs trimmed, or an error, or incomplete when cut.
+    @Test func wordAtATimeScanningAgreesWithAByteByByteReading() {
+        var seed: UInt64 = 11
+        func next() -> UInt64 { seed = seed &* 6364136223846793005 &+ 1442695040888963407; return seed >> 33 }
+        let pieces: [[UInt8]] = ["a", "Z", "-", "9", " ", " ", "\t", ":", "\r", "\n", "\r\n", "\u{7f}", "\u{0}", "\u{1f}", "x-long-value/1.2;q=0.5"].map { Array($0.utf8) } + [[0x80], [0xFF], [0xA0]]
+        // The reference: what one header line `name: value` says, or nil where it is invalid.
+        func reference(_ line: [UInt8]) -> [UInt8]? {
+            guard let colon = line.firstIndex(of: UInt8(ascii: ":")), colon > 0,
+                  line[..<colon].allSatisfy(ASCII.isToken) else { return nil }
+            var value = Array(line[(colon + 1)...])
+            guard value.allSatisfy(ASCII.isFieldByte) else { return nil }
+            while let f = value.first, f == 0x20 || f == 0x09 { value.removeFirst() }
+            while let l = value.last, l == 0x20 || l == 0x09 { value.removeLast() }
+            return value
+        }
+        var checked = 0
+        for round in 0..<20_000 {
+            var line = Array("X-\(round % 7):".utf8)
+            for _ in 0..<Int(next() % 12) { line += pieces[Int(next() % UInt64(pieces.count))] }
+            if next() % 4 == 0 { line.remove(at: Int(next() % UInt64(line.count))) }
+            let padding = Array(repeating: UInt8(ascii: "a"), count: Int(next() % 9))
+            let text = Array("GET /\(String(decoding: padding, as: UTF8.self)) HTTP/1.1\r\n".utf8) + line + Array("\r\nHost: h\r\n\r\n".utf8)
+            var storage: [HeaderField] = []
+            let outcome = HeadParser.parse(text, kind: .request, limits: .init(lineLimit: 8192, headLimit: 32768), headers: &storage)
+            // A line with a CR or LF in it is two lines, or a bare CR or LF: not compared here.
+            if line.contains(0x0D) || line.contains(0x0A) { continue }
+            let expected = reference(line)
+            switch outcome {
+            case .complete(let h, _):
+                guard let expected else { Issue.record("accepted \(line)"); continue }
+                #expect(h.headers.count == 2 && Array(h.bytes[Int(h.headers[0].valueStart)..<Int(h.headers[0].valueEnd)]) == expected, "\(line)")
+                checked += 1
+            case .error:
+                if let expected { Issue.record("refused \(line), a valid line with value \(expected)") }
+            case .incomplete:
+                Issue.record("incomplete: \(line)")
+            }
+        }
+        #expect(checked > 4_000)
+    }
+
+    /// Header names are classified a word at a time: every name Tether acts on, in any case, and
+    /// names one byte off (a letter, "-" against "_", a longer or shorter name) that are other.
+    @Test func headerNamesAreClassifiedInAnyCaseAndOnlyExactly() {
+        let kinds: [(String, HeaderKind)] = [
+            ("te", .te), ("host", .host), ("expect", .expect), ("upgrade", .upgrade), ("trailer", .trailer),
+            ("connection", .connection), ("keep-alive", .keepAlive), ("content-length", .contentLength),
+            ("http2-settings", .http2Settings), ("x-forwarded-for", .xForwardedFor),
+            ("proxy-connection", .proxyConnection), ("transfer-encoding", .transferEncoding),
+        ]
+        func kind(of name: String) -> HeaderKind? {
+            var storage: [HeaderField] = []
+            // (Transfer-Encoding must name chunked in a request that is parsed to its end.)
+            let value = name.lowercased() == "transfer-encoding" ? "chunked" : "1"
+            let text = Array("GET / HTTP/1.1\r\nHost: h\r\n\(name): \(value)\r\n\r\n".utf8)
+            guard case .complete(let h, _) = HeadParser.parse(text, kind: .request, limits: .init(lineLimit: 8192, headLimit: 32768), headers: &storage),
+                  h.headers.count == 2 else { return nil }
+            return h.headers[1].kind
+        }
+        for (name, k) in kinds where k != .host {
+            #expect(kind(of: name) == k, "\(name)")
+            #expect(kind(of: name.uppercased()) == k, "\(name.uppercased())")
+            let mixed = String(name.enumerated().map { $0.offset % 2 == 0 ? Character($0.element.uppercased()) : $0.element })
+            #expect(kind(of: mixed) == k, "\(mixed)")
+            // One byte changed at each position, and one more or one fewer.
+            for i in 0..<name.utf8.count {
+                var bytes = Array(name.utf8)
+                bytes[i] = bytes[i] == UInt8(ascii: "-") ? UInt8(ascii: "_") : bytes[i] == UInt8(ascii: "z") ? UInt8(ascii: "y") : bytes[i] + 1
+                let near = String(decoding: bytes, as: UTF8.self)
+                #expect(kind(of: near) == .other, "\(near)")
+            }
+            #expect(kind(of: name + "s") == .other && kind(of: String(name.dropLast())) == .other)
+        }
+        #expect(kind(of: "CONTENT-LENGTH") == .contentLength && kind(of: "Content_Length") == .other)
+    }
 }
 
 /// The canonical chunk-size lines Tether writes (the decoder's own tests are in TetherHTTPTests).
