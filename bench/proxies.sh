@@ -1,4 +1,4 @@
-# Sourced by the bench scripts (run.sh, instructions.sh, syscalls.sh, budget.sh): the configurations of Tether and of nginx as
+# Sourced by the bench scripts (run.sh, cpu.sh, instructions.sh, syscalls.sh, budget.sh): the configurations of Tether, nginx and HAProxy as
 # a proxy, the same in each. They expect WORK (a directory) and BACKEND_PORT to be set.
 
 # --- The backend of the instruction and syscall counts: one nginx worker answering 12 bytes on
@@ -95,5 +95,41 @@ http {
     $tls
     $expiry
 }
+CONF
+}
+
+# --- HAProxy, one thread, keep-alive both sides and "http-reuse always", the setting that keeps
+# upstream connections shared across client connections.
+# haproxy_conf NAME PORT [TLS-PORT [EXPIRY-PORT]] writes $WORK/NAME.cfg (TLS with
+# $WORK/tls-haproxy.pem: certificate and key in one file)
+haproxy_conf() {
+    local tls="" expiry=""
+    [ -n "${3:-}" ] && tls="frontend tls
+    bind 127.0.0.1:$3 ssl crt $WORK/tls-haproxy.pem alpn http/1.1 ssl-min-ver TLSv1.2
+    default_backend backend"
+    [ -n "${4:-}" ] && expiry="frontend expiry
+    bind 127.0.0.1:$4
+    timeout http-keep-alive 3s
+    default_backend backend"
+    cat > "$WORK/$1.cfg" <<CONF
+global
+    nbthread 1
+    maxconn 9000   # its FD check needs 2 × maxconn + spare under this machine's 20,000 limit
+    tune.ssl.default-dh-param 2048
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+    timeout http-keep-alive 300s
+    option http-keep-alive
+    http-reuse always
+frontend plain
+    bind 127.0.0.1:$2
+    default_backend backend
+$tls
+$expiry
+backend backend
+    server b1 127.0.0.1:$BACKEND_PORT
 CONF
 }

@@ -81,34 +81,8 @@ taskset -c 0 "$TETHER" -c "$WORK/tether.conf" & echo $! > "$WORK/tether.pid"
 nginx_conf nginx 1 $NGINX_PORT $NGINX_TLS_PORT $NGINX_EXPIRY_PORT
 taskset -c 0 nginx -c "$WORK/nginx.conf" -e "$WORK/nginx.err" & echo $! > "$WORK/nginx.pid"
 
-# --- HAProxy, one thread, keep-alive both sides and "http-reuse always", the setting that keeps
-# upstream connections shared across client connections
-cat > "$WORK/haproxy.cfg" <<CONF
-global
-    nbthread 1
-    maxconn 9000   # its FD check needs 2 × maxconn + spare under this machine's 20,000 limit
-    tune.ssl.default-dh-param 2048
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 300s
-    timeout server 300s
-    timeout http-keep-alive 300s
-    option http-keep-alive
-    http-reuse always
-frontend plain
-    bind 127.0.0.1:$HAPROXY_PORT
-    default_backend backend
-frontend tls
-    bind 127.0.0.1:$HAPROXY_TLS_PORT ssl crt $WORK/tls-haproxy.pem alpn http/1.1 ssl-min-ver TLSv1.2
-    default_backend backend
-frontend expiry
-    bind 127.0.0.1:$HAPROXY_EXPIRY_PORT
-    timeout http-keep-alive 3s
-    default_backend backend
-backend backend
-    server b1 127.0.0.1:$BACKEND_PORT
-CONF
+# --- HAProxy, one thread (haproxy_conf, in bench/proxies.sh)
+haproxy_conf haproxy $HAPROXY_PORT $HAPROXY_TLS_PORT $HAPROXY_EXPIRY_PORT
 taskset -c 0 haproxy -db -f "$WORK/haproxy.cfg" 2> "$WORK/haproxy.err" & echo $! > "$WORK/haproxy.pid"
 
 # --- for the scaling row: Tether with 2 event loops and nginx with 2 workers, not pinned
