@@ -7,6 +7,7 @@
 #   ROUNDS=3 DURATION=10 bench/cpu.sh
 #   BASELINE=/tmp/tether-before bench/cpu.sh   # also a second Tether binary, to see what a change did
 #   ROWS="50" ROUNDS=9 BASELINE=... bench/cpu.sh   # one row, more rounds
+#   FLOOR=1 bench/cpu.sh                  # also bench/relay: the kernel's floor, epoll and io_uring
 #
 # The setup is bench/run.sh's (the same configurations, from bench/proxies.sh): each proxy with
 # one event loop / worker / thread pinned to core 0, the nginx backend (12-byte answers) and wrk on
@@ -16,6 +17,10 @@
 # reported apart: user space is the proxy's own code, system time the kernel's work for its
 # sockets. A row's figure is the median over the rounds, and its ratio the median of the rounds'
 # ratios (each round's proxies ran within a minute of each other).
+# FLOOR=1 adds two runs of bench/relay/relay.c, a relay that gives each client connection an
+# upstream connection of its own and passes bytes without parsing them: what a keep-alive request
+# costs a proxy that does nothing else, on epoll with Tether's calls, and on io_uring with the
+# receives and sends of a pass submitted together.
 # Writes bench/out/cpu.md (and every run in bench/out/cpu-runs.txt) and prints it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +31,9 @@ mkdir -p "$OUT"
 source bench/lib.sh
 if ! need wrk || ! need nginx || ! need haproxy || ! need taskset; then
     install_packages wrk nginx-light haproxy util-linux
+fi
+if [ -n "${FLOOR:-}" ] && { ! need gcc || [ ! -e /usr/include/liburing.h ]; }; then
+    install_packages gcc liburing-dev
 fi
 ulimit -n 65536 || true
 scripts/build >/dev/null
@@ -49,6 +57,14 @@ if [ -n "${BASELINE:-}" ]; then
     tether_conf baseline 1 $BASELINE_PORT
     taskset -c 0 "$BASELINE" -c "$WORK/baseline.conf" & echo $! > "$WORK/baseline.pid"
     PROXIES+=(baseline); PORT[baseline]=$BASELINE_PORT
+fi
+if [ -n "${FLOOR:-}" ]; then
+    gcc -O2 -Wall -o "$WORK/relay" bench/relay/relay.c -luring
+    PORT[relay-epoll]=18287; PORT[relay-uring]=18288
+    for mode in epoll uring; do
+        taskset -c 0 "$WORK/relay" $mode "${PORT[relay-$mode]}" $BACKEND_PORT & echo $! > "$WORK/relay-$mode.pid"
+        PROXIES+=(relay-$mode)
+    done
 fi
 for port in "${PORT[@]}" $BACKEND_PORT; do
     for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/" >/dev/null 2>&1 && break; sleep 0.1; done
@@ -101,20 +117,26 @@ print(f"Proxy CPU per keep-alive request (µs, utime+stime), {datetime.date.toda
       f"{os.cpu_count()} cores, median of {rounds} interleaved rounds of {duration} s per proxy and row; "
       f"each proxy pinned to core 0, wrk and the nginx backend on core 1 (bench/cpu.sh).")
 print()
-base = any(k[2] == "baseline" for k in runs)
-print("| clients | Tether µs (user + system) | nginx µs (user + system) | HAProxy µs (user + system) | Tether/nginx (rounds' range) | Tether/HAProxy (rounds' range) | requests/s Tether / nginx / HAProxy |"
-      + (" baseline µs (user + system) | Tether/baseline (rounds' range) |" if base else ""))
-print("|---|---|---|---|---|---|---|" + ("---|---|" if base else ""))
-for c in sorted({k[1] for k in runs}):
-    rs = sorted({k[0] for k in runs if k[1] == c})
-    cell, rps = {}, {}
-    for p in ("tether", "nginx", "haproxy") + (("baseline",) if base else ()):
-        v = [runs[(r, c, p)] for r in rs]
-        cell[p] = f"{med([x[0] for x in v]):.1f} ({med([x[1] for x in v]):.1f} + {med([x[2] for x in v]):.1f})"
-        rps[p] = f"{med([x[3] for x in v]):.0f}"
-    def ratio(q):
-        xs = [runs[(r, c, "tether")][0] / runs[(r, c, q)][0] for r in rs]
-        return f"{med(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"
-    print(f"| {c} | {cell['tether']} | {cell['nginx']} | {cell['haproxy']} | {ratio('nginx')} | {ratio('haproxy')} | {rps['tether']} / {rps['nginx']} / {rps['haproxy']} |"
-          + (f" {cell['baseline']} | {ratio('baseline')} |" if base else ""))
+print("| clients | Tether µs (user + system) | nginx µs (user + system) | HAProxy µs (user + system) | Tether/nginx (rounds' range) | Tether/HAProxy (rounds' range) | requests/s Tether / nginx / HAProxy |")
+print("|---|---|---|---|---|---|---|")
+def cell(c, p):
+    v = [runs[(r, c, p)] for r in rounds_of(c)]
+    return f"{med([x[0] for x in v]):.1f} ({med([x[1] for x in v]):.1f} + {med([x[2] for x in v]):.1f})"
+def rps(c, p): return f"{med([runs[(r, c, p)][3] for r in rounds_of(c)]):.0f}"
+def rounds_of(c): return sorted({k[0] for k in runs if k[1] == c})
+def ratio(c, a, b):
+    xs = [runs[(r, c, a)][0] / runs[(r, c, b)][0] for r in rounds_of(c)]
+    return f"{med(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"
+rows = sorted({k[1] for k in runs})
+for c in rows:
+    print(f"| {c} | {cell(c, 'tether')} | {cell(c, 'nginx')} | {cell(c, 'haproxy')} | {ratio(c, 'tether', 'nginx')} | {ratio(c, 'tether', 'haproxy')} | {rps(c, 'tether')} / {rps(c, 'nginx')} / {rps(c, 'haproxy')} |")
+# A second Tether (BASELINE) and the relays (FLOOR), against the same rounds.
+others = [p for p in ("baseline", "relay-epoll", "relay-uring") if any(k[2] == p for k in runs)]
+if others:
+    print()
+    print("| clients | proxy | µs (user + system) | it/nginx (rounds' range) | Tether/it (rounds' range) | requests/s |")
+    print("|---|---|---|---|---|---|")
+    for c in rows:
+        for p in others:
+            print(f"| {c} | {p} | {cell(c, p)} | {ratio(c, p, 'nginx')} | {ratio(c, 'tether', p)} | {rps(c, p)} |")
 PY
