@@ -187,7 +187,7 @@ public enum HeadParser {
     /// a layout is large, and handing it back inside an enum cost two copies per request),
     /// reusing `headers`' storage:
     /// on success `head.headers` holds that storage and `headers` is left empty (swap it back
-    /// when the head is done).
+    /// when the head is done; what it holds then is cleared here, by the next parse).
     public static func parse(_ p: UnsafeRawBufferPointer, kind: Kind, limits: Limits, headers: inout [HeaderField],
                              into head: inout HeadLayout) -> Outcome {
         headers.removeAll(keepingCapacity: true)

@@ -107,7 +107,7 @@ public enum RequestTarget {
                     i += 3
                     continue
                 }
-                guard isUnreserved(c) || isSubDelim(c) else { return nil }
+                guard isRegNameByte(c) else { return nil }
                 i += 1
             }
             guard i > s else { return nil }
@@ -128,6 +128,14 @@ public enum RequestTarget {
             }
         }
         return (s, hostEnd)
+    }
+
+    /// Unreserved or a sub-delim (a reg-name's bytes but "%"), as two 64-bit masks (bytes 0-63 and
+    /// 64-127): a shift and a test per byte of every Host value.
+    @inline(__always) public static func isRegNameByte(_ c: UInt8) -> Bool {
+        if c < 64 { return (0x2BFF_7FD2_0000_0000 as UInt64) >> UInt64(c) & 1 != 0 }
+        if c < 128 { return (0x47FF_FFFE_87FF_FFFE as UInt64) >> UInt64(c - 64) & 1 != 0 }
+        return false
     }
 
     @inline(__always) public static func isUnreserved(_ c: UInt8) -> Bool {

@@ -65,4 +65,16 @@ import TetherHTTP
         #expect(status("GET / HTTP/1.0\r\n\r\n") == 200)
         #expect(status("GET HTTPS://a.example HTTP/1.1\r\nHost: a\r\n\r\n") == 200)
     }
+
+    /// The Host check reads a reg-name's bytes through two masks: they are RFC 3986's unreserved
+    /// and sub-delims, byte for byte.
+    @Test func regNameBytesAreUnreservedAndSubDelims() {
+        let unreserved = Set(Array("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~".utf8))
+        let subDelims = Set(Array("!$&'()*+,;=".utf8))
+        for c in 0...255 {
+            let b = UInt8(c)
+            #expect(RequestTarget.isRegNameByte(b) == (unreserved.contains(b) || subDelims.contains(b)), "byte \(c)")
+            #expect(RequestTarget.isRegNameByte(b) == (RequestTarget.isUnreserved(b) || RequestTarget.isSubDelim(b)), "byte \(c)")
+        }
+    }
 }

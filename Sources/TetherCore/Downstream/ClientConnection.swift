@@ -561,9 +561,8 @@ final class ClientConnection: IOHandler {
             // A handler that gave no answer is a bug; the client still gets one.
             if !answered { respond(status: 500, text: nil, head: layout, close: true) }
             if shared.drafted { shared.dropDraft() }
-            // The header storage goes back to the loop.
+            // The header storage goes back to the loop (its fields are cleared by the next parse).
             swap(&layout.headers, &shared.headerScratch)
-            shared.headerScratch.removeAll(keepingCapacity: true)
             buf.consume(consumed)
             if let x = exchange {
                 forwardBody(&buf, to: x)
@@ -710,8 +709,10 @@ final class ClientConnection: IOHandler {
         answered = true
         exchange = x
         shared.dateCache.refresh()
-        let variables = ClientVariables(head: head, bytes: bytes, connection: self, route: route, serverName: serverName)
-        if !x.start(head, bytes, variables: variables) {
+        let started = ClientVariables.with(head: head, bytes: bytes, connection: self, route: route, serverName: serverName) {
+            x.start(head, bytes, variables: $0)
+        }
+        if !started {
             // A head larger than a buffer once written for the upstream: refused whole rather
             // than sent cut (heads are bounded by one pool buffer on this path).
             retireExchange()

@@ -11,8 +11,11 @@ import TetherHTTP
 /// Variables that describe the answer (`$status`, `$bytes_sent`, `$upstream_*`, `$request_time`,
 /// `$sent_http_*`) are empty here: nothing of the answer exists when the request head is written
 /// (the access log takes them from the answer: `LoopAccessLog`).
+///
+/// The head's layout is lent through a pointer (`with`), not copied: a copy of a layout retains
+/// its arrays, and releases them again, for every request.
 struct ClientVariables: VariableSource {
-    let head: HeadLayout
+    let layout: UnsafePointer<HeadLayout>
     let bytes: UnsafeRawBufferPointer
     unowned(unsafe) let connection: ClientConnection
     let route: CompiledLocation
@@ -21,12 +24,19 @@ struct ClientVariables: VariableSource {
 
     static let xForwardedFor = Array("x-forwarded-for".utf8)
 
+    /// Runs `body` with the variables of the request whose layout is `head` and head bytes `bytes`.
+    @inline(__always)
+    static func with<R>(head: HeadLayout, bytes: UnsafeRawBufferPointer, connection: ClientConnection, route: CompiledLocation,
+                        serverName: [UInt8], _ body: (ClientVariables) -> R) -> R {
+        withUnsafePointer(to: head) { body(ClientVariables(layout: $0, bytes: bytes, connection: connection, route: route, serverName: serverName)) }
+    }
+
     func writeVariable<S: HeadSink & ~Copyable>(_ v: Variable, into out: inout S) {
-        let h = head
+        let h = layout
         switch v {
         case .host:
-            if h.hostStart >= 0 {
-                Self.putLowercased(UnsafeRawBufferPointer(rebasing: bytes[h.hostStart..<h.hostEnd]), into: &out)
+            if h.pointee.hostStart >= 0 {
+                Self.putLowercased(UnsafeRawBufferPointer(rebasing: bytes[h.pointee.hostStart..<h.pointee.hostEnd]), into: &out)
             } else {
                 out.put(serverName)
             }
@@ -40,20 +50,20 @@ struct ClientVariables: VariableSource {
         case .sslCipher: if let t = connection.tls { out.put(t.cipher) }
         case .sslServerName: if let n = connection.tls?.serverName { out.put(n) }
         case .sslSessionReused: if let t = connection.tls { out.put(t.resumed ? "r" : ".") }
-        case .requestURI: out.put(UnsafeRawBufferPointer(rebasing: bytes[h.targetStart..<h.targetEnd]))
+        case .requestURI: out.put(UnsafeRawBufferPointer(rebasing: bytes[h.pointee.targetStart..<h.pointee.targetEnd]))
         case .uri:
-            if let uri = h.path.uri { out.put(uri) } else { out.put(UnsafeRawBufferPointer(rebasing: bytes[h.pathStart..<h.pathEnd])) }
+            if let uri = h.pointee.path.uri { out.put(uri) } else { out.put(UnsafeRawBufferPointer(rebasing: bytes[h.pointee.pathStart..<h.pointee.pathEnd])) }
         case .args:
-            if h.pathEnd < h.targetEnd { out.put(UnsafeRawBufferPointer(rebasing: bytes[(h.pathEnd + 1)..<h.targetEnd])) }
-        case .requestMethod: out.put(UnsafeRawBufferPointer(rebasing: bytes[0..<h.methodEnd]))
+            if h.pointee.pathEnd < h.pointee.targetEnd { out.put(UnsafeRawBufferPointer(rebasing: bytes[(h.pointee.pathEnd + 1)..<h.pointee.targetEnd])) }
+        case .requestMethod: out.put(UnsafeRawBufferPointer(rebasing: bytes[0..<h.pointee.methodEnd]))
         case .request:
-            out.put(UnsafeRawBufferPointer(rebasing: bytes[0..<h.targetEnd]))
+            out.put(UnsafeRawBufferPointer(rebasing: bytes[0..<h.pointee.targetEnd]))
             if connection.isStream { return out.put(" HTTP/2.0") }
             out.put(" HTTP/1.")
-            out.putDecimal(h.minorVersion)
+            out.putDecimal(h.pointee.minorVersion)
         case .proxyAddXForwardedFor:
-            if let i = h.index(named: Self.xForwardedFor, in: bytes) {
-                let f = h.headers[i]
+            if let i = h.pointee.index(named: Self.xForwardedFor, in: bytes) {
+                let f = h.pointee.headers[i]
                 out.put(UnsafeRawBufferPointer(rebasing: bytes[Int(f.valueStart)..<Int(f.valueEnd)]))
                 out.put(", ")
             }
@@ -66,7 +76,7 @@ struct ClientVariables: VariableSource {
         case .serverProtocol:
             if connection.isStream { return out.put("HTTP/2.0") }
             out.put("HTTP/1.")
-            out.putDecimal(h.minorVersion)
+            out.putDecimal(h.pointee.minorVersion)
         case .timeLocal: out.put(connection.dateCache.localTime)
         case .timeISO8601: out.put(connection.dateCache.iso8601)
         case .msec:
@@ -109,7 +119,7 @@ struct ClientVariables: VariableSource {
         case .realipRemoteAddr: connection.writeAddress(peer: true, port: false, own: true, into: &out)
         case .realipRemotePort: connection.writeAddress(peer: true, port: true, own: true, into: &out)
         case .httpHeader(let name):
-            if let f = Self.field(named: name, in: h, bytes) {
+            if let f = Self.field(named: name, in: h.pointee, bytes) {
                 out.put(UnsafeRawBufferPointer(rebasing: bytes[Int(f.valueStart)..<Int(f.valueEnd)]))
             }
         case .status, .bodyBytesSent, .bytesSent, .requestTime, .upstreamAddr, .upstreamStatus, .upstreamConnectTime,
@@ -121,7 +131,7 @@ struct ClientVariables: VariableSource {
     /// Group `n` of the regex location that matched this request (nothing if none did).
     func writeCapture<S: HeadSink & ~Copyable>(_ n: Int, into out: inout S) {
         guard let r = connection.lastRegexMatches?.group(n, of: route) else { return }
-        CompiledServer.withMatchedPath(head, bytes) { p in
+        CompiledServer.withMatchedPath(layout.pointee, bytes) { p in
             if r.upperBound <= p.count { out.put(UnsafeRawBufferPointer(rebasing: p[r])) }
         }
     }

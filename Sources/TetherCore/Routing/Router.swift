@@ -116,8 +116,9 @@ final class Router: ClientRequestHandler {
         // set_real_ip_from: a trusted peer's word on who the client is, before anything uses it.
         if route.realIP { connection.applyRealIP(route, head, bytes) }
         if route.logsAccess {
-            connection.draftAccessLog(route, ClientVariables(head: head, bytes: bytes, connection: connection, route: route,
-                                                             serverName: serverNames[index]))
+            ClientVariables.with(head: head, bytes: bytes, connection: connection, route: route, serverName: serverNames[index]) {
+                connection.draftAccessLog(route, $0)
+            }
         }
         // The settings are read where needed (a copy of the struct would retain every list in it).
         // ssl_verify_client: nginx's 400 pages, and the connection closes.
@@ -159,9 +160,9 @@ final class Router: ClientRequestHandler {
                 return connection.respond(status: r.code, text: nil, head: head, isHEAD: isHEAD, route: route)
             }
             var text: [UInt8] = []
-            let variables = ClientVariables(head: head, bytes: bytes, connection: connection, route: route,
-                                            serverName: serverNames[index])
-            HeadWriter.template(t, variables, into: &text)
+            ClientVariables.with(head: head, bytes: bytes, connection: connection, route: route, serverName: serverNames[index]) {
+                HeadWriter.template(t, $0, into: &text)
+            }
             text.withUnsafeBytes { connection.respond(status: r.code, text: $0, head: head, isHEAD: isHEAD, route: route) }
         case .stubStatus, .stats(_):
             guard isHEAD || head.methodIs("GET", in: bytes) else {

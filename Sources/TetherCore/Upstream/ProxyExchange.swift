@@ -715,12 +715,11 @@ final class ProxyExchange: UpstreamLinkOwner {
         guard var buf = link.takeInbound() else { return false }
         var layout = HeadLayout()
         // The header index lives in the upstream's scratch storage (no allocation per response)
-        // and goes back to it whichever way this returns.
+        // and goes back to it whichever way this returns (its fields are cleared by the next parse).
         var headers: [HeaderField] = []
         swap(&headers, &upstream.headerScratch)
         defer {
             if layout.headers.capacity > headers.capacity { swap(&layout.headers, &upstream.headerScratch) } else { swap(&headers, &upstream.headerScratch) }
-            upstream.headerScratch.removeAll(keepingCapacity: true)
         }
         let outcome = buf.withReadableBytes { p in HeadParser.parse(p, kind: .response, limits: .response, headers: &headers, into: &layout) }
         guard case .complete(let start, let consumed) = outcome else {
