@@ -78,24 +78,8 @@ http {
 CONF
 taskset -c 0 nginx -c "$WORK/nginx.conf" -e "$WORK/nginx.err" & echo $! > "$WORK/nginx.pid"
 
-cat > "$WORK/haproxy.cfg" <<CONF
-global
-    nbthread 1
-    maxconn 9000
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 300s
-    timeout server 300s
-    timeout http-keep-alive 300s
-    option http-keep-alive
-    http-reuse always
-frontend h2
-    bind 127.0.0.1:$HAPROXY_PORT ssl crt $WORK/tls-haproxy.pem alpn h2,http/1.1
-    default_backend b
-backend b
-    server s1 127.0.0.1:$BACKEND_PORT
-CONF
+# HAProxy: bench/run.sh's configuration (haproxy_conf), its TLS listener offering h2 first.
+HAPROXY_ALPN=h2,http/1.1 haproxy_conf haproxy $((HAPROXY_PORT + 1)) $HAPROXY_PORT
 taskset -c 0 haproxy -f "$WORK/haproxy.cfg" & echo $! > "$WORK/haproxy.pid"
 for port in $TETHER_PORT $NGINX_PORT $HAPROXY_PORT; do
     for _ in $(seq 100); do curl -sk --http2 -o /dev/null "https://127.0.0.1:$port/" && break; sleep 0.1; done

@@ -101,11 +101,12 @@ CONF
 # --- HAProxy, one thread, keep-alive both sides and "http-reuse always", the setting that keeps
 # upstream connections shared across client connections.
 # haproxy_conf NAME PORT [TLS-PORT [EXPIRY-PORT]] writes $WORK/NAME.cfg (TLS with
-# $WORK/tls-haproxy.pem: certificate and key in one file)
+# $WORK/tls-haproxy.pem: certificate and key in one file; the protocols it offers are
+# HAPROXY_ALPN, http/1.1 unless set)
 haproxy_conf() {
     local tls="" expiry=""
     [ -n "${3:-}" ] && tls="frontend tls
-    bind 127.0.0.1:$3 ssl crt $WORK/tls-haproxy.pem alpn http/1.1 ssl-min-ver TLSv1.2
+    bind 127.0.0.1:$3 ssl crt $WORK/tls-haproxy.pem alpn ${HAPROXY_ALPN:-http/1.1} ssl-min-ver TLSv1.2
     default_backend backend"
     [ -n "${4:-}" ] && expiry="frontend expiry
     bind 127.0.0.1:$4
