@@ -98,6 +98,8 @@ for round in $(seq "$ROUNDS"); do
             warm=2; [ -n "${SEEN[$p$c]:-}" ] || warm=6
             SEEN[$p$c]=1
             read -r reqs ut st <<<"$(run "$p" "$c" "$warm")"
+            # (run's own exit leaves only its subshell: a failed run shows as no figures here)
+            [ -n "${st:-}" ] || { echo "bench: no figures from $p at $c connections" >&2; exit 1; }
             echo "$round $c $p $reqs $ut $st" >> "$OUT/cpu-runs.txt"
         done
     done

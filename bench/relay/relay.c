@@ -1,7 +1,7 @@
 // A measuring tool for bench/cpu.sh (FLOOR=1), not part of Tether: the least a keep-alive proxy
 // can ask of the kernel per request, in two ways.
 //
-//   relay epoll PORT BACKEND-PORT   # edge-triggered epoll, recv and send per message (Tether's calls)
+//   relay epoll PORT BACKEND-PORT   # edge-triggered epoll, one recv and one send per message, as Tether reads and writes
 //   relay uring PORT BACKEND-PORT   # io_uring: the receives and sends of a pass submitted together
 //
 // Each client connection gets an upstream connection of its own, opened when the client's is
