@@ -117,9 +117,7 @@ let adminLocations = """
             let file = NSTemporaryDirectory() + "tether-metrics-\(UUID().uuidString).txt"
             try text.write(toFile: file, atomically: true, encoding: .utf8)
             defer { try? FileManager.default.removeItem(atPath: file) }
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-            p.arguments = ["python3", "-c", """
+            let r = try Spawn.run("/usr/bin/env", ["python3", "-c", """
                 import sys
                 from prometheus_client.parser import text_string_to_metric_families
                 fams = list(text_string_to_metric_families(open(sys.argv[1]).read()))
@@ -127,15 +125,9 @@ let adminLocations = """
                 for n in ["tether_downstream_cx", "tether_upstream_rq_reused", "tether_upstream_connect_seconds", "tether_sockets", "process_open_fds"]:
                     assert n in names, n
                 print(len(fams), sum(len(f.samples) for f in fams))
-                """, file]
-            let out = Pipe(), err = Pipe()
-            p.standardOutput = out
-            p.standardError = err
-            try p.run()
-            p.waitUntilExit()
-            let errText = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-            #expect(p.terminationStatus == 0, "\(errText)")
-            let counts = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self).split(separator: " ")
+                """, file])
+            #expect(r.status == 0, "\(r.err)")
+            let counts = r.out.split(whereSeparator: { $0 == " " || $0 == "\n" })
             #expect(counts.count == 2 && (Int(counts[0]) ?? 0) >= 25)
         }
     }

@@ -181,15 +181,10 @@ final class TestNamespace {
     }
 
     func ip(_ args: [String]) throws {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: FileManager.default.isExecutableFile(atPath: "/usr/sbin/ip") ? "/usr/sbin/ip" : "/sbin/ip")
-        p.arguments = args
-        let err = Pipe()
-        p.standardError = err
-        try p.run()
-        p.waitUntilExit()
-        guard p.terminationStatus == 0 else {
-            throw TestError("ip \(args.joined(separator: " ")) failed: \(String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self))")
+        let exe = FileManager.default.isExecutableFile(atPath: "/usr/sbin/ip") ? "/usr/sbin/ip" : "/sbin/ip"
+        let r = try Spawn.run(exe, args)
+        guard r.status == 0 else {
+            throw TestError("ip \(args.joined(separator: " ")) failed: \(r.err)")
         }
     }
 
