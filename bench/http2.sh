@@ -33,53 +33,17 @@ cat "$WORK/tls.pem" "$WORK/tls.key" > "$WORK/tls-haproxy.pem"
 source bench/proxies.sh
 BACKEND_CPU=1 start_backend_12
 
-cat > "$WORK/tether.conf" <<CONF
-worker_processes 1;
-error_log $WORK/tether.err error;
-events { worker_connections 65536; }
-http {
-    keepalive_timeout 300s;
-    keepalive_requests 1000000;
-    proxy_buffering off;
-    upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 512; keepalive_requests 1000000; }
-    server {
-        listen 127.0.0.1:$TETHER_PORT ssl backlog=4096;
-        http2 on;
-        ssl_certificate $WORK/tls.pem;
-        ssl_certificate_key $WORK/tls.key;
-        location / { proxy_pass http://backend; }
-    }
-}
-CONF
+# The proxies: bench/run.sh's configurations (bench/proxies.sh), their TLS listeners speaking
+# HTTP/2, and more idle upstream connections kept (10 connections x 32 streams in flight).
+# (Each also has a plain listener, 10 ports up, which is not used.)
+export HTTP2=1 UPSTREAM_KEEPALIVE=512
+tether_conf tether 1 $((TETHER_PORT + 10)) $TETHER_PORT
 taskset -c 0 "$TETHER" -c "$WORK/tether.conf" & echo $! > "$WORK/tether.pid"
-
-cat > "$WORK/nginx.conf" <<CONF
-worker_processes 1;
-daemon off;
-master_process off;
-pid $WORK/nginx.nginxpid;
-error_log $WORK/nginx.err;
-worker_rlimit_nofile 65536;
-events { worker_connections 65536; }
-http {
-    access_log off;
-    keepalive_timeout 300s;
-    keepalive_requests 1000000;
-    http2_max_concurrent_streams 128;
-    upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 512; keepalive_requests 1000000; }
-    server {
-        listen 127.0.0.1:$NGINX_PORT ssl http2 backlog=4096;
-        ssl_certificate $WORK/tls.pem;
-        ssl_certificate_key $WORK/tls.key;
-        ssl_protocols TLSv1.2 TLSv1.3;
-        location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; }
-    }
-}
-CONF
+nginx_conf nginx 1 $((NGINX_PORT + 10)) $NGINX_PORT
 taskset -c 0 nginx -c "$WORK/nginx.conf" -e "$WORK/nginx.err" & echo $! > "$WORK/nginx.pid"
 
 # HAProxy: bench/run.sh's configuration (haproxy_conf), its TLS listener offering h2 first.
-HAPROXY_ALPN=h2,http/1.1 haproxy_conf haproxy $((HAPROXY_PORT + 1)) $HAPROXY_PORT
+HAPROXY_ALPN=h2,http/1.1 haproxy_conf haproxy $((HAPROXY_PORT + 10)) $HAPROXY_PORT
 taskset -c 0 haproxy -f "$WORK/haproxy.cfg" & echo $! > "$WORK/haproxy.pid"
 for port in $TETHER_PORT $NGINX_PORT $HAPROXY_PORT; do
     for _ in $(seq 100); do curl -sk --http2 -o /dev/null "https://127.0.0.1:$port/" && break; sleep 0.1; done

@@ -1,5 +1,7 @@
 # Sourced by the bench scripts (run.sh, cpu.sh, instructions.sh, syscalls.sh, budget.sh): the configurations of Tether, nginx and HAProxy as
 # a proxy, the same in each. They expect WORK (a directory) and BACKEND_PORT to be set.
+# UPSTREAM_KEEPALIVE: the idle upstream connections kept (64); HTTP2=1: the TLS listeners of
+# Tether and nginx speak HTTP/2 too.
 
 # --- The backend of the instruction and syscall counts: one nginx worker answering 12 bytes on
 # BACKEND_PORT, started here (its pid in $WORK/backend.pid).
@@ -29,6 +31,7 @@ tether_conf() {
     }"
     [ -n "${4:-}" ] && tls="server {
         listen 127.0.0.1:$4 ssl backlog=4096;
+        ${HTTP2:+http2 on;}
         ssl_certificate $WORK/tls.pem;
         ssl_certificate_key $WORK/tls.key;
         location / { proxy_pass http://backend; }
@@ -43,7 +46,7 @@ http {
     # Both proxies stream responses (nginx is given proxy_buffering off too), the comparison these
     # figures have always made; bench/slowclients.sh measures what buffering is for.
     proxy_buffering off;
-    upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 64; keepalive_requests 1000000; }
+    upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive ${UPSTREAM_KEEPALIVE:-64}; keepalive_requests 1000000; }
     server {
         listen 127.0.0.1:$3 backlog=4096;
         location / { proxy_pass http://backend; }
@@ -69,7 +72,7 @@ nginx_conf() {
     # nginx 1.22's default stops at TLS 1.2, whose resumed handshakes skip the key exchange;
     # all proxies offer the same protocols, so all negotiate TLS 1.3 with wrk.
     [ -n "${4:-}" ] && tls="server {
-        listen 127.0.0.1:$4 ssl backlog=4096;
+        listen 127.0.0.1:$4 ssl${HTTP2:+ http2} backlog=4096;
         ssl_certificate $WORK/tls.pem;
         ssl_certificate_key $WORK/tls.key;
         ssl_protocols TLSv1.2 TLSv1.3;
@@ -87,7 +90,7 @@ http {
     access_log off;
     keepalive_timeout 300s;
     keepalive_requests 1000000;
-    upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 64; keepalive_requests 1000000; }
+    upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive ${UPSTREAM_KEEPALIVE:-64}; keepalive_requests 1000000; }
     server {
         listen 127.0.0.1:$3 backlog=4096 reuseport;
         location / { $proxy }

@@ -168,20 +168,16 @@ enum ASCIIFold {
 public enum H2ResponseBlock {
     /// `status` nil: a trailer block (no pseudo-header).
     public static func encode(status: Int?, fields: [(name: String, value: String)], into out: inout [UInt8]) {
-        let indexed: [Int: UInt8] = [200: 8, 204: 9, 206: 10, 304: 11, 400: 12, 404: 13, 500: 14]
-        if let status {
-            encodeStatus(status, indexed: indexed, into: &out)
-        }
+        if let status { Self.status(status, into: &out) }
         var named = Set<String>()
         for f in fields where f.name.lowercased() == "connection" {
             for token in f.value.split(separator: ",") { named.insert(token.trimmingCharacters().lowercased()) }
         }
         for f in fields {
             let name = f.name.lowercased()
-            guard !H2Request.connectionSpecific.contains(Array(name.utf8)), !named.contains(name) else { continue }
-            out.append(0x00)
-            string(Array(name.utf8), into: &out)
-            string(Array(f.value.utf8), into: &out)
+            let nameBytes = Array(name.utf8)
+            guard !H2Request.connectionSpecific.contains(nameBytes), !named.contains(name) else { continue }
+            nameBytes.withUnsafeBytes { n in Array(f.value.utf8).withUnsafeBytes { v in field(name: n, value: v, into: &out) } }
         }
     }
 
@@ -211,22 +207,6 @@ public enum H2ResponseBlock {
         for c in name { out.append(c >= 0x41 && c <= 0x5a ? c | 0x20 : c) }
         integer(value.count, prefixBits: 7, into: &out)
         out.append(contentsOf: value)
-    }
-
-    static func encodeStatus(_ status: Int, indexed: [Int: UInt8], into out: inout [UInt8]) {
-        if let i = indexed[status] {
-            out.append(0x80 | i)
-        } else {
-            // Literal without indexing, name index 8 (:status).
-            out.append(0x08)
-            string(Array(String(status).utf8), into: &out)
-        }
-    }
-
-    /// A string literal without Huffman coding: its length on a 7-bit prefix, then the bytes.
-    static func string(_ bytes: [UInt8], into out: inout [UInt8]) {
-        integer(bytes.count, prefixBits: 7, into: &out)
-        out.append(contentsOf: bytes)
     }
 
     /// RFC 7541 §5.1, the first byte's high bits left 0.

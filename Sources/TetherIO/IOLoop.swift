@@ -12,18 +12,18 @@ public protocol IOHandler: AnyObject {
     func timerFired(handle: Handle, loop: IOLoop)
 }
 
-/// One event loop: a poller, the records of the descriptors registered with it (a slab: an event
-/// or timer for a closed descriptor can never reach the record that took its slot), one timer per
-/// record in lists per timeout value, and an eventfd through which other threads hand it work.
-///
-/// Everything but `execute` and `stop` must be called on the loop's own thread (or, in tests, by
-/// the one thread that drives `runOnce`).
 /// Work a handler asks to do once at the end of the loop's pass, after every event of it (nginx's
 /// posted events): writes gathered from many events go out in one.
 public protocol PostedWork: AnyObject {
     func runPosted()
 }
 
+/// One event loop: a poller, the records of the descriptors registered with it (a slab: an event
+/// or timer for a closed descriptor can never reach the record that took its slot), one timer per
+/// record in lists per timeout value, and an eventfd through which other threads hand it work.
+///
+/// Everything but `execute` and `stop` must be called on the loop's own thread (or, in tests, by
+/// the one thread that drives `runOnce`).
 public final class IOLoop: @unchecked Sendable {
     @usableFromInline struct Registration {
         @usableFromInline let fd: Int32

@@ -374,18 +374,22 @@ final class H2Session: IOHandler, PostedWork {
         sendBlock(id, block, end: end)
     }
 
+    /// Frame headers are written here before they are queued (its storage is kept: no
+    /// allocation per frame).
+    private var frameScratch: [UInt8] = []
+
     /// A header block already encoded (`H2ResponseBlock`), as HEADERS and CONTINUATION frames.
     func sendBlock(_ id: UInt32, _ block: [UInt8], end: Bool) {
-        var frames: [UInt8] = []
-        H2Write.headers(id, block: block, endStream: end, maxFrame: machine.peerMaxFrameSize, to: &frames)
-        frames.withUnsafeBytes { outbound.append($0) }
+        frameScratch.removeAll(keepingCapacity: true)
+        H2Write.headers(id, block: block, endStream: end, maxFrame: machine.peerMaxFrameSize, to: &frameScratch)
+        frameScratch.withUnsafeBytes { outbound.append($0) }
         if end { machine.sent(id, 0, end: true) }
     }
 
     func sendData(_ id: UInt32, _ bytes: UnsafeRawBufferPointer, end: Bool) {
-        var header: [UInt8] = []
-        H2Write.dataHeader(id, length: bytes.count, endStream: end, to: &header)
-        header.withUnsafeBytes { outbound.append($0) }
+        frameScratch.removeAll(keepingCapacity: true)
+        H2Write.dataHeader(id, length: bytes.count, endStream: end, to: &frameScratch)
+        frameScratch.withUnsafeBytes { outbound.append($0) }
         if !bytes.isEmpty { outbound.append(bytes) }
         machine.sent(id, bytes.count, end: end)
     }
@@ -452,7 +456,7 @@ final class H2Session: IOHandler, PostedWork {
     /// as every local answer is and sent through a port.
     private func answerLocally(_ id: UInt32, status: Int, fields: [H2Field]) {
         shared.countAnswer(status: status, server: nil)
-        let head = fields.first { $0.name == Array(":method".utf8) }?.value == Array("HEAD".utf8)
+        let head = fields.first { $0.name.elementsEqual(":method".utf8) }?.value.elementsEqual("HEAD".utf8) == true
         let port = H2StreamPort(session: self, id: id, isHEAD: head)
         streams[id] = port
         var queue = OutboundQueue(pool: shared.pool)
@@ -493,7 +497,7 @@ final class H2StreamPort {
     init(session: H2Session, id: UInt32, request: H2Request, bodyFollows: Bool) {
         self.session = session
         self.id = id
-        isHEAD = request.method == Array("HEAD".utf8)
+        isHEAD = request.method.elementsEqual("HEAD".utf8)
         chunkedRequest = bodyFollows && !request.hasContentLength
         requestDone = !bodyFollows
         request.http1Head(bodyFollows: bodyFollows, into: &input)
@@ -520,7 +524,7 @@ final class H2StreamPort {
         }
         uncredited += bytes.count
         if end {
-            if chunkedRequest { input += Array("0\r\n\r\n".utf8) }
+            if chunkedRequest { input.append(contentsOf: "0\r\n\r\n".utf8) }
             requestDone = true
         }
         deliver()
@@ -529,7 +533,7 @@ final class H2StreamPort {
     /// Trailers end the request; a chunked body carries them on, a sized one cannot (dropped).
     func requestTrailers(_ fields: [H2Field]) {
         if chunkedRequest {
-            input += Array("0\r\n".utf8)
+            input.append(contentsOf: "0\r\n".utf8)
             for f in fields where H2Request.validName(f.name) && H2Request.validValue(f.value) {
                 input += f.name + [UInt8(ascii: ":"), 0x20] + f.value + [13, 10]
             }
