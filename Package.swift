@@ -90,7 +90,7 @@ let package = Package(
         .testTarget(name: "TetherH2Tests", dependencies: ["TetherH2", .product(name: "NIOHPACK", package: "swift-nio-http2"), .product(name: "NIOCore", package: "swift-nio")]),
         .testTarget(
             name: "TetherCoreTests",
-            dependencies: ["TetherCore", "TetherHTTP", "TetherPool", "TetherIO", "TetherTLS"]
+            dependencies: ["TetherCore", "TetherHTTP", "TetherPool", "TetherIO", "TetherTLS", "TetherTestSupport"]
         ),
         .testTarget(
             name: "TetherIntegrationTests",

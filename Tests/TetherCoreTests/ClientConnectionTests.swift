@@ -6,6 +6,7 @@ import Foundation
 import Testing
 import TetherHTTP
 import TetherIO
+import TetherTestSupport
 @testable import TetherCore
 
 /// Answers `ok:<target>`; `/big` gets 2,000,000 bytes, `/close` a forced close.
@@ -321,21 +322,16 @@ func responses(_ bytes: [UInt8]) -> [(status: String, head: String, body: String
                 s.close()
         print(f"answered={len(answered)} closed={closed} early={early} late={late}")
         """
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = ["python3", "-c", script, "10000", String(port)]
-        let out = Pipe()
-        p.standardOutput = out
-        try p.run()
+        let p = try Spawn.start("/usr/bin/env", ["python3", "-c", script, "10000", String(port)], stdout: .pipe)
         var peak = 0
         let started = IOLoop.monotonicNanoseconds()
         while p.isRunning && IOLoop.monotonicNanoseconds() - started < 90_000_000_000 {
             try rig.loop.runOnce(timeoutMs: 20)
             peak = max(peak, rig.loop.registered - 1)
         }
-        if p.isRunning { p.terminate() }
-        p.waitUntilExit()
-        let report = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.terminate()
+        p.wait()
+        let report = p.readToEnd()
         #expect(report.contains("answered=10000 closed=10000 early=0 late=0"), "\(report)")
         #expect(peak == 10_000)
         #expect(rig.clients.stats.downstreamClosed[.keepaliveTimeout] == 10_000)

@@ -127,13 +127,13 @@ import Glibc
             server { listen 127.0.0.1:PORT; location / { proxy_pass http://b; } }
             """)
         defer { tether.end() }
-        let (p, dir, port, file, log) = (tether.process, tether.dir, tether.port, tether.file, tether.log)
-        #expect(eventually { (try? String(contentsOfFile: dir + "/tether.pid", encoding: .utf8)) == "\(p.processIdentifier)\n" })
+        let (p, dir, port, file, log) = (tether.process!, tether.dir, tether.port, tether.file, tether.log)
+        #expect(eventually { (try? String(contentsOfFile: dir + "/tether.pid", encoding: .utf8)) == "\(p.pid)\n" })
         let busy = try TestClient(port: port)
         try busy.sendGET("/slow/500")
         #expect(eventually { backend.requestCount == 1 })
         // SIGHUP reloads (the same file) with the request in flight; it must not end the process.
-        kill(p.processIdentifier, SIGHUP)
+        kill(p.pid, SIGHUP)
         #expect(eventually { log().contains("configuration reloaded from \(file)") })
         let other = try TestClient(port: port)
         #expect(try other.get().status == 200)
@@ -142,8 +142,7 @@ import Glibc
         #expect(r.status == 200 && r.bodyText == "slow")
         #expect(r.header("connection") == "close")
         #expect(busy.waitForClose(timeoutMs: 1_000))
-        p.waitUntilExit()
-        #expect(p.terminationStatus == 0)
+        #expect(p.wait() == 0)
         #expect(log().contains("SIGQUIT received, shutting down gracefully"))
         #expect(log().contains("exiting"))
         #expect(!FileManager.default.fileExists(atPath: dir + "/tether.pid"))
@@ -160,7 +159,7 @@ import Glibc
         let c = try TestClient(port: tether.port)
         #expect(try c.get().status == 502)
         #expect(eventually {
-            tether.log().contains("[error] \(tether.process.processIdentifier)#0: connect() failed (111: Connection refused) while talking to upstream \"b\" server 127.0.0.1:\(down), answering 502")
+            tether.log().contains("[error] \(tether.process.pid)#0: connect() failed (111: Connection refused) while talking to upstream \"b\" server 127.0.0.1:\(down), answering 502")
         })
     }
 
@@ -235,12 +234,12 @@ import Glibc
             let c = try TestClient(port: tether.port)
             #expect(try c.get().status == 502)
         }
-        let failure = "[error] \(tether.process.processIdentifier)#0: connect() failed (111: Connection refused) while talking to upstream \"b\""
+        let failure = "[error] \(tether.process.pid)#0: connect() failed (111: Connection refused) while talking to upstream \"b\""
         try failOnce()
         #expect(eventually { tether.log().contains(failure) })
         #expect(!tether.log().contains("[notice]"), "\(tether.log())")
         try FileManager.default.moveItem(atPath: tether.dir + "/error.log", toPath: tether.dir + "/error.log.1")
-        kill(tether.process.processIdentifier, SIGUSR1)
+        kill(tether.process.pid, SIGUSR1)
         #expect(eventually {
             (try? failOnce()) != nil && tether.log().contains(failure)
         }, "no line in the reopened file")
@@ -266,7 +265,7 @@ import Glibc
         func lines(_ text: String) -> Int {
             ((try? String(contentsOfFile: other, encoding: .utf8)) ?? "").components(separatedBy: "\n").filter { $0.contains(text) }.count
         }
-        func reload() { kill(tether.process.processIdentifier, SIGHUP) }
+        func reload() { kill(tether.process.pid, SIGHUP) }
         // The reload that names the new file says so in the old one; what follows goes to the new.
         try configure(other, "notice")
         reload()
@@ -330,7 +329,7 @@ import Glibc
 /// `tether` as a process, with a pid file and an error log in a folder of its
 /// own; `PORT` in the `http` block's text is a free port, listening once `log()` says so.
 struct TetherBinary {
-    let process = Process()
+    var process: Spawn.Child!
     let dir = NSTemporaryDirectory() + "tether-bin-" + UUID().uuidString
     let port = freePort()
     var file: String { dir + "/t.conf" }
@@ -345,9 +344,7 @@ struct TetherBinary {
             \(http.replacingOccurrences(of: "PORT", with: "\(port)"))
             }
             """.write(toFile: file, atomically: true, encoding: .utf8)
-        process.executableURL = try tetherExecutable()
-        process.arguments = ["-c", file]
-        try process.run()
+        process = try Spawn.start(try tetherExecutable().path, ["-c", file])
         let port = self.port
         guard eventually({ (try? TestClient(port: port, timeoutMs: 200)) != nil }) else {
             end()
@@ -358,7 +355,8 @@ struct TetherBinary {
     func log() -> String { (try? String(contentsOfFile: dir + "/error.log", encoding: .utf8)) ?? "" }
 
     func end() {
-        if process.isRunning { process.terminate(); process.waitUntilExit() }
+        process?.terminate()
+        process?.wait()
         try? FileManager.default.removeItem(atPath: dir)
     }
 }

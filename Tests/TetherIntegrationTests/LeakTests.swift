@@ -22,14 +22,10 @@ func withTetherProcess(config: (String) -> String, port: Int, arguments: [String
     try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
     defer { try? FileManager.default.removeItem(atPath: dir) }
     try config(dir).write(toFile: dir + "/t.conf", atomically: true, encoding: .utf8)
-    let p = Process()
-    p.executableURL = try tetherExecutable()
-    p.arguments = arguments + ["-c", dir + "/t.conf"]
-    p.standardError = FileHandle.nullDevice
-    try p.run()
-    defer { p.terminate(); p.waitUntilExit() }
+    let p = try Spawn.start(try tetherExecutable().path, arguments + ["-c", dir + "/t.conf"], stderr: .null)
+    defer { p.terminate(); p.wait() }
     #expect(eventually(timeoutMs: 10_000) { (try? TestClient(port: port, timeoutMs: 200)) != nil })
-    try body(p.processIdentifier, dir)
+    try body(p.pid, dir)
 }
 
 @Suite(.serialized) struct LeakTests {

@@ -207,11 +207,8 @@ func parse(_ text: String) throws -> Configuration {
         }
         try write("location / { return 200 \"one\"; }")
         let exe = try tetherExecutable()
-        let p = Process()
-        p.executableURL = exe
-        p.arguments = ["-c", file]
-        try p.run()
-        defer { if p.isRunning { p.terminate(); p.waitUntilExit() } }
+        let p = try Spawn.start(exe.path, ["-c", file])
+        defer { p.terminate(); p.wait() }
         func get() throws -> String {
             let c = try TestClient(port: port)
             try c.sendGET()
@@ -221,7 +218,7 @@ func parse(_ text: String) throws -> Configuration {
         #expect(eventually { FileManager.default.fileExists(atPath: dir + "/tether.pid") })
 
         try write("location / { return 200 \"two\"; }\n  bogus_directive on;")
-        kill(p.processIdentifier, SIGHUP)
+        kill(p.pid, SIGHUP)
         #expect(eventually {
             ((try? String(contentsOfFile: dir + "/error.log", encoding: .utf8)) ?? "").contains("reload of \(file) failed")
         })
@@ -231,7 +228,7 @@ func parse(_ text: String) throws -> Configuration {
 
         // What only OpenSSL can refuse (a certificate that is not there) fails the reload as well.
         try write("listen 127.0.0.1:\(freePort()) ssl; ssl_certificate \(dir)/missing.pem; ssl_certificate_key \(dir)/missing.key; location / { return 200 \"two\"; }")
-        kill(p.processIdentifier, SIGHUP)
+        kill(p.pid, SIGHUP)
         #expect(eventually {
             ((try? String(contentsOfFile: dir + "/error.log", encoding: .utf8)) ?? "").contains("\(file):4: cannot load certificate \"\(dir)/missing.pem\"")
         })
@@ -243,8 +240,7 @@ func parse(_ text: String) throws -> Configuration {
         #expect(eventually { (try? get()) == "two" })
 
         #expect(try runTether(["-s", "quit", "-c", file]).status == 0)
-        p.waitUntilExit()
-        #expect(p.terminationStatus == 0)
+        #expect(p.wait() == 0)
         #expect(!FileManager.default.fileExists(atPath: dir + "/tether.pid"))
     }
 
@@ -261,11 +257,8 @@ func parse(_ text: String) throws -> Configuration {
             worker_processes 1;
             http { access_log \(dir)/access.log; server { listen 127.0.0.1:\(port); location / { return 200 "x"; } } }
             """.write(toFile: file, atomically: true, encoding: .utf8)
-        let p = Process()
-        p.executableURL = try tetherExecutable()
-        p.arguments = ["-c", file]
-        try p.run()
-        defer { if p.isRunning { p.terminate(); p.waitUntilExit() } }
+        let p = try Spawn.start(try tetherExecutable().path, ["-c", file])
+        defer { p.terminate(); p.wait() }
         func get(_ path: String) throws {
             let c = try TestClient(port: port)
             try c.sendGET("\(path)")
@@ -281,7 +274,7 @@ func parse(_ text: String) throws -> Configuration {
         try get("/after")
         #expect(eventually { read("access.log").contains("GET /after") })
         #expect(!read("access.log.1").contains("/after"))
-        kill(p.processIdentifier, SIGTERM)
-        p.waitUntilExit()
+        kill(p.pid, SIGTERM)
+        p.wait()
     }
 }

@@ -180,16 +180,17 @@ final class TestNamespace {
         try ip(["netns", "exec", name, "ip", "link", "set", "lo", "up"])
     }
 
+    var ipPath: String { FileManager.default.isExecutableFile(atPath: "/usr/sbin/ip") ? "/usr/sbin/ip" : "/sbin/ip" }
+
     func ip(_ args: [String]) throws {
-        let exe = FileManager.default.isExecutableFile(atPath: "/usr/sbin/ip") ? "/usr/sbin/ip" : "/sbin/ip"
-        let r = try Spawn.run(exe, args)
+        let r = try Spawn.run(ipPath, args)
         guard r.status == 0 else {
             throw TestError("ip \(args.joined(separator: " ")) failed: \(r.err)")
         }
     }
 
     /// Processes started inside the namespace; `remove` ends them.
-    private var processes: [Process] = []
+    private var processes: [Spawn.Child] = []
 
     /// A keep-alive HTTP/1.1 backend (Python's http.server) listening inside the namespace.
     func startBackend(port: Int) throws {
@@ -202,14 +203,8 @@ final class TestNamespace {
                 def log_message(self, *a): pass
             http.server.ThreadingHTTPServer(("\(peerAddress)", \(port)), H).serve_forever()
             """
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: FileManager.default.isExecutableFile(atPath: "/usr/sbin/ip") ? "/usr/sbin/ip" : "/sbin/ip")
-        p.arguments = ["netns", "exec", name, "python3", "-c", script]
         // Not the test runner's own output: a child holding it open would keep `swift test` waiting.
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        try p.run()
-        processes.append(p)
+        processes.append(try Spawn.start(ipPath, ["netns", "exec", name, "python3", "-c", script], stdout: .null, stderr: .null))
         guard waitUntilReachable(port: port) else {
             throw TestError("the namespace backend did not start")
         }
@@ -240,18 +235,12 @@ final class TestNamespace {
     func remove() {
         // Whatever still runs inside the namespace goes with it. (`ip netns exec` forks and waits
         // for its child, so ending the `ip` process would leave the child running.)
-        let pids = Process()
-        pids.executableURL = URL(fileURLWithPath: FileManager.default.isExecutableFile(atPath: "/usr/sbin/ip") ? "/usr/sbin/ip" : "/sbin/ip")
-        pids.arguments = ["netns", "pids", name]
-        let out = Pipe()
-        pids.standardOutput = out
-        if (try? pids.run()) != nil {
-            pids.waitUntilExit()
-            for pid in String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self).split(separator: "\n").compactMap({ Int32($0) }) {
+        if let pids = try? Spawn.run(ipPath, ["netns", "pids", name]) {
+            for pid in pids.out.split(separator: "\n").compactMap({ Int32($0) }) {
                 kill(pid, SIGKILL)
             }
         }
-        for p in processes { p.waitUntilExit() }
+        for p in processes { p.wait() }
         try? ip(["link", "del", hostIf])
         try? ip(["netns", "del", name])
     }

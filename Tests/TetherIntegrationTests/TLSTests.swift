@@ -54,19 +54,8 @@ import Glibc
 
     /// Runs `openssl s_client` with `input` on its standard input.
     func sClient(_ args: [String], input: String = "") throws -> (status: Int32, out: String) {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
-        p.arguments = ["s_client"] + args
-        let inPipe = Pipe(), out = Pipe()
-        p.standardInput = inPipe
-        p.standardOutput = out
-        p.standardError = out
-        try p.run()
-        inPipe.fileHandleForWriting.write(Data(input.utf8))
-        try inPipe.fileHandleForWriting.close()
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return (p.terminationStatus, String(decoding: data, as: UTF8.self))
+        let r = try Spawn.run("/usr/bin/openssl", ["s_client"] + args, input: input)
+        return (r.status, r.out + r.err)
     }
 
     @Test(arguments: ["1.2", "1.3"])
@@ -461,20 +450,10 @@ import Glibc
                 conn.unwrap()  # sends close_notify
             conn.close()       # without unwrap: a TCP close and no close_notify
             """
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
-        p.arguments = ["-c", script, TestPKI.path("localhost.pem"), TestPKI.path("localhost.key"), clean ? "clean" : "ragged"]
-        let out = Pipe()
-        p.standardOutput = out
-        try p.run()
-        defer { p.terminate(); p.waitUntilExit() }
-        var line = Data()
-        while !line.contains(UInt8(ascii: "\n")) {
-            let d = out.fileHandleForReading.availableData
-            if d.isEmpty { break }
-            line.append(d)
-        }
-        let port = Int(String(decoding: line, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+        let p = try Spawn.start("/usr/bin/python3", ["-c", script, TestPKI.path("localhost.pem"), TestPKI.path("localhost.key"), clean ? "clean" : "ragged"],
+                                stdout: .pipe)
+        defer { p.terminate(); p.wait() }
+        let port = Int((p.readLine() ?? "").trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
         let logs = ErrorLogFile()
         let config = """
             worker_processes 1;
