@@ -20,14 +20,32 @@ public struct IOBuffer: ~Copyable {
 
     deinit { base.deallocate() }
 
+    /// Goes back to `pool`, with nothing retained around the call (`withUnretained`): for a pool
+    /// reached through a chain of references, where `pool.recycle(buffer)` costs a retain and a
+    /// release.
+    @inlinable public consuming func recycle(to pool: Unretained<BufferPool>) {
+        let capacity = capacity
+        let p = take()
+        pool {
+            precondition(capacity == $0.bufferSize, "a buffer of another pool")
+            $0.recycle(memory: p)
+        }
+    }
+
+    /// A buffer from `pool`, with nothing retained around the call (as `recycle(to:)`).
+    @inlinable public static func take(from pool: Unretained<BufferPool>) -> IOBuffer {
+        let (memory, size) = pool { ($0.takeMemory(), $0.bufferSize) }
+        return IOBuffer(adopting: memory, capacity: size)
+    }
+
     /// Gives up the memory without freeing it (for the pool).
-    consuming func take() -> UnsafeMutableRawPointer {
+    @usableFromInline consuming func take() -> UnsafeMutableRawPointer {
         let p = base
         discard self
         return p
     }
 
-    init(adopting base: UnsafeMutableRawPointer, capacity: Int) {
+    @usableFromInline init(adopting base: UnsafeMutableRawPointer, capacity: Int) {
         self.base = base
         self.capacity = capacity
     }
@@ -161,20 +179,25 @@ public final class BufferPool {
 
     public var spareCount: Int { spare.count }
 
-    public func take() -> IOBuffer {
+    public func take() -> IOBuffer { IOBuffer(adopting: takeMemory(), capacity: bufferSize) }
+
+    @usableFromInline func takeMemory() -> UnsafeMutableRawPointer {
         outstanding += 1
         if let p = spare.popLast() {
             if spare.count < lowWater { lowWater = spare.count }
-            return IOBuffer(adopting: p, capacity: bufferSize)
+            return p
         }
         allocations += 1
-        return IOBuffer(capacity: bufferSize)
+        return UnsafeMutableRawPointer.allocate(byteCount: bufferSize, alignment: 16)
     }
 
     public func recycle(_ buffer: consuming IOBuffer) {
         precondition(buffer.capacity == bufferSize, "a buffer of another pool")
+        recycle(memory: buffer.take())
+    }
+
+    @usableFromInline func recycle(memory p: UnsafeMutableRawPointer) {
         outstanding -= 1
-        let p = buffer.take()
         if spare.count < maximumSpare { spare.append(p) } else { p.deallocate() }
     }
 
@@ -211,17 +234,21 @@ public struct OutboundQueue: ~Copyable {
     var moreRanges: [(start: Int, end: Int)] = []
     public private(set) var queuedBytes = 0
     public let limit: Int
-    let pool: BufferPool
+    /// Not counted (`Unretained`: calls through it retain nothing, and an idle connection's queue
+    /// stays a word smaller): whoever holds the queue holds the pool for longer.
+    let pool: Unretained<BufferPool>
 
+    /// `pool` must outlive the queue: its holder keeps it (a connection through its loop's
+    /// shared state, an upstream link and a spool in a field of their own).
     public init(pool: BufferPool, limit: Int = 64 * 1024) {
-        self.pool = pool
+        self.pool = Unretained(pool)
         self.limit = limit
     }
 
     deinit {
-        if let p = first { pool.recycle(IOBuffer(adopting: p, capacity: pool.bufferSize)) }
-        if let p = second { pool.recycle(IOBuffer(adopting: p, capacity: pool.bufferSize)) }
-        for p in more { pool.recycle(IOBuffer(adopting: p, capacity: pool.bufferSize)) }
+        if let p = first { pool { $0.recycle(memory: p) } }
+        if let p = second { pool { $0.recycle(memory: p) } }
+        for p in more { pool { $0.recycle(memory: p) } }
     }
 
     public var isEmpty: Bool { queuedBytes == 0 }
@@ -232,7 +259,7 @@ public struct OutboundQueue: ~Copyable {
 
     /// Queues the readable bytes of `buffer` (an empty one goes straight back to the pool).
     public mutating func enqueue(_ buffer: consuming IOBuffer) {
-        guard !buffer.isEmpty else { return pool.recycle(buffer) }
+        guard !buffer.isEmpty else { return buffer.recycle(to: pool) }
         let range = (start: buffer.readerIndex, end: buffer.writerIndex)
         queuedBytes += range.end - range.start
         if first == nil {
@@ -250,7 +277,7 @@ public struct OutboundQueue: ~Copyable {
     /// Takes the front buffer out of the queue, its unwritten bytes readable (moved, not copied).
     public mutating func takeFront() -> IOBuffer? {
         guard let f = first else { return nil }
-        let buffer = IOBuffer(adopting: f, capacity: pool.bufferSize, range: firstRange)
+        let buffer = IOBuffer(adopting: f, capacity: pool { $0.bufferSize }, range: firstRange)
         queuedBytes -= firstRange.end - firstRange.start
         first = second
         firstRange = secondRange
@@ -269,7 +296,8 @@ public struct OutboundQueue: ~Copyable {
     public mutating func append(_ bytes: UnsafeRawBufferPointer) {
         // The common case first: everything goes into the one buffer queued so far (an answer's
         // head, written piece by piece), without looking at the arrays.
-        if second == nil, let f = first, bytes.count <= pool.bufferSize - firstRange.end, bytes.count > 0 {
+        let size = pool { $0.bufferSize }
+        if second == nil, let f = first, bytes.count <= size - firstRange.end, bytes.count > 0 {
             (f + firstRange.end).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
             firstRange.end += bytes.count
             queuedBytes += bytes.count
@@ -277,7 +305,6 @@ public struct OutboundQueue: ~Copyable {
         }
         var rest = bytes
         while !rest.isEmpty {
-            let size = pool.bufferSize
             let n: Int
             if let last = more.last {
                 let end = moreRanges[moreRanges.count - 1].end
@@ -305,7 +332,7 @@ public struct OutboundQueue: ~Copyable {
                 queuedBytes += n
                 rest = UnsafeRawBufferPointer(rebasing: rest[n...])
             } else {
-                var b = pool.take()
+                var b = IOBuffer.take(from: pool)
                 let k = b.append(contentsOf: rest)
                 rest = UnsafeRawBufferPointer(rebasing: rest[k...])
                 enqueue(b)
@@ -330,7 +357,7 @@ public struct OutboundQueue: ~Copyable {
                 moreRanges.removeLast()
                 queuedBytes -= len
                 excess -= len
-                pool.recycle(IOBuffer(adopting: last, capacity: pool.bufferSize))
+                pool { $0.recycle(memory: last) }
                 if more.isEmpty { more = []; moreRanges = [] }
             } else if let b = second {
                 let len = secondRange.end - secondRange.start
@@ -342,7 +369,7 @@ public struct OutboundQueue: ~Copyable {
                 second = nil
                 queuedBytes -= len
                 excess -= len
-                pool.recycle(IOBuffer(adopting: b, capacity: pool.bufferSize))
+                pool { $0.recycle(memory: b) }
             } else if let f = first {
                 let len = firstRange.end - firstRange.start
                 if len > excess {
@@ -353,7 +380,7 @@ public struct OutboundQueue: ~Copyable {
                 first = nil
                 queuedBytes -= len
                 excess -= len
-                pool.recycle(IOBuffer(adopting: f, capacity: pool.bufferSize))
+                pool { $0.recycle(memory: f) }
             } else {
                 return
             }
@@ -451,7 +478,7 @@ public struct OutboundQueue: ~Copyable {
             let len = firstRange.end - firstRange.start
             guard left >= len else { firstRange.start += left; break }
             left -= len
-            pool.recycle(IOBuffer(adopting: f, capacity: pool.bufferSize))
+            pool { $0.recycle(memory: f) }
             // The next buffer moves up: second to first, the arrays' first to second.
             first = second
             firstRange = secondRange

@@ -43,16 +43,18 @@ protocol ClientRequestHandler: AnyObject {
 /// What one loop's client connections share: the loop, its buffer pool, the header array they
 /// borrow while parsing, the handler and the counters.
 final class ClientLoop {
-    /// The loop, its pool and the handler, held here; connections use them through the
-    /// unretained references below (a retain and a release per use was about a tenth of a
-    /// proxied request's instructions): this object owns them and outlives every connection.
-    private let owned: (IOLoop, BufferPool)
-    private var ownedHandler: ClientRequestHandler
-    unowned(unsafe) let loop: IOLoop
-    unowned(unsafe) let pool: BufferPool
+    /// Strong `let`s: a method of a class that calls through one of its own `let` references
+    /// needs no retain around the call. (`unowned(unsafe)` ones cost a retain and a release per
+    /// use, as a `var` does: Swift makes a strong copy of what it loads from them.)
+    let loop: IOLoop
+    let pool: BufferPool
+    /// The same two, for the connections' calls on the hot paths: a chain of `let`s
+    /// (`shared.loop.arm(…)`) is not always borrowed, an `Unretained` is (its doc says why).
+    let loopRef: Unretained<IOLoop>
+    let poolRef: Unretained<BufferPool>
     var settings: ClientSettings
     /// Replaced by a reload (`reconfigure`), between two requests of any connection.
-    private(set) unowned(unsafe) var handler: ClientRequestHandler
+    private(set) var handler: ClientRequestHandler
     /// Header storage lent to the connection parsing a head, and given back after: an idle
     /// connection holds none.
     var headerScratch: [HeaderField] = []
@@ -116,12 +118,12 @@ final class ClientLoop {
 
     /// `servers`: the configuration's `server` blocks (answers are counted per block).
     init(loop: IOLoop, pool: BufferPool, settings: ClientSettings, handler: ClientRequestHandler, servers: Int = 1) {
-        owned = (loop, pool)
-        ownedHandler = handler
         stats = LoopStats(servers: servers)
         answers = Counters(count: LoopStats.answerSlots(servers: servers))
         self.loop = loop
         self.pool = pool
+        loopRef = Unretained(loop)
+        poolRef = Unretained(pool)
         self.settings = settings
         self.handler = handler
         headerScratch.reserveCapacity(32)
@@ -130,7 +132,6 @@ final class ClientLoop {
     /// A reload: the next requests are routed by `handler` with the new settings; the counters
     /// by `server` block start over for the new blocks (the totals by status class go on).
     func reconfigure(handler: ClientRequestHandler, settings: ClientSettings, servers: Int, tls: TLSServerNames?) {
-        ownedHandler = handler
         self.handler = handler
         self.settings = settings
         self.tls = tls
@@ -179,10 +180,12 @@ final class ClientLoop {
 /// connection alive as `ClientConnectionState` and nginx's rules say. The glue of the design:
 /// the decisions are the state value's, this class only does the I/O they call for.
 final class ClientConnection: IOHandler {
-    /// The loop's shared state. Not counted: the loop's records hold the connections, and the
-    /// loop's thread owns both the `ClientLoop` and the loop, which outlive every connection
-    /// (a counted `unowned` reference cost a retain and a release on every use: 11 % of a request).
-    private unowned(unsafe) let shared: ClientLoop
+    /// The loop's shared state. A strong `let`, so that calls through it (and through its own
+    /// `let`s: the loop, the buffer pool) retain nothing: a counted `unowned` reference cost a
+    /// retain and a release on every use, 11 % of a request, and an `unowned(unsafe)` one still
+    /// a retain and a release per call. The loop's records hold the connection only while it is
+    /// registered, so the reference makes no lasting cycle.
+    private let shared: ClientLoop
     private var handle = Handle(token: UInt64(UInt32.max))
     private(set) var state: ClientConnectionState
     private var inbound: IOBuffer?
@@ -378,7 +381,7 @@ final class ClientConnection: IOHandler {
             while handleInput() && isOpen && inboundBytes > 0 && !outbound.isFull { flush() }
             flush()
             guard isOpen, readable, !peerClosed, !outbound.isFull, !state.isClosed || lingering else { break }
-            var buf = inbound.take() ?? shared.pool.take()
+            var buf = inbound.take() ?? IOBuffer.take(from: shared.poolRef)
             if buf.writableBytes == 0 { buf.compact() }
             if buf.writableBytes == 0 && state.awaitingHead {
                 // A head that does not fit one buffer (head limits set above its size): refused,
@@ -652,7 +655,7 @@ final class ClientConnection: IOHandler {
         guard bodyLeft > 0 else { return }
         while bodyLeft > 0 && !buf.isEmpty && !x.bodyBlocked {
             let n = Int(min(bodyLeft, Int64(buf.readableBytes), Int64(shared.pool.bufferSize)))
-            var chunk = shared.pool.take()
+            var chunk = IOBuffer.take(from: shared.poolRef)
             buf.withReadableBytes { p in _ = chunk.append(contentsOf: UnsafeRawBufferPointer(rebasing: p[0..<n])) }
             buf.consume(n)
             bodyLeft -= Int64(n)
@@ -1264,7 +1267,7 @@ final class ClientConnection: IOHandler {
     /// An idle connection holds no buffer: an empty one goes back to the pool.
     private func releaseIdleBuffer() {
         if let b = inbound.take() {
-            if b.isEmpty { shared.pool.recycle(b) } else { inbound = consume b }
+            if b.isEmpty { b.recycle(to: shared.poolRef) } else { inbound = consume b }
         }
     }
 
@@ -1295,13 +1298,14 @@ final class ClientConnection: IOHandler {
         timerUse = want
         let ms: Int64
         switch want {
-        case .none, .linger, .send: return shared.loop.cancelTimer(handle)
+        case .none, .linger, .send: return shared.loopRef { $0.cancelTimer(handle) }
         case .handshake: ms = tls?.handshakeTimeoutMs ?? shared.settings.headerTimeoutMs
         case .firstHead, .head: ms = shared.settings.headerTimeoutMs
         case .keepalive: ms = Int64(keepaliveTimeoutMs)
         case .body: ms = shared.settings.bodyTimeoutMs
         }
-        shared.loop.arm(handle, afterNanoseconds: UInt64(ms) * 1_000_000)
+        let h = handle
+        shared.loopRef { $0.arm(h, afterNanoseconds: UInt64(ms) * 1_000_000) }
     }
 }
 

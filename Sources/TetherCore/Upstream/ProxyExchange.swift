@@ -38,7 +38,12 @@ final class ProxyExchange: UpstreamLinkOwner {
     /// array in it cost a retain and a release each time.)
     var upgradeOffer: [UInt8]?
 
-    private unowned(unsafe) var connection: ClientConnection
+    /// The client connection: not counted (it holds the exchange while the exchange is its
+    /// current one, and the exchange stops calling it when it goes: `clientGone`). The hot
+    /// paths call it through `client { … }`, which retains nothing around the call;
+    /// `connection` is the counted object, for the rest.
+    private var client: Unretained<ClientConnection>
+    private var connection: ClientConnection { client.object }
     /// Fixed for the object's life: spare exchanges are kept per upstream (`LoopUpstream.exchange`).
     let upstream: LoopUpstream
     private(set) var route: CompiledLocation
@@ -145,7 +150,7 @@ final class ProxyExchange: UpstreamLinkOwner {
     private(set) var spoolFailure: IOError?
 
     init(connection: ClientConnection, upstream: LoopUpstream, route: CompiledLocation, request: Request) {
-        self.connection = connection
+        client = Unretained(connection)
         self.upstream = upstream
         self.route = route
         serverIndex = route.serverIndex
@@ -157,7 +162,7 @@ final class ProxyExchange: UpstreamLinkOwner {
     /// another request: every field as `init` leaves it.
     func reuse(connection: ClientConnection, route: CompiledLocation, request: Request) {
         precondition(link == nil && savedHead == nil && !active, "reuse of an exchange still under way")
-        self.connection = connection
+        client = Unretained(connection)
         self.route = route
         serverIndex = route.serverIndex
         self.request = request
@@ -426,6 +431,9 @@ final class ProxyExchange: UpstreamLinkOwner {
     // MARK: Servers and connections
 
     private var pool: UpstreamPool { upstream.pools[server] }
+    /// Calls on the server's pool, with nothing retained around them (the upstream holds its
+    /// pools for its whole life, and the exchange holds the upstream).
+    @inline(__always) private func onPool<R>(_ i: Int, _ body: (UpstreamPool) -> R) -> R { upstream.poolRefs[i](body) }
 
     /// Picks a server not tried yet and sends the request on a connection to it. Servers at
     /// their `max_conns` with no idle connection on this loop are passed over (as nginx's
@@ -451,7 +459,7 @@ final class ProxyExchange: UpstreamLinkOwner {
                 continue
             }
             upstream.balancer.started(i)
-            let (l, e) = upstream.pools[i].lease(for: self)
+            let (l, e) = onPool(i) { $0.lease(for: self) }
             if l == nil && e == UpstreamPool.atCapacity {
                 // Another loop took the last slot meanwhile.
                 upstream.balancer.ended(i)
@@ -690,7 +698,7 @@ final class ProxyExchange: UpstreamLinkOwner {
         }
         if clientGone { return }
         if progressed && !finished { armTimer(link) }
-        connection.flushFromUpstream()
+        client { $0.flushFromUpstream() }
         // The client took everything queued without a full socket: no writable edge will come
         // for what waits in the spool.
         if spooled && !clientGone && connection.clientTakesMore { clientDrained() }
@@ -778,7 +786,7 @@ final class ProxyExchange: UpstreamLinkOwner {
         }
         let queued = logging ? connection.queuedBytes : 0
         buf.withReadableBytes { p in
-            connection.writeResponseHead(layout, UnsafeRawBufferPointer(rebasing: p[start..<consumed]), response, server: serverIndex)
+            client { $0.writeResponseHead(layout, UnsafeRawBufferPointer(rebasing: p[start..<consumed]), response, server: serverIndex) }
         }
         if logging { headBytes = connection.queuedBytes - queued }
         buf.consume(consumed)
@@ -919,14 +927,15 @@ final class ProxyExchange: UpstreamLinkOwner {
         }
         bodyBytes += buf.readableBytes
         if spooled || responseBuffered && !connection.clientTakesMore { return spoolResponse(buf) }
-        connection.sendFromUpstream(buf)
+        var relayed: IOBuffer? = consume buf
+        client { $0.sendFromUpstream(relayed.take()!) }
     }
 
     private func relay(_ bytes: UnsafeRawBufferPointer) {
         if draining { drainBudget -= bytes.count; return }
         bodyBytes += bytes.count
         if spooled || responseBuffered && !connection.clientTakesMore { return spoolResponse(copying: bytes) }
-        connection.sendBytes(bytes)
+        client { $0.sendBytes(bytes) }
     }
 
     private func relay(_ s: StaticString) {
@@ -1014,20 +1023,24 @@ final class ProxyExchange: UpstreamLinkOwner {
         // An answer that came before the whole request body (nginx's `return` with a body on the
         // way, an early 413): the rest of the body will not follow on this connection, so the
         // backend would read what comes next as the body's end.
-        let pool = self.pool
-        pool.responseTime.observe(nanoseconds: Int64(upstream.loop.now &- sentAt))
-        pool.release(link, reusable: upstreamReusable && requestBodyDone && !bodyUnsent, backend: backendKeepAlive)
+        let elapsed = Int64(upstream.loop.now &- sentAt)
+        let reusable = upstreamReusable && requestBodyDone && !bodyUnsent
+        onPool(server) { pool in
+            pool.responseTime.observe(nanoseconds: elapsed)
+            pool.release(link, reusable: reusable, backend: backendKeepAlive)
+            if draining && upstreamReusable { pool.drained += 1 }
+        }
         endOnBalancer()
         if draining {
             // The answer of a client that left, read to its end: the connection was kept.
             draining = false
-            if upstreamReusable { pool.drained += 1 }
             return
         }
         // proxy_buffering: the connection went back to the pool; the client takes the rest
         // from the spool, and the answer ends when it has (`clientDrained`).
         if spooled { return }
-        connection.exchangeEnded(keepAlive: plan?.clientKeepAlive ?? false)
+        let keepAlive = plan?.clientKeepAlive ?? false
+        client { $0.exchangeEnded(keepAlive: keepAlive) }
     }
 }
 

@@ -36,6 +36,13 @@ final class UpstreamLink: IOHandler {
     enum Phase: Equatable { case connecting, leased, idle, closed }
 
     private unowned let pool: UpstreamPool
+    /// The pool's loop and buffers, held here so that the per-request paths (read, flush, timers)
+    /// reach them without going through `pool`: an unowned reference costs a checked load, and
+    /// a retain and a release, per use; so would an `unowned(unsafe)` one (Swift retains what it
+    /// loads from one around each call). A strong `let` of `self` needs neither. The loop holds
+    /// a link only while it is registered (until `close`), so these make no lasting cycle.
+    private let loop: IOLoop
+    private let buffers: BufferPool
     fileprivate(set) var handle = Handle(token: UInt64(UInt32.max))
     fileprivate(set) var phase = Phase.connecting
     /// The exchange it serves while leased (cleared at release: no cycle outlives the exchange).
@@ -79,6 +86,8 @@ final class UpstreamLink: IOHandler {
 
     fileprivate init(pool: UpstreamPool) {
         self.pool = pool
+        loop = pool.loop
+        buffers = pool.buffers
         outbound = OutboundQueue(pool: pool.buffers)
     }
 
@@ -110,13 +119,13 @@ final class UpstreamLink: IOHandler {
     /// connected (a connecting link's timer is the connect timeout).
     func armTimer(milliseconds ms: Int64) {
         guard phase == .leased else { return }
-        pool.loop.arm(handle, afterNanoseconds: UInt64(max(1, ms)) * 1_000_000)
+        loop.arm(handle, afterNanoseconds: UInt64(max(1, ms)) * 1_000_000)
     }
 
     /// Stops the owner's timer (while the other side holds things up).
     func cancelTimer() {
         guard phase == .leased else { return }
-        pool.loop.cancelTimer(handle)
+        loop.cancelTimer(handle)
     }
 
     /// Reads what the backend sent into `inbound`, as far as there is room; the owner consumes
@@ -130,8 +139,8 @@ final class UpstreamLink: IOHandler {
             fail(e)
             return false
         }
-        guard readable, !peerClosed, let fd = pool.loop.fd(handle) else { return false }
-        var buf = inbound.take() ?? pool.buffers.take()
+        guard readable, !peerClosed, let fd = loop.fd(handle) else { return false }
+        var buf = inbound.take() ?? buffers.take()
         if buf.writableBytes == 0 { buf.compact() }
         guard buf.writableBytes > 0 else { inbound = consume buf; return false }
         let before = buf.readableBytes
@@ -203,9 +212,9 @@ final class UpstreamLink: IOHandler {
             if let tls, !events.contains(.readHangup), !events.contains(.hangup), !events.contains(.error) {
                 // TLS 1.3 servers send session tickets after the handshake: OpenSSL takes them
                 // and they are no bytes out of step. Anything else ends the idle connection.
-                var b = pool.buffers.take()
+                var b = buffers.take()
                 let result = tls.read(into: &b)
-                pool.buffers.recycle(b)
+                buffers.recycle(b)
                 if result == .wouldBlock { return }
             }
             // Anything from the backend on an idle connection ends it: a close, or bytes out of step.
@@ -246,7 +255,7 @@ final class UpstreamLink: IOHandler {
     }
 
     private func flush() {
-        guard !outbound.isEmpty, let fd = pool.loop.fd(handle) else { return }
+        guard !outbound.isEmpty, let fd = loop.fd(handle) else { return }
         if let tls {
             // Before the handshake is done the request waits in the queue.
             guard tls.handshakeDone else { return }
@@ -268,12 +277,12 @@ final class UpstreamLink: IOHandler {
         guard phase != .closed else { return }
         phase = .closed
         owner = nil
-        if let b = inbound.take() { pool.buffers.recycle(b) }
+        if let b = inbound.take() { buffers.recycle(b) }
         outbound = OutboundQueue(pool: pool.buffers)
         // close_notify on an orderly close (an idle connection expiring, a pool trim).
         if let tls, !failed, !peerClosed { tls.shutdown() }
         tls = nil
-        pool.loop.close(handle)
+        loop.close(handle)
         if holdsSlot {
             holdsSlot = false
             pool.slotFreed()
@@ -285,7 +294,7 @@ final class UpstreamLink: IOHandler {
         phase = .idle
         owner = nil
         readable = false
-        if let b = inbound.take() { pool.buffers.recycle(b) }
+        if let b = inbound.take() { buffers.recycle(b) }
     }
 
     fileprivate func becomeLeased(by owner: UpstreamLinkOwner) {
@@ -294,7 +303,7 @@ final class UpstreamLink: IOHandler {
     }
 
     fileprivate func start(_ fd: Int32) throws(IOError) {
-        handle = try pool.loop.register(fd, handler: self)
+        handle = try loop.register(fd, handler: self)
     }
 }
 
@@ -650,6 +659,8 @@ final class UpstreamPool {
 final class LoopUpstream {
     let name: String
     let pools: [UpstreamPool]
+    /// The same, for the exchanges' calls (`Unretained`: an element read from `pools` is retained).
+    let poolRefs: [Unretained<UpstreamPool>]
     var balancer: Balancer
     /// Some server has `proxy_protocol` (its requests carry their client's header).
     let sendsProxyProtocol: Bool
@@ -675,6 +686,7 @@ final class LoopUpstream {
         precondition(!pools.isEmpty && (peers == nil || peers!.count == pools.count), "an upstream needs a pool per server")
         self.name = name
         self.pools = pools
+        poolRefs = pools.map { Unretained($0) }
         sendsProxyProtocol = pools.contains { $0.sendsProxyProtocol }
         loop = pools[0].loop
         balancer = Balancer(peers ?? pools.map { _ in PeerSpec() }, method: method)
