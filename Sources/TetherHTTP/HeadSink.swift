@@ -20,12 +20,15 @@ extension HeadSink where Self: ~Copyable {
         a.withUnsafeBytes { put($0) }
     }
 
-    public mutating func put(_ s: String) {
+    /// A `String`'s bytes. Labelled so that a literal never comes here: with `put(_: String)`
+    /// next to `put(_: StaticString)`, Swift took every `put("…")` as a `String` (its default
+    /// literal type), made one and released it.
+    public mutating func put(string s: String) {
         var s = s
         s.withUTF8 { put(UnsafeRawBufferPointer($0)) }
     }
 
-    public mutating func put(_ s: Substring) {
+    public mutating func put(substring s: Substring) {
         var s = s
         s.withUTF8 { put(UnsafeRawBufferPointer($0)) }
     }

@@ -1,9 +1,66 @@
 import Testing
 @testable import TetherPool
 
+/// A pool and the entries of its leased connections, held by ID as the upstream links hold
+/// theirs: `lease` and `connected` take an entry, `release` gives it back.
+@dynamicMemberLookup
+struct HeldPool {
+    var pool: ConnectionPool<Int>
+    var held: [Int: ConnectionPool<Int>.Entry] = [:]
+
+    enum Leased: Equatable {
+        case reuse(Int, idleMs: Int64)
+        case connect
+    }
+
+    subscript<T>(dynamicMember path: KeyPath<ConnectionPool<Int>, T>) -> T { pool[keyPath: path] }
+
+    mutating func lease(now: Int64) -> (Leased, close: [(Int, CloseReason)]) {
+        let (lease, close) = pool.lease(now: now)
+        switch lease {
+        case .reuse(let e, let idleMs):
+            #expect(held[e.id] == nil, "an entry leased twice")
+            held[e.id] = e
+            return (.reuse(e.id, idleMs: idleMs), close)
+        case .connect:
+            return (.connect, close)
+        }
+    }
+
+    mutating func connected(_ id: Int, now: Int64) { held[id] = pool.connected(id, now: now) }
+
+    mutating func release(_ id: Int, now: Int64, reusable: Bool, backend: ConnectionPool<Int>.BackendKeepAlive? = nil)
+        -> (ConnectionPool<Int>.Release, warnShorterTimeoutMs: Int64?) {
+        pool.release(held.removeValue(forKey: id)!, now: now, reusable: reusable, backend: backend)
+    }
+
+    mutating func tick(now: Int64) -> [(Int, CloseReason)] { pool.tick(now: now) }
+    mutating func idleClosed(_ id: Int, now: Int64, byPeer: Bool) -> Int64? { pool.idleClosed(id, now: now, byPeer: byPeer) }
+    mutating func reusedConnectionFailed(idleMs: Int64) -> Int64? { pool.reusedConnectionFailed(idleMs: idleMs) }
+    mutating func drainIdle() -> [Int] { pool.drainIdle() }
+    func nextExpiry() -> Int64? { pool.nextExpiry() }
+}
+
 @Suite struct ConnectionPoolTests {
-    func pool(keepalive: Int = 2, idle: Int64 = 60_000, requests: Int = 1000, lifetime: Int64 = 3_600_000) -> ConnectionPool<Int> {
-        ConnectionPool(policy: PoolPolicy(keepalive: keepalive, idleTimeoutMs: idle, maxRequests: requests, maxLifetimeMs: lifetime))
+    func pool(keepalive: Int = 2, idle: Int64 = 60_000, requests: Int = 1000, lifetime: Int64 = 3_600_000) -> HeldPool {
+        HeldPool(pool: ConnectionPool(policy: PoolPolicy(keepalive: keepalive, idleTimeoutMs: idle, maxRequests: requests, maxLifetimeMs: lifetime)))
+    }
+
+    /// The pool keeps a count of leased connections, not their entries: a leased connection that
+    /// closes is counted out, and the peak it made is still remembered.
+    @Test func leasedConnectionsAreCountedAndTheirEntriesGoBackOnRelease() {
+        var p = pool()
+        _ = p.lease(now: 0); p.connected(1, now: 0)
+        _ = p.lease(now: 0); p.connected(2, now: 0)
+        #expect(p.leasedCount == 2 && p.recentPeak == 2)
+        p.held[2] = nil
+        p.pool.leasedClosed()
+        #expect(p.leasedCount == 1 && p.idleCount == 0)
+        #expect(p.release(1, now: 5, reusable: true).0 == .keep)
+        #expect(p.leasedCount == 0 && p.idleCount == 1 && p.recentPeak == 2)
+        // The entry that comes back with the next lease is the one released: one request more.
+        guard case .reuse(let e, idleMs: 5) = p.pool.lease(now: 10).0 else { Issue.record("not reused"); return }
+        #expect(e.id == 1 && e.requests == 2 && e.createdAt == 0)
     }
 
     @Test func firstLeaseConnectsThenReusesMostRecent() {

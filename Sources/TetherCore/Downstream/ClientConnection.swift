@@ -82,6 +82,8 @@ final class ClientLoop {
     }
     /// `$time_local`, `$time_iso8601`: formatted once a second.
     let dateCache = DateCache()
+    /// The same, for the refresh on every proxied request (`Unretained`).
+    let dateRef: Unretained<DateCache>
     /// The loop's access log, when some location has one.
     var accessLog: LoopAccessLog?
     /// `listen ... ssl`: the listener's certificates by SNI; its connections speak TLS.
@@ -124,6 +126,7 @@ final class ClientLoop {
         self.pool = pool
         loopRef = Unretained(loop)
         poolRef = Unretained(pool)
+        dateRef = Unretained(dateCache)
         self.settings = settings
         self.handler = handler
         headerScratch.reserveCapacity(32)
@@ -711,7 +714,7 @@ final class ClientConnection: IOHandler {
         }
         answered = true
         exchange = x
-        shared.dateCache.refresh()
+        shared.dateRef { $0.refresh() }
         let started = ClientVariables.with(head: head, bytes: bytes, connection: self, route: route, serverName: serverName) {
             x.start(head, bytes, variables: $0)
         }

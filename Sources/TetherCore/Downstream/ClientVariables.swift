@@ -46,9 +46,9 @@ struct ClientVariables: VariableSource {
         case .scheme: if connection.tls != nil { out.put("https") } else { out.put("http") }
         case .https: if connection.tls != nil { out.put("on") }
         case .http2: if connection.isStream { out.put(connection.tls != nil ? "h2" : "h2c") }
-        case .sslProtocol: if let t = connection.tls { out.put(t.version) }
-        case .sslCipher: if let t = connection.tls { out.put(t.cipher) }
-        case .sslServerName: if let n = connection.tls?.serverName { out.put(n) }
+        case .sslProtocol: if let t = connection.tls { out.put(string: t.version) }
+        case .sslCipher: if let t = connection.tls { out.put(string: t.cipher) }
+        case .sslServerName: if let n = connection.tls?.serverName { out.put(string: n) }
         case .sslSessionReused: if let t = connection.tls { out.put(t.resumed ? "r" : ".") }
         case .requestURI: out.put(UnsafeRawBufferPointer(rebasing: bytes[h.pointee.targetStart..<h.pointee.targetEnd]))
         case .uri:
@@ -69,7 +69,7 @@ struct ClientVariables: VariableSource {
             }
             connection.writeAddress(peer: true, port: false, into: &out)
         case .proxyHost:
-            if case .proxy(let p) = route.action { out.put(p.proxyHost) }
+            if case .proxy(let p) = route.action { out.put(string: p.proxyHost) }
         case .requestID:
             connection.writeRequestID(into: &out)
         case .serverName: out.put(serverName)

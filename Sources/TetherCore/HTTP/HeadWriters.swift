@@ -44,7 +44,7 @@ enum HeadWriter {
     static func template<S: HeadSink & ~Copyable, V: VariableSource>(_ t: Template, _ variables: V, into out: inout S) {
         for part in t.parts {
             switch part {
-            case .literal(let s): out.put(s)
+            case .literal(let s): out.put(string: s)
             case .variable(let v): variables.writeVariable(v, into: &out)
             }
         }
@@ -136,7 +136,7 @@ enum HeadWriter {
         if let uri = route.proxyURI, let loc = route.location {
             // proxy_pass with a URI: the normalised path's location prefix is replaced by it (as
             // nginx), the rest re-escaped, the query as it came.
-            out.put(uri)
+            out.put(string: uri)
             var rest: [UInt8] = []
             let prefix = loc.path.utf8.count
             func tail(_ path: UnsafeRawBufferPointer) {

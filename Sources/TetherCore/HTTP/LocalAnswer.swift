@@ -107,7 +107,7 @@ struct LocalAnswer {
         var page = false
         if let text, !isRedirect {
             out.put("Content-Type: ")
-            out.put(contentType)
+            out.put(string: contentType)
             out.put("\r\n")
             if !bodyless { putLength(text.count, &out) }
         } else if status >= 300 && status != 304 {

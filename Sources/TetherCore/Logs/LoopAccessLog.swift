@@ -188,7 +188,7 @@ final class LoopAccessLog {
             for part in f.template.parts {
                 switch part {
                 case .literal(let s):
-                    line.put(s)
+                    line.put(string: s)
                 case .variable(let v):
                     let mark = line.count
                     if Self.isAnswers(v) {
@@ -227,7 +227,7 @@ final class LoopAccessLog {
             var ts = timespec()
             clock_gettime(CLOCK_REALTIME, &ts)
             out.putSeconds(milliseconds: Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec / 1_000_000))
-        case .upstreamAddr: if let u { out.put(u.address) }
+        case .upstreamAddr: if let u { out.put(string: u.address) }
         case .upstreamStatus: if let u, u.status > 0 { out.putDecimal(u.status) }
         case .upstreamConnectTime: if let u, u.connectNs >= 0 { out.putSeconds(milliseconds: ms(u.connectNs)) }
         case .upstreamHeaderTime: if let u, u.headerNs >= 0 { out.putSeconds(milliseconds: ms(u.headerNs)) }

@@ -44,6 +44,8 @@ final class ProxyExchange: UpstreamLinkOwner {
     /// `connection` is the counted object, for the rest.
     private var client: Unretained<ClientConnection>
     private var connection: ClientConnection { client.object }
+    /// The client's queue has room (a read through `client`: no retain).
+    private var clientTakesMore: Bool { client { $0.clientTakesMore } }
     /// Fixed for the object's life: spare exchanges are kept per upstream (`LoopUpstream.exchange`).
     let upstream: LoopUpstream
     private(set) var route: CompiledLocation
@@ -211,13 +213,13 @@ final class ProxyExchange: UpstreamLinkOwner {
     /// this call only) and sends it to a server. False when the head does not fit one pool
     /// buffer: the caller refuses the request (431) before anything was sent.
     func start<V: VariableSource>(_ head: HeadLayout, _ bytes: UnsafeRawBufferPointer, variables: V) -> Bool {
-        var sink = BufferSink(upstream.buffers.take())
+        var sink = BufferSink(IOBuffer.take(from: upstream.bufferRef))
         let r = HeadWriter.UpstreamRequest(framing: request.framing, upgradeOffer: upgradeOffer)
         HeadWriter.upstreamHead(head, bytes, route: route, request: r, variables: variables, into: &sink)
         let overflowed = sink.overflowed
         let written = sink.take()
         guard !overflowed else {
-            upstream.buffers.recycle(written)
+            written.recycle(to: upstream.bufferRef)
             return false
         }
         savedHead = consume written
@@ -250,7 +252,7 @@ final class ProxyExchange: UpstreamLinkOwner {
     /// Keeps request body or response bytes in the spool (the buffer itself while memory takes
     /// them); a failure is kept for `spoolFailure`, and the bytes are dropped with it.
     private func spoolAppend(_ chunk: consuming IOBuffer, request: Bool) {
-        guard spoolFailure == nil else { return upstream.buffers.recycle(chunk) }
+        guard spoolFailure == nil else { return chunk.recycle(to: upstream.bufferRef) }
         let hadFile = spool!.hasFile
         do throws(IOError) { try spool!.append(chunk) } catch { return spoolFailed(error, request: request) }
         if !hadFile && spool!.hasFile { noteTempFile(request: request) }
@@ -280,7 +282,7 @@ final class ProxyExchange: UpstreamLinkOwner {
     /// carries the request any more (it failed; the client is being answered).
     func sendBody(_ chunk: consuming IOBuffer) {
         if bodyBuffered && !finished { return spoolAppend(chunk, request: true) }
-        guard let l = link, !finished else { return upstream.buffers.recycle(chunk) }
+        guard let l = link, !finished else { return chunk.recycle(to: upstream.bufferRef) }
         bodyStarted = true
         dropSavedHead()
         l.write(chunk)
@@ -365,7 +367,7 @@ final class ProxyExchange: UpstreamLinkOwner {
     private func armTimer(_ l: UpstreamLink) {
         if !requestBodyDone || bodyUnsent {
             if l.isBackedUp { l.armTimer(milliseconds: sendTimeoutMs) } else if bodyUnsent { l.armTimer(milliseconds: readTimeoutMs) } else { l.cancelTimer() }
-        } else if headSent && !clientGone && !connection.clientTakesMore && !(responseBuffered && spoolHasRoom) {
+        } else if headSent && !clientGone && !clientTakesMore && !(responseBuffered && spoolHasRoom) {
             l.cancelTimer()
         } else {
             l.armTimer(milliseconds: readTimeoutMs)
@@ -494,7 +496,7 @@ final class ProxyExchange: UpstreamLinkOwner {
         guard !finished else { return }
         connectNext(front: true)
         // The client connection held the body back while the request waited.
-        if link != nil && !requestBodyDone && !clientGone { connection.upstreamTakesBody() }
+        if link != nil && !requestBodyDone && !clientGone { client { $0.upstreamTakesBody() } }
     }
 
     /// A 503 with `Retry-After`, as nginx Plus and HAProxy answer an overflowing queue: the
@@ -531,7 +533,7 @@ final class ProxyExchange: UpstreamLinkOwner {
     }
 
     private func dropSavedHead() {
-        if let h = savedHead.take() { upstream.buffers.recycle(h) }
+        if let h = savedHead.take() { h.recycle(to: upstream.bufferRef) }
     }
 
     private func endOnBalancer() {
@@ -646,7 +648,7 @@ final class ProxyExchange: UpstreamLinkOwner {
         if bodyUnsent { return sendSpooledBody(link) }
         guard !clientGone else { return }
         armTimer(link)
-        connection.upstreamTakesBody()
+        client { $0.upstreamTakesBody() }
     }
 
     func upstreamReadable(_ link: UpstreamLink) {
@@ -655,16 +657,16 @@ final class ProxyExchange: UpstreamLinkOwner {
             // Backpressure: while the client is not taking the answer, the upstream's bytes wait
             // in its socket (`clientDrained` resumes, on the client's next writable edge). Write
             // first: a socket that takes the whole queue gives no edge, and nothing would resume.
-            if !draining && (spooled || !connection.clientTakesMore) {
-                if spooled && connection.clientTakesMore {
+            if !draining && (spooled || !clientTakesMore) {
+                if spooled && clientTakesMore {
                     guard pumpSpool() else { return }
                 }
-                if !connection.clientTakesMore {
-                    connection.flushFromUpstream()
+                if !clientTakesMore {
+                    client { $0.flushFromUpstream() }
                     guard !finished else { break }
                 }
                 // proxy_buffering: the upstream is read on into the spool while it has room.
-                if spooled || !connection.clientTakesMore {
+                if spooled || !clientTakesMore {
                     guard responseBuffered, spoolHasRoom else { break }
                 }
             }
@@ -701,7 +703,7 @@ final class ProxyExchange: UpstreamLinkOwner {
         client { $0.flushFromUpstream() }
         // The client took everything queued without a full socket: no writable edge will come
         // for what waits in the spool.
-        if spooled && !clientGone && connection.clientTakesMore { clientDrained() }
+        if spooled && !clientGone && clientTakesMore { clientDrained() }
     }
 
     // MARK: Response
@@ -769,7 +771,7 @@ final class ProxyExchange: UpstreamLinkOwner {
         let framing = layout.responseFraming(requestIsHEAD: request.isHEAD, upgrading: upgrading)
         if draining { return drainHead(layout, framing: framing, upgrading: upgrading, consumed: consumed, buf, link) }
         let plan = ResponsePlan(framing: framing, upgrading: upgrading, headKeepsConnection: layout.keepsConnection,
-                                request: .init(minorVersion: request.minorVersion, keepAliveAllowed: connection.keepsAliveAtResponse(request.clientKeepAlive),
+                                request: .init(minorVersion: request.minorVersion, keepAliveAllowed: client { $0.keepsAliveAtResponse(request.clientKeepAlive) },
                                                bodyDone: requestBodyDone, upstreamHTTP10: route.proxyHTTP10))
         self.plan = plan
         upstreamReusable = plan.upstreamReusable
@@ -784,18 +786,18 @@ final class ProxyExchange: UpstreamLinkOwner {
         if layout.keepAliveTimeout != nil || layout.keepAliveMax != nil {
             backendKeepAlive = .init(timeoutSeconds: layout.keepAliveTimeout, max: layout.keepAliveMax)
         }
-        let queued = logging ? connection.queuedBytes : 0
+        let queued = logging ? client { $0.queuedBytes } : 0
         buf.withReadableBytes { p in
             client { $0.writeResponseHead(layout, UnsafeRawBufferPointer(rebasing: p[start..<consumed]), response, server: serverIndex) }
         }
-        if logging { headBytes = connection.queuedBytes - queued }
+        if logging { headBytes = client { $0.queuedBytes } - queued }
         buf.consume(consumed)
         link.putBack(buf)
         headSent = true
         if plan.phase == .tunnel {
             isTunnel = true
             // What the client sent after its head (and sends from now on) goes to the backend.
-            connection.tunnelOpened()
+            client { $0.tunnelOpened() }
         } else if plan.phase == .done {
             finish(link)
         }
@@ -923,10 +925,10 @@ final class ProxyExchange: UpstreamLinkOwner {
     private func relay(_ buf: consuming IOBuffer) {
         if draining {
             drainBudget -= buf.readableBytes
-            return upstream.buffers.recycle(buf)
+            return buf.recycle(to: upstream.bufferRef)
         }
         bodyBytes += buf.readableBytes
-        if spooled || responseBuffered && !connection.clientTakesMore { return spoolResponse(buf) }
+        if spooled || responseBuffered && !clientTakesMore { return spoolResponse(buf) }
         var relayed: IOBuffer? = consume buf
         client { $0.sendFromUpstream(relayed.take()!) }
     }
@@ -934,7 +936,7 @@ final class ProxyExchange: UpstreamLinkOwner {
     private func relay(_ bytes: UnsafeRawBufferPointer) {
         if draining { drainBudget -= bytes.count; return }
         bodyBytes += bytes.count
-        if spooled || responseBuffered && !connection.clientTakesMore { return spoolResponse(copying: bytes) }
+        if spooled || responseBuffered && !clientTakesMore { return spoolResponse(copying: bytes) }
         client { $0.sendBytes(bytes) }
     }
 
@@ -973,7 +975,7 @@ final class ProxyExchange: UpstreamLinkOwner {
         // Until the spool is empty or the client's socket is full (a write that hit EAGAIN: its
         // writable edge brings `clientDrained`). A queue the socket took whole gives no edge.
         repeat {
-        while connection.clientTakesMore {
+        while clientTakesMore {
             let front: IOBuffer?
             do throws(IOError) { front = try spool.takeFront() } catch {
                 spoolFailed(error, request: false)
@@ -987,14 +989,14 @@ final class ProxyExchange: UpstreamLinkOwner {
             }
             guard let b = front else { break }
             connection.sendFromUpstream(b)
-            if !connection.clientTakesMore {
-                connection.flushFromUpstream()
+            if !clientTakesMore {
+                client { $0.flushFromUpstream() }
                 if clientGone { return false }
             }
         }
-        connection.flushFromUpstream()
+        client { $0.flushFromUpstream() }
         if clientGone { return false }
-        } while !spool.isEmpty && connection.clientTakesMore
+        } while !spool.isEmpty && clientTakesMore
         // An emptied file is truncated and kept for the rest of this answer (closed at `dropSpool`).
         if spool.isEmpty { spooled = false }
         return true

@@ -78,6 +78,8 @@ final class UpstreamLink: IOHandler {
     private var tcpConnected = false
     /// The link ends on an error: no close_notify.
     private var failed = false
+    /// The pool's entry for this connection while it is leased (the pool holds it while idle).
+    fileprivate var entry: ConnectionPool<Handle>.Entry?
     /// Set by `lease` for a warm connection: how long it had idled.
     fileprivate(set) var idleMsAtLease: Int64 = 0
     fileprivate(set) var reused = false
@@ -413,8 +415,10 @@ final class UpstreamPool {
         let (lease, expired) = state.lease(now: now)
         for (h, reason) in expired { close(h, reason) }
         switch lease {
-        case .reuse(let h, let idleMs):
+        case .reuse(let e, let idleMs):
+            let h = e.id
             let link = links[h]!
+            link.entry = e
             link.becomeLeased(by: owner)
             link.reused = true
             link.idleMsAtLease = idleMs
@@ -503,7 +507,7 @@ final class UpstreamPool {
     fileprivate func connected(_ link: UpstreamLink) {
         loop.cancelTimer(link.handle)
         connectTime.observe(nanoseconds: Int64(loop.now &- link.connectStarted))
-        state.connected(link.handle, now: now)
+        link.entry = state.connected(link.handle, now: now)
         link.phase = .leased
         link.reused = false
         link.owner?.upstreamConnected(link)
@@ -549,12 +553,13 @@ final class UpstreamPool {
         if retired {
             // The upstream changed or vanished in a reload: its connections are not kept.
             links.removeValue(forKey: link.handle)
-            state.leasedClosed(link.handle)
+            state.leasedClosed()
+            link.entry = nil
             count(.shutdown)
             link.closeSocket()
             return
         }
-        let (decision, shorterTimeoutMs) = state.release(link.handle, now: now, reusable: clean, backend: backend)
+        let (decision, shorterTimeoutMs) = state.release(link.entry.take()!, now: now, reusable: clean, backend: backend)
         if let warn = shorterTimeoutMs {
             // Said once per pool (the pool's state returns it the first time only).
             log(.warn, "upstream \"\(upstreamName)\" server \(addressText) advertises Keep-Alive: timeout=\(warn / 1000), shorter than its keepalive_timeout \(Units.formatTime(state.policy.idleTimeoutMs)); Tether expires its connections before the backend does")
@@ -582,7 +587,7 @@ final class UpstreamPool {
     func discard(_ link: UpstreamLink, reason: CloseReason) {
         switch link.phase {
         case .connecting: state.connectFailed()
-        case .leased: state.leasedClosed(link.handle)
+        case .leased: state.leasedClosed(); link.entry = nil
         case .idle, .closed: return
         }
         links.removeValue(forKey: link.handle)
@@ -592,7 +597,7 @@ final class UpstreamPool {
 
     fileprivate func leasedLinkFailed(_ link: UpstreamLink) {
         guard link.phase == .leased || link.phase == .connecting else { return }
-        if link.phase == .leased { state.leasedClosed(link.handle) } else { state.connectFailed() }
+        if link.phase == .leased { state.leasedClosed(); link.entry = nil } else { state.connectFailed() }
         links.removeValue(forKey: link.handle)
         count(.error)
         link.closeSocket()
@@ -687,6 +692,7 @@ final class LoopUpstream {
         self.name = name
         self.pools = pools
         poolRefs = pools.map { Unretained($0) }
+        bufferRef = Unretained(pools[0].buffers)
         sendsProxyProtocol = pools.contains { $0.sendsProxyProtocol }
         loop = pools[0].loop
         balancer = Balancer(peers ?? pools.map { _ in PeerSpec() }, method: method)
@@ -909,6 +915,8 @@ final class LoopUpstream {
     private var replaced = false
 
     var buffers: BufferPool { pools[0].buffers }
+    /// The same, for the exchanges' calls (`Unretained`).
+    let bufferRef: Unretained<BufferPool>
     /// The pools' loop, held by them (read on every exchange: not counted).
     unowned(unsafe) let loop: IOLoop
     var nowMs: Int64 { Int64(loop.now / 1_000_000) }
