@@ -193,6 +193,8 @@ public enum HeadParser {
         headers.removeAll(keepingCapacity: true)
         let bad = kind == .request ? 400 : 502
         let tooLarge = kind == .request ? 431 : 502
+        // Header offsets are Int32s.
+        let headLimit = min(limits.headLimit, Int(Int32.max) - 2)
         do {
             let n = p.count
             var skip = 0
@@ -249,7 +251,7 @@ public enum HeadParser {
 
             // Header lines, up to the blank line.
             while true {
-                guard i < n else { return i - skip > limits.headLimit ? .error(HeadError(status: tooLarge, reason: "head too large")) : .incomplete }
+                guard i < n else { return i - skip > headLimit ? .error(HeadError(status: tooLarge, reason: "head too large")) : .incomplete }
                 if p[i] == 0x0D {
                     guard i + 1 < n else { return .incomplete }
                     guard p[i + 1] == 0x0A else { return .error(HeadError(status: bad, reason: "bare CR in head")) }
@@ -261,10 +263,11 @@ public enum HeadParser {
                 }
                 // The usual line in one pass; anything unusual (incomplete, too long, invalid)
                 // takes the careful path below, which says what is wrong.
-                if let f = scanHeaderLine(p, from: i), f.end - i <= limits.lineLimit, f.end + 2 - skip <= limits.headLimit {
-                    headers.append(HeaderField(lineStart: Int32(i - skip), nameEnd: Int32(f.nameEnd - skip), valueStart: Int32(f.valueStart - skip),
-                                               valueEnd: Int32(f.valueEnd - skip), lineEnd: Int32(f.end + 2 - skip),
-                                               kind: classify(p, from: i, to: f.nameEnd)))
+                if let f = scanHeaderLine(p, from: i), f.end - i <= limits.lineLimit, f.end + 2 - skip <= headLimit {
+                    // Every offset is at most `headLimit`, which fits an Int32.
+                    headers.append(HeaderField(lineStart: Int32(truncatingIfNeeded: i - skip), nameEnd: Int32(truncatingIfNeeded: f.nameEnd - skip),
+                                               valueStart: Int32(truncatingIfNeeded: f.valueStart - skip), valueEnd: Int32(truncatingIfNeeded: f.valueEnd - skip),
+                                               lineEnd: Int32(truncatingIfNeeded: f.end + 2 - skip), kind: classify(p, from: i, to: f.nameEnd)))
                     if headers.count > 1000 { return .error(HeadError(status: tooLarge, reason: "too many headers")) }
                     i = f.end + 2
                     continue
@@ -273,14 +276,14 @@ public enum HeadParser {
                 switch lineEnd(i) {
                 case .failure(let e): return .error(e)
                 case .success(nil):
-                    if n - i > limits.lineLimit || n - skip > limits.headLimit {
+                    if n - i > limits.lineLimit || n - skip > headLimit {
                         return .error(HeadError(status: tooLarge, reason: "header line too long"))
                     }
                     return .incomplete
                 case .success(.some(let e)): end = e
                 }
                 if end - i > limits.lineLimit { return .error(HeadError(status: tooLarge, reason: "header line too long")) }
-                if end + 2 - skip > limits.headLimit { return .error(HeadError(status: tooLarge, reason: "head too large")) }
+                if end + 2 - skip > headLimit { return .error(HeadError(status: tooLarge, reason: "head too large")) }
                 // name ":" OWS value OWS
                 guard let (nameEnd, valueStart) = scanName(p, from: i, limit: end) else {
                     return .error(HeadError(status: bad, reason: "invalid header line"))

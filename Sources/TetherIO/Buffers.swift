@@ -303,6 +303,13 @@ public struct OutboundQueue: ~Copyable {
             queuedBytes += bytes.count
             return
         }
+        appendSpreading(bytes, size: size)
+    }
+
+    /// `append` past the common case: into the last buffer, then into new ones (kept out of
+    /// `append`, whose few instructions run for every piece of every head).
+    @inline(never)
+    private mutating func appendSpreading(_ bytes: UnsafeRawBufferPointer, size: Int) {
         var rest = bytes
         while !rest.isEmpty {
             let n: Int
