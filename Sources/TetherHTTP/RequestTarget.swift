@@ -100,15 +100,18 @@ public enum RequestTarget {
             hostEnd = i
         } else {
             // reg-name or IPv4address: unreserved, pct-encoded, sub-delims.
-            while i < e, p[i] != UInt8(ascii: ":") {
+            while i < e {
                 let c = p[i]
-                if c == UInt8(ascii: "%") {
+                if isRegNameByte(c) {
+                    i += 1
+                } else if c == UInt8(ascii: "%") {
                     guard i + 2 < e, ChunkedDecoder.hex(p[i + 1]) != nil, ChunkedDecoder.hex(p[i + 2]) != nil else { return nil }
                     i += 3
-                    continue
+                } else if c == UInt8(ascii: ":") {
+                    break
+                } else {
+                    return nil
                 }
-                guard isRegNameByte(c) else { return nil }
-                i += 1
             }
             guard i > s else { return nil }
             hostEnd = i
@@ -130,12 +133,19 @@ public enum RequestTarget {
         return (s, hostEnd)
     }
 
-    /// Unreserved or a sub-delim (a reg-name's bytes but "%"), as two 64-bit masks (bytes 0-63 and
-    /// 64-127): a shift and a test per byte of every Host value.
+    /// Unreserved or a sub-delim (a reg-name's bytes but "%"): one load per byte of every Host
+    /// value, from a table of 256 flags that is a string literal's bytes (as `ASCII.isToken`).
     @inline(__always) public static func isRegNameByte(_ c: UInt8) -> Bool {
-        if c < 64 { return (0x2BFF_7FD2_0000_0000 as UInt64) >> UInt64(c) & 1 != 0 }
-        if c < 128 { return (0x47FF_FFFE_87FF_FFFE as UInt64) >> UInt64(c - 64) & 1 != 0 }
-        return false
+        regNameTable.utf8Start[Int(c)] == UInt8(ascii: "1")
+    }
+
+    static var regNameTable: StaticString {
+        """
+        0000000000000000000000000000000001001011111111101111111111010100\
+        0111111111111111111111111110000101111111111111111111111111100010\
+        0000000000000000000000000000000000000000000000000000000000000000\
+        0000000000000000000000000000000000000000000000000000000000000000
+        """
     }
 
     @inline(__always) public static func isUnreserved(_ c: UInt8) -> Bool {

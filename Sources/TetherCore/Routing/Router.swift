@@ -62,7 +62,9 @@ final class Router: ClientRequestHandler {
     private var upstreams: [String: LoopUpstream]
     /// The last location's upstream: requests to the same location do not hash its name.
     private var lastRoute: CompiledLocation?
-    private var lastUpstream: LoopUpstream?
+    /// Not counted (`upstreams` holds it; `replace` clears it): the request is handed to it
+    /// without a retain and a release.
+    private var lastUpstream: Unretained<LoopUpstream>?
 
     /// The upstream group of `key` was remade (its `resolve` names have new addresses): the next
     /// requests go to `group`.
@@ -140,20 +142,16 @@ final class Router: ClientRequestHandler {
         }
         switch route.action {
         case .proxy:
-            let upstream: LoopUpstream?
-            if route === lastRoute {
-                upstream = lastUpstream
-            } else {
+            if route !== lastRoute {
                 // The location's pool key: the upstream's name, with its TLS settings for https.
-                upstream = upstreams[route.poolKey]
                 lastRoute = route
-                lastUpstream = upstream
+                lastUpstream = upstreams[route.poolKey].map { Unretained($0) }
             }
-            guard let upstream else {
+            guard let upstream = lastUpstream else {
                 // Every proxy_pass names an upstream the setup made; a miss is a bug, answered.
                 return connection.respond(status: 502, text: nil, head: head, isHEAD: isHEAD, route: route)
             }
-            connection.proxy(to: upstream, route: route, head: head, bytes: bytes, serverName: serverNames[index])
+            upstream { connection.proxy(to: $0, route: route, head: head, bytes: bytes, serverName: serverNames[index]) }
         case .respond(let r):
             if r.code == 444 { return connection.closeWithoutAnswer() }
             guard let t = r.text else {
