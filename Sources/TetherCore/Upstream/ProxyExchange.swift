@@ -929,6 +929,7 @@ final class ProxyExchange: UpstreamLinkOwner {
         }
         bodyBytes += buf.readableBytes
         if spooled || responseBuffered && !clientTakesMore { return spoolResponse(buf) }
+        // Through an optional: a closure cannot consume a noncopyable value it captures.
         var relayed: IOBuffer? = consume buf
         client { $0.sendFromUpstream(relayed.take()!) }
     }
