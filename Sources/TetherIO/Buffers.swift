@@ -20,7 +20,7 @@ public struct IOBuffer: ~Copyable {
 
     deinit { base.deallocate() }
 
-    /// Goes back to `pool`, with nothing retained around the call (`withUnretained`): for a pool
+    /// Goes back to `pool`, with nothing retained around the call (`Unretained`): for a pool
     /// reached through a chain of references, where `pool.recycle(buffer)` costs a retain and a
     /// release.
     @inlinable public consuming func recycle(to pool: Unretained<BufferPool>) {
