@@ -35,10 +35,7 @@ fi
 if [ -n "${FLOOR:-}" ] && { ! need gcc || [ ! -e /usr/include/liburing.h ]; }; then
     install_packages gcc liburing-dev
 fi
-ulimit -n 65536 || true
-scripts/build >/dev/null
-TETHER=$PWD/.build/release/tether
-HZ=$(getconf CLK_TCK)
+build_tether
 make_work
 BACKEND_PORT=18281; TETHER_PORT=18280; NGINX_PORT=18282; HAPROXY_PORT=18285
 

@@ -18,10 +18,7 @@ IDLE=${IDLE:-2000}
 if ! need h2load || ! need nginx || ! need haproxy || ! need taskset || ! need openssl; then
     install_packages nghttp2-client nginx-light haproxy util-linux openssl
 fi
-ulimit -n 65536 || true
-scripts/build >/dev/null
-TETHER=$PWD/.build/release/tether
-HZ=$(getconf CLK_TCK)
+build_tether
 make_work
 BACKEND_PORT=18481; STATUS_PORT=18482; TETHER_PORT=18483; NGINX_PORT=18484; HAPROXY_PORT=18485
 

@@ -10,6 +10,16 @@ install_packages() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
 }
 
+# Builds Tether (scripts/build) and sets TETHER to its binary and HZ to the clock's ticks per
+# second (for utime and stime from /proc/PID/stat); raises the descriptor limit for the rows with
+# thousands of connections, where the host allows it.
+build_tether() {
+    ulimit -n 65536 2>/dev/null || true
+    scripts/build >/dev/null
+    TETHER=$PWD/.build/release/tether
+    HZ=$(getconf CLK_TCK)
+}
+
 # Sets WORK (readable by nginx's unprivileged workers) and the cleanup at exit.
 make_work() {
     WORK=$(mktemp -d)

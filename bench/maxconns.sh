@@ -13,10 +13,7 @@ source bench/lib.sh
 if ! need wrk || ! need nginx || ! need taskset || ! need curl; then
     install_packages wrk nginx-light util-linux curl
 fi
-ulimit -n 65536 2>/dev/null || true
-scripts/build >/dev/null
-TETHER=$PWD/.build/release/tether
-HZ=$(getconf CLK_TCK)
+build_tether
 DURATION=${DURATION:-10}; RUNS=${RUNS:-3}; CLIENTS=${CLIENTS:-1000}; CAP=${CAP:-64}
 PLAIN_PORT=18580; CAPPED_PORT=18582
 make_work

@@ -17,29 +17,18 @@ IDLE=${IDLE:-5000}
 OUT=bench/out
 mkdir -p "$OUT"
 
-need() { command -v "$1" >/dev/null 2>&1; }
+source bench/lib.sh
 if ! need wrk || ! need nginx || ! need taskset || ! need haproxy || ! need openssl; then
-    apt-get update -qq
-    apt-get install -y -qq wrk nginx-light haproxy util-linux openssl >/dev/null
+    install_packages wrk nginx-light haproxy util-linux openssl
 fi
-ulimit -n 65536 || true
-
-scripts/build >/dev/null
-TETHER=$PWD/.build/release/tether
-HZ=$(getconf CLK_TCK)
+build_tether
 
 BACKEND_PORT=18081; TETHER_PORT=18080; NGINX_PORT=18082; STATUS_PORT=18083
 TETHER_TLS_PORT=18443; NGINX_TLS_PORT=18444
 HAPROXY_PORT=18085; HAPROXY_TLS_PORT=18445
 TETHER2_PORT=18086; NGINX2_PORT=18087
 TETHER_EXPIRY_PORT=18090; NGINX_EXPIRY_PORT=18091; HAPROXY_EXPIRY_PORT=18092
-WORK=$(mktemp -d)
-cleanup() {
-    for p in $(cat "$WORK"/*.pid 2>/dev/null); do kill "$p" 2>/dev/null || true; done
-    sleep 0.5
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+make_work
 
 # --- one ECDSA P-256 certificate for both proxies' TLS listeners
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
@@ -48,7 +37,6 @@ cat "$WORK/tls.pem" "$WORK/tls.key" > "$WORK/tls-haproxy.pem"   # HAProxy wants 
 
 # --- the backend: nginx answering 12 bytes (and 4 KiB / 64 KiB files), with stub_status to count
 # accepted connections
-chmod 755 "$WORK"   # nginx's workers do not run as root: they must be able to read the files
 mkdir -p "$WORK/www/files"
 head -c 4096 /dev/urandom > "$WORK/www/files/4k"
 head -c 65536 /dev/urandom > "$WORK/www/files/64k"

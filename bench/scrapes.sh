@@ -18,9 +18,7 @@ OUT=bench/out
 mkdir -p "$OUT"
 source bench/lib.sh
 if ! need wrk || ! need nginx || ! need taskset; then install_packages wrk nginx-light util-linux; fi
-ulimit -n 65536 || true
-scripts/build >/dev/null
-TETHER=$PWD/.build/release/tether
+build_tether
 make_work
 BACKEND_PORT=18281; TETHER_PORT=18280; NGINX_PORT=18282; TETHER_ADMIN=18283; NGINX_ADMIN=18284
 

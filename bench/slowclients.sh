@@ -19,9 +19,7 @@ source bench/lib.sh
 if ! need nginx || ! need curl || ! need python3; then
     install_packages nginx-light curl python3
 fi
-ulimit -n 65536 2>/dev/null || true
-scripts/build >/dev/null
-TETHER=$PWD/.build/release/tether
+build_tether
 UPLOADERS=${UPLOADERS:-500}
 BUFFERING=${BUFFERING:-on}
 BUF="proxy_buffering $BUFFERING; proxy_request_buffering $BUFFERING;"

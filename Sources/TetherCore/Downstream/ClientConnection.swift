@@ -50,8 +50,8 @@ final class ClientLoop {
     let pool: BufferPool
     /// The same two, for the connections' calls on the hot paths: a chain of `let`s
     /// (`shared.loop.arm(…)`) is not always borrowed, an `Unretained` is (its doc says why).
-    let loopRef: Unretained<IOLoop>
-    let poolRef: Unretained<BufferPool>
+    var loopRef: Unretained<IOLoop> { Unretained(loop) }
+    var poolRef: Unretained<BufferPool> { Unretained(pool) }
     var settings: ClientSettings
     /// Replaced by a reload (`reconfigure`), between two requests of any connection.
     private(set) var handler: ClientRequestHandler
@@ -83,7 +83,7 @@ final class ClientLoop {
     /// `$time_local`, `$time_iso8601`: formatted once a second.
     let dateCache = DateCache()
     /// The same, for the refresh on every proxied request (`Unretained`).
-    let dateRef: Unretained<DateCache>
+    var dateRef: Unretained<DateCache> { Unretained(dateCache) }
     /// The loop's access log, when some location has one.
     var accessLog: LoopAccessLog?
     /// `listen ... ssl`: the listener's certificates by SNI; its connections speak TLS.
@@ -124,9 +124,6 @@ final class ClientLoop {
         answers = Counters(count: LoopStats.answerSlots(servers: servers))
         self.loop = loop
         self.pool = pool
-        loopRef = Unretained(loop)
-        poolRef = Unretained(pool)
-        dateRef = Unretained(dateCache)
         self.settings = settings
         self.handler = handler
         headerScratch.reserveCapacity(32)

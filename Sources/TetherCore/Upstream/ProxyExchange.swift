@@ -435,7 +435,7 @@ final class ProxyExchange: UpstreamLinkOwner {
     private var pool: UpstreamPool { upstream.pools[server] }
     /// Calls on the server's pool, with nothing retained around them (the upstream holds its
     /// pools for its whole life, and the exchange holds the upstream).
-    @inline(__always) private func onPool<R>(_ i: Int, _ body: (UpstreamPool) -> R) -> R { upstream.poolRefs[i](body) }
+    @inline(__always) private func onPool<R>(_ i: Int, _ body: (UpstreamPool) -> R) -> R { upstream.poolRef(i)(body) }
 
     /// Picks a server not tried yet and sends the request on a connection to it. Servers at
     /// their `max_conns` with no idle connection on this loop are passed over (as nginx's

@@ -664,8 +664,9 @@ final class UpstreamPool {
 final class LoopUpstream {
     let name: String
     let pools: [UpstreamPool]
-    /// The same, for the exchanges' calls (`Unretained`: an element read from `pools` is retained).
-    let poolRefs: [Unretained<UpstreamPool>]
+    /// Server `i`'s pool, for the exchanges' calls (`Unretained`: a call on an element read from
+    /// `pools` retains it around the call).
+    func poolRef(_ i: Int) -> Unretained<UpstreamPool> { Unretained(pools[i]) }
     var balancer: Balancer
     /// Some server has `proxy_protocol` (its requests carry their client's header).
     let sendsProxyProtocol: Bool
@@ -691,8 +692,6 @@ final class LoopUpstream {
         precondition(!pools.isEmpty && (peers == nil || peers!.count == pools.count), "an upstream needs a pool per server")
         self.name = name
         self.pools = pools
-        poolRefs = pools.map { Unretained($0) }
-        bufferRef = Unretained(pools[0].buffers)
         sendsProxyProtocol = pools.contains { $0.sendsProxyProtocol }
         loop = pools[0].loop
         balancer = Balancer(peers ?? pools.map { _ in PeerSpec() }, method: method)
@@ -916,7 +915,7 @@ final class LoopUpstream {
 
     var buffers: BufferPool { pools[0].buffers }
     /// The same, for the exchanges' calls (`Unretained`).
-    let bufferRef: Unretained<BufferPool>
+    var bufferRef: Unretained<BufferPool> { Unretained(pools[0].buffers) }
     /// The pools' loop, held by them (read on every exchange: not counted).
     unowned(unsafe) let loop: IOLoop
     var nowMs: Int64 { Int64(loop.now / 1_000_000) }
